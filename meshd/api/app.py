@@ -1,0 +1,457 @@
+"""The operator HTTP API (DESIGN.md "Operator API"; names and fields are contract).
+
+Reads are open; changes need `Authorization: Bearer <token>` (the token in
+<data-dir>/api-token). Every error is JSON {"error": ..., "detail": ...}. The app talks to
+the daemon only through the `Agent` protocol, so tests can drive it with a fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import importlib.resources
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+
+from meshd import __version__
+from meshd.config import DEFAULT_PORT, format_hostport, parse_hostport
+from meshd.core.messages import MemberState
+from meshd.errors import ConfigError, MeshError, StateError
+from meshd.metrics import CONTENT_TYPE, Exposition, TransferStats
+
+log = logging.getLogger("meshd.api")
+
+MAX_BODY = 256 * 1024
+MAX_JOIN_ADDRS = 64
+MAX_SSE_CLIENTS = 32
+SSE_KEEPALIVE = 15.0
+STATES = {s.name.lower(): s for s in MemberState}
+HEALTH_VALUES = ("passing", "warning", "critical", "unknown")
+_MUTATING = ("POST", "PUT", "PATCH", "DELETE")
+
+
+class MemberLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def addr(self) -> str: ...
+    @property
+    def state(self) -> MemberState: ...
+    @property
+    def incarnation(self) -> int: ...
+    @property
+    def meta(self) -> dict[str, str]: ...
+
+
+class EventLike(Protocol):
+    @property
+    def kind(self) -> str: ...
+    @property
+    def member(self) -> MemberLike: ...
+
+
+class SubscriptionLike(Protocol):
+    async def get(self) -> EventLike: ...
+    def close(self) -> None: ...
+
+
+class Agent(Protocol):
+    """What the API needs from the running daemon."""
+
+    name: str
+    node_id: str
+    cluster: str
+    site: str
+    addr: str
+    addr_source: str
+    api_token: str
+    transfer: TransferStats
+
+    def uptime(self) -> float: ...
+    def is_ready(self) -> bool: ...
+    def readiness_detail(self) -> str: ...
+    def members(self) -> Sequence[MemberLike]: ...
+    def subscribe(self) -> SubscriptionLike: ...
+    async def join(self, addrs: list[str]) -> int: ...
+    def request_leave(self) -> None: ...
+    def keys(self) -> tuple[list[str], str] | None: ...
+    def key_op(self, op: str, key: bytes) -> None: ...
+    def collect_metrics(self, out: Exposition) -> None: ...
+
+
+AGENT = web.AppKey("agent", Agent)
+SHUTDOWN = web.AppKey("shutdown", asyncio.Event)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json"
+    )
+
+
+def error_response(status: int, error: str, detail: Any = None) -> web.Response:
+    return json_response({"error": error, "detail": detail}, status)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: Any = None) -> None:
+        super().__init__(error)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def member_json(m: MemberLike) -> dict[str, Any]:
+    meta = m.meta
+    health = meta.get("health", "unknown")
+    return {
+        "name": m.name,
+        "id": m.node_id,
+        "addr": m.addr,
+        "site": meta.get("site", "default"),
+        "tags": {k[4:]: v for k, v in meta.items() if k.startswith("tag:")},
+        "state": m.state.name.lower(),
+        "incarnation": m.incarnation,
+        "health": health if health in HEALTH_VALUES else "unknown",
+    }
+
+
+def count_states(members: Sequence[MemberLike]) -> dict[str, int]:
+    counts = dict.fromkeys(STATES, 0)
+    for m in members:
+        counts[m.state.name.lower()] += 1
+    return counts
+
+
+def _parse_tag_filter(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ApiError(400, "bad_filter", f"tag filter must be KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k, v
+
+
+def filter_members(
+    members: Sequence[MemberLike], query: Mapping[str, str], tags: list[str]
+) -> list[MemberLike]:
+    states: set[MemberState] | None = None
+    if query.get("state"):
+        states = set()
+        for s in query["state"].split(","):
+            st = STATES.get(s.strip().lower())
+            if st is None:
+                raise ApiError(400, "bad_filter", f"unknown state {s!r} (one of {', '.join(STATES)})")
+            states.add(st)
+    site = query.get("site") or None
+    name = query.get("name") or None
+    tag_filters = [_parse_tag_filter(t) for t in tags]
+    out = []
+    for m in members:
+        if states is not None and m.state not in states:
+            continue
+        if site is not None and m.meta.get("site", "default") != site:
+            continue
+        if name is not None and m.name != name:
+            continue
+        if any(m.meta.get("tag:" + k) != v for k, v in tag_filters):
+            continue
+        out.append(m)
+    return sorted(out, key=lambda m: m.name)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        raise ApiError(400, "bad_request", "expected a JSON object body")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise ApiError(400, "bad_json", str(e)) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "expected a JSON object body")
+    return body
+
+
+# --- middleware --------------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return error_response(e.status, e.error, e.detail)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        error = (e.reason or "error").lower().replace(" ", "_")
+        resp = error_response(e.status, error, e.text if e.text and e.text != e.reason else None)
+        for h in ("Allow",):
+            if h in e.headers:
+                resp.headers[h] = e.headers[h]
+        return resp
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("API handler failed: %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "see the meshd log")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method in _MUTATING:
+        header = request.headers.get("Authorization", "")
+        if not header:
+            raise ApiError(401, "unauthorized", "this call needs Authorization: Bearer <token>")
+        scheme, _, token = header.partition(" ")
+        expected = request.app[AGENT].api_token
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), expected.encode()
+        ):
+            raise ApiError(403, "forbidden", "wrong API token")
+    return await handler(request)
+
+
+# --- handlers ----------------------------------------------------------------------------------
+
+
+async def get_status(request: web.Request) -> web.Response:
+    agent = request.app[AGENT]
+    t = agent.transfer
+    return json_response(
+        {
+            "name": agent.name,
+            "id": agent.node_id,
+            "cluster": agent.cluster,
+            "site": agent.site,
+            "addr": agent.addr,
+            "addr_source": agent.addr_source,
+            "version": __version__,
+            "uptime_s": round(agent.uptime(), 3),
+            "ready": agent.is_ready(),
+            "members": count_states(agent.members()),
+            "transfer": {
+                "sent_bytes": t.sent_bytes,
+                "received_bytes": t.received_bytes,
+                "origin_bytes": t.origin_bytes,
+            },
+        }
+    )
+
+
+async def get_members(request: web.Request) -> web.Response:
+    agent = request.app[AGENT]
+    members = filter_members(agent.members(), request.query, request.query.getall("tag", []))
+    return json_response({"members": [member_json(m) for m in members]})
+
+
+async def post_join(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    addrs = body.get("addrs")
+    if not isinstance(addrs, list) or not addrs or not all(isinstance(a, str) for a in addrs):
+        raise ApiError(400, "bad_request", 'expected {"addrs": ["host:port", ...]}')
+    if len(addrs) > MAX_JOIN_ADDRS:
+        raise ApiError(400, "bad_request", f"at most {MAX_JOIN_ADDRS} addresses")
+    try:
+        norm = [format_hostport(*parse_hostport(a, "addrs", DEFAULT_PORT)) for a in addrs]
+    except ConfigError as e:
+        raise ApiError(400, "bad_address", str(e)) from None
+    joined = await request.app[AGENT].join(norm)
+    if joined == 0:
+        raise ApiError(502, "join_failed", f"no seed answered: {', '.join(norm)}")
+    return json_response({"joined": joined})
+
+
+async def post_leave(request: web.Request) -> web.Response:
+    request.app[AGENT].request_leave()
+    return json_response({"leaving": True})
+
+
+def _keys_json(agent: Agent) -> dict[str, Any]:
+    keys = agent.keys()
+    if keys is None:
+        return {"keys": [], "primary": None, "insecure": True}
+    ids, primary = keys
+    return {
+        "keys": [{"id": k, "primary": k == primary} for k in ids],
+        "primary": primary,
+        "insecure": False,
+    }
+
+
+async def get_keys(request: web.Request) -> web.Response:
+    return json_response(_keys_json(request.app[AGENT]))
+
+
+async def post_keys(request: web.Request) -> web.Response:
+    agent = request.app[AGENT]
+    body = await read_json(request)
+    op, key_text = body.get("op"), body.get("key")
+    if op not in ("install", "use", "remove"):
+        raise ApiError(400, "bad_request", 'op must be "install", "use" or "remove"')
+    if not isinstance(key_text, str):
+        raise ApiError(400, "bad_request", "key must be the base64 text of a 32-byte key")
+    try:
+        key = base64.b64decode(key_text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "bad_key", "key is not base64 text") from None
+    if len(key) != 32:
+        raise ApiError(400, "bad_key", f"expected 32 bytes of key, got {len(key)}")
+    if agent.keys() is None:
+        raise ApiError(409, "insecure", "this node runs --insecure; it has no keyring")
+    try:
+        agent.key_op(op, key)
+    except StateError as e:
+        raise ApiError(409, "key_state", str(e)) from None
+    except MeshError as e:
+        raise ApiError(400, "bad_key", str(e)) from None
+    return json_response(_keys_json(agent))
+
+
+def event_json(ev: EventLike) -> bytes:
+    return orjson.dumps({"kind": ev.kind, "member": member_json(ev.member)})
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    agent = app[AGENT]
+    clients: set[web.StreamResponse] = app[SSE_CLIENTS]
+    if len(clients) >= MAX_SSE_CLIENTS:
+        raise ApiError(503, "too_many_clients", f"at most {MAX_SSE_CLIENTS} event streams")
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await resp.prepare(request)
+    clients.add(resp)
+    sub = agent.subscribe()
+    shutdown = app[SHUTDOWN]
+    stop = asyncio.ensure_future(shutdown.wait())
+    try:
+        await resp.write(b"retry: 2000\n: meshd events\n\n")
+        while not shutdown.is_set():
+            getter = asyncio.ensure_future(sub.get())
+            done, _ = await asyncio.wait({getter, stop}, timeout=SSE_KEEPALIVE,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                ev = getter.result()
+                await resp.write(b"event: member\ndata: " + event_json(ev) + b"\n\n")
+            else:
+                getter.cancel()
+                if stop not in done:
+                    await resp.write(b": keepalive\n\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        stop.cancel()
+        sub.close()
+        clients.discard(resp)
+    return resp
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    out = Exposition()
+    request.app[AGENT].collect_metrics(out)
+    return web.Response(body=out.render().encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def get_healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def get_readyz(request: web.Request) -> web.Response:
+    agent = request.app[AGENT]
+    if agent.is_ready():
+        return json_response({"ready": True, "detail": agent.readiness_detail()})
+    return json_response({"ready": False, "detail": agent.readiness_detail()}, 503)
+
+
+def _dashboard_html() -> bytes:
+    try:
+        return (importlib.resources.files("meshd.api") / "static" / "index.html").read_bytes()
+    except (FileNotFoundError, OSError):
+        return b"<!doctype html><title>meshd</title><p>meshd: see /v1/members</p>"
+
+
+async def get_index(request: web.Request) -> web.Response:
+    return web.Response(
+        body=_dashboard_html(),
+        content_type="text/html",
+        headers={
+            "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self' 'unsafe-inline'",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
+SSE_CLIENTS = web.AppKey("sse_clients", set)
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[SHUTDOWN].set()
+
+
+def create_api_app(agent: Agent) -> web.Application:
+    """The operator API; later features (health, query, releases) add their routes to it."""
+    app = web.Application(
+        client_max_size=MAX_BODY, middlewares=[error_middleware, auth_middleware]
+    )
+    app[AGENT] = agent
+    app[SHUTDOWN] = asyncio.Event()
+    app[SSE_CLIENTS] = set()
+    app.on_shutdown.append(_on_shutdown)
+    r = app.router
+    r.add_get("/", get_index)
+    r.add_get("/v1/status", get_status)
+    r.add_get("/v1/members", get_members)
+    r.add_post("/v1/join", post_join)
+    r.add_post("/v1/leave", post_leave)
+    r.add_get("/v1/keys", get_keys)
+    r.add_post("/v1/keys", post_keys)
+    r.add_get("/v1/events", get_events)
+    r.add_get("/metrics", get_metrics)
+    r.add_get("/healthz", get_healthz)
+    r.add_get("/readyz", get_readyz)
+    return app
+
+
+class ApiServer:
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self._runner: web.AppRunner | None = None
+        self.bound: tuple[str, int] | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.bound = sockets[0].getsockname()[:2] if sockets else (host, port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,497 @@
+"""Node configuration: defaults < TOML file < MESHD_* environment < command-line flags.
+
+Every flag of `meshd run` is also a TOML key (the flag name without `--`, `-` or `_` alike) and
+an environment variable `MESHD_<KEY>` (upper case, `-` as `_`). Lists in the environment are
+comma-separated. The `[protocol]` table (env `MESHD_PROTOCOL__<FIELD>`, flag `--protocol K=V`)
+overrides single fields of the chosen profile. Every error names the key, flag or variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshd.core.config import PRESETS, ProtocolConfig
+from meshd.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_API",
+    "DEFAULT_BIND",
+    "DEFAULT_DATA_DIR",
+    "DEFAULT_PORT",
+    "NodeConfig",
+    "format_hostport",
+    "is_loopback_host",
+    "load_config",
+    "parse_duration",
+    "parse_hostport",
+]
+
+DEFAULT_PORT = 7788
+DEFAULT_API_PORT = 7789
+DEFAULT_BIND = f"0.0.0.0:{DEFAULT_PORT}"
+DEFAULT_API = f"127.0.0.1:{DEFAULT_API_PORT}"
+DEFAULT_DATA_DIR = "/var/lib/meshd"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Tables later issues own; accepted and kept as they are (health checks, query handlers, dist).
+PASSTHROUGH_TABLES = ("check", "query_handler", "dist", "health", "discovery")
+_MAX_CONFIG_FILE = 1024 * 1024
+
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_TAG_KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def parse_duration(value: object, where: str = "duration") -> float:
+    """'250ms', '3s', '1m', '1h' or a bare number (seconds) -> seconds as float."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a duration like 250ms, 3s or 1m, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ConfigError(f"{where}: expected a duration like 250ms, 3s or 1m, got {value!r}")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ConfigError(f"{where}: expected a duration like 250ms, 3s or 1m, got {value!r}")
+    if seconds < 0 or seconds != seconds or seconds == float("inf"):
+        raise ConfigError(f"{where}: duration must be a finite non-negative value")
+    return seconds
+
+
+def parse_hostport(
+    value: object, where: str = "address", default_port: int | None = None, allow_zero: bool = False
+) -> tuple[str, int]:
+    """'host:port', '[v6]:port' (or 'host' when default_port is given) -> (host, port)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: expected HOST:PORT, got {value!r}")
+    text = value.strip()
+    # meshctl's MESHD_API is a URL; accept that spelling here too so one variable serves both.
+    for scheme in ("http://", "https://"):
+        if text.startswith(scheme):
+            text = text[len(scheme) :].rstrip("/")
+    host: str
+    port_text: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"{where}: unbalanced '[' in {value!r}")
+        host = text[1:end]
+        rest = text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"{where}: expected [HOST]:PORT, got {value!r}")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") == 0:
+        host, port_text = text, None
+    else:
+        raise ConfigError(f"{where}: IPv6 addresses need brackets, like [::1]:7788; got {value!r}")
+    if not host:
+        raise ConfigError(f"{where}: missing host in {value!r}")
+    if port_text is None or port_text == "":
+        if default_port is None:
+            raise ConfigError(f"{where}: missing port in {value!r} (expected HOST:PORT)")
+        return host, default_port
+    if not port_text.isdigit():
+        raise ConfigError(f"{where}: bad port {port_text!r} in {value!r}")
+    port = int(port_text)
+    if port > 65535 or (port == 0 and not allow_zero):
+        raise ConfigError(f"{where}: port {port} out of range in {value!r}")
+    return host, port
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class NodeConfig:
+    """Everything `meshd run` needs; see DESIGN.md for the meaning of each field."""
+
+    name: str = field(default_factory=lambda: _default_name())
+    cluster: str = "default"
+    bind: str = DEFAULT_BIND
+    advertise: str | None = None
+    api: str = DEFAULT_API
+    data_dir: str = DEFAULT_DATA_DIR
+    join: list[str] = field(default_factory=list)
+    site: str = "default"
+    tags: dict[str, str] = field(default_factory=dict)
+    mdns: bool = True
+    mdns_interfaces: list[str] = field(default_factory=list)
+    cluster_key_file: str | None = None
+    insecure: bool = False
+    profile: str = "lan"
+    trust_publisher: list[str] = field(default_factory=list)
+    log_level: str = "info"
+    protocol_overrides: dict[str, float | int] = field(default_factory=dict)
+    # Sections later issues interpret (kept verbatim; validated by their owners).
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    query_handlers: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None  # config file path, for messages
+
+    @property
+    def bind_hostport(self) -> tuple[str, int]:
+        return parse_hostport(self.bind, "bind")
+
+    @property
+    def api_hostport(self) -> tuple[str, int]:
+        return parse_hostport(self.api, "api", allow_zero=True)
+
+    def protocol(self) -> ProtocolConfig:
+        """The profile's preset with the [protocol] overrides applied."""
+        base = PRESETS[self.profile]
+        return base.replace(**self.protocol_overrides) if self.protocol_overrides else base
+
+    def meta(self) -> dict[str, str]:
+        """Member metadata gossiped with this node: site and tags (as "tag:<k>")."""
+        meta = {"site": self.site}
+        meta.update({f"tag:{k}": v for k, v in self.tags.items()})
+        return meta
+
+    def validate(self) -> None:
+        """Checks across fields (single values are checked while loading)."""
+        host, _ = self.bind_hostport
+        if self.insecure and not is_loopback_host(host):
+            raise ConfigError(
+                f"--insecure refuses to start unless bound to loopback (bind is {self.bind}); "
+                "use --cluster-key-file for anything else"
+            )
+
+
+def _default_name() -> str:
+    name = socket.gethostname().split(".")[0] or "meshd"
+    return name if _NAME_RE.match(name) else "meshd"
+
+
+# --- value parsers: (raw value, where) -> typed value ---------------------------------------
+
+
+def _as_str(value: object, where: str) -> str:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
+
+
+def _as_name(value: object, where: str) -> str:
+    text = _as_str(value, where)
+    if not _NAME_RE.match(text):
+        raise ConfigError(
+            f"{where}: {text!r} is not a valid name (letters, digits, '.', '_', '-'; max 63)"
+        )
+    return text
+
+
+def _as_hostport(value: object, where: str) -> str:
+    host, port = parse_hostport(value, where)
+    return format_hostport(host, port)
+
+
+def _as_api(value: object, where: str) -> str:
+    host, port = parse_hostport(value, where, allow_zero=True)
+    return format_hostport(host, port)
+
+
+def _as_join(value: object, where: str) -> str:
+    host, port = parse_hostport(value, where, default_port=DEFAULT_PORT)
+    return format_hostport(host, port)
+
+
+def _as_bool(value: object, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+
+
+def _as_profile(value: object, where: str) -> str:
+    text = _as_str(value, where).lower()
+    if text not in PRESETS:
+        raise ConfigError(f"{where}: unknown profile {text!r} (one of {', '.join(PRESETS)})")
+    return text
+
+
+def _as_log_level(value: object, where: str) -> str:
+    text = _as_str(value, where).lower()
+    if text not in LOG_LEVELS:
+        raise ConfigError(f"{where}: unknown log level {text!r} (one of {', '.join(LOG_LEVELS)})")
+    return text
+
+
+def _as_path(value: object, where: str) -> str:
+    return os.path.expanduser(_as_str(value, where))
+
+
+def _as_ip(value: object, where: str) -> str:
+    text = _as_str(value, where)
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{where}: expected an interface IP address, got {text!r}") from None
+    return text
+
+
+def _split_tag(item: object, where: str) -> tuple[str, str]:
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"{where}: expected KEY=VALUE, got {item!r}")
+    k, v = item.split("=", 1)
+    k = k.strip()
+    if not _TAG_KEY_RE.match(k):
+        raise ConfigError(f"{where}: bad tag key {k!r} (letters, digits, '_', '.', '-')")
+    return k, v.strip()
+
+
+def _as_tags(value: object, where: str) -> dict[str, str]:
+    """A TOML table {k = "v"}, a list of "k=v", or (env) a comma-separated "k=v,k2=v2"."""
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            if not isinstance(v, str):
+                raise ConfigError(f"{where}.{k}: tag values are strings, got {v!r}")
+            k2, v2 = _split_tag(f"{k}={v}", where)
+            out[k2] = v2
+        return out
+    items = _as_list(value, where)
+    return dict(_split_tag(i, where) for i in items)
+
+
+def _as_list(value: object, where: str) -> list[str]:
+    if isinstance(value, str):
+        return [p.strip() for p in value.split(",") if p.strip()]
+    if isinstance(value, list) and all(isinstance(i, str) for i in value):
+        return [i.strip() for i in value if i.strip()]
+    raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+
+
+def _list_of(parse: Callable[[object, str], str]) -> Callable[[object, str], list[str]]:
+    def parse_list(value: object, where: str) -> list[str]:
+        return [parse(i, where) for i in _as_list(value, where)]
+
+    return parse_list
+
+
+# key -> (NodeConfig field, parser). Keys are flag names with '_' for '-'.
+_KEYS: dict[str, tuple[str, Callable[[object, str], Any]]] = {
+    "name": ("name", _as_name),
+    "cluster": ("cluster", _as_name),
+    "bind": ("bind", _as_hostport),
+    "advertise": ("advertise", _as_hostport),
+    "api": ("api", _as_api),
+    "data_dir": ("data_dir", _as_path),
+    "join": ("join", _list_of(_as_join)),
+    "site": ("site", _as_name),
+    "tag": ("tags", _as_tags),
+    "tags": ("tags", _as_tags),
+    "mdns": ("mdns", _as_bool),
+    "mdns_interface": ("mdns_interfaces", _list_of(_as_ip)),
+    "mdns_interfaces": ("mdns_interfaces", _list_of(_as_ip)),
+    "cluster_key_file": ("cluster_key_file", _as_path),
+    "insecure": ("insecure", _as_bool),
+    "profile": ("profile", _as_profile),
+    "trust_publisher": ("trust_publisher", _list_of(_as_path)),
+    "log_level": ("log_level", _as_log_level),
+}
+_PROTOCOL_FIELDS = {f.name: f.type for f in dataclasses.fields(ProtocolConfig)}
+
+
+def _norm(key: str) -> str:
+    return key.strip().lower().replace("-", "_")
+
+
+def _protocol_value(name: str, value: object, where: str) -> float | int:
+    kind = _PROTOCOL_FIELDS.get(name)
+    if kind is None:
+        known = ", ".join(sorted(_PROTOCOL_FIELDS))
+        raise ConfigError(f"{where}: unknown protocol setting {name!r} (known: {known})")
+    if kind in ("int", int):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            number = value
+        elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            number = int(value)
+        else:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if number < 0:
+            raise ConfigError(f"{where}: must not be negative")
+        return number
+    return parse_duration(value, where)
+
+
+@dataclass
+class _Layer:
+    """Values from one source, already parsed, with where each came from."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    protocol: dict[str, float | int] = field(default_factory=dict)
+
+
+def _file_layer(path: str) -> tuple[_Layer, NodeConfig]:
+    """Parse a TOML file into a layer; the NodeConfig carries the passthrough sections."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_CONFIG_FILE + 1)
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror or e}") from None
+    if len(data) > _MAX_CONFIG_FILE:
+        raise ConfigError(f"config file {path}: larger than {_MAX_CONFIG_FILE} bytes")
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    layer = _Layer()
+    holder = NodeConfig(name="meshd")
+    for raw_key, value in doc.items():
+        key = _norm(raw_key)
+        where = f"{path}: key '{raw_key}'"
+        if key == "protocol":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a [protocol] table")
+            for pk, pv in value.items():
+                pkey = _norm(pk)
+                layer.protocol[pkey] = _protocol_value(pkey, pv, f"{path}: key 'protocol.{pk}'")
+        elif key == "check":
+            holder.checks = _table_list(value, where)
+        elif key == "query_handler":
+            holder.query_handlers = _table_list(value, where)
+        elif key in PASSTHROUGH_TABLES:
+            holder.extra[key] = value
+        elif key in _KEYS:
+            attr, parse = _KEYS[key]
+            layer.values[attr] = parse(value, where)
+        elif key == "no_mdns":
+            layer.values["mdns"] = not _as_bool(value, where)
+        else:
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(_KEYS))})")
+    return layer, holder
+
+
+def _table_list(value: object, where: str) -> list[dict[str, Any]]:
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list) and all(isinstance(i, dict) for i in value):
+        return list(value)
+    raise ConfigError(f"{where}: expected an array of tables ([[...]])")
+
+
+def _env_layer(env: Mapping[str, str]) -> _Layer:
+    """MESHD_<KEY> variables. Unknown MESHD_* names are left alone: meshctl shares the prefix."""
+    layer = _Layer()
+    for name, value in env.items():
+        if not name.startswith("MESHD_"):
+            continue
+        key = name[len("MESHD_") :].lower()
+        where = f"environment variable {name}"
+        if key.startswith("protocol__"):
+            pkey = key[len("protocol__") :]
+            layer.protocol[pkey] = _protocol_value(pkey, value, where)
+        elif key in _KEYS:
+            attr, parse = _KEYS[key]
+            layer.values[attr] = parse(value, where)
+        elif key == "no_mdns":
+            layer.values["mdns"] = not _as_bool(value, where)
+    return layer
+
+
+# Flag name (argparse dest) -> config key, for `meshd run` flags.
+FLAG_KEYS: dict[str, str] = {
+    "name": "name",
+    "cluster": "cluster",
+    "bind": "bind",
+    "advertise": "advertise",
+    "api": "api",
+    "data_dir": "data_dir",
+    "join": "join",
+    "site": "site",
+    "tag": "tag",
+    "mdns_interface": "mdns_interface",
+    "cluster_key_file": "cluster_key_file",
+    "profile": "profile",
+    "trust_publisher": "trust_publisher",
+    "log_level": "log_level",
+}
+
+
+def _flag_layer(flags: Mapping[str, Any]) -> _Layer:
+    """Flags as parsed by argparse; None (or an empty repeatable list) means not given."""
+    layer = _Layer()
+    for dest, key in FLAG_KEYS.items():
+        value = flags.get(dest)
+        if value is None or value == []:
+            continue
+        attr, parse = _KEYS[key]
+        layer.values[attr] = parse(value, f"--{dest.replace('_', '-')}")
+    if flags.get("no_mdns"):
+        layer.values["mdns"] = False
+    if flags.get("insecure"):
+        layer.values["insecure"] = True
+    for item in flags.get("protocol") or []:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"--protocol: expected KEY=VALUE, got {item!r}")
+        pk, pv = item.split("=", 1)
+        pkey = _norm(pk)
+        layer.protocol[pkey] = _protocol_value(pkey, pv.strip(), f"--protocol {pk}")
+    return layer
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> NodeConfig:
+    """Merge defaults, the TOML file, the environment and flags (later wins) and validate."""
+    flags = flags or {}
+    env = os.environ if env is None else env
+    path = config_file or flags.get("config") or env.get("MESHD_CONFIG") or None
+    layers: list[_Layer] = []
+    cfg = NodeConfig()
+    if path:
+        file_layer, holder = _file_layer(str(path))
+        layers.append(file_layer)
+        cfg.checks, cfg.query_handlers = holder.checks, holder.query_handlers
+        cfg.extra = holder.extra
+        cfg.source = str(path)
+    layers.append(_env_layer(env))
+    layers.append(_flag_layer(flags))
+    for layer in layers:
+        for attr, value in layer.values.items():
+            setattr(cfg, attr, value)
+        cfg.protocol_overrides.update(layer.protocol)
+    cfg.validate()
+    try:
+        cfg.protocol()
+    except (TypeError, ValueError) as e:  # dataclasses.replace on a bad override
+        raise ConfigError(f"protocol: {e}") from None
+    return cfg
+
+
+def data_path(cfg: NodeConfig, *parts: str) -> Path:
+    return Path(cfg.data_dir).joinpath(*parts)

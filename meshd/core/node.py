@@ -1,0 +1,769 @@
+"""A SWIM member with the whole Lifeguard set, independent of any I/O.
+
+Driven by: datagrams (receive_datagram), TCP exchanges (handle_stream / stream_done), timer
+expiry (handle_timer) and operator calls (join, leave, set_meta, key_op). After any call,
+drain datagrams_to_send(), streams_to_open() and events(), then re-arm one timer from
+get_timer(). Time is always passed in as `now`; randomness comes from the given RNG.
+
+State rules (memberlist state.go, with meshd's additions marked +):
+
+  message   | about us                            | about another member
+  ----------+-------------------------------------+-----------------------------------------
+  alive     | newer incarnation, or same with a   | applies if its incarnation is newer;
+            | different addr/meta: refute         | + same node id at a new address: applies
+            |                                     | + different node id: only over dead/left
+  suspect   | incarnation >= ours: refute,        | incarnation >= ours: alive -> suspect;
+            | awareness +1                        | already suspect: counts a confirmation
+  dead      | refute unless we are leaving        | incarnation >= ours: -> dead
+            |                                     | (source == name: -> left)
+  push-pull | alive -> alive; suspect/dead ->     | the same, so a remote "dead" is only a
+            | suspect (refutable); left -> left   | suspicion here: partitions can heal
+
+Probing: round-robin over a shuffled list; ping, then after probe_timeout indirect pings
+through k peers (who nack when the target is silent) plus a TCP ping; no ack by the end of
+the awareness-scaled interval -> suspect. A suspect target gets [ping, suspect] (buddy
+system) so it can refute at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from meshd import wire
+from meshd.core.awareness import Awareness
+from meshd.core.broadcast import BroadcastQueue
+from meshd.core.config import ProtocolConfig
+from meshd.core.messages import (
+    Ack,
+    Alive,
+    Dead,
+    IndirectPing,
+    KeyOp,
+    MemberState,
+    Message,
+    Nack,
+    Ping,
+    PushNodeState,
+    PushPull,
+    Suspect,
+)
+from meshd.core.suspicion import Suspicion, suspicion_timeout
+from meshd.errors import AuthError, DecodeError, MeshError
+
+log = logging.getLogger("meshd.node")
+
+EventKind = Literal["join", "update", "suspect", "alive", "dead", "left", "reap", "keyring"]
+StreamKind = Literal["join", "push_pull", "reconnect", "tcp_ping", "gossip"]
+
+
+@dataclass(frozen=True)
+class MemberView:
+    name: str
+    node_id: str
+    addr: str
+    state: MemberState
+    incarnation: int
+    meta: dict[str, str]
+    state_change: float
+
+
+@dataclass(frozen=True)
+class MemberEvent:
+    kind: EventKind
+    member: MemberView
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """One TCP exchange the shell must carry out: send `data`, hand the reply to stream_done."""
+
+    id: int
+    addr: str
+    data: bytes
+    timeout: float
+    kind: StreamKind
+
+
+@dataclass
+class _Member:
+    name: str
+    node_id: str
+    addr: str
+    incarnation: int
+    state: MemberState
+    meta: dict[str, str]
+    state_change: float
+
+    def view(self) -> MemberView:
+        return MemberView(
+            self.name, self.node_id, self.addr, self.state, self.incarnation,
+            self.meta, self.state_change,
+        )
+
+
+@dataclass
+class _Probe:
+    seq: int
+    target: str
+    start: float
+    ack_deadline: float
+    end: float
+    acked: bool = False
+    indirect_done: bool = False
+    expected_nacks: int = 0
+    nacks: int = 0
+    tcp_acked: bool = False
+
+
+@dataclass
+class _Relay:
+    origin_addr: str
+    origin_seq: int
+    nack: bool
+    deadline: float
+
+
+@dataclass
+class _Stream:
+    kind: StreamKind
+    target: str = ""
+    probe_seq: int = 0
+
+
+@dataclass
+class _Timers:
+    probe: float = 0.0
+    gossip: float = 0.0
+    push_pull: float = 0.0
+    reconnect: float = 0.0
+    reap: float = 0.0
+
+
+@dataclass
+class Counters:
+    """Plain counters for /metrics; names are dotted paths."""
+
+    values: dict[str, int] = field(default_factory=dict)
+
+    def inc(self, name: str, by: int = 1) -> None:
+        self.values[name] = self.values.get(name, 0) + by
+
+
+DEAD_STATES = (MemberState.DEAD, MemberState.LEFT)
+# A compound body's array header grows from 1 to 3 bytes past 15 parts; budget for the worst.
+COMPOUND_HEADER_MAX = 3
+MAX_SEEN_KEYOPS = 256
+
+
+class Node:
+    def __init__(
+        self,
+        name: str,
+        node_id: str,
+        addr: str,
+        config: ProtocolConfig,
+        codec: wire.Codec,
+        rng: random.Random,
+        now: float,
+        meta: dict[str, str] | None = None,
+        incarnation: int = 0,
+    ) -> None:
+        self.name = name
+        self.node_id = node_id
+        self.addr = addr
+        self.config = config
+        self.codec = codec
+        self.rng = rng
+        self.awareness = Awareness(config.awareness_max_multiplier)
+        self.broadcasts = BroadcastQueue(config.retransmit_mult)
+        self.counters = Counters()
+        self.leaving = False
+
+        self._members: dict[str, _Member] = {}
+        self._probe_order: list[str] = []
+        self._probe_index = 0
+        self._probe: _Probe | None = None
+        self._relays: dict[int, _Relay] = {}
+        self._suspicions: dict[str, Suspicion] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._seq = rng.randrange(1 << 30)
+        self._stream_id = 0
+        self._seen_keyops: deque[int] = deque(maxlen=MAX_SEEN_KEYOPS)
+
+        self._out_datagrams: list[tuple[bytes, str]] = []
+        self._out_streams: list[StreamRequest] = []
+        self._out_events: list[MemberEvent] = []
+
+        self._me = _Member(name, node_id, addr, incarnation, MemberState.ALIVE,
+                           dict(meta or {}), now)
+        self._members[name] = self._me
+        # Spread the timers so nodes started together do not probe in lockstep.
+        self._timers = _Timers(
+            probe=now + rng.random() * config.probe_interval,
+            gossip=now + rng.random() * config.gossip_interval,
+            push_pull=now + self._push_pull_interval() * (0.5 + rng.random() / 2),
+            reconnect=now + config.reconnect_interval,
+            reap=now + 1.0,
+        )
+        self._queue_alive(self._me)
+
+    # --- views ---------------------------------------------------------------------------------
+
+    def members(self) -> list[MemberView]:
+        return [m.view() for m in self._members.values()]
+
+    def member(self, name: str) -> MemberView | None:
+        m = self._members.get(name)
+        return m.view() if m else None
+
+    @property
+    def incarnation(self) -> int:
+        return self._me.incarnation
+
+    @property
+    def meta(self) -> dict[str, str]:
+        return dict(self._me.meta)
+
+    def num_active(self) -> int:
+        """Members that count for the protocol's formulas: alive and suspect, us included."""
+        return sum(1 for m in self._members.values() if m.state not in DEAD_STATES)
+
+    # --- outputs -------------------------------------------------------------------------------
+
+    def datagrams_to_send(self) -> list[tuple[bytes, str]]:
+        out, self._out_datagrams = self._out_datagrams, []
+        return out
+
+    def streams_to_open(self) -> list[StreamRequest]:
+        out, self._out_streams = self._out_streams, []
+        return out
+
+    def events(self) -> list[MemberEvent]:
+        out, self._out_events = self._out_events, []
+        return out
+
+    def get_timer(self) -> float:
+        t = self._timers
+        deadline = min(t.probe, t.gossip, t.push_pull, t.reconnect, t.reap)
+        p = self._probe
+        if p is not None and not p.acked:
+            deadline = min(deadline, p.end if p.indirect_done else p.ack_deadline)
+        for r in self._relays.values():
+            deadline = min(deadline, r.deadline)
+        for s in self._suspicions.values():
+            deadline = min(deadline, s.deadline)
+        return deadline
+
+    # --- operator inputs -----------------------------------------------------------------------
+
+    def join(self, addrs: Iterable[str], now: float) -> list[int]:
+        """Push-pull with each seed; returns the stream ids (reported back via stream_done)."""
+        return [self._open_push_pull(a, "join", now) for a in addrs if a != self.addr]
+
+    def leave(self, now: float) -> None:
+        """Tell the mesh we are leaving on purpose: members will list us as `left`."""
+        if self.leaving:
+            return
+        self.leaving = True
+        me = self._me
+        me.state = MemberState.LEFT
+        me.state_change = now
+        self.broadcasts.queue(
+            "m:" + me.name, wire.encode_message(Dead(me.incarnation, me.name, me.name))
+        )
+        # Do not wait for the next gossip tick: the process is about to exit.
+        self._gossip(now)
+
+    def leave_pending(self) -> bool:
+        """True while our leave message still has transmissions to make."""
+        return self.leaving and self.broadcasts.pending("m:" + self.name)
+
+    def set_meta(self, meta: dict[str, str], now: float) -> None:
+        if meta == self._me.meta:
+            return
+        self._me.meta = dict(meta)
+        self._me.incarnation += 1
+        self._queue_alive(self._me)
+        self._emit("update", self._me)
+
+    def key_op(self, op: str, key: bytes, now: float) -> None:
+        """Apply a keyring change here and spread it through the mesh."""
+        msg = KeyOp(self.rng.getrandbits(62), op, key)
+        self._handle_keyop(msg, now)
+
+    # --- network inputs ------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: str, now: float) -> None:
+        try:
+            msgs = self.codec.unpack(data)
+        except DecodeError as e:
+            self._count_drop(e)
+            return
+        self.counters.inc("packets.in")
+        self.counters.inc("bytes.in", len(data))
+        for msg in msgs:
+            self._dispatch(msg, addr, now)
+
+    def handle_stream(self, data: bytes, addr: str, now: float) -> bytes | None:
+        """Serve one inbound TCP exchange; returns the sealed reply (None: nothing to say)."""
+        try:
+            msgs = self.codec.unpack(data)
+        except DecodeError as e:
+            self._count_drop(e)
+            return None
+        self.counters.inc("streams.in")
+        reply: list[bytes] = []
+        for msg in msgs:
+            if isinstance(msg, PushPull):
+                self.counters.inc("push_pull.in")
+                # Merge first: a refutation of what they say about us goes into our reply.
+                self._merge(msg.states, now)
+                reply.append(wire.encode_message(PushPull(False, self._local_state(), True)))
+            elif isinstance(msg, Ping):
+                if msg.target and msg.target != self.name:
+                    self.counters.inc("drops.misdirected")
+                    continue
+                reply.append(wire.encode_message(Ack(msg.seq, self.name)))
+            else:
+                self._dispatch(msg, addr, now)
+        if not reply:
+            reply.append(wire.encode_message(Ack(0, self.name)))
+        return self.codec.pack(reply)
+
+    def stream_done(self, stream_id: int, reply: bytes | None, now: float) -> None:
+        st = self._streams.pop(stream_id, None)
+        if st is None:
+            return
+        if reply is None:
+            self.counters.inc(f"streams.failed.{st.kind}")
+            return
+        try:
+            msgs = self.codec.unpack(reply)
+        except DecodeError as e:
+            self._count_drop(e)
+            return
+        for msg in msgs:
+            if isinstance(msg, PushPull):
+                self._merge(msg.states, now)
+                if st.kind == "join":
+                    self.counters.inc("join.ok")
+            elif isinstance(msg, Ack) and st.kind == "tcp_ping":
+                p = self._probe
+                if p is not None and p.seq == st.probe_seq:
+                    p.tcp_acked = True
+
+    def handle_timer(self, now: float) -> None:
+        t = self._timers
+        p = self._probe
+        if p is not None and not p.acked:
+            if not p.indirect_done and now >= p.ack_deadline:
+                self._indirect_probe(p, now)
+            if p.indirect_done and now >= p.end:
+                self._probe_failed(p, now)
+        for seq in [s for s, r in self._relays.items() if now >= r.deadline]:
+            r = self._relays.pop(seq)
+            if r.nack:
+                self._send(r.origin_addr, [wire.encode_message(Nack(r.origin_seq))])
+        for name in [n for n, s in self._suspicions.items() if now >= s.deadline]:
+            self._suspicion_expired(name, now)
+        if now >= t.probe:
+            self._start_probe(now)
+        if now >= t.gossip:
+            t.gossip = now + self.config.gossip_interval
+            self._gossip(now)
+        if now >= t.push_pull:
+            t.push_pull = now + self._push_pull_interval()
+            self._periodic_push_pull(now)
+        if now >= t.reconnect:
+            t.reconnect = now + self.config.reconnect_interval
+            self._reconnect(now)
+        if now >= t.reap:
+            t.reap = now + 1.0
+            self._reap(now)
+
+    # --- dispatch ------------------------------------------------------------------------------
+
+    def _dispatch(self, msg: Message, addr: str, now: float) -> None:
+        self.counters.inc("msgs.in." + type(msg).__name__.lower())
+        if isinstance(msg, Ping):
+            self._handle_ping(msg, now)
+        elif isinstance(msg, IndirectPing):
+            self._handle_indirect_ping(msg, now)
+        elif isinstance(msg, Ack):
+            self._handle_ack(msg, now)
+        elif isinstance(msg, Nack):
+            p = self._probe
+            if p is not None and p.seq == msg.seq:
+                p.nacks += 1
+        elif isinstance(msg, Alive):
+            self._alive(msg, now)
+        elif isinstance(msg, Suspect):
+            self._suspect(msg, now)
+        elif isinstance(msg, Dead):
+            self._dead(msg, now)
+        elif isinstance(msg, PushPull):
+            self._merge(msg.states, now)  # only valid over TCP, but harmless
+        elif isinstance(msg, KeyOp):
+            self._handle_keyop(msg, now)
+
+    def _count_drop(self, e: MeshError) -> None:
+        kind = "auth" if isinstance(e, AuthError) else "decode"
+        self.counters.inc("drops." + kind)
+        log.debug("dropped packet: %s", e)
+
+    # --- probing -------------------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    def _next_target(self) -> _Member | None:
+        for _ in range(2):
+            while self._probe_index < len(self._probe_order):
+                name = self._probe_order[self._probe_index]
+                self._probe_index += 1
+                m = self._members.get(name)
+                if m is not None and m.state not in DEAD_STATES and name != self.name:
+                    return m
+            # Wrapped around: reshuffle (memberlist resetNodes).
+            self._probe_order = [n for n, m in self._members.items()
+                                 if n != self.name and m.state not in DEAD_STATES]
+            self.rng.shuffle(self._probe_order)
+            self._probe_index = 0
+        return None
+
+    def _start_probe(self, now: float) -> None:
+        interval = self.awareness.scale(self.config.probe_interval)
+        self._timers.probe = now + interval
+        if self.leaving:
+            return
+        m = self._next_target()
+        if m is None:
+            self._probe = None
+            return
+        seq = self._next_seq()
+        self._probe = _Probe(seq, m.name, now, now + self.config.probe_timeout, now + interval)
+        msgs = [wire.encode_message(Ping(seq, m.name, self.name, self.addr))]
+        if m.state == MemberState.SUSPECT:
+            # Buddy system: tell the target it is suspected so it can refute right away.
+            msgs.append(wire.encode_message(Suspect(m.incarnation, m.name, self.name)))
+        self.counters.inc("probes")
+        self._send(m.addr, msgs)
+
+    def _indirect_probe(self, p: _Probe, now: float) -> None:
+        p.indirect_done = True
+        target = self._members.get(p.target)
+        if target is None:
+            return
+        candidates = [m for m in self._members.values()
+                      if m.state == MemberState.ALIVE and m.name not in (self.name, p.target)]
+        relays = self.rng.sample(candidates, min(self.config.indirect_checks, len(candidates)))
+        p.expected_nacks = len(relays)
+        req = wire.encode_message(
+            IndirectPing(p.seq, target.name, target.addr, self.name, self.addr, True))
+        for r in relays:
+            self._send(r.addr, [req])
+        # TCP fallback in parallel: catches a UDP-only fault between us and the target.
+        data = self.codec.pack([wire.encode_message(Ping(p.seq, target.name, self.name, self.addr))])
+        sid = self._new_stream(_Stream("tcp_ping", target.name, p.seq))
+        self._out_streams.append(
+            StreamRequest(sid, target.addr, data, max(0.01, p.end - now), "tcp_ping"))
+
+    def _handle_ack(self, msg: Ack, now: float) -> None:
+        p = self._probe
+        if p is not None and p.seq == msg.seq and not p.acked:
+            p.acked = True
+            self.awareness.apply_delta(-1)
+            return
+        r = self._relays.pop(msg.seq, None)
+        if r is not None:
+            self._send(r.origin_addr, [wire.encode_message(Ack(r.origin_seq, msg.source))])
+
+    def _probe_failed(self, p: _Probe, now: float) -> None:
+        self._probe = None
+        # Lifeguard: missing nacks mean *we* may be the slow one.
+        if p.expected_nacks > 0:
+            self.awareness.apply_delta(max(0, p.expected_nacks - p.nacks))
+        else:
+            self.awareness.apply_delta(1)
+        if p.tcp_acked:
+            self.counters.inc("probes.tcp_only")
+            log.debug("reached %s over TCP but UDP probes failed: network may be misconfigured",
+                        p.target)
+            return
+        m = self._members.get(p.target)
+        if m is None or m.state in DEAD_STATES:
+            return
+        self.counters.inc("probes.failed")
+        self._suspect(Suspect(m.incarnation, m.name, self.name), now)
+
+    def _handle_ping(self, msg: Ping, now: float) -> None:
+        if msg.target and msg.target != self.name:
+            self.counters.inc("drops.misdirected")
+            return
+        self._send(msg.source_addr, [wire.encode_message(Ack(msg.seq, self.name))])
+
+    def _handle_indirect_ping(self, msg: IndirectPing, now: float) -> None:
+        seq = self._next_seq()
+        self._relays[seq] = _Relay(msg.source_addr, msg.seq, msg.nack,
+                                   now + self.config.probe_timeout)
+        self._send(msg.target_addr, [wire.encode_message(Ping(seq, msg.target, self.name, self.addr))])
+
+    # --- state transitions ---------------------------------------------------------------------
+
+    def _alive(self, msg: Alive, now: float) -> None:
+        if msg.name == self.name:
+            me = self._me
+            if self.leaving:
+                return
+            if msg.incarnation > me.incarnation or (
+                msg.incarnation == me.incarnation
+                and (msg.addr != me.addr or msg.meta != me.meta or msg.node_id != me.node_id)
+            ):
+                self._refute(msg.incarnation, now)
+            return
+        m = self._members.get(msg.name)
+        if m is None:
+            m = _Member(msg.name, msg.node_id, msg.addr, msg.incarnation, MemberState.ALIVE,
+                        dict(msg.meta), now)
+            self._members[msg.name] = m
+            self._insert_probe_target(msg.name)
+            self._queue_alive(m)
+            self._emit("join", m)
+            return
+        if msg.node_id != m.node_id:
+            # Same name, another identity: only allowed to take over a member that is gone.
+            if m.state not in DEAD_STATES:
+                self.counters.inc("conflicts")
+                log.warning("name conflict: %s claimed by %s at %s, held by %s at %s",
+                            msg.name, msg.node_id, msg.addr, m.node_id, m.addr)
+                return
+        elif msg.incarnation <= m.incarnation:
+            return
+        old_state, old_meta, old_addr = m.state, m.meta, m.addr
+        m.node_id, m.addr, m.incarnation, m.meta = msg.node_id, msg.addr, msg.incarnation, dict(msg.meta)
+        self._suspicions.pop(m.name, None)
+        if old_state != MemberState.ALIVE:
+            m.state = MemberState.ALIVE
+            m.state_change = now
+        self._queue_alive(m)
+        if old_state in DEAD_STATES:
+            self._insert_probe_target(m.name)
+            self._emit("join", m)
+        elif old_state == MemberState.SUSPECT:
+            self._emit("alive", m)
+        elif old_meta != m.meta or old_addr != m.addr:
+            self._emit("update", m)
+
+    def _suspect(self, msg: Suspect, now: float) -> None:
+        m = self._members.get(msg.name)
+        if m is None or msg.incarnation < m.incarnation:
+            return
+        if m is self._me:
+            if not self.leaving:
+                self._refute(msg.incarnation, now)
+            return
+        if m.state == MemberState.SUSPECT:
+            s = self._suspicions.get(m.name)
+            if s is not None and s.confirm(msg.source):
+                self.broadcasts.queue("m:" + m.name, wire.encode_message(msg))
+            return
+        if m.state in DEAD_STATES:
+            return
+        m.incarnation = msg.incarnation
+        m.state = MemberState.SUSPECT
+        m.state_change = now
+        n = self.num_active()
+        k = self.config.suspicion_mult - 2
+        if n - 2 < k:
+            k = 0
+        min_t = suspicion_timeout(self.config.suspicion_mult, n, self.config.probe_interval)
+        max_t = self.config.suspicion_max_timeout_mult * min_t
+        self._suspicions[m.name] = Suspicion(msg.source, k, min_t, max_t, now)
+        self.broadcasts.queue("m:" + m.name, wire.encode_message(msg))
+        self._emit("suspect", m)
+
+    def _suspicion_expired(self, name: str, now: float) -> None:
+        s = self._suspicions.pop(name)
+        m = self._members.get(name)
+        if m is None or m.state != MemberState.SUSPECT:
+            return
+        log.info("marking %s as failed, suspect timeout reached (%d peer confirmations)",
+                 name, len(s.confirmations) - 1)
+        self._dead(Dead(m.incarnation, name, self.name), now)
+
+    def _dead(self, msg: Dead, now: float) -> None:
+        m = self._members.get(msg.name)
+        if m is None or msg.incarnation < m.incarnation:
+            return
+        if m is self._me:
+            if not self.leaving:
+                self._refute(msg.incarnation, now)
+            return
+        # Once gone, only a graceful leave may still correct a "dead" reached by timeout.
+        if m.state in DEAD_STATES and not (msg.source == msg.name and m.state == MemberState.DEAD):
+            return
+        self._suspicions.pop(m.name, None)
+        m.incarnation = msg.incarnation
+        m.state = MemberState.LEFT if msg.source == msg.name else MemberState.DEAD
+        m.state_change = now
+        self.broadcasts.queue("m:" + m.name, wire.encode_message(msg))
+        self._emit("left" if m.state == MemberState.LEFT else "dead", m)
+
+    def _refute(self, accused: int, now: float) -> None:
+        me = self._me
+        me.incarnation = max(me.incarnation, accused) + 1
+        self.awareness.apply_delta(1)
+        self.counters.inc("refutes")
+        self._queue_alive(me)
+
+    def _queue_alive(self, m: _Member) -> None:
+        self.broadcasts.queue("m:" + m.name, wire.encode_message(
+            Alive(m.incarnation, m.name, m.node_id, m.addr, m.meta)))
+
+    def _insert_probe_target(self, name: str) -> None:
+        # Random position, so a new member is not always probed last (memberlist).
+        self._probe_order.insert(self.rng.randint(0, len(self._probe_order)), name)
+
+    def _emit(self, kind: EventKind, m: _Member) -> None:
+        self._out_events.append(MemberEvent(kind, m.view()))
+
+    # --- keyring -------------------------------------------------------------------------------
+
+    def _handle_keyop(self, msg: KeyOp, now: float) -> None:
+        if msg.op_id in self._seen_keyops:
+            return
+        self._seen_keyops.append(msg.op_id)
+        ring = self.codec.keyring
+        if ring is None:
+            self.counters.inc("keyring.ignored")
+            return
+        try:
+            if msg.op == "install":
+                ring.install(msg.key)
+            elif msg.op == "use":
+                ring.use(msg.key)
+            elif msg.op == "remove":
+                ring.remove(msg.key)
+            else:
+                raise DecodeError(f"unknown key operation {msg.op!r}")
+        except MeshError as e:
+            self.counters.inc("keyring.failed")
+            log.warning("key operation %s failed: %s", msg.op, e)
+        else:
+            self._emit("keyring", self._me)
+        self.broadcasts.queue(f"k:{msg.op_id}", wire.encode_message(msg))
+
+    # --- gossip and anti-entropy ---------------------------------------------------------------
+
+    def _packet_room(self) -> int:
+        return self.config.packet_budget - self.codec.overhead
+
+    def _send(self, addr: str, msgs: list[bytes]) -> None:
+        """Send messages to addr in one packet, filling the rest with piggybacked news."""
+        room = self._packet_room() - COMPOUND_HEADER_MAX - sum(len(m) for m in msgs)
+        if room > 0:
+            msgs = msgs + self.broadcasts.get(self.num_active(), 0, room)
+        self._emit_packet(addr, msgs)
+
+    def _emit_packet(self, addr: str, msgs: list[bytes]) -> None:
+        data = self.codec.pack(msgs)
+        self.counters.inc("packets.out")
+        self.counters.inc("bytes.out", len(data))
+        self._out_datagrams.append((data, addr))
+
+    def _gossip_targets(self, now: float) -> list[_Member]:
+        dead_horizon = now - self.config.gossip_to_the_dead_time
+        candidates = [
+            m for m in self._members.values()
+            if m is not self._me and (
+                m.state in (MemberState.ALIVE, MemberState.SUSPECT)
+                or (m.state == MemberState.DEAD and m.state_change >= dead_horizon))
+        ]
+        return self.rng.sample(candidates, min(self.config.gossip_nodes, len(candidates)))
+
+    def _gossip(self, now: float) -> None:
+        if not len(self.broadcasts):
+            return
+        n = self.num_active()
+        room = self._packet_room() - COMPOUND_HEADER_MAX
+        for m in self._gossip_targets(now):
+            big = self.broadcasts.take_oversized(n, room)
+            if big:
+                # No packet-size wall: news too big for UDP goes over TCP.
+                sid = self._new_stream(_Stream("gossip", m.name))
+                self._out_streams.append(StreamRequest(
+                    sid, m.addr, self.codec.pack(big), self.config.tcp_timeout, "gossip"))
+            msgs = self.broadcasts.get(n, 0, room)
+            if not msgs:
+                continue
+            self._emit_packet(m.addr, msgs)
+
+    def _push_pull_interval(self) -> float:
+        # memberlist pushPullScale: slower anti-entropy in bigger clusters.
+        n = self.num_active()
+        base = self.config.push_pull_interval
+        if n <= 32:
+            return base
+        return base * (math.ceil(math.log2(n) - math.log2(32)) + 1)
+
+    def _local_state(self) -> list[PushNodeState]:
+        return [PushNodeState(m.name, m.node_id, m.addr, m.incarnation, m.state, m.meta)
+                for m in self._members.values()]
+
+    def _new_stream(self, st: _Stream) -> int:
+        self._stream_id += 1
+        self._streams[self._stream_id] = st
+        return self._stream_id
+
+    def _open_push_pull(self, addr: str, kind: StreamKind, now: float, target: str = "") -> int:
+        data = self.codec.pack([wire.encode_message(
+            PushPull(kind == "join", self._local_state(), False))])
+        sid = self._new_stream(_Stream(kind, target))
+        self._out_streams.append(StreamRequest(sid, addr, data, self.config.tcp_timeout, kind))
+        return sid
+
+    def _periodic_push_pull(self, now: float) -> None:
+        alive = [m for m in self._members.values()
+                 if m is not self._me and m.state == MemberState.ALIVE]
+        if alive and not self.leaving:
+            m = self.rng.choice(alive)
+            self._open_push_pull(m.addr, "push_pull", now, m.name)
+
+    def _reconnect(self, now: float) -> None:
+        """Serf's reconnect: try one failed member, so healed partitions merge again."""
+        horizon = now - self.config.reconnect_timeout
+        dead = [m for m in self._members.values()
+                if m.state == MemberState.DEAD and m.state_change >= horizon]
+        if dead and not self.leaving:
+            m = self.rng.choice(dead)
+            self.counters.inc("reconnects")
+            self._open_push_pull(m.addr, "reconnect", now, m.name)
+
+    def _reap(self, now: float) -> None:
+        horizon = now - self.config.reap_interval
+        for name in [n for n, m in self._members.items()
+                     if m.state in DEAD_STATES and m.state_change < horizon and n != self.name]:
+            m = self._members.pop(name)
+            self._emit("reap", m)
+
+    def _merge(self, states: list[PushNodeState], now: float) -> None:
+        for s in states:
+            if s.state == MemberState.ALIVE:
+                self._alive(Alive(s.incarnation, s.name, s.node_id, s.addr, s.meta), now)
+            elif s.state == MemberState.LEFT:
+                if s.name not in self._members:
+                    continue  # no point learning about a member only to list it as left
+                self._dead(Dead(s.incarnation, s.name, s.name), now)
+            else:
+                if s.name not in self._members:
+                    continue
+                # Remote dead is only a suspicion here: it can still refute (heals partitions).
+                self._suspect(Suspect(s.incarnation, s.name, self.name), now)
+

@@ -1,0 +1,626 @@
+"""Sans-IO chunk-fetch scheduler for one release (no I/O; `now` and a seeded Random passed in).
+
+The shell feeds it peer availability and fetch results, carries out the FetchRequests it emits
+(HTTP POST of a batch of chunk ids to the peer, or GETs against the origin URLs), verifies and
+stores the chunks, and reports back. Chunks are indexed in the manifest's first-appearance order
+(Manifest.unique_chunks()); have-bitmaps use that order, bit 7 of byte 0 = chunk 0.
+
+Rules (each has a test in tests/unit/test_swarm.py):
+
+| rule              | when                                         | what the scheduler does                      |
+|-------------------|----------------------------------------------|----------------------------------------------|
+| delta             | chunk already in the local store             | never requested                              |
+| rarest first      | picking chunks to request                    | fewest holders first; ties broken by the rng |
+| same site first   | a ready same-site peer has the chunk         | only same-site peers are asked for it        |
+| batching          | building a request for one peer              | chunks added until >= piece_target bytes,    |
+|                   |                                              | never over piece_max (1-4 MiB by default)    |
+| per-peer bound    | a peer has max_requests_per_peer in flight   | nothing more is sent to it                   |
+| total bound       | max_requests_total in flight                 | nothing more is sent                         |
+| rate cap          | rate_limit set (bytes/s)                     | token bucket debited by request bytes;       |
+|                   |                                              | blocked until refilled (get_timer says when) |
+| endgame           | nothing new to request, <= endgame_chunks    | duplicate requests for in-flight chunks to   |
+|                   | missing                                      | other holders (<= endgame_copies per chunk); |
+|                   |                                              | requests made redundant are cancelled        |
+| timeout           | request deadline passes (handle_timer)       | chunks requeued, peer cools down (backoff),  |
+|                   |                                              | request cancelled; retried with other peers  |
+| error             | fetch_done(ERROR) or short OK answer         | same as timeout                              |
+| bad hash          | fetch_done(BAD_HASH)                         | peer banned for this release: availability   |
+|                   |                                              | dropped, its requests cancelled, ignored     |
+| origin fallback   | no ready peer has a chunk for origin_delay s | FetchRequest(peer=ORIGIN); origin bytes      |
+|                   |                                              | counted apart; <= origin_max_requests        |
+| late result       | result for a cancelled/timed-out request     | verified chunks still count as had           |
+| complete          | every chunk had                              | "complete" event once; no more requests      |
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+MiB = 1024 * 1024
+ORIGIN = "@origin"
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    BAD_HASH = "bad_hash"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    piece_target: int = 2 * MiB
+    piece_max: int = 4 * MiB
+    max_requests_per_peer: int = 4
+    max_requests_total: int = 16
+    timeout_min: float = 4.0  # Kraken: max(4 s, 4 s/MB x size)
+    timeout_per_mib: float = 4.0
+    backoff_base: float = 2.0  # cool-down after a timeout or error, doubled per failure
+    backoff_max: float = 60.0
+    origin_delay: float = 30.0
+    origin_max_requests: int = 2
+    origin_enabled: bool = True
+    endgame_chunks: int = 32
+    endgame_copies: int = 2
+    rate_limit: float | None = None  # bytes per second of chunk data, None = unlimited
+    rate_burst: int = 4 * MiB  # bucket size; raised to piece_max if smaller
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    request_id: int
+    peer: str  # a peer id, or ORIGIN
+    chunks: tuple[str, ...]
+    size: int  # uncompressed bytes of the chunks
+    deadline: float
+    endgame: bool = False
+
+
+@dataclass(frozen=True)
+class SwarmEvent:
+    kind: str  # complete | peer_banned | request_timeout | request_error | origin_fallback
+    peer: str | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Progress:
+    have_chunks: int
+    total_chunks: int
+    have_bytes: int
+    total_bytes: int
+
+    @property
+    def fraction(self) -> float:
+        return self.have_bytes / self.total_bytes if self.total_bytes else 1.0
+
+
+@dataclass
+class _Peer:
+    id: str
+    site: str
+    same_site: bool
+    have: set[int] | None  # None: has every chunk
+    outstanding: set[int] = field(default_factory=set)
+    cooldown_until: float = 0.0
+    failures: int = 0
+
+    def has(self, idx: int) -> bool:
+        return self.have is None or idx in self.have
+
+
+@dataclass
+class _Request:
+    peer: str
+    chunks: list[int]
+    size: int
+    deadline: float
+    endgame: bool
+
+
+def make_bitmap(indices: Iterable[int], n: int) -> bytes:
+    out = bytearray((n + 7) // 8)
+    for i in indices:
+        out[i >> 3] |= 0x80 >> (i & 7)
+    return bytes(out)
+
+
+def bitmap_indices(bitmap: bytes, n: int) -> set[int] | None:
+    """Indices set in a bitmap of n chunks; None when its length or padding is wrong."""
+    if len(bitmap) != (n + 7) // 8:
+        return None
+    if n % 8 and bitmap and bitmap[-1] & (0xFF >> (n % 8)):
+        return None  # bits beyond the last chunk
+    return {i for i in range(n) if bitmap[i >> 3] & (0x80 >> (i & 7))}
+
+
+class Swarm:
+    """Decides which chunk to fetch from whom, for one release."""
+
+    def __init__(
+        self,
+        chunks: Sequence[tuple[str, int]],
+        have: Iterable[str],
+        rng: random.Random,
+        now: float,
+        config: SwarmConfig | None = None,
+    ) -> None:
+        self.config = config or SwarmConfig()
+        self._rng = rng
+        self._ids = [cid for cid, _ in chunks]
+        self._sizes = [size for _, size in chunks]
+        self._index = {cid: i for i, cid in enumerate(self._ids)}
+        if len(self._index) != len(self._ids):
+            raise ValueError("chunk ids must be distinct")
+        self._tiebreak = [rng.random() for _ in self._ids]
+        held = {self._index[c] for c in have if c in self._index}
+        self._missing: set[int] = set(range(len(self._ids))) - held
+        self._have_bytes = sum(self._sizes[i] for i in held)
+        self._total_bytes = sum(self._sizes)
+        self._peers: dict[str, _Peer] = {}
+        self._banned: set[str] = set()
+        self._origin = _Peer(ORIGIN, "", False, None)
+        self._requests: dict[int, _Request] = {}
+        self._inflight: dict[int, set[int]] = {}  # chunk -> request ids
+        self._unavailable_since: dict[int, float] = {}
+        self._next_id = 1
+        self._now = now
+        burst = max(self.config.rate_burst, self.config.piece_max)
+        self._bucket_size = float(burst)
+        self._tokens = float(burst)
+        self._tokens_at = now
+        self._blocked_until: float | None = None
+        self._origin_announced = False
+        self._complete_announced = False
+        self._out_requests: list[FetchRequest] = []
+        self._out_cancels: list[int] = []
+        self._out_events: list[SwarmEvent] = []
+        self.counters: dict[str, int] = {
+            "requests": 0,
+            "requests.endgame": 0,
+            "requests.origin": 0,
+            "timeouts": 0,
+            "errors": 0,
+            "bans": 0,
+            "cancels": 0,
+            "bytes.peers": 0,
+            "bytes.origin": 0,
+            "chunks.duplicate": 0,
+            "results.late": 0,
+            "drops.bitmap": 0,
+        }
+        self._schedule(now)
+
+    # --- inputs ------------------------------------------------------------------------------
+
+    def peer_update(
+        self,
+        peer: str,
+        now: float,
+        *,
+        site: str = "",
+        same_site: bool = False,
+        bitmap: bytes | None = None,
+        complete: bool = False,
+    ) -> bool:
+        """What a peer has: complete, or a bitmap. False (counted) for a banned peer or a bad
+        bitmap, which are ignored."""
+        if peer in self._banned or peer == ORIGIN:
+            return False
+        have: set[int] | None = None
+        if not complete:
+            have = bitmap_indices(bitmap or b"", len(self._ids))
+            if have is None:
+                self.counters["drops.bitmap"] += 1
+                return False
+        p = self._peers.get(peer)
+        if p is None:
+            self._peers[peer] = _Peer(peer, site, same_site, have)
+        else:
+            p.site, p.same_site, p.have = site, same_site, have
+        self._schedule(now)
+        return True
+
+    def peer_gone(self, peer: str, now: float) -> None:
+        """A peer left or died: forget it, requeue what it was serving."""
+        p = self._peers.pop(peer, None)
+        if p is not None:
+            self._drop_requests(p)
+        self._schedule(now)
+
+    def fetch_done(
+        self,
+        request_id: int,
+        outcome: Outcome,
+        now: float,
+        *,
+        received: Iterable[str] | None = None,
+    ) -> None:
+        """Result of a request. `received`: chunks verified and stored (default for OK: all)."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            self.counters["results.late"] += 1
+            for cid in received or ():
+                self._got(self._index.get(cid), False)
+            self._schedule(now)
+            return
+        peer = self._origin if req.peer == ORIGIN else self._peers.get(req.peer)
+        if peer is not None:
+            peer.outstanding.discard(request_id)
+        if received is None:
+            got = set(req.chunks) if outcome is Outcome.OK else set()
+        else:
+            got = {i for i in (self._index.get(c) for c in received) if i is not None}
+        for idx in req.chunks:
+            self._unlink(idx, request_id)
+        for idx in got:
+            self._got(idx, req.peer == ORIGIN)
+        short = outcome is Outcome.OK and not set(req.chunks) <= got
+        if outcome is Outcome.BAD_HASH:
+            self._ban(req.peer, "served a chunk with a wrong hash", now)
+        elif outcome in (Outcome.TIMEOUT, Outcome.ERROR) or short:
+            kind = "request_timeout" if outcome is Outcome.TIMEOUT else "request_error"
+            self._fail(peer, req.peer, kind, now, "short answer" if short else outcome.value)
+        elif peer is not None:
+            peer.failures = 0
+        self._schedule(now)
+
+    def add_have(self, ids: Iterable[str], now: float) -> None:
+        """Chunks that reached the store another way (another release, a local publish)."""
+        for cid in ids:
+            self._got(self._index.get(cid), False, count_bytes=False)
+        self._schedule(now)
+
+    def lost(self, ids: Iterable[str], now: float) -> None:
+        """Chunks found damaged (and dropped) in the local store: fetch them again."""
+        for cid in ids:
+            idx = self._index.get(cid)
+            if idx is not None and idx not in self._missing:
+                self._missing.add(idx)
+                self._have_bytes -= self._sizes[idx]
+                self._complete_announced = False
+        self._schedule(now)
+
+    def handle_timer(self, now: float) -> None:
+        for rid, req in list(self._requests.items()):
+            if req.deadline <= now:
+                del self._requests[rid]
+                peer = self._origin if req.peer == ORIGIN else self._peers.get(req.peer)
+                if peer is not None:
+                    peer.outstanding.discard(rid)
+                for idx in req.chunks:
+                    self._unlink(idx, rid)
+                self.counters["timeouts"] += 1
+                self._out_cancels.append(rid)
+                self._fail(peer, req.peer, "request_timeout", now, f"request {rid}")
+        self._schedule(now)
+
+    # --- outputs -----------------------------------------------------------------------------
+
+    def requests_to_send(self) -> list[FetchRequest]:
+        out, self._out_requests = self._out_requests, []
+        return out
+
+    def requests_to_cancel(self) -> list[int]:
+        """Request ids whose answer is no longer needed (timed out, banned peer, redundant)."""
+        out, self._out_cancels = self._out_cancels, []
+        return out
+
+    def events(self) -> list[SwarmEvent]:
+        out, self._out_events = self._out_events, []
+        return out
+
+    def get_timer(self) -> float | None:
+        """Next absolute time handle_timer should run, or None."""
+        if not self._missing:
+            return None
+        times = [r.deadline for r in self._requests.values()]
+        if self._blocked_until is not None:
+            times.append(self._blocked_until)
+        cooling = [p.cooldown_until for p in self._all_peers() if p.cooldown_until > self._now]
+        times.extend(cooling)
+        if self.config.origin_enabled:
+            times.extend(t + self.config.origin_delay for t in self._unavailable_since.values())
+        return min(times) if times else None
+
+    # --- views -------------------------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return not self._missing
+
+    def progress(self) -> Progress:
+        n = len(self._ids)
+        return Progress(n - len(self._missing), n, self._have_bytes, self._total_bytes)
+
+    def missing_ids(self) -> list[str]:
+        return [self._ids[i] for i in sorted(self._missing)]
+
+    def local_bitmap(self) -> bytes:
+        """Our own have-bitmap, to serve to peers."""
+        n = len(self._ids)
+        return make_bitmap((i for i in range(n) if i not in self._missing), n)
+
+    def is_banned(self, peer: str) -> bool:
+        return peer in self._banned
+
+    def in_flight(self) -> list[FetchRequest]:
+        return [
+            FetchRequest(rid, r.peer, tuple(self._ids[i] for i in r.chunks), r.size, r.deadline)
+            for rid, r in self._requests.items()
+        ]
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _all_peers(self) -> list[_Peer]:
+        return [*self._peers.values(), self._origin]
+
+    def _unlink(self, idx: int, rid: int) -> None:
+        rids = self._inflight.get(idx)
+        if rids is not None:
+            rids.discard(rid)
+            if not rids:
+                del self._inflight[idx]
+
+    def _got(self, idx: int | None, from_origin: bool, *, count_bytes: bool = True) -> None:
+        if idx is None:
+            return
+        if idx not in self._missing:
+            if count_bytes:
+                self.counters["chunks.duplicate"] += 1
+            return
+        self._missing.discard(idx)
+        self._unavailable_since.pop(idx, None)
+        self._have_bytes += self._sizes[idx]
+        if count_bytes:
+            key = "bytes.origin" if from_origin else "bytes.peers"
+            self.counters[key] += self._sizes[idx]
+        # Other requests for this chunk (endgame duplicates) may now be pointless.
+        for rid in list(self._inflight.pop(idx, ())):
+            req = self._requests.get(rid)
+            if req is not None and not any(i in self._missing for i in req.chunks):
+                self._cancel(rid)
+
+    def _cancel(self, rid: int) -> None:
+        req = self._requests.pop(rid, None)
+        if req is None:
+            return
+        peer = self._origin if req.peer == ORIGIN else self._peers.get(req.peer)
+        if peer is not None:
+            peer.outstanding.discard(rid)
+        for idx in req.chunks:
+            self._unlink(idx, rid)
+        self.counters["cancels"] += 1
+        self._out_cancels.append(rid)
+
+    def _drop_requests(self, peer: _Peer) -> None:
+        for rid in list(peer.outstanding):
+            self._cancel(rid)
+        peer.outstanding.clear()
+
+    def _fail(self, peer: _Peer | None, peer_id: str, kind: str, now: float, detail: str) -> None:
+        if kind == "request_error":
+            self.counters["errors"] += 1
+        self._out_events.append(SwarmEvent(kind, peer_id, detail))
+        if peer is None:
+            return
+        peer.failures += 1
+        backoff = self.config.backoff_base * 2 ** (peer.failures - 1)
+        peer.cooldown_until = now + min(self.config.backoff_max, backoff)
+
+    def _ban(self, peer_id: str, why: str, now: float) -> None:
+        if peer_id == ORIGIN:
+            # The origin cannot be banned (it is the last resort); it cools down instead.
+            self._origin.failures += 1
+            self._origin.cooldown_until = now + self.config.backoff_max
+            self._out_events.append(SwarmEvent("request_error", ORIGIN, why))
+            return
+        peer = self._peers.pop(peer_id, None)
+        self._banned.add(peer_id)
+        self.counters["bans"] += 1
+        if peer is not None:
+            self._drop_requests(peer)
+        self._out_events.append(SwarmEvent("peer_banned", peer_id, why))
+
+    def _refill(self, now: float) -> None:
+        if self.config.rate_limit is None:
+            self._tokens_at = max(self._tokens_at, now)
+            return
+        if now > self._tokens_at:
+            self._tokens = min(
+                self._bucket_size, self._tokens + (now - self._tokens_at) * self.config.rate_limit
+            )
+            self._tokens_at = now
+
+    def _deadline(self, size: int, now: float) -> float:
+        timeout = max(self.config.timeout_min, self.config.timeout_per_mib * size / MiB)
+        if self.config.rate_limit:
+            timeout += size / self.config.rate_limit
+        return now + timeout
+
+    def _issue(self, peer: _Peer, chunks: list[int], now: float, endgame: bool) -> bool:
+        """Send one request, if the rate cap allows; False when blocked by the bucket."""
+        size = sum(self._sizes[i] for i in chunks)
+        if self.config.rate_limit is not None:
+            if self._tokens < size:
+                wait = (size - self._tokens) / self.config.rate_limit
+                self._blocked_until = now + wait
+                return False
+            self._tokens -= size
+        rid = self._next_id
+        self._next_id += 1
+        deadline = self._deadline(size, now)
+        self._requests[rid] = _Request(peer.id, list(chunks), size, deadline, endgame)
+        peer.outstanding.add(rid)
+        for idx in chunks:
+            self._inflight.setdefault(idx, set()).add(rid)
+        self.counters["requests"] += 1
+        if endgame:
+            self.counters["requests.endgame"] += 1
+        if peer is self._origin:
+            self.counters["requests.origin"] += 1
+        ids = tuple(self._ids[i] for i in chunks)
+        self._out_requests.append(FetchRequest(rid, peer.id, ids, size, deadline, endgame))
+        return True
+
+    def _schedule(self, now: float) -> None:
+        self._now = max(self._now, now)
+        self._refill(now)
+        self._blocked_until = None
+        if not self._missing:
+            if not self._complete_announced:
+                self._complete_announced = True
+                self._unavailable_since.clear()
+                self._out_events.append(SwarmEvent("complete"))
+            return
+        ready = [p for p in self._peers.values() if p.cooldown_until <= now]
+        todo = [i for i in self._missing if i not in self._inflight]
+        # Origin clock: chunks no ready peer can serve.
+        for idx in todo:
+            if any(p.has(idx) for p in ready):
+                self._unavailable_since.pop(idx, None)
+            else:
+                self._unavailable_since.setdefault(idx, now)
+        for idx in list(self._unavailable_since):
+            if idx not in self._missing or idx in self._inflight:
+                del self._unavailable_since[idx]
+        blocked = self._schedule_peers(ready, todo, now)
+        if not blocked:
+            blocked = self._schedule_origin(now)
+        if not blocked:
+            self._schedule_endgame(ready, now)
+
+    def _free(self, p: _Peer, open_pieces: int) -> bool:
+        cfg = self.config
+        if len(self._requests) + open_pieces >= cfg.max_requests_total:
+            return False
+        return len(p.outstanding) < cfg.max_requests_per_peer
+
+    def _schedule_peers(self, ready: list[_Peer], todo: list[int], now: float) -> bool:
+        """Normal pass: rarest first, same site first, batched. True if the bucket blocked."""
+        cfg = self.config
+        if not ready or not todo:
+            return False
+        count = dict.fromkeys(todo, 0)
+        for p in self._peers.values():
+            for idx in todo:
+                if p.has(idx):
+                    count[idx] += 1
+        order = sorted(
+            (i for i in todo if count[i] > 0), key=lambda i: (count[i], self._tiebreak[i])
+        )
+        open_: dict[str, list[int]] = {}
+        open_size: dict[str, int] = {}
+        peer_rank = {p.id: self._rng.random() for p in ready}
+
+        def close(p: _Peer) -> bool:
+            chunks = open_.pop(p.id)
+            open_size.pop(p.id)
+            return self._issue(p, chunks, now, False)
+
+        for idx in order:
+            holders = [p for p in ready if p.has(idx)]
+            local = [p for p in holders if p.same_site]
+            if local:
+                holders = local
+            size = self._sizes[idx]
+            best: _Peer | None = None
+            for p in holders:
+                if p.id in open_ and open_size[p.id] + size <= cfg.piece_max:
+                    if best is None or open_size[p.id] > open_size.get(best.id, -1):
+                        best = p
+            if best is None:
+                free = [
+                    p
+                    for p in holders
+                    if p.id not in open_ and self._free(p, len(open_))
+                ]
+                if not free:
+                    # A holder whose open piece is full may start another one.
+                    full = [p for p in holders if p.id in open_]
+                    for p in full:
+                        if not close(p):
+                            return True
+                    free = [p for p in holders if self._free(p, len(open_))]
+                    if not free:
+                        continue
+                best = min(free, key=lambda p: (len(p.outstanding), peer_rank[p.id]))
+                open_[best.id] = []
+                open_size[best.id] = 0
+            open_[best.id].append(idx)
+            open_size[best.id] += size
+            if open_size[best.id] >= cfg.piece_target and not close(best):
+                return True
+        for pid in list(open_):
+            if not close(self._peers[pid]):
+                return True
+        return False
+
+    def _schedule_origin(self, now: float) -> bool:
+        cfg = self.config
+        if not cfg.origin_enabled or self._origin.cooldown_until > now:
+            return False
+        due = sorted(
+            (i for i, t in self._unavailable_since.items() if now - t >= cfg.origin_delay),
+            key=lambda i: i,
+        )
+        piece: list[int] = []
+        size = 0
+        for idx in due:
+            if len(self._origin.outstanding) >= cfg.origin_max_requests:
+                break
+            if piece and size + self._sizes[idx] > cfg.piece_max:
+                if not self._issue_origin(piece, now):
+                    return True
+                piece, size = [], 0
+                if len(self._origin.outstanding) >= cfg.origin_max_requests:
+                    break
+            piece.append(idx)
+            size += self._sizes[idx]
+        if piece and len(self._origin.outstanding) < cfg.origin_max_requests:
+            return not self._issue_origin(piece, now)
+        return False
+
+    def _issue_origin(self, piece: list[int], now: float) -> bool:
+        if not self._issue(self._origin, piece, now, False):
+            return False
+        for idx in piece:
+            self._unavailable_since.pop(idx, None)
+        if not self._origin_announced:
+            self._origin_announced = True
+            self._out_events.append(
+                SwarmEvent("origin_fallback", ORIGIN, f"{len(piece)} chunks no peer has")
+            )
+        return True
+
+    def _schedule_endgame(self, ready: list[_Peer], now: float) -> None:
+        cfg = self.config
+        if len(self._missing) > cfg.endgame_chunks:
+            return
+        if any(i not in self._inflight for i in self._missing):
+            return  # something is still waiting for a first request (or for the origin)
+        peers = sorted(ready, key=lambda p: (len(p.outstanding), p.id))
+        for p in peers:
+            if not self._free(p, 0):
+                continue
+            mine = {i for rid in p.outstanding for i in self._requests[rid].chunks}
+            cands = [
+                i
+                for i in self._missing
+                if p.has(i) and i not in mine and len(self._inflight.get(i, ())) < cfg.endgame_copies
+            ]
+            if not cands:
+                continue
+            cands.sort(key=lambda i: (len(self._inflight.get(i, ())), self._tiebreak[i]))
+            piece: list[int] = []
+            size = 0
+            for idx in cands:
+                if piece and size + self._sizes[idx] > cfg.piece_max:
+                    break
+                piece.append(idx)
+                size += self._sizes[idx]
+            if not self._issue(p, piece, now, True):
+                return

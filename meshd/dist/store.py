@@ -1,0 +1,232 @@
+"""Content-addressed chunk store and manifest store in the data dir.
+
+Layout:
+    <data_dir>/chunks/ab/cdef...   stored form of chunk abcdef... (header byte + raw or lz4)
+    <data_dir>/manifests/<release id>.json   signed manifest documents
+
+Rules:
+- Writes are atomic: temp file (".tmp-*") in the target directory, write, fsync, rename, fsync
+  the directory. A crash leaves either no chunk or a whole one; leftover temp files are removed
+  by clean_temp() (call it at startup).
+- put() decodes and hashes before anything is written: wrong bytes never reach the disk.
+- get() verifies on every read; a damaged chunk is deleted and IntegrityError raised, so the
+  caller fetches it again (has() is then False).
+- A full disk (or any write error) raises StoreError with a clear message; the temp file is
+  removed and the chunk is simply absent, so the store stays consistent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from meshd.dist.chunker import ID_LEN, decode_and_verify, encode_chunk, is_chunk_id
+from meshd.dist.chunker import chunk_id as hash_chunk
+from meshd.errors import IntegrityError, MeshError
+
+TEMP_PREFIX = ".tmp-"
+
+
+class StoreError(MeshError):
+    """The store could not write or read (disk full, permissions, I/O error)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, fsync: bool = True, what: str = "file") -> None:
+    """Write `data` to `path` atomically; StoreError (temp file removed) on any OSError."""
+    folder = path.parent
+    tmp: str | None = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        tmp = None
+        if fsync:
+            _fsync_dir(folder)
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreError(f"disk full: cannot store {what} in {folder} ({e.strerror})") from e
+        raise StoreError(f"cannot store {what} in {folder}: {e.strerror or e}") from e
+
+
+class ChunkStore:
+    def __init__(self, data_dir: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(data_dir)
+        self.chunk_dir = self.root / "chunks"
+        self.manifest_dir = self.root / "manifests"
+        self.fsync = fsync
+        self.counters: dict[str, int] = {"chunks.damaged": 0, "chunks.rejected": 0}
+        try:
+            self.chunk_dir.mkdir(parents=True, exist_ok=True)
+            self.manifest_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the store in {self.root}: {e.strerror or e}") from e
+
+    # --- chunks ------------------------------------------------------------------------------
+
+    def path_for(self, cid: str) -> Path:
+        if not is_chunk_id(cid):
+            raise IntegrityError(f"not a chunk id: {cid[:80]!r}")
+        return self.chunk_dir / cid[:2] / cid[2:]
+
+    def has(self, cid: str) -> bool:
+        return self.path_for(cid).is_file()
+
+    def missing(self, ids: Iterable[str]) -> list[str]:
+        """The ids not in the store, in the given order (duplicates kept once)."""
+        return [cid for cid in dict.fromkeys(ids) if not self.has(cid)]
+
+    def put(self, cid: str, stored: bytes) -> int:
+        """Store a chunk received in stored form; verified first. Returns its uncompressed size.
+
+        IntegrityError (nothing written) when it does not hash to `cid`; StoreError on write.
+        """
+        path = self.path_for(cid)
+        try:
+            data = decode_and_verify(cid, stored)
+        except IntegrityError:
+            self.counters["chunks.rejected"] += 1
+            raise
+        if not path.is_file():
+            atomic_write(path, bytes(stored), fsync=self.fsync, what=f"chunk {cid[:16]}")
+        return len(data)
+
+    def put_data(self, data: bytes) -> str:
+        """Store uncompressed bytes (publishing); returns the chunk id."""
+        cid = hash_chunk(data)
+        path = self.path_for(cid)
+        if not path.is_file():
+            atomic_write(path, encode_chunk(data), fsync=self.fsync, what=f"chunk {cid[:16]}")
+        return cid
+
+    def put_stored_unchecked(self, cid: str, stored: bytes) -> None:
+        """Store a chunk the chunker just produced (its id is computed from the same bytes)."""
+        path = self.path_for(cid)
+        if not path.is_file():
+            atomic_write(path, stored, fsync=self.fsync, what=f"chunk {cid[:16]}")
+
+    def _read(self, cid: str) -> bytes:
+        try:
+            return self.path_for(cid).read_bytes()
+        except FileNotFoundError as e:
+            raise KeyError(cid) from e
+        except OSError as e:
+            raise StoreError(f"cannot read chunk {cid[:16]}: {e.strerror or e}") from e
+
+    def _verified(self, cid: str) -> tuple[bytes, bytes]:
+        stored = self._read(cid)
+        try:
+            return stored, decode_and_verify(cid, stored)
+        except IntegrityError as e:
+            self.counters["chunks.damaged"] += 1
+            self.delete(cid)
+            raise IntegrityError(f"damaged chunk {cid[:16]} removed from the store: {e}") from e
+
+    def get(self, cid: str) -> bytes:
+        """Uncompressed bytes, verified. KeyError when absent; IntegrityError when damaged
+        (the chunk is deleted so that it is fetched again)."""
+        return self._verified(cid)[1]
+
+    def get_stored(self, cid: str) -> bytes:
+        """The stored form (what peers are sent), verified like get()."""
+        return self._verified(cid)[0]
+
+    def delete(self, cid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path_for(cid).unlink()
+
+    def ids(self) -> Iterator[str]:
+        for sub in sorted(self.chunk_dir.iterdir()):
+            if not (sub.is_dir() and len(sub.name) == 2):
+                continue
+            for f in sorted(sub.iterdir()):
+                cid = sub.name + f.name
+                if len(f.name) == ID_LEN - 2 and is_chunk_id(cid):
+                    yield cid
+
+    def gc(self, keep: set[str]) -> int:
+        """Delete every chunk not in `keep`; returns how many were removed."""
+        removed = 0
+        for cid in list(self.ids()):
+            if cid not in keep:
+                self.delete(cid)
+                removed += 1
+        for sub in self.chunk_dir.iterdir():
+            if sub.is_dir():
+                with contextlib.suppress(OSError):
+                    sub.rmdir()  # only when empty
+        return removed
+
+    def clean_temp(self) -> int:
+        """Remove temp files left by a crash mid-write. Returns how many were removed."""
+        removed = 0
+        for folder in (self.manifest_dir, self.chunk_dir, *self.chunk_dir.iterdir()):
+            if not folder.is_dir():
+                continue
+            for f in folder.iterdir():
+                if f.name.startswith(TEMP_PREFIX):
+                    with contextlib.suppress(OSError):
+                        f.unlink()
+                        removed += 1
+        return removed
+
+    def size_bytes(self) -> int:
+        return sum(self.path_for(cid).stat().st_size for cid in self.ids())
+
+    # --- manifests ---------------------------------------------------------------------------
+
+    def _manifest_path(self, release_id: str) -> Path:
+        if not is_chunk_id(release_id):
+            raise IntegrityError(f"not a release id: {release_id[:80]!r}")
+        return self.manifest_dir / f"{release_id}.json"
+
+    def put_manifest(self, release_id: str, document: bytes) -> None:
+        atomic_write(
+            self._manifest_path(release_id),
+            document,
+            fsync=self.fsync,
+            what=f"manifest {release_id[:16]}",
+        )
+
+    def get_manifest(self, release_id: str) -> bytes:
+        try:
+            return self._manifest_path(release_id).read_bytes()
+        except FileNotFoundError as e:
+            raise KeyError(release_id) from e
+
+    def has_manifest(self, release_id: str) -> bool:
+        return self._manifest_path(release_id).is_file()
+
+    def manifests(self) -> list[str]:
+        out = []
+        for f in sorted(self.manifest_dir.glob("*.json")):
+            if is_chunk_id(f.stem):
+                out.append(f.stem)
+        return out
+
+    def delete_manifest(self, release_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._manifest_path(release_id).unlink()

@@ -1,0 +1,149 @@
+"""The peer HTTP side of the bind port (TCP): one sealed envelope in, one sealed envelope out.
+
+The server is a plain aiohttp web.Application so later features (chunk transfer) add their
+routes to the same app. The client is one shared aiohttp ClientSession; it carries out the
+core's StreamRequests and reports the reply (or None on any failure).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+
+log = logging.getLogger("meshd.peer")
+
+STREAM_PATH = "/peer/v1/stream"
+MAX_STREAM_BODY = 16 * 1024 * 1024  # a push-pull of a very large mesh still fits
+_OCTETS = "application/octet-stream"
+
+
+class StreamHandler(Protocol):
+    def handle_stream(self, data: bytes, addr: str) -> bytes | None: ...
+
+
+class TCPStats:
+    __slots__ = ("accepted", "connect_errors", "connects", "received_bytes", "sent_bytes")
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.connects = 0
+        self.connect_errors = 0
+        self.sent_bytes = 0
+        self.received_bytes = 0
+
+
+STREAM_HANDLER = web.AppKey("stream_handler", StreamHandler)
+TCP_STATS = web.AppKey("tcp_stats", TCPStats)
+
+
+def _peer_addr(request: web.Request) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer:
+        return "unknown:0"
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _stream(request: web.Request) -> web.StreamResponse:
+    stats = request.app[TCP_STATS]
+    data = await request.read()  # over client_max_size: aiohttp answers 413
+    stats.accepted += 1
+    stats.received_bytes += len(data)
+    reply = request.app[STREAM_HANDLER].handle_stream(data, _peer_addr(request))
+    if reply is None:
+        # The core refused it (bad key, other cluster, garbage): no detail for strangers.
+        return web.Response(status=400, content_type=_OCTETS)
+    stats.sent_bytes += len(reply)
+    return web.Response(body=reply, content_type=_OCTETS)
+
+
+def create_peer_app(
+    handler: StreamHandler, stats: TCPStats | None = None, max_body: int = MAX_STREAM_BODY
+) -> web.Application:
+    """The peer HTTP application; other modules may add routes before it starts."""
+    app = web.Application(client_max_size=max_body)
+    app[STREAM_HANDLER] = handler
+    app[TCP_STATS] = stats or TCPStats()
+    app.router.add_post(STREAM_PATH, _stream)
+    return app
+
+
+class PeerServer:
+    """Runs a peer app on host:port (the TCP twin of the UDP gossip port)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, backlog=512)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+class PeerClient:
+    """One ClientSession for every exchange with peers."""
+
+    def __init__(self, stats: TCPStats | None = None, max_reply: int = MAX_STREAM_BODY) -> None:
+        self.stats = stats or TCPStats()
+        self._max_reply = max_reply
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=256, limit_per_host=8, keepalive_timeout=15)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                headers={"User-Agent": "meshd-peer"},
+            )
+        return self._session
+
+    async def exchange(self, addr: str, data: bytes, timeout: float) -> bytes | None:
+        """POST one envelope to a peer; its reply, or None on any failure or timeout."""
+        url = f"http://{addr}{STREAM_PATH}"
+        self.stats.connects += 1
+        try:
+            async with self.session().post(
+                url,
+                data=data,
+                headers={"Content-Type": _OCTETS},
+                timeout=aiohttp.ClientTimeout(total=max(timeout, 0.05)),
+            ) as resp:
+                if resp.status != 200:
+                    self.stats.connect_errors += 1
+                    log.debug("peer %s answered %d", addr, resp.status)
+                    return None
+                if resp.content_length is not None and resp.content_length > self._max_reply:
+                    self.stats.connect_errors += 1
+                    return None
+                reply = await resp.content.read(self._max_reply + 1)
+                if len(reply) > self._max_reply:
+                    self.stats.connect_errors += 1
+                    return None
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
+            self.stats.connect_errors += 1
+            log.debug("peer exchange with %s failed: %r", addr, e)
+            return None
+        self.stats.sent_bytes += len(data)
+        self.stats.received_bytes += len(reply)
+        return reply
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

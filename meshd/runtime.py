@@ -1,0 +1,249 @@
+"""Pumps the sans-IO core from asyncio, the way aioquic's asyncio/protocol.py drives QUIC.
+
+Every input (datagram, inbound stream, finished outbound stream, timer, operator call) is
+handed to the node with loop.time(); then `_flush` carries out what the node asked for:
+datagrams are sent, streams become tasks, events go to subscribers, and one timer is re-armed
+from node.get_timer(). An exception from the core is logged and counted, never allowed to
+stop the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from meshd.core.node import MemberEvent, Node, StreamRequest
+from meshd.net.peer_http import PeerClient
+from meshd.net.udp import UDPEndpoint
+
+log = logging.getLogger("meshd.runtime")
+
+EventListener = Callable[[MemberEvent], None]
+SUBSCRIBER_QUEUE = 1024
+
+
+class Subscription:
+    """A bounded queue of member events; a slow reader loses events (counted), not memory."""
+
+    def __init__(self, runtime: NodeRuntime, maxsize: int) -> None:
+        self._runtime = runtime
+        self.queue: asyncio.Queue[MemberEvent] = asyncio.Queue(maxsize)
+        self.dropped = 0
+
+    def put(self, ev: MemberEvent) -> None:
+        try:
+            self.queue.put_nowait(ev)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    async def get(self) -> MemberEvent:
+        return await self.queue.get()
+
+    def close(self) -> None:
+        self._runtime._subscribers.discard(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aiter__(self) -> AsyncIterator[MemberEvent]:
+        while True:
+            yield await self.queue.get()
+
+
+class NodeRuntime:
+    """Owns the node's I/O pump. Attach the UDP endpoint and peer client, then `start()`."""
+
+    def __init__(
+        self,
+        node: Node,
+        udp: UDPEndpoint | None = None,
+        peer_client: PeerClient | None = None,
+    ) -> None:
+        self.node = node
+        self.udp = udp
+        self.peer_client = peer_client or PeerClient()
+        self.errors = 0  # core exceptions caught at this boundary
+        self.events_dropped = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscribers: set[Subscription] = set()
+        self._listeners: list[EventListener] = []
+        self._stream_waiters: dict[int, asyncio.Future[bool]] = {}
+        self._closed = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._flush()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for fut in self._stream_waiters.values():
+            if not fut.done():
+                fut.set_result(False)
+        self._stream_waiters.clear()
+        await self.peer_client.close()
+
+    # --- inputs ------------------------------------------------------------------------------
+
+    def on_datagram(self, data: bytes, addr: str) -> None:
+        self._call(self.node.receive_datagram, data, addr, self.now())
+        self._flush()
+
+    def handle_stream(self, data: bytes, addr: str) -> bytes | None:
+        """Server side of one peer exchange (called by the peer HTTP app)."""
+        reply: bytes | None = self._call(self.node.handle_stream, data, addr, self.now())
+        self._flush()
+        return reply
+
+    async def join(self, addrs: list[str], timeout: float | None = None) -> int:
+        """Push-pull with each address; how many answered (a member list came back)."""
+        if not addrs:
+            return 0
+        ids: list[int] | None = self._call(self.node.join, addrs, self.now())
+        waiters = []
+        for sid in ids or []:
+            fut: asyncio.Future[bool] = self.loop.create_future()
+            self._stream_waiters[sid] = fut
+            waiters.append(fut)
+        self._flush()
+        if not waiters:
+            return 0
+        limit = (timeout if timeout is not None else self.node.config.tcp_timeout) + 1.0
+        done, pending = await asyncio.wait(waiters, timeout=limit)
+        for fut in pending:
+            fut.cancel()
+        return sum(1 for fut in done if not fut.cancelled() and fut.result())
+
+    def leave(self) -> None:
+        self._call(self.node.leave, self.now())
+        self._flush()
+
+    async def leave_and_wait(self, timeout: float) -> None:
+        """Broadcast our leave and give gossip a moment to carry it (bounded by timeout)."""
+        self.leave()
+        deadline = self.now() + timeout
+        # At least a few gossip rounds, so the news goes out more than once.
+        min_wait = min(timeout, 3 * self.node.config.gossip_interval)
+        while self.now() < deadline:
+            waited = self.now() - (deadline - timeout)
+            if waited >= min_wait and not self._call(self.node.leave_pending):
+                break
+            await asyncio.sleep(min(0.05, self.node.config.gossip_interval / 2))
+
+    def key_op(self, op: str, key: bytes) -> None:
+        """Apply a keyring change locally and gossip it (errors from the core propagate)."""
+        try:
+            self.node.key_op(op, key, self.now())
+        finally:
+            self._flush()
+
+    def set_meta(self, meta: dict[str, str]) -> None:
+        self._call(self.node.set_meta, meta, self.now())
+        self._flush()
+
+    # --- subscribers -------------------------------------------------------------------------
+
+    def subscribe(self, maxsize: int = SUBSCRIBER_QUEUE) -> Subscription:
+        sub = Subscription(self, maxsize)
+        self._subscribers.add(sub)
+        return sub
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def add_listener(self, listener: EventListener) -> None:
+        """A synchronous callback for every event (persisting the keyring, the snapshot...)."""
+        self._listeners.append(listener)
+
+    # --- the pump ----------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception:
+            self.errors += 1
+            log.exception("core error in %s", getattr(fn, "__name__", fn))
+            return None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._call(self.node.handle_timer, self.now())
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._closed:
+            return
+        node = self.node
+        datagrams = self._call(node.datagrams_to_send) or []
+        if self.udp is not None:
+            for data, addr in datagrams:
+                self.udp.sendto(data, addr)
+        for req in self._call(node.streams_to_open) or []:
+            task = self.loop.create_task(self._run_stream(req))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        for ev in self._call(node.events) or []:
+            self._publish(ev)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadline = self._call(self.node.get_timer)
+        if deadline is None:
+            deadline = self.now() + 1.0  # the core failed; keep ticking rather than stall
+        if self._timer is not None:
+            if deadline == self._timer_at:
+                return
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    async def _run_stream(self, req: StreamRequest) -> None:
+        reply = await self.peer_client.exchange(req.addr, req.data, req.timeout)
+        if self._closed:
+            return
+        self._call(self.node.stream_done, req.id, reply, self.now())
+        waiter = self._stream_waiters.pop(req.id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reply is not None)
+        self._flush()
+
+    def _publish(self, ev: MemberEvent) -> None:
+        if ev.kind not in ("keyring",):
+            log.info("member %s: %s (%s)", ev.kind, ev.member.name, ev.member.addr)
+        for listener in self._listeners:
+            try:
+                listener(ev)
+            except Exception:
+                self.errors += 1
+                log.exception("event listener failed")
+        for sub in list(self._subscribers):
+            before = sub.dropped
+            sub.put(ev)
+            self.events_dropped += sub.dropped - before
+

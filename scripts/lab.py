@@ -1,0 +1,608 @@
+#!/usr/bin/env python3
+"""A multi-site lab on one machine: network namespaces as hosts, a bridge per site, one router.
+
+    lab.py up --sites 2 --hosts 3 [--site-rate 10mbit]
+    lab.py status | down | exec HOST CMD... | cut SITE | restore SITE | sniff [NS] --seconds N
+
+Topology (site n = 1..N, host i = 1..H; every name starts with the prefix, default `mdl-`):
+
+    mdl-s<n>h<i>  eth0 198.18.n.(10+i)/24, default via 198.18.n.1, 224.0.0.0/4 on eth0
+    mdl-s<n>sw    bridge br0 with ports h<i> (to the hosts) and `uplink` (to the router)
+    mdl-router    s<n> 198.18.n.1/24, ip_forward=1
+
+Nothing is created in the root namespace: every veth is born inside the lab namespaces, so
+deleting the namespaces removes everything. Addresses are in 198.18.0.0/15 (benchmarking range)
+only, IPv6 is disabled (no DAD delays before mDNS starts), and link-local multicast (mDNS) stays
+inside a site because a router never forwards 224.0.0.0/24. `down` kills every process in the
+lab namespaces and deletes them; it works without the state file and after any failure.
+
+Needs root and iproute2 (tc for --site-rate). Importable: `Lab` is the Python API used by
+tests/lab and bench/ (load this file by path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+DEFAULT_PREFIX = "mdl-"
+REPO = Path(__file__).resolve().parents[1]
+MDNS_PORT = 5353
+MDNS_GROUP = "224.0.0.251"
+
+
+def _run(argv: Sequence[str], check: bool = True, timeout: float = 30.0) -> str:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+class LabError(RuntimeError):
+    """A lab command failed."""
+
+
+@dataclass(frozen=True)
+class Host:
+    """One lab host: a network namespace with one interface on its site's bridge."""
+
+    name: str  # e.g. s1h2
+    site: int
+    index: int
+    ns: str
+    ip: str
+    ifname: str = "eth0"
+
+    @property
+    def site_name(self) -> str:
+        return f"s{self.site}"
+
+
+def available() -> tuple[bool, str]:
+    """Whether a lab can be built here, and why not."""
+    if sys.platform != "linux":
+        return False, "the lab needs Linux network namespaces"
+    if os.geteuid() != 0:
+        return False, "the lab needs root (ip netns)"
+    if shutil.which("ip") is None:
+        return False, "iproute2 (`ip`) is not installed"
+    probe = "mdl-probe-%d" % os.getpid()
+    try:
+        _run(["ip", "netns", "add", probe])
+    except (LabError, OSError) as exc:
+        return False, f"cannot create a network namespace: {exc}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    return True, ""
+
+
+class Lab:
+    """Build, drive and tear down the lab. Every method is synchronous and needs root."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX, workdir: Path | None = None) -> None:
+        if not prefix or not prefix.replace("-", "").isalnum() or len(prefix) > 8:
+            raise LabError(f"bad prefix {prefix!r}")
+        self.prefix = prefix
+        self.workdir = workdir or Path("/tmp") / f"meshd-lab-{prefix.strip('-')}"
+        self.state_file = self.workdir / "state.json"
+        self.sites = 0
+        self.hosts_per_site = 0
+        self.site_rate: str | None = None
+        self.cut_sites: set[int] = set()
+        self._load()
+
+    # ---- names and addresses ---------------------------------------------------------------
+
+    @property
+    def router_ns(self) -> str:
+        return f"{self.prefix}router"
+
+    def switch_ns(self, site: int) -> str:
+        return f"{self.prefix}s{site}sw"
+
+    def hosts(self, site: int | None = None) -> list[Host]:
+        sites = [site] if site is not None else range(1, self.sites + 1)
+        return [self._host(s, i) for s in sites for i in range(1, self.hosts_per_site + 1)]
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts():
+            if name in (h.name, h.ns):
+                return h
+        raise LabError(f"no host {name!r} in the lab (hosts: {[h.name for h in self.hosts()]})")
+
+    def _host(self, site: int, index: int) -> Host:
+        name = f"s{site}h{index}"
+        return Host(name, site, index, f"{self.prefix}{name}", f"198.18.{site}.{10 + index}")
+
+    @staticmethod
+    def router_ip(site: int) -> str:
+        return f"198.18.{site}.1"
+
+    def resolve_ns(self, name: str) -> str:
+        """Namespace for a host name, `router`, `s<n>sw`, or a full namespace name."""
+        if name.startswith(self.prefix):
+            return name
+        if name == "router" or re.fullmatch(r"s\d+sw", name):
+            return f"{self.prefix}{name}"
+        return self.host(name).ns
+
+    def namespaces(self) -> list[str]:
+        """Lab namespaces that exist now (by prefix, not by state: cleanup must not trust it)."""
+        out = _run(["ip", "netns", "list"], check=False)
+        names = [line.split()[0] for line in out.splitlines() if line.strip()]
+        return [n for n in names if n.startswith(self.prefix)]
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return
+        self.sites = int(state.get("sites", 0))
+        self.hosts_per_site = int(state.get("hosts", 0))
+        self.site_rate = state.get("site_rate")
+        self.cut_sites = set(state.get("cut", []))
+
+    def _save(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "prefix": self.prefix,
+            "sites": self.sites,
+            "hosts": self.hosts_per_site,
+            "site_rate": self.site_rate,
+            "cut": sorted(self.cut_sites),
+            "hosts_detail": [asdict(h) for h in self.hosts()],
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.state_file)
+
+    # ---- build / tear down -----------------------------------------------------------------
+
+    def up(self, sites: int = 2, hosts: int = 3, site_rate: str | None = None) -> None:
+        """Build the lab (after tearing down any previous one with this prefix)."""
+        if not 1 <= sites <= 250 or not 1 <= hosts <= 200:
+            raise LabError("sites must be 1..250 and hosts 1..200")
+        self.down()
+        self.sites, self.hosts_per_site, self.site_rate = sites, hosts, site_rate
+        self.cut_sites = set()
+        self._save()  # first, so a failure half-way is still cleaned up by `down`
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+
+    def _build(self) -> None:
+        router = self.router_ns
+        self._add_ns(router)
+        self._sysctl(router, "net.ipv4.ip_forward", "1")
+        for site in range(1, self.sites + 1):
+            sw = self.switch_ns(site)
+            self._add_ns(sw)
+            ip_sw = ["ip", "-n", sw]
+            _run([*ip_sw, "link", "add", "br0", "type", "bridge", "stp_state", "0",
+                  "forward_delay", "0", "mcast_snooping", "0"])  # fmt: skip
+            # Uplink: created inside the router namespace, its peer inside the switch.
+            _run(["ip", "-n", router, "link", "add", f"s{site}", "type", "veth",
+                  "peer", "name", "uplink", "netns", sw])  # fmt: skip
+            _run([*ip_sw, "link", "set", "dev", "uplink", "master", "br0", "up"])
+            _run([*ip_sw, "link", "set", "br0", "up"])
+            _run(["ip", "-n", router, "addr", "add", f"{self.router_ip(site)}/24", "dev", f"s{site}"])
+            _run(["ip", "-n", router, "link", "set", f"s{site}", "up"])
+            if self.site_rate:
+                self._limit(router, f"s{site}", self.site_rate)
+                self._limit(sw, "uplink", self.site_rate)
+            for h in self.hosts(site):
+                self._add_ns(h.ns)
+                _run(["ip", "-n", h.ns, "link", "add", h.ifname, "type", "veth",
+                      "peer", "name", f"h{h.index}", "netns", sw])  # fmt: skip
+                _run([*ip_sw, "link", "set", f"h{h.index}", "master", "br0", "up"])
+                _run(["ip", "-n", h.ns, "addr", "add", f"{h.ip}/24", "dev", h.ifname])
+                _run(["ip", "-n", h.ns, "link", "set", h.ifname, "up", "multicast", "on"])
+                _run(["ip", "-n", h.ns, "route", "add", "default", "via", self.router_ip(site)])
+                # mDNS leaves through the lab interface (explicit, not via the default route).
+                _run(["ip", "-n", h.ns, "route", "add", "224.0.0.0/4", "dev", h.ifname])
+        self._save()
+
+    def _add_ns(self, ns: str) -> None:
+        _run(["ip", "netns", "add", ns])
+        _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        # No IPv6 at all: no DAD delay, no link-local mDNS over v6 leaking anywhere.
+        self._sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")
+        self._sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
+
+    @staticmethod
+    def _sysctl(ns: str, key: str, value: str) -> None:
+        _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}"])
+
+    @staticmethod
+    def _limit(ns: str, dev: str, rate: str) -> None:
+        _run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root",
+              "tbf", "rate", rate, "burst", "32kb", "latency", "100ms"])  # fmt: skip
+
+    def down(self) -> None:
+        """Kill every process in the lab namespaces and delete them. Idempotent."""
+        namespaces = self.namespaces()
+        for ns in namespaces:
+            self._kill_ns(ns, signal.SIGTERM)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and any(self._ns_pids(ns) for ns in namespaces):
+            time.sleep(0.05)
+        for ns in namespaces:
+            self._kill_ns(ns, signal.SIGKILL)
+        for ns in namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        left = self.namespaces()
+        if left:
+            raise LabError(f"could not delete namespaces: {left}")
+        self.sites = self.hosts_per_site = 0
+        self.cut_sites = set()
+        with contextlib.suppress(FileNotFoundError):
+            self.state_file.unlink()
+
+    @staticmethod
+    def _ns_pids(ns: str) -> list[int]:
+        out = _run(["ip", "netns", "pids", ns], check=False)
+        return [int(p) for p in out.split() if p.isdigit()]
+
+    def _kill_ns(self, ns: str, sig: signal.Signals) -> None:
+        for pid in self._ns_pids(ns):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    # ---- links -----------------------------------------------------------------------------
+
+    def _site(self, site: int | str) -> int:
+        n = int(str(site).removeprefix("s"))
+        if not 1 <= n <= self.sites:
+            raise LabError(f"no site {site!r} (sites 1..{self.sites})")
+        return n
+
+    def cut(self, site: int | str) -> None:
+        """Cut a site off the router (its hosts still see each other)."""
+        n = self._site(site)
+        _run(["ip", "-n", self.router_ns, "link", "set", f"s{n}", "down"])
+        self.cut_sites.add(n)
+        self._save()
+
+    def restore(self, site: int | str) -> None:
+        """Reconnect a site to the router."""
+        n = self._site(site)
+        _run(["ip", "-n", self.router_ns, "link", "set", f"s{n}", "up"])
+        self.cut_sites.discard(n)
+        self._save()
+
+    # ---- processes -------------------------------------------------------------------------
+
+    def _argv(self, host: Host | str, argv: Sequence[str]) -> list[str]:
+        h = host if isinstance(host, Host) else self.host(host)
+        return ["ip", "netns", "exec", h.ns, *argv]
+
+    def exec(
+        self, host: Host | str, argv: Sequence[str], timeout: float = 30.0, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command in a host and wait for it."""
+        proc = subprocess.run(
+            self._argv(host, argv), capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise LabError(f"{host}: {' '.join(argv)}: {proc.stderr.strip()}")
+        return proc
+
+    def popen(
+        self,
+        host: Host | str,
+        argv: Sequence[str],
+        log: Path | None = None,
+        env: dict[str, str] | None = None,
+        stdout: int | IO[Any] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start a long-running process in a host (stdout+stderr to `log` when given)."""
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        out: int | IO[Any] | None = stdout
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            out = log.open("ab")
+        try:
+            return subprocess.Popen(
+                self._argv(host, argv),
+                stdout=out,
+                stderr=subprocess.STDOUT if out is not None else None,
+                env=full_env,
+                cwd=str(REPO),
+                start_new_session=True,  # so kill() reaches the whole group
+            )
+        finally:
+            if log is not None and out is not None and not isinstance(out, int):
+                out.close()
+
+    @staticmethod
+    def kill(proc: subprocess.Popen[Any], sig: signal.Signals = signal.SIGTERM) -> None:
+        """Signal a process started by popen (its process group) and reap it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+    def host_dir(self, host: Host | str) -> Path:
+        h = host if isinstance(host, Host) else self.host(host)
+        d = self.workdir / h.name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    # ---- an independent mDNS stack (avahi) inside a host -------------------------------------
+
+    def start_avahi(self, host: Host | str) -> tuple[list[subprocess.Popen[bytes]], dict[str, str]]:
+        """Start a private D-Bus and avahi-daemon in a host.
+
+        Returns the processes and the environment `avahi-browse` needs (it talks D-Bus). The
+        bus is a private one (DBUS_SYSTEM_BUS_ADDRESS), and avahi gets a private /run (its pid
+        file path is fixed) in the mount namespace `ip netns exec` creates.
+        """
+        h = host if isinstance(host, Host) else self.host(host)
+        d = self.host_dir(h) / "avahi"
+        d.mkdir(parents=True, exist_ok=True)
+        bus = d / "bus"
+        with contextlib.suppress(FileNotFoundError):
+            bus.unlink()
+        (d / "dbus.conf").write_text(
+            "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\"\n"
+            ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n'
+            "<busconfig><type>system</type>\n"
+            f"<listen>unix:path={bus}</listen><auth>EXTERNAL</auth>\n"
+            '<policy context="default"><allow user="*"/><allow own="*"/>'
+            '<allow send_destination="*"/><allow receive_sender="*"/></policy>\n'
+            "</busconfig>\n"
+        )
+        (d / "avahi-daemon.conf").write_text(
+            "[server]\n"
+            f"host-name={self.prefix.strip('-')}-{h.name}\n"
+            "use-ipv4=yes\nuse-ipv6=no\n"
+            f"allow-interfaces={h.ifname}\n"
+            "enable-dbus=yes\n"
+            "disallow-other-stacks=no\n"
+            "ratelimit-interval-usec=0\n"
+            "[publish]\npublish-workstation=no\npublish-hinfo=no\n"
+            "[reflector]\nenable-reflector=no\n"
+        )
+        env = {"DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={bus}"}
+        procs = [
+            self.popen(
+                h, ["dbus-daemon", "--nofork", "--nopidfile", f"--config-file={d / 'dbus.conf'}"],
+                log=d / "dbus.log",
+            )  # fmt: skip
+        ]
+        deadline = time.monotonic() + 5
+        while not bus.exists():
+            if time.monotonic() > deadline:
+                raise LabError(f"{h.name}: private dbus-daemon did not start ({d / 'dbus.log'})")
+            time.sleep(0.02)
+        script = (
+            "mount -t tmpfs lab-avahi-run /run && "
+            f"exec avahi-daemon --no-chroot --no-drop-root --no-rlimits -f {d / 'avahi-daemon.conf'}"
+        )
+        procs.append(self.popen(h, ["sh", "-c", script], log=d / "avahi.log", env=env))
+        return procs, env
+
+    # ---- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        existing = set(self.namespaces())
+        return {
+            "prefix": self.prefix,
+            "up": bool(existing),
+            "sites": self.sites,
+            "hosts_per_site": self.hosts_per_site,
+            "site_rate": self.site_rate,
+            "cut": sorted(self.cut_sites),
+            "namespaces": sorted(existing),
+            "hosts": [
+                {"name": h.name, "ip": h.ip, "ns": h.ns, "exists": h.ns in existing,
+                 "procs": len(self._ns_pids(h.ns)) if h.ns in existing else 0}
+                for h in self.hosts()
+            ],  # fmt: skip
+        }
+
+
+# ---- mDNS packet capture (passive, AF_PACKET) --------------------------------------------------
+
+
+@dataclass
+class MdnsSeen:
+    """mDNS packets seen per interface, with their IPv4 sources."""
+
+    by_ifname: dict[str, int]
+    sources: dict[str, list[str]]
+    total_packets: int
+
+    @property
+    def mdns_total(self) -> int:
+        return sum(self.by_ifname.values())
+
+
+class MdnsSniffer:
+    """Count mDNS (UDP 5353 or to 224.0.0.251) on every interface of the current namespace.
+
+    Passive: a raw AF_PACKET socket that sends nothing. `lo` is skipped unless include_lo.
+    """
+
+    def __init__(self, include_lo: bool = False) -> None:
+        self.include_lo = include_lo
+        self._stop = threading.Event()
+        self._counts: dict[str, int] = {}
+        self._sources: dict[str, set[str]] = {}
+        self._total = 0
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+        self._sock.settimeout(0.1)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> MdnsSniffer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> MdnsSeen:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        self._sock.close()
+        return self.result()
+
+    def result(self) -> MdnsSeen:
+        return MdnsSeen(
+            dict(self._counts), {k: sorted(v) for k, v in self._sources.items()}, self._total
+        )
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, addr = self._sock.recvfrom(65535)
+            except (TimeoutError, OSError):
+                continue
+            ifname = addr[0]
+            if ifname == "lo" and not self.include_lo:
+                continue
+            self._total += 1
+            src = _mdns_source(data)
+            if src is not None:
+                self._counts[ifname] = self._counts.get(ifname, 0) + 1
+                self._sources.setdefault(ifname, set()).add(src)
+
+
+def _mdns_source(frame: bytes) -> str | None:
+    """IPv4 source of an mDNS frame (Ethernet), else None. IPv6 mDNS counts as source 'v6'."""
+    if len(frame) < 14:
+        return None
+    ethertype = frame[12:14]
+    if ethertype == b"\x86\xdd" and len(frame) >= 14 + 40 + 4:
+        if frame[20] == 17:
+            sport, dport = struct.unpack("!HH", frame[54:58])
+            if MDNS_PORT in (sport, dport):
+                return "v6"
+        return None
+    if ethertype != b"\x08\x00" or len(frame) < 14 + 20 + 8:
+        return None
+    ihl = (frame[14] & 0x0F) * 4
+    if frame[23] != 17 or len(frame) < 14 + ihl + 4:
+        return None
+    sport, dport = struct.unpack("!HH", frame[14 + ihl : 14 + ihl + 4])
+    dst = socket.inet_ntoa(frame[30:34])
+    if MDNS_PORT in (sport, dport) or dst == MDNS_GROUP:
+        return socket.inet_ntoa(frame[26:30])
+    return None
+
+
+@contextlib.contextmanager
+def sniff_in(lab: Lab, ns: str | None, seconds_hint: float = 0) -> Iterator[list[MdnsSeen]]:
+    """Sniff mDNS in a namespace (None = the current one) while the block runs."""
+    box: list[MdnsSeen] = []
+    if ns is None:
+        sniffer = MdnsSniffer()
+        with sniffer:
+            yield box
+        box.append(sniffer.result())
+        return
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, str(Path(__file__).resolve()), "sniff",
+         "--here", "--seconds", str(max(seconds_hint, 3600))],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(0.3)  # let it open the socket before traffic starts
+        yield box
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+        if out.strip():
+            data = json.loads(out.strip().splitlines()[-1])
+            box.append(MdnsSeen(data["by_ifname"], data["sources"], data["total_packets"]))
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lab.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prefix", default=os.environ.get("MESHD_LAB_PREFIX", DEFAULT_PREFIX))
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_up = sub.add_parser("up", help="build the lab (tears down an old one first)")
+    p_up.add_argument("--sites", type=int, default=2)
+    p_up.add_argument("--hosts", type=int, default=3)
+    p_up.add_argument("--site-rate", default=None, help="tc tbf rate on each site uplink, e.g. 10mbit")
+    sub.add_parser("down", help="kill lab processes, delete every lab namespace")
+    sub.add_parser("status", help="print the lab as JSON")
+    p_exec = sub.add_parser("exec", help="run a command in a host (s1h2 or its namespace)")
+    p_exec.add_argument("host")
+    p_exec.add_argument("command", nargs=argparse.REMAINDER)
+    for name in ("cut", "restore"):
+        p = sub.add_parser(name, help=f"{name} a site's link to the router")
+        p.add_argument("site", help="1 or s1")
+    p_sniff = sub.add_parser("sniff", help="count mDNS packets per interface (JSON)")
+    p_sniff.add_argument("ns", nargs="?", help="namespace or host; default: the current one")
+    p_sniff.add_argument("--seconds", type=float, default=10.0)
+    p_sniff.add_argument("--here", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if os.geteuid() != 0:
+        print("lab.py needs root", file=sys.stderr)
+        return 1
+    lab = Lab(args.prefix)
+    try:
+        if args.cmd == "up":
+            lab.up(args.sites, args.hosts, args.site_rate)
+            for h in lab.hosts():
+                print(f"{h.name:8} {h.ns:14} {h.ip}")
+        elif args.cmd == "down":
+            lab.down()
+        elif args.cmd == "status":
+            print(json.dumps(lab.status(), indent=2))
+        elif args.cmd == "exec":
+            cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+            if not cmd:
+                parser.error("exec needs a command")
+            h = lab.host(args.host)
+            os.execvp("ip", ["ip", "netns", "exec", h.ns, *cmd])
+        elif args.cmd == "cut":
+            lab.cut(args.site)
+        elif args.cmd == "restore":
+            lab.restore(args.site)
+        elif args.cmd == "sniff":
+            if args.ns and not args.here:
+                ns = lab.resolve_ns(args.ns)
+                os.execvp("ip", ["ip", "netns", "exec", ns, sys.executable, __file__, "sniff",
+                                 "--here", "--seconds", str(args.seconds)])  # fmt: skip
+            sniffer = MdnsSniffer()
+            with sniffer, contextlib.suppress(KeyboardInterrupt):
+                time.sleep(args.seconds)
+            print(json.dumps(asdict(sniffer.result())))
+    except LabError as exc:
+        print(f"lab.py: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
