@@ -7,29 +7,30 @@ stores the chunks, and reports back. Chunks are indexed in the manifest's first-
 
 Rules (each has a test in tests/unit/test_swarm.py):
 
-| rule              | when                                         | what the scheduler does                      |
-|-------------------|----------------------------------------------|----------------------------------------------|
-| delta             | chunk already in the local store             | never requested                              |
-| rarest first      | picking chunks to request                    | fewest holders first; ties broken by the rng |
-| same site first   | a ready same-site peer has the chunk         | only same-site peers are asked for it        |
-| batching          | building a request for one peer              | chunks added until >= piece_target bytes,    |
-|                   |                                              | never over piece_max (1-4 MiB by default)    |
-| per-peer bound    | a peer has max_requests_per_peer in flight   | nothing more is sent to it                   |
-| total bound       | max_requests_total in flight                 | nothing more is sent                         |
-| rate cap          | rate_limit set (bytes/s)                     | token bucket debited by request bytes;       |
-|                   |                                              | blocked until refilled (get_timer says when) |
-| endgame           | nothing new to request, <= endgame_chunks    | duplicate requests for in-flight chunks to   |
-|                   | missing                                      | other holders (<= endgame_copies per chunk); |
-|                   |                                              | requests made redundant are cancelled        |
-| timeout           | request deadline passes (handle_timer)       | chunks requeued, peer cools down (backoff),  |
-|                   |                                              | request cancelled; retried with other peers  |
-| error             | fetch_done(ERROR) or short OK answer         | same as timeout                              |
-| bad hash          | fetch_done(BAD_HASH)                         | peer banned for this release: availability   |
-|                   |                                              | dropped, its requests cancelled, ignored     |
-| origin fallback   | no ready peer has a chunk for origin_delay s | FetchRequest(peer=ORIGIN); origin bytes      |
-|                   |                                              | counted apart; <= origin_max_requests        |
-| late result       | result for a cancelled/timed-out request     | verified chunks still count as had           |
-| complete          | every chunk had                              | "complete" event once; no more requests      |
+| rule            | when                                  | what the scheduler does               |
+|-----------------|---------------------------------------|---------------------------------------|
+| delta           | chunk already in the local store      | never requested                       |
+| rarest first    | picking chunks to request             | fewest holders first; rng breaks ties |
+| same site first | a ready same-site peer has the chunk  | only same-site peers are asked for it |
+| batching        | building one peer's request           | chunks added until >= piece_target,   |
+|                 |                                       | never over piece_max (1-4 MiB)        |
+| per-peer bound  | max_requests_per_peer in flight       | nothing more is sent to that peer     |
+| total bound     | max_requests_total in flight          | nothing more is sent                  |
+| rate cap        | rate_limit set (bytes/s)              | token bucket debited per request;     |
+|                 |                                       | get_timer says when it refills        |
+| endgame         | nothing new to ask, <= endgame_chunks | duplicates of in-flight chunks to     |
+|                 | missing                               | other holders (<= endgame_copies);    |
+|                 |                                       | redundant requests are cancelled      |
+| timeout         | a request's deadline passes           | cancelled, chunks requeued, peer      |
+|                 |                                       | cools down (exponential backoff)      |
+| error           | ERROR, or OK missing some chunks      | as timeout                            |
+| bad hash        | BAD_HASH                              | peer banned for this release: its     |
+|                 |                                       | requests cancelled, updates ignored   |
+| origin fallback | no ready peer has a chunk for         | FetchRequest(peer=ORIGIN), at most    |
+|                 | origin_delay seconds                  | origin_max_requests; bytes counted    |
+|                 |                                       | apart (counters["bytes.origin"])      |
+| late result     | answer to a cancelled request         | its verified chunks still count       |
+| complete        | every chunk had                       | "complete" event once, no requests    |
 """
 
 from __future__ import annotations
@@ -529,9 +530,9 @@ class Swarm:
             size = self._sizes[idx]
             best: _Peer | None = None
             for p in holders:
-                if p.id in open_ and open_size[p.id] + size <= cfg.piece_max:
-                    if best is None or open_size[p.id] > open_size.get(best.id, -1):
-                        best = p
+                fits = p.id in open_ and open_size[p.id] + size <= cfg.piece_max
+                if fits and (best is None or open_size[p.id] > open_size[best.id]):
+                    best = p
             if best is None:
                 free = [
                     p
@@ -554,10 +555,7 @@ class Swarm:
             open_size[best.id] += size
             if open_size[best.id] >= cfg.piece_target and not close(best):
                 return True
-        for pid in list(open_):
-            if not close(self._peers[pid]):
-                return True
-        return False
+        return any(not close(self._peers[pid]) for pid in list(open_))
 
     def _schedule_origin(self, now: float) -> bool:
         cfg = self.config

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import blake3
 import lz4.block
-from pyfastcdc import FastCDC
+from pyfastcdc import BinaryStreamReader, FastCDC
 
 from meshd.errors import IntegrityError, MeshError
 
@@ -149,7 +149,7 @@ def new_cutter() -> FastCDC:
 
 
 def chunk_stream(
-    reader: object,
+    reader: BinaryStreamReader,
     sink: ChunkSink | None,
     seen: dict[str, int],
     cutter: FastCDC | None = None,

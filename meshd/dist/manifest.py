@@ -373,12 +373,12 @@ class Manifest:
                 raise IntegrityError(f"{where}: more than {limits.max_chunks} chunk references")
             got = 0
             for cid in f.chunks:
-                size = self.chunks.get(cid)
-                if size is None:
+                csize = self.chunks.get(cid)
+                if csize is None:
                     raise IntegrityError(
                         f"{where}: {f.path}: chunk {cid[:16]} missing from the chunk table"
                     )
-                got += size
+                got += csize
                 used.add(cid)
             if got != f.size:
                 raise IntegrityError(

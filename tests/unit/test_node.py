@@ -22,7 +22,7 @@ def inject(net, node: Node, *msgs) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_join_converges_and_everyone_is_alive() -> None:
-    net, nodes = make_cluster(8)
+    _net, nodes = make_cluster(8)
     for n in nodes:
         assert alive_names(n) == {f"n{i}" for i in range(8)}
     assert all(m.incarnation == 0 for m in nodes[3].members())

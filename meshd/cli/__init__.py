@@ -1,0 +1,1 @@
+"""Command-line entry points: `meshd` and `meshctl` (argument parsing only)."""

@@ -1,0 +1,372 @@
+"""`meshctl`: the operator's client for a node's HTTP API (stdlib only, starts fast).
+
+--api URL (env MESHD_API, default http://127.0.0.1:7789); changes need the node's API token:
+--token-file FILE (the node's <data-dir>/api-token) or env MESHD_API_TOKEN.
+Exit codes: 0 ok, 1 error from meshd or cannot reach it, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn
+
+from meshd import __version__
+
+DEFAULT_API = "http://127.0.0.1:7789"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CtlError(Exception):
+    """A failure to report as one line, with an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def normalize_api(url: str) -> str:
+    url = url.strip().rstrip("/")
+    if not url:
+        raise CtlError("--api: empty URL", EXIT_USAGE)
+    if "://" not in url:
+        url = "http://" + url
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise CtlError(f"--api: not an http URL: {url}", EXIT_USAGE)
+    return url
+
+
+class Client:
+    def __init__(self, api: str, token: str | None, timeout: float = 30.0) -> None:
+        self.api = normalize_api(api)
+        self.token = token
+        self.timeout = timeout
+
+    def _request(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
+    ) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(self.api + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            raise CtlError(self._describe_http_error(e)) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            reason = getattr(e, "reason", e)
+            raise CtlError(f"cannot reach meshd at {self.api}: {reason}") from None
+        try:
+            return json.loads(raw) if raw else {}
+        except ValueError:
+            raise CtlError(f"meshd at {self.api} sent a non-JSON answer") from None
+
+    def _describe_http_error(self, e: urllib.error.HTTPError) -> str:
+        try:
+            doc = json.loads(e.read() or b"{}")
+        except ValueError:
+            doc = {}
+        error = doc.get("error") if isinstance(doc, dict) else None
+        detail = doc.get("detail") if isinstance(doc, dict) else None
+        msg = f"meshd answered {e.code}"
+        if error:
+            msg += f" {error}"
+        if detail:
+            msg += f": {detail}"
+        if e.code in (401, 403):
+            msg += " (give the node's API token: --token-file DATA_DIR/api-token or MESHD_API_TOKEN)"
+        return msg
+
+    def get(self, path: str, query: list[tuple[str, str]] | None = None) -> Any:
+        if query:
+            path += "?" + urllib.parse.urlencode(query)
+        return self._request("GET", path)
+
+    def post(self, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        return self._request("POST", path, body if body is not None else {}, timeout)
+
+    def stream_events(self) -> Iterator[tuple[str, str]]:
+        """Server-sent events as (event, data) pairs until the server closes the stream."""
+        req = urllib.request.Request(
+            self.api + "/v1/events", headers={"Accept": "text/event-stream"}
+        )
+        try:
+            resp = urllib.request.urlopen(req, timeout=60)
+        except urllib.error.HTTPError as e:
+            raise CtlError(self._describe_http_error(e)) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            raise CtlError(f"cannot reach meshd at {self.api}: {getattr(e, 'reason', e)}") from None
+        with resp:
+            event, data = "message", list[str]()
+            for raw in resp:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if not line:
+                    if data:
+                        yield event, "\n".join(data)
+                    event, data = "message", []
+                elif line.startswith(":"):
+                    continue
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].lstrip())
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=False))
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def _tags_text(tags: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(tags.items()))
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_members(c: Client, args: argparse.Namespace) -> int:
+    query: list[tuple[str, str]] = []
+    if args.state:
+        query.append(("state", args.state))
+    if args.site:
+        query.append(("site", args.site))
+    for t in args.tag:
+        if "=" not in t:
+            raise CtlError(f"--tag: expected KEY=VALUE, got {t!r}", EXIT_USAGE)
+        query.append(("tag", t))
+    doc = c.get("/v1/members", query)
+    if args.json:
+        print_json(doc)
+        return 0
+    rows = [
+        [m["name"], m["addr"], m["state"], m["site"], m["health"], _tags_text(m.get("tags", {}))]
+        for m in doc.get("members", [])
+    ]
+    print(table(rows, ["NAME", "ADDRESS", "STATE", "SITE", "HEALTH", "TAGS"]))
+    return 0
+
+
+def cmd_status(c: Client, args: argparse.Namespace) -> int:
+    doc = c.get("/v1/status")
+    if args.json:
+        print_json(doc)
+        return 0
+    m, t = doc.get("members", {}), doc.get("transfer", {})
+    print(f"name:     {doc.get('name')}")
+    print(f"id:       {doc.get('id')}")
+    print(f"cluster:  {doc.get('cluster')}")
+    print(f"site:     {doc.get('site')}")
+    print(f"address:  {doc.get('addr')}" + (f" ({doc['addr_source']})" if doc.get("addr_source")
+                                            else ""))
+    print(f"version:  {doc.get('version')}")
+    print(f"uptime:   {_human_duration(float(doc.get('uptime_s', 0)))}")
+    print("members:  " + ", ".join(f"{m.get(k, 0)} {k}" for k in ("alive", "suspect", "dead",
+                                                                     "left")))
+    print(f"transfer: sent {t.get('sent_bytes', 0)} B, received {t.get('received_bytes', 0)} B, "
+          f"origin {t.get('origin_bytes', 0)} B")
+    return 0
+
+
+def _human_duration(s: float) -> str:
+    s = int(s)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    parts = [f"{days}d"] if days else []
+    if days or hours:
+        parts.append(f"{hours}h")
+    if days or hours or minutes:
+        parts.append(f"{minutes}m")
+    parts.append(f"{s}s")
+    return "".join(parts)
+
+
+def cmd_join(c: Client, args: argparse.Namespace) -> int:
+    doc = c.post("/v1/join", {"addrs": args.addrs}, timeout=max(c.timeout, 60.0))
+    if args.json:
+        print_json(doc)
+    else:
+        print(f"joined through {doc.get('joined', 0)} of {len(args.addrs)} address(es)")
+    return 0
+
+
+def cmd_leave(c: Client, args: argparse.Namespace) -> int:
+    doc = c.post("/v1/leave")
+    if args.json:
+        print_json(doc)
+    else:
+        print("node is leaving the mesh and will stop")
+    return 0
+
+
+def _read_key_arg(args: argparse.Namespace) -> str:
+    if args.key and args.key_file:
+        raise CtlError("give either KEY or --key-file, not both", EXIT_USAGE)
+    if args.key_file:
+        try:
+            with open(args.key_file, encoding="ascii", errors="replace") as f:
+                return f.read(4096).strip()
+        except OSError as e:
+            raise CtlError(f"--key-file {args.key_file}: {e.strerror or e}", EXIT_USAGE) from None
+    if args.key:
+        return str(args.key).strip()
+    raise CtlError(f"keys {args.op} needs a key: KEY (base64) or --key-file FILE", EXIT_USAGE)
+
+
+def cmd_keys(c: Client, args: argparse.Namespace) -> int:
+    if args.op == "list":
+        doc = c.get("/v1/keys")
+    else:
+        doc = c.post("/v1/keys", {"op": args.op, "key": _read_key_arg(args)})
+    if args.json:
+        print_json(doc)
+        return 0
+    if doc.get("insecure"):
+        print("node runs --insecure: no keyring")
+        return 0
+    rows = [[k["id"], "primary" if k.get("primary") else ""] for k in doc.get("keys", [])]
+    print(table(rows, ["KEY ID", "ROLE"]))
+    return 0
+
+
+def cmd_monitor(c: Client, args: argparse.Namespace) -> int:
+    try:
+        for event, data in c.stream_events():
+            if args.json:
+                print(data, flush=True)
+                continue
+            try:
+                doc = json.loads(data)
+                m = doc.get("member", {})
+                line = (f"{time.strftime('%H:%M:%S')} {event} {doc.get('kind')}: "
+                        f"{m.get('name')} {m.get('addr')} {m.get('state')}")
+            except (ValueError, AttributeError):
+                line = f"{time.strftime('%H:%M:%S')} {event}: {data}"
+            print(line, flush=True)
+    except KeyboardInterrupt:
+        return 0
+    except (OSError, TimeoutError) as e:
+        raise CtlError(f"event stream from {c.api} ended: {e}") from None
+    raise CtlError(f"meshd at {c.api} closed the event stream")
+
+
+def cmd_version(c: Client, args: argparse.Namespace) -> int:
+    server: str | None
+    try:
+        server = c.get("/v1/status").get("version")
+    except CtlError:
+        server = None
+    if args.json:
+        print_json({"client": __version__, "server": server})
+    else:
+        print(f"meshctl {__version__}")
+        print(f"meshd   {server}" if server else f"meshd   (not reachable at {c.api})")
+    return 0
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON instead of a table")
+    common.add_argument("--api", default=argparse.SUPPRESS, metavar="URL",
+                        help=f"meshd API (env MESHD_API, default {DEFAULT_API})")
+    common.add_argument("--token-file", default=argparse.SUPPRESS, metavar="FILE",
+                        help="file holding the API token (or env MESHD_API_TOKEN)")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
+                        help="request timeout (default 30)")
+    parser = _Parser(prog="meshctl", parents=[common],
+                     description="meshctl: talk to a meshd node's operator API")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("members", parents=[common], help="list members")
+    p.add_argument("--state", help="only these states (alive, suspect, dead, left; comma list)")
+    p.add_argument("--site", help="only this site")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="only members with this tag; repeatable")
+    sub.add_parser("status", parents=[common], help="this node's status")
+    p = sub.add_parser("join", parents=[common], help="join the mesh through these addresses")
+    p.add_argument("addrs", nargs="+", metavar="HOST:PORT")
+    sub.add_parser("leave", parents=[common], help="leave the mesh gracefully and stop the node")
+    p = sub.add_parser("keys", parents=[common], help="list or rotate the cluster keyring")
+    p.add_argument("op", choices=("list", "install", "use", "remove"))
+    p.add_argument("key", nargs="?", help="base64 key (or --key-file)")
+    p.add_argument("--key-file", metavar="FILE", help="key file made by `meshd keygen cluster`")
+    sub.add_parser("monitor", parents=[common], help="stream member events")
+    sub.add_parser("version", parents=[common], help="client and server versions")
+    return parser
+
+
+COMMANDS = {
+    "members": cmd_members,
+    "status": cmd_status,
+    "join": cmd_join,
+    "leave": cmd_leave,
+    "keys": cmd_keys,
+    "monitor": cmd_monitor,
+    "version": cmd_version,
+}
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    path = getattr(args, "token_file", None)
+    if path:
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                return f.read(4096).strip() or None
+        except OSError as e:
+            raise CtlError(f"--token-file {path}: {e.strerror or e}", EXIT_USAGE) from None
+    return os.environ.get("MESHD_API_TOKEN") or None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.json = getattr(args, "json", False)
+    try:
+        api = getattr(args, "api", None) or os.environ.get("MESHD_API") or DEFAULT_API
+        client = Client(api, _token(args), getattr(args, "timeout", 30.0))
+        return COMMANDS[args.command](client, args)
+    except CtlError as e:
+        print(f"meshctl: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
