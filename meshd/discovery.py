@@ -225,10 +225,13 @@ class Discovery:
         else:
             zc = Zeroconf(ip_version=IPVersion.V4Only)
         self._aiozc = AsyncZeroconf(zc=zc)
-        self._browser = AsyncServiceBrowser(
-            zc, SERVICE_TYPE, handlers=[self._on_service_state_change]
-        )
-        await self._register()
+        self._browser = AsyncServiceBrowser(zc, SERVICE_TYPE, handlers=[self._on_service_state_change])
+        if self.addresses:
+            await self._register()
+
+    async def close(self) -> None:
+        """Alias of stop()."""
+        await self.stop()
 
     async def update(self, addresses: list[str] | None = None, site: str | None = None) -> None:
         """Re-announce after an address or site change."""
@@ -239,7 +242,11 @@ class Discovery:
             self.addresses = list(addresses)
         if site is not None:
             self.site = site
-        if self._info is None or not self.advertising:
+        if not self.addresses:
+            if self.advertising and self._info is not None:
+                await (await self._aiozc.async_unregister_service(self._info))
+                self.advertising = False
+        elif self._info is None or not self.advertising:
             await self._register()
         elif readvertise:
             # A goodbye first, so peers drop the old A records instead of caching both for minutes.
@@ -330,9 +337,7 @@ class Discovery:
             log.error("mDNS: name %r is taken by another node; not advertising", self.name)
             return
         self.advertising = True
-        log.info(
-            "mDNS: advertising %s on %s port %d", self.name, ",".join(self.addresses), self.port
-        )
+        log.info("mDNS: advertising %s on %s port %d", self.name, ",".join(self.addresses), self.port)
 
     def _on_service_state_change(
         self,
@@ -419,9 +424,7 @@ class Discovery:
         elif backoff is not None and backoff.not_before > self._now():
             # Still backing off (gone and back, maybe re-announcing): its timer will offer it.
             if backoff.timer is None and self._loop is not None:
-                backoff.timer = self._loop.call_later(
-                    backoff.not_before - self._now(), self._retry, instance
-                )
+                backoff.timer = self._loop.call_later(backoff.not_before - self._now(), self._retry, instance)
             return
         self._offer(instance)
 
@@ -453,6 +456,110 @@ class Discovery:
             fn(*args)
         except Exception:
             log.exception("mDNS: discovery callback failed")
+
+
+# ---- wiring into the daemon (meshd/daemon.py `_start_discovery` calls `start(daemon)`) --------
+
+
+class DaemonDiscovery:
+    """Discovery bound to a running daemon: joins what it finds and reports the outcome back.
+
+    Uses of the daemon (duck-typed, no import cycle): name, node_id, cluster, site, addr
+    ("host:port"), cfg.mdns_interfaces, members() (MemberView with addr/state), async join(addrs)
+    -> number joined.
+    """
+
+    def __init__(self, daemon: Any) -> None:
+        self.daemon = daemon
+        host, _, port = str(daemon.addr).rpartition(":")
+        host = host.strip("[]")
+        interfaces = [i for i in getattr(daemon.cfg, "mdns_interfaces", []) if _is_ipv4(i)]
+        if len(interfaces) != len(getattr(daemon.cfg, "mdns_interfaces", [])):
+            log.warning("mDNS: only IPv4 interfaces are used; ignoring the others")
+        if getattr(daemon.cfg, "mdns_interfaces", []) and not interfaces:
+            raise ConfigError("--mdns-interface: no IPv4 address given")
+        addresses = [host] if _is_ipv4(host) and not ipaddress.IPv4Address(host).is_unspecified else []
+        if not addresses:
+            log.warning("mDNS: advertise address %s is not IPv4; browsing only", daemon.addr)
+        self.discovery = Discovery(
+            name=daemon.name,
+            node_id=daemon.node_id,
+            cluster=daemon.cluster,
+            site=daemon.site,
+            port=int(port),
+            addresses=addresses,
+            interfaces=interfaces or None,
+            on_peer=self._on_peer,
+            on_gone=self._on_gone,
+        )
+        self._joins: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.discovery.counters
+
+    async def start(self) -> None:
+        await self.discovery.start()
+
+    async def close(self) -> None:
+        for task in list(self._joins.values()):
+            task.cancel()
+        await asyncio.gather(*self._joins.values(), return_exceptions=True)
+        self._joins.clear()
+        await self.discovery.stop()
+
+    def _alive_addrs(self) -> set[str]:
+        alive = set()
+        for m in self.daemon.members():
+            if int(m.state) == 0 and m.name != self.daemon.name:  # MemberState.ALIVE
+                alive.add(m.addr)
+        return alive
+
+    def _on_peer(self, name: str, addr: str, txt: dict[str, str]) -> None:
+        if addr in self._alive_addrs():
+            self.discovery.mark_joined(name)
+            return
+        if name in self._joins:
+            return  # a join with it is already under way
+        self._joins[name] = asyncio.create_task(self._join(name, addr))
+
+    async def _join(self, name: str, addr: str) -> None:
+        try:
+            joined = await self.daemon.join([addr])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("mDNS: join %s at %s failed: %s", name, addr, exc)
+            joined = 0
+        finally:
+            self._joins.pop(name, None)
+        if joined:
+            self.discovery.mark_joined(name)
+            log.info("mDNS: joined %s at %s", name, addr)
+        else:
+            self.discovery.mark_failed(name)
+            log.info(
+                "mDNS: %s at %s did not answer a join; next try in %.0fs",
+                name, addr, self.discovery.retry_delay(name),
+            )  # fmt: skip
+
+    def _on_gone(self, name: str) -> None:
+        log.debug("mDNS: %s withdrew its service", name)
+
+
+async def start(daemon: Any) -> DaemonDiscovery:
+    """The daemon's hook: advertise it, browse, and join same-cluster peers as they appear."""
+    handle = DaemonDiscovery(daemon)
+    await handle.start()
+    return handle
+
+
+def _is_ipv4(addr: str) -> bool:
+    try:
+        ipaddress.IPv4Address(addr)
+    except ValueError:
+        return False
+    return True
 
 
 # ---- a bare agent, for the lab and for debugging: python -m meshd.discovery ------------------

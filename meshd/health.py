@@ -175,7 +175,8 @@ def parse_check(table: Mapping[str, Any], index: int, data_dir: str) -> CheckSpe
     if kind_value is None:
         present = [k for k in _KIND_BY_KEY if k in table]
         if len(present) != 1:
-            raise ConfigError(f"{label}: key 'kind': missing (one of {', '.join(KINDS)})")
+            hint = f"; {' and '.join(present)} leave it open" if present else ""
+            raise ConfigError(f"{label}: key 'kind': missing (one of {', '.join(KINDS)}){hint}")
         kind = _KIND_BY_KEY[present[0]]
     elif isinstance(kind_value, str) and kind_value.replace("-", "_") in KINDS:
         kind = kind_value.replace("-", "_")
@@ -652,8 +653,6 @@ class HealthMonitor:
             result = await asyncio.wait_for(self._execute(spec), spec.timeout + 1.0)
         except TimeoutError:
             result = CheckResult("critical", f"timed out after {spec.timeout:g}s")
-        except asyncio.CancelledError:
-            raise
         except Exception as e:  # a check must never take the monitor down
             log.exception("check %s failed to run", spec.name)
             result = CheckResult("critical", f"check failed to run: {type(e).__name__}: {e}")

@@ -23,6 +23,7 @@ tests/lab and bench/ (load this file by path).
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -44,6 +45,8 @@ DEFAULT_PREFIX = "mdl-"
 REPO = Path(__file__).resolve().parents[1]
 MDNS_PORT = 5353
 MDNS_GROUP = "224.0.0.251"
+MESHD_PORT = 7788
+API_PORT = 7789
 
 
 def _run(argv: Sequence[str], check: bool = True, timeout: float = 30.0) -> str:
@@ -81,7 +84,7 @@ def available() -> tuple[bool, str]:
         return False, "the lab needs root (ip netns)"
     if shutil.which("ip") is None:
         return False, "iproute2 (`ip`) is not installed"
-    probe = "mdl-probe-%d" % os.getpid()
+    probe = f"mdl-probe-{os.getpid()}"
     try:
         _run(["ip", "netns", "add", probe])
     except (LabError, OSError) as exc:
@@ -104,6 +107,7 @@ class Lab:
         self.hosts_per_site = 0
         self.site_rate: str | None = None
         self.cut_sites: set[int] = set()
+        self.python = sys.executable  # lab processes import meshd from REPO with this interpreter
         self._load()
 
     # ---- names and addresses ---------------------------------------------------------------
@@ -239,15 +243,8 @@ class Lab:
 
     def down(self) -> None:
         """Kill every process in the lab namespaces and delete them. Idempotent."""
-        namespaces = self.namespaces()
-        for ns in namespaces:
-            self._kill_ns(ns, signal.SIGTERM)
-        deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline and any(self._ns_pids(ns) for ns in namespaces):
-            time.sleep(0.05)
-        for ns in namespaces:
-            self._kill_ns(ns, signal.SIGKILL)
-        for ns in namespaces:
+        self.kill_all()
+        for ns in self.namespaces():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         left = self.namespaces()
         if left:
@@ -256,6 +253,17 @@ class Lab:
         self.cut_sites = set()
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
+
+    def kill_all(self) -> None:
+        """Kill every process in the lab namespaces (the lab itself stays up)."""
+        namespaces = self.namespaces()
+        for ns in namespaces:
+            self._kill_ns(ns, signal.SIGTERM)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and any(self._ns_pids(ns) for ns in namespaces):
+            time.sleep(0.05)
+        for ns in namespaces:
+            self._kill_ns(ns, signal.SIGKILL)
 
     @staticmethod
     def _ns_pids(ns: str) -> list[int]:
@@ -299,9 +307,7 @@ class Lab:
         self, host: Host | str, argv: Sequence[str], timeout: float = 30.0, check: bool = False
     ) -> subprocess.CompletedProcess[str]:
         """Run a command in a host and wait for it."""
-        proc = subprocess.run(
-            self._argv(host, argv), capture_output=True, text=True, timeout=timeout
-        )
+        proc = subprocess.run(self._argv(host, argv), capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise LabError(f"{host}: {' '.join(argv)}: {proc.stderr.strip()}")
         return proc
@@ -351,6 +357,88 @@ class Lab:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    # ---- meshd on lab hosts (the `meshd run` contract of DESIGN.md) ---------------------------
+
+    def cluster_key_file(self) -> Path:
+        """A cluster key shared by the lab's nodes (base64 of 32 bytes, mode 0600)."""
+        path = self.workdir / "cluster.key"
+        if not path.exists():
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+        return path
+
+    def meshd_argv(
+        self,
+        host: Host | str,
+        cluster: str = "lab",
+        mdns: bool = True,
+        joins: Sequence[str] = (),
+        profile: str = "local",
+        extra: Sequence[str] = (),
+    ) -> list[str]:
+        """`meshd run` for a host: bound to its lab address, API on the host's own loopback."""
+        h = host if isinstance(host, Host) else self.host(host)
+        argv = [
+            self.python, "-c", "import sys; from meshd.cli.meshd import main; sys.exit(main())",
+            "run", "--name", h.name, "--cluster", cluster, "--site", h.site_name,
+            "--bind", f"{h.ip}:{MESHD_PORT}", "--api", f"127.0.0.1:{API_PORT}",
+            "--data-dir", str(self.host_dir(h) / "meshd"), "--profile", profile,
+            "--cluster-key-file", str(self.cluster_key_file()),
+        ]  # fmt: skip
+        argv += ["--mdns-interface", h.ip] if mdns else ["--no-mdns"]
+        for seed in joins:
+            argv += ["--join", seed]
+        return [*argv, *extra]
+
+    def start_meshd(
+        self,
+        host: Host | str,
+        cluster: str = "lab",
+        mdns: bool = True,
+        joins: Sequence[str] = (),
+        profile: str = "local",
+        extra: Sequence[str] = (),
+        fresh: bool = False,
+    ) -> subprocess.Popen[bytes]:
+        """Start `meshd run` in a host; `fresh` wipes its data dir (identity, snapshot) first."""
+        h = host if isinstance(host, Host) else self.host(host)
+        data = self.host_dir(h) / "meshd"
+        if fresh:
+            shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True, exist_ok=True)
+        argv = self.meshd_argv(h, cluster, mdns, joins, profile, extra)
+        return self.popen(h, argv, log=self.host_dir(h) / "meshd.log")
+
+    def api_get(self, host: Host | str, path: str, port: int = API_PORT, timeout: float = 3.0) -> Any:
+        """GET a JSON document from the operator API of a host (None when it does not answer)."""
+        code = (
+            "import sys, urllib.request\n"
+            "try:\n"
+            f"    r = urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout={timeout})\n"
+            "    sys.stdout.write(r.read().decode())\n"
+            "except Exception as e:\n"
+            "    sys.exit(1)\n"
+        )
+        try:
+            proc = self.exec(host, [self.python, "-c", code], timeout=timeout + 5)
+        except subprocess.TimeoutExpired:
+            return None
+        if proc.returncode != 0:
+            return None
+        try:
+            return json.loads(proc.stdout)
+        except ValueError:
+            return None
+
+    def member_states(self, host: Host | str) -> dict[str, str] | None:
+        """name -> state as a host sees the mesh (None when its API does not answer)."""
+        doc = self.api_get(host, "/v1/members")
+        if not isinstance(doc, dict):
+            return None
+        return {m["name"]: m["state"] for m in doc.get("members", [])}
+
     # ---- an independent mDNS stack (avahi) inside a host -------------------------------------
 
     def start_avahi(self, host: Host | str) -> tuple[list[subprocess.Popen[bytes]], dict[str, str]]:
@@ -367,7 +455,7 @@ class Lab:
         with contextlib.suppress(FileNotFoundError):
             bus.unlink()
         (d / "dbus.conf").write_text(
-            "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\"\n"
+            '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"\n'
             ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n'
             "<busconfig><type>system</type>\n"
             f"<listen>unix:path={bus}</listen><auth>EXTERNAL</auth>\n"
@@ -389,9 +477,10 @@ class Lab:
         env = {"DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={bus}"}
         procs = [
             self.popen(
-                h, ["dbus-daemon", "--nofork", "--nopidfile", f"--config-file={d / 'dbus.conf'}"],
+                h,
+                ["dbus-daemon", "--nofork", "--nopidfile", f"--config-file={d / 'dbus.conf'}"],
                 log=d / "dbus.log",
-            )  # fmt: skip
+            )
         ]
         deadline = time.monotonic() + 5
         while not bus.exists():
@@ -418,11 +507,76 @@ class Lab:
             "cut": sorted(self.cut_sites),
             "namespaces": sorted(existing),
             "hosts": [
-                {"name": h.name, "ip": h.ip, "ns": h.ns, "exists": h.ns in existing,
-                 "procs": len(self._ns_pids(h.ns)) if h.ns in existing else 0}
+                {
+                    "name": h.name,
+                    "ip": h.ip,
+                    "ns": h.ns,
+                    "exists": h.ns in existing,
+                    "procs": len(self._ns_pids(h.ns)) if h.ns in existing else 0,
+                }
                 for h in self.hosts()
-            ],  # fmt: skip
+            ],
         }
+
+
+# ---- helpers for tests and benchmarks -----------------------------------------------------------
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, interval: float = 0.25, what: str = "") -> Any:
+    """Poll `cond` until it returns something truthy; TimeoutError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what or cond}")
+        time.sleep(interval)
+
+
+class DiscoveryAgent:
+    """`python -m meshd.discovery` (mDNS only, no membership) in a host; collects its JSON events."""
+
+    def __init__(self, lab: Lab, host: Host | str, cluster: str, site: str | None = None) -> None:
+        self.lab = lab
+        self.host = host if isinstance(host, Host) else lab.host(host)
+        self.name = self.host.name
+        argv = [
+            lab.python, "-m", "meshd.discovery", "--name", self.name, "--id", f"id-{self.name}",
+            "--cluster", cluster, "--site", site or self.host.site_name,
+            "--address", self.host.ip, "--interface", self.host.ip, "--port", str(MESHD_PORT),
+        ]  # fmt: skip
+        self.started = time.monotonic()
+        self.proc = lab.popen(self.host, argv, stdout=subprocess.PIPE)
+        self.events: list[dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            event["t"] = time.monotonic() - self.started
+            self.events.append(event)
+
+    def peers(self) -> set[str]:
+        return {e["name"] for e in list(self.events) if e["event"] == "peer"}
+
+    def gone(self) -> set[str]:
+        return {e["name"] for e in list(self.events) if e["event"] == "gone"}
+
+    def stop(self) -> dict[str, int]:
+        """Stop gracefully (mDNS goodbye) and return the agent's counters."""
+        if self.proc.poll() is None:
+            self.lab.kill(self.proc, signal.SIGTERM)
+        self._reader.join(timeout=5)
+        for e in reversed(self.events):
+            if e["event"] == "stopped":
+                return dict(e["counters"])
+        return {}
 
 
 # ---- mDNS packet capture (passive, AF_PACKET) --------------------------------------------------
@@ -472,9 +626,7 @@ class MdnsSniffer:
         return self.result()
 
     def result(self) -> MdnsSeen:
-        return MdnsSeen(
-            dict(self._counts), {k: sorted(v) for k, v in self._sources.items()}, self._total
-        )
+        return MdnsSeen(dict(self._counts), {k: sorted(v) for k, v in self._sources.items()}, self._total)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -51,7 +51,20 @@ from meshd.core.messages import (
     Ping,
     PushNodeState,
     PushPull,
+    Query,
+    QueryFilter,
+    QueryResponse,
+    Relay,
     Suspect,
+)
+from meshd.core.query import (
+    QueryAction,
+    QueryEngine,
+    QueryLimits,
+    QueryOutbound,
+    QueryResult,
+    expected_members,
+    split_meta,
 )
 from meshd.core.suspicion import Suspicion, suspicion_timeout
 from meshd.errors import AuthError, DecodeError, MeshError
@@ -59,7 +72,7 @@ from meshd.errors import AuthError, DecodeError, MeshError
 log = logging.getLogger("meshd.node")
 
 EventKind = Literal["join", "update", "suspect", "alive", "dead", "left", "reap", "keyring"]
-StreamKind = Literal["join", "push_pull", "reconnect", "tcp_ping", "gossip"]
+StreamKind = Literal["join", "push_pull", "reconnect", "tcp_ping", "gossip", "query"]
 
 
 @dataclass(frozen=True)
@@ -159,6 +172,9 @@ DEAD_STATES = (MemberState.DEAD, MemberState.LEFT)
 # A compound body's array header grows from 1 to 3 bytes past 15 parts; budget for the worst.
 COMPOUND_HEADER_MAX = 3
 MAX_SEEN_KEYOPS = 256
+# A datagram body may not decompress past this (a key holder could otherwise inflate 64 KiB
+# into megabytes); big news goes over TCP anyway.
+MAX_DATAGRAM_BODY = 1 << 20
 
 
 class Node:
@@ -199,6 +215,9 @@ class Node:
         self._out_datagrams: list[tuple[bytes, str]] = []
         self._out_streams: list[StreamRequest] = []
         self._out_events: list[MemberEvent] = []
+        self._out_queries: list[QueryAction] = []
+        self.queries = QueryEngine(name, addr, rng, QueryLimits(
+            udp_response_size=config.packet_budget - codec.overhead - COMPOUND_HEADER_MAX - 64))
 
         self._me = _Member(name, node_id, addr, incarnation, MemberState.ALIVE,
                            dict(meta or {}), now)
@@ -248,9 +267,17 @@ class Node:
         out, self._out_events = self._out_events, []
         return out
 
+    def queries_to_answer(self) -> list[QueryAction]:
+        """Queries this node must answer: run the handler, then call respond_query."""
+        out, self._out_queries = self._out_queries, []
+        return out
+
+    def query_results(self) -> list[QueryResult]:
+        return self.queries.results()
+
     def get_timer(self) -> float:
         t = self._timers
-        deadline = min(t.probe, t.gossip, t.push_pull, t.reconnect, t.reap)
+        deadline = min(t.probe, t.gossip, t.push_pull, t.reconnect, t.reap, self.queries.get_timer())
         p = self._probe
         if p is not None and not p.acked:
             deadline = min(deadline, p.end if p.indirect_done else p.ack_deadline)
@@ -290,7 +317,31 @@ class Node:
         self._me.meta = dict(meta)
         self._me.incarnation += 1
         self._queue_alive(self._me)
-        self._emit("update", self._me)
+        self._emit("update", self._me, now)
+
+    def ask(
+        self,
+        name: str,
+        payload: bytes,
+        filters: QueryFilter,
+        timeout: float,
+        relay_factor: int,
+        now: float,
+    ) -> int:
+        """Start a gossip query; its QueryResult comes out of query_results()."""
+        alive = [(m.name, *split_meta(m.meta)) for m in self._members.values()
+                 if m.state == MemberState.ALIVE]
+        expected = expected_members(filters, alive)
+        qid = self.queries.originate(name, payload, filters, timeout, relay_factor, expected, now)
+        msg = self.queries.query_message(qid)
+        if msg is not None:
+            self._handle_query(msg, now)
+        return qid
+
+    def respond_query(self, action: QueryAction, payload: bytes, now: float) -> None:
+        relays = [(m.name, m.addr) for m in self._members.values()
+                  if m.state == MemberState.ALIVE and m is not self._me]
+        self._send_query_out(self.queries.respond(action, payload, relays, now))
 
     def key_op(self, op: str, key: bytes, now: float) -> None:
         """Apply a keyring change here and spread it through the mesh."""
@@ -301,7 +352,7 @@ class Node:
 
     def receive_datagram(self, data: bytes, addr: str, now: float) -> None:
         try:
-            msgs = self.codec.unpack(data)
+            msgs = self.codec.unpack(data, max_size=MAX_DATAGRAM_BODY)
         except DecodeError as e:
             self._count_drop(e)
             return
@@ -372,6 +423,7 @@ class Node:
                 self._send(r.origin_addr, [wire.encode_message(Nack(r.origin_seq))])
         for name in [n for n, s in self._suspicions.items() if now >= s.deadline]:
             self._suspicion_expired(name, now)
+        self.queries.handle_timer(now)
         if now >= t.probe:
             self._start_probe(now)
         if now >= t.gossip:
@@ -411,6 +463,12 @@ class Node:
             self._merge(msg.states, now)  # only valid over TCP, but harmless
         elif isinstance(msg, KeyOp):
             self._handle_keyop(msg, now)
+        elif isinstance(msg, Query):
+            self._handle_query(msg, now)
+        elif isinstance(msg, QueryResponse):
+            self.queries.on_response(msg, now)
+        elif isinstance(msg, Relay):
+            self._send_query_out(self.queries.on_relay(msg, now))
 
     def _count_drop(self, e: MeshError) -> None:
         kind = "auth" if isinstance(e, AuthError) else "decode"
@@ -535,7 +593,7 @@ class Node:
             self._members[msg.name] = m
             self._insert_probe_target(msg.name)
             self._queue_alive(m)
-            self._emit("join", m)
+            self._emit("join", m, now)
             return
         if msg.node_id != m.node_id:
             # Same name, another identity: only allowed to take over a member that is gone.
@@ -555,11 +613,11 @@ class Node:
         self._queue_alive(m)
         if old_state in DEAD_STATES:
             self._insert_probe_target(m.name)
-            self._emit("join", m)
+            self._emit("join", m, now)
         elif old_state == MemberState.SUSPECT:
-            self._emit("alive", m)
+            self._emit("alive", m, now)
         elif old_meta != m.meta or old_addr != m.addr:
-            self._emit("update", m)
+            self._emit("update", m, now)
 
     def _suspect(self, msg: Suspect, now: float) -> None:
         m = self._members.get(msg.name)
@@ -587,7 +645,7 @@ class Node:
         max_t = self.config.suspicion_max_timeout_mult * min_t
         self._suspicions[m.name] = Suspicion(msg.source, k, min_t, max_t, now)
         self.broadcasts.queue("m:" + m.name, wire.encode_message(msg))
-        self._emit("suspect", m)
+        self._emit("suspect", m, now)
 
     def _suspicion_expired(self, name: str, now: float) -> None:
         s = self._suspicions.pop(name)
@@ -614,7 +672,7 @@ class Node:
         m.state = MemberState.LEFT if msg.source == msg.name else MemberState.DEAD
         m.state_change = now
         self.broadcasts.queue("m:" + m.name, wire.encode_message(msg))
-        self._emit("left" if m.state == MemberState.LEFT else "dead", m)
+        self._emit("left" if m.state == MemberState.LEFT else "dead", m, now)
 
     def _refute(self, accused: int, now: float) -> None:
         me = self._me
@@ -631,8 +689,31 @@ class Node:
         # Random position, so a new member is not always probed last (memberlist).
         self._probe_order.insert(self.rng.randint(0, len(self._probe_order)), name)
 
-    def _emit(self, kind: EventKind, m: _Member) -> None:
+    def _emit(self, kind: EventKind, m: _Member, now: float) -> None:
+        if kind in ("dead", "left"):
+            self.queries.member_down(m.name, now)
         self._out_events.append(MemberEvent(kind, m.view()))
+
+    # --- queries -------------------------------------------------------------------------------
+
+    def _handle_query(self, msg: Query, now: float) -> None:
+        site, tags = split_meta(self._me.meta)
+        action = self.queries.on_query(msg, site, tags, now)
+        if action.rebroadcast:
+            self.broadcasts.queue(f"q:{msg.ltime}:{msg.id}", wire.encode_message(msg))
+        if action.respond:
+            self._out_queries.append(action)
+
+    def _send_query_out(self, out: list[QueryOutbound]) -> None:
+        for o in out:
+            data = wire.encode_message(o.message)
+            if o.via_stream:
+                # Answers bigger than a packet arrive whole over TCP.
+                sid = self._new_stream(_Stream("query"))
+                self._out_streams.append(
+                    StreamRequest(sid, o.addr, self.codec.pack([data]), self.config.tcp_timeout, "query"))
+            else:
+                self._send(o.addr, [data])
 
     # --- keyring -------------------------------------------------------------------------------
 
@@ -657,7 +738,7 @@ class Node:
             self.counters.inc("keyring.failed")
             log.warning("key operation %s failed: %s", msg.op, e)
         else:
-            self._emit("keyring", self._me)
+            self._emit("keyring", self._me, now)
         self.broadcasts.queue(f"k:{msg.op_id}", wire.encode_message(msg))
 
     # --- gossip and anti-entropy ---------------------------------------------------------------
@@ -751,7 +832,7 @@ class Node:
         for name in [n for n, m in self._members.items()
                      if m.state in DEAD_STATES and m.state_change < horizon and n != self.name]:
             m = self._members.pop(name)
-            self._emit("reap", m)
+            self._emit("reap", m, now)
 
     def _merge(self, states: list[PushNodeState], now: float) -> None:
         for s in states:

@@ -437,10 +437,13 @@ class QueryEngine:
         """The local handler's answer: messages to send (none when answering ourselves or late).
 
         `relays` are (name, addr) of alive members; up to the query's relay factor of them are
-        picked at random (never this node or the origin). ValueError when the payload is bigger
-        than `max_response_size` (the handler runner bounds its output below that).
+        picked at random (never this node or the origin). ValueError when the action did not
+        ask for an answer, or the payload is bigger than `max_response_size` (the handler runner
+        bounds its output below that).
         """
         query = action.query
+        if not action.respond:
+            raise ValueError(f"this node does not answer query {query.id} ({action.verdict.value})")
         if len(payload) > self.limits.max_response_size:
             raise ValueError(f"answer of {len(payload)} bytes, more than {self.limits.max_response_size}")
         if now > action.deadline:

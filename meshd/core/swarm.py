@@ -162,6 +162,14 @@ class Swarm:
         self._have_bytes = sum(self._sizes[i] for i in held)
         self._total_bytes = sum(self._sizes)
         self._peers: dict[str, _Peer] = {}
+        # Holder counts kept incrementally (partial peers per chunk, complete peers apart), so
+        # one input costs about the chunks it touches, not chunks x peers.
+        n = len(self._ids)
+        self._avail = [0] * n
+        self._site_avail = [0] * n
+        self._n_complete = 0
+        self._n_site_complete = 0
+        self._order: list[int] | None = None  # missing chunks, rarest first (cached)
         self._banned: set[str] = set()
         self._origin = _Peer(ORIGIN, "", False, None)
         self._requests: dict[int, _Request] = {}
@@ -219,9 +227,11 @@ class Swarm:
                 return False
         p = self._peers.get(peer)
         if p is None:
-            self._peers[peer] = _Peer(peer, site, same_site, have)
+            p = self._peers[peer] = _Peer(peer, site, same_site, have)
         else:
+            self._count(p, -1)
             p.site, p.same_site, p.have = site, same_site, have
+        self._count(p, +1)
         self._schedule(now)
         return True
 
@@ -229,6 +239,7 @@ class Swarm:
         """A peer left or died: forget it, requeue what it was serving."""
         p = self._peers.pop(peer, None)
         if p is not None:
+            self._count(p, -1)
             self._drop_requests(p)
         self._schedule(now)
 
@@ -281,6 +292,7 @@ class Swarm:
             idx = self._index.get(cid)
             if idx is not None and idx not in self._missing:
                 self._missing.add(idx)
+                self._order = None
                 self._have_bytes -= self._sizes[idx]
                 self._complete_announced = False
         self._schedule(now)
@@ -423,8 +435,28 @@ class Swarm:
         self._banned.add(peer_id)
         self.counters["bans"] += 1
         if peer is not None:
+            self._count(peer, -1)
             self._drop_requests(peer)
         self._out_events.append(SwarmEvent("peer_banned", peer_id, why))
+
+    def _count(self, p: _Peer, sign: int) -> None:
+        self._order = None
+        if p.have is None:
+            self._n_complete += sign
+            if p.same_site:
+                self._n_site_complete += sign
+            return
+        for i in p.have:
+            self._avail[i] += sign
+            if p.same_site:
+                self._site_avail[i] += sign
+
+    def _ordered(self) -> list[int]:
+        if self._order is None:
+            tb = self._tiebreak
+            av = self._avail
+            self._order = sorted(self._missing, key=lambda i: (av[i], tb[i]))
+        return self._order
 
     def _refill(self, now: float) -> None:
         if self.config.rate_limit is None:
@@ -478,21 +510,28 @@ class Swarm:
                 self._out_events.append(SwarmEvent("complete"))
             return
         ready = [p for p in self._peers.values() if p.cooldown_until <= now]
-        todo = [i for i in self._missing if i not in self._inflight]
-        # Origin clock: chunks no ready peer can serve.
-        for idx in todo:
-            if any(p.has(idx) for p in ready):
-                self._unavailable_since.pop(idx, None)
-            else:
-                self._unavailable_since.setdefault(idx, now)
-        for idx in list(self._unavailable_since):
-            if idx not in self._missing or idx in self._inflight:
-                del self._unavailable_since[idx]
-        blocked = self._schedule_peers(ready, todo, now)
+        cooling = [p for p in self._peers.values() if p.cooldown_until > now]
+        if self.config.origin_enabled:
+            self._origin_clock(cooling, now)
+        blocked = self._schedule_peers(ready, cooling, now)
         if not blocked:
             blocked = self._schedule_origin(now)
         if not blocked:
             self._schedule_endgame(ready, now)
+
+    def _origin_clock(self, cooling: list[_Peer], now: float) -> None:
+        """Start the origin delay for chunks no ready peer can serve; stop it for the others."""
+        for idx in self._missing:
+            if idx in self._inflight:
+                self._unavailable_since.pop(idx, None)
+                continue
+            holders = self._n_complete + self._avail[idx]
+            if holders and cooling:
+                holders -= sum(1 for q in cooling if q.has(idx))
+            if holders > 0:
+                self._unavailable_since.pop(idx, None)
+            else:
+                self._unavailable_since.setdefault(idx, now)
 
     def _free(self, p: _Peer, open_pieces: int) -> bool:
         cfg = self.config
@@ -500,33 +539,37 @@ class Swarm:
             return False
         return len(p.outstanding) < cfg.max_requests_per_peer
 
-    def _schedule_peers(self, ready: list[_Peer], todo: list[int], now: float) -> bool:
+    def _schedule_peers(self, ready: list[_Peer], cooling: list[_Peer], now: float) -> bool:
         """Normal pass: rarest first, same site first, batched. True if the bucket blocked."""
         cfg = self.config
-        if not ready or not todo:
+        total_free = cfg.max_requests_total - len(self._requests)
+        slots = {p.id: cfg.max_requests_per_peer - len(p.outstanding) for p in ready}
+        live = [p for p in ready if slots[p.id] > 0]
+        if not live or total_free <= 0:
             return False
-        count = dict.fromkeys(todo, 0)
-        for p in self._peers.values():
-            for idx in todo:
-                if p.has(idx):
-                    count[idx] += 1
-        order = sorted(
-            (i for i in todo if count[i] > 0), key=lambda i: (count[i], self._tiebreak[i])
-        )
+        cooling_site = [q for q in cooling if q.same_site]
         open_: dict[str, list[int]] = {}
         open_size: dict[str, int] = {}
-        peer_rank = {p.id: self._rng.random() for p in ready}
+        rank = {p.id: self._rng.random() for p in live}
 
         def close(p: _Peer) -> bool:
             chunks = open_.pop(p.id)
             open_size.pop(p.id)
             return self._issue(p, chunks, now, False)
 
-        for idx in order:
-            holders = [p for p in ready if p.has(idx)]
-            local = [p for p in holders if p.same_site]
-            if local:
-                holders = local
+        for idx in self._ordered():
+            if not live:
+                break
+            if idx in self._inflight or idx not in self._missing:
+                continue
+            if self._avail[idx] + self._n_complete == 0:
+                continue  # nobody has it: the origin's business
+            site_ready = self._n_site_complete + self._site_avail[idx]
+            if site_ready and cooling_site:
+                site_ready -= sum(1 for q in cooling_site if q.has(idx))
+            holders = [p for p in live if p.has(idx) and (p.same_site or site_ready <= 0)]
+            if not holders:
+                continue
             size = self._sizes[idx]
             best: _Peer | None = None
             for p in holders:
@@ -534,27 +577,26 @@ class Swarm:
                 if fits and (best is None or open_size[p.id] > open_size[best.id]):
                     best = p
             if best is None:
-                free = [
-                    p
-                    for p in holders
-                    if p.id not in open_ and self._free(p, len(open_))
-                ]
-                if not free:
-                    # A holder whose open piece is full may start another one.
-                    full = [p for p in holders if p.id in open_]
-                    for p in full:
-                        if not close(p):
-                            return True
-                    free = [p for p in holders if self._free(p, len(open_))]
-                    if not free:
-                        continue
-                best = min(free, key=lambda p: (len(p.outstanding), peer_rank[p.id]))
+                able = [p for p in holders if slots[p.id] > 0] if total_free > 0 else []
+                if not able:
+                    continue
+                best = min(able, key=lambda p: (len(p.outstanding), rank[p.id]))
+                if best.id in open_ and not close(best):  # its open piece is full
+                    return True
                 open_[best.id] = []
                 open_size[best.id] = 0
+                slots[best.id] -= 1
+                total_free -= 1
             open_[best.id].append(idx)
             open_size[best.id] += size
-            if open_size[best.id] >= cfg.piece_target and not close(best):
-                return True
+            if open_size[best.id] >= cfg.piece_target:
+                if not close(best):
+                    return True
+            else:
+                continue
+            live = [p for p in live if slots[p.id] > 0 or p.id in open_]
+            if total_free <= 0:
+                live = [p for p in live if p.id in open_]
         return any(not close(self._peers[pid]) for pid in list(open_))
 
     def _schedule_origin(self, now: float) -> bool:
@@ -589,9 +631,7 @@ class Swarm:
             self._unavailable_since.pop(idx, None)
         if not self._origin_announced:
             self._origin_announced = True
-            self._out_events.append(
-                SwarmEvent("origin_fallback", ORIGIN, f"{len(piece)} chunks no peer has")
-            )
+            self._out_events.append(SwarmEvent("origin_fallback", ORIGIN, f"{len(piece)} chunks no peer has"))
         return True
 
     def _schedule_endgame(self, ready: list[_Peer], now: float) -> None:
@@ -608,7 +648,11 @@ class Swarm:
             cands = [
                 i
                 for i in self._missing
-                if p.has(i) and i not in mine and len(self._inflight.get(i, ())) < cfg.endgame_copies
+                if p.has(i)
+                and i not in mine
+                and len(self._inflight.get(i, ())) < cfg.endgame_copies
+                # same site first holds in the endgame too: no WAN copy of a LAN chunk
+                and (p.same_site or not any(q.same_site and q.has(i) for q in ready))
             ]
             if not cands:
                 continue
@@ -620,5 +664,7 @@ class Swarm:
                     break
                 piece.append(idx)
                 size += self._sizes[idx]
+                if size >= cfg.piece_target:
+                    break
             if not self._issue(p, piece, now, True):
                 return

@@ -180,6 +180,13 @@ class Releases:
         base = self.base(manifest.name)
         final = base / manifest.version
         if final.is_dir():
+            installed = self.release_id(manifest.name, manifest.version)
+            if installed is not None and installed != manifest.release_id:
+                raise ActivationError(
+                    f"{manifest.name} {manifest.version} is already installed with other content "
+                    f"(release {installed[:16]}, not {manifest.release_id[:16]}); "
+                    "publish a new version instead"
+                )
             return final
         base.mkdir(parents=True, exist_ok=True)
         tmp = base / f"{TEMP_PREFIX}{manifest.version}-{secrets.token_hex(4)}"
@@ -197,9 +204,7 @@ class Releases:
             if isinstance(e, OSError):
                 full = e.errno in (errno.ENOSPC, errno.EDQUOT)
                 why = "disk full" if full else (e.strerror or str(e))
-                raise ActivationError(
-                    f"cannot materialise {manifest.name} {manifest.version}: {why}"
-                ) from e
+                raise ActivationError(f"cannot materialise {manifest.name} {manifest.version}: {why}") from e
             raise
         return final
 
@@ -268,9 +273,7 @@ class Releases:
         path = self.materialise(manifest)
         previous = self.current(name)
         if previous == version:
-            return ActivationResult(
-                name, version, path, previous, False, [], self.referenced_chunks()
-            )
+            return ActivationResult(name, version, path, previous, False, [], self.referenced_chunks())
         if self.hook:
             pending = orjson.dumps({"version": version, "previous": previous})
             atomic_write(self._pending_path(name), pending, fsync=self.fsync, what="pending")
@@ -281,15 +284,11 @@ class Releases:
                 self._switch(name, previous)
                 self._pending_path(name).unlink(missing_ok=True)
                 back = f"rolled back to {previous}" if previous else "no version is current"
-                raise ActivationError(
-                    f"activation hook for {name} {version} failed: {failure}; {back}"
-                )
+                raise ActivationError(f"activation hook for {name} {version} failed: {failure}; {back}")
             self._pending_path(name).unlink(missing_ok=True)
         self._write_meta(name, version, manifest.release_id, self._next_seq(name))
         retired = self.retire(name)
-        return ActivationResult(
-            name, version, path, previous, True, retired, self.referenced_chunks()
-        )
+        return ActivationResult(name, version, path, previous, True, retired, self.referenced_chunks())
 
     def _hook_env(self, manifest: Manifest, path: Path, previous: str | None) -> dict[str, str]:
         env = dict(os.environ if self.env is None else self.env)

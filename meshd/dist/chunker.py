@@ -46,7 +46,6 @@ MODE_MASK = 0o777
 ID_LEN = 64  # hex chars of a 32-byte BLAKE3 digest
 
 
-
 class PublishError(MeshError):
     """A path that cannot be published (symlink, special file, unreadable, bad name)."""
 
@@ -91,11 +90,7 @@ def chunk_id(data: bytes | bytearray | memoryview) -> str:
 
 
 def is_chunk_id(value: object) -> bool:
-    return (
-        isinstance(value, str)
-        and len(value) == ID_LEN
-        and all(c in "0123456789abcdef" for c in value)
-    )
+    return isinstance(value, str) and len(value) == ID_LEN and all(c in "0123456789abcdef" for c in value)
 
 
 def encode_chunk(data: bytes | bytearray | memoryview) -> bytes:
@@ -124,9 +119,7 @@ def decode_chunk(stored: bytes | bytearray | memoryview, max_size: int = MAX_SIZ
         if size > max_size:
             raise IntegrityError(f"lz4 chunk claims {size} bytes, limit {max_size}")
         try:
-            out = lz4.block.decompress(
-                view[HEADER_SIZE + LZ4_SIZE_PREFIX :], uncompressed_size=size
-            )
+            out = lz4.block.decompress(view[HEADER_SIZE + LZ4_SIZE_PREFIX :], uncompressed_size=size)
         except lz4.block.LZ4BlockError as e:
             raise IntegrityError(f"corrupt lz4 chunk: {e}") from e
         if len(out) != size:
@@ -208,9 +201,7 @@ def walk(root: Path) -> Iterator[tuple[Path, str]]:
             path = Path(entry.path)
             mode = entry.stat(follow_symlinks=False).st_mode
             if stat.S_ISLNK(mode):
-                raise PublishError(
-                    f"{path}: symlinks are refused (a link could point out of the release)"
-                )
+                raise PublishError(f"{path}: symlinks are refused (a link could point out of the release)")
             if stat.S_ISDIR(mode):
                 stack.append(path)
             elif stat.S_ISREG(mode):

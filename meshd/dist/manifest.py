@@ -251,8 +251,7 @@ class Manifest:
             "version": version,
             "target": {"site": site, "tags": dict(tags or {})},
             "files": [
-                {"path": f.path, "mode": f.mode, "size": f.size, "chunks": list(f.chunks)}
-                for f in tree.files
+                {"path": f.path, "mode": f.mode, "size": f.size, "chunks": list(f.chunks)} for f in tree.files
             ],
             "chunks": dict(tree.chunk_sizes),
             "total_size": tree.total_size,
@@ -309,15 +308,11 @@ class Manifest:
         key, sig = self.signature
         if key not in trusted_set:
             why = "no publisher key is trusted" if not trusted_set else "key not trusted"
-            raise IntegrityError(
-                f"release {self.name} {self.version}: signed by {_b64(key)} ({why})"
-            )
+            raise IntegrityError(f"release {self.name} {self.version}: signed by {_b64(key)} ({why})")
         try:
             nacl.signing.VerifyKey(key).verify(self._canonical, sig)
         except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError) as e:
-            raise IntegrityError(
-                f"release {self.name} {self.version}: bad signature by {_b64(key)}"
-            ) from e
+            raise IntegrityError(f"release {self.name} {self.version}: bad signature by {_b64(key)}") from e
         self.check(limits)
 
     def check(self, limits: Limits = DEFAULT_LIMITS) -> None:
@@ -375,9 +370,7 @@ class Manifest:
             for cid in f.chunks:
                 csize = self.chunks.get(cid)
                 if csize is None:
-                    raise IntegrityError(
-                        f"{where}: {f.path}: chunk {cid[:16]} missing from the chunk table"
-                    )
+                    raise IntegrityError(f"{where}: {f.path}: chunk {cid[:16]} missing from the chunk table")
                 got += csize
                 used.add(cid)
             if got != f.size:
@@ -386,9 +379,7 @@ class Manifest:
                 )
             total += f.size
         if used != set(self.chunks):
-            raise IntegrityError(
-                f"{where}: chunk table lists {len(set(self.chunks) - used)} unused chunks"
-            )
+            raise IntegrityError(f"{where}: chunk table lists {len(set(self.chunks) - used)} unused chunks")
         if total != self.total_size:
             raise IntegrityError(f"{where}: files add up to {total}, total_size {self.total_size}")
         for p in paths:  # a file may not also be a directory of another file

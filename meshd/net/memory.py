@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from meshd import wire
 from meshd.core.config import ProtocolConfig
 from meshd.core.node import MemberEvent, Node, StreamRequest
+from meshd.core.query import QueryAction
+
+QueryHandler = Callable[[Node, QueryAction], bytes]
 
 
 @dataclass
@@ -56,6 +59,7 @@ class MemoryNetwork:
         self.stats = NetStats()
         self.events: list[tuple[float, str, MemberEvent]] = []
         self.record_events = True
+        self.query_handler: QueryHandler | None = None  # plays the shell's handler runner
         self._heap: list[_Event] = []
         self._seq = 0
         self._timer_at: dict[str, float] = {}
@@ -139,6 +143,10 @@ class MemoryNetwork:
     def _flush(self, node: Node) -> None:
         """Carry out what the node asked for and re-arm its timer."""
         src = node.addr
+        handler = self.query_handler
+        for action in node.queries_to_answer():
+            if handler is not None:
+                node.respond_query(action, handler(node, action), self.now)
         for data, dst in node.datagrams_to_send():
             self._send_datagram(src, dst, data)
         for req in node.streams_to_open():

@@ -38,6 +38,9 @@ class Seen:
         self.gone.append(name)
         self._changed.set()
 
+    def offered(self, n: int) -> Callable[[], bool]:
+        return lambda: len(self.peers) == n
+
     async def until(self, cond: Callable[[], bool], timeout: float = WAIT) -> None:
         async def loop() -> None:
             while not cond():
@@ -77,7 +80,7 @@ async def test_two_nodes_find_each_other_ignore_other_cluster_and_notice_goodbye
     try:
         await a_seen.until(lambda: any(p[0] == b.name for p in a_seen.peers))
         await b_seen.until(lambda: any(p[0] == a.name for p in b_seen.peers))
-        name, addr, txt = next(p for p in a_seen.peers if p[0] == b.name)
+        _, addr, txt = next(p for p in a_seen.peers if p[0] == b.name)
         assert addr == f"{LO}:17002"
         assert txt == {"id": b.node_id, "cluster": cluster, "site": "lo", "v": str(PROTOCOL_VERSION)}
         # The other cluster is seen (counted) but never offered, and nobody offers itself.
@@ -106,7 +109,7 @@ async def test_failed_peer_is_offered_again_with_exponential_backoff() -> None:
             # base * 2^(n-1), capped, with +-20 % jitter: never a tight loop.
             expected = min(0.5, 0.1 * 2 ** (failures - 1))
             assert 0.8 * expected - 0.01 <= a.retry_delay(b.name) <= 1.2 * expected
-            await a_seen.until(lambda n=failures: len(a_seen.peers) == n + 1)
+            await a_seen.until(a_seen.offered(failures + 1))
         assert a.counters["retries"] == 4
         assert [p[0] for p in a_seen.peers] == [b.name] * 5
 

@@ -74,8 +74,9 @@ def test_canonical_bytes_are_sorted_json(manifest: Manifest) -> None:
 
 
 def test_release_id_changes_with_content(manifest: Manifest, tmp_path: Path) -> None:
-    other = Manifest.build("gateway-agent", "4.2.1", chunk_tree(make_tree(tmp_path / "x")),
-                           created=1_700_000_000.0)
+    other = Manifest.build(
+        "gateway-agent", "4.2.1", chunk_tree(make_tree(tmp_path / "x")), created=1_700_000_000.0
+    )
     assert other.release_id != manifest.release_id
     assert len(manifest.release_id) == 64
 
@@ -177,11 +178,7 @@ EDITS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     ),
     "dup file": (lambda b: b["files"].append(dict(b["files"][-1])), "sorted or duplicated"),
     "bad mode": (lambda b: b["files"][0].__setitem__("mode", 0o4755), "mode"),
-    "no files": (
-        lambda b: (b.__setitem__("files", []), b.__setitem__("chunks", {}),
-                   b.__setitem__("total_size", 0)),
-        "no files",
-    ),
+    "no files": (lambda b: b.update(files=[], chunks={}, total_size=0), "no files"),
     "hash alg": (lambda b: b.__setitem__("hash", "md5"), "hash algorithm"),
     "format": (lambda b: b.__setitem__("format", 2), "format"),
     "name with slash": (lambda b: b.__setitem__("name", "../etc"), "name must match"),
@@ -208,8 +205,7 @@ def test_signed_but_inconsistent_manifests_are_refused(manifest: Manifest, case:
 
 @pytest.mark.parametrize(
     "path",
-    ["", "/etc/passwd", "../x", "a/../../x", "a/./b", "a//b", "a/", "a\x00b", "..", ".",
-     "x/" + "y" * 300],
+    ["", "/etc/passwd", "../x", "a/../../x", "a/./b", "a//b", "a/", "a\x00b", "..", ".", "x/" + "y" * 300],
 )
 def test_escaping_paths_are_refused(manifest: Manifest, path: str) -> None:
     raw = orjson.loads(manifest.to_bytes())

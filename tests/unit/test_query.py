@@ -216,6 +216,9 @@ def test_every_verdict_acts_as_the_table_says() -> None:
     assert ON_QUERY[Verdict.NO_MATCH] == (True, False)  # non-matching nodes still relay
     assert ON_QUERY[Verdict.DUPLICATE] == (False, False)
     assert b.counters["query.match"] == 1 and b.counters["query.too_old"] == 1
+    not_ours = b.on_query(ask(origin, None, filters=QueryFilter(site="s9")), "s1", {}, 1.0)
+    with pytest.raises(ValueError, match="does not answer"):
+        b.respond(not_ours, b"x", [], 1.0)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,399 @@
+#!/usr/bin/env python3
+"""Discovery benchmark in the network-namespace lab: meshd against `serf agent -discover`.
+
+Run as root from the repository:  sudo python bench/bench_discovery.py [--reps 3] [--profile lan]
+
+Measured, side by side in one run, with the same timing preset for both systems:
+
+- site formation: three fresh processes started in one site with mDNS and no seeds; time from
+  the first process start until every one of them has logged the join of the two others
+  (meshd `member join: X`, serf `EventMemberJoin: X`; lines are timestamped as they arrive);
+- heal: two sites of three, merged by one seed; the site-2 uplink is cut; time until each side
+  lists the other dead (serf: failed), then, after the link returns, time until all six list all
+  six alive, with no operator action.
+
+serf runs from Debian's package (`serf agent -discover=<cluster> -iface eth0`, mDNS service
+`_serf_<cluster>._tcp`), meshd as `meshd run --mdns-interface <lab ip>`. Everything stays in
+lab namespaces (198.18.0.0/15); a packet socket on the root namespace counts mDNS on the
+machine's real interfaces during the run, which must stay 0. Results: a table on stdout and in
+bench/results/discovery.md. The lab (prefix `mdb-`) is always torn down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "discovery.md"
+SERF_PORT = 7946
+SERF_RPC = "127.0.0.1:7373"
+
+
+def _load_lab() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("meshd_lab", REPO / "scripts" / "lab.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["meshd_lab"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+lm = _load_lab()
+
+
+@dataclass
+class Proc:
+    """A process in a lab host whose output lines are timestamped on arrival."""
+
+    host: str
+    popen: subprocess.Popen[bytes]
+    lines: list[tuple[float, str]] = field(default_factory=list)
+
+    def start_reader(self) -> None:
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in self.popen.stdout:
+            self.lines.append((time.monotonic(), raw.decode(errors="replace").rstrip()))
+
+
+class System:
+    """How to start one system in a lab host and read its member list."""
+
+    name = ""
+    join_re: re.Pattern[str]
+
+    def __init__(self, lab: Any, cluster: str, profile: str) -> None:
+        self.lab = lab
+        self.cluster = cluster
+        self.profile = profile
+        self.procs: dict[str, Proc] = {}
+
+    def argv(self, host: Any, seeds: list[str]) -> list[str]:
+        raise NotImplementedError
+
+    def seed_addr(self, host: Any) -> str:
+        raise NotImplementedError
+
+    def prepare(self, host: Any) -> None:
+        shutil.rmtree(self.lab.host_dir(host) / self.name, ignore_errors=True)
+
+    def start(self, host_name: str, seeds: list[str] | None = None) -> Proc:
+        host = self.lab.host(host_name)
+        self.prepare(host)
+        popen = self.lab.popen(host, self.argv(host, seeds or []), stdout=subprocess.PIPE)
+        proc = Proc(host_name, popen)
+        proc.start_reader()
+        self.procs[host_name] = proc
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            self.lab.kill(proc.popen, signal.SIGKILL)
+        self.procs.clear()
+        self.lab.kill_all()
+
+    def joined_at(self, host: str, peers: set[str]) -> float | None:
+        """Arrival time of the line that completed `peers` on `host`, or None."""
+        missing = set(peers)
+        for t, line in list(self.procs[host].lines):
+            m = self.join_re.search(line)
+            if m:
+                missing.discard(m.group(1))
+                if not missing:
+                    return t
+        return None
+
+    def view(self, host: str) -> dict[str, str] | None:
+        raise NotImplementedError
+
+    def views(self, hosts: list[str]) -> dict[str, dict[str, str] | None]:
+        with ThreadPoolExecutor(len(hosts)) as pool:
+            return dict(zip(hosts, pool.map(self.view, hosts), strict=True))
+
+
+class Meshd(System):
+    name = "meshd"
+    join_re = re.compile(r"member join: (\S+)")
+
+    def argv(self, host: Any, seeds: list[str]) -> list[str]:
+        return self.lab.meshd_argv(host, cluster=self.cluster, profile=self.profile, joins=seeds)
+
+    def prepare(self, host: Any) -> None:
+        shutil.rmtree(self.lab.host_dir(host) / "meshd", ignore_errors=True)
+        (self.lab.host_dir(host) / "meshd").mkdir(parents=True)
+
+    def seed_addr(self, host: Any) -> str:
+        return f"{host.ip}:{lm.MESHD_PORT}"
+
+    def view(self, host: str) -> dict[str, str] | None:
+        return self.lab.member_states(host)
+
+
+class Serf(System):
+    name = "serf"
+    join_re = re.compile(r"EventMemberJoin: (\S+)")
+
+    def argv(self, host: Any, seeds: list[str]) -> list[str]:
+        argv = [
+            "serf", "agent", "-node", host.name, "-bind", f"{host.ip}:{SERF_PORT}",
+            "-rpc-addr", SERF_RPC, "-discover", self.cluster, "-iface", host.ifname,
+            "-profile", self.profile, "-log-level", "info",
+        ]  # fmt: skip
+        for seed in seeds:
+            argv += ["-retry-join", seed, "-retry-interval", "1s"]
+        return argv
+
+    def seed_addr(self, host: Any) -> str:
+        return f"{host.ip}:{SERF_PORT}"
+
+    def view(self, host: str) -> dict[str, str] | None:
+        try:
+            proc = self.lab.exec(
+                host, ["serf", "members", "-rpc-addr", SERF_RPC, "-format", "json"], timeout=5
+            )
+        except subprocess.TimeoutExpired:
+            return None
+        if proc.returncode != 0:
+            return None
+        try:
+            members = json.loads(proc.stdout)["members"]
+        except (ValueError, KeyError):
+            return None
+        states = {"alive": "alive", "failed": "dead", "left": "left", "leaving": "left"}
+        return {m["name"]: states.get(m["status"], m["status"]) for m in members}
+
+
+def _poll(
+    system: System, hosts: list[str], cond: Callable[[dict[str, Any]], bool], timeout: float
+) -> float | None:
+    """Seconds until cond(views) holds, polling every 0.25 s; None on timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond(system.views(hosts)):
+            return time.monotonic() - t0
+        time.sleep(0.25)
+    return None
+
+
+def _alive(view: dict[str, str] | None) -> set[str]:
+    return {n for n, s in (view or {}).items() if s == "alive"}
+
+
+def bench_site_formation(system: System, timeout: float) -> tuple[float | None, float | None]:
+    """(time until the first peer is seen anywhere, time until the site is complete)."""
+    lab = system.lab
+    hosts = [h.name for h in lab.hosts(1)]
+    system.stop_all()
+    t0 = time.monotonic()
+    for h in hosts:
+        system.start(h)
+    deadline = t0 + timeout
+    done: dict[str, float] = {}
+    while time.monotonic() < deadline and len(done) < len(hosts):
+        for h in hosts:
+            if h not in done:
+                t = system.joined_at(h, set(hosts) - {h})
+                if t is not None:
+                    done[h] = t
+        time.sleep(0.05)
+    firsts = [t for h in hosts for (t, line) in list(system.procs[h].lines) if system.join_re.search(line)]
+    first = min(firsts) - t0 if firsts else None
+    complete = max(done.values()) - t0 if len(done) == len(hosts) else None
+    if complete is not None:
+        # Cross-check the logs against the member lists.
+        ok = _poll(system, hosts, lambda v: all(_alive(x) == set(hosts) for x in v.values()), 15)
+        if ok is None:
+            complete = None
+    system.stop_all()
+    return first, complete
+
+
+@dataclass
+class Heal:
+    formed: float | None = None
+    detect: float | None = None
+    heal: float | None = None
+
+
+def bench_heal(system: System, form_timeout: float, heal_timeout: float) -> Heal:
+    lab = system.lab
+    hosts = [h.name for h in lab.hosts()]
+    everyone = set(hosts)
+    result = Heal()
+    system.stop_all()
+    seed = system.seed_addr(lab.host("s2h1"))
+    for h in hosts:
+        system.start(h, seeds=[seed] if h == "s1h1" else [])
+    result.formed = _poll(
+        system, hosts, lambda v: all(_alive(x) == everyone for x in v.values()), form_timeout
+    )
+    if result.formed is None:
+        system.stop_all()
+        return result
+
+    def split(views: dict[str, dict[str, str] | None]) -> bool:
+        for h, view in views.items():
+            other = {n for n in hosts if n[:2] != h[:2]}
+            if view is None or any(view.get(n) != "dead" for n in other):
+                return False
+        return True
+
+    lab.cut(2)
+    try:
+        result.detect = _poll(system, hosts, split, heal_timeout)
+    finally:
+        lab.restore(2)
+    if result.detect is not None:
+        result.heal = _poll(
+            system, hosts, lambda v: all(_alive(x) == everyone for x in v.values()), heal_timeout
+        )
+    system.stop_all()
+    return result
+
+
+def _fmt(x: float | None, timeout: float | None = None) -> str:
+    if x is None:
+        return f"> {timeout:.0f} s" if timeout else "n/a"
+    return f"{x:.2f} s"
+
+
+def _med(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return statistics.median(vals) if len(vals) == len(xs) and vals else None
+
+
+def render(
+    args: argparse.Namespace,
+    formation: dict[str, list[tuple[float | None, float | None]]],
+    heal: dict[str, Heal],
+    leaks: int,
+    env: dict[str, str],
+) -> str:
+    lines = [
+        "# Discovery: meshd vs serf in the namespace lab",
+        "",
+        f"Run {env['date']} on {env['host']} (kernel {env['kernel']}, {env['cpus']} CPUs), "
+        f"{env['serf']}, Python {env['python']}; profile `{args.profile}` for both systems; "
+        f"{args.reps} repetition(s) of site formation, median shown (all values in brackets).",
+        "",
+        "Lab: `scripts/lab.py` (network namespaces, a bridge per site, one router, 198.18.0.0/15, "
+        "IPv6 off). Site formation: 3 fresh processes in one site, mDNS only, no seeds; time from "
+        "the first process start until all three logged the two others' joins (cross-checked "
+        "against the member lists). Heal: 2 sites x 3, one seed; cut the site-2 uplink, then restore.",
+        "",
+        "| measure | meshd | serf |",
+        "|---|---|---|",
+    ]
+    med = {s: (_med([f for f, _ in formation[s]]), _med([c for _, c in formation[s]])) for s in formation}
+    all_c = {s: ", ".join(_fmt(c, args.timeout) for _, c in formation[s]) for s in formation}
+    lines.append(
+        f"| first peer seen after start (median) | {_fmt(med['meshd'][0])} | {_fmt(med['serf'][0])} |"
+    )
+    lines.append(
+        f"| 3-host site complete after start (median) | {_fmt(med['meshd'][1])} | {_fmt(med['serf'][1])} |"
+    )
+    lines.append(f"| site complete, every run | {all_c['meshd']} | {all_c['serf']} |")
+    if heal:
+        m, s = heal["meshd"], heal["serf"]
+        lines += [
+            f"| 2x3 mesh formed through one seed | {_fmt(m.formed)} | {_fmt(s.formed)} |",
+            f"| cut: each side sees the other dead | {_fmt(m.detect, args.heal_timeout)} | "
+            f"{_fmt(s.detect, args.heal_timeout)} |",
+            f"| restore: whole mesh alive again | {_fmt(m.heal, args.heal_timeout)} | "
+            f"{_fmt(s.heal, args.heal_timeout)} |",
+        ]
+    lines += [
+        "",
+        f"mDNS packets seen on the machine's real interfaces during the run: **{leaks}**.",
+        "",
+        "Notes: meshd's start includes the Python interpreter and imports; serf is a static Go binary. "
+        "meshd polls its operator API, serf `serf members`, every 0.25 s for the heal figures. "
+        "Serf reconnects to failed members every 30 s (its `reconnect_interval`); meshd's heal "
+        "goal is 60 s after the link returns.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--profile", choices=["lan", "wan", "local"], default="lan")
+    parser.add_argument("--timeout", type=float, default=60.0, help="bound on site formation, s")
+    parser.add_argument("--heal-timeout", type=float, default=120.0, help="bound on detect/heal, s")
+    parser.add_argument("--no-heal", action="store_true", help="site formation only")
+    parser.add_argument("--python", default=sys.executable, help="interpreter that runs meshd")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    ok, why = lm.available()
+    if not ok:
+        print(f"bench_discovery: {why}", file=sys.stderr)
+        return 2
+    if shutil.which("serf") is None:
+        print("bench_discovery: serf is not installed (apt-get install serf)", file=sys.stderr)
+        return 2
+
+    lab = lm.Lab("mdb-")
+    lab.python = args.python
+    serf_version = subprocess.run(["serf", "version"], capture_output=True, text=True).stdout
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpus": str(os.cpu_count()),
+        "serf": "serf " + (serf_version.split()[1] if len(serf_version.split()) > 1 else "?"),
+        "python": platform.python_version(),
+    }
+    formation: dict[str, list[tuple[float | None, float | None]]] = {"meshd": [], "serf": []}
+    heal: dict[str, Heal] = {}
+    sniffer = lm.MdnsSniffer()
+    try:
+        with sniffer:
+            lab.up(sites=2, hosts=3)
+            systems = [Meshd(lab, "bench", args.profile), Serf(lab, "bench", args.profile)]
+            for rep in range(args.reps):
+                for system in systems if rep % 2 == 0 else systems[::-1]:
+                    first, complete = bench_site_formation(system, args.timeout)
+                    formation[system.name].append((first, complete))
+                    print(f"formation rep {rep + 1} {system.name:5}: first {_fmt(first)}, "
+                          f"complete {_fmt(complete, args.timeout)}", flush=True)  # fmt: skip
+            if not args.no_heal:
+                for system in systems:
+                    heal[system.name] = h = bench_heal(system, args.timeout, args.heal_timeout)
+                    print(f"heal {system.name:5}: formed {_fmt(h.formed)}, detect {_fmt(h.detect)}, "
+                          f"heal {_fmt(h.heal)}", flush=True)  # fmt: skip
+    finally:
+        lab.down()
+    leaks = sniffer.result().mdns_total
+    report = render(args, formation, heal, leaks, env)
+    print()
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(f"written to {args.out}")
+    return 0 if leaks == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Several real nodes on loopback: join, kill -9, SIGTERM leave, rejoin from the snapshot,
+key rotation through meshctl, a node with the wrong key kept out, and the CLI/API against them."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import Mesh, NodeProc
+
+pytestmark = pytest.mark.integration
+
+
+def all_alive(nodes: list[NodeProc], names: set[str]) -> bool:
+    for n in nodes:
+        states = n.states()
+        if {k for k, v in states.items() if v == "alive"} != names:
+            return False
+    return True
+
+
+def snapshot_peers(n: NodeProc) -> set[str]:
+    try:
+        doc = json.loads((n.data_dir / "peers.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    return {p["name"] for p in doc.get("peers", [])}
+
+
+@pytest.mark.timeout(150)
+def test_membership_lifecycle(mesh: Mesh) -> None:
+    seed = mesh.node("n1").start()
+    others = [mesh.node(f"n{i}").start(join=[seed.addr]) for i in range(2, 5)]
+    nodes = [seed, *others]
+    names = {n.name for n in nodes}
+    mesh.wait_until("every node sees every other alive", lambda: all_alive(nodes, names), 30)
+    for n in nodes:
+        assert n.status_code("/readyz") == 200
+    status = seed.get("/v1/status")
+    assert status["members"]["alive"] == 4
+    assert status["addr"] == seed.addr and status["cluster"] == "itest"
+
+    n2, n3, n4 = others
+    # kill -9: the others detect the failure and mark it dead.
+    mesh.wait_until("n4 snapshot of its peers", lambda: snapshot_peers(n4) >= {"n1", "n2", "n3"},
+                    15)
+    n4.signal(signal.SIGKILL)
+    n4.wait_exit()
+    rest = [seed, n2, n3]
+    mesh.wait_until("n4 seen dead by all", lambda: all(n.states().get("n4") == "dead"
+                                                       for n in rest), 45)
+
+    # SIGTERM: a graceful leave; the others list it as left, the process exits 0.
+    n3.signal(signal.SIGTERM)
+    assert n3.wait_exit() == 0
+    mesh.wait_until("n3 seen left", lambda: all(n.states().get("n3") == "left"
+                                                for n in (seed, n2)), 20)
+
+    # Restart the killed node with no --join: it rejoins from its peer snapshot.
+    n4.start()
+    mesh.wait_until("n4 alive again everywhere",
+                    lambda: all(n.states().get("n4") == "alive" for n in (seed, n2, n4)), 30)
+    assert n4.states().get("n1") == "alive" and n4.states().get("n2") == "alive"
+    assert n4.status_code("/readyz") == 200
+
+
+@pytest.mark.timeout(150)
+def test_key_rotation_and_wrong_key(mesh: Mesh) -> None:
+    seed = mesh.node("k1").start()
+    k2 = mesh.node("k2").start(join=[seed.addr])
+    k3 = mesh.node("k3").start(join=[seed.addr])
+    nodes = [seed, k2, k3]
+    names = {"k1", "k2", "k3"}
+    mesh.wait_until("mesh formed", lambda: all_alive(nodes, names), 30)
+
+    new_key = mesh.keygen("new.key")
+
+    def key_ids(n: NodeProc) -> tuple[list[str], str | None]:
+        doc = n.get("/v1/keys")
+        return [k["id"] for k in doc["keys"]], doc["primary"]
+
+    old_ids, old_primary = key_ids(seed)
+    assert len(old_ids) == 1 and old_primary == old_ids[0]
+
+    # Without the token meshctl fails clearly.
+    r = seed.meshctl("keys", "install", "--key-file", str(new_key))
+    assert r.returncode == 1 and "401" in r.stderr
+
+    r = seed.meshctl("keys", "install", "--key-file", str(new_key), "--json", token=True)
+    assert r.returncode == 0, r.stderr
+    new_id = next(k["id"] for k in json.loads(r.stdout)["keys"] if k["id"] != old_primary)
+    mesh.wait_until("new key installed everywhere",
+                    lambda: all(len(key_ids(n)[0]) == 2 for n in nodes), 20)
+
+    r = k2.meshctl("keys", "use", "--key-file", str(new_key), token=True)
+    assert r.returncode == 0, r.stderr
+    mesh.wait_until("new key primary everywhere",
+                    lambda: all(key_ids(n)[1] == new_id for n in nodes), 20)
+
+    old_key = mesh.key_file
+    r = k3.meshctl("keys", "remove", "--key-file", str(old_key), token=True)
+    assert r.returncode == 0, r.stderr
+    mesh.wait_until("old key removed everywhere",
+                    lambda: all(key_ids(n) == ([new_id], new_id) for n in nodes), 20)
+    # Rotation survives a restart: the keyring lives in the data dir.
+    assert new_id in json.dumps(k3.get("/v1/keys"))
+    time.sleep(1.5)  # a few probe rounds under the new key
+    assert all_alive(nodes, names), "rotation must not cost a member"
+
+    # A node with the old (removed) key, and one with a key of its own, are kept out.
+    stale = mesh.node("stale", key_file=old_key).start(join=[seed.addr])
+    other_key = mesh.keygen("other.key")
+    stranger = mesh.node("stranger", key_file=other_key).start(join=[seed.addr])
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        for n in nodes:
+            view = n.states()
+            assert "stale" not in view and "stranger" not in view, view
+        time.sleep(0.3)
+    assert set(stale.states()) == {"stale"}
+    assert stranger.status_code("/readyz") == 503
+    # Their packets were refused and counted, not raised.
+    m = re.search(r"^meshd_drops_auth_total (\d+)$", seed.text("/metrics"), re.M)
+    assert m is not None and int(m.group(1)) > 0
+    assert all_alive(nodes, names)
+
+
+@pytest.mark.timeout(90)
+def test_cli_against_a_node(mesh: Mesh) -> None:
+    a = mesh.node("c1").start(extra=["--site", "north", "--tag", "role=edge"])
+    b = mesh.node("c2").start(extra=["--site", "south"])
+    # join through meshctl (token needed), then filters and JSON output
+    r = b.meshctl("join", a.addr, token=True)
+    assert r.returncode == 0, r.stderr
+    mesh.wait_until("c1 and c2 see each other", lambda: all_alive([a, b], {"c1", "c2"}), 20)
+    r = b.meshctl("members", "--site", "north", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert [m["name"] for m in doc["members"]] == ["c1"]
+    assert doc["members"][0]["tags"] == {"role": "edge"}
+    r = b.meshctl("members", "--tag", "role=edge")
+    assert r.returncode == 0
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["NAME", "ADDRESS", "STATE"]
+    assert len(lines) == 2 and lines[1].split()[0] == "c1"
+    r = a.meshctl("status", "--json")
+    assert json.loads(r.stdout)["site"] == "north"
+    # leave through the API: the node leaves and exits 0; the other sees it left
+    r = a.meshctl("leave", token=True)
+    assert r.returncode == 0, r.stderr
+    assert a.wait_exit() == 0
+    mesh.wait_until("c1 seen left", lambda: b.states().get("c1") == "left", 15)
+    # a node that is not there: a clear message and exit 1
+    r = a.meshctl("members")
+    assert r.returncode == 1 and "cannot reach meshd" in r.stderr
+
+
+def test_insecure_refused_off_loopback(mesh: Mesh) -> None:
+    r = mesh.run_meshd("run", "--insecure", "--bind", "0.0.0.0:7788", "--no-mdns",
+                       "--data-dir", str(mesh.root / "x"))
+    assert r.returncode == 2
+    assert "--insecure" in r.stderr and "loopback" in r.stderr
+
+
+def test_insecure_node_on_loopback(mesh: Mesh) -> None:
+    n = mesh.node("i1", insecure=True).start(extra=["--insecure"])
+    assert n.get("/v1/keys")["insecure"] is True
+    assert n.status_code("/readyz") == 200
+    n.signal(signal.SIGTERM)
+    assert n.wait_exit() == 0

@@ -1,0 +1,180 @@
+"""Chunk store: layout, verification on write and read, bit rot, full disk, gc, manifests."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from meshd.dist import store as store_mod
+from meshd.dist.chunker import FLAG_LZ4, chunk_id, encode_chunk
+from meshd.dist.store import ChunkStore, StoreError
+from meshd.errors import IntegrityError, MeshError
+
+TEXT = b"the gateway chunk store " * 400
+NOISE = random.Random(7).randbytes(40_000)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ChunkStore:
+    return ChunkStore(tmp_path / "data")
+
+
+def tree_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_layout_and_roundtrip(store: ChunkStore) -> None:
+    cid = chunk_id(TEXT)
+    assert not store.has(cid)
+    assert store.put(cid, encode_chunk(TEXT)) == len(TEXT)
+    path = store.root / "chunks" / cid[:2] / cid[2:]
+    assert path.is_file()
+    assert path.read_bytes()[0] == FLAG_LZ4  # stored compressed, with its header byte
+    assert store.has(cid)
+    assert store.get(cid) == TEXT
+    assert store.get_stored(cid) == encode_chunk(TEXT)
+    assert list(store.ids()) == [cid]
+
+
+def test_put_data_and_missing(store: ChunkStore) -> None:
+    a = store.put_data(TEXT)
+    b = chunk_id(NOISE)
+    assert a == chunk_id(TEXT)
+    assert store.missing([b, a, b]) == [b]
+    assert store.get(a) == TEXT
+
+
+def test_put_rejects_wrong_bytes_and_writes_nothing(store: ChunkStore) -> None:
+    cid = chunk_id(TEXT)
+    with pytest.raises(IntegrityError, match="wrong bytes"):
+        store.put(cid, encode_chunk(NOISE))
+    assert not store.has(cid)
+    assert tree_files(store.root / "chunks") == []
+    assert store.counters["chunks.rejected"] == 1
+
+
+def test_put_rejects_malformed_stored_form(store: ChunkStore) -> None:
+    cid = chunk_id(TEXT)
+    with pytest.raises(IntegrityError):
+        store.put(cid, b"\x01\xff\xff\xff\x7f garbage")
+    assert not store.has(cid)
+
+
+def test_bad_ids_are_refused(store: ChunkStore) -> None:
+    for bad in ["../../etc/passwd", "AB" * 32, "ab" * 31, ""]:
+        with pytest.raises(IntegrityError):
+            store.has(bad)
+
+
+def test_bit_rot_is_detected_and_the_chunk_dropped(store: ChunkStore) -> None:
+    cid = store.put_data(NOISE)
+    path = store.path_for(cid)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one flipped bit
+    path.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="damaged"):
+        store.get(cid)
+    assert not store.has(cid)  # so the caller fetches it again
+    assert store.counters["chunks.damaged"] == 1
+    with pytest.raises(KeyError):
+        store.get(cid)
+
+
+def test_truncated_chunk_is_damaged_too(store: ChunkStore) -> None:
+    cid = store.put_data(TEXT)
+    path = store.path_for(cid)
+    path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(IntegrityError):
+        store.get_stored(cid)
+    assert store.missing([cid]) == [cid]
+
+
+def test_full_disk_gives_store_error_and_leaves_no_temp(
+    store: ChunkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = store.put_data(TEXT)
+    real_write = os.write
+
+    def full(fd: int, data: bytes | memoryview) -> int:
+        if len(data) > 10:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(store_mod.os, "write", full)
+    cid = chunk_id(NOISE)
+    with pytest.raises(StoreError, match="disk full") as info:
+        store.put(cid, encode_chunk(NOISE))
+    assert isinstance(info.value, MeshError)
+    monkeypatch.undo()
+    assert not store.has(cid)
+    files = tree_files(store.root / "chunks")
+    assert files == [f"{good[:2]}/{good[2:]}"]  # no temp file, the old chunk intact
+    assert store.get(good) == TEXT
+    assert store.put(cid, encode_chunk(NOISE)) == len(NOISE)  # works once space is back
+
+
+def test_failed_rename_cleans_temp(store: ChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(src: str, dst: object) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(store_mod.os, "replace", broken)
+    with pytest.raises(StoreError, match="I/O error"):
+        store.put_data(TEXT)
+    monkeypatch.undo()
+    assert tree_files(store.root / "chunks") == []
+
+
+def test_full_disk_on_fsync(store: ChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod.os, "fsync", full)
+    with pytest.raises(StoreError, match="disk full"):
+        store.put_manifest("ab" * 32, b"{}")
+    monkeypatch.undo()
+    assert not store.has_manifest("ab" * 32)
+    assert tree_files(store.root / "manifests") == []
+
+
+def test_clean_temp_after_crash(store: ChunkStore) -> None:
+    cid = store.put_data(TEXT)
+    (store.path_for(cid).parent / ".tmp-abc").write_bytes(b"partial")
+    (store.root / "manifests" / ".tmp-x").write_bytes(b"partial")
+    assert store.clean_temp() == 2
+    assert list(store.ids()) == [cid]
+
+
+def test_gc_keeps_only_the_kept(store: ChunkStore) -> None:
+    ids = [store.put_data(bytes([i]) * 1000) for i in range(6)]
+    removed = store.gc(set(ids[:2]))
+    assert removed == 4
+    assert sorted(store.ids()) == sorted(ids[:2])
+    assert all(store.has(c) for c in ids[:2])
+    assert not any(store.has(c) for c in ids[2:])
+
+
+def test_manifests(store: ChunkStore) -> None:
+    rid = "cd" * 32
+    store.put_manifest(rid, b'{"x":1}')
+    assert store.has_manifest(rid)
+    assert store.get_manifest(rid) == b'{"x":1}'
+    assert store.manifests() == [rid]
+    store.delete_manifest(rid)
+    assert store.manifests() == []
+    with pytest.raises(KeyError):
+        store.get_manifest(rid)
+    with pytest.raises(IntegrityError):
+        store.put_manifest("../x", b"")
+
+
+def test_reopen_sees_the_same_chunks(tmp_path: Path) -> None:
+    """Resume: verified chunks persist across restarts."""
+    a = ChunkStore(tmp_path)
+    cid = a.put_data(NOISE)
+    b = ChunkStore(tmp_path)
+    assert b.has(cid) and b.get(cid) == NOISE
+    assert b.size_bytes() == len(encode_chunk(NOISE))
