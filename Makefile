@@ -1,5 +1,6 @@
 # `make run`: a 3-node demo mesh on loopback.  `make test`: ruff + mypy + the whole test suite.
 # Both set up .venv themselves (re-installed only when pyproject.toml changes).
+# `python -m pytest` puts the repo root on sys.path (tests import tests.conftest).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -21,7 +22,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -30,10 +31,10 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/python -m pytest -q tests/unit
 
 integration: $(STAMP)
-	$(BIN)/pytest -q tests/integration
+	$(BIN)/python -m pytest -q tests/integration
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

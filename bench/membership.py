@@ -266,12 +266,12 @@ def parse_prometheus(text: str) -> dict[str, float]:
 
 
 def pick_byte_counters(metrics: dict[str, float]) -> dict[str, float]:
-    """The gossip byte counters of a meshd /metrics page (names holding 'bytes' and in/out/sent)."""
+    """The sent-bytes counters of a meshd /metrics page (names holding 'bytes' and out/sent/tx)."""
     return {
         k: v
         for k, v in metrics.items()
         if "bytes" in k
-        and any(w in k for w in ("out", "in_", "sent", "recv", "received", "tx", "rx"))
+        and any(w in k for w in ("_out", "sent", "_tx"))
         and "transfer" not in k
         and "origin" not in k
     }
@@ -768,6 +768,7 @@ async def poll_until(
         if time.monotonic() > deadline:
             missing = [system.name(i) for i in nodes if i not in seen]
             raise BenchError(f"{system.label}: timed out after {timeout:.0f}s; not yet: {', '.join(missing)}")
+        check_running(system, [i for i in nodes if i not in seen], "while being polled")
         tick = time.monotonic()
         await asyncio.gather(*(one(i) for i in nodes if i not in seen))
         await asyncio.sleep(max(0.0, interval - (time.monotonic() - tick)))
@@ -787,6 +788,20 @@ async def wait_ready(system: System, nodes: Sequence[int], timeout: float) -> No
             names = ", ".join(system.name(i) for i in sorted(pending))
             raise BenchError(f"{system.label}: not ready after {timeout:.0f}s: {names}")
         await asyncio.sleep(0.1)
+
+
+def check_running(system: System, nodes: Iterable[int], phase: str) -> None:
+    """Fail loudly when a node died on its own (a crash, or a signal from something else)."""
+    for i in nodes:
+        proc = system.procs[i]
+        if not proc.alive():
+            raise BenchError(
+                f"{system.name(i)} exited with code {proc.popen.returncode} {phase}; log tail:\n{proc.tail()}"
+            )
+
+
+def listed_dead(name: str, dead_states: frozenset[str]) -> Callable[[dict[str, str]], bool]:
+    return lambda view: view.get(name) in dead_states
 
 
 def all_alive(names: Iterable[str], alive: str) -> Callable[[dict[str, str]], bool]:
@@ -850,9 +865,8 @@ async def run_system(system: System, args: argparse.Namespace) -> Result:
     names = [system.name(i) for i in base_nodes]
     await poll_until(system, base_nodes, all_alive(names, alive), args.start_timeout, 0.25, t0)
     res.converge_s = time.monotonic() - t0
-    log(
-        f"{system.label}: {len(base_nodes)} nodes up in {res.startup_s:.1f}s, converged {res.converge_s:.1f}s later"
-    )
+    up, conv = res.startup_s, res.converge_s
+    log(f"{system.label}: {len(base_nodes)} nodes up in {up:.1f}s, all listed alive {conv:.1f}s later")
 
     # --- joins
     members = list(base_nodes)
@@ -888,6 +902,7 @@ async def run_system(system: System, args: argparse.Namespace) -> Result:
     log(f"{system.label}: counting gossip bytes for {window:.0f}s")
     await asyncio.sleep(window)
     res.bw_seconds = counter.stop()
+    check_running(system, members, "before the end of the steady window")
     cpu_after = {i: group_cpu_s(system.procs[i].pid) for i in members}
     m_after = {i: await system.metrics(i) for i in members}
     res.bw_udp, res.bw_tcp = counter.udp_bytes, counter.tcp_bytes
@@ -912,14 +927,14 @@ async def run_system(system: System, args: argparse.Namespace) -> Result:
     survivors = list(members)
     for victim in victims:
         await asyncio.sleep(args.settle)
+        check_running(system, survivors, "before a kill")
         survivors.remove(victim)
         vname = system.name(victim)
         t0 = time.monotonic()
         system.procs[victim].kill_group(signal.SIGKILL)
         seen = await poll_until(
-            system, survivors, lambda view, v=vname: view.get(v) in system.dead_states,
-            args.event_timeout, args.poll, t0,
-        )  # fmt: skip
+            system, survivors, listed_dead(vname, system.dead_states), args.event_timeout, args.poll, t0
+        )
         res.kills.append(max(seen.values()))
         res.kill_first.append(min(seen.values()))
         log(f"{system.label}: kill -9 of {vname} seen by all {len(survivors)} in {res.kills[-1]:.2f}s")
@@ -972,102 +987,147 @@ def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
 
+def _mib(kb: float | None) -> float | None:
+    return None if kb is None else kb / 1024
+
+
+METHOD = """\
+Method (`bench/README.md` has more):
+
+- **Join**: {base} nodes start (one seed, the others joining it) and converge. Then each measured node
+  starts alone; once its API answers it is told to join the seed (meshd `POST /v1/join`, serf RPC
+  `join`, which is what `serf join` does). The clock starts just before that call. Every member's list
+  (meshd `GET /v1/members`, serf RPC `members`) is polled every {poll_ms:.0f} ms until it lists the new
+  node alive; a member that has is not polled again. Each join grows the cluster by one, the last one
+  to {nodes}. The figures are upper bounds, late by at most one polling interval plus one request.
+- **Failure detection**: SIGKILL to the process group of a non-seed member; the clock starts at the
+  signal. The survivors are polled until each lists the victim `dead` (meshd) or `failed` (serf).
+  Each kill shrinks the cluster by one.
+- **Memory**: VmRSS from /proc/PID/status, summed over the node's process group, read at the end of
+  the steady window.
+- **Bandwidth**: no polling during the window. A packet socket (AF_PACKET) on `lo` counts each
+  loopback packet once (its outgoing copy) when it is UDP from a gossip port, or TCP to or from one
+  (push-pull, TCP fallback pings), by its IPv4 total length (IP and UDP/TCP headers included).
+  The total is divided by the node count and the window length. The window starts one push-pull
+  interval after the last node started and lasts one interval (30 s lan, 15 s local), so it holds
+  one periodic push-pull per node; `--quick` counts 10 s without that warm-up.
+- **CPU**: utime + stime of the node's processes over the steady window.
+- **Verdicts**: "no slower" allows one polling interval of slack; 60 MB is decimal (57.2 MiB), checked
+  against the largest node.
+"""
+
+
 def render(results: list[tuple[Result, Result]], args: argparse.Namespace, env: dict[str, str]) -> str:
+    crypto = (
+        "both encrypted with the same 32-byte key"
+        if args.encrypt
+        else "both unencrypted (meshd --insecure, serf without -encrypt)"
+    )
     out = [
         "# Membership: meshd against HashiCorp Serf",
         "",
-        f"Generated by `bench/membership.py` on {env['date']} ({env['host']}: {env['cpus']} CPUs, "
-        f"{env['kernel']}, Python {env['python']}, serf {env['serf']}). "
+        f"Generated by `{env['cmd']}` on {env['date']} ({env['cpus']} CPUs, Linux {env['kernel']}, "
+        f"Python {env['python']}, Debian serf {env['serf']}; load average {env['load']} at the start). "
         f"{args.nodes} nodes per system on 127.0.0.1, one system after the other in the same run; "
-        f"{'both encrypted with the same 32-byte key' if args.encrypt else 'both unencrypted (meshd --insecure, serf without -encrypt)'}; "
-        f"meshd with --no-mdns. Command: `{env['cmd']}`.",
+        f"{crypto}; meshd with --no-mdns.",
         "",
     ]
     for m, s in results:
-        prof = m.profile
-        jm, js = _median(m.joins), _median(s.joins)
-        km, ks = _median(m.kills), _median(s.kills)
-        rm = _mean(m.rss_kb) and _mean(m.rss_kb) / 1024  # type: ignore[operator]
-        rs = _mean(s.rss_kb) and _mean(s.rss_kb) / 1024  # type: ignore[operator]
-        rmx = _max(m.rss_kb) and _max(m.rss_kb) / 1024  # type: ignore[operator]
-        rsx = _max(s.rss_kb) and _max(s.rss_kb) / 1024  # type: ignore[operator]
-        bm, bs = m.bytes_per_node_s, s.bytes_per_node_s
-        cm, cs = _mean(m.cpu_pct), _mean(s.cpu_pct)
-        out += [
-            f"## Profile `{prof}` (meshd `--profile {prof}`, serf `-profile={prof}`), {m.nodes} nodes",
-            "",
-            "| metric | meshd | serf | ratio (meshd/serf) | goal | verdict |",
-            "|---|---:|---:|---:|---|---|",
-            f"| join seen by every member, median of {max(len(m.joins), len(s.joins))} (s) "
-            f"| {fmt_num(jm, '', 3)} | {fmt_num(js, '', 3)} | {ratio(jm, js)} | no slower than serf "
-            f"| {verdict(None if jm is None or js is None else jm <= js + args.poll)} |",
-            f"| kill -9 seen as dead by every survivor, median of {max(len(m.kills), len(s.kills))} (s) "
-            f"| {fmt_num(km)} | {fmt_num(ks)} | {ratio(km, ks)} | no slower than serf "
-            f"| {verdict(None if km is None or ks is None else km <= ks + args.poll)} |",
-            f"| resident memory per node, mean (MiB) | {fmt_num(rm, '', 1)} | {fmt_num(rs, '', 1)} "
-            f"| {ratio(rm, rs)} | meshd <= 60 MB | {verdict(None if rmx is None else rmx * 1.048576 <= 60)} |",
-            f"| resident memory per node, max (MiB) | {fmt_num(rmx, '', 1)} | {fmt_num(rsx, '', 1)} "
-            f"| {ratio(rmx, rsx)} | | |",
-            f"| gossip bytes per node per second (IP bytes sent, UDP+TCP) | {fmt_num(bm, '', 0)} "
-            f"| {fmt_num(bs, '', 0)} | {ratio(bm, bs)} | within 2x of serf "
-            f"| {verdict(None if bm is None or bs is None else bm <= 2 * bs)} |",
-            f"| CPU per node in the steady window (% of one core) | {fmt_num(cm, '', 1)} | {fmt_num(cs, '', 1)} "
-            f"| {ratio(cm, cs)} | | |",
-            "",
-            "Details:",
-            "",
-            "| | meshd | serf |",
-            "|---|---|---|",
-            f"| start {m.nodes - len(m.joins) if m.joins else '?'} nodes until all answer (s) "
-            f"| {fmt_num(m.startup_s, '', 1)} | {fmt_num(s.startup_s, '', 1)} |",
-            f"| then until every one lists all alive (s) | {fmt_num(m.converge_s, '', 2)} | {fmt_num(s.converge_s, '', 2)} |",
-            f"| each join: last member (s) | {_list(m.joins, 3)} | {_list(s.joins, 3)} |",
-            f"| each join: first other member (s) | {_list(m.join_first, 3)} | {_list(s.join_first, 3)} |",
-            f"| each join: the join call itself (s) | {_list(m.join_call, 3)} | {_list(s.join_call, 3)} |",
-            f"| each kill: last survivor (s) | {_list(m.kills, 2)} | {_list(s.kills, 2)} |",
-            f"| each kill: first survivor (s) | {_list(m.kill_first, 2)} | {_list(s.kill_first, 2)} |",
-            f"| peak RSS (VmHWM) per node, max (MiB) | {fmt_num(_max(m.hwm_kb) and _max(m.hwm_kb) / 1024, '', 1)} "  # type: ignore[operator]
-            f"| {fmt_num(_max(s.hwm_kb) and _max(s.hwm_kb) / 1024, '', 1)} |",  # type: ignore[operator]
-            f"| steady window (s) | {fmt_num(m.bw_seconds, '', 1)} | {fmt_num(s.bw_seconds, '', 1)} |",
-            f"| UDP / TCP bytes per node per second | {_split(m)} | {_split(s)} |",
-            f"| payload bytes per node per second (no IP/UDP/TCP headers) | {_payload(m)} | {_payload(s)} |",
-            f"| packets per node per second | {_pps(m)} | {_pps(s)} |",
-            f"| packets the counter dropped | {m.bw_drops} | {s.bw_drops} |",
-        ]
-        if m.metrics_bytes:
-            per = ", ".join(
-                f"{k} {v / m.nodes / m.bw_seconds:.0f}"
-                for k, v in sorted(m.metrics_bytes.items())
-                if m.bw_seconds
-            )
-            out.append(f"| meshd's own /metrics byte counters, per node per second | {per} | |")
-        for r in (m, s):
-            for e in r.errors if r.errors != [NOT_RUN] else []:
-                out.append(f"| **{r.system} failed** | {e.splitlines()[0]} | |")
-        out.append("")
-    out += [
-        "Method:",
-        "",
-        f"- Join: {args.nodes - args.repeats} nodes started (one seed, the rest joining it) and converged; then each "
-        "measured node starts alone, and once its API answers it is told to join the seed "
-        "(meshd `POST /v1/join`, serf RPC `join`, what `serf join` does). The clock starts just before "
-        f"that call; each member's list (meshd `GET /v1/members`, serf RPC `members`) is polled every "
-        f"{args.poll * 1000:.0f} ms until it lists the new node alive. Each join grows the cluster by one, "
-        f"the last one to {args.nodes}. Figures are upper bounds by up to one polling interval plus a request.",
-        "- Failure detection: `kill -9` (SIGKILL to the process group) of a non-seed member; the clock starts at the "
-        "signal; the survivors are polled until each lists the victim `dead` (meshd) / `failed` (serf). "
-        "Each kill shrinks the cluster by one.",
-        "- Memory: VmRSS from /proc/PID/status, summed over the node's process group, read at the end of the steady "
-        "window.",
-        "- Bandwidth: no polling during the window. A packet socket (AF_PACKET) on `lo` counts each loopback packet "
-        "once (its outgoing copy) when it is UDP from a gossip port or TCP to/from one (push-pull and TCP fallback "
-        "pings), by the IPv4 total length (IP + UDP/TCP headers + payload). Divided by nodes and seconds. Push-pull "
-        "runs every 30 s (lan) / 15 s (local) per node at this size, so a window of about that length sees about "
-        "one per node.",
-        "- CPU: utime+stime of the node's processes over the steady window.",
-        "",
-    ]
+        out += _profile_section(m, s, args)
+    out.append(METHOD.format(base=args.nodes - args.repeats, poll_ms=args.poll * 1000, nodes=args.nodes))
     return "\n".join(out)
+
+
+def _profile_section(m: Result, s: Result, args: argparse.Namespace) -> list[str]:
+    prof = m.profile
+    slack = args.poll
+    jm, js = _median(m.joins), _median(s.joins)
+    km, ks = _median(m.kills), _median(s.kills)
+    rm, rs = _mib(_mean(m.rss_kb)), _mib(_mean(s.rss_kb))
+    rmx, rsx = _mib(_max(m.rss_kb)), _mib(_max(s.rss_kb))
+    bm, bs = m.bytes_per_node_s, s.bytes_per_node_s
+    cm, cs = _mean(m.cpu_pct), _mean(s.cpu_pct)
+    n_joins = max(len(m.joins), len(s.joins))
+    n_kills = max(len(m.kills), len(s.kills))
+
+    def row(metric: str, a: str, b: str, r: str, goal: str = "", ok: bool | None = None) -> str:
+        return f"| {metric} | {a} | {b} | {r} | {goal} | {verdict(ok) if goal else ''} |"
+
+    lines = [
+        f"## Profile `{prof}` (meshd `--profile {prof}`, serf `-profile={prof}`), {m.nodes} nodes",
+        "",
+        "| metric | meshd | serf | ratio (meshd/serf) | goal | verdict |",
+        "|---|---:|---:|---:|---|---|",
+        row(
+            f"join seen by every member, median of {n_joins} (s)",
+            fmt_num(jm, "", 3),
+            fmt_num(js, "", 3),
+            ratio(jm, js),
+            "no slower than serf",
+            None if jm is None or js is None else jm <= js + slack,
+        ),
+        row(
+            f"kill -9 seen as dead by every survivor, median of {n_kills} (s)",
+            fmt_num(km),
+            fmt_num(ks),
+            ratio(km, ks),
+            "no slower than serf",
+            None if km is None or ks is None else km <= ks + slack,
+        ),
+        row(
+            "resident memory per node, mean (MiB)",
+            fmt_num(rm, "", 1),
+            fmt_num(rs, "", 1),
+            ratio(rm, rs),
+            "meshd <= 60 MB",
+            None if rmx is None else rmx * 1.048576 <= 60,
+        ),
+        row("resident memory per node, max (MiB)", fmt_num(rmx, "", 1), fmt_num(rsx, "", 1), ratio(rmx, rsx)),
+        row(
+            "gossip bytes per node per second (IP bytes, UDP + TCP)",
+            fmt_num(bm, "", 0),
+            fmt_num(bs, "", 0),
+            ratio(bm, bs),
+            "within 2x of serf",
+            None if bm is None or bs is None else bm <= 2 * bs,
+        ),
+        row(
+            "CPU per node, steady window (% of one core)",
+            fmt_num(cm, "", 2),
+            fmt_num(cs, "", 2),
+            ratio(cm, cs),
+        ),
+        "",
+        "| detail | meshd | serf |",
+        "|---|---|---|",
+        f"| start the first {args.nodes - args.repeats} nodes until every API answers (s) "
+        f"| {fmt_num(m.startup_s or None, '', 1)} | {fmt_num(s.startup_s or None, '', 1)} |",
+        f"| then until every one lists all alive (s) "
+        f"| {fmt_num(m.converge_s or None)} | {fmt_num(s.converge_s or None)} |",
+        f"| each join: last member (s) | {_list(m.joins, 3)} | {_list(s.joins, 3)} |",
+        f"| each join: first other member (s) | {_list(m.join_first, 3)} | {_list(s.join_first, 3)} |",
+        f"| each join: the join call itself (s) | {_list(m.join_call, 3)} | {_list(s.join_call, 3)} |",
+        f"| each kill: last survivor (s) | {_list(m.kills, 2)} | {_list(s.kills, 2)} |",
+        f"| each kill: first survivor (s) | {_list(m.kill_first, 2)} | {_list(s.kill_first, 2)} |",
+        f"| peak RSS (VmHWM) of the largest node (MiB) "
+        f"| {fmt_num(_mib(_max(m.hwm_kb)), '', 1)} | {fmt_num(_mib(_max(s.hwm_kb)), '', 1)} |",
+        f"| steady window (s) | {fmt_num(m.bw_seconds or None, '', 1)} "
+        f"| {fmt_num(s.bw_seconds or None, '', 1)} |",
+        f"| UDP / TCP IP bytes per node per second | {_split(m)} | {_split(s)} |",
+        f"| payload bytes per node per second (no IP/UDP/TCP headers) | {_payload(m)} | {_payload(s)} |",
+        f"| packets per node per second | {_pps(m)} | {_pps(s)} |",
+        f"| packets the counter dropped | {m.bw_drops} | {s.bw_drops} |",
+    ]
+    if m.metrics_bytes and m.bw_seconds:
+        per = ", ".join(f"`{k}` {v / m.nodes / m.bw_seconds:.0f}" for k, v in sorted(m.metrics_bytes.items()))
+        lines.append(f"| meshd's own /metrics sent-byte counters, per node per second | {per} | |")
+    for r in (m, s):
+        if r.errors == [NOT_RUN]:
+            continue
+        for e in r.errors:
+            lines.append(f"| **{r.system} failed** | {e.splitlines()[0]} | |")
+    lines.append("")
+    return lines
 
 
 def _split(r: Result) -> str:
@@ -1104,6 +1164,7 @@ def environment() -> dict[str, str]:
         "python": sys.version.split()[0],
         "serf": serf_v,
         "cmd": " ".join(["bench/membership.py", *sys.argv[1:]]),
+        "load": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
     }
 
 

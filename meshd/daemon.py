@@ -301,6 +301,8 @@ class Daemon:
         ring = self.keyring
         if ring is None:
             raise StateError("insecure node: no keyring")
+        if op not in ("install", "use", "remove"):
+            raise StateError(f"unknown key operation {op!r}")
         # Check on a copy first: the core applies and spreads it, but reports no error.
         trial = Keyring(ring.keys)
         getattr(trial, op)(key)
@@ -351,6 +353,9 @@ class Daemon:
                     self.runtime.events_dropped)
         out.gauge("meshd_event_subscribers", "open event streams", self.runtime.subscriber_count)
         out.core_counters(node.counters.values)
+        mdns = getattr(self._discovery, "counters", None)
+        if isinstance(mdns, dict):
+            out.core_counters({f"mdns.{k}": v for k, v in mdns.items()})
 
     # --- start-up pieces -----------------------------------------------------------------------
 
@@ -497,6 +502,9 @@ class Daemon:
             raise ConfigError(f"--bind {cfg.bind}: cannot bind TCP: {e.strerror or e}") from None
 
         api_host, api_port = cfg.api_hostport
+        if not is_loopback_host(api_host):
+            log.warning("operator API on %s is reachable from the network; reads need no token",
+                        cfg.api)
         self._api = ApiServer(create_api_app(self))
         try:
             await self._api.start(api_host, api_port)
@@ -570,7 +578,7 @@ class Daemon:
             self._udp.close()
         if self._runtime is not None:
             await self._runtime.close()
-        log.info("stopped")
+            log.info("stopped")
 
     # --- background work -----------------------------------------------------------------------
 
@@ -592,6 +600,10 @@ class Daemon:
                     if a != self.addr and a not in addrs:
                         addrs.append(a)
             addrs.extend(a for a in snapshot if a not in addrs)
+            if not addrs and attempt == 1 and seeds and not snapshot:
+                # Every seed is this node (one seed list shared by all nodes): the first node.
+                self._set_ready("alone by intent (the only seed is this node)")
+                return
             joined = await self.runtime.join(addrs) if addrs else 0
             if joined or self._has_alive_peer():
                 log.info("joined the mesh through %d of %d address(es)", joined, len(addrs))
@@ -626,11 +638,10 @@ class Daemon:
             sd_notify("WATCHDOG=1")
 
     async def _start_discovery(self) -> None:
-        """Hook for mDNS (meshd/discovery.py): `start(daemon) -> handle with async close()`.
+        """Hook for mDNS: `meshd.discovery.start(daemon)` returns a handle with `async close()`.
 
-        The discovery module gets this daemon and calls `daemon.discovered(["ip:port", ...])`
-        for peers of our cluster it finds; it reads name, node_id, cluster, site, addr and
-        cfg.mdns_interfaces from the daemon.
+        The discovery module reads name, node_id, cluster, site, addr and cfg.mdns_interfaces
+        from the daemon and calls `await daemon.join([addr])` for same-cluster peers it finds.
         """
         if not self.cfg.mdns:
             return
@@ -642,13 +653,6 @@ class Daemon:
             log.warning("mDNS discovery is not available in this build; use --join seeds")
             return
         self._discovery = await module.start(self)
-
-    def discovered(self, addrs: list[str]) -> None:
-        """Peers found by discovery: join those that are not already alive members."""
-        known = {m.addr for m in self.members() if m.state == MemberState.ALIVE}
-        fresh = [a for a in addrs if a != self.addr and a not in known]
-        if fresh and not self._stop.is_set():
-            self._spawn(self.join(fresh))
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

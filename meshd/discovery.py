@@ -130,6 +130,19 @@ def _host_label(name: str, node_id: str) -> str:
     return f"{base[: _MAX_LABEL - len(suffix) - 1]}-{suffix}"
 
 
+def valid_instance_name(name: str) -> bool:
+    """Whether a node name can be the mDNS instance name as is (1-63 bytes, no dot)."""
+    return bool(name) and len(name.encode()) <= _MAX_LABEL and "." not in name
+
+
+def _check_ipv4(addrs: list[str]) -> None:
+    for addr in addrs:
+        try:
+            ipaddress.IPv4Address(addr)
+        except ValueError:
+            raise ConfigError(f"mDNS address {addr!r} is not an IPv4 address") from None
+
+
 def _decode_txt(props: dict[bytes, bytes | None]) -> dict[str, str]:
     txt = {}
     for key, value in props.items():
@@ -158,13 +171,9 @@ class Discovery:
         backoff_max: float = BACKOFF_MAX_S,
         rng: random.Random | None = None,
     ) -> None:
-        if not name or len(name.encode()) > _MAX_LABEL or "." in name:
+        if not valid_instance_name(name):
             raise ConfigError(f"node name {name!r}: mDNS needs 1-63 bytes without dots")
-        for addr in [*addresses, *(interfaces or [])]:
-            try:
-                ipaddress.IPv4Address(addr)
-            except ValueError:
-                raise ConfigError(f"mDNS address {addr!r} is not an IPv4 address") from None
+        _check_ipv4([*addresses, *(interfaces or [])])
         self.name = name
         self.node_id = node_id
         self.cluster = cluster
@@ -221,13 +230,22 @@ class Discovery:
         """Open the mDNS sockets, advertise this node and browse for peers."""
         self._loop = asyncio.get_running_loop()
         if self.interfaces is not None:
+            local = {ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips}
+            missing = [i for i in self.interfaces if i not in local]
+            if missing:
+                # Not fatal: at boot an address may come later; zeroconf skips what it cannot bind.
+                log.warning("mDNS: no local interface has %s; mDNS is silent there", ", ".join(missing))
             zc: Zeroconf = _ConfinedZeroconf(self.interfaces, self._count_unicast_drop)
         else:
             zc = Zeroconf(ip_version=IPVersion.V4Only)
         self._aiozc = AsyncZeroconf(zc=zc)
-        self._browser = AsyncServiceBrowser(zc, SERVICE_TYPE, handlers=[self._on_service_state_change])
-        if self.addresses:
-            await self._register()
+        try:
+            self._browser = AsyncServiceBrowser(zc, SERVICE_TYPE, handlers=[self._on_service_state_change])
+            if self.addresses:
+                await self._register()
+        except BaseException:
+            await self.stop()
+            raise
 
     async def close(self) -> None:
         """Alias of stop()."""
@@ -237,6 +255,8 @@ class Discovery:
         """Re-announce after an address or site change."""
         if self._aiozc is None:
             raise RuntimeError("Discovery.update() before start()")
+        if addresses is not None:
+            _check_ipv4(addresses)
         readvertise = addresses is not None and sorted(addresses) != sorted(self.addresses)
         if addresses is not None:
             self.addresses = list(addresses)
@@ -329,10 +349,11 @@ class Discovery:
     async def _register(self) -> None:
         assert self._aiozc is not None
         self._info = self._build_info()
+        # No RFC 6762 probing (zeroconf spends ~1.2 s on it before answering anything): node names
+        # are unique by contract, and a clash is still noticed when browsing (see _resolved).
         try:
-            await (await self._aiozc.async_register_service(self._info))
+            await (await self._aiozc.async_register_service(self._info, cooperating_responders=True))
         except NonUniqueNameException:
-            # Another live node answers for this name: keep browsing, do not fight over it.
             self.counters["name_conflicts"] += 1
             log.error("mDNS: name %r is taken by another node; not advertising", self.name)
             return
@@ -398,6 +419,10 @@ class Discovery:
 
     def _resolved(self, instance: str, info: AsyncServiceInfo) -> None:
         txt = _decode_txt(info.properties)
+        if instance == self.name and txt.get("id") not in (None, self.node_id):
+            self.counters["name_conflicts"] += 1
+            log.error("mDNS: another node (id %s) also uses the name %r", txt.get("id"), self.name)
+            return
         if instance == self.name or txt.get("id") == self.node_id:
             self.counters["ignored_self"] += 1
             return
@@ -479,10 +504,18 @@ class DaemonDiscovery:
         if getattr(daemon.cfg, "mdns_interfaces", []) and not interfaces:
             raise ConfigError("--mdns-interface: no IPv4 address given")
         addresses = [host] if _is_ipv4(host) and not ipaddress.IPv4Address(host).is_unspecified else []
+        if not interfaces and addresses and ipaddress.IPv4Address(host).is_loopback:
+            # A node only reachable on loopback has nothing to say on the LAN (demos, tests).
+            interfaces = ["127.0.0.1"]
         if not addresses:
             log.warning("mDNS: advertise address %s is not IPv4; browsing only", daemon.addr)
+        name = str(daemon.name)
+        if not valid_instance_name(name):
+            # e.g. a FQDN host name: the mDNS label is only a label, joins go by address and id.
+            name = re.sub(r"\.+", "-", name).encode()[:_MAX_LABEL].decode(errors="ignore") or "node"
+            log.warning("mDNS: node name %r is advertised as %r", daemon.name, name)
         self.discovery = Discovery(
-            name=daemon.name,
+            name=name,
             node_id=daemon.node_id,
             cluster=daemon.cluster,
             site=daemon.site,

@@ -98,6 +98,8 @@ class NodeRuntime:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for sub in list(self._subscribers):
+            sub.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -146,6 +148,8 @@ class NodeRuntime:
     async def leave_and_wait(self, timeout: float) -> None:
         """Broadcast our leave and give gossip a moment to carry it (bounded by timeout)."""
         self.leave()
+        if not self._call(self.node.num_active):
+            return  # nobody to tell
         deadline = self.now() + timeout
         # At least a few gossip rounds, so the news goes out more than once.
         min_wait = min(timeout, 3 * self.node.config.gossip_interval)

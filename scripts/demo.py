@@ -8,6 +8,7 @@ the mesh gracefully, then stops them.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -32,9 +33,11 @@ def meshd(*args: str) -> list[str]:
     return [sys.executable, "-m", "meshd.cli.meshd", *args]
 
 
-def wait_ready(api_port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+def wait_api(api_port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the node's API answers (not /readyz: a node restarting from its peer snapshot is
+    not ready until one of those peers is back, and they start after it)."""
     deadline = time.monotonic() + READY_TIMEOUT
-    url = f"http://127.0.0.1:{api_port}/readyz"
+    url = f"http://127.0.0.1:{api_port}/healthz"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-5:]
@@ -46,7 +49,23 @@ def wait_ready(api_port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
         except OSError:
             pass
         time.sleep(0.2)
-    raise SystemExit(f"node with API port {api_port} not ready after {READY_TIMEOUT:.0f}s; see {log}")
+    raise SystemExit(f"node with API port {api_port} did not start in {READY_TIMEOUT:.0f}s; "
+                     f"see {log}")
+
+
+def wait_converged(api_port: int, names: set[str]) -> bool:
+    deadline = time.monotonic() + READY_TIMEOUT
+    url = f"http://127.0.0.1:{api_port}/v1/members?state=alive"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                doc = json.loads(resp.read())
+            if {m["name"] for m in doc["members"]} >= names:
+                return True
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    return False
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -88,8 +107,9 @@ def main() -> int:
                 proc = subprocess.Popen(meshd(*args), stdout=out, stderr=subprocess.STDOUT,
                                         start_new_session=True, cwd=ROOT)
             procs.append(proc)
-            wait_ready(api, proc, log)
-        time.sleep(1.0)  # a few gossip rounds, so every node sees every other
+            wait_api(api, proc, log)
+        if not wait_converged(NODES[0][2], {n[0] for n in NODES}):
+            print("warning: the nodes have not all joined yet; see .demo/*.log", flush=True)
         meshctl = os.path.relpath(BIN / "meshctl", Path.cwd())
         token = os.path.relpath(DEMO / NODES[0][0] / "api-token", Path.cwd())
         print(f"""

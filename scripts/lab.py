@@ -106,6 +106,7 @@ class Lab:
         self.sites = 0
         self.hosts_per_site = 0
         self.site_rate: str | None = None
+        self.ipv6 = False
         self.cut_sites: set[int] = set()
         self.python = sys.executable  # lab processes import meshd from REPO with this interpreter
         self._load()
@@ -161,6 +162,7 @@ class Lab:
         self.sites = int(state.get("sites", 0))
         self.hosts_per_site = int(state.get("hosts", 0))
         self.site_rate = state.get("site_rate")
+        self.ipv6 = bool(state.get("ipv6", False))
         self.cut_sites = set(state.get("cut", []))
 
     def _save(self) -> None:
@@ -170,6 +172,7 @@ class Lab:
             "sites": self.sites,
             "hosts": self.hosts_per_site,
             "site_rate": self.site_rate,
+            "ipv6": self.ipv6,
             "cut": sorted(self.cut_sites),
             "hosts_detail": [asdict(h) for h in self.hosts()],
         }
@@ -179,12 +182,17 @@ class Lab:
 
     # ---- build / tear down -----------------------------------------------------------------
 
-    def up(self, sites: int = 2, hosts: int = 3, site_rate: str | None = None) -> None:
-        """Build the lab (after tearing down any previous one with this prefix)."""
+    def up(self, sites: int = 2, hosts: int = 3, site_rate: str | None = None, ipv6: bool = False) -> None:
+        """Build the lab (after tearing down any previous one with this prefix).
+
+        ipv6=True keeps link-local IPv6 (DAD off, so addresses are usable at once, never routed):
+        serf's mDNS client gives up without it.
+        """
         if not 1 <= sites <= 250 or not 1 <= hosts <= 200:
             raise LabError("sites must be 1..250 and hosts 1..200")
         self.down()
         self.sites, self.hosts_per_site, self.site_rate = sites, hosts, site_rate
+        self.ipv6 = ipv6
         self.cut_sites = set()
         self._save()  # first, so a failure half-way is still cleaned up by `down`
         try:
@@ -218,6 +226,8 @@ class Lab:
                 _run(["ip", "-n", h.ns, "link", "add", h.ifname, "type", "veth",
                       "peer", "name", f"h{h.index}", "netns", sw])  # fmt: skip
                 _run([*ip_sw, "link", "set", f"h{h.index}", "master", "br0", "up"])
+                self._sysctl(h.ns, f"net.ipv6.conf.{h.ifname}.disable_ipv6", "0" if self.ipv6 else "1")
+                self._sysctl(h.ns, f"net.ipv6.conf.{h.ifname}.accept_dad", "0")
                 _run(["ip", "-n", h.ns, "addr", "add", f"{h.ip}/24", "dev", h.ifname])
                 _run(["ip", "-n", h.ns, "link", "set", h.ifname, "up", "multicast", "on"])
                 _run(["ip", "-n", h.ns, "route", "add", "default", "via", self.router_ip(site)])
@@ -227,10 +237,12 @@ class Lab:
 
     def _add_ns(self, ns: str) -> None:
         _run(["ip", "netns", "add", ns])
+        # Default: no IPv6 at all, so no DAD delay before mDNS starts. With ipv6: no DAD either.
+        off = "0" if self.ipv6 else "1"
+        for scope in ("all", "default"):
+            self._sysctl(ns, f"net.ipv6.conf.{scope}.disable_ipv6", off)
+            self._sysctl(ns, f"net.ipv6.conf.{scope}.accept_dad", "0")
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-        # No IPv6 at all: no DAD delay, no link-local mDNS over v6 leaking anywhere.
-        self._sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")
-        self._sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
 
     @staticmethod
     def _sysctl(ns: str, key: str, value: str) -> None:
@@ -704,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--sites", type=int, default=2)
     p_up.add_argument("--hosts", type=int, default=3)
     p_up.add_argument("--site-rate", default=None, help="tc tbf rate on each site uplink, e.g. 10mbit")
+    p_up.add_argument("--ipv6", action="store_true", help="keep link-local IPv6 (DAD off)")
     sub.add_parser("down", help="kill lab processes, delete every lab namespace")
     sub.add_parser("status", help="print the lab as JSON")
     p_exec = sub.add_parser("exec", help="run a command in a host (s1h2 or its namespace)")
@@ -724,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     lab = Lab(args.prefix)
     try:
         if args.cmd == "up":
-            lab.up(args.sites, args.hosts, args.site_rate)
+            lab.up(args.sites, args.hosts, args.site_rate, args.ipv6)
             for h in lab.hosts():
                 print(f"{h.name:8} {h.ns:14} {h.ip}")
         elif args.cmd == "down":

@@ -348,7 +348,8 @@ async def get_events(request: web.Request) -> web.StreamResponse:
                                          return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
                 ev = getter.result()
-                await resp.write(b"event: member\ndata: " + event_json(ev) + b"\n\n")
+                name = b"keyring" if ev.kind == "keyring" else b"member"
+                await resp.write(b"event: " + name + b"\ndata: " + event_json(ev) + b"\n\n")
             else:
                 getter.cancel()
                 if stop not in done:

@@ -7,6 +7,7 @@ core's StreamRequests and reports the reply (or None on any failure).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Protocol
 
@@ -117,31 +118,46 @@ class PeerClient:
         """POST one envelope to a peer; its reply, or None on any failure or timeout."""
         url = f"http://{addr}{STREAM_PATH}"
         self.stats.connects += 1
-        try:
-            async with self.session().post(
-                url,
-                data=data,
-                headers={"Content-Type": _OCTETS},
-                timeout=aiohttp.ClientTimeout(total=max(timeout, 0.05)),
-            ) as resp:
-                if resp.status != 200:
-                    self.stats.connect_errors += 1
-                    log.debug("peer %s answered %d", addr, resp.status)
-                    return None
-                if resp.content_length is not None and resp.content_length > self._max_reply:
-                    self.stats.connect_errors += 1
-                    return None
-                reply = await resp.content.read(self._max_reply + 1)
-                if len(reply) > self._max_reply:
-                    self.stats.connect_errors += 1
-                    return None
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
-            self.stats.connect_errors += 1
-            log.debug("peer exchange with %s failed: %r", addr, e)
-            return None
-        self.stats.sent_bytes += len(data)
-        self.stats.received_bytes += len(reply)
-        return reply
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.05)
+        for attempt in (1, 2):
+            try:
+                reply = await self._post(url, data, max(deadline - loop.time(), 0.01))
+            except aiohttp.ServerDisconnectedError as e:
+                # A kept-alive connection to a peer that restarted: try once on a fresh one.
+                if attempt == 1 and loop.time() < deadline:
+                    continue
+                self._failed(addr, e)
+                return None
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
+                self._failed(addr, e)
+                return None
+            if reply is None:
+                self.stats.connect_errors += 1
+                return None
+            self.stats.sent_bytes += len(data)
+            self.stats.received_bytes += len(reply)
+            return reply
+        return None
+
+    async def _post(self, url: str, data: bytes, timeout: float) -> bytes | None:
+        async with self.session().post(
+            url,
+            data=data,
+            headers={"Content-Type": _OCTETS},
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as resp:
+            if resp.status != 200:
+                log.debug("peer %s answered %d", url, resp.status)
+                return None
+            if resp.content_length is not None and resp.content_length > self._max_reply:
+                return None
+            reply = await resp.content.read(self._max_reply + 1)
+            return reply if len(reply) <= self._max_reply else None
+
+    def _failed(self, addr: str, e: BaseException) -> None:
+        self.stats.connect_errors += 1
+        log.debug("peer exchange with %s failed: %r", addr, e)
 
     async def close(self) -> None:
         if self._session is not None:

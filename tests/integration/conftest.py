@@ -199,3 +199,10 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
         yield m
     finally:
         m.stop_all()
+
+
+@pytest.fixture
+def port_factory() -> Callable[[], int]:
+    """free_port, for tests that bind sockets themselves (conftest modules are not importable
+    by name: several directories have one)."""
+    return free_port

@@ -6,8 +6,10 @@ a developer's `lab.py up` (prefix `mdl-`) is left alone, and it is torn down at 
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -17,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 LAB_PREFIX = "mdt-"
+LOCK_WAIT = 600.0
 
 
 def _load_lab() -> ModuleType:
@@ -55,12 +58,23 @@ def lab() -> Iterator[Any]:
     if not _AVAILABLE:
         print(f"\nlab tests skipped: {_WHY_NOT}", file=sys.stderr)
         pytest.skip(f"lab unavailable: {_WHY_NOT}")
-    the_lab = labmod.Lab(LAB_PREFIX)
-    the_lab.up(sites=2, hosts=3)
-    try:
-        yield the_lab
-    finally:
-        the_lab.down()
+    # Two sessions at once would tear down each other's lab (same prefix): take turns.
+    with open(f"/tmp/meshd-lab-{LAB_PREFIX.strip('-')}.lock", "w") as lock:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.skip(f"the lab is held by another test session for over {LOCK_WAIT:.0f}s")
+                time.sleep(1.0)
+        the_lab = labmod.Lab(LAB_PREFIX)
+        the_lab.up(sites=2, hosts=3)
+        try:
+            yield the_lab
+        finally:
+            the_lab.down()
 
 
 @pytest.fixture

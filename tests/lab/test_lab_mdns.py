@@ -102,7 +102,7 @@ def test_site_hosts_find_each_other_other_cluster_and_site_ignored_no_leak(
     ), sw2.sources
 
 
-def test_lab_namespaces_are_the_only_ones_with_mdns(clean_lab: Any) -> None:
+def test_lab_adds_nothing_to_the_root_namespace(clean_lab: Any) -> None:
     """The lab itself adds nothing to the root namespace (no veth, no bridge)."""
     lab = clean_lab
     out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout

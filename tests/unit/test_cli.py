@@ -278,3 +278,42 @@ def test_meshctl_status_keys_version(api: tuple[str, _Agent],
     assert meshctl.main(["version", "--api", url, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["client"] == doc["server"]
+
+
+# --- plumbing of `meshd run` (meshd/daemon.py helpers) -----------------------------------------
+
+
+def test_sd_notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshd import daemon
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert daemon.sd_notify("READY=1") is False  # no systemd: a no-op
+    for target in (str(tmp_path / "notify"), f"@meshd-test-{os.getpid()}"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.bind(target if not target.startswith("@") else "\0" + target[1:])
+            monkeypatch.setenv("NOTIFY_SOCKET", target)
+            assert daemon.sd_notify("READY=1\nSTATUS=up") is True
+            assert s.recv(1024) == b"READY=1\nSTATUS=up"
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
+    assert daemon.sd_notify("READY=1") is False
+
+
+def test_data_dir_and_token(tmp_path: Path) -> None:
+    from meshd import daemon
+
+    d = daemon.prepare_data_dir(str(tmp_path / "a" / "b"))
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    token = daemon.load_or_create_token(d)
+    assert len(token) >= 32
+    assert stat.S_IMODE((d / "api-token").stat().st_mode) == 0o600
+    assert daemon.load_or_create_token(d) == token  # created once
+
+
+def test_advertise_derivation() -> None:
+    import ipaddress
+
+    from meshd import daemon
+
+    addr, how = daemon.derive_advertise_host("0.0.0.0")
+    ipaddress.ip_address(addr)
+    assert how  # the log and /v1/status say how it was chosen

@@ -12,6 +12,7 @@ from zeroconf import DNSOutgoing, Zeroconf
 
 from meshd import PROTOCOL_VERSION
 from meshd.discovery import Discovery, _ConfinedZeroconf, _host_label
+from meshd.discovery import start as discovery_start
 from meshd.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(
@@ -139,6 +140,19 @@ async def test_update_reannounces_site_and_address() -> None:
         await asyncio.gather(a.stop(), b.stop())
 
 
+async def test_same_name_on_two_nodes_is_reported_as_a_conflict() -> None:
+    cluster, name = unique("c"), unique("twin")
+    seen = Seen()
+    a = Discovery(name, "id-one", cluster, "lo", 17031, [LO], [LO], seen.on_peer)
+    b = Discovery(name, "id-two", cluster, "lo", 17032, [LO], [LO], seen.on_peer)
+    await asyncio.gather(a.start(), b.start())
+    try:
+        await seen.until(lambda: a.counters["name_conflicts"] + b.counters["name_conflicts"] > 0)
+        assert seen.peers == []  # a twin is never offered as a peer
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
+
+
 def test_bad_names_and_addresses_are_config_errors() -> None:
     seen = Seen()
     with pytest.raises(ConfigError):
@@ -170,3 +184,46 @@ def test_confined_zeroconf_drops_unicast_outside_loopback(monkeypatch: pytest.Mo
         assert all(s.sock_name[0] == LO for s in zc.engine.senders) or not zc.engine.senders
     finally:
         zc.close()
+
+
+class FakeDaemon:
+    """What meshd.discovery.start(daemon) uses of the daemon."""
+
+    def __init__(self, name: str, cluster: str, port: int, join_result: int) -> None:
+        self.name = name
+        self.node_id = f"id-{name}"
+        self.cluster = cluster
+        self.site = "lo"
+        self.addr = f"{LO}:{port}"
+        self.cfg = type("Cfg", (), {"mdns_interfaces": [LO]})()
+        self.join_result = join_result
+        self.joins: list[list[str]] = []
+
+    def members(self) -> list[object]:
+        return []
+
+    async def join(self, addrs: list[str]) -> int:
+        self.joins.append(addrs)
+        return self.join_result
+
+
+async def test_daemon_hook_joins_discovered_peers_and_backs_off_failures() -> None:
+    cluster = unique("c")
+    good = FakeDaemon(unique("good") + ".example.org", cluster, 17041, join_result=1)
+    bad = FakeDaemon(unique("bad"), cluster, 17042, join_result=0)  # e.g. another cluster key
+    g = await discovery_start(good)
+    b = await discovery_start(bad)
+    try:
+        assert "." not in g.discovery.name  # a FQDN node name becomes a single mDNS label
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while not (good.joins and bad.joins):
+            assert asyncio.get_running_loop().time() < deadline, "no join attempted"
+            await asyncio.sleep(0.05)
+        assert good.joins[0] == [bad.addr] and bad.joins[0] == [good.addr]
+        await asyncio.sleep(0.2)
+        assert g.discovery.retry_delay(b.discovery.name) == 0  # joined: no backoff
+        assert b.discovery.retry_delay(g.discovery.name) > 1.0  # failed: backing off
+        await asyncio.sleep(1.0)
+        assert len(bad.joins) == 1  # not a tight loop
+    finally:
+        await asyncio.gather(g.close(), b.close())

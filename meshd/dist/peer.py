@@ -1,0 +1,423 @@
+"""Peer HTTP for update distribution: manifests, have-bitmaps and chunk pieces, sealed.
+
+Routes, added to the node's peer app (the TCP twin of the gossip port):
+
+    GET  /peer/v1/manifests/<release id or a prefix of >= 16 hex>   -> sealed(manifest document)
+    GET  /peer/v1/bitmaps/<release id>                               -> sealed(have-bitmap)
+    POST /peer/v1/chunks   sealed(orjson {"ids": [chunk id, ...]})   -> sealed(piece)
+
+Authentication is the cluster keyring (wire.Codec): every body both ways is a sealed envelope,
+and a GET carries a sealed token "<METHOD> <path> <unix ms>" in the X-Meshd-Auth header (base64),
+so a node without the key gets 401 (no token) or 403 (token does not open) and learns nothing.
+
+A piece: b"MDP1", u32 count, count x u32 stored length (0 = not served: absent or damaged),
+then the stored forms back to back, in the order of the ids asked for. Every size is bounded;
+a body over a bound is a 413 (server) or a counted drop (client), never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import re
+import struct
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from meshd.dist.chunker import MAX_SIZE, is_chunk_id
+from meshd.errors import AuthError, DecodeError
+from meshd.wire import Codec
+
+log = logging.getLogger("meshd.dist.peer")
+
+MANIFEST_PATH = "/peer/v1/manifests/{rid}"
+BITMAP_PATH = "/peer/v1/bitmaps/{rid}"
+CHUNKS_PATH = "/peer/v1/chunks"
+AUTH_HEADER = "X-Meshd-Auth"
+AUTH_SKEW_MS = 300_000  # tokens older or newer than 5 minutes are refused
+MAX_AUTH_HEADER = 1024
+PIECE_MAGIC = b"MDP1"
+MAX_IDS = 1024  # 16 KiB minimum chunks x 1024 = 16 MiB: far above a 4 MiB piece
+MAX_CHUNKS_REQUEST = 256 * 1024  # sealed id list: 1024 x ~70 bytes of JSON + envelope
+MAX_PIECE_STORED = 16 * 1024 * 1024  # the server stops filling a piece beyond this
+MAX_MANIFEST = 64 * 1024 * 1024
+STORED_OVERHEAD = 5  # header byte + lz4 size prefix
+_OCTETS = "application/octet-stream"
+_HEX_RE = re.compile(r"^[0-9a-f]{16,64}$")
+_U32 = struct.Struct("<I")
+
+
+class PeerProtocolError(DecodeError):
+    """A peer's answer that does not parse (truncated, oversized, malformed)."""
+
+
+# --- envelope helpers ----------------------------------------------------------------------------
+
+
+def make_token(codec: Codec, method: str, path: str, now_ms: int | None = None) -> str:
+    ts = int(time.time() * 1000) if now_ms is None else now_ms
+    sealed = codec.seal(f"{method} {path} {ts}".encode())
+    return base64.b64encode(sealed).decode("ascii")
+
+
+def check_token(codec: Codec, header: str | None, method: str, path: str, now_ms: int | None = None) -> None:
+    """AuthError unless `header` is a fresh token sealed with our keyring for this request."""
+    if not header:
+        raise AuthError("missing " + AUTH_HEADER)
+    if len(header) > MAX_AUTH_HEADER:
+        raise AuthError("oversized auth token")
+    try:
+        sealed = base64.b64decode(header, validate=True)
+    except (binascii.Error, ValueError):
+        raise AuthError("auth token is not base64") from None
+    try:
+        text = codec.open(sealed, max_size=MAX_AUTH_HEADER).decode("utf-8")
+    except DecodeError as e:
+        raise AuthError(f"auth token does not open: {e}") from None
+    except UnicodeDecodeError:
+        raise AuthError("auth token is not text") from None
+    parts = text.rsplit(" ", 1)
+    if len(parts) != 2 or parts[0] != f"{method} {path}" or not parts[1].isdigit():
+        raise AuthError("auth token is for another request")
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    if abs(now - int(parts[1])) > AUTH_SKEW_MS:
+        raise AuthError("auth token expired (clock skew over 5 minutes?)")
+
+
+def encode_piece(stored: Sequence[bytes | None]) -> bytes:
+    out = [PIECE_MAGIC, _U32.pack(len(stored))]
+    out.extend(_U32.pack(len(s) if s else 0) for s in stored)
+    out.extend(s for s in stored if s)
+    return b"".join(out)
+
+
+def decode_piece(body: bytes, expected: int) -> list[bytes | None]:
+    """Split a piece into `expected` stored forms (None: not served). PeerProtocolError."""
+    n_head = len(PIECE_MAGIC) + 4
+    if len(body) < n_head or body[:4] != PIECE_MAGIC:
+        raise PeerProtocolError("piece has no MDP1 header")
+    (count,) = _U32.unpack_from(body, 4)
+    if count != expected:
+        raise PeerProtocolError(f"piece holds {count} entries, asked for {expected}")
+    table_end = n_head + 4 * count
+    if len(body) < table_end:
+        raise PeerProtocolError("truncated piece length table")
+    lengths = [_U32.unpack_from(body, n_head + 4 * i)[0] for i in range(count)]
+    if any(n > MAX_SIZE + STORED_OVERHEAD for n in lengths):
+        raise PeerProtocolError("piece entry larger than a chunk can be")
+    total = table_end + sum(lengths)
+    if len(body) != total:
+        what = "truncated" if len(body) < total else "oversized"
+        raise PeerProtocolError(f"{what} piece: {len(body)} bytes, table says {total}")
+    out: list[bytes | None] = []
+    pos = table_end
+    view = memoryview(body)
+    for n in lengths:
+        out.append(bytes(view[pos : pos + n]) if n else None)
+        pos += n
+    return out
+
+
+def max_piece_reply(sizes: Sequence[int], codec: Codec) -> int:
+    """Upper bound of the sealed answer to a request for chunks of these uncompressed sizes."""
+    return len(PIECE_MAGIC) + 4 + sum(4 + s + STORED_OVERHEAD for s in sizes) + codec.overhead + 64
+
+
+# --- server --------------------------------------------------------------------------------------
+
+
+class PeerBackend(Protocol):
+    """What the routes need from the distribution service."""
+
+    codec: Codec
+    counters: dict[str, int]
+
+    def manifest_document(self, rid: str) -> bytes | None: ...
+    def bitmap(self, rid: str) -> bytes | None: ...
+    async def read_stored(self, ids: list[str]) -> list[bytes | None]: ...
+    async def upload_permit(self, nbytes: int) -> None: ...
+    def count_sent(self, nbytes: int) -> None: ...
+
+
+DIST_BACKEND = web.AppKey("dist_backend", PeerBackend)
+
+
+def _count(backend: PeerBackend, key: str) -> None:
+    backend.counters[key] = backend.counters.get(key, 0) + 1
+
+
+def _refuse(backend: PeerBackend, status: int, key: str) -> web.Response:
+    _count(backend, key)
+    return web.Response(status=status, content_type=_OCTETS)
+
+
+def _check_get(request: web.Request) -> web.Response | None:
+    backend = request.app[DIST_BACKEND]
+    header = request.headers.get(AUTH_HEADER)
+    if not header:
+        return _refuse(backend, 401, "serve.drops.auth")
+    try:
+        check_token(backend.codec, header, request.method, request.path)
+    except AuthError as e:
+        log.debug("refused %s from %s: %s", request.path, request.remote, e)
+        return _refuse(backend, 403, "serve.drops.auth")
+    return None
+
+
+async def _reply(backend: PeerBackend, body: bytes) -> web.Response:
+    sealed = backend.codec.seal(body)
+    await backend.upload_permit(len(sealed))
+    backend.count_sent(len(sealed))
+    return web.Response(body=sealed, content_type=_OCTETS)
+
+
+async def _get_manifest(request: web.Request) -> web.StreamResponse:
+    backend = request.app[DIST_BACKEND]
+    refused = _check_get(request)
+    if refused is not None:
+        return refused
+    rid = request.match_info["rid"]
+    if not _HEX_RE.match(rid):
+        return _refuse(backend, 400, "serve.drops.bad_request")
+    doc = backend.manifest_document(rid)
+    if doc is None:
+        return _refuse(backend, 404, "serve.not_found")
+    _count(backend, "serve.manifests")
+    return await _reply(backend, doc)
+
+
+async def _get_bitmap(request: web.Request) -> web.StreamResponse:
+    backend = request.app[DIST_BACKEND]
+    refused = _check_get(request)
+    if refused is not None:
+        return refused
+    rid = request.match_info["rid"]
+    if not _HEX_RE.match(rid):
+        return _refuse(backend, 400, "serve.drops.bad_request")
+    bitmap = backend.bitmap(rid)
+    if bitmap is None:
+        return _refuse(backend, 404, "serve.not_found")
+    _count(backend, "serve.bitmaps")
+    return await _reply(backend, bitmap)
+
+
+async def _read_bounded(request: web.Request, limit: int) -> bytes | None:
+    """The request body, or None when it is (or turns out to be) over `limit`."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        data = await request.content.readany()
+        if not data:
+            break
+        total += len(data)
+        if total > limit:
+            return None
+        parts.append(data)
+    return b"".join(parts)
+
+
+async def _post_chunks(request: web.Request) -> web.StreamResponse:
+    backend = request.app[DIST_BACKEND]
+    try:
+        raw = await _read_bounded(request, MAX_CHUNKS_REQUEST)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError,
+            web.HTTPException):
+        return _refuse(backend, 400, "serve.drops.truncated")
+    if raw is None:
+        return _refuse(backend, 413, "serve.drops.too_big")
+    try:
+        body = backend.codec.open(raw, max_size=MAX_CHUNKS_REQUEST)
+    except AuthError:
+        return _refuse(backend, 403, "serve.drops.auth")
+    except DecodeError:
+        return _refuse(backend, 400, "serve.drops.decode")
+    try:
+        doc = orjson.loads(body)
+        ids = doc["ids"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return _refuse(backend, 400, "serve.drops.decode")
+    if not isinstance(ids, list):
+        return _refuse(backend, 400, "serve.drops.decode")
+    if len(ids) > MAX_IDS:
+        return _refuse(backend, 413, "serve.drops.too_big")
+    if not all(is_chunk_id(i) for i in ids):
+        return _refuse(backend, 400, "serve.drops.decode")
+    stored = await backend.read_stored(ids)
+    _count(backend, "serve.pieces")
+    return await _reply(backend, encode_piece(stored))
+
+
+def add_peer_routes(app: web.Application, backend: PeerBackend) -> None:
+    """Add the distribution routes to a peer app (before it starts)."""
+    app[DIST_BACKEND] = backend
+    app.router.add_get(MANIFEST_PATH, _get_manifest)
+    app.router.add_get(BITMAP_PATH, _get_bitmap)
+    app.router.add_post(CHUNKS_PATH, _post_chunks)
+
+
+def create_dist_app(backend: PeerBackend) -> web.Application:
+    """A stand-alone peer app with only the distribution routes (tests, tools)."""
+    app = web.Application(client_max_size=MAX_CHUNKS_REQUEST)
+    add_peer_routes(app, backend)
+    return app
+
+
+# --- client --------------------------------------------------------------------------------------
+
+
+@dataclass
+class FetchStats:
+    sent_bytes: int = 0
+    received_bytes: int = 0
+
+
+class PeerFetcher:
+    """The client side: one ClientSession; every call bounded in size and time."""
+
+    def __init__(self, codec: Codec, counters: dict[str, int]) -> None:
+        self.codec = codec
+        self.counters = counters
+        self.stats = FetchStats()
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=128, limit_per_host=8, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, headers={"User-Agent": "meshd-dist"}
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    async def _read(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:
+        """Whole body, at most `limit` bytes; PeerProtocolError when over it or cut short."""
+        if resp.content_length is not None and resp.content_length > limit:
+            self._count("fetch.drops.oversized")
+            raise PeerProtocolError(f"answer of {resp.content_length} bytes, limit {limit}")
+        parts: list[bytes] = []
+        total = 0
+        try:
+            while True:
+                data = await resp.content.readany()
+                if not data:
+                    break
+                total += len(data)
+                if total > limit:
+                    self._count("fetch.drops.oversized")
+                    raise PeerProtocolError(f"answer over {limit} bytes")
+                parts.append(data)
+        except aiohttp.ClientPayloadError as e:
+            self._count("fetch.drops.truncated")
+            raise PeerProtocolError(f"truncated answer: {e}") from None
+        if resp.content_length is not None and total != resp.content_length:
+            self._count("fetch.drops.truncated")
+            raise PeerProtocolError(f"truncated answer: {total} of {resp.content_length} bytes")
+        self.stats.received_bytes += total
+        return b"".join(parts)
+
+    def _open(self, data: bytes, max_size: int) -> bytes:
+        try:
+            return self.codec.open(data, max_size=max_size)
+        except AuthError as e:
+            self._count("fetch.drops.auth")
+            raise PeerProtocolError(f"answer does not authenticate: {e}") from None
+        except DecodeError as e:
+            self._count("fetch.drops.decode")
+            raise PeerProtocolError(f"bad answer envelope: {e}") from None
+
+    async def _get(self, addr: str, path: str, limit: int, timeout: float) -> bytes | None:
+        """Sealed GET; the opened body, None on 404. PeerProtocolError / aiohttp errors."""
+        headers = {AUTH_HEADER: make_token(self.codec, "GET", path)}
+        async with self.session().get(
+            f"http://{addr}{path}", headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                self._count("fetch.drops.status")
+                raise PeerProtocolError(f"{addr} answered {resp.status} to GET {path}")
+            data = await self._read(resp, limit + self.codec.overhead)
+        return self._open(data, limit)
+
+    async def manifest(self, addr: str, rid: str, timeout: float = 10.0) -> bytes | None:
+        return await self._get(addr, MANIFEST_PATH.format(rid=rid), MAX_MANIFEST, timeout)
+
+    async def bitmap(self, addr: str, rid: str, n_chunks: int, timeout: float = 5.0) -> bytes | None:
+        return await self._get(addr, BITMAP_PATH.format(rid=rid), (n_chunks + 7) // 8, timeout)
+
+    async def chunks(
+        self, addr: str, ids: Sequence[str], sizes: Sequence[int], timeout: float
+    ) -> list[bytes | None]:
+        """Stored forms of `ids` from a peer (None where it did not serve one)."""
+        body = self.codec.seal(orjson.dumps({"ids": list(ids)}))
+        limit = max_piece_reply(sizes, self.codec)
+        async with self.session().post(
+            f"http://{addr}{CHUNKS_PATH}",
+            data=body,
+            headers={"Content-Type": _OCTETS},
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as resp:
+            self.stats.sent_bytes += len(body)
+            if resp.status != 200:
+                self._count("fetch.drops.status")
+                raise PeerProtocolError(f"{addr} answered {resp.status} to a chunk request")
+            data = await self._read(resp, limit)
+        piece = self._open(data, limit)
+        try:
+            return decode_piece(piece, len(ids))
+        except PeerProtocolError:
+            self._count("fetch.drops.malformed")
+            raise
+
+    async def origin_chunk(self, url: str, timeout: float) -> bytes | None:
+        """A stored form from a plain HTTP origin (None on 404)."""
+        async with self.session().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                self._count("origin.drops.status")
+                raise PeerProtocolError(f"origin answered {resp.status} for {url}")
+            return await self._read(resp, MAX_SIZE + STORED_OVERHEAD)
+
+
+class TokenBucket:
+    """An asyncio rate cap (bytes per second); take() waits until the bytes may go."""
+
+    def __init__(self, rate: float | None, burst: float | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.rate = rate
+        self.burst = float(burst if burst is not None else max(4 * 1024 * 1024, rate or 0))
+        self._tokens = self.burst
+        self._clock = clock
+        self._sleep = sleep
+        self._at = clock()
+        self._lock = asyncio.Lock()
+
+    async def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        async with self._lock:  # first come, first served
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            self._tokens -= n
+            if self._tokens < 0:
+                await self._sleep(-self._tokens / self.rate)
