@@ -67,7 +67,8 @@ from meshd.core.query import (
     split_meta,
 )
 from meshd.core.suspicion import Suspicion, suspicion_timeout
-from meshd.errors import AuthError, DecodeError, MeshError
+from meshd.crypto import Keyring
+from meshd.errors import AuthError, DecodeError, MeshError, StateError
 
 log = logging.getLogger("meshd.node")
 
@@ -344,9 +345,15 @@ class Node:
         self._send_query_out(self.queries.respond(action, payload, relays, now))
 
     def key_op(self, op: str, key: bytes, now: float) -> None:
-        """Apply a keyring change here and spread it through the mesh."""
+        """Apply a keyring change here (StateError if it does not fit) and spread it."""
+        ring = self.codec.keyring
+        if ring is None:
+            raise StateError("insecure node: no keyring")
         msg = KeyOp(self.rng.getrandbits(62), op, key)
-        self._handle_keyop(msg, now)
+        self._apply_keyop(ring, msg)
+        self._seen_keyops.append(msg.op_id)
+        self._emit("keyring", self._me, now)
+        self.broadcasts.queue(f"k:{msg.op_id}", wire.encode_message(msg))
 
     # --- network inputs ------------------------------------------------------------------------
 
@@ -717,6 +724,17 @@ class Node:
 
     # --- keyring -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _apply_keyop(ring: Keyring, msg: KeyOp) -> None:
+        if msg.op == "install":
+            ring.install(msg.key)
+        elif msg.op == "use":
+            ring.use(msg.key)
+        elif msg.op == "remove":
+            ring.remove(msg.key)
+        else:
+            raise StateError(f"unknown key operation {msg.op!r}")
+
     def _handle_keyop(self, msg: KeyOp, now: float) -> None:
         if msg.op_id in self._seen_keyops:
             return
@@ -726,15 +744,10 @@ class Node:
             self.counters.inc("keyring.ignored")
             return
         try:
-            if msg.op == "install":
-                ring.install(msg.key)
-            elif msg.op == "use":
-                ring.use(msg.key)
-            elif msg.op == "remove":
-                ring.remove(msg.key)
-            else:
-                raise DecodeError(f"unknown key operation {msg.op!r}")
+            self._apply_keyop(ring, msg)
         except MeshError as e:
+            # Another node's change that does not fit here (say, "use" before "install"
+            # arrived): pass it on anyway, others may still need it.
             self.counters.inc("keyring.failed")
             log.warning("key operation %s failed: %s", msg.op, e)
         else:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshd.crypto import load_publisher_private
-from meshd.dist.chunker import StoredChunk, chunk_tree, walk
+from meshd.dist.chunker import PublishError, StoredChunk, chunk_tree, walk
 from meshd.dist.manifest import Manifest, Signer
 from meshd.dist.store import ChunkStore, atomic_write
 
@@ -57,7 +57,10 @@ def _write_origin_manifest(root: Path, manifest: Manifest) -> None:
 
 
 def total_bytes(path: str | os.PathLike[str]) -> int:
-    return sum(p.stat().st_size for p, _ in walk(Path(path)))
+    try:
+        return sum(p.stat().st_size for p, _ in walk(Path(path)))
+    except OSError as e:
+        raise PublishError(f"cannot read {e.filename or path}: {e.strerror or e}") from e
 
 
 def publish_tree(

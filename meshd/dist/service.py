@@ -62,6 +62,7 @@ MAX_ENTRIES_PER_NAME = 16
 REJECT_RETRY = 30.0  # a manifest that failed to fetch or verify is asked for again after this
 DISCOVER_RETRY = 3.0  # ... or this, when the peer simply did not answer
 BITMAP_INTERVAL = 1.0  # at most one bitmap GET per peer and release per interval
+WAN_STALL = 5.0  # seconds without a chunk before the share cut on scarce sources is lifted
 
 SetMetaKeys = Callable[[dict[str, str | None]], None]
 Emit = Callable[[dict[str, Any]], None]
@@ -244,6 +245,12 @@ class _Fetch:
     net_phase: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     bitmap_busy: set[str] = field(default_factory=set)
     bitmap_dirty: set[str] = field(default_factory=set)
+    raw: dict[str, bytes | None] = field(default_factory=dict)  # peer -> bitmap (None: complete)
+    registered: dict[str, bytes | None] = field(default_factory=dict)  # what the swarm was told
+    masks: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    last_progress: float = 0.0
+    widened: bool = False
+    tick: asyncio.TimerHandle | None = None
     timer: asyncio.TimerHandle | None = None
     timer_at: float = 0.0
     closed: bool = False
@@ -547,8 +554,9 @@ class DistService:
             cfg = SwarmConfig(**{**cfg.__dict__, "origin_enabled": False})
         swarm = Swarm([(c, manifest.chunks[c]) for c in ids], [c for c in ids if c not in lacking],
                       random.Random(), self.now(), cfg)
-        fetch = _Fetch(manifest, swarm, dict(manifest.chunks), self.now())
+        fetch = _Fetch(manifest, swarm, dict(manifest.chunks), self.now(), last_progress=self.now())
         self._fetches[rid] = fetch
+        fetch.tick = self.loop.call_later(1.0, self._on_tick, fetch)
         # Same-site peers first: the swarm schedules on every update, and the first requests
         # should not go over the WAN only because a far peer happened to be listed first.
         for mem in sorted(self._members.values(), key=lambda m: (m.site != self.site, m.name)):
@@ -561,20 +569,90 @@ class DistService:
             return
         entry = mem.entries.get(fetch.rid[:RID_PREFIX])
         n = len(fetch.sizes)
-        now = self.now()
         if not mem.alive or entry is None or entry.have == 0 or entry.total != n:
             if mem.name in fetch.peers:
                 fetch.peers.discard(mem.name)
-                fetch.swarm.peer_gone(mem.name, now)
+                fetch.raw.pop(mem.name, None)
+                fetch.registered.pop(mem.name, None)
+                fetch.swarm.peer_gone(mem.name, self.now())
         elif entry.complete:
             fetch.peers.add(mem.name)
-            fetch.swarm.peer_update(mem.name, now, site=mem.site, same_site=mem.site == self.site,
-                                    complete=True)
+            fetch.raw[mem.name] = None
         else:
             fetch.peers.add(mem.name)
             self._want_bitmap(fetch, mem.name)
+        # Who shares the scarce sources changes with any member: re-judge every peer.
+        self._register_all(fetch)
         if pump:
             self._pump(fetch)
+
+    def _share(self, fetch: _Fetch) -> tuple[int, int]:
+        """(k, rank): same-site nodes still fetching this release, and our place among them."""
+        rid16 = fetch.rid[:RID_PREFIX]
+        group = [self.name]
+        for m in self._members.values():
+            if m.alive and m.site == self.site:
+                e = m.entries.get(rid16)
+                if e is not None and not e.complete:
+                    group.append(m.name)
+        group.sort()
+        return len(group), group.index(self.name)
+
+    def _mask(self, fetch: _Fetch, k: int, rank: int) -> bytes:
+        key = (k, rank)
+        mask = fetch.masks.get(key)
+        if mask is None:
+            n = len(fetch.sizes)
+            mask = fetch.masks[key] = make_bitmap(range(rank, n, k), n)
+        return mask
+
+    def _register_all(self, fetch: _Fetch) -> None:
+        """Tell the swarm what each peer may serve us.
+
+        Scarce sources are shared out: the chunks a peer of another site (the WAN) or the only
+        complete holder of our site (a lone seed) serves us are cut to our share, chunk index
+        modulo the number of same-site nodes fetching the release; the others' shares then
+        come over the LAN from them. About one copy crosses a site link and leaves a seed.
+        When nothing arrives for `WAN_STALL` seconds, the cut is lifted for this release.
+        """
+        k, rank = self._share(fetch)
+        local_seeds = [p for p in fetch.peers if fetch.raw.get(p, b"") is None
+                       and self._members[p].site == self.site]
+        now = self.now()
+        n = len(fetch.sizes)
+        for peer in sorted(fetch.peers, key=lambda p: (self._members[p].site != self.site, p)):
+            if peer not in fetch.raw:
+                continue  # partial peer whose bitmap has not come yet
+            mem = self._members[peer]
+            raw = fetch.raw[peer]
+            same = mem.site == self.site
+            scarce = not same or (raw is None and len(local_seeds) == 1)
+            view: bytes | None = raw
+            if scarce and k > 1 and not fetch.widened:
+                mask = self._mask(fetch, k, rank)
+                full = raw if raw is not None else make_bitmap(range(n), n)
+                view = bytes(a & b for a, b in zip(full, mask, strict=True))
+            if peer in fetch.registered and fetch.registered[peer] == view:
+                continue
+            fetch.registered[peer] = view
+            if view is None:
+                fetch.swarm.peer_update(peer, now, site=mem.site, same_site=same, complete=True)
+            else:
+                fetch.swarm.peer_update(peer, now, site=mem.site, same_site=same, bitmap=view)
+
+    def _on_tick(self, fetch: _Fetch) -> None:
+        """Once a second while fetching: lift the share cut when nothing arrives."""
+        fetch.tick = None
+        if fetch.closed or self._closed:
+            return
+        if not fetch.widened and self.now() - fetch.last_progress > WAN_STALL:
+            fetch.widened = True
+            self._count("fetch.widened")
+            log.info("%s %s: no progress for %.0fs; asking every peer for everything",
+                     fetch.manifest.name, fetch.manifest.version, WAN_STALL)
+            self._register_all(fetch)
+            self._pump(fetch)
+        fetch.tick = self.loop.call_later(1.0, self._on_tick, fetch)
 
     def _want_bitmap(self, fetch: _Fetch, peer: str) -> None:
         if peer in fetch.bitmap_busy:
@@ -600,8 +678,8 @@ class DistService:
                     log.debug("bitmap of %s from %s: %s", fetch.rid[:16], peer, e)
                     bitmap = None
                 if bitmap is not None and not fetch.closed and peer in fetch.peers:
-                    fetch.swarm.peer_update(peer, self.now(), site=mem.site,
-                                            same_site=mem.site == self.site, bitmap=bitmap)
+                    fetch.raw[peer] = bitmap
+                    self._register_all(fetch)
                     self._pump(fetch)
                 if peer not in fetch.bitmap_dirty:
                     return
@@ -666,9 +744,10 @@ class DistService:
 
     def _close_fetch(self, fetch: _Fetch, cancel_requests: bool = True) -> None:
         fetch.closed = True
-        if fetch.timer is not None:
-            fetch.timer.cancel()
-            fetch.timer = None
+        for handle in (fetch.timer, fetch.tick):
+            if handle is not None:
+                handle.cancel()
+        fetch.timer = fetch.tick = None
         if cancel_requests:
             for task in list(fetch.net_phase.values()):
                 task.cancel()
@@ -688,6 +767,8 @@ class DistService:
         if result is None or fetch.closed:
             return
         outcome, received = result
+        if received:
+            fetch.last_progress = self.now()
         fetch.swarm.fetch_done(req.request_id, outcome, self.now(), received=received)
         self._pump(fetch)
 
