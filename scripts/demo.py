@@ -2,7 +2,8 @@
 
 Nodes bind 127.0.0.1:7788/7790/7792 (APIs on the next port up; the first one's on
 127.0.0.1:7789, meshctl's default). State lives in .demo/ (a generated cluster key, one data
-dir per node, logs). mDNS stays off: nothing leaves loopback. Ctrl-C makes every node leave
+dir per node, logs). The nodes find each other by mDNS confined to 127.0.0.1 (no --join), so
+nothing leaves loopback. Ctrl-C makes every node leave
 the mesh gracefully, then stops them.
 """
 
@@ -91,17 +92,17 @@ def main() -> int:
     # The nodes run in their own sessions: Ctrl-C reaches only this script, which then sends
     # each node exactly one SIGTERM (a second signal would make a node skip its leave).
     try:
-        for i, (name, port, api, site, tags) in enumerate(NODES):
+        for name, port, api, site, tags in NODES:
             args = [
                 "run", "--name", name, "--bind", f"127.0.0.1:{port}",
                 "--api", f"127.0.0.1:{api}", "--data-dir", str(DEMO / name),
                 "--cluster", "demo", "--cluster-key-file", str(key), "--site", site,
-                "--profile", "local", "--no-mdns",
+                # The nodes find each other by mDNS, confined to loopback: no --join, and
+                # nothing leaves this machine.
+                "--profile", "local", "--mdns-interface", "127.0.0.1",
             ]
             for t in tags:
                 args += ["--tag", t]
-            if i > 0:
-                args += ["--join", f"127.0.0.1:{NODES[0][1]}"]
             log = DEMO / f"{name}.log"
             with open(log, "ab") as out:
                 proc = subprocess.Popen(meshd(*args), stdout=out, stderr=subprocess.STDOUT,

@@ -232,6 +232,7 @@ class _Member:
     site: str
     alive: bool
     entries: dict[str, Announce]
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -430,8 +431,9 @@ class DistService:
             return
         alive = m.state == MemberState.ALIVE
         meta = m.meta or {}
+        tags = {k[4:]: v for k, v in meta.items() if k.startswith("tag:")}
         mem = _Member(m.name, m.addr, meta.get("site", "default"), alive,
-                      parse_announcements(meta) if alive else {})
+                      parse_announcements(meta) if alive else {}, tags)
         self._members[m.name] = mem
         if not self._started:
             return
@@ -587,13 +589,15 @@ class DistService:
             self._pump(fetch)
 
     def _share(self, fetch: _Fetch) -> tuple[int, int]:
-        """(k, rank): same-site nodes still fetching this release, and our place among them."""
+        """(k, rank): same-site nodes that need this release (targeted, not complete), and our
+        place among them. Judged from membership and the manifest's target, not from their
+        announcements, so that every node of the site agrees before the first request."""
         rid16 = fetch.rid[:RID_PREFIX]
         group = [self.name]
         for m in self._members.values():
-            if m.alive and m.site == self.site:
+            if m.alive and m.site == self.site and fetch.manifest.matches(m.site, m.tags):
                 e = m.entries.get(rid16)
-                if e is not None and not e.complete:
+                if e is None or not e.complete:
                     group.append(m.name)
         group.sort()
         return len(group), group.index(self.name)
@@ -795,7 +799,9 @@ class DistService:
             return Outcome.ERROR, []
         finally:
             fetch.net_phase.pop(req.request_id, None)
-        self.transfer.received_bytes += sum(len(s) for s in stored if s)
+        got = sum(len(s) for s in stored if s)
+        self.transfer.received_bytes += got
+        self._count("fetch.bytes.same_site" if mem.site == self.site else "fetch.bytes.other_site", got)
         pairs = list(zip(req.chunks, stored, strict=True))
         received, bad, err = await asyncio.to_thread(self._store_piece, pairs)
         if err:

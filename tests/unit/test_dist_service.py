@@ -156,7 +156,7 @@ class Mesh:
             swarm_config=swarm or SwarmConfig(origin_delay=cfg.origin_delay, timeout_min=3.0),
         )
         node = TNode(name, site, tags or {}, root, service, self)
-        node.meta = {"site": site}
+        node.meta = {"site": site, **{f"tag:{k}": v for k, v in (tags or {}).items()}}
         app = web.Application()
         service.add_routes(app)
         node.runner = web.AppRunner(app, access_log=None)
@@ -312,6 +312,24 @@ async def test_oversized_and_garbage_requests(mesh: Mesh) -> None:
     await sess.close()
     c = n0.service.counters
     assert c["serve.drops.too_big"] == 2 and c["serve.drops.decode"] == 2
+
+
+async def test_far_site_gets_about_one_copy_over_the_site_link(mesh: Mesh, tmp_path: Path) -> None:
+    hq = await mesh.add("hq", site="hq")
+    hq2 = await mesh.add("hq2", site="hq")
+    far = [await mesh.add(f"far{i}", site="far") for i in range(3)]
+    blob = data_blob(12, 6_000_000)
+    rid = await publish(hq, write_file(tmp_path / "s" / "f.bin", blob), "1.0")
+    for n in (hq2, *far):
+        await wait_for(lambda n=n: n.state_of(rid) == "active")  # type: ignore[misc]
+        assert n.release_file("app", "f.bin").read_bytes() == blob
+    stored = sum(len(hq.service.store.get_stored(c)) for c in hq.service._manifests[rid].chunks)
+    wan = sum(n.service.counters.get("fetch.bytes.other_site", 0) for n in far)
+    lan = sum(n.service.counters.get("fetch.bytes.same_site", 0) for n in far)
+    # Three copies reached the far site; about one of them crossed the site link.
+    assert wan + lan >= 3 * stored * 0.99
+    print(f"site link carried {wan / stored:.2f} copies, the far LAN {lan / stored:.2f}")
+    assert wan <= 1.5 * stored, (wan / stored, lan / stored)
 
 
 # --- lying and broken peers ----------------------------------------------------------------------
