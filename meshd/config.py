@@ -17,10 +17,13 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshd.core.config import PRESETS, ProtocolConfig
 from meshd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from meshd.dist.service import DistConfig
 
 __all__ = [
     "DEFAULT_API",
@@ -170,8 +173,16 @@ class NodeConfig:
         meta.update({f"tag:{k}": v for k, v in self.tags.items()})
         return meta
 
+    def dist_config(self) -> DistConfig:
+        """The [dist] table (keep, hook, hook_timeout, upload_rate, download_rate, origin_delay)."""
+        from meshd.dist.service import DistConfig  # lazy: the config loads without the dist stack
+
+        source = f"{self.source}: [dist]" if self.source else "[dist]"
+        return DistConfig.from_table(self.extra.get("dist"), source)
+
     def validate(self) -> None:
         """Checks across fields (single values are checked while loading)."""
+        self.dist_config()
         host, _ = self.bind_hostport
         if self.insecure and not is_loopback_host(host):
             raise ConfigError(

@@ -21,7 +21,9 @@ import stat
 import struct
 import sys
 import time
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,14 @@ import orjson
 from meshd import PROTOCOL_VERSION, __version__
 from meshd.api.app import ApiServer, create_api_app
 from meshd.config import NodeConfig, format_hostport, is_loopback_host, parse_hostport
-from meshd.core.messages import MemberState
+from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.node import MemberEvent, MemberView, Node
-from meshd.crypto import Keyring, NodeIdentity, fingerprint, read_key_file
+from meshd.core.query import QueryResult, default_timeout
+from meshd.crypto import Keyring, NodeIdentity, fingerprint, load_publisher_public, read_key_file
+from meshd.dist.api import add_release_routes
+from meshd.dist.service import DistService
 from meshd.errors import ConfigError, StateError
+from meshd.health_service import HealthService
 from meshd.metrics import Exposition, TransferStats
 from meshd.net.peer_http import PeerClient, PeerServer, TCPStats, create_peer_app
 from meshd.net.udp import UDPEndpoint
@@ -221,6 +227,14 @@ class _JournalFormatter(logging.Formatter):
 # --- the daemon ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PayloadEvent:
+    """A non-member event for /v1/events subscribers (kind "release"; SSE data = payload)."""
+
+    kind: str
+    payload: dict[str, Any]
+
+
 class Daemon:
     """One meshd node: owns the sockets, the core, the API and the data dir."""
 
@@ -255,6 +269,9 @@ class Daemon:
         self._api: ApiServer | None = None
         self._snapshot_peers: list[str] = []
         self._start_incarnation = 0  # above what the mesh may remember of our last run
+        self.dist: DistService | None = None
+        self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self.health: HealthService | None = None  # checks, health meta and query answers
 
     # --- Agent protocol (used by the API) --------------------------------------------------
 
@@ -276,7 +293,54 @@ class Daemon:
         return self.runtime.node.members()
 
     def subscribe(self) -> Subscription:
-        return self.runtime.subscribe()
+        sub = self.runtime.subscribe()
+        self._subscriptions.add(sub)  # release events go to the same stream
+        return sub
+
+    def update_meta(self, updates: dict[str, str | None]) -> None:
+        """Merge keys into this node's gossiped metadata (None deletes a key)."""
+        meta = dict(self.runtime.node.meta)
+        for k, v in updates.items():
+            if v is None:
+                meta.pop(k, None)
+            else:
+                meta[k] = v
+        self.runtime.set_meta(meta)
+
+    def _on_release_event(self, payload: dict[str, Any]) -> None:
+        ev = PayloadEvent("release", payload)
+        for sub in list(self._subscriptions):
+            sub.put(ev)  # type: ignore[arg-type]  # the API renders payload events itself
+
+    async def run_query(
+        self,
+        name: str,
+        payload: bytes,
+        filters: QueryFilter,
+        timeout: float | None,
+        relay_factor: int,
+    ) -> QueryResult:
+        """A gossip query for the API (/v1/health, /v1/query); Serf's default timeout."""
+        node = self.runtime.node
+        if timeout is None:
+            timeout = default_timeout(node.config.gossip_interval, node.num_active())
+        return await self.runtime.ask(name, payload, filters, timeout, relay_factor)
+
+    def _collect_query_metrics(self, out: Exposition) -> None:
+        """Query engine counters (query.match, response.accepted, ...), health, answering."""
+        rt = self.runtime
+        out.core_counters({f"queries.{k}": v for k, v in rt.node.queries.counters.items()})
+        out.gauge("meshd_queries_in_flight", "queries this node asked, not finished yet",
+                  rt.node.queries.in_flight())
+        out.counter("meshd_queries_busy_total", "queries answered busy (too many running)",
+                    rt.queries_busy)
+        out.counter("meshd_queries_fanned_out_total", "direct copies of our queries sent",
+                    rt.queries_fanned_out)
+        if self.health is not None:
+            out.labelled("meshd_health_checks", "gauge", "local checks by status",
+                         [({"status": s}, sum(1 for c in self.health.monitor.checks()
+                                              if c["status"] == s))
+                          for s in ("passing", "warning", "critical")])
 
     async def join(self, addrs: list[str]) -> int:
         resolved: list[str] = []
@@ -346,6 +410,10 @@ class Daemon:
                     self.runtime.events_dropped)
         out.gauge("meshd_event_subscribers", "open event streams", self.runtime.subscriber_count)
         out.core_counters(node.counters.values)
+        self._collect_query_metrics(out)
+        if self.dist is not None:
+            out.core_counters({f"dist.{k}": v for k, v in self.dist.counters.items()})
+            out.core_counters({f"dist.swarm.{k}": v for k, v in self.dist.fetch_counters().items()})
         mdns = getattr(self._discovery, "counters", None)
         if isinstance(mdns, dict):
             out.core_counters({f"mdns.{k}": v for k, v in mdns.items()})
@@ -453,6 +521,18 @@ class Daemon:
                 and ev.member.state == MemberState.ALIVE):
             self._set_ready("joined")
 
+    def _make_dist(self, codec: Codec) -> DistService:
+        cfg = self.cfg
+        trusted = [load_publisher_public(path) for path in cfg.trust_publisher]
+        if not trusted:
+            log.warning("no --trust-publisher key: this node holds and serves releases but "
+                        "installs none")
+        return DistService(
+            self.data_dir, name=cfg.name, site=cfg.site, tags=cfg.tags, codec=codec,
+            trusted=trusted, config=cfg.dist_config(), set_meta_keys=self.update_meta,
+            emit=self._on_release_event, transfer=self.transfer,
+        )
+
     # --- run -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -464,6 +544,8 @@ class Daemon:
         self.keyring = self._load_keyring()
         self.api_token = load_or_create_token(self.data_dir)
         self._load_snapshot()
+        health = HealthService.from_config(cfg)  # a bad [[check]] fails before any socket
+        self.health = health
 
         bind_host, port = cfg.bind_hostport
         if cfg.insecure and not is_loopback_host(bind_host):  # validated already; belt and braces
@@ -478,6 +560,7 @@ class Daemon:
         runtime = NodeRuntime(node, peer_client=PeerClient(self.client_stats))
         self._runtime = runtime
         runtime.add_listener(self._on_event)
+        health.attach(runtime)
 
         udp = UDPEndpoint(runtime.on_datagram)
         try:
@@ -487,6 +570,8 @@ class Daemon:
         self._udp = udp
         runtime.udp = udp
         peer_app = create_peer_app(runtime, self.tcp_stats)
+        self.dist = self._make_dist(codec)
+        self.dist.add_routes(peer_app)
         self._peer_server = PeerServer(peer_app)
         try:
             await self._peer_server.start(bind_host, port)
@@ -498,7 +583,9 @@ class Daemon:
         if not is_loopback_host(api_host):
             log.warning("operator API on %s is reachable from the network; reads need no token",
                         cfg.api)
-        self._api = ApiServer(create_api_app(self))
+        api_app = create_api_app(self)
+        add_release_routes(api_app, self.dist)
+        self._api = ApiServer(api_app)
         try:
             await self._api.start(api_host, api_port)
         except OSError as e:
@@ -507,6 +594,8 @@ class Daemon:
         self.api_url = f"http://{format_hostport(str(bound[0]), int(bound[1]))}"
 
         runtime.start()
+        await self.dist.start(node.members())
+        runtime.add_listener(self.dist.handle_member_event)
         ring = (f"keyring of {len(self.keyring)} key(s), primary {fingerprint(self.keyring.primary)}"
                 if self.keyring else "INSECURE (no encryption)")
         log.info("meshd %s node %s id %s cluster %s site %s", __version__, cfg.name,
@@ -515,6 +604,7 @@ class Daemon:
                  format_hostport(bind_host, port), self.addr, self.addr_source, self.api_url,
                  ring, cfg.profile)
 
+        await health.start()  # every check ran once: the mesh learns a real summary on join
         seeds = list(cfg.join)
         snapshot = [a for a in self._snapshot_peers if a != self.addr]
         if seeds or snapshot:
@@ -562,9 +652,13 @@ class Daemon:
         if self._discovery is not None:
             with contextlib.suppress(Exception):
                 await self._discovery.close()
+        if self.health is not None:
+            await self.health.stop()
         self.write_snapshot()
         if self._api is not None:
             await self._api.stop()
+        if self.dist is not None:
+            await self.dist.stop()
         if self._peer_server is not None:
             await self._peer_server.stop()
         if self._udp is not None:

@@ -2,26 +2,50 @@
 
 Every input (datagram, inbound stream, finished outbound stream, timer, operator call) is
 handed to the node with loop.time(); then `_flush` carries out what the node asked for:
-datagrams are sent, streams become tasks, events go to subscribers, and one timer is re-armed
-from node.get_timer(). An exception from the core is logged and counted, never allowed to
-stop the loop.
+datagrams are sent, streams become tasks, events go to subscribers, queries this node matches
+go to the answerer (each a task, at most MAX_ANSWERING at once), finished queries resolve the
+`ask()` waiting for them, and one timer is re-armed from node.get_timer(). An exception from
+the core is logged and counted, never allowed to stop the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-from meshd.core.node import MemberEvent, Node, StreamRequest
+import orjson
+
+from meshd import wire
+from meshd.core.messages import MemberState, QueryFilter
+from meshd.core.node import JOIN_TIMEOUT_MIN, MemberEvent, MemberView, Node, StreamRequest
+from meshd.core.query import QueryAction, QueryResult, matches, split_meta
 from meshd.net.peer_http import PeerClient
 from meshd.net.udp import UDPEndpoint
 
 log = logging.getLogger("meshd.runtime")
 
 EventListener = Callable[[MemberEvent], None]
+QueryAnswerer = Callable[[QueryAction], Awaitable[bytes]]
 SUBSCRIBER_QUEUE = 1024
+MAX_ANSWERING = 64  # queries being answered at once; beyond that the asker gets a "busy" answer
+DIRECT_FAN_OUT = 64  # members a query is also sent to directly (see _fan_out_query)
+ASK_GRACE = 5.0  # the core finishes a query at its deadline; this only guards against a lost result
+
+
+@dataclass(frozen=True)
+class NodeEvent:
+    """An event the shell raises itself (kind "health": a member's health summary changed).
+    The event stream sends `payload` as the SSE data, with `kind` as the SSE event name."""
+
+    kind: str
+    member: MemberView
+    payload: dict[str, Any]
+
+
+StreamEvent = MemberEvent | NodeEvent
 
 
 class Subscription:
@@ -29,16 +53,16 @@ class Subscription:
 
     def __init__(self, runtime: NodeRuntime, maxsize: int) -> None:
         self._runtime = runtime
-        self.queue: asyncio.Queue[MemberEvent] = asyncio.Queue(maxsize)
+        self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue(maxsize)
         self.dropped = 0
 
-    def put(self, ev: MemberEvent) -> None:
+    def put(self, ev: StreamEvent) -> None:
         try:
             self.queue.put_nowait(ev)
         except asyncio.QueueFull:
             self.dropped += 1
 
-    async def get(self) -> MemberEvent:
+    async def get(self) -> StreamEvent:
         return await self.queue.get()
 
     def close(self) -> None:
@@ -50,7 +74,7 @@ class Subscription:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    async def __aiter__(self) -> AsyncIterator[MemberEvent]:
+    async def __aiter__(self) -> AsyncIterator[StreamEvent]:
         while True:
             yield await self.queue.get()
 
@@ -76,6 +100,12 @@ class NodeRuntime:
         self._subscribers: set[Subscription] = set()
         self._listeners: list[EventListener] = []
         self._stream_waiters: dict[int, asyncio.Future[bool]] = {}
+        self._query_waiters: dict[int, asyncio.Future[QueryResult]] = {}
+        self._queries = hasattr(node, "queries_to_answer")  # stand-in cores of tests have none
+        self._answerer: QueryAnswerer | None = None
+        self._answering = 0
+        self.queries_busy = 0  # queries answered "busy" because MAX_ANSWERING were running
+        self.queries_fanned_out = 0  # direct copies of our queries sent
         self._closed = False
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -108,6 +138,9 @@ class NodeRuntime:
             if not fut.done():
                 fut.set_result(False)
         self._stream_waiters.clear()
+        for qfut in self._query_waiters.values():
+            qfut.cancel()
+        self._query_waiters.clear()
         await self.peer_client.close()
 
     # --- inputs ------------------------------------------------------------------------------
@@ -135,7 +168,8 @@ class NodeRuntime:
         self._flush()
         if not waiters:
             return 0
-        limit = (timeout if timeout is not None else self.node.config.tcp_timeout) + 1.0
+        default = max(self.node.config.tcp_timeout, JOIN_TIMEOUT_MIN)
+        limit = (timeout if timeout is not None else default) + 1.0
         done, pending = await asyncio.wait(waiters, timeout=limit)
         for fut in pending:
             fut.cancel()
@@ -170,6 +204,95 @@ class NodeRuntime:
         self._call(self.node.set_meta, meta, self.now())
         self._flush()
 
+    # --- queries -----------------------------------------------------------------------------
+
+    def set_query_answerer(self, answerer: QueryAnswerer) -> None:
+        """Who answers the queries this node matches (runs the handler, returns the payload).
+        Without one, matched queries are not answered and the asker names this node missing."""
+        self._answerer = answerer
+
+    async def ask(
+        self,
+        name: str,
+        payload: bytes,
+        filters: QueryFilter,
+        timeout: float,
+        relay_factor: int = 0,
+    ) -> QueryResult:
+        """Gossip a query and wait for its result: every expected answer, or the timeout.
+
+        ConfigError for bad arguments, StateError when too many queries are in flight (both
+        from the core). Cancelling the wait forgets the query.
+        """
+        qid: int = self.node.ask(name, payload, filters, timeout, relay_factor, self.now())
+        fut: asyncio.Future[QueryResult] = self.loop.create_future()
+        self._query_waiters[qid] = fut  # before the flush: the result may already be there
+        self._flush()
+        self._fan_out_query(qid, filters)
+        try:
+            return await asyncio.wait_for(fut, timeout + ASK_GRACE)
+        finally:
+            self._query_waiters.pop(qid, None)
+            if not fut.done() or fut.cancelled():
+                self._call(self.node.queries.cancel, qid)
+
+    def _fan_out_query(self, qid: int, filters: QueryFilter) -> None:
+        """Also send the query straight to the alive members that should answer it.
+
+        Gossip alone reaches everyone only with high probability: with the retransmit limit
+        of small meshes (2 x ceil(log10(n + 1)) sends per node in the local preset) a node is
+        missed now and then, and the query then waits for its whole timeout. A direct copy to
+        each expected member (at most DIRECT_FAN_OUT; gossip covers the rest) makes a complete
+        answer the common case; receivers de-duplicate it against the gossiped copies.
+        """
+        node = self.node
+        msg = self._call(node.queries.query_message, qid)
+        if msg is None or self.udp is None:
+            return  # already complete (nobody else expected), or no socket (tests)
+        alive = [m for m in node.members() if m.state == MemberState.ALIVE and m.name != node.name]
+        targets = [m for m in alive if matches(filters, m.name, *split_meta(m.meta))]
+        if len(targets) > DIRECT_FAN_OUT:
+            targets = node.rng.sample(targets, DIRECT_FAN_OUT)
+        packet = self._call(node.codec.pack, [wire.encode_message(msg)])
+        if packet is None:
+            return
+        for m in targets:
+            self.udp.sendto(packet, m.addr)
+        self.queries_fanned_out += len(targets)
+
+    def _start_answer(self, action: QueryAction) -> None:
+        if self._answerer is None:
+            return
+        if self._answering >= MAX_ANSWERING:
+            self.queries_busy += 1
+            busy = {"error": "busy", "detail": f"{MAX_ANSWERING} queries already being answered"}
+            self._call(self.node.respond_query, action, orjson.dumps(busy), self.now())
+            return
+        self._answering += 1
+        task = self.loop.create_task(self._answer(self._answerer, action))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, answerer: QueryAnswerer, action: QueryAction) -> None:
+        try:
+            try:
+                payload = await answerer(action)
+            except Exception as e:  # a handler bug must still give the asker an answer
+                self.errors += 1
+                log.exception("answering query %r failed", action.query.name)
+                payload = orjson.dumps({"error": "failed", "detail": f"{type(e).__name__}: {e}"})
+        finally:
+            self._answering -= 1
+        if self._closed:
+            return
+        self._call(self.node.respond_query, action, payload, self.now())
+        self._flush()
+
+    def _deliver_result(self, result: QueryResult) -> None:
+        fut = self._query_waiters.pop(result.id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(result)
+
     # --- subscribers -------------------------------------------------------------------------
 
     def subscribe(self, maxsize: int = SUBSCRIBER_QUEUE) -> Subscription:
@@ -184,6 +307,13 @@ class NodeRuntime:
     def add_listener(self, listener: EventListener) -> None:
         """A synchronous callback for every event (persisting the keyring, the snapshot...)."""
         self._listeners.append(listener)
+
+    def publish(self, ev: NodeEvent) -> None:
+        """Hand a shell event to the subscribers (the event stream); listeners see core events only."""
+        for sub in list(self._subscribers):
+            before = sub.dropped
+            sub.put(ev)
+            self.events_dropped += sub.dropped - before
 
     # --- the pump ----------------------------------------------------------------------------
 
@@ -204,6 +334,12 @@ class NodeRuntime:
         if self._closed:
             return
         node = self.node
+        # Queries first: a "busy" answer queues datagrams that go out just below.
+        if self._queries:
+            for action in self._call(node.queries_to_answer) or []:
+                self._start_answer(action)
+            for result in self._call(node.query_results) or []:
+                self._deliver_result(result)
         datagrams = self._call(node.datagrams_to_send) or []
         if self.udp is not None:
             for data, addr in datagrams:

@@ -322,6 +322,16 @@ def event_json(ev: EventLike) -> bytes:
     return orjson.dumps({"kind": ev.kind, "member": member_json(ev.member)})
 
 
+def sse_frame(ev: EventLike) -> bytes:
+    """One SSE frame: member/keyring events, or events that carry their own JSON payload
+    (release events from update distribution)."""
+    payload = getattr(ev, "payload", None)
+    if isinstance(payload, dict):
+        return b"event: " + ev.kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+    name = b"keyring" if ev.kind == "keyring" else b"member"
+    return b"event: " + name + b"\ndata: " + event_json(ev) + b"\n\n"
+
+
 async def get_events(request: web.Request) -> web.StreamResponse:
     app = request.app
     agent = app[AGENT]
@@ -348,8 +358,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
                                          return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
                 ev = getter.result()
-                name = b"keyring" if ev.kind == "keyring" else b"member"
-                await resp.write(b"event: " + name + b"\ndata: " + event_json(ev) + b"\n\n")
+                await resp.write(sse_frame(ev))
             else:
                 getter.cancel()
                 if stop not in done:
@@ -427,6 +436,9 @@ def create_api_app(agent: Agent) -> web.Application:
     r.add_get("/metrics", get_metrics)
     r.add_get("/healthz", get_healthz)
     r.add_get("/readyz", get_readyz)
+    from meshd.api.queries import add_query_routes  # here: that module imports this one
+
+    add_query_routes(app)  # GET /v1/health, POST /v1/query
     return app
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -270,6 +271,10 @@ def cmd_monitor(c: Client, args: argparse.Namespace) -> int:
                 m = doc.get("member", {})
                 line = (f"{time.strftime('%H:%M:%S')} {event} {doc.get('kind')}: "
                         f"{m.get('name')} {m.get('addr')} {m.get('state')}")
+                if event == "release":
+                    line = (f"{time.strftime('%H:%M:%S')} release {doc.get('name')} "
+                            f"{doc.get('version')}: {doc.get('state')}"
+                            + (f" ({doc['detail']})" if doc.get("detail") else ""))
             except (ValueError, AttributeError):
                 line = f"{time.strftime('%H:%M:%S')} {event}: {data}"
             print(line, flush=True)
@@ -278,6 +283,119 @@ def cmd_monitor(c: Client, args: argparse.Namespace) -> int:
     except (OSError, TimeoutError) as e:
         raise CtlError(f"event stream from {c.api} ended: {e}") from None
     raise CtlError(f"meshd at {c.api} closed the event stream")
+
+
+def _bar(done: float, total: float, width: int = 30) -> str:
+    frac = min(1.0, done / total) if total else 1.0
+    fill = int(frac * width)
+    return "[" + "#" * fill + "-" * (width - fill) + f"] {frac * 100:5.1f}%"
+
+
+def cmd_publish(c: Client, args: argparse.Namespace) -> int:
+    tags: dict[str, str] = {}
+    for t in args.tag:
+        if "=" not in t:
+            raise CtlError(f"--tag: expected KEY=VALUE, got {t!r}", EXIT_USAGE)
+        k, v = t.split("=", 1)
+        tags[k.strip()] = v.strip()
+    body: dict[str, Any] = {
+        "path": os.path.abspath(args.path), "name": args.name, "version": args.version,
+        "key_file": os.path.abspath(args.key), "site": args.site, "tags": tags,
+        "origin_dir": os.path.abspath(args.origin_dir) if args.origin_dir else None,
+        "origins": args.origin_url,
+    }
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["doc"] = c.post("/v1/releases", body, timeout=max(c.timeout, 3600.0))
+        except CtlError as e:
+            result["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    tty = sys.stderr.isatty() and not args.json
+    while worker.is_alive():
+        worker.join(0.25)
+        if tty and worker.is_alive():
+            with_progress = [p for p in _publishing(c) if p.get("name") == args.name
+                             and p.get("version") == args.version]
+            if with_progress:
+                p = with_progress[0]
+                sys.stderr.write(f"\rchunking {args.name} {args.version} "
+                                 + _bar(p.get("done_bytes", 0), p.get("total_bytes", 0)))
+                sys.stderr.flush()
+    if tty:
+        sys.stderr.write("\r\033[K")
+    if "error" in result:
+        raise result["error"]
+    doc = result["doc"]
+    if args.json:
+        print_json(doc)
+        return 0
+    print(f"published {doc['name']} {doc['version']} id {doc['id'][:16]}: {doc['files']} file(s), "
+          f"{doc['size']} bytes, {doc['chunks']} chunks ({doc['new_chunks']} new, "
+          f"{doc['stored_bytes']} bytes stored)")
+    if doc.get("origin_dir"):
+        print(f"origin files in {doc['origin_dir']}")
+    if args.wait:
+        return _wait_release(c, doc["id"], args.wait)
+    return 0
+
+
+def _publishing(c: Client) -> list[dict[str, Any]]:
+    try:
+        return list(c.get("/v1/releases").get("publishing", []))
+    except CtlError:
+        return []
+
+
+def _wait_release(c: Client, rid: str, timeout: float) -> int:
+    """Progress until every alive member that announces the release has it complete."""
+    deadline = time.monotonic() + timeout
+    tty = sys.stderr.isatty()
+    while True:
+        rows = [r for r in c.get("/v1/releases").get("releases", []) if r["id"] == rid]
+        nodes = rows[0].get("nodes", {}) if rows else {}
+        have = total = 0
+        for frac in nodes.values():
+            h, _, t = str(frac).partition("/")
+            have, total = have + int(h or 0), total + int(t or 0)
+        done = rows[0].get("nodes_complete", 0) if rows else 0
+        if tty:
+            sys.stderr.write(f"\rspreading to {len(nodes)} node(s): {done} complete "
+                             + _bar(have, total))
+            sys.stderr.flush()
+        if nodes and done == len(nodes) and len(nodes) > 1:
+            if tty:
+                sys.stderr.write("\n")
+            print(f"{done} node(s) have the release")
+            return 0
+        if time.monotonic() > deadline:
+            if tty:
+                sys.stderr.write("\n")
+            print(f"timed out: {done} of {len(nodes)} node(s) have the release", file=sys.stderr)
+            return EXIT_ERROR
+        time.sleep(0.5)
+
+
+def cmd_releases(c: Client, args: argparse.Namespace) -> int:
+    doc = c.get("/v1/releases")
+    if args.json:
+        print_json(doc)
+        return 0
+    rows = []
+    for r in doc.get("releases", []):
+        current_on = r.get("current_on", [])
+        rows.append([
+            r["name"], r["version"], r["id"][:12], str(r["size"]), r["state"],
+            f"{r['have_chunks']}/{r['chunks']}", "yes" if r.get("current") else "",
+            f"{r.get('nodes_complete', 0)}/{len(r.get('nodes', {}))}",
+            ",".join(current_on) if len(current_on) <= 4 else f"{len(current_on)} nodes",
+        ])
+    print(table(rows, ["NAME", "VERSION", "ID", "SIZE", "STATE", "CHUNKS", "CURRENT",
+                       "COMPLETE ON", "CURRENT ON"]))
+    return 0
 
 
 def cmd_version(c: Client, args: argparse.Namespace) -> int:
@@ -325,7 +443,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("op", choices=("list", "install", "use", "remove"))
     p.add_argument("key", nargs="?", help="base64 key (or --key-file)")
     p.add_argument("--key-file", metavar="FILE", help="key file made by `meshd keygen cluster`")
-    sub.add_parser("monitor", parents=[common], help="stream member events")
+    sub.add_parser("monitor", parents=[common], help="stream member and release events")
+    p = sub.add_parser("publish", parents=[common], help="publish a file or directory as a release")
+    p.add_argument("path", metavar="PATH", help="file or directory (on the node's host)")
+    p.add_argument("--name", required=True, help="release name")
+    p.add_argument("--version", required=True, help="release version")
+    p.add_argument("--key", required=True, metavar="FILE",
+                   help="publisher private key (from `meshd keygen publisher`)")
+    p.add_argument("--site", help="install only on gateways of this site")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="install only on gateways with this tag; repeatable")
+    p.add_argument("--origin-dir", metavar="DIR",
+                   help="also write the chunks and manifest as plain files for a web server")
+    p.add_argument("--origin-url", action="append", default=[], metavar="URL",
+                   help="origin URL (where --origin-dir will be served) put in the manifest")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="then wait (with progress) until the nodes that want it have it")
+    sub.add_parser("releases", parents=[common],
+                   help="releases: state, progress, nodes that have it, where it is current")
+    from meshd.cli import meshctl_health  # health, query (it imports this module)
+
+    meshctl_health.register(sub, COMMANDS)
     sub.add_parser("version", parents=[common], help="client and server versions")
     return parser
 
@@ -337,6 +475,8 @@ COMMANDS = {
     "leave": cmd_leave,
     "keys": cmd_keys,
     "monitor": cmd_monitor,
+    "publish": cmd_publish,
+    "releases": cmd_releases,
     "version": cmd_version,
 }
 

@@ -130,6 +130,7 @@ class _Probe:
     end: float
     acked: bool = False
     indirect_done: bool = False
+    nack_deadline: float = 0.0  # until when nacks still count for our local health
     expected_nacks: int = 0
     nacks: int = 0
     tcp_acked: bool = False
@@ -176,6 +177,7 @@ MAX_SEEN_KEYOPS = 256
 # A datagram body may not decompress past this (a key holder could otherwise inflate 64 KiB
 # into megabytes); big news goes over TCP anyway.
 MAX_DATAGRAM_BODY = 1 << 20
+JOIN_TIMEOUT_MIN = 5.0
 
 
 class Node:
@@ -206,6 +208,7 @@ class Node:
         self._probe_order: list[str] = []
         self._probe_index = 0
         self._probe: _Probe | None = None
+        self._nack_waits: dict[int, _Probe] = {}  # failed probes still collecting nacks
         self._relays: dict[int, _Relay] = {}
         self._suspicions: dict[str, Suspicion] = {}
         self._streams: dict[int, _Stream] = {}
@@ -282,6 +285,8 @@ class Node:
         p = self._probe
         if p is not None and not p.acked:
             deadline = min(deadline, p.end if p.indirect_done else p.ack_deadline)
+        for w in self._nack_waits.values():
+            deadline = min(deadline, w.nack_deadline)
         for r in self._relays.values():
             deadline = min(deadline, r.deadline)
         for s in self._suspicions.values():
@@ -424,6 +429,8 @@ class Node:
                 self._indirect_probe(p, now)
             if p.indirect_done and now >= p.end:
                 self._probe_failed(p, now)
+        for seq in [q for q, w in self._nack_waits.items() if now >= w.nack_deadline]:
+            self._judge_own_health(self._nack_waits.pop(seq))
         for seq in [s for s, r in self._relays.items() if now >= r.deadline]:
             r = self._relays.pop(seq)
             if r.nack:
@@ -457,8 +464,9 @@ class Node:
         elif isinstance(msg, Ack):
             self._handle_ack(msg, now)
         elif isinstance(msg, Nack):
-            p = self._probe
-            if p is not None and p.seq == msg.seq:
+            p = self._probe if self._probe is not None and self._probe.seq == msg.seq else None
+            p = p or self._nack_waits.get(msg.seq)
+            if p is not None:
                 p.nacks += 1
         elif isinstance(msg, Alive):
             self._alive(msg, now)
@@ -523,6 +531,10 @@ class Node:
 
     def _indirect_probe(self, p: _Probe, now: float) -> None:
         p.indirect_done = True
+        # Relays nack after their own probe timeout; give the nack a round trip more to come
+        # back. (memberlist stops counting at the end of the interval, which a relay's nack
+        # cannot meet at the LAN and WAN presets, so true failures hurt the prober's score.)
+        p.nack_deadline = max(p.end, now + self.config.probe_timeout * 1.5)
         target = self._members.get(p.target)
         if target is None:
             return
@@ -552,21 +564,26 @@ class Node:
 
     def _probe_failed(self, p: _Probe, now: float) -> None:
         self._probe = None
-        # Lifeguard: missing nacks mean *we* may be the slow one.
-        if p.expected_nacks > 0:
-            self.awareness.apply_delta(max(0, p.expected_nacks - p.nacks))
-        else:
-            self.awareness.apply_delta(1)
+        self._nack_waits[p.seq] = p
+        if now >= p.nack_deadline:
+            self._judge_own_health(self._nack_waits.pop(p.seq))
         if p.tcp_acked:
             self.counters.inc("probes.tcp_only")
             log.debug("reached %s over TCP but UDP probes failed: network may be misconfigured",
-                        p.target)
+                      p.target)
             return
         m = self._members.get(p.target)
         if m is None or m.state in DEAD_STATES:
             return
         self.counters.inc("probes.failed")
         self._suspect(Suspect(m.incarnation, m.name, self.name), now)
+
+    def _judge_own_health(self, p: _Probe) -> None:
+        """Lifeguard: relays that should have nacked and did not mean *we* may be the slow one."""
+        if p.expected_nacks > 0:
+            self.awareness.apply_delta(max(0, p.expected_nacks - p.nacks))
+        else:
+            self.awareness.apply_delta(1)
 
     def _handle_ping(self, msg: Ping, now: float) -> None:
         if msg.target and msg.target != self.name:
@@ -820,7 +837,11 @@ class Node:
         data = self.codec.pack([wire.encode_message(
             PushPull(kind == "join", self._local_state(), False))])
         sid = self._new_stream(_Stream(kind, target))
-        self._out_streams.append(StreamRequest(sid, addr, data, self.config.tcp_timeout, kind))
+        timeout = self.config.tcp_timeout
+        if kind == "join":
+            # A join is a one-off and often meets a seed still starting up: be patient.
+            timeout = max(timeout, JOIN_TIMEOUT_MIN)
+        self._out_streams.append(StreamRequest(sid, addr, data, timeout, kind))
         return sid
 
     def _periodic_push_pull(self, now: float) -> None:

@@ -104,6 +104,7 @@ def test_release_reaches_six_nodes_resumes_and_deltas(mesh: Mesh, tmp_path: Path
     slow.signal(signal.SIGKILL)
     slow.wait_exit()
     slow.start(join=[nodes[0].addr], extra=trust)  # without the rate cap this time
+    mesh.wait_until("restarted node lists the release", lambda: row(slow, "1.0") is not None)
     resumed = row(slow, "1.0")
     assert resumed is not None and resumed["have_chunks"] >= before_kill["have_chunks"]
 
@@ -114,8 +115,8 @@ def test_release_reaches_six_nodes_resumes_and_deltas(mesh: Mesh, tmp_path: Path
         assert file_digest(path) == want, n.name
     # The restarted node fetched only what it lacked (stored bytes < the release size).
     assert first_run > 0 and received(slow) < published["stored_bytes"]
-    mesh.wait_until("gossip shows 6 holders", lambda: (row(nodes[3], "1.0") or {}).get(
-        "nodes_complete") == 6)
+    mesh.wait_until("gossip shows 6 holders everywhere", lambda: all(
+        (row(n, "1.0") or {}).get("nodes_complete") == 6 for n in nodes))
     status = nodes[0].get("/v1/status")
     assert status["transfer"]["sent_bytes"] > 0 and status["transfer"]["origin_bytes"] == 0
 
@@ -146,6 +147,8 @@ def test_release_reaches_six_nodes_resumes_and_deltas(mesh: Mesh, tmp_path: Path
             continue
         moved = received(n) - before[n.name]
         # Only the new chunks (what the publisher stored anew), nothing of the 98% unchanged.
-        assert 0 < moved <= delta["stored_bytes"] * 1.1 + 65536, (n.name, moved, delta)
+        # A delta this small is all endgame, where a chunk may be asked of two peers at once.
+        assert 0 < moved <= delta["stored_bytes"] * 2 + 65536, (n.name, moved, delta)
+        assert moved < 0.05 * SIZE
     assert delta["new_chunks"] < 0.05 * delta["chunks"]
     print(f"delta {delta['stored_bytes']} bytes in {delta['new_chunks']} chunks, spread in {took:.1f}s")

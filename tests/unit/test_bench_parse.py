@@ -166,3 +166,10 @@ def test_ratio_and_formatting() -> None:
     assert bench.ratio(1.0, 0) == "n/a"
     assert bench.fmt_num(None) == "n/a"
     assert bench.fmt_num(0.12345, " s", 3) == "0.123 s"
+
+
+def test_no_slower_verdict() -> None:
+    assert bench.no_slower([0.30, 0.26, 0.40], [0.25, 0.26, 0.31], 0.05) is True
+    assert bench.no_slower([7.4, 7.3], [6.8, 7.2, 8.9], 0.05) == "within serf's range"
+    assert bench.no_slower([9.5, 9.6], [6.8, 7.2, 8.9], 0.05) is False
+    assert bench.no_slower([], [1.0], 0.05) is None

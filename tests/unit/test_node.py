@@ -322,3 +322,16 @@ def test_node_runs_alone_without_peers() -> None:
         n.handle_timer(float(t))
     assert alive_names(n) == {"solo"}
     assert n.get_timer() > 49.0
+
+
+def test_a_true_failure_does_not_hurt_the_probers_health() -> None:
+    # Relays nack a dead target after their probe timeout; those nacks must still count,
+    # or every node that probes a crashed peer would stretch its own probe interval.
+    net, nodes = make_cluster(8)
+    victim = nodes[3]
+    net.kill(victim)
+    survivors = [n for n in nodes if n is not victim]
+    assert net.run_until_true(
+        lambda: all(state_of(n, victim.name) == MemberState.DEAD for n in survivors), 60.0)
+    assert sum(n.counters.values.get("probes.failed", 0) for n in survivors) >= 2
+    assert all(n.awareness.score == 0 for n in survivors)
