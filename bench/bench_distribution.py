@@ -227,7 +227,7 @@ def run_meshd(
                     mdns=False,
                     fresh=True,
                     joins=[] if h is origin else [seed],
-                    extra=["--trust-publisher", f"{pub_key}.pub", "--log-level", "warning"],
+                    extra=["--trust-publisher", f"{pub_key}.pub", "--log-level", "info"],
                 )
             )
         wait(

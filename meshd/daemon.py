@@ -334,8 +334,6 @@ class Daemon:
                   rt.node.queries.in_flight())
         out.counter("meshd_queries_busy_total", "queries answered busy (too many running)",
                     rt.queries_busy)
-        out.counter("meshd_queries_fanned_out_total", "direct copies of our queries sent",
-                    rt.queries_fanned_out)
         if self.health is not None:
             out.labelled("meshd_health_checks", "gauge", "local checks by status",
                          [({"status": s}, sum(1 for c in self.health.monitor.checks()

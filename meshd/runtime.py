@@ -18,10 +18,9 @@ from typing import Any
 
 import orjson
 
-from meshd import wire
-from meshd.core.messages import MemberState, QueryFilter
+from meshd.core.messages import QueryFilter
 from meshd.core.node import JOIN_TIMEOUT_MIN, MemberEvent, MemberView, Node, StreamRequest
-from meshd.core.query import QueryAction, QueryResult, matches, split_meta
+from meshd.core.query import QueryAction, QueryResult
 from meshd.net.peer_http import PeerClient
 from meshd.net.udp import UDPEndpoint
 
@@ -31,7 +30,6 @@ EventListener = Callable[[MemberEvent], None]
 QueryAnswerer = Callable[[QueryAction], Awaitable[bytes]]
 SUBSCRIBER_QUEUE = 1024
 MAX_ANSWERING = 64  # queries being answered at once; beyond that the asker gets a "busy" answer
-DIRECT_FAN_OUT = 64  # members a query is also sent to directly (see _fan_out_query)
 ASK_GRACE = 5.0  # the core finishes a query at its deadline; this only guards against a lost result
 
 
@@ -101,11 +99,9 @@ class NodeRuntime:
         self._listeners: list[EventListener] = []
         self._stream_waiters: dict[int, asyncio.Future[bool]] = {}
         self._query_waiters: dict[int, asyncio.Future[QueryResult]] = {}
-        self._queries = hasattr(node, "queries_to_answer")  # stand-in cores of tests have none
         self._answerer: QueryAnswerer | None = None
         self._answering = 0
         self.queries_busy = 0  # queries answered "busy" because MAX_ANSWERING were running
-        self.queries_fanned_out = 0  # direct copies of our queries sent
         self._closed = False
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -228,37 +224,12 @@ class NodeRuntime:
         fut: asyncio.Future[QueryResult] = self.loop.create_future()
         self._query_waiters[qid] = fut  # before the flush: the result may already be there
         self._flush()
-        self._fan_out_query(qid, filters)
         try:
             return await asyncio.wait_for(fut, timeout + ASK_GRACE)
         finally:
             self._query_waiters.pop(qid, None)
             if not fut.done() or fut.cancelled():
                 self._call(self.node.queries.cancel, qid)
-
-    def _fan_out_query(self, qid: int, filters: QueryFilter) -> None:
-        """Also send the query straight to the alive members that should answer it.
-
-        Gossip alone reaches everyone only with high probability: with the retransmit limit
-        of small meshes (2 x ceil(log10(n + 1)) sends per node in the local preset) a node is
-        missed now and then, and the query then waits for its whole timeout. A direct copy to
-        each expected member (at most DIRECT_FAN_OUT; gossip covers the rest) makes a complete
-        answer the common case; receivers de-duplicate it against the gossiped copies.
-        """
-        node = self.node
-        msg = self._call(node.queries.query_message, qid)
-        if msg is None or self.udp is None:
-            return  # already complete (nobody else expected), or no socket (tests)
-        alive = [m for m in node.members() if m.state == MemberState.ALIVE and m.name != node.name]
-        targets = [m for m in alive if matches(filters, m.name, *split_meta(m.meta))]
-        if len(targets) > DIRECT_FAN_OUT:
-            targets = node.rng.sample(targets, DIRECT_FAN_OUT)
-        packet = self._call(node.codec.pack, [wire.encode_message(msg)])
-        if packet is None:
-            return
-        for m in targets:
-            self.udp.sendto(packet, m.addr)
-        self.queries_fanned_out += len(targets)
 
     def _start_answer(self, action: QueryAction) -> None:
         if self._answerer is None:
@@ -335,11 +306,10 @@ class NodeRuntime:
             return
         node = self.node
         # Queries first: a "busy" answer queues datagrams that go out just below.
-        if self._queries:
-            for action in self._call(node.queries_to_answer) or []:
-                self._start_answer(action)
-            for result in self._call(node.query_results) or []:
-                self._deliver_result(result)
+        for action in self._call(node.queries_to_answer) or []:
+            self._start_answer(action)
+        for result in self._call(node.query_results) or []:
+            self._deliver_result(result)
         datagrams = self._call(node.datagrams_to_send) or []
         if self.udp is not None:
             for data, addr in datagrams:

@@ -178,6 +178,7 @@ MAX_SEEN_KEYOPS = 256
 # into megabytes); big news goes over TCP anyway.
 MAX_DATAGRAM_BODY = 1 << 20
 JOIN_TIMEOUT_MIN = 5.0
+QUERY_DIRECT_FAN_OUT = 64  # members a query is also sent to directly; gossip covers the rest
 
 
 class Node:
@@ -340,8 +341,19 @@ class Node:
         expected = expected_members(filters, alive)
         qid = self.queries.originate(name, payload, filters, timeout, relay_factor, expected, now)
         msg = self.queries.query_message(qid)
-        if msg is not None:
-            self._handle_query(msg, now)
+        if msg is None:
+            return qid  # nobody to wait for
+        self._handle_query(msg, now)
+        # Gossip reaches everyone only with high probability (a small mesh's retransmit limit
+        # misses a node now and then, and the query then waits out its timeout): send it
+        # straight to the members expected to answer too; receivers de-duplicate the copies.
+        targets = [self._members[n] for n in sorted(expected) if n != self.name]
+        if len(targets) > QUERY_DIRECT_FAN_OUT:
+            targets = self.rng.sample(targets, QUERY_DIRECT_FAN_OUT)
+        data = wire.encode_message(msg)
+        for m in targets:
+            self._send(m.addr, [data])
+        self.counters.inc("queries.direct", len(targets))
         return qid
 
     def respond_query(self, action: QueryAction, payload: bytes, now: float) -> None:

@@ -293,6 +293,12 @@ async def test_runtime_survives_core_exceptions() -> None:
         def events(self) -> list[object]:
             return []
 
+        def queries_to_answer(self) -> list[object]:
+            return []
+
+        def query_results(self) -> list[object]:
+            return []
+
         def get_timer(self) -> float:
             return asyncio.get_running_loop().time() + 0.02
 
