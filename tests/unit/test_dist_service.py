@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -660,4 +659,3 @@ def test_store_of_a_fresh_service_is_usable(tmp_path: Path) -> None:
     DistService(tmp_path, name="x", site="a", tags={}, codec=Codec(CLUSTER, None))
     assert (tmp_path / "chunks").is_dir() and (tmp_path / "releases").is_dir()
     assert ChunkStore(tmp_path).manifests() == []
-    _ = socket  # loopback only: every server in this file binds 127.0.0.1
