@@ -18,9 +18,10 @@ Rules (each has a test in tests/unit/test_swarm.py):
 | total bound     | max_requests_total in flight          | nothing more is sent                  |
 | rate cap        | rate_limit set (bytes/s)              | token bucket debited per request;     |
 |                 |                                       | get_timer says when it refills        |
-| endgame         | nothing new to ask, <= endgame_chunks | duplicates of in-flight chunks to     |
-|                 | missing                               | other holders (<= endgame_copies);    |
-|                 |                                       | redundant requests are cancelled      |
+| endgame         | nothing new to ask, <= endgame_chunks | duplicates of chunks in flight for    |
+|                 | missing                               | >= endgame_after to other holders     |
+|                 |                                       | (<= endgame_copies); redundant        |
+|                 |                                       | requests are cancelled                |
 | timeout         | a request's deadline passes           | cancelled, chunks requeued, peer      |
 |                 |                                       | cools down (exponential backoff)      |
 | error           | ERROR, or OK missing some chunks      | as timeout                            |
@@ -66,6 +67,9 @@ class SwarmConfig:
     origin_enabled: bool = True
     endgame_chunks: int = 32
     endgame_copies: int = 2
+    # Only a request this old is duplicated: a small delta, all of it "the tail", is not
+    # fetched twice when its peers answer promptly.
+    endgame_after: float = 1.0
     rate_limit: float | None = None  # bytes per second of chunk data, None = unlimited
     rate_burst: int = 4 * MiB  # bucket size; raised to piece_max if smaller
 
@@ -120,6 +124,7 @@ class _Request:
     size: int
     deadline: float
     endgame: bool
+    sent: float
 
 
 def make_bitmap(indices: Iterable[int], n: int) -> bytes:
@@ -337,6 +342,9 @@ class Swarm:
         times.extend(cooling)
         if self.config.origin_enabled:
             times.extend(t + self.config.origin_delay for t in self._unavailable_since.values())
+        if len(self._missing) <= self.config.endgame_chunks:
+            after = self.config.endgame_after
+            times.extend(r.sent + after for r in self._requests.values() if r.sent + after > self._now)
         return min(times) if times else None
 
     # --- views -------------------------------------------------------------------------------
@@ -486,7 +494,7 @@ class Swarm:
         rid = self._next_id
         self._next_id += 1
         deadline = self._deadline(size, now)
-        self._requests[rid] = _Request(peer.id, list(chunks), size, deadline, endgame)
+        self._requests[rid] = _Request(peer.id, list(chunks), size, deadline, endgame, now)
         peer.outstanding.add(rid)
         for idx in chunks:
             self._inflight.setdefault(idx, set()).add(rid)
@@ -640,6 +648,12 @@ class Swarm:
             return
         if any(i not in self._inflight for i in self._missing):
             return  # something is still waiting for a first request (or for the origin)
+        old_enough = {
+            i for i in self._missing
+            if min(self._requests[r].sent for r in self._inflight[i]) + cfg.endgame_after <= now
+        }
+        if not old_enough:
+            return
         peers = sorted(ready, key=lambda p: (len(p.outstanding), p.id))
         for p in peers:
             if not self._free(p, 0):
@@ -647,7 +661,7 @@ class Swarm:
             mine = {i for rid in p.outstanding for i in self._requests[rid].chunks}
             cands = [
                 i
-                for i in self._missing
+                for i in old_enough
                 if p.has(i)
                 and i not in mine
                 and len(self._inflight.get(i, ())) < cfg.endgame_copies

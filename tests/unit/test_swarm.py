@@ -224,11 +224,14 @@ def test_endgame_duplicates_the_tail_and_cancels_the_loser() -> None:
     s = mk(3, **one_chunk_pieces(max_requests_per_peer=2))
     s.peer_update("a", 0.0, complete=True)
     s.peer_update("b", 0.0, complete=True)
-    reqs = s.requests_to_send()
-    normal = [r for r in reqs if not r.endgame]
-    dups = [r for r in reqs if r.endgame]
+    normal = s.requests_to_send()
     assert sorted(chunks_of(normal)) == [0, 1, 2]
-    assert dups, "a free slot and nothing new to ask: the tail is duplicated"
+    assert not any(r.endgame for r in normal)
+    assert s.get_timer() == pytest.approx(SwarmConfig().endgame_after)
+    s.handle_timer(SwarmConfig().endgame_after)
+    dups = s.requests_to_send()
+    reqs = normal + dups
+    assert dups and all(r.endgame for r in dups), "slow tail requests get a duplicate"
     for d in dups:
         twin = next(r for r in normal if set(r.chunks) & set(d.chunks))
         assert twin.peer != d.peer  # never the same peer twice
@@ -236,9 +239,23 @@ def test_endgame_duplicates_the_tail_and_cancels_the_loser() -> None:
     assert max(copies.values()) <= 2
     d = dups[0]
     twin = next(r for r in normal if set(r.chunks) == set(d.chunks))
-    complete(s, twin, 1.0)
+    complete(s, twin, 1.5)
     assert d.request_id in s.requests_to_cancel()
     assert s.counters["requests.endgame"] >= 1
+
+
+def test_a_small_delta_answered_promptly_is_fetched_once() -> None:
+    s = mk(3, **one_chunk_pieces(max_requests_per_peer=2))
+    s.peer_update("a", 0.0, complete=True)
+    s.peer_update("b", 0.0, complete=True)
+    reqs = s.requests_to_send()
+    for r in reqs:
+        complete(s, r, 0.2)
+    s.handle_timer(5.0)
+    assert s.complete
+    assert s.requests_to_send() == []
+    assert s.counters["requests.endgame"] == 0
+    assert s.counters["bytes.peers"] == 3 * 64 * KiB
 
 
 def test_no_endgame_while_much_is_missing() -> None:
@@ -336,7 +353,8 @@ def test_short_answer_requeues_the_rest() -> None:
 
 def test_origin_only_after_the_delay_and_only_for_chunks_no_peer_has() -> None:
     n = 10
-    s = mk(n, **one_chunk_pieces(origin_delay=30.0, max_requests_per_peer=20, max_requests_total=20))
+    s = mk(n, **one_chunk_pieces(origin_delay=30.0, max_requests_per_peer=20, max_requests_total=20,
+                                 endgame_chunks=0))
     s.peer_update("p", 0.0, bitmap=bm(range(5), n))
     first = s.requests_to_send()
     assert {r.peer for r in first} == {"p"}
