@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit integration venv clean
+.PHONY: run test lint typecheck unit integration venv clean bench sim
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,19 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
+
+# Side-by-side benchmarks (root; Debian serf, aria2, opentracker, mktorrent, casync): results
+# land in bench/results/*.md. About 12 minutes in all.
+bench: $(STAMP)
+	$(BIN)/python bench/membership.py
+	$(BIN)/python bench/bench_queries.py
+	$(BIN)/python bench/bench_discovery.py
+	$(BIN)/python bench/bench_distribution.py
+	$(BIN)/python bench/bench_chunk_pipeline.py
+
+# The many-node simulator against Serf's epidemic model (virtual time).
+sim: $(STAMP)
+	$(BIN)/python -m meshd.sim --nodes 100 --nodes 300 --out bench/results/simulator.md
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -141,14 +142,23 @@ def format_table(results: list[SpreadResult], loss: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="python -m meshd.sim", description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, action="append", help="cluster size (repeatable)")
     ap.add_argument("--loss", type=float, default=0.0)
     ap.add_argument("--profile", choices=sorted(PRESETS), default="lan")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", help="also write the table to this markdown file")
     args = ap.parse_args(argv)
     results = [run_spread(n, args.profile, args.loss, args.seed) for n in (args.nodes or [100])]
-    print(format_table(results, args.loss))
+    table = format_table(results, args.loss)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"# Simulator: news spread and failure detection ({args.profile}, seed {args.seed})\n\n"
+                    f"`python -m meshd.sim {' '.join(argv or [])}`: the real core over the in-memory "
+                    "network in virtual time; the model is Serf's analytic epidemic model.\n\n"
+                    f"{table}\n")
     return 0
 
 
