@@ -81,7 +81,7 @@ def _check_cluster_key(key: bytes) -> bytes:
     return key
 
 
-def _write_private(path: PathLike, data: bytes) -> None:
+def write_private(path: PathLike, data: bytes) -> None:
     """Atomically write `data` to `path` with mode 0600 (never briefly world-readable)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -149,7 +149,7 @@ def read_key_file(path: PathLike) -> bytes:
 
 def write_key_file(path: PathLike, key: bytes) -> None:
     """Write a cluster key as base64 text, mode 0600."""
-    _write_private(path, (_b64(_check_cluster_key(key)) + "\n").encode("ascii"))
+    write_private(path, (_b64(_check_cluster_key(key)) + "\n").encode("ascii"))
 
 
 # --- keyring ------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ class Keyring:
             raise ConfigError(f"{where}: {e}") from None
 
     def save(self, path: PathLike) -> None:
-        _write_private(path, orjson.dumps([_b64(k) for k in self._keys]) + b"\n")
+        write_private(path, orjson.dumps([_b64(k) for k in self._keys]) + b"\n")
 
     def __repr__(self) -> str:  # never print key material
         return f"Keyring({self.fingerprints()})"
@@ -306,7 +306,7 @@ class NodeIdentity(_Signer):
             return cls(_b64_key(data, KEY_SIZE, f"node key file {path}"))
         ident = cls(os.urandom(KEY_SIZE))
         Path(data_dir).mkdir(parents=True, exist_ok=True)
-        _write_private(path, (_b64(ident.seed) + "\n").encode("ascii"))
+        write_private(path, (_b64(ident.seed) + "\n").encode("ascii"))
         return ident
 
     def __repr__(self) -> str:
@@ -330,7 +330,7 @@ class PublisherKey(_Signer):
 def generate_publisher_keypair(out_path: PathLike) -> PublisherKey:
     """Write a new key: FILE (private seed, base64, mode 0600) and FILE.pub (public, base64)."""
     key = PublisherKey(os.urandom(KEY_SIZE))
-    _write_private(out_path, (_b64(key.seed) + "\n").encode("ascii"))
+    write_private(out_path, (_b64(key.seed) + "\n").encode("ascii"))
     _write_public(os.fspath(out_path) + ".pub", (_b64(key.public_key) + "\n").encode("ascii"))
     return key
 

@@ -35,7 +35,14 @@ from meshd.config import NodeConfig, format_hostport, is_loopback_host, parse_ho
 from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.node import MemberEvent, MemberView, Node
 from meshd.core.query import QueryResult, default_timeout
-from meshd.crypto import Keyring, NodeIdentity, fingerprint, load_publisher_public, read_key_file
+from meshd.crypto import (
+    Keyring,
+    NodeIdentity,
+    fingerprint,
+    load_publisher_public,
+    read_key_file,
+    write_private,
+)
 from meshd.dist.api import add_release_routes
 from meshd.dist.service import DistService
 from meshd.errors import ConfigError, StateError
@@ -78,22 +85,6 @@ def sd_notify(message: str) -> bool:
     return True
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Atomic write with mode 0600 (tmp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def prepare_data_dir(path: str) -> Path:
     d = Path(path)
     try:
@@ -116,7 +107,7 @@ def load_or_create_token(data_dir: Path) -> str:
             return token
         log.warning("%s is too short; writing a new token", path)
     token = secrets.token_urlsafe(32)
-    _write_private(path, (token + "\n").encode())
+    write_private(path, (token + "\n").encode())
     return token
 
 
@@ -488,7 +479,7 @@ class Daemon:
             ],
         }
         try:
-            _write_private(self.data_dir / SNAPSHOT_FILE, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+            write_private(self.data_dir / SNAPSHOT_FILE, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
         except OSError as e:
             log.error("cannot write peer snapshot: %s", e)
 

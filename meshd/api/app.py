@@ -24,6 +24,7 @@ from meshd.config import DEFAULT_PORT, format_hostport, parse_hostport
 from meshd.core.messages import MemberState
 from meshd.errors import ConfigError, MeshError, StateError
 from meshd.metrics import CONTENT_TYPE, Exposition, TransferStats
+from meshd.net.http_server import HttpServer
 
 log = logging.getLogger("meshd.api")
 
@@ -442,29 +443,5 @@ def create_api_app(agent: Agent) -> web.Application:
     return app
 
 
-class ApiServer:
-    def __init__(self, app: web.Application) -> None:
-        self.app = app
-        self._runner: web.AppRunner | None = None
-        self.bound: tuple[str, int] | None = None
-
-    async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        try:
-            await site.start()
-        except BaseException:
-            await self._runner.cleanup()
-            self._runner = None
-            raise
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
-        self.bound = sockets[0].getsockname()[:2] if sockets else (host, port)
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+class ApiServer(HttpServer):
+    """Runs the operator API (its `bound` address says which port a port-0 bind got)."""

@@ -35,7 +35,7 @@ from pathlib import Path
 import orjson
 
 from meshd.dist.manifest import NAME_RE, Manifest
-from meshd.dist.store import ChunkStore, StoreError, atomic_write
+from meshd.dist.store import ChunkStore, StoreError, atomic_write, fsync_dir
 from meshd.errors import DecodeError, IntegrityError, MeshError
 
 CURRENT = "current"
@@ -59,14 +59,6 @@ class ActivationResult:
     changed: bool  # False when this version was already current
     retired: list[str] = field(default_factory=list)
     kept_chunks: set[str] = field(default_factory=set)  # referenced by installed versions
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_name(value: str, what: str) -> None:
@@ -196,7 +188,7 @@ class Releases:
             self._write_meta(manifest.name, manifest.version, manifest.release_id, 0)
             os.rename(tmp, final)
             if self.fsync:
-                _fsync_dir(base)
+                fsync_dir(base)
         except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, (IntegrityError, ActivationError, StoreError)):
@@ -241,7 +233,7 @@ class Releases:
                 os.close(fd)
         if self.fsync:
             for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-                _fsync_dir(d)
+                fsync_dir(d)
 
     # --- switching ---------------------------------------------------------------------------
 
@@ -262,7 +254,7 @@ class Releases:
                     os.unlink(tmp)
                 raise
         if self.fsync:
-            _fsync_dir(base)
+            fsync_dir(base)
 
     def _pending_path(self, name: str) -> Path:
         return self.base(name) / META / PENDING

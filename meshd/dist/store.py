@@ -35,7 +35,7 @@ class StoreError(MeshError):
     """The store could not write or read (disk full, permissions, I/O error)."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -62,7 +62,7 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True, what: str = "fi
         os.replace(tmp, path)
         tmp = None
         if fsync:
-            _fsync_dir(folder)
+            fsync_dir(folder)
     except OSError as e:
         if tmp is not None:
             with contextlib.suppress(OSError):

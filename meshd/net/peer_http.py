@@ -14,6 +14,8 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
+from meshd.net.http_server import HttpServer
+
 log = logging.getLogger("meshd.peer")
 
 STREAM_PATH = "/peer/v1/stream"
@@ -72,28 +74,11 @@ def create_peer_app(
     return app
 
 
-class PeerServer:
+class PeerServer(HttpServer):
     """Runs a peer app on host:port (the TCP twin of the UDP gossip port)."""
 
     def __init__(self, app: web.Application) -> None:
-        self.app = app
-        self._runner: web.AppRunner | None = None
-
-    async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, backlog=512)
-        try:
-            await site.start()
-        except BaseException:
-            await self._runner.cleanup()
-            self._runner = None
-            raise
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        super().__init__(app, backlog=512)
 
 
 class PeerClient:
