@@ -206,6 +206,7 @@ class Node:
         self.leaving = False
 
         self._members: dict[str, _Member] = {}
+        self._active: int | None = None  # cached num_active(); every state change clears it
         self._probe_order: list[str] = []
         self._probe_index = 0
         self._probe: _Probe | None = None
@@ -256,7 +257,9 @@ class Node:
 
     def num_active(self) -> int:
         """Members that count for the protocol's formulas: alive and suspect, us included."""
-        return sum(1 for m in self._members.values() if m.state not in DEAD_STATES)
+        if self._active is None:
+            self._active = sum(1 for m in self._members.values() if m.state not in DEAD_STATES)
+        return self._active
 
     # --- outputs -------------------------------------------------------------------------------
 
@@ -308,6 +311,7 @@ class Node:
         me = self._me
         me.state = MemberState.LEFT
         me.state_change = now
+        self._active = None
         self.broadcasts.queue(
             "m:" + me.name, wire.encode_message(Dead(me.incarnation, me.name, me.name))
         )
@@ -726,6 +730,7 @@ class Node:
         self._probe_order.insert(self.rng.randint(0, len(self._probe_order)), name)
 
     def _emit(self, kind: EventKind, m: _Member, now: float) -> None:
+        self._active = None  # every membership change comes through here
         if kind in ("dead", "left"):
             self.queries.member_down(m.name, now)
         self._out_events.append(MemberEvent(kind, m.view()))

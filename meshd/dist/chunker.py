@@ -35,7 +35,7 @@ from pyfastcdc import BinaryStreamReader, FastCDC
 from meshd.errors import IntegrityError, MeshError
 
 MIN_SIZE = 16 * 1024
-AVG_SIZE = 64 * 1024
+AVG_SIZE = 48 * 1024  # pyfastcdc cuts at about AVG + MIN on average: 64 KiB, as designed
 MAX_SIZE = 256 * 1024
 
 FLAG_RAW = 0
