@@ -6,14 +6,14 @@
 
 Topology (site n = 1..N, host i = 1..H; every name starts with the prefix, default `mdl-`):
 
-    mdl-s<n>h<i>  eth0 198.18.n.(10+i)/24, default via 198.18.n.1, 224.0.0.0/4 on eth0
+    mdl-s<n>h<i>  eth0 198.18.n.(10+i)/24, default via 198.18.n.1, mDNS (224.0.0.251) on eth0
     mdl-s<n>sw    bridge br0 with ports h<i> (to the hosts) and `uplink` (to the router)
     mdl-router    s<n> 198.18.n.1/24, ip_forward=1
 
 Nothing is created in the root namespace: every veth is born inside the lab namespaces, so
 deleting the namespaces removes everything. Addresses are in 198.18.0.0/15 (benchmarking range)
 only, IPv6 is disabled (no DAD delays before mDNS starts), and link-local multicast (mDNS) stays
-inside a site because a router never forwards 224.0.0.0/24. `down` kills every process in the
+inside a site because a router never forwards link-local multicast. `down` kills every process in the
 lab namespaces and deletes them; it works without the state file and after any failure.
 
 Needs root and iproute2 (tc for --site-rate). Importable: `Lab` is the Python API used by
@@ -232,7 +232,7 @@ class Lab:
                 _run(["ip", "-n", h.ns, "link", "set", h.ifname, "up", "multicast", "on"])
                 _run(["ip", "-n", h.ns, "route", "add", "default", "via", self.router_ip(site)])
                 # mDNS leaves through the lab interface (explicit, not via the default route).
-                _run(["ip", "-n", h.ns, "route", "add", "224.0.0.0/4", "dev", h.ifname])
+                _run(["ip", "-n", h.ns, "route", "add", "224.0.0.251/32", "dev", h.ifname])
         self._save()
 
     def _add_ns(self, ns: str) -> None:

@@ -81,7 +81,7 @@ name = "from-file"
 cluster = "file-cluster"
 site = "file-site"
 bind = "127.0.0.1:9000"
-join = ["10.0.0.1:7788", "seed.example"]
+join = ["198.18.0.1:7788", "seed.example"]
 tags = { role = "gw", rack = "3" }
 profile = "wan"
 mdns = true
@@ -94,7 +94,7 @@ mdns = true
     assert cfg.cluster == "env-cluster"  # env beats file
     assert cfg.site == "flag-site"  # flag beats env
     assert cfg.bind == "127.0.0.1:9000"
-    assert cfg.join == ["10.0.0.1:7788", "seed.example:7788"]  # default port filled in
+    assert cfg.join == ["198.18.0.1:7788", "seed.example:7788"]  # default port filled in
     assert cfg.tags == {"role": "gw", "rack": "3"}
     assert cfg.mdns is False
     assert cfg.protocol() == WAN
