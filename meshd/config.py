@@ -106,7 +106,7 @@ def parse_hostport(
         if default_port is None:
             raise ConfigError(f"{where}: missing port in {value!r} (expected HOST:PORT)")
         return host, default_port
-    if not port_text.isdigit():
+    if not _is_ascii_int(port_text):
         raise ConfigError(f"{where}: bad port {port_text!r} in {value!r}")
     port = int(port_text)
     if port > 65535 or (port == 0 and not allow_zero):
@@ -116,6 +116,10 @@ def parse_hostport(
 
 def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_ascii_int(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # str.isdigit() alone admits "²", which int() refuses
 
 
 def is_loopback_host(host: str) -> bool:
@@ -345,7 +349,7 @@ def _protocol_value(name: str, value: object, where: str) -> float | int:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         if isinstance(value, int):
             number = value
-        elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        elif isinstance(value, str) and _is_ascii_int(value.strip().lstrip("-")):
             number = int(value)
         else:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")

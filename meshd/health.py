@@ -462,7 +462,7 @@ def read_meminfo(path: str = "/proc/meminfo") -> tuple[int, int]:
         for line in f:
             key, _, rest = line.partition(":")
             parts = rest.split()
-            if parts and parts[0].isdigit():
+            if parts and parts[0].isascii() and parts[0].isdigit():
                 fields[key] = int(parts[0]) * 1024
     return fields["MemAvailable"], fields["MemTotal"]
 

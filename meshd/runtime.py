@@ -304,6 +304,15 @@ class NodeRuntime:
     def _flush(self) -> None:
         if self._closed:
             return
+        try:
+            self._carry_out()
+        except Exception:
+            self.errors += 1
+            log.exception("error carrying out the core's outputs")
+        finally:
+            self._arm_timer()  # whatever happened, the protocol keeps ticking
+
+    def _carry_out(self) -> None:
         node = self.node
         # Queries first: a "busy" answer queues datagrams that go out just below.
         for action in self._call(node.queries_to_answer) or []:
@@ -320,7 +329,6 @@ class NodeRuntime:
             task.add_done_callback(self._tasks.discard)
         for ev in self._call(node.events) or []:
             self._publish(ev)
-        self._arm_timer()
 
     def _arm_timer(self) -> None:
         deadline = self._call(self.node.get_timer)

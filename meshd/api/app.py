@@ -208,18 +208,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(500, "internal_error", "see the meshd log")
 
 
+def require_token(request: web.Request, why: str = "this call") -> None:
+    """ApiError 401/403 unless the request carries the node's API token."""
+    header = request.headers.get("Authorization", "")
+    if not header:
+        raise ApiError(401, "unauthorized", f"{why} needs Authorization: Bearer <token>")
+    scheme, _, token = header.partition(" ")
+    expected = request.app[AGENT].api_token
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise ApiError(403, "forbidden", "wrong API token")
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.method in _MUTATING:
-        header = request.headers.get("Authorization", "")
-        if not header:
-            raise ApiError(401, "unauthorized", "this call needs Authorization: Bearer <token>")
-        scheme, _, token = header.partition(" ")
-        expected = request.app[AGENT].api_token
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), expected.encode()
-        ):
-            raise ApiError(403, "forbidden", "wrong API token")
+        require_token(request)
     return await handler(request)
 
 

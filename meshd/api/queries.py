@@ -2,7 +2,8 @@
 
     GET /v1/health?site=S&node=N&tag=K=V&timeout=3s&relay_factor=1       (open, no token)
         node: repeatable and/or a comma list; tag: repeatable; site and tag values may be
-        "re:<pattern>" (a full-match regular expression); timeout: a duration (250ms, 3s, 1m;
+        "re:<pattern>" (a full-match regular expression; only with the API token, as every
+        matching node runs it); timeout: a duration (250ms, 3s, 1m;
         default Serf's: gossip interval x 16 x ceil(log10(N+1))).
     POST /v1/query {"name", "payload", "site", "nodes", "tags", "timeout", "relay_factor"}
         (needs the API token: query handlers run commands on every matching node)
@@ -37,10 +38,18 @@ from typing import Any, Protocol, runtime_checkable
 import orjson
 from aiohttp import web
 
-from meshd.api.app import AGENT, ApiError, MemberLike, error_response, json_response, read_json
+from meshd.api.app import (
+    AGENT,
+    ApiError,
+    MemberLike,
+    error_response,
+    json_response,
+    read_json,
+    require_token,
+)
 from meshd.config import parse_duration
 from meshd.core.messages import MemberState, QueryFilter
-from meshd.core.query import QueryResult, matches, split_meta
+from meshd.core.query import REGEX_PREFIX, QueryResult, matches, split_meta
 from meshd.errors import ConfigError, StateError
 from meshd.health import HEALTH_QUERY
 
@@ -146,7 +155,7 @@ def _timeout(value: object) -> float | None:
 def _relay_factor(value: object) -> int:
     if value is None or value == "":
         return 0
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ApiError(400, "bad_request", f"relay_factor: expected a small whole number, got {value!r}")
@@ -262,6 +271,10 @@ async def get_health(request: web.Request) -> web.Response:
         site=_site(q.get("site")),
         tags=_tag_pairs(q.getall("tag", []), "tag"),
     )
+    if any(v.startswith(REGEX_PREFIX) for v in (filters.site, *filters.tags.values())):
+        # Every matching node runs the pattern on its event loop: a pathological one could
+        # stall the mesh, so only an operator with the token may send one.
+        require_token(request, "a regular-expression filter")
     return await _run(request, HEALTH_QUERY, b"", filters, _timeout(q.get("timeout")),
                       _relay_factor(q.get("relay_factor")))
 

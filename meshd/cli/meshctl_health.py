@@ -241,7 +241,7 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _add_filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--site", help="only this site (or re:PATTERN)")
+    p.add_argument("--site", help="only this site (or re:PATTERN, which needs the API token)")
     p.add_argument("--node", action="append", default=[], metavar="NAME",
                    help="only these nodes; repeatable or a comma list")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",

@@ -412,6 +412,8 @@ class Node:
             else:
                 self._dispatch(msg, addr, now)
         if not reply:
+            if all(isinstance(m, Ping) for m in msgs):
+                return None  # only pings meant for someone else: nothing to say
             reply.append(wire.encode_message(Ack(0, self.name)))
         return self.codec.pack(reply)
 
@@ -432,7 +434,10 @@ class Node:
                 self._merge(msg.states, now)
                 if st.kind == "join":
                     self.counters.inc("join.ok")
-            elif isinstance(msg, Ack) and st.kind == "tcp_ping":
+            elif (isinstance(msg, Ack) and st.kind == "tcp_ping" and msg.seq == st.probe_seq
+                  and msg.source == st.target):
+                # Only the member we probe counts: another node now at its old address
+                # must not keep a dead member alive.
                 p = self._probe
                 if p is not None and p.seq == st.probe_seq:
                     p.tcp_acked = True

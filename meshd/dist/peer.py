@@ -34,6 +34,7 @@ from aiohttp import web
 
 from meshd.dist.chunker import MAX_SIZE, is_chunk_id
 from meshd.errors import AuthError, DecodeError
+from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded
 from meshd.wire import Codec
 
 log = logging.getLogger("meshd.dist.peer")
@@ -85,7 +86,7 @@ def check_token(codec: Codec, header: str | None, method: str, path: str, now_ms
     except UnicodeDecodeError:
         raise AuthError("auth token is not text") from None
     parts = text.rsplit(" ", 1)
-    if len(parts) != 2 or parts[0] != f"{method} {path}" or not parts[1].isdigit():
+    if len(parts) != 2 or parts[0] != f"{method} {path}" or not (parts[1].isascii() and parts[1].isdigit()):
         raise AuthError("auth token is for another request")
     now = int(time.time() * 1000) if now_ms is None else now_ms
     if abs(now - int(parts[1])) > AUTH_SKEW_MS:
@@ -209,32 +210,15 @@ async def _get_bitmap(request: web.Request) -> web.StreamResponse:
     return await _reply(backend, bitmap)
 
 
-async def _read_bounded(request: web.Request, limit: int) -> bytes | None:
-    """The request body, or None when it is (or turns out to be) over `limit`."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    parts: list[bytes] = []
-    total = 0
-    while True:
-        data = await request.content.readany()
-        if not data:
-            break
-        total += len(data)
-        if total > limit:
-            return None
-        parts.append(data)
-    return b"".join(parts)
-
-
 async def _post_chunks(request: web.Request) -> web.StreamResponse:
     backend = request.app[DIST_BACKEND]
     try:
-        raw = await _read_bounded(request, MAX_CHUNKS_REQUEST)
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError,
-            web.HTTPException):
-        return _refuse(backend, 400, "serve.drops.truncated")
-    if raw is None:
+        raw = await read_bounded(request.content, request.content_length, MAX_CHUNKS_REQUEST)
+    except BodyTooLarge:
         return _refuse(backend, 413, "serve.drops.too_big")
+    except (BodyTruncated, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
+            ConnectionError, web.HTTPException):
+        return _refuse(backend, 400, "serve.drops.truncated")
     try:
         body = backend.codec.open(raw, max_size=MAX_CHUNKS_REQUEST)
     except AuthError:
@@ -308,29 +292,16 @@ class PeerFetcher:
 
     async def _read(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:
         """Whole body, at most `limit` bytes; PeerProtocolError when over it or cut short."""
-        if resp.content_length is not None and resp.content_length > limit:
-            self._count("fetch.drops.oversized")
-            raise PeerProtocolError(f"answer of {resp.content_length} bytes, limit {limit}")
-        parts: list[bytes] = []
-        total = 0
         try:
-            while True:
-                data = await resp.content.readany()
-                if not data:
-                    break
-                total += len(data)
-                if total > limit:
-                    self._count("fetch.drops.oversized")
-                    raise PeerProtocolError(f"answer over {limit} bytes")
-                parts.append(data)
-        except aiohttp.ClientPayloadError as e:
+            data = await read_bounded(resp.content, resp.content_length, limit)
+        except BodyTooLarge as e:
+            self._count("fetch.drops.oversized")
+            raise PeerProtocolError(f"answer too big: {e}") from None
+        except (BodyTruncated, aiohttp.ClientPayloadError) as e:
             self._count("fetch.drops.truncated")
             raise PeerProtocolError(f"truncated answer: {e}") from None
-        if resp.content_length is not None and total != resp.content_length:
-            self._count("fetch.drops.truncated")
-            raise PeerProtocolError(f"truncated answer: {total} of {resp.content_length} bytes")
-        self.stats.received_bytes += total
-        return b"".join(parts)
+        self.stats.received_bytes += len(data)
+        return data
 
     def _open(self, data: bytes, max_size: int) -> bytes:
         try:

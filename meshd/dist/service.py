@@ -196,7 +196,7 @@ def parse_announcements(meta: Mapping[str, str]) -> dict[str, Announce]:
 
 
 def _natural(version: str) -> tuple[tuple[int, int | str], ...]:
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", version) if p)
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", version, flags=re.ASCII) if p)
 
 
 def newer(a: Manifest, b: Manifest) -> bool:

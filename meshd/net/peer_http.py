@@ -14,6 +14,7 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
+from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded
 from meshd.net.http_server import HttpServer
 
 log = logging.getLogger("meshd.peer")
@@ -135,10 +136,11 @@ class PeerClient:
             if resp.status != 200:
                 log.debug("peer %s answered %d", url, resp.status)
                 return None
-            if resp.content_length is not None and resp.content_length > self._max_reply:
+            try:
+                return await read_bounded(resp.content, resp.content_length, self._max_reply)
+            except (BodyTooLarge, BodyTruncated) as e:
+                log.debug("peer %s: %s", url, e)
                 return None
-            reply = await resp.content.read(self._max_reply + 1)
-            return reply if len(reply) <= self._max_reply else None
 
     def _failed(self, addr: str, e: BaseException) -> None:
         self.stats.connect_errors += 1

@@ -93,7 +93,7 @@ class UDPEndpoint:
         if target is None:
             try:
                 target = parse_hostport(addr, "peer address")
-            except ConfigError:
+            except (ConfigError, ValueError):
                 self.stats.send_errors += 1
                 log.debug("udp: bad address %r", addr)
                 return

@@ -145,10 +145,12 @@ async def test_health_answers_grouped_with_missing_nodes(client: TestClient, age
 
 async def test_health_filters_and_durations(client: TestClient, agent: FakeAgent) -> None:
     agent.missing = ("n3",)
-    resp = await client.get(
-        "/v1/health?site=shop&node=n3,n4&node=ghost&tag=role=gw&tag=rack=re:r[0-9]&timeout=250ms"
-        "&relay_factor=2"
-    )
+    url = ("/v1/health?site=shop&node=n3,n4&node=ghost&tag=role=gw&tag=rack=re:r[0-9]&timeout=250ms"
+           "&relay_factor=2")
+    resp = await client.get(url)
+    # Every matching node runs a regular expression: only an operator with the token sends one.
+    assert resp.status == 401 and agent.asked == []
+    resp = await client.get(url, headers=AUTH)
     assert resp.status == 200
     doc = await resp.json()
     _, _, filters, timeout, relay = agent.asked[0]
@@ -172,6 +174,7 @@ async def test_health_filters_and_durations(client: TestClient, agent: FakeAgent
         ("tag==x", "bad_filter"),
         ("tag=a=1&tag=a=2", "bad_filter"),
         ("relay_factor=x", "bad_request"),
+        ("relay_factor=%C2%B2", "bad_request"),  # "²": isdigit() but not int()
     ],
 )
 async def test_health_bad_requests(client: TestClient, agent: FakeAgent, query: str, error: str) -> None:
@@ -183,7 +186,7 @@ async def test_health_bad_requests(client: TestClient, agent: FakeAgent, query: 
 
 async def test_core_refusals_map_to_400_and_503(client: TestClient, agent: FakeAgent) -> None:
     agent.raises = ConfigError("filters.site: bad regular expression: x")
-    resp = await client.get("/v1/health?site=re:(")
+    resp = await client.get("/v1/health?site=re:(", headers=AUTH)
     assert resp.status == 400
     assert await resp.json() == {"error": "bad_query",
                                  "detail": "filters.site: bad regular expression: x"}

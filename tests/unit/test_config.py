@@ -47,7 +47,7 @@ def test_parse_hostport() -> None:
 
 
 @pytest.mark.parametrize("bad", ["127.0.0.1", "127.0.0.1:", ":7788", "h:70000", "h:x", "::1:7788",
-                                 "[::1", "h:0", 7788, ""])
+                                 "[::1", "h:0", 7788, "", "h:²", "h:٣"])
 def test_parse_hostport_rejects(bad: object) -> None:
     with pytest.raises(ConfigError, match="--bind"):
         parse_hostport(bad, "--bind")

@@ -335,3 +335,17 @@ def test_a_true_failure_does_not_hurt_the_probers_health() -> None:
         lambda: all(state_of(n, victim.name) == MemberState.DEAD for n in survivors), 60.0)
     assert sum(n.counters.values.get("probes.failed", 0) for n in survivors) >= 2
     assert all(n.awareness.score == 0 for n in survivors)
+
+
+def test_another_node_at_a_dead_members_address_does_not_keep_it_alive() -> None:
+    net, nodes = make_cluster(4)
+    x = nodes[2]
+    net.kill(x)
+    net.remove(x)
+    # A different node takes x's old address (a DHCP lease, a restarted container).
+    squatter = net.add_node("y", LAN, x.codec, addr=x.addr)
+    assert squatter.addr == x.addr
+    survivors = [n for n in nodes if n is not x]
+    assert net.run_until_true(
+        lambda: all(state_of(n, x.name) == MemberState.DEAD for n in survivors), 60.0)
+    assert sum(n.counters.values.get("probes.tcp_only", 0) for n in survivors) == 0

@@ -1,0 +1,36 @@
+"""Read a whole HTTP body (request or response) with a size bound.
+
+aiohttp's `StreamReader.read(n)` returns what is buffered, not n bytes, so a bounded read of a
+whole body has to loop; this is that loop, for every peer route and client.
+"""
+
+from __future__ import annotations
+
+from aiohttp import StreamReader
+
+
+class BodyTooLarge(Exception):
+    """The body is (or announced itself to be) over the limit."""
+
+
+class BodyTruncated(Exception):
+    """The body ended before its announced Content-Length."""
+
+
+async def read_bounded(content: StreamReader, content_length: int | None, limit: int) -> bytes:
+    """The whole body; BodyTooLarge over `limit`, BodyTruncated when cut short.
+
+    aiohttp's own payload errors (a connection dropped mid-body) propagate unchanged.
+    """
+    if content_length is not None and content_length > limit:
+        raise BodyTooLarge(f"body of {content_length} bytes, limit {limit}")
+    parts: list[bytes] = []
+    total = 0
+    while data := await content.readany():
+        total += len(data)
+        if total > limit:
+            raise BodyTooLarge(f"body over {limit} bytes")
+        parts.append(data)
+    if content_length is not None and total != content_length:
+        raise BodyTruncated(f"body of {total} of {content_length} bytes")
+    return b"".join(parts)
