@@ -21,9 +21,7 @@ import stat
 import struct
 import sys
 import time
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +48,7 @@ from meshd.health_service import HealthService
 from meshd.metrics import Exposition, TransferStats
 from meshd.net.peer_http import PeerClient, PeerServer, TCPStats, create_peer_app
 from meshd.net.udp import UDPEndpoint
-from meshd.runtime import NodeRuntime, Subscription
+from meshd.runtime import NodeEvent, NodeRuntime, Subscription
 from meshd.wire import Codec
 
 log = logging.getLogger("meshd")
@@ -218,14 +216,6 @@ class _JournalFormatter(logging.Formatter):
 # --- the daemon ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PayloadEvent:
-    """A non-member event for /v1/events subscribers (kind "release"; SSE data = payload)."""
-
-    kind: str
-    payload: dict[str, Any]
-
-
 class Daemon:
     """One meshd node: owns the sockets, the core, the API and the data dir."""
 
@@ -261,7 +251,6 @@ class Daemon:
         self._snapshot_peers: list[str] = []
         self._start_incarnation = 0  # above what the mesh may remember of our last run
         self.dist: DistService | None = None
-        self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self.health: HealthService | None = None  # checks, health meta and query answers
 
     # --- Agent protocol (used by the API) --------------------------------------------------
@@ -284,9 +273,7 @@ class Daemon:
         return self.runtime.node.members()
 
     def subscribe(self) -> Subscription:
-        sub = self.runtime.subscribe()
-        self._subscriptions.add(sub)  # release events go to the same stream
-        return sub
+        return self.runtime.subscribe()
 
     def update_meta(self, updates: dict[str, str | None]) -> None:
         """Merge keys into this node's gossiped metadata (None deletes a key)."""
@@ -299,9 +286,7 @@ class Daemon:
         self.runtime.set_meta(meta)
 
     def _on_release_event(self, payload: dict[str, Any]) -> None:
-        ev = PayloadEvent("release", payload)
-        for sub in list(self._subscriptions):
-            sub.put(ev)  # type: ignore[arg-type]  # the API renders payload events itself
+        self.runtime.publish(NodeEvent("release", None, payload))
 
     async def run_query(
         self,
@@ -583,8 +568,10 @@ class Daemon:
         self.api_url = f"http://{format_hostport(str(bound[0]), int(bound[1]))}"
 
         runtime.start()
-        await self.dist.start(node.members())
+        # Listen first: a member announcing a release while the store recovers must not be
+        # missed (events before start are recorded and acted on once it has started).
         runtime.add_listener(self.dist.handle_member_event)
+        await self.dist.start(node.members())
         ring = (f"keyring of {len(self.keyring)} key(s), primary {fingerprint(self.keyring.primary)}"
                 if self.keyring else "INSECURE (no encryption)")
         log.info("meshd %s node %s id %s cluster %s site %s", __version__, cfg.name,

@@ -35,11 +35,12 @@ ASK_GRACE = 5.0  # the core finishes a query at its deadline; this only guards a
 
 @dataclass(frozen=True)
 class NodeEvent:
-    """An event the shell raises itself (kind "health": a member's health summary changed).
+    """An event the shell raises itself: "health" (a member's health summary changed),
+    "release" (update distribution), "query" (one this node asked started or finished).
     The event stream sends `payload` as the SSE data, with `kind` as the SSE event name."""
 
     kind: str
-    member: MemberView
+    member: MemberView | None
     payload: dict[str, Any]
 
 
@@ -223,9 +224,17 @@ class NodeRuntime:
         qid: int = self.node.ask(name, payload, filters, timeout, relay_factor, self.now())
         fut: asyncio.Future[QueryResult] = self.loop.create_future()
         self._query_waiters[qid] = fut  # before the flush: the result may already be there
+        self.publish(NodeEvent("query", None, {
+            "id": qid, "name": name, "state": "started", "timeout_s": timeout,
+            "filters": {"nodes": filters.nodes, "site": filters.site, "tags": filters.tags}}))
         self._flush()
         try:
-            return await asyncio.wait_for(fut, timeout + ASK_GRACE)
+            result = await asyncio.wait_for(fut, timeout + ASK_GRACE)
+            self.publish(NodeEvent("query", None, {
+                "id": qid, "name": name, "state": "done", "answered": len(result.responses),
+                "missing": list(result.missing), "elapsed_ms": result.elapsed_ms,
+                "timed_out": result.timed_out}))
+            return result
         finally:
             self._query_waiters.pop(qid, None)
             if not fut.done() or fut.cancelled():

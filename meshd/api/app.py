@@ -56,7 +56,7 @@ class EventLike(Protocol):
     @property
     def kind(self) -> str: ...
     @property
-    def member(self) -> MemberLike: ...
+    def member(self) -> MemberLike | None: ...  # None for shell events that carry a payload
 
 
 class SubscriptionLike(Protocol):
@@ -323,7 +323,8 @@ async def post_keys(request: web.Request) -> web.Response:
 
 
 def event_json(ev: EventLike) -> bytes:
-    return orjson.dumps({"kind": ev.kind, "member": member_json(ev.member)})
+    member = member_json(ev.member) if ev.member is not None else None
+    return orjson.dumps({"kind": ev.kind, "member": member})
 
 
 def sse_frame(ev: EventLike) -> bytes:
@@ -354,6 +355,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     sub = agent.subscribe()
     shutdown = app[SHUTDOWN]
     stop = asyncio.ensure_future(shutdown.wait())
+    getter: asyncio.Future[EventLike] | None = None
     try:
         await resp.write(b"retry: 2000\n: meshd events\n\n")
         while not shutdown.is_set():
@@ -371,6 +373,8 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         pass
     finally:
         stop.cancel()
+        if getter is not None:
+            getter.cancel()  # a client gone mid-wait must not leave the Queue.get pending
         sub.close()
         clients.discard(resp)
     return resp

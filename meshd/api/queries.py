@@ -186,7 +186,9 @@ def missing_nodes(result: QueryResult, filters: QueryFilter, members: Sequence[M
             site, tags = split_meta(m.meta)
             if matches(filters, m.name, site, tags):
                 missing.add(m.name)
-    missing.update(n for n in filters.nodes if n not in answered)
+    left = {m.name for m in members if m.state == MemberState.LEFT}
+    # A named node that never answered is reported (a typo shows), unless it left on purpose.
+    missing.update(n for n in filters.nodes if n not in answered and n not in left)
     return sorted(missing)
 
 

@@ -2,7 +2,8 @@
 
 --api URL (env MESHD_API, default http://127.0.0.1:7789); changes need the node's API token:
 --token-file FILE (the node's <data-dir>/api-token) or env MESHD_API_TOKEN.
-Exit codes: 0 ok, 1 error from meshd or cannot reach it, 2 usage error.
+Exit codes: 0 ok, 1 error from meshd or cannot reach it, 2 a bad answer (a node critical or
+missing), 64 usage error.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from meshd import __version__
 
 DEFAULT_API = "http://127.0.0.1:7789"
 EXIT_ERROR = 1
-EXIT_USAGE = 2
+EXIT_USAGE = 64  # EX_USAGE: 2 means "a node is critical or missing" (DESIGN.md)
 
 
 class CtlError(Exception):

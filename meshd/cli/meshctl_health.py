@@ -9,7 +9,7 @@ POST /v1/query). Registered by meshctl.build_parser (`register`).
         not answer. PAYLOAD "-" reads it from standard input. Needs the API token.
 
 This module never raises meshctl's CtlError itself (meshctl may run as __main__, a different
-module object): client errors pass through from the client; usage errors print and return 2.
+module object): client errors pass through from the client; usage errors print and return 64.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from meshd.cli.meshctl import print_json, table
 
 EXIT_OK = 0
 EXIT_BAD_ANSWER = 2  # DESIGN.md: `meshctl health` exits 2 when a node is critical or missing
-EXIT_USAGE = 2
+EXIT_USAGE = 64  # EX_USAGE, apart from the bad-answer code
 STATUS_ORDER = {"critical": 0, "unknown": 1, "warning": 2, "passing": 3}
 OUTPUT_WIDTH = 60
 

@@ -128,11 +128,11 @@ def test_meshctl_unreachable(capsys: pytest.CaptureFixture[str]) -> None:
 def test_meshctl_usage_errors(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as e:
         meshctl.main(argv)
-    assert e.value.code == 2
+    assert e.value.code == 64  # 2 is kept for "a node is critical or missing"
 
 
 def test_meshctl_bad_api_url(capsys: pytest.CaptureFixture[str]) -> None:
-    assert meshctl.main(["--api", "ftp://x", "status"]) == 2
+    assert meshctl.main(["--api", "ftp://x", "status"]) == 64
     assert "--api" in capsys.readouterr().err
 
 
@@ -274,7 +274,7 @@ def test_meshctl_status_keys_version(api: tuple[str, _Agent],
     assert "gw1" in out and "1h2m5s" in out and "1 alive" in out
     assert meshctl.main(["keys", "list", "--api", url]) == 0
     assert "0a0b0c0d  primary" in capsys.readouterr().out
-    assert meshctl.main(["keys", "install", "--api", url]) == 2  # no key given
+    assert meshctl.main(["keys", "install", "--api", url]) == 64  # no key given
     assert meshctl.main(["version", "--api", url, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["client"] == doc["server"]
