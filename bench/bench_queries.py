@@ -406,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
                     "answer carries every check of every node (5 built-in checks each). 'Call returns' "
                     "is the HTTP round trip measured by the client, 'own elapsed' the node's elapsed_ms. "
                     "The asking node gossips the query and also sends it straight to each expected "
-                    "member (NodeRuntime._fan_out_query); answers go straight back by UDP; the "
+                    "member (Node.ask in the core); answers go straight back by UDP; the "
                     "health answer is built in-process (Serf forks its handler for every query).")
         except Exception as e:  # a failed system is reported, the other still runs
             ok = False
