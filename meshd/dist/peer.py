@@ -180,7 +180,10 @@ async def _reply(backend: PeerBackend, body: bytes) -> web.Response:
     return web.Response(body=sealed, content_type=_OCTETS)
 
 
-async def _get_manifest(request: web.Request) -> web.StreamResponse:
+async def _serve_by_release(
+    request: web.Request, lookup: Callable[[PeerBackend, str], bytes | None], what: str
+) -> web.StreamResponse:
+    """GET /peer/v1/<what>/<release id>: authenticated, the id checked, the answer sealed."""
     backend = request.app[DIST_BACKEND]
     refused = _check_get(request)
     if refused is not None:
@@ -188,26 +191,19 @@ async def _get_manifest(request: web.Request) -> web.StreamResponse:
     rid = request.match_info["rid"]
     if not _HEX_RE.match(rid):
         return _refuse(backend, 400, "serve.drops.bad_request")
-    doc = backend.manifest_document(rid)
-    if doc is None:
+    body = lookup(backend, rid)
+    if body is None:
         return _refuse(backend, 404, "serve.not_found")
-    _count(backend, "serve.manifests")
-    return await _reply(backend, doc)
+    _count(backend, f"serve.{what}")
+    return await _reply(backend, body)
+
+
+async def _get_manifest(request: web.Request) -> web.StreamResponse:
+    return await _serve_by_release(request, lambda b, rid: b.manifest_document(rid), "manifests")
 
 
 async def _get_bitmap(request: web.Request) -> web.StreamResponse:
-    backend = request.app[DIST_BACKEND]
-    refused = _check_get(request)
-    if refused is not None:
-        return refused
-    rid = request.match_info["rid"]
-    if not _HEX_RE.match(rid):
-        return _refuse(backend, 400, "serve.drops.bad_request")
-    bitmap = backend.bitmap(rid)
-    if bitmap is None:
-        return _refuse(backend, 404, "serve.not_found")
-    _count(backend, "serve.bitmaps")
-    return await _reply(backend, bitmap)
+    return await _serve_by_release(request, lambda b, rid: b.bitmap(rid), "bitmaps")
 
 
 async def _post_chunks(request: web.Request) -> web.StreamResponse:
