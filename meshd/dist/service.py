@@ -32,12 +32,13 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from meshd.core.messages import MemberState
+from meshd.core.node import MemberEvent, MemberView
 from meshd.core.swarm import ORIGIN, FetchRequest, Outcome, Swarm, SwarmConfig, make_bitmap
 from meshd.dist.activate import ActivationError, Releases
 from meshd.dist.manifest import Manifest
@@ -196,7 +197,8 @@ def parse_announcements(meta: Mapping[str, str]) -> dict[str, Announce]:
 
 
 def _natural(version: str) -> tuple[tuple[int, int | str], ...]:
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", version, flags=re.ASCII) if p)
+    parts = re.split(r"(\d+)", version, flags=re.ASCII)
+    return tuple((0, int(p)) if p.isascii() and p.isdigit() else (1, p) for p in parts if p)
 
 
 def newer(a: Manifest, b: Manifest) -> bool:
@@ -205,24 +207,6 @@ def newer(a: Manifest, b: Manifest) -> bool:
 
 
 # --- state ---------------------------------------------------------------------------------------
-
-
-class MemberLike(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def addr(self) -> str: ...
-    @property
-    def state(self) -> MemberState: ...
-    @property
-    def meta(self) -> dict[str, str]: ...
-
-
-class EventLike(Protocol):
-    @property
-    def kind(self) -> str: ...
-    @property
-    def member(self) -> MemberLike: ...
 
 
 @dataclass
@@ -343,7 +327,7 @@ class DistService:
     def add_routes(self, app: web.Application) -> None:
         add_peer_routes(app, self)
 
-    async def start(self, members: Iterable[MemberLike] = ()) -> None:
+    async def start(self, members: Iterable[MemberView] = ()) -> None:
         """Recover from a crash, resume downloads, activate what completed, announce."""
         self._loop = asyncio.get_running_loop()
         found = await asyncio.to_thread(self._recover)
@@ -420,13 +404,13 @@ class DistService:
 
     # --- membership input --------------------------------------------------------------------
 
-    def handle_member_event(self, ev: EventLike) -> None:
+    def handle_member_event(self, ev: MemberEvent) -> None:
         """Feed a member event from the runtime (join, update, suspect, dead, left, alive)."""
         if ev.kind == "keyring":
             return
         self.member_update(ev.member)
 
-    def member_update(self, m: MemberLike) -> None:
+    def member_update(self, m: MemberView) -> None:
         if m.name == self.name or self._closed:
             return
         alive = m.state == MemberState.ALIVE
