@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,21 @@ NODES = [
     ("gw-shop-1", 7792, 7793, "shop", ["role=gateway", "release=4.2"]),
 ]
 READY_TIMEOUT = 20.0
+
+
+def busy_ports() -> list[int]:
+    """Demo ports something already listens on (another demo still running, say)."""
+    busy = []
+    for _, port, api, _, _ in NODES:
+        for p in (port, api):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", p)) == 0:
+                    busy.append(p)
+    return busy
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM/SIGHUP stop the demo as Ctrl-C does: nodes leave
 
 
 def meshd(*args: str) -> list[str]:
@@ -83,6 +99,12 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def main() -> int:
+    busy = busy_ports()
+    if busy:
+        raise SystemExit(f"port(s) {', '.join(map(str, busy))} on 127.0.0.1 already in use: is "
+                         "another demo still running? (stop it, or `pkill -f 'meshd run'`)")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     DEMO.mkdir(exist_ok=True)
     key = DEMO / "cluster.key"
     if not key.exists():
