@@ -110,6 +110,10 @@ def main() -> int:
     if not key.exists():
         subprocess.run(meshd("keygen", "cluster", "--out", str(key)), check=True,
                        stdout=subprocess.DEVNULL)
+    publisher = DEMO / "publisher.key"  # every node trusts it: try `meshctl publish`
+    if not publisher.exists():
+        subprocess.run(meshd("keygen", "publisher", "--out", str(publisher)), check=True,
+                       stdout=subprocess.DEVNULL)
     procs: list[subprocess.Popen[bytes]] = []
     # The nodes run in their own sessions: Ctrl-C reaches only this script, which then sends
     # each node exactly one SIGTERM (a second signal would make a node skip its leave).
@@ -122,6 +126,7 @@ def main() -> int:
                 # The nodes find each other by mDNS, confined to loopback: no --join, and
                 # nothing leaves this machine.
                 "--profile", "local", "--mdns-interface", "127.0.0.1",
+                "--trust-publisher", f"{publisher}.pub",
             ]
             for t in tags:
                 args += ["--tag", t]
@@ -151,6 +156,9 @@ Try, in another terminal:
   {meshctl} --api http://127.0.0.1:7793 members
   kill -9 <pid of a node>   then watch it go suspect -> dead in `meshctl members`
   {meshctl} --token-file {token} join 127.0.0.1:7792   # changes need the token
+  {meshctl} health                      # every node's checks, by gossip query
+  {meshctl} --token-file {token} publish README.md --name docs --version 1 \\
+      --key {os.path.relpath(publisher, Path.cwd())}        # then: {meshctl} releases
 
 Open: http://127.0.0.1:7789/  (dashboard)   http://127.0.0.1:7789/v1/members
       http://127.0.0.1:7789/metrics           http://127.0.0.1:7789/v1/status
