@@ -57,6 +57,7 @@ KEYRING_FILE = "keyring.json"
 TOKEN_FILE = "api-token"
 SNAPSHOT_FILE = "peers.json"
 SNAPSHOT_INTERVAL = 30.0
+ADDRESS_WATCH_INTERVAL = 10.0  # how often a derived advertise address is checked
 SNAPSHOT_DEBOUNCE = 1.0
 SNAPSHOT_MAX_PEERS = 128
 LEAVE_TIMEOUT = 3.0  # Serf's graceful timeout
@@ -589,6 +590,8 @@ class Daemon:
         else:
             self._set_ready("alone by intent (no seeds, no peer snapshot)")
         self._spawn(self._snapshot_loop())
+        if not cfg.advertise and _is_wildcard(bind_host):
+            self._spawn(self._address_watch_loop(bind_host, port))
         await self._start_discovery()
         self._install_signals()
         sd_notify(f"READY=1\nSTATUS=node {cfg.name} at {self.addr}")
@@ -677,6 +680,26 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay * (0.8 + 0.4 * random.random()))
             delay = min(delay * 2, JOIN_BACKOFF_MAX)
+
+    async def _address_watch_loop(self, bind_host: str, port: int) -> None:
+        """Follow the network: a derived advertise address that changes is re-announced."""
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), ADDRESS_WATCH_INTERVAL)
+            if self._stop.is_set():
+                return
+            await self.follow_address(*derive_advertise_host(bind_host), port)
+
+    async def follow_address(self, host: str, how: str, port: int) -> None:
+        new = format_hostport(host, port)
+        if new == self.addr:
+            return
+        log.info("advertise address changed: %s -> %s (%s)", self.addr, new, how)
+        self.addr, self.addr_source = new, how
+        self.runtime.set_addr(new)
+        readvertise = getattr(self._discovery, "readvertise", None)
+        if readvertise is not None:
+            await readvertise(new)
 
     async def _snapshot_loop(self) -> None:
         loop = asyncio.get_running_loop()

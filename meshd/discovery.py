@@ -534,6 +534,12 @@ class DaemonDiscovery:
     async def start(self) -> None:
         await self.discovery.start()
 
+    async def readvertise(self, addr: str) -> None:
+        """The daemon's address changed: announce the new one (a goodbye for the old)."""
+        host = addr.rpartition(":")[0].strip("[]")
+        if _is_ipv4(host):
+            await self.discovery.update(addresses=[host])
+
     async def close(self) -> None:
         for task in list(self._joins.values()):
             task.cancel()

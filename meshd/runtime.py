@@ -201,6 +201,10 @@ class NodeRuntime:
         self._call(self.node.set_meta, meta, self.now())
         self._flush()
 
+    def set_addr(self, addr: str) -> None:
+        self._call(self.node.set_addr, addr, self.now())
+        self._flush()
+
     # --- queries -----------------------------------------------------------------------------
 
     def set_query_answerer(self, answerer: QueryAnswerer) -> None:

@@ -365,6 +365,15 @@ class Node:
                   if m.state == MemberState.ALIVE and m is not self._me]
         self._send_query_out(self.queries.respond(action, payload, relays, now))
 
+    def set_addr(self, addr: str, now: float) -> None:
+        """Our address changed (DHCP, a new uplink): a new incarnation tells the mesh."""
+        if addr == self.addr:
+            return
+        self.addr = self._me.addr = self.queries.local_addr = addr
+        self._me.incarnation += 1
+        self._queue_alive(self._me)
+        self._emit("update", self._me, now)
+
     def key_op(self, op: str, key: bytes, now: float) -> None:
         """Apply a keyring change here (StateError if it does not fit) and spread it."""
         ring = self.codec.keyring

@@ -140,6 +140,21 @@ async def test_update_reannounces_site_and_address() -> None:
         await asyncio.gather(a.stop(), b.stop())
 
 
+async def test_a_new_address_is_offered_again() -> None:
+    cluster = unique("c")
+    a_seen, b_seen = Seen(), Seen()
+    a = make(unique("a"), cluster, 17023, a_seen)
+    b = make(unique("b"), cluster, 17024, b_seen)
+    await asyncio.gather(a.start(), b.start())
+    try:
+        await a_seen.until(lambda: len(a_seen.peers) == 1)
+        await b.update(addresses=["127.0.0.2"])  # another loopback address: still on lo
+        await a_seen.until(lambda: len(a_seen.peers) == 2, timeout=5)
+        assert a_seen.peers[-1][1] == "127.0.0.2:17024"
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
+
+
 async def test_same_name_on_two_nodes_is_reported_as_a_conflict() -> None:
     cluster, name = unique("c"), unique("twin")
     seen = Seen()

@@ -349,3 +349,18 @@ def test_another_node_at_a_dead_members_address_does_not_keep_it_alive() -> None
     assert net.run_until_true(
         lambda: all(state_of(n, x.name) == MemberState.DEAD for n in survivors), 60.0)
     assert sum(n.counters.values.get("probes.tcp_only", 0) for n in survivors) == 0
+
+
+def test_a_new_address_spreads_with_a_new_incarnation() -> None:
+    net, nodes = make_cluster(5)
+    mover = nodes[1]
+    before = mover.incarnation
+    del net.nodes[mover.addr]
+    mover.set_addr("n1-new:7788", net.now)  # DHCP gave the gateway another address
+    net.nodes[mover.addr] = mover
+    net.poke(mover)
+    assert mover.incarnation == before + 1
+    assert net.run_until_true(
+        lambda: all(n.member("n1").addr == "n1-new:7788" for n in nodes), 10.0)
+    net.run_for(20.0)
+    assert all(state_of(n, "n1") == MemberState.ALIVE for n in nodes)  # reachable there
