@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +206,44 @@ def port_factory() -> Callable[[], int]:
     """free_port, for tests that bind sockets themselves (conftest modules are not importable
     by name: several directories have one)."""
     return free_port
+
+
+InProcessStarter = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+async def in_process_node() -> AsyncIterator[InProcessStarter]:
+    """Start a core node with its runtime, UDP socket and peer HTTP app in this process, on a
+    free loopback port: `rt = await in_process_node("r1", meta={...})`. Stopped afterwards."""
+    import asyncio
+    import random
+
+    from meshd.core.config import LOCAL
+    from meshd.core.node import Node
+    from meshd.net.peer_http import PeerServer, create_peer_app
+    from meshd.net.udp import UDPEndpoint
+    from meshd.runtime import NodeRuntime
+    from meshd.wire import Codec
+
+    started: list[tuple[NodeRuntime, PeerServer]] = []
+
+    async def start(name: str, meta: dict[str, str] | None = None) -> NodeRuntime:
+        port = free_port()
+        node = Node(name, name * 8, f"127.0.0.1:{port}", LOCAL, Codec("t", None),
+                    random.Random(name), asyncio.get_running_loop().time(), meta)
+        rt = NodeRuntime(node)
+        udp = UDPEndpoint(rt.on_datagram)
+        await udp.open("127.0.0.1", port)
+        rt.udp = udp
+        server = PeerServer(create_peer_app(rt))
+        await server.start("127.0.0.1", port)
+        rt.start()
+        started.append((rt, server))
+        return rt
+
+    yield start
+    for rt, server in started:
+        if rt.udp is not None:
+            rt.udp.close()
+        await rt.close()
+        await server.stop()

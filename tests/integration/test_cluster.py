@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from conftest import Mesh, NodeProc
+    from conftest import InProcessStarter, Mesh, NodeProc
 
 pytestmark = pytest.mark.integration
 
@@ -188,128 +188,40 @@ def test_insecure_node_on_loopback(mesh: Mesh) -> None:
 # --- the shell in one process: runtime + UDP + peer HTTP over loopback --------------------------
 
 
-async def test_runtime_pair_in_process(port_factory: Callable[[], int]) -> None:
+async def test_runtime_pair_in_process(in_process_node: InProcessStarter,
+                                       port_factory: Callable[[], int]) -> None:
     import asyncio
-    import random
 
-    from meshd.core.config import LOCAL
+    import aiohttp
+
     from meshd.core.messages import MemberState
-    from meshd.core.node import Node
-    from meshd.net.peer_http import PeerServer, create_peer_app
-    from meshd.net.udp import UDPEndpoint
-    from meshd.runtime import NodeRuntime
-    from meshd.wire import Codec
 
-    loop = asyncio.get_running_loop()
-    runtimes: list[NodeRuntime] = []
-    servers: list[PeerServer] = []
-    try:
-        for name in ("r1", "r2"):
-            port = port_factory()
-            node = Node(name, name * 8, f"127.0.0.1:{port}", LOCAL, Codec("t", None),
-                        random.Random(name), loop.time())
-            rt = NodeRuntime(node)
-            udp = UDPEndpoint(rt.on_datagram)
-            await udp.open("127.0.0.1", port)
-            rt.udp = udp
-            server = PeerServer(create_peer_app(rt))
-            await server.start("127.0.0.1", port)
-            rt.start()
-            runtimes.append(rt)
-            servers.append(server)
-        r1, r2 = runtimes
-        sub = r1.subscribe()
-        assert await r2.join([r1.node.addr]) == 1
-        ev = await asyncio.wait_for(sub.get(), 5)
-        assert ev.kind == "join" and ev.member.name == "r2"
-        sub.close()
-        for _ in range(50):
-            if all(len([m for m in rt.node.members() if m.state == MemberState.ALIVE]) == 2
-                   for rt in runtimes):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("pair did not converge")
-        await asyncio.sleep(1.5)  # probes go both ways over UDP
-        assert r1.node.counters.values.get("msgs.in.ack", 0) > 0
-        assert r1.udp is not None and r1.udp.stats.received > 0
-        assert r1.errors == 0 and r2.errors == 0
-        # the peer endpoint: garbage is refused (400), an oversized body gets 413
-        import aiohttp
-
-        async with aiohttp.ClientSession() as http:
-            url = f"http://{r1.node.addr}/peer/v1/stream"
-            async with http.post(url, data=b"\x01garbage") as resp:
-                assert resp.status == 400
-            async with http.post(url, data=b"x" * (17 * 1024 * 1024)) as resp:
-                assert resp.status == 413
-        assert r1.node.counters.values.get("drops.decode", 0) + \
-            r1.node.counters.values.get("drops.auth", 0) >= 1
-        # a join to a port where nobody listens answers 0, quickly, without errors
-        assert await r1.join([f"127.0.0.1:{port_factory()}"], timeout=1.0) == 0
-    finally:
-        for rt in runtimes:
-            if rt.udp is not None:
-                rt.udp.close()
-            await rt.close()
-        for s in servers:
-            await s.stop()
-
-
-async def test_runtime_survives_core_exceptions() -> None:
-    import asyncio
-
-    from meshd.core.config import LOCAL
-    from meshd.runtime import NodeRuntime
-
-    class Sent:
-        def __init__(self) -> None:
-            self.out: list[tuple[bytes, str]] = []
-
-        def sendto(self, data: bytes, addr: str) -> None:
-            self.out.append((data, addr))
-
-    class BrokenNode:
-        config = LOCAL
-
-        def __init__(self) -> None:
-            self.timer_calls = 0
-            self.deadline = 0.0
-
-        def receive_datagram(self, data: bytes, addr: str, now: float) -> None:
-            raise RuntimeError("boom")
-
-        def handle_timer(self, now: float) -> None:
-            self.timer_calls += 1
-            if self.timer_calls == 1:
-                raise ValueError("timer boom")
-
-        def datagrams_to_send(self) -> list[tuple[bytes, str]]:
-            return [(b"hello", "127.0.0.1:9")]
-
-        def streams_to_open(self) -> list[object]:
-            return []
-
-        def events(self) -> list[object]:
-            return []
-
-        def queries_to_answer(self) -> list[object]:
-            return []
-
-        def query_results(self) -> list[object]:
-            return []
-
-        def get_timer(self) -> float:
-            return asyncio.get_running_loop().time() + 0.02
-
-    node = BrokenNode()
-    sent = Sent()
-    rt = NodeRuntime(node, udp=sent)  # type: ignore[arg-type]
-    rt.start()
-    rt.on_datagram(b"x", "127.0.0.1:1")  # the core raises: logged, counted, loop goes on
-    assert rt.errors == 1
-    assert (b"hello", "127.0.0.1:9") in sent.out  # outputs are still flushed
-    await asyncio.sleep(0.2)
-    assert node.timer_calls >= 3  # the timer is re-armed after a failing handle_timer
-    assert rt.errors == 2
-    await rt.close()
+    runtimes = [await in_process_node("r1"), await in_process_node("r2")]
+    r1, r2 = runtimes
+    sub = r1.subscribe()
+    assert await r2.join([r1.node.addr]) == 1
+    ev = await asyncio.wait_for(sub.get(), 5)
+    assert ev.kind == "join" and ev.member.name == "r2"
+    sub.close()
+    for _ in range(50):
+        if all(len([m for m in rt.node.members() if m.state == MemberState.ALIVE]) == 2
+               for rt in runtimes):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("pair did not converge")
+    await asyncio.sleep(1.5)  # probes go both ways over UDP
+    assert r1.node.counters.values.get("msgs.in.ack", 0) > 0
+    assert r1.udp is not None and r1.udp.stats.received > 0
+    assert r1.errors == 0 and r2.errors == 0
+    # the peer endpoint: garbage is refused (400), an oversized body gets 413
+    async with aiohttp.ClientSession() as http:
+        url = f"http://{r1.node.addr}/peer/v1/stream"
+        async with http.post(url, data=b"\x01garbage") as resp:
+            assert resp.status == 400
+        async with http.post(url, data=b"x" * (17 * 1024 * 1024)) as resp:
+            assert resp.status == 413
+    assert r1.node.counters.values.get("drops.decode", 0) + \
+        r1.node.counters.values.get("drops.auth", 0) >= 1
+    # a join to a port where nobody listens answers 0, quickly, without errors
+    assert await r1.join([f"127.0.0.1:{port_factory()}"], timeout=1.0) == 0

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import random
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pytest
 
-from meshd.core.config import LOCAL
 from meshd.core.messages import MemberState
-from meshd.core.node import Node
 from meshd.net.peer_http import PeerClient, PeerServer, create_peer_app
-from meshd.net.udp import UDPEndpoint
-from meshd.runtime import NodeRuntime
-from meshd.wire import Codec
+
+if TYPE_CHECKING:
+    from conftest import InProcessStarter
 
 pytestmark = pytest.mark.integration
 
@@ -41,32 +38,12 @@ async def test_a_multi_megabyte_reply_arrives_whole(port_factory: Callable[[], i
         await server.stop()
 
 
-async def test_join_carries_metadata_far_larger_than_a_packet(port_factory: Callable[[], int]) -> None:
-    loop = asyncio.get_running_loop()
+async def test_join_carries_metadata_far_larger_than_a_packet(
+        in_process_node: InProcessStarter) -> None:
     big = {f"tag:k{i}": "v" * 200 for i in range(5000)}  # about 1 MB of node metadata
-    runtimes: list[NodeRuntime] = []
-    servers: list[PeerServer] = []
-    try:
-        for name, meta in (("big", big), ("small", {})):
-            port = port_factory()
-            node = Node(name, name * 4, f"127.0.0.1:{port}", LOCAL, Codec("t", None),
-                        random.Random(name), loop.time(), meta)
-            rt = NodeRuntime(node)
-            udp = UDPEndpoint(rt.on_datagram)
-            await udp.open("127.0.0.1", port)
-            rt.udp = udp
-            server = PeerServer(create_peer_app(rt))
-            await server.start("127.0.0.1", port)
-            rt.start()
-            runtimes.append(rt)
-            servers.append(server)
-        big_rt, small_rt = runtimes
-        assert await small_rt.join([big_rt.node.addr]) == 1
-        seen = small_rt.node.member("big")
-        assert seen is not None and seen.state == MemberState.ALIVE
-        assert seen.meta == big
-    finally:
-        for rt in runtimes:
-            await rt.close()
-        for s in servers:
-            await s.stop()
+    big_rt = await in_process_node("big", meta=big)
+    small_rt = await in_process_node("small")
+    assert await small_rt.join([big_rt.node.addr]) == 1
+    seen = small_rt.node.member("big")
+    assert seen is not None and seen.state == MemberState.ALIVE
+    assert seen.meta == big
