@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshd.dist.chunker import StoredChunk, chunk_tree
+from meshd.release.chunker import StoredChunk, chunk_tree
 
 
 def write_data(path: Path, size: int, seed: int = 42) -> None:

@@ -312,8 +312,8 @@ def delta_pair(src: Path, work: Path) -> tuple[Path, Path]:
 
 
 def meshd_delta(v1: Path, v2: Path) -> dict[str, int]:
-    from meshd.dist.chunker import StoredChunk, chunk_tree
-    from meshd.dist.manifest import Manifest
+    from meshd.release.chunker import StoredChunk, chunk_tree
+    from meshd.release.manifest import Manifest
 
     old = chunk_tree(v1)
     stored: dict[str, int] = {}

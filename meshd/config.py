@@ -17,13 +17,18 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from meshd.core.config import PRESETS, ProtocolConfig
 from meshd.errors import ConfigError
-
-if TYPE_CHECKING:
-    from meshd.dist.service import DistConfig
+from meshd.release.config import DistConfig
+from meshd.units import (
+    format_hostport,
+    is_ascii_int,
+    is_loopback_host,
+    parse_duration,
+    parse_hostport,
+)
 
 __all__ = [
     "DEFAULT_API",
@@ -31,11 +36,7 @@ __all__ = [
     "DEFAULT_DATA_DIR",
     "DEFAULT_PORT",
     "NodeConfig",
-    "format_hostport",
-    "is_loopback_host",
     "load_config",
-    "parse_duration",
-    "parse_hostport",
 ]
 
 DEFAULT_PORT = 7788
@@ -48,87 +49,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 PASSTHROUGH_TABLES = ("check", "query_handler", "dist", "health", "discovery")
 _MAX_CONFIG_FILE = 1024 * 1024
 
-_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _TAG_KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-def parse_duration(value: object, where: str = "duration") -> float:
-    """'250ms', '3s', '1m', '1h' or a bare number (seconds) -> seconds as float."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a duration like 250ms, 3s or 1m, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if not m:
-            raise ConfigError(f"{where}: expected a duration like 250ms, 3s or 1m, got {value!r}")
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    else:
-        raise ConfigError(f"{where}: expected a duration like 250ms, 3s or 1m, got {value!r}")
-    if seconds < 0 or seconds != seconds or seconds == float("inf"):
-        raise ConfigError(f"{where}: duration must be a finite non-negative value")
-    return seconds
-
-
-def parse_hostport(
-    value: object, where: str = "address", default_port: int | None = None, allow_zero: bool = False
-) -> tuple[str, int]:
-    """'host:port', '[v6]:port' (or 'host' when default_port is given) -> (host, port)."""
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where}: expected HOST:PORT, got {value!r}")
-    text = value.strip()
-    # meshctl's MESHD_API is a URL; accept that spelling here too so one variable serves both.
-    for scheme in ("http://", "https://"):
-        if text.startswith(scheme):
-            text = text[len(scheme) :].rstrip("/")
-    host: str
-    port_text: str | None
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ConfigError(f"{where}: unbalanced '[' in {value!r}")
-        host = text[1:end]
-        rest = text[end + 1 :]
-        if rest and not rest.startswith(":"):
-            raise ConfigError(f"{where}: expected [HOST]:PORT, got {value!r}")
-        port_text = rest[1:] if rest else None
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    elif text.count(":") == 0:
-        host, port_text = text, None
-    else:
-        raise ConfigError(f"{where}: IPv6 addresses need brackets, like [::1]:7788; got {value!r}")
-    if not host:
-        raise ConfigError(f"{where}: missing host in {value!r}")
-    if port_text is None or port_text == "":
-        if default_port is None:
-            raise ConfigError(f"{where}: missing port in {value!r} (expected HOST:PORT)")
-        return host, default_port
-    if not _is_ascii_int(port_text):
-        raise ConfigError(f"{where}: bad port {port_text!r} in {value!r}")
-    port = int(port_text)
-    if port > 65535 or (port == 0 and not allow_zero):
-        raise ConfigError(f"{where}: port {port} out of range in {value!r}")
-    return host, port
-
-
-def format_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _is_ascii_int(text: str) -> bool:
-    return text.isascii() and text.isdigit()  # str.isdigit() alone admits "²", which int() refuses
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -179,7 +101,6 @@ class NodeConfig:
 
     def dist_config(self) -> DistConfig:
         """The [dist] table (keep, hook, hook_timeout, upload_rate, download_rate, origin_delay)."""
-        from meshd.dist.service import DistConfig  # lazy: the config loads without the dist stack
 
         source = f"{self.source}: [dist]" if self.source else "[dist]"
         return DistConfig.from_table(self.extra.get("dist"), source)
@@ -349,7 +270,7 @@ def _protocol_value(name: str, value: object, where: str) -> float | int:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         if isinstance(value, int):
             number = value
-        elif isinstance(value, str) and _is_ascii_int(value.strip().lstrip("-")):
+        elif isinstance(value, str) and is_ascii_int(value.strip().lstrip("-")):
             number = int(value)
         else:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")

@@ -29,7 +29,7 @@ import orjson
 
 from meshd import PROTOCOL_VERSION, __version__
 from meshd.api.app import ApiServer, create_api_app
-from meshd.config import NodeConfig, format_hostport, is_loopback_host, parse_hostport
+from meshd.config import NodeConfig
 from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.node import MemberEvent, MemberView, Node
 from meshd.core.query import QueryResult, default_timeout
@@ -41,14 +41,15 @@ from meshd.crypto import (
     read_key_file,
     write_private,
 )
-from meshd.dist.api import add_release_routes
-from meshd.dist.service import DistService
 from meshd.errors import ConfigError, StateError
 from meshd.health_service import HealthService
 from meshd.metrics import Exposition, TransferStats
 from meshd.net.peer_http import PeerClient, PeerServer, TCPStats, create_peer_app
 from meshd.net.udp import UDPEndpoint
+from meshd.release.api import add_release_routes
+from meshd.release.service import ReleaseService
 from meshd.runtime import NodeEvent, NodeRuntime, Subscription
+from meshd.units import format_hostport, is_loopback_host, parse_hostport
 from meshd.wire import Codec
 
 log = logging.getLogger("meshd")
@@ -251,7 +252,7 @@ class Daemon:
         self._api: ApiServer | None = None
         self._snapshot_peers: list[str] = []
         self._start_incarnation = 0  # above what the mesh may remember of our last run
-        self.dist: DistService | None = None
+        self.dist: ReleaseService | None = None
         self.health: HealthService | None = None  # checks, health meta and query answers
 
     # --- Agent protocol (used by the API) --------------------------------------------------
@@ -384,7 +385,7 @@ class Daemon:
         out.counter("meshd_events_dropped_total", "events lost by slow subscribers",
                     self.runtime.events_dropped)
         out.gauge("meshd_event_subscribers", "open event streams", self.runtime.subscriber_count)
-        out.core_counters(node.counters.values)
+        out.core_counters(node.counters)
         self._collect_query_metrics(out)
         if self.dist is not None:
             out.core_counters({f"dist.{k}": v for k, v in self.dist.counters.items()})
@@ -496,13 +497,13 @@ class Daemon:
                 and ev.member.state == MemberState.ALIVE):
             self._set_ready("joined")
 
-    def _make_dist(self, codec: Codec) -> DistService:
+    def _make_dist(self, codec: Codec) -> ReleaseService:
         cfg = self.cfg
         trusted = [load_publisher_public(path) for path in cfg.trust_publisher]
         if not trusted:
             log.warning("no --trust-publisher key: this node holds and serves releases but "
                         "installs none")
-        return DistService(
+        return ReleaseService(
             self.data_dir, name=cfg.name, site=cfg.site, tags=cfg.tags, codec=codec,
             trusted=trusted, config=cfg.dist_config(), set_meta_keys=self.update_meta,
             emit=self._on_release_event, transfer=self.transfer,

@@ -38,6 +38,7 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from meshd import PROTOCOL_VERSION
+from meshd.core.counters import Counters
 from meshd.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ class Discovery:
         self.backoff_max = backoff_max
         self._rng = rng or random.Random()
         self.peers: dict[str, PeerRecord] = {}
-        self.counters: dict[str, int] = dict.fromkeys(
+        self.counters = Counters(dict.fromkeys(
             (
                 "discovered",
                 "ignored_cluster",
@@ -201,6 +202,7 @@ class Discovery:
                 "unicast_dropped",
             ),
             0,
+        )
         )
         self.advertising = False
         self._aiozc: AsyncZeroconf | None = None

@@ -40,8 +40,8 @@ from typing import Any, Final, Literal
 import aiohttp
 import orjson
 
-from meshd.config import parse_duration, parse_hostport
 from meshd.errors import ConfigError
+from meshd.units import parse_duration, parse_hostport
 
 log = logging.getLogger(__name__)
 

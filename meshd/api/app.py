@@ -20,11 +20,12 @@ import orjson
 from aiohttp import web
 
 from meshd import __version__
-from meshd.config import DEFAULT_PORT, format_hostport, parse_hostport
+from meshd.config import DEFAULT_PORT
 from meshd.core.messages import MemberState
 from meshd.errors import ConfigError, MeshError, StateError
 from meshd.metrics import CONTENT_TYPE, Exposition, TransferStats
 from meshd.net.http_server import HttpServer
+from meshd.units import format_hostport, parse_hostport
 
 log = logging.getLogger("meshd.api")
 

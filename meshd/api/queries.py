@@ -47,11 +47,11 @@ from meshd.api.app import (
     read_json,
     require_token,
 )
-from meshd.config import parse_duration
 from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.query import REGEX_PREFIX, QueryResult, matches, split_meta
 from meshd.errors import ConfigError, StateError
 from meshd.health import HEALTH_QUERY
+from meshd.units import parse_duration
 
 MAX_API_QUERIES = 32  # queries this API waits on at once
 MAX_FILTER_NODES = 256

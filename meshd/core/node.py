@@ -32,13 +32,14 @@ import math
 import random
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from meshd import wire
 from meshd.core.awareness import Awareness
 from meshd.core.broadcast import BroadcastQueue
 from meshd.core.config import ProtocolConfig
+from meshd.core.counters import Counters
 from meshd.core.messages import (
     Ack,
     Alive,
@@ -158,16 +159,6 @@ class _Timers:
     push_pull: float = 0.0
     reconnect: float = 0.0
     reap: float = 0.0
-
-
-@dataclass
-class Counters:
-    """Plain counters for /metrics; names are dotted paths."""
-
-    values: dict[str, int] = field(default_factory=dict)
-
-    def inc(self, name: str, by: int = 1) -> None:
-        self.values[name] = self.values.get(name, 0) + by
 
 
 DEAD_STATES = (MemberState.DEAD, MemberState.LEFT)

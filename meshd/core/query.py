@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Final
 
 import msgspec
 
+from meshd.core.counters import Counters
 from meshd.core.messages import Query, QueryFilter, QueryResponse, Relay
 from meshd.errors import ConfigError, StateError
 
@@ -257,7 +258,7 @@ class QueryEngine:
         self.local_addr = local_addr
         self.limits = limits or QueryLimits()
         self.clock = LamportClock()
-        self.counters: dict[str, int] = {}
+        self.counters = Counters()
         self._rng = rng
         self._pending: dict[int, _Pending] = {}
         self._ring: list[tuple[int, list[int]] | None] = [None] * self.limits.ring_size
@@ -476,4 +477,4 @@ class QueryEngine:
         return QueryOutbound(addr, message, via_stream)
 
     def _count(self, key: str, n: int = 1) -> None:
-        self.counters[key] = self.counters.get(key, 0) + n
+        self.counters[key] += n

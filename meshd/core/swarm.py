@@ -41,6 +41,8 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from meshd.core.counters import Counters
+
 MiB = 1024 * 1024
 ORIGIN = "@origin"
 
@@ -192,7 +194,7 @@ class Swarm:
         self._out_requests: list[FetchRequest] = []
         self._out_cancels: list[int] = []
         self._out_events: list[SwarmEvent] = []
-        self.counters: dict[str, int] = {
+        self.counters = Counters({
             "requests": 0,
             "requests.endgame": 0,
             "requests.origin": 0,
@@ -205,7 +207,7 @@ class Swarm:
             "chunks.duplicate": 0,
             "results.late": 0,
             "drops.bitmap": 0,
-        }
+        })
         self._schedule(now)
 
     # --- inputs ------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import logging
 import socket
 from collections.abc import Callable
 
-from meshd.config import parse_hostport
 from meshd.errors import ConfigError
+from meshd.units import parse_hostport
 
 log = logging.getLogger("meshd.udp")
 

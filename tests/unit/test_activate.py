@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 import pytest
 
-from meshd.dist.activate import ActivationError, Releases
-from meshd.dist.chunker import StoredChunk, chunk_tree
-from meshd.dist.manifest import Manifest
-from meshd.dist.store import ChunkStore
 from meshd.errors import IntegrityError
+from meshd.release.activate import ActivationError, Releases
+from meshd.release.chunker import StoredChunk, chunk_tree
+from meshd.release.manifest import Manifest
+from meshd.release.store import ChunkStore
 
 NAME = "agent"
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from meshd.dist import chunker
-from meshd.dist.chunker import (
+from meshd.errors import IntegrityError
+from meshd.release import chunker
+from meshd.release.chunker import (
     FLAG_LZ4,
     FLAG_RAW,
     MAX_SIZE,
@@ -26,7 +27,6 @@ from meshd.dist.chunker import (
     decode_chunk,
     encode_chunk,
 )
-from meshd.errors import IntegrityError
 
 
 def semi_compressible(n: int, seed: int = 1) -> bytes:

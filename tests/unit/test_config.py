@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from meshd.config import NodeConfig, load_config, parse_duration, parse_hostport
+from meshd.config import NodeConfig, load_config
 from meshd.core.config import LAN, LOCAL, WAN
 from meshd.errors import ConfigError
+from meshd.units import parse_duration, parse_hostport
 
 
 @pytest.mark.parametrize(

@@ -11,15 +11,15 @@ import nacl.signing
 import orjson
 import pytest
 
-from meshd.dist.chunker import chunk_tree
-from meshd.dist.manifest import (
+from meshd.errors import ConfigError, DecodeError, IntegrityError
+from meshd.release.chunker import chunk_tree
+from meshd.release.manifest import (
     Limits,
     Manifest,
     check_release_path,
     load_public_key,
     load_signing_key,
 )
-from meshd.errors import ConfigError, DecodeError, IntegrityError
 
 SEED = bytes(range(32))
 KEY = nacl.signing.SigningKey(SEED)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from meshd.dist import store as store_mod
-from meshd.dist.chunker import FLAG_LZ4, chunk_id, encode_chunk
-from meshd.dist.store import ChunkStore, StoreError
 from meshd.errors import IntegrityError, MeshError
+from meshd.release import store as store_mod
+from meshd.release.chunker import FLAG_LZ4, chunk_id, encode_chunk
+from meshd.release.store import ChunkStore, StoreError
 
 TEXT = b"the gateway chunk store " * 400
 NOISE = random.Random(7).randbytes(40_000)

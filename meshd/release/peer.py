@@ -32,12 +32,13 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from meshd.dist.chunker import MAX_SIZE, is_chunk_id
+from meshd.core.counters import Counters
 from meshd.errors import AuthError, DecodeError
 from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded
+from meshd.release.chunker import MAX_SIZE, is_chunk_id
 from meshd.wire import Codec
 
-log = logging.getLogger("meshd.dist.peer")
+log = logging.getLogger("meshd.release.peer")
 
 MANIFEST_PATH = "/peer/v1/manifests/{rid}"
 BITMAP_PATH = "/peer/v1/bitmaps/{rid}"
@@ -139,7 +140,7 @@ class PeerBackend(Protocol):
     """What the routes need from the distribution service."""
 
     codec: Codec
-    counters: dict[str, int]
+    counters: Counters
 
     def manifest_document(self, rid: str) -> bytes | None: ...
     def bitmap(self, rid: str) -> bytes | None: ...
@@ -148,11 +149,11 @@ class PeerBackend(Protocol):
     def count_sent(self, nbytes: int) -> None: ...
 
 
-DIST_BACKEND = web.AppKey("dist_backend", PeerBackend)
+RELEASE_BACKEND = web.AppKey("release_backend", PeerBackend)
 
 
 def _count(backend: PeerBackend, key: str) -> None:
-    backend.counters[key] = backend.counters.get(key, 0) + 1
+    backend.counters[key] += 1
 
 
 def _refuse(backend: PeerBackend, status: int, key: str) -> web.Response:
@@ -161,7 +162,7 @@ def _refuse(backend: PeerBackend, status: int, key: str) -> web.Response:
 
 
 def _check_get(request: web.Request) -> web.Response | None:
-    backend = request.app[DIST_BACKEND]
+    backend = request.app[RELEASE_BACKEND]
     header = request.headers.get(AUTH_HEADER)
     if not header:
         return _refuse(backend, 401, "serve.drops.auth")
@@ -184,7 +185,7 @@ async def _serve_by_release(
     request: web.Request, lookup: Callable[[PeerBackend, str], bytes | None], what: str
 ) -> web.StreamResponse:
     """GET /peer/v1/<what>/<release id>: authenticated, the id checked, the answer sealed."""
-    backend = request.app[DIST_BACKEND]
+    backend = request.app[RELEASE_BACKEND]
     refused = _check_get(request)
     if refused is not None:
         return refused
@@ -207,7 +208,7 @@ async def _get_bitmap(request: web.Request) -> web.StreamResponse:
 
 
 async def _post_chunks(request: web.Request) -> web.StreamResponse:
-    backend = request.app[DIST_BACKEND]
+    backend = request.app[RELEASE_BACKEND]
     try:
         raw = await read_bounded(request.content, request.content_length, MAX_CHUNKS_REQUEST)
     except BodyTooLarge:
@@ -239,13 +240,13 @@ async def _post_chunks(request: web.Request) -> web.StreamResponse:
 
 def add_peer_routes(app: web.Application, backend: PeerBackend) -> None:
     """Add the distribution routes to a peer app (before it starts)."""
-    app[DIST_BACKEND] = backend
+    app[RELEASE_BACKEND] = backend
     app.router.add_get(MANIFEST_PATH, _get_manifest)
     app.router.add_get(BITMAP_PATH, _get_bitmap)
     app.router.add_post(CHUNKS_PATH, _post_chunks)
 
 
-def create_dist_app(backend: PeerBackend) -> web.Application:
+def create_release_app(backend: PeerBackend) -> web.Application:
     """A stand-alone peer app with only the distribution routes (tests, tools)."""
     app = web.Application(client_max_size=MAX_CHUNKS_REQUEST)
     add_peer_routes(app, backend)
@@ -264,7 +265,7 @@ class FetchStats:
 class PeerFetcher:
     """The client side: one ClientSession; every call bounded in size and time."""
 
-    def __init__(self, codec: Codec, counters: dict[str, int]) -> None:
+    def __init__(self, codec: Codec, counters: Counters) -> None:
         self.codec = codec
         self.counters = counters
         self.stats = FetchStats()
@@ -284,7 +285,7 @@ class PeerFetcher:
             self._session = None
 
     def _count(self, key: str) -> None:
-        self.counters[key] = self.counters.get(key, 0) + 1
+        self.counters[key] += 1
 
     async def _read(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:
         """Whole body, at most `limit` bytes; PeerProtocolError when over it or cut short."""

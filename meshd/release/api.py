@@ -13,12 +13,12 @@ from typing import Any
 from aiohttp import web
 
 from meshd.api.app import ApiError, json_response, read_json
-from meshd.dist.chunker import PublishError
-from meshd.dist.service import DistService
-from meshd.dist.store import StoreError
 from meshd.errors import ConfigError, IntegrityError, StateError
+from meshd.release.chunker import PublishError
+from meshd.release.service import ReleaseService
+from meshd.release.store import StoreError
 
-DIST_SERVICE = web.AppKey("dist_service", DistService)
+RELEASE_SERVICE = web.AppKey("release_service", ReleaseService)
 MAX_ORIGINS = 16
 
 
@@ -49,12 +49,12 @@ def _tags(value: object) -> dict[str, str]:
 
 
 async def get_releases(request: web.Request) -> web.Response:
-    svc = request.app[DIST_SERVICE]
+    svc = request.app[RELEASE_SERVICE]
     return json_response({"releases": svc.releases(), "publishing": svc.publishing()})
 
 
 async def post_releases(request: web.Request) -> web.Response:
-    svc = request.app[DIST_SERVICE]
+    svc = request.app[RELEASE_SERVICE]
     body = await read_json(request)
     path = _path(body, "path")
     name = _str(body, "name")
@@ -86,7 +86,7 @@ async def post_releases(request: web.Request) -> web.Response:
     return json_response(info, 201)
 
 
-def add_release_routes(app: web.Application, service: DistService) -> None:
-    app[DIST_SERVICE] = service
+def add_release_routes(app: web.Application, service: ReleaseService) -> None:
+    app[RELEASE_SERVICE] = service
     app.router.add_get("/v1/releases", get_releases)
     app.router.add_post("/v1/releases", post_releases)

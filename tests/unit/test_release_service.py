@@ -1,4 +1,4 @@
-"""DistService end to end on 127.0.0.1: real stores, real aiohttp peer servers, fake membership.
+"""ReleaseService end to end on 127.0.0.1: real stores, real aiohttp peer servers, fake membership.
 
 Membership is faked by `Mesh`: each node's meta changes (the service's set_meta_keys callback)
 are delivered to every other node on the next loop turn, the way gossip would.
@@ -21,9 +21,11 @@ from aiohttp import web
 from meshd.core.messages import MemberState
 from meshd.core.swarm import SwarmConfig, make_bitmap
 from meshd.crypto import Keyring, PublisherKey, generate_publisher_keypair
-from meshd.dist.chunker import chunk_tree
-from meshd.dist.manifest import Manifest
-from meshd.dist.peer import (
+from meshd.errors import ConfigError
+from meshd.release.chunker import chunk_tree
+from meshd.release.config import DistConfig
+from meshd.release.manifest import Manifest
+from meshd.release.peer import (
     AUTH_HEADER,
     CHUNKS_PATH,
     MAX_CHUNKS_REQUEST,
@@ -35,15 +37,9 @@ from meshd.dist.peer import (
     encode_piece,
     make_token,
 )
-from meshd.dist.service import (
-    Announce,
-    DistConfig,
-    DistService,
-    parse_announcements,
-    parse_rate,
-)
-from meshd.dist.store import ChunkStore
-from meshd.errors import ConfigError
+from meshd.release.service import Announce, ReleaseService, parse_announcements
+from meshd.release.store import ChunkStore
+from meshd.units import parse_rate
 from meshd.wire import Codec
 
 CLUSTER = "dtest"
@@ -76,7 +72,7 @@ class TNode:
     site: str
     tags: dict[str, str]
     root: Path
-    service: DistService
+    service: ReleaseService
     mesh: Mesh
     meta: dict[str, str] = field(default_factory=dict)
     runner: web.AppRunner | None = None
@@ -142,7 +138,7 @@ class Mesh:
         config: DistConfig | None = None,
         swarm: SwarmConfig | None = None,
         root: Path | None = None,
-        service_cls: type[DistService] = DistService,
+        service_cls: type[ReleaseService] = ReleaseService,
     ) -> TNode:
         root = root or self.tmp / name
         codec = Codec(CLUSTER, Keyring([cluster_key]) if cluster_key else None)
@@ -334,7 +330,7 @@ async def test_far_site_gets_about_one_copy_over_the_site_link(mesh: Mesh, tmp_p
 # --- lying and broken peers ----------------------------------------------------------------------
 
 
-class LyingService(DistService):
+class LyingService(ReleaseService):
     """Serves chunks with one byte flipped (a peer with bad bytes, or an attacker)."""
 
     async def read_stored(self, ids: list[str]) -> list[bytes | None]:
@@ -656,6 +652,6 @@ async def test_upload_token_bucket_paces() -> None:
 
 def test_store_of_a_fresh_service_is_usable(tmp_path: Path) -> None:
     # The service builds its store lazily in the data dir (chunks/, manifests/, releases/).
-    DistService(tmp_path, name="x", site="a", tags={}, codec=Codec(CLUSTER, None))
+    ReleaseService(tmp_path, name="x", site="a", tags={}, codec=Codec(CLUSTER, None))
     assert (tmp_path / "chunks").is_dir() and (tmp_path / "releases").is_dir()
     assert ChunkStore(tmp_path).manifests() == []

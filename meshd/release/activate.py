@@ -34,9 +34,9 @@ from pathlib import Path
 
 import orjson
 
-from meshd.dist.manifest import NAME_RE, Manifest
-from meshd.dist.store import ChunkStore, StoreError, atomic_write, fsync_dir
 from meshd.errors import DecodeError, IntegrityError, MeshError
+from meshd.release.manifest import NAME_RE, Manifest
+from meshd.release.store import ChunkStore, StoreError, atomic_write, fsync_dir
 
 CURRENT = "current"
 META = ".meta"

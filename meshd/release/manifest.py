@@ -34,8 +34,8 @@ import nacl.exceptions
 import nacl.signing
 import orjson
 
-from meshd.dist.chunker import MAX_SIZE, MODE_MASK, ChunkedTree, is_chunk_id
 from meshd.errors import ConfigError, DecodeError, IntegrityError
+from meshd.release.chunker import MAX_SIZE, MODE_MASK, ChunkedTree, is_chunk_id
 
 FORMAT = 1
 HASH_ALG = "blake3"

@@ -24,9 +24,10 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from meshd.dist.chunker import ID_LEN, decode_and_verify, encode_chunk, is_chunk_id
-from meshd.dist.chunker import chunk_id as hash_chunk
+from meshd.core.counters import Counters
 from meshd.errors import IntegrityError, MeshError
+from meshd.release.chunker import ID_LEN, decode_and_verify, encode_chunk, is_chunk_id
+from meshd.release.chunker import chunk_id as hash_chunk
 
 TEMP_PREFIX = ".tmp-"
 
@@ -78,7 +79,7 @@ class ChunkStore:
         self.chunk_dir = self.root / "chunks"
         self.manifest_dir = self.root / "manifests"
         self.fsync = fsync
-        self.counters: dict[str, int] = {"chunks.damaged": 0, "chunks.rejected": 0}
+        self.counters = Counters({"chunks.damaged": 0, "chunks.rejected": 0})
         try:
             self.chunk_dir.mkdir(parents=True, exist_ok=True)
             self.manifest_dir.mkdir(parents=True, exist_ok=True)

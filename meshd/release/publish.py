@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshd.crypto import load_publisher_private
-from meshd.dist.chunker import PublishError, StoredChunk, chunk_tree, walk
-from meshd.dist.manifest import Manifest, Signer
-from meshd.dist.store import ChunkStore, atomic_write
+from meshd.release.chunker import PublishError, StoredChunk, chunk_tree, walk
+from meshd.release.manifest import Manifest, Signer
+from meshd.release.store import ChunkStore, atomic_write
 
 ProgressFn = Callable[[int, int], None]  # (bytes chunked, bytes in total)
 

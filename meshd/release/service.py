@@ -1,7 +1,7 @@
 """The I/O side of update distribution: announce, discover, fetch, verify, activate, serve.
 
-DistService owns the chunk store, the installed releases and one sans-IO Swarm per release
-being fetched, and carries out what each Swarm asks for over peer HTTP (meshd.dist.peer),
+ReleaseService owns the chunk store, the installed releases and one sans-IO Swarm per release
+being fetched, and carries out what each Swarm asks for over peer HTTP (meshd.release.peer),
 the way NodeRuntime pumps the membership core.
 
 Gossip carries small facts only. Each node sets, through the `set_meta_keys` callback,
@@ -37,25 +37,27 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from meshd.core.counters import Counters
 from meshd.core.messages import MemberState
 from meshd.core.node import MemberEvent, MemberView
 from meshd.core.swarm import ORIGIN, FetchRequest, Outcome, Swarm, SwarmConfig, make_bitmap
-from meshd.dist.activate import ActivationError, Releases
-from meshd.dist.manifest import Manifest
-from meshd.dist.peer import (
+from meshd.errors import DecodeError, IntegrityError, StateError
+from meshd.metrics import TransferStats
+from meshd.release.activate import ActivationError, Releases
+from meshd.release.config import DistConfig
+from meshd.release.manifest import Manifest
+from meshd.release.peer import (
     MAX_PIECE_STORED,
     PeerFetcher,
     PeerProtocolError,
     TokenBucket,
     add_peer_routes,
 )
-from meshd.dist.publish import publish_tree
-from meshd.dist.store import ChunkStore, StoreError
-from meshd.errors import ConfigError, DecodeError, IntegrityError, StateError
-from meshd.metrics import TransferStats
+from meshd.release.publish import publish_tree
+from meshd.release.store import ChunkStore, StoreError
 from meshd.wire import Codec
 
-log = logging.getLogger("meshd.dist")
+log = logging.getLogger("meshd.release")
 
 META_PREFIX = "rel:"
 RID_PREFIX = 16
@@ -67,92 +69,6 @@ WAN_STALL = 5.0  # seconds without a chunk before the share cut on scarce source
 
 SetMetaKeys = Callable[[dict[str, str | None]], None]
 Emit = Callable[[dict[str, Any]], None]
-
-
-# --- configuration -------------------------------------------------------------------------------
-
-_RATE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([kmg]?)(i?)(b|bit|byte|bytes)?(?:/s)?\s*$", re.I)
-
-
-def parse_rate(value: object, where: str) -> float | None:
-    """Bytes per second: a number, or text like '10MB', '5MiB/s', '100mbit'. 0 = unlimited."""
-    if value is None or value == "" or value is False:
-        return None
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a rate like 10MB or 100mbit, got {value!r}")
-    if isinstance(value, int | float):
-        rate = float(value)
-    elif isinstance(value, str):
-        m = _RATE_RE.match(value)
-        if not m:
-            raise ConfigError(f"{where}: expected a rate like 10MB or 100mbit, got {value!r}")
-        num, prefix, binary, unit = m.groups()
-        base = 1024 if binary else 1000
-        rate = float(num) * base ** " kmg".index(prefix.lower() or " ")
-        if unit and unit.lower() == "bit":
-            rate /= 8
-    else:
-        raise ConfigError(f"{where}: expected a rate like 10MB or 100mbit, got {value!r}")
-    if rate < 0 or rate != rate or rate == float("inf"):
-        raise ConfigError(f"{where}: rate must be finite and not negative")
-    return rate or None
-
-
-def _duration(value: object, where: str) -> float:
-    from meshd.config import parse_duration
-
-    return parse_duration(value, where)
-
-
-@dataclass(frozen=True)
-class DistConfig:
-    """The [dist] table of the node configuration."""
-
-    keep: int = 3
-    hook: tuple[str, ...] | None = None
-    hook_timeout: float = 60.0
-    upload_rate: float | None = None  # bytes per second served to peers
-    download_rate: float | None = None  # bytes per second fetched
-    origin_delay: float = 30.0
-    fsync: bool = True
-    announce_interval: float = 1.0
-
-    @classmethod
-    def from_table(cls, table: Mapping[str, Any] | None, where: str = "[dist]") -> DistConfig:
-        if not table:
-            return cls()
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"{where}: expected a table")
-        out: dict[str, Any] = {}
-        for raw, value in table.items():
-            key = str(raw).strip().lower().replace("-", "_")
-            at = f"{where} {raw}"
-            if key == "keep":
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ConfigError(f"{at}: expected an integer >= 1, got {value!r}")
-                out["keep"] = value
-            elif key == "hook":
-                if isinstance(value, str):
-                    out["hook"] = (value,) if value.strip() else None
-                elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-                    out["hook"] = tuple(value)
-                else:
-                    raise ConfigError(f"{at}: expected a command (string or list of strings)")
-            elif key in ("hook_timeout", "origin_delay", "announce_interval"):
-                out[key] = _duration(value, at)
-            elif key in ("upload_rate", "download_rate"):
-                out[key] = parse_rate(value, at)
-            elif key == "fsync":
-                if not isinstance(value, bool):
-                    raise ConfigError(f"{at}: expected true or false")
-                out["fsync"] = value
-            else:
-                known = "keep, hook, hook_timeout, upload_rate, download_rate, origin_delay, fsync"
-                raise ConfigError(f"{at}: unknown key (known: {known})")
-        return cls(**out)
-
-    def swarm_config(self) -> SwarmConfig:
-        return SwarmConfig(origin_delay=self.origin_delay, rate_limit=self.download_rate)
 
 
 # --- announcements in member metadata ------------------------------------------------------------
@@ -257,7 +173,7 @@ class _Publishing:
 # --- the service ---------------------------------------------------------------------------------
 
 
-class DistService:
+class ReleaseService:
     """Update distribution on one node. Construct, add_routes(peer_app), then start()."""
 
     def __init__(
@@ -289,7 +205,7 @@ class DistService:
         )
         self.transfer = transfer if transfer is not None else TransferStats()
         self.swarm_config = swarm_config or self.config.swarm_config()
-        self.counters: dict[str, int] = {}
+        self.counters = Counters()
         self.fetcher = PeerFetcher(self.codec, self.counters)
         self.upload_bucket = TokenBucket(self.config.upload_rate)
         self._set_meta_keys = set_meta_keys
@@ -389,7 +305,7 @@ class DistService:
             log.error("distribution task failed", exc_info=task.exception())
 
     def _count(self, key: str, n: int = 1) -> None:
-        self.counters[key] = self.counters.get(key, 0) + n
+        self.counters[key] += n
 
     def _emit(self, manifest: Manifest, state: str, detail: str = "") -> None:
         ev = {"kind": "release", "name": manifest.name, "version": manifest.version,
@@ -1208,10 +1124,8 @@ def member_meta_keys(meta: Mapping[str, str]) -> list[str]:
 
 __all__ = [
     "Announce",
-    "DistConfig",
-    "DistService",
+    "ReleaseService",
     "member_meta_keys",
     "newer",
     "parse_announcements",
-    "parse_rate",
 ]

@@ -1,0 +1,125 @@
+"""Units people write in flags, TOML, query strings and JSON: durations, rates, host:port.
+
+One module so every parser of configuration and requests spells and checks them alike.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from meshd.errors import ConfigError
+
+__all__ = [
+    "format_hostport",
+    "is_ascii_int",
+    "is_loopback_host",
+    "parse_duration",
+    "parse_hostport",
+    "parse_rate",
+]
+
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([kmg]?)(i?)(b|bit|byte|bytes)?(?:/s)?\s*$", re.I)
+
+
+def parse_rate(value: object, where: str) -> float | None:
+    """Bytes per second: a number, or text like '10MB', '5MiB/s', '100mbit'. 0 = unlimited."""
+    if value is None or value == "" or value is False:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a rate like 10MB or 100mbit, got {value!r}")
+    if isinstance(value, int | float):
+        rate = float(value)
+    elif isinstance(value, str):
+        m = _RATE_RE.match(value)
+        if not m:
+            raise ConfigError(f"{where}: expected a rate like 10MB or 100mbit, got {value!r}")
+        num, prefix, binary, unit = m.groups()
+        base = 1024 if binary else 1000
+        rate = float(num) * base ** " kmg".index(prefix.lower() or " ")
+        if unit and unit.lower() == "bit":
+            rate /= 8
+    else:
+        raise ConfigError(f"{where}: expected a rate like 10MB or 100mbit, got {value!r}")
+    if rate < 0 or rate != rate or rate == float("inf"):
+        raise ConfigError(f"{where}: rate must be finite and not negative")
+    return rate or None
+
+
+def parse_duration(value: object, where: str = "duration") -> float:
+    """'250ms', '3s', '1m', '1h' or a bare number (seconds) -> seconds as float."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a duration like 250ms, 3s or 1m, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ConfigError(f"{where}: expected a duration like 250ms, 3s or 1m, got {value!r}")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ConfigError(f"{where}: expected a duration like 250ms, 3s or 1m, got {value!r}")
+    if seconds < 0 or seconds != seconds or seconds == float("inf"):
+        raise ConfigError(f"{where}: duration must be a finite non-negative value")
+    return seconds
+
+
+def parse_hostport(
+    value: object, where: str = "address", default_port: int | None = None, allow_zero: bool = False
+) -> tuple[str, int]:
+    """'host:port', '[v6]:port' (or 'host' when default_port is given) -> (host, port)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: expected HOST:PORT, got {value!r}")
+    text = value.strip()
+    # meshctl's MESHD_API is a URL; accept that spelling here too so one variable serves both.
+    for scheme in ("http://", "https://"):
+        if text.startswith(scheme):
+            text = text[len(scheme) :].rstrip("/")
+    host: str
+    port_text: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"{where}: unbalanced '[' in {value!r}")
+        host = text[1:end]
+        rest = text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"{where}: expected [HOST]:PORT, got {value!r}")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") == 0:
+        host, port_text = text, None
+    else:
+        raise ConfigError(f"{where}: IPv6 addresses need brackets, like [::1]:7788; got {value!r}")
+    if not host:
+        raise ConfigError(f"{where}: missing host in {value!r}")
+    if port_text is None or port_text == "":
+        if default_port is None:
+            raise ConfigError(f"{where}: missing port in {value!r} (expected HOST:PORT)")
+        return host, default_port
+    if not is_ascii_int(port_text):
+        raise ConfigError(f"{where}: bad port {port_text!r} in {value!r}")
+    port = int(port_text)
+    if port > 65535 or (port == 0 and not allow_zero):
+        raise ConfigError(f"{where}: port {port} out of range in {value!r}")
+    return host, port
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_ascii_int(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # str.isdigit() alone admits "²", which int() refuses
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
