@@ -1,11 +1,12 @@
 """Pumps the sans-IO core from asyncio, the way aioquic's asyncio/protocol.py drives QUIC.
 
 Every input (datagram, inbound stream, finished outbound stream, timer, operator call) is
-handed to the node with loop.time(); then `_flush` carries out what the node asked for:
-datagrams are sent, streams become tasks, events go to subscribers, queries this node matches
-go to the answerer (each a task, at most MAX_ANSWERING at once), finished queries resolve the
-`ask()` waiting for them, and one timer is re-armed from node.get_timer(). An exception from
-the core is logged and counted, never allowed to stop the loop.
+handed to the node with loop.time(); then `_flush` runs meshd.core.pump, which hands each of
+the node's effects to this runtime (it is the EffectHandler): datagrams are sent, streams
+become tasks, events go to subscribers, queries this node matches go to the answerer (each a
+task, at most MAX_ANSWERING at once), finished queries resolve the `ask()` waiting for them;
+then one timer is re-armed from node.get_timer(). An exception from the core, or from carrying
+out one effect, is logged and counted, never allowed to stop the loop.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from typing import Any
 
 import orjson
 
-from meshd.core.messages import QueryFilter
-from meshd.core.node import JOIN_TIMEOUT_MIN, MemberEvent, MemberView, Node, StreamRequest
+from meshd.core.effects import MemberEvent, MemberView, OpenStream
+from meshd.core.messages import MemberState, QueryFilter
+from meshd.core.node import JOIN_TIMEOUT_MIN, MembershipCore
+from meshd.core.pump import pump
 from meshd.core.query import QueryAction, QueryResult
+from meshd.metrics import Exposition
 from meshd.net.peer_http import PeerClient
 from meshd.net.udp import UDPEndpoint
 
@@ -79,11 +83,13 @@ class Subscription:
 
 
 class NodeRuntime:
-    """Owns the node's I/O pump. Attach the UDP endpoint and peer client, then `start()`."""
+    """Owns the node's I/O. Attach the UDP endpoint and peer client, then `start()`.
+
+    It is the membership core's EffectHandler (send_datagram ... query_done below)."""
 
     def __init__(
         self,
-        node: Node,
+        node: MembershipCore,
         udp: UDPEndpoint | None = None,
         peer_client: PeerClient | None = None,
     ) -> None:
@@ -242,9 +248,10 @@ class NodeRuntime:
         finally:
             self._query_waiters.pop(qid, None)
             if not fut.done() or fut.cancelled():
-                self._call(self.node.queries.cancel, qid)
+                self._call(self.node.cancel_query, qid)
 
-    def _start_answer(self, action: QueryAction) -> None:
+    def answer_query(self, action: QueryAction) -> None:
+        """Effect: run the answerer for a query this node matches (or answer "busy")."""
         if self._answerer is None:
             return
         if self._answering >= MAX_ANSWERING:
@@ -272,7 +279,8 @@ class NodeRuntime:
         self._call(self.node.respond_query, action, payload, self.now())
         self._flush()
 
-    def _deliver_result(self, result: QueryResult) -> None:
+    def query_done(self, result: QueryResult) -> None:
+        """Effect: a query this node asked finished; wake the ask() waiting for it."""
         fut = self._query_waiters.pop(result.id, None)
         if fut is not None and not fut.done():
             fut.set_result(result)
@@ -294,10 +302,38 @@ class NodeRuntime:
 
     def publish(self, ev: NodeEvent) -> None:
         """Hand a shell event to the subscribers (the event stream); listeners see core events only."""
+        self._offer(ev)
+
+    def _offer(self, ev: StreamEvent) -> None:
         for sub in list(self._subscribers):
             before = sub.dropped
             sub.put(ev)
             self.events_dropped += sub.dropped - before
+
+    # --- metrics -----------------------------------------------------------------------------
+
+    def collect_metrics(self, out: Exposition) -> None:
+        """Membership, the runtime's own counts, the node's and the query engine's counters."""
+        node = self.node
+        counts = dict.fromkeys((s.name.lower() for s in MemberState), 0)
+        for m in node.members():
+            counts[m.state.name.lower()] += 1
+        out.labelled("meshd_members", "gauge", "members by state",
+                     [({"state": s}, n) for s, n in counts.items()])
+        out.gauge("meshd_health_score", "Lifeguard local health (0 = healthy)",
+                  node.awareness.score)
+        out.gauge("meshd_broadcast_queue", "messages waiting to be gossiped", len(node.broadcasts))
+        out.counter("meshd_runtime_errors_total", "core exceptions caught by the shell",
+                    self.errors)
+        out.counter("meshd_events_dropped_total", "events lost by slow subscribers",
+                    self.events_dropped)
+        out.gauge("meshd_event_subscribers", "open event streams", self.subscriber_count)
+        out.core_counters(node.counters)
+        out.core_counters({f"queries.{k}": v for k, v in node.queries.counters.items()})
+        out.gauge("meshd_queries_in_flight", "queries this node asked, not finished yet",
+                  node.queries.in_flight())
+        out.counter("meshd_queries_busy_total", "queries answered busy (too many running)",
+                    self.queries_busy)
 
     # --- the pump ----------------------------------------------------------------------------
 
@@ -317,36 +353,15 @@ class NodeRuntime:
     def _flush(self) -> None:
         if self._closed:
             return
-        try:
-            self._carry_out()
-        except Exception:
-            self.errors += 1
-            log.exception("error carrying out the core's outputs")
-        finally:
-            self._arm_timer()  # whatever happened, the protocol keeps ticking
+        deadline = pump(self.node, self, self._pump_failed)
+        # Whatever happened, the protocol keeps ticking (a failing core: try again in a second).
+        self._arm_timer(deadline if deadline is not None else self.now() + 1.0)
 
-    def _carry_out(self) -> None:
-        node = self.node
-        # Queries first: a "busy" answer queues datagrams that go out just below.
-        for action in self._call(node.queries_to_answer) or []:
-            self._start_answer(action)
-        for result in self._call(node.query_results) or []:
-            self._deliver_result(result)
-        datagrams = self._call(node.datagrams_to_send) or []
-        if self.udp is not None:
-            for data, addr in datagrams:
-                self.udp.sendto(data, addr)
-        for req in self._call(node.streams_to_open) or []:
-            task = self.loop.create_task(self._run_stream(req))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        for ev in self._call(node.events) or []:
-            self._publish(ev)
+    def _pump_failed(self, what: str, exc: Exception) -> None:
+        self.errors += 1
+        log.error("error in %s", what, exc_info=exc)
 
-    def _arm_timer(self) -> None:
-        deadline = self._call(self.node.get_timer)
-        if deadline is None:
-            deadline = self.now() + 1.0  # the core failed; keep ticking rather than stall
+    def _arm_timer(self, deadline: float) -> None:
         if self._timer is not None:
             if deadline == self._timer_at:
                 return
@@ -354,17 +369,18 @@ class NodeRuntime:
         self._timer_at = deadline
         self._timer = self.loop.call_at(deadline, self._on_timer)
 
-    async def _run_stream(self, req: StreamRequest) -> None:
-        reply = await self.peer_client.exchange(req.addr, req.data, req.timeout)
-        if self._closed:
-            return
-        self._call(self.node.stream_done, req.id, reply, self.now())
-        waiter = self._stream_waiters.pop(req.id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(reply is not None)
-        self._flush()
+    # --- effects (the EffectHandler the pump hands the core's effects to) ----------------------
 
-    def _publish(self, ev: MemberEvent) -> None:
+    def send_datagram(self, data: bytes, addr: str) -> None:
+        if self.udp is not None:
+            self.udp.sendto(data, addr)
+
+    def open_stream(self, req: OpenStream) -> None:
+        task = self.loop.create_task(self._run_stream(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def member_event(self, ev: MemberEvent) -> None:
         if ev.kind not in ("keyring",):
             log.info("member %s: %s (%s)", ev.kind, ev.member.name, ev.member.addr)
         for listener in self._listeners:
@@ -373,8 +389,14 @@ class NodeRuntime:
             except Exception:
                 self.errors += 1
                 log.exception("event listener failed")
-        for sub in list(self._subscribers):
-            before = sub.dropped
-            sub.put(ev)
-            self.events_dropped += sub.dropped - before
+        self._offer(ev)
 
+    async def _run_stream(self, req: OpenStream) -> None:
+        reply = await self.peer_client.exchange(req.addr, req.data, req.timeout)
+        if self._closed:
+            return
+        self._call(self.node.stream_done, req.id, reply, self.now())
+        waiter = self._stream_waiters.pop(req.id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reply is not None)
+        self._flush()

@@ -1,9 +1,10 @@
 """A SWIM member with the whole Lifeguard set, independent of any I/O.
 
 Driven by: datagrams (receive_datagram), TCP exchanges (handle_stream / stream_done), timer
-expiry (handle_timer) and operator calls (join, leave, set_meta, key_op). After any call,
-drain datagrams_to_send(), streams_to_open() and events(), then re-arm one timer from
-get_timer(). Time is always passed in as `now`; randomness comes from the given RNG.
+expiry (handle_timer) and operator calls (join, leave, set_meta, key_op, ask, respond_query);
+`MembershipCore` below is that surface. After any call, carry out take_effects() (one ordered
+outbox of meshd.core.effects, queries included: meshd.core.pump does this), then re-arm one
+timer from get_timer(). Time is always passed in as `now`; randomness comes from the given RNG.
 
 State rules (memberlist state.go, with meshd's additions marked +):
 
@@ -33,13 +34,24 @@ import random
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Protocol
 
 from meshd import wire
 from meshd.core.awareness import Awareness
 from meshd.core.broadcast import BroadcastQueue
 from meshd.core.config import ProtocolConfig
 from meshd.core.counters import Counters
+from meshd.core.effects import (  # MemberEvent, MemberView: shells import them from here too
+    AnswerQuery,
+    EventKind,
+    MemberEvent,
+    MembershipEffect,
+    MemberView,
+    OpenStream,
+    Outbox,
+    SendDatagram,
+    StreamKind,
+)
 from meshd.core.messages import (
     Ack,
     Alive,
@@ -63,7 +75,6 @@ from meshd.core.query import (
     QueryEngine,
     QueryLimits,
     QueryOutbound,
-    QueryResult,
     expected_members,
     split_meta,
 )
@@ -72,38 +83,6 @@ from meshd.crypto import Keyring
 from meshd.errors import AuthError, DecodeError, MeshError, StateError
 
 log = logging.getLogger("meshd.node")
-
-EventKind = Literal["join", "update", "suspect", "alive", "dead", "left", "reap", "keyring"]
-StreamKind = Literal["join", "push_pull", "reconnect", "tcp_ping", "gossip", "query"]
-
-
-@dataclass(frozen=True)
-class MemberView:
-    name: str
-    node_id: str
-    addr: str
-    state: MemberState
-    incarnation: int
-    meta: dict[str, str]
-    state_change: float
-
-
-@dataclass(frozen=True)
-class MemberEvent:
-    kind: EventKind
-    member: MemberView
-
-
-@dataclass(frozen=True)
-class StreamRequest:
-    """One TCP exchange the shell must carry out: send `data`, hand the reply to stream_done."""
-
-    id: int
-    addr: str
-    data: bytes
-    timeout: float
-    kind: StreamKind
-
 
 @dataclass
 class _Member:
@@ -172,6 +151,53 @@ JOIN_TIMEOUT_MIN = 5.0
 QUERY_DIRECT_FAN_OUT = 64  # members a query is also sent to directly; gossip covers the rest
 
 
+class MembershipCore(Protocol):
+    """What a shell drives: NodeRuntime is typed against this, Node implements it."""
+
+    # --- views (read by the shell, its API and /metrics)
+    @property
+    def name(self) -> str: ...
+    @property
+    def addr(self) -> str: ...
+    @property
+    def config(self) -> ProtocolConfig: ...
+    @property
+    def meta(self) -> dict[str, str]: ...
+    @property
+    def incarnation(self) -> int: ...
+    @property
+    def counters(self) -> Counters: ...
+    @property
+    def awareness(self) -> Awareness: ...
+    @property
+    def broadcasts(self) -> BroadcastQueue: ...
+    @property
+    def queries(self) -> QueryEngine: ...
+    def members(self) -> list[MemberView]: ...
+    def member(self, name: str) -> MemberView | None: ...
+    def num_active(self) -> int: ...
+    def leave_pending(self) -> bool: ...
+
+    # --- inputs
+    def receive_datagram(self, data: bytes, addr: str, now: float) -> None: ...
+    def handle_stream(self, data: bytes, addr: str, now: float) -> bytes | None: ...
+    def stream_done(self, stream_id: int, reply: bytes | None, now: float) -> None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def join(self, addrs: Iterable[str], now: float) -> list[int]: ...
+    def leave(self, now: float) -> None: ...
+    def set_meta(self, meta: dict[str, str], now: float) -> None: ...
+    def set_addr(self, addr: str, now: float) -> None: ...
+    def key_op(self, op: str, key: bytes, now: float) -> None: ...
+    def ask(self, name: str, payload: bytes, filters: QueryFilter, timeout: float,
+            relay_factor: int, now: float) -> int: ...
+    def respond_query(self, action: QueryAction, payload: bytes, now: float) -> None: ...
+    def cancel_query(self, query_id: int) -> None: ...
+
+    # --- outputs
+    def take_effects(self) -> list[MembershipEffect]: ...
+    def get_timer(self) -> float: ...
+
+
 class Node:
     def __init__(
         self,
@@ -209,12 +235,10 @@ class Node:
         self._stream_id = 0
         self._seen_keyops: deque[int] = deque(maxlen=MAX_SEEN_KEYOPS)
 
-        self._out_datagrams: list[tuple[bytes, str]] = []
-        self._out_streams: list[StreamRequest] = []
-        self._out_events: list[MemberEvent] = []
-        self._out_queries: list[QueryAction] = []
+        self._outbox: Outbox[MembershipEffect] = Outbox()
         self.queries = QueryEngine(name, addr, rng, QueryLimits(
-            udp_response_size=config.packet_budget - codec.overhead - COMPOUND_HEADER_MAX - 64))
+            udp_response_size=config.packet_budget - codec.overhead - COMPOUND_HEADER_MAX - 64),
+            outbox=self._outbox)  # finished queries join the same ordered outbox
 
         self._me = _Member(name, node_id, addr, incarnation, MemberState.ALIVE,
                            dict(meta or {}), now)
@@ -254,25 +278,9 @@ class Node:
 
     # --- outputs -------------------------------------------------------------------------------
 
-    def datagrams_to_send(self) -> list[tuple[bytes, str]]:
-        out, self._out_datagrams = self._out_datagrams, []
-        return out
-
-    def streams_to_open(self) -> list[StreamRequest]:
-        out, self._out_streams = self._out_streams, []
-        return out
-
-    def events(self) -> list[MemberEvent]:
-        out, self._out_events = self._out_events, []
-        return out
-
-    def queries_to_answer(self) -> list[QueryAction]:
-        """Queries this node must answer: run the handler, then call respond_query."""
-        out, self._out_queries = self._out_queries, []
-        return out
-
-    def query_results(self) -> list[QueryResult]:
-        return self.queries.results()
+    def take_effects(self) -> list[MembershipEffect]:
+        """Everything queued since the last call, in order (see meshd.core.effects)."""
+        return self._outbox.take()
 
     def get_timer(self) -> float:
         t = self._timers
@@ -330,7 +338,7 @@ class Node:
         relay_factor: int,
         now: float,
     ) -> int:
-        """Start a gossip query; its QueryResult comes out of query_results()."""
+        """Start a gossip query; its QueryResult comes out as a QueryDone effect."""
         alive = [(m.name, *split_meta(m.meta)) for m in self._members.values()
                  if m.state == MemberState.ALIVE]
         expected = expected_members(filters, alive)
@@ -355,6 +363,10 @@ class Node:
         relays = [(m.name, m.addr) for m in self._members.values()
                   if m.state == MemberState.ALIVE and m is not self._me]
         self._send_query_out(self.queries.respond(action, payload, relays, now))
+
+    def cancel_query(self, query_id: int) -> None:
+        """Forget a query this node asked, without a result (the asker went away)."""
+        self.queries.cancel(query_id)
 
     def set_addr(self, addr: str, now: float) -> None:
         """Our address changed (DHCP, a new uplink): a new incarnation tells the mesh."""
@@ -570,8 +582,7 @@ class Node:
         # TCP fallback in parallel: catches a UDP-only fault between us and the target.
         data = self.codec.pack([wire.encode_message(Ping(p.seq, target.name, self.name, self.addr))])
         sid = self._new_stream(_Stream("tcp_ping", target.name, p.seq))
-        self._out_streams.append(
-            StreamRequest(sid, target.addr, data, max(0.01, p.end - now), "tcp_ping"))
+        self._outbox.put(OpenStream(sid, target.addr, data, max(0.01, p.end - now), "tcp_ping"))
 
     def _handle_ack(self, msg: Ack, now: float) -> None:
         p = self._probe
@@ -738,7 +749,7 @@ class Node:
         self._active = None  # every membership change comes through here
         if kind in ("dead", "left"):
             self.queries.member_down(m.name, now)
-        self._out_events.append(MemberEvent(kind, m.view()))
+        self._outbox.put(MemberEvent(kind, m.view()))
 
     # --- queries -------------------------------------------------------------------------------
 
@@ -748,7 +759,7 @@ class Node:
         if action.rebroadcast:
             self.broadcasts.queue(f"q:{msg.ltime}:{msg.id}", wire.encode_message(msg))
         if action.respond:
-            self._out_queries.append(action)
+            self._outbox.put(AnswerQuery(action))
 
     def _send_query_out(self, out: list[QueryOutbound]) -> None:
         for o in out:
@@ -756,8 +767,8 @@ class Node:
             if o.via_stream:
                 # Answers bigger than a packet arrive whole over TCP.
                 sid = self._new_stream(_Stream("query"))
-                self._out_streams.append(
-                    StreamRequest(sid, o.addr, self.codec.pack([data]), self.config.tcp_timeout, "query"))
+                self._outbox.put(
+                    OpenStream(sid, o.addr, self.codec.pack([data]), self.config.tcp_timeout, "query"))
             else:
                 self._send(o.addr, [data])
 
@@ -809,7 +820,7 @@ class Node:
         data = self.codec.pack(msgs)
         self.counters.inc("packets.out")
         self.counters.inc("bytes.out", len(data))
-        self._out_datagrams.append((data, addr))
+        self._outbox.put(SendDatagram(data, addr))
 
     def _gossip_targets(self, now: float) -> list[_Member]:
         dead_horizon = now - self.config.gossip_to_the_dead_time
@@ -831,7 +842,7 @@ class Node:
             if big:
                 # No packet-size wall: news too big for UDP goes over TCP.
                 sid = self._new_stream(_Stream("gossip", m.name))
-                self._out_streams.append(StreamRequest(
+                self._outbox.put(OpenStream(
                     sid, m.addr, self.codec.pack(big), self.config.tcp_timeout, "gossip"))
             msgs = self.broadcasts.get(n, 0, room)
             if not msgs:
@@ -863,7 +874,7 @@ class Node:
         if kind == "join":
             # A join is a one-off and often meets a seed still starting up: be patient.
             timeout = max(timeout, JOIN_TIMEOUT_MIN)
-        self._out_streams.append(StreamRequest(sid, addr, data, timeout, kind))
+        self._outbox.put(OpenStream(sid, addr, data, timeout, kind))
         return sid
 
     def _periodic_push_pull(self, now: float) -> None:

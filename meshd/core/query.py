@@ -1,7 +1,8 @@
 """Gossip queries as Serf does them, but completing as soon as every expected node has answered.
 
 Sans-IO: no clock, no sockets, no global random. Every input takes `now`; random choices use the
-`random.Random` given to the engine. The node feeds messages in and carries the outputs out.
+`random.Random` given to the engine. The node feeds messages in and carries the outputs out;
+a finished query comes out as a QueryDone effect in the node's outbox (meshd.core.effects).
 
 Rules (h11 style: the decisions are data, `ON_QUERY` below, and the tests walk the table)
 
@@ -59,6 +60,7 @@ from typing import TYPE_CHECKING, Final
 import msgspec
 
 from meshd.core.counters import Counters
+from meshd.core.effects import MembershipEffect, Outbox, QueryDone
 from meshd.core.messages import Query, QueryFilter, QueryResponse, Relay
 from meshd.errors import ConfigError, StateError
 
@@ -253,7 +255,10 @@ class QueryEngine:
         local_addr: str,
         rng: Random,
         limits: QueryLimits | None = None,
+        outbox: Outbox[MembershipEffect] | None = None,
     ) -> None:
+        """`outbox`: where finished queries go (QueryDone); the node passes its own, so they
+        come out in order with everything else it queues."""
         self.local_name = local_name
         self.local_addr = local_addr
         self.limits = limits or QueryLimits()
@@ -262,7 +267,7 @@ class QueryEngine:
         self._rng = rng
         self._pending: dict[int, _Pending] = {}
         self._ring: list[tuple[int, list[int]] | None] = [None] * self.limits.ring_size
-        self._results: list[QueryResult] = []
+        self.outbox: Outbox[MembershipEffect] = outbox if outbox is not None else Outbox()
 
     # --- asking ---------------------------------------------------------------------------
 
@@ -358,11 +363,6 @@ class QueryEngine:
                 if pending.complete():
                     self._finish(pending, now, timed_out=False)
 
-    def results(self) -> list[QueryResult]:
-        """Drain the queries completed since the last call."""
-        done, self._results = self._results, []
-        return done
-
     def get_timer(self) -> float:
         """The next deadline (absolute), math.inf when no query is in flight."""
         return min((p.deadline for p in self._pending.values()), default=math.inf)
@@ -378,16 +378,14 @@ class QueryEngine:
     def _finish(self, pending: _Pending, now: float, *, timed_out: bool) -> None:
         del self._pending[pending.query.id]
         expected = pending.expected or set()
-        self._results.append(
-            QueryResult(
+        self.outbox.put(QueryDone(QueryResult(
                 id=pending.query.id,
                 name=pending.query.name,
                 responses=tuple(pending.answers.values()),
                 missing=tuple(sorted(expected - pending.answers.keys())),
                 elapsed_ms=(now - pending.started) * 1000.0,
                 timed_out=timed_out,
-            )
-        )
+            )))
 
     # --- answering --------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """An in-memory network with a virtual clock, for deterministic tests and the simulator.
 
 It carries the same sealed bytes real sockets would, between core Nodes, with seeded loss,
-delay, duplication and partitions. Nothing here sleeps: time jumps to the next event.
+delay, duplication and partitions. Nothing here sleeps: time jumps to the next event. Each
+node's effects are carried out by the same pump as the real runtime's (meshd.core.pump).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from dataclasses import dataclass, field
 
 from meshd import wire
 from meshd.core.config import ProtocolConfig
-from meshd.core.node import MemberEvent, Node, StreamRequest
-from meshd.core.query import QueryAction
+from meshd.core.effects import MemberEvent, OpenStream
+from meshd.core.node import Node
+from meshd.core.pump import pump
+from meshd.core.query import QueryAction, QueryResult
 
 QueryHandler = Callable[[Node, QueryAction], bytes]
 
@@ -60,6 +63,7 @@ class MemoryNetwork:
         self.events: list[tuple[float, str, MemberEvent]] = []
         self.record_events = True
         self.query_handler: QueryHandler | None = None  # plays the shell's handler runner
+        self.query_results: list[tuple[str, QueryResult]] = []  # (asking node's name, result)
         self._heap: list[_Event] = []
         self._seq = 0
         self._timer_at: dict[str, float] = {}
@@ -142,22 +146,9 @@ class MemoryNetwork:
 
     def _flush(self, node: Node) -> None:
         """Carry out what the node asked for and re-arm its timer."""
-        src = node.addr
-        handler = self.query_handler
-        for action in node.queries_to_answer():
-            if handler is not None:
-                node.respond_query(action, handler(node, action), self.now)
-        for data, dst in node.datagrams_to_send():
-            self._send_datagram(src, dst, data)
-        for req in node.streams_to_open():
-            self._open_stream(node, req)
-        evs = node.events()
-        if self.record_events:
-            for e in evs:
-                self.events.append((self.now, node.name, e))
-        at = node.get_timer()
-        if self._timer_at.get(src) != at:
-            self._timer_at[src] = at
+        at = pump(node, _Port(self, node))
+        if self._timer_at.get(node.addr) != at:
+            self._timer_at[node.addr] = at
             self.call_at(at, lambda: self._fire_timer(node, at))
 
     def _fire_timer(self, node: Node, at: float) -> None:
@@ -190,7 +181,7 @@ class MemoryNetwork:
         node.receive_datagram(data, src, self.now)
         self._flush(node)
 
-    def _open_stream(self, client: Node, req: StreamRequest) -> None:
+    def _open_stream(self, client: Node, req: OpenStream) -> None:
         """A TCP exchange: reliable when reachable, a failure after the timeout otherwise."""
         self.stats.streams += 1
         self.stats.stream_bytes += len(req.data)
@@ -230,3 +221,31 @@ class MemoryNetwork:
     def poke(self, node: Node) -> None:
         """Flush a node after calling one of its operator methods directly."""
         self._flush(node)
+
+
+class _Port:
+    """One node's attachment to the network: the EffectHandler its effects are pumped into."""
+
+    __slots__ = ("net", "node")
+
+    def __init__(self, net: MemoryNetwork, node: Node) -> None:
+        self.net = net
+        self.node = node
+
+    def send_datagram(self, data: bytes, addr: str) -> None:
+        self.net._send_datagram(self.node.addr, addr, data)
+
+    def open_stream(self, req: OpenStream) -> None:
+        self.net._open_stream(self.node, req)
+
+    def member_event(self, ev: MemberEvent) -> None:
+        if self.net.record_events:
+            self.net.events.append((self.net.now, self.node.name, ev))
+
+    def answer_query(self, action: QueryAction) -> None:
+        handler = self.net.query_handler
+        if handler is not None:
+            self.node.respond_query(action, handler(self.node, action), self.net.now)
+
+    def query_done(self, result: QueryResult) -> None:
+        self.net.query_results.append((self.node.name, result))

@@ -6,7 +6,7 @@ import pytest
 
 from meshd.core.config import LAN
 from meshd.core.messages import MemberState
-from tests.conftest import alive_names, make_cluster, state_of
+from tests.cluster import alive_names, make_cluster, state_of
 
 pytestmark = pytest.mark.sim
 N = 120

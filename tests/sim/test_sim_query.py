@@ -8,7 +8,7 @@ from meshd.core.messages import QueryFilter
 from meshd.core.node import Node
 from meshd.core.query import QueryAction, QueryResult
 from meshd.net.memory import MemoryNetwork
-from tests.conftest import make_cluster
+from tests.cluster import make_cluster
 
 pytestmark = pytest.mark.sim
 N = 110
@@ -20,20 +20,14 @@ def answer(node: Node, action: QueryAction) -> bytes:
 
 def run_query(net: MemoryNetwork, origin: Node, filters: QueryFilter, timeout: float,
               relay_factor: int = 0) -> QueryResult:
-    results: list[QueryResult] = []
-    orig_flush = net._flush
-
-    def flush(node: Node) -> None:
-        orig_flush(node)
-        if node is origin:
-            results.extend(node.query_results())
-
-    net._flush = flush  # type: ignore[method-assign]
-    origin.ask("health", b"", filters, timeout, relay_factor, net.now)
+    qid = origin.ask("health", b"", filters, timeout, relay_factor, net.now)
     net.poke(origin)
-    assert net.run_until_true(lambda: bool(results), timeout + 5.0, step=0.05)
-    net._flush = orig_flush  # type: ignore[method-assign]
-    return results[0]
+
+    def done() -> list[QueryResult]:
+        return [r for name, r in net.query_results if name == origin.name and r.id == qid]
+
+    assert net.run_until_true(lambda: bool(done()), timeout + 5.0, step=0.05)
+    return done()[0]
 
 
 def test_full_query_completes_with_every_answer_before_the_timeout() -> None:

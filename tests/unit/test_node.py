@@ -12,7 +12,7 @@ from meshd.core.node import Node
 from meshd.crypto import Keyring
 from meshd.net.memory import MemoryNetwork
 from meshd.wire import Codec, encode_message
-from tests.conftest import alive_names, make_cluster, state_of
+from tests.cluster import alive_names, make_cluster, state_of, view
 
 
 def inject(net, node: Node, *msgs) -> None:  # type: ignore[no-untyped-def]
@@ -72,13 +72,13 @@ def test_older_incarnation_is_ignored() -> None:
     a, b = nodes[0], nodes[1]
     inject(net, b, Suspect(b.incarnation, b.name, "x"))  # b refutes to incarnation 1
     net.run_for(3.0)
-    assert a.member(b.name).incarnation == 1
+    assert view(a, b.name).incarnation == 1
     inject(net, a, Suspect(0, b.name, "n2"))  # stale
     assert state_of(a, b.name) == MemberState.ALIVE
     inject(net, a, Dead(0, b.name, "n2"))  # stale
     assert state_of(a, b.name) == MemberState.ALIVE
     inject(net, a, Alive(1, b.name, b.node_id, "elsewhere:9"))  # not newer: no address change
-    assert a.member(b.name).addr == b.addr
+    assert view(a, b.name).addr == b.addr
 
 
 def test_confirmations_shorten_the_suspicion() -> None:
@@ -218,8 +218,8 @@ def test_restarted_node_with_same_name_and_new_address_is_taken_back() -> None:
     net.poke(new)
     others = [n for n in nodes if n is not old]
     ok = net.run_until_true(
-        lambda: all(n.member(old.name).state == MemberState.ALIVE
-                    and n.member(old.name).addr == "n2-new:7788" for n in others), 20.0)
+        lambda: all(view(n, old.name).state == MemberState.ALIVE
+                    and view(n, old.name).addr == "n2-new:7788" for n in others), 20.0)
     assert ok
     assert new.incarnation > 0  # it refuted its own death to win back its name
     assert alive_names(new) == {n.name for n in others} | {new.name}
@@ -229,7 +229,7 @@ def test_same_name_with_another_identity_cannot_take_an_alive_member() -> None:
     net, nodes = make_cluster(3)
     a, b = nodes[0], nodes[1]
     inject(net, a, Alive(99, b.name, "impostor", "evil:1"))
-    assert a.member(b.name).addr == b.addr
+    assert view(a, b.name).addr == b.addr
     assert a.counters["conflicts"] == 1
 
 
@@ -253,7 +253,7 @@ def test_metadata_larger_than_a_packet_still_spreads() -> None:
     big = {"site": "factory-7", **{f"tag:k{i}": "v" * 40 for i in range(60)}}
     nodes[1].set_meta(big, net.now)
     net.poke(nodes[1])
-    ok = net.run_until_true(lambda: all(n.member("n1").meta == big for n in nodes), 20.0)
+    ok = net.run_until_true(lambda: all(view(n, "n1").meta == big for n in nodes), 20.0)
     assert ok
     assert len(encode_message(Alive(1, "n1", "id-n1", "n1:7788", big))) > LAN.packet_budget
 
@@ -361,6 +361,6 @@ def test_a_new_address_spreads_with_a_new_incarnation() -> None:
     net.poke(mover)
     assert mover.incarnation == before + 1
     assert net.run_until_true(
-        lambda: all(n.member("n1").addr == "n1-new:7788" for n in nodes), 10.0)
+        lambda: all(view(n, "n1").addr == "n1-new:7788" for n in nodes), 10.0)
     net.run_for(20.0)
     assert all(state_of(n, "n1") == MemberState.ALIVE for n in nodes)  # reachable there

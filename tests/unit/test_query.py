@@ -9,6 +9,7 @@ import random
 import msgspec
 import pytest
 
+from meshd.core.effects import QueryDone
 from meshd.core.messages import Message, Query, QueryFilter, QueryResponse, Relay
 from meshd.core.query import (
     ON_QUERY,
@@ -16,6 +17,7 @@ from meshd.core.query import (
     QueryEngine,
     QueryLimits,
     QueryOutbound,
+    QueryResult,
     ResponseVerdict,
     Verdict,
     default_timeout,
@@ -34,6 +36,13 @@ _ports = itertools.count(20000)
 def engine(name: str, seed: int = 1, **limits: int) -> QueryEngine:
     addr = f"127.0.0.1:{next(_ports)}"
     return QueryEngine(name, addr, random.Random(seed), QueryLimits(**limits))
+
+
+def results(e: QueryEngine) -> list[QueryResult]:
+    """The queries finished since the last look: QueryDone effects, the engine's only output."""
+    effects = e.outbox.take()
+    assert all(isinstance(x, QueryDone) for x in effects)
+    return [x.result for x in effects if isinstance(x, QueryDone)]
 
 
 def ask(
@@ -81,10 +90,10 @@ def test_completes_as_soon_as_every_expected_node_answered() -> None:
     q = ask(a, {"b", "c"}, now=100.0)
     assert a.get_timer() == 105.0
     deliver(answer(b, q, 100.1, payload=b"B"), a, 100.2)
-    assert a.results() == []
+    assert results(a) == []
     assert a.in_flight() == 1
     deliver(answer(c, q, 100.2, payload=b"C"), a, 100.3)
-    [result] = a.results()
+    [result] = results(a)
     assert result.id == q.id and result.name == "health"
     assert not result.timed_out
     assert result.missing == ()
@@ -100,9 +109,9 @@ def test_timeout_returns_what_it_has_and_names_the_missing() -> None:
     q = ask(a, {"b", "dead1", "dead2"}, timeout=2.0, now=10.0)
     deliver(answer(b, q, 10.5), a, 10.5)
     a.handle_timer(11.99)
-    assert a.results() == []
+    assert results(a) == []
     a.handle_timer(a.get_timer())
-    [result] = a.results()
+    [result] = results(a)
     assert result.timed_out
     assert result.missing == ("dead1", "dead2")
     assert [r.name for r in result.responses] == ["b"]
@@ -112,7 +121,7 @@ def test_timeout_returns_what_it_has_and_names_the_missing() -> None:
 def test_empty_expected_completes_at_once_and_none_waits_for_the_timeout() -> None:
     a = engine("a")
     qid = a.originate("health", b"", ANY, 5.0, 0, set(), 0.0)
-    [result] = a.results()
+    [result] = results(a)
     assert result.id == qid
     assert result.responses == () and result.missing == () and not result.timed_out
     assert a.query_message(qid) is None  # nothing to gossip
@@ -120,9 +129,9 @@ def test_empty_expected_completes_at_once_and_none_waits_for_the_timeout() -> No
     b = engine("b")
     q = ask(b, None, timeout=1.0, now=0.0)
     deliver(answer(engine("c"), q, 0.1), b, 0.1)
-    assert b.results() == []
+    assert results(b) == []
     b.handle_timer(1.0)
-    [result] = b.results()
+    [result] = results(b)
     assert result.timed_out and result.missing == () and len(result.responses) == 1
 
 
@@ -131,9 +140,9 @@ def test_member_down_stops_the_wait_but_is_named_missing() -> None:
     q = ask(a, {"b", "c"})
     deliver(answer(b, q, 100.1), a, 100.1)
     a.member_down("zzz", 100.2)  # not expected: no effect
-    assert a.results() == []
+    assert results(a) == []
     a.member_down("c", 100.3)
-    [result] = a.results()
+    [result] = results(a)
     assert result.missing == ("c",) and not result.timed_out
 
 
@@ -143,7 +152,7 @@ def test_origin_answers_itself_without_sending() -> None:
     action = a.on_query(q, "s1", {}, 100.0)
     assert action.verdict is Verdict.MATCH and action.rebroadcast
     assert a.respond(action, b"me", [("b", "127.0.0.1:1")], 100.0) == []
-    [result] = a.results()
+    [result] = results(a)
     assert [(r.name, r.payload) for r in result.responses] == [("a", b"me")]
     # its own query gossiped back to it is a duplicate
     assert a.on_query(q, "s1", {}, 100.1).verdict is Verdict.DUPLICATE
@@ -160,7 +169,7 @@ def test_responses_deduplicated_by_sender() -> None:
     assert a.on_response(first, 100.1) is ResponseVerdict.ACCEPTED
     assert a.on_response(again, 100.2) is ResponseVerdict.DUPLICATE
     a.handle_timer(200.0)
-    [result] = a.results()
+    [result] = results(a)
     assert [(r.name, r.payload) for r in result.responses] == [("b", b"1")]
     assert a.counters["response.duplicate"] == 1
 
@@ -174,7 +183,7 @@ def test_unknown_late_and_too_big_responses_are_dropped() -> None:
     assert a.on_response(too_big, 0.2) is ResponseVerdict.TOO_BIG
     # the deadline passed but no timer ran yet: the answer is late and the query finishes
     assert a.on_response(QueryResponse(q.ltime, q.id, "c", b""), 1.0) is ResponseVerdict.LATE
-    [result] = a.results()
+    [result] = results(a)
     assert result.timed_out and result.missing == ("b", "c")
     assert a.on_response(QueryResponse(q.ltime, q.id, "c", b""), 1.1) is ResponseVerdict.UNKNOWN
 
@@ -186,7 +195,7 @@ def test_cancel_forgets_without_result() -> None:
     assert a.get_timer() == math.inf
     assert a.query_message(q.id) is None
     a.handle_timer(1e9)
-    assert a.results() == []
+    assert results(a) == []
 
 
 # --- received queries: the ON_QUERY table -------------------------------------------------------
@@ -302,7 +311,7 @@ def test_expected_members_and_filtered_query_end_to_end() -> None:
     ]
     assert all(x.rebroadcast for x in (act_a, act_b, act_c))
     deliver(b.respond(act_b, b"hi", [], 100.1), a, 100.1)
-    [result] = a.results()
+    [result] = results(a)
     assert [r.name for r in result.responses] == ["b"] and not result.timed_out
 
 
@@ -348,14 +357,16 @@ def test_relay_factor_sends_wrapped_answers_through_random_other_members() -> No
 
     # the direct answer is lost; a relay forwards the inner answer to the origin
     relay_node = engine("r0")
-    [forward] = relay_node.on_relay(relayed[0].message, 100.2)
+    first, second = (o.message for o in relayed)
+    assert isinstance(first, Relay) and isinstance(second, Relay)
+    [forward] = relay_node.on_relay(first, 100.2)
     assert forward.addr == a.local_addr and forward.message == direct.message
     assert a.on_response(forward.message, 100.3) is ResponseVerdict.ACCEPTED
     # the second copy arrives as a Relay addressed to the origin itself: a duplicate
-    assert a.on_relay(relayed[1].message, 100.4) == []
+    assert a.on_relay(second, 100.4) == []
     assert a.counters["response.duplicate"] == 1
     a.handle_timer(a.get_timer())
-    [result] = a.results()
+    [result] = results(a)
     assert [r.name for r in result.responses] == ["b"] and result.missing == ("c",)
 
 
@@ -406,11 +417,11 @@ def test_mesh_with_loss_relays_bring_every_answer_that_has_a_path() -> None:
         if not arrived:
             lost_everything.add(node.local_name)
     if not lost_everything:
-        [result] = origin.results()
+        [result] = results(origin)
         assert not result.timed_out
     else:
         origin.handle_timer(5.0)
-        [result] = origin.results()
+        [result] = results(origin)
     assert set(result.missing) == lost_everything
     assert len(result.responses) == 120 - len(lost_everything)
     assert len(lost_everything) <= 2  # without relays about 12 of 120 would be lost

@@ -1,42 +1,41 @@
-"""The runtime keeps the protocol ticking whatever the core or one of its outputs does."""
+"""The runtime keeps the protocol ticking on a real event loop, in real time, over a real socket."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from meshd.core.config import LOCAL
+from meshd.core.effects import MembershipEffect, SendDatagram
 from meshd.runtime import NodeRuntime
+
+pytestmark = pytest.mark.integration
 
 
 class StandInCore:
-    """The Node interface the runtime drives, with outputs a test chooses."""
+    """The part of MembershipCore these tests drive: every timer queues the chosen datagrams."""
 
     config = LOCAL
 
     def __init__(self, datagrams: list[tuple[bytes, str]]) -> None:
         self.timer_calls = 0
         self.datagrams = datagrams
+        self.queued: list[MembershipEffect] = []
+
+    def queue_datagrams(self) -> None:
+        self.queued += [SendDatagram(data, addr) for data, addr in self.datagrams]
 
     def receive_datagram(self, data: bytes, addr: str, now: float) -> None:
-        pass
+        self.queue_datagrams()
 
     def handle_timer(self, now: float) -> None:
         self.timer_calls += 1
+        self.queue_datagrams()
 
-    def datagrams_to_send(self) -> list[tuple[bytes, str]]:
-        return list(self.datagrams)
-
-    def streams_to_open(self) -> list[object]:
-        return []
-
-    def events(self) -> list[object]:
-        return []
-
-    def queries_to_answer(self) -> list[object]:
-        return []
-
-    def query_results(self) -> list[object]:
-        return []
+    def take_effects(self) -> list[MembershipEffect]:
+        out, self.queued = self.queued, []
+        return out
 
     def get_timer(self) -> float:
         return asyncio.get_running_loop().time() + 0.02
@@ -44,6 +43,7 @@ class StandInCore:
 
 class BrokenCore(StandInCore):
     def receive_datagram(self, data: bytes, addr: str, now: float) -> None:
+        self.queue_datagrams()
         raise RuntimeError("boom")
 
     def handle_timer(self, now: float) -> None:
