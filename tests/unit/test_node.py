@@ -7,7 +7,8 @@ import random
 import pytest
 
 from meshd.core.config import LAN, LOCAL
-from meshd.core.messages import Alive, Dead, IndirectPing, MemberState, Ping, Suspect
+from meshd.core.effects import AnswerQuery, MemberEvent, OpenStream, QueryDone
+from meshd.core.messages import Alive, Dead, IndirectPing, MemberState, Ping, QueryFilter, Suspect
 from meshd.core.node import Node
 from meshd.crypto import Keyring
 from meshd.net.memory import MemoryNetwork
@@ -364,3 +365,31 @@ def test_a_new_address_spreads_with_a_new_incarnation() -> None:
         lambda: all(view(n, "n1").addr == "n1-new:7788" for n in nodes), 10.0)
     net.run_for(20.0)
     assert all(state_of(n, "n1") == MemberState.ALIVE for n in nodes)  # reachable there
+
+
+def test_effects_come_out_of_one_outbox_in_the_order_they_were_decided() -> None:
+    node = Node("solo", "id-solo", "solo:1", LOCAL, Codec("c", None), random.Random(1), 0.0)
+    assert node.take_effects() == []
+    [sid] = node.join(["seed:1"], 0.0)
+    node.set_meta({"site": "s1"}, 0.1)
+    qid = node.ask("q", b"", QueryFilter(), 5.0, 0, 0.2)  # alone, it is the one to answer
+    effects = node.take_effects()
+    assert [type(e) for e in effects] == [OpenStream, MemberEvent, AnswerQuery]
+    stream, event, answer = effects
+    assert isinstance(stream, OpenStream) and (stream.id, stream.addr, stream.kind) == (sid, "seed:1", "join")
+    assert isinstance(event, MemberEvent) and event.kind == "update" and event.member.meta == {"site": "s1"}
+    assert isinstance(answer, AnswerQuery) and answer.action.query.id == qid
+    assert node.take_effects() == []  # taken once
+    node.respond_query(answer.action, b"here", 0.3)
+    [done] = node.take_effects()  # the query engine's output comes out of the same outbox
+    assert isinstance(done, QueryDone) and done.result.id == qid
+    assert [(r.name, r.payload) for r in done.result.responses] == [("solo", b"here")]
+
+
+def test_the_memory_network_records_each_nodes_events_in_order() -> None:
+    net, nodes = make_cluster(3)
+    a, b = nodes[0], nodes[1]
+    net.kill(b)
+    net.run_until_true(lambda: state_of(a, b.name) == MemberState.DEAD, 30.0)
+    kinds = [(ev.kind, ev.member.name) for _, name, ev in net.events if name == a.name]
+    assert kinds.index(("suspect", b.name)) < kinds.index(("dead", b.name))

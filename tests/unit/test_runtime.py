@@ -1,0 +1,158 @@
+"""The runtime as the core's effect handler, without waiting on the clock or opening a socket.
+
+(Tests that let real time pass, or send over a real socket, are in tests/integration/test_runtime.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import orjson
+
+from meshd.core.config import LOCAL
+from meshd.core.effects import MembershipEffect, SendDatagram
+from meshd.core.messages import Query, QueryFilter, QueryResponse
+from meshd.core.node import Node
+from meshd.core.query import QueryAction
+from meshd.metrics import Exposition
+from meshd.runtime import MAX_ANSWERING, NodeRuntime
+from meshd.wire import Codec, encode_message
+
+CODEC = Codec("t", None)
+
+
+class StandInCore:
+    """The part of MembershipCore these tests drive: each input queues the chosen datagrams."""
+
+    config = LOCAL
+
+    def __init__(self, datagrams: list[tuple[bytes, str]]) -> None:
+        self.timer_calls = 0
+        self.datagrams = datagrams
+        self.queued: list[MembershipEffect] = []
+
+    def receive_datagram(self, data: bytes, addr: str, now: float) -> None:
+        self.queued += [SendDatagram(d, a) for d, a in self.datagrams]
+        raise RuntimeError("boom")
+
+    def handle_timer(self, now: float) -> None:
+        self.timer_calls += 1
+        raise ValueError("timer boom")
+
+    def take_effects(self) -> list[MembershipEffect]:
+        out, self.queued = self.queued, []
+        return out
+
+    def get_timer(self) -> float:
+        return asyncio.get_running_loop().time() + 3600.0
+
+
+class Sent:
+    def __init__(self, fail_to: str = "") -> None:
+        self.out: list[tuple[bytes, str]] = []
+        self.fail_to = fail_to
+
+    def sendto(self, data: bytes, addr: str) -> None:
+        if addr == self.fail_to:
+            raise ValueError(f"cannot send to {addr}")
+        self.out.append((data, addr))
+
+
+def node(name: str = "b") -> Node:
+    return Node(name, f"id-{name}", f"{name}:1", LOCAL, CODEC, random.Random(1),
+                asyncio.get_running_loop().time())
+
+
+async def test_a_core_exception_is_counted_and_what_it_queued_still_goes_out() -> None:
+    core = StandInCore([(b"hello", "127.0.0.1:9")])
+    sent = Sent()
+    rt = NodeRuntime(core, udp=sent)  # type: ignore[arg-type]
+    rt.start()
+    rt.on_datagram(b"x", "127.0.0.1:1")  # the core raises: logged, counted, the pump still runs
+    assert rt.errors == 1
+    assert sent.out == [(b"hello", "127.0.0.1:9")]
+    rt._on_timer()  # what the armed timer does when it fires: a failing core is counted too
+    assert core.timer_calls == 1 and rt.errors == 2
+    await rt.close()
+
+
+async def test_one_unsendable_datagram_does_not_stop_the_others() -> None:
+    core = StandInCore([(b"1", "bad:1"), (b"2", "good:1")])
+    sent = Sent(fail_to="bad:1")
+    rt = NodeRuntime(core, udp=sent)  # type: ignore[arg-type]
+    rt.start()
+    rt.on_datagram(b"x", "127.0.0.1:1")
+    assert sent.out == [(b"2", "good:1")]
+    assert rt.errors == 2  # the core's exception and the failed send
+    await rt.close()
+
+
+def query_packet(qid: int) -> bytes:
+    return CODEC.pack([encode_message(Query(0, qid, "q", b"", "a", "a:1", QueryFilter(), 0, 5.0))])
+
+
+async def test_a_busy_answer_goes_out_in_the_same_flush() -> None:
+    b = node("b")
+    sent = Sent()
+    rt = NodeRuntime(b, udp=sent)  # type: ignore[arg-type]
+    stuck = asyncio.Event()
+
+    async def never(action: QueryAction) -> bytes:
+        await stuck.wait()
+        return b""
+
+    rt.set_query_answerer(never)
+    rt.start()
+    for qid in range(MAX_ANSWERING):
+        rt.on_datagram(query_packet(qid), "a:1")
+    assert rt.queries_busy == 0 and sent.out == []
+    rt.on_datagram(query_packet(999), "a:1")
+    assert rt.queries_busy == 1
+    [(data, addr)] = sent.out
+    [answer] = CODEC.unpack(data)[:1]
+    assert addr == "a:1" and isinstance(answer, QueryResponse) and answer.id == 999
+    assert orjson.loads(answer.payload)["error"] == "busy"
+    await rt.close()
+
+
+async def test_ask_is_resolved_by_the_query_done_effect() -> None:
+    a = node("a")
+    rt = NodeRuntime(a)
+
+    async def ok(action: QueryAction) -> bytes:
+        return b"fine"
+
+    rt.set_query_answerer(ok)
+    rt.start()
+    result = await rt.ask("q", b"", QueryFilter(), 5.0)
+    assert [(r.name, r.payload) for r in result.responses] == [("a", b"fine")]
+    assert not result.timed_out
+    await rt.close()
+
+
+async def test_collect_metrics_writes_membership_runtime_and_query_counts() -> None:
+    a = node("a")
+    rt = NodeRuntime(a)
+    rt.start()
+    rt.errors, rt.events_dropped, rt.queries_busy = 2, 3, 4
+    a.counters.inc("drops.auth")
+    a.queries.counters.inc("query.match")
+    out = Exposition()
+    rt.collect_metrics(out)
+    lines = out.render().splitlines()
+    for line in [
+        'meshd_members{state="alive"} 1',
+        'meshd_members{state="dead"} 0',
+        "meshd_health_score 0",
+        "meshd_runtime_errors_total 2",
+        "meshd_events_dropped_total 3",
+        "meshd_event_subscribers 0",
+        "meshd_drops_auth_total 1",
+        "meshd_queries_query_match_total 1",
+        "meshd_queries_in_flight 0",
+        "meshd_queries_busy_total 4",
+    ]:
+        assert line in lines, line
+    assert any(line.startswith("meshd_broadcast_queue ") for line in lines)
+    await rt.close()
