@@ -335,7 +335,7 @@ class NodeRuntime:
         out.counter("meshd_queries_busy_total", "queries answered busy (too many running)",
                     self.queries_busy)
 
-    # --- the pump ----------------------------------------------------------------------------
+    # --- driving the core --------------------------------------------------------------------
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -369,7 +369,8 @@ class NodeRuntime:
         self._timer_at = deadline
         self._timer = self.loop.call_at(deadline, self._on_timer)
 
-    # --- effects (the EffectHandler the pump hands the core's effects to) ----------------------
+    # --- effects: the EffectHandler the pump hands the core's effects to ----------------------
+    # (answer_query and query_done are with the queries above)
 
     def send_datagram(self, data: bytes, addr: str) -> None:
         if self.udp is not None:

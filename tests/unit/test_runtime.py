@@ -1,6 +1,6 @@
 """The runtime as the core's effect handler, without waiting on the clock or opening a socket.
 
-(Tests that let real time pass, or send over a real socket, are in tests/integration/test_runtime.py.)
+Tests that let real time pass or use a real socket: tests/integration/test_runtime_realtime.py.
 """
 
 from __future__ import annotations
