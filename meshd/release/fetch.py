@@ -22,7 +22,15 @@ from typing import Any
 import aiohttp
 
 from meshd.core.counters import Counters
-from meshd.core.swarm import ORIGIN, FetchRequest, Outcome, Swarm, SwarmConfig, make_bitmap
+from meshd.core.swarm import (
+    ORIGIN,
+    CancelRequest,
+    FetchRequest,
+    Outcome,
+    Swarm,
+    SwarmConfig,
+    make_bitmap,
+)
 from meshd.errors import IntegrityError
 from meshd.metrics import TransferStats
 from meshd.release.announce import RID_PREFIX, Member
@@ -283,29 +291,28 @@ class FetchDriver:
         """Carry out what the swarm asked for, then re-arm its timer."""
         if fetch.closed or self.closed:
             return
-        swarm = fetch.swarm
-        for req in swarm.requests_to_send():
-            task = self._spawn(self._run_request(fetch, req))
-            fetch.tasks.add(task)
-            task.add_done_callback(fetch.tasks.discard)
-        for rid in swarm.requests_to_cancel():
-            net = fetch.net_phase.pop(rid, None)
-            if net is not None:
-                net.cancel()  # only while still on the network: stored chunks always count
         complete = False
-        for ev in swarm.events():
-            if ev.kind == "complete":
+        for effect in fetch.swarm.take_effects():
+            if isinstance(effect, FetchRequest):
+                task = self._spawn(self._run_request(fetch, effect))
+                fetch.tasks.add(task)
+                task.add_done_callback(fetch.tasks.discard)
+            elif isinstance(effect, CancelRequest):
+                net = fetch.net_phase.pop(effect.request_id, None)
+                if net is not None:
+                    net.cancel()  # only while still on the network: stored chunks always count
+            elif effect.kind == "complete":
                 complete = True
-            elif ev.kind == "peer_banned":
+            elif effect.kind == "peer_banned":
                 self._count("fetch.bans")
                 log.warning("%s %s: peer %s banned: %s", fetch.manifest.name,
-                            fetch.manifest.version, ev.peer, ev.detail)
-            elif ev.kind == "origin_fallback":
+                            fetch.manifest.version, effect.peer, effect.detail)
+            elif effect.kind == "origin_fallback":
                 log.info("%s %s: falling back to the origin (%s)", fetch.manifest.name,
-                         fetch.manifest.version, ev.detail)
+                         fetch.manifest.version, effect.detail)
             else:
                 log.debug("%s %s: %s %s %s", fetch.manifest.name, fetch.manifest.version,
-                          ev.kind, ev.peer, ev.detail)
+                          effect.kind, effect.peer, effect.detail)
         if complete:
             self._close_fetch(fetch, cancel_requests=True)
             self._on_complete(fetch)
