@@ -35,7 +35,8 @@ from meshd.errors import IntegrityError
 from meshd.metrics import TransferStats
 from meshd.release.announce import RID_PREFIX, Member
 from meshd.release.manifest import Manifest
-from meshd.release.peer import PeerFetcher, PeerProtocolError
+from meshd.release.peer import PeerProtocolError
+from meshd.release.peer_client import PeerFetcher
 from meshd.release.store import ChunkStore, StoreError
 
 log = logging.getLogger("meshd.release")

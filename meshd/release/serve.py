@@ -1,15 +1,16 @@
 """Serving peers: what the peer HTTP routes (meshd.release.peer) call on this node.
 
 PeerServer answers with the manifest documents and have-bitmaps of the releases this node holds
-and the stored forms of chunks, paced by the upload cap. A chunk found rotten while being read
-is dropped by the store and reported, so that the service fetches it again.
+and the stored forms of chunks, paced by the upload cap (a TokenBucket). A chunk found rotten
+while being read is dropped by the store and reported, so that the service fetches it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from aiohttp import web
@@ -17,11 +18,37 @@ from aiohttp import web
 from meshd.core.counters import Counters
 from meshd.errors import IntegrityError
 from meshd.metrics import TransferStats
-from meshd.release.peer import MAX_PIECE_STORED, TokenBucket, add_peer_routes
+from meshd.release.peer import MAX_PIECE_STORED, add_peer_routes
 from meshd.release.store import ChunkStore, StoreError
 from meshd.wire import Codec
 
 log = logging.getLogger("meshd.release")
+
+
+class TokenBucket:
+    """An asyncio rate cap (bytes per second); take() waits until the bytes may go."""
+
+    def __init__(self, rate: float | None, burst: float | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.rate = rate
+        self.burst = float(burst if burst is not None else max(4 * 1024 * 1024, rate or 0))
+        self._tokens = self.burst
+        self._clock = clock
+        self._sleep = sleep
+        self._at = clock()
+        self._lock = asyncio.Lock()
+
+    async def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        async with self._lock:  # first come, first served
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            self._tokens -= n
+            if self._tokens < 0:
+                await self._sleep(-self._tokens / self.rate)
 
 
 class Holdings(Protocol):

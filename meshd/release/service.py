@@ -7,7 +7,8 @@ and wires the parts that do the work:
     release/announce.py      the `rel:` entries of member metadata, both ways
     release/fetch.py         the Swarm driver: one sans-IO Swarm per release being fetched
     release/serve.py         what peers are served (manifests, bitmaps, chunk pieces)
-    release/peer.py          the peer HTTP protocol itself: routes, client, envelopes
+    release/peer.py          the peer HTTP protocol itself: routes, auth tokens, pieces
+    release/peer_client.py   its client (PeerFetcher)
 
 When a member announces a release id this node does not know, the service GETs the manifest
 from that member, verifies the signature against the trusted publisher keys (here, in the
@@ -45,7 +46,8 @@ from meshd.release.announce import RID_PREFIX, Announce, Member, format_announce
 from meshd.release.config import DistConfig
 from meshd.release.fetch import FetchDriver, ReleaseFetch
 from meshd.release.manifest import Manifest
-from meshd.release.peer import PeerFetcher, PeerProtocolError
+from meshd.release.peer import PeerProtocolError
+from meshd.release.peer_client import PeerFetcher
 from meshd.release.publish import publish_tree
 from meshd.release.serve import PeerServer
 from meshd.release.store import ChunkStore, StoreError

@@ -32,12 +32,12 @@ from meshd.release.peer import (
     AUTH_HEADER,
     CHUNKS_PATH,
     MAX_CHUNKS_REQUEST,
-    PeerFetcher,
     PeerProtocolError,
     add_peer_routes,
     encode_piece,
     make_token,
 )
+from meshd.release.peer_client import PeerFetcher
 from meshd.release.serve import PeerServer
 from meshd.release.service import ReleaseService
 from meshd.wire import Codec

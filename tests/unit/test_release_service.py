@@ -24,8 +24,9 @@ from meshd.metrics import Exposition
 from meshd.release.announce import Announce, member_meta_keys, parse_announcements
 from meshd.release.config import DistConfig
 from meshd.release.manifest import Manifest
-from meshd.release.peer import PeerProtocolError, TokenBucket, decode_piece, encode_piece
+from meshd.release.peer import PeerProtocolError, decode_piece, encode_piece
 from meshd.release.publish import publish_tree
+from meshd.release.serve import TokenBucket
 from meshd.release.service import ReleaseService
 from meshd.release.store import ChunkStore
 from meshd.units import parse_rate
