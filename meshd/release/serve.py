@@ -54,7 +54,7 @@ class TokenBucket:
 class Holdings(Protocol):
     """The releases this node holds, as the server needs them."""
 
-    def find(self, rid: str) -> str | None:
+    def full_release_id(self, rid: str) -> str | None:
         """The full release id of a held release, given it or a unique prefix of it."""
         ...
 
@@ -91,11 +91,11 @@ class PeerServer:
         add_peer_routes(app, self)
 
     def manifest_document(self, rid: str) -> bytes | None:
-        full = self.holdings.find(rid)
+        full = self.holdings.full_release_id(rid)
         return self.holdings.manifest_bytes(full) if full else None
 
     def bitmap(self, rid: str) -> bytes | None:
-        full = self.holdings.find(rid)
+        full = self.holdings.full_release_id(rid)
         return self.holdings.have_bitmap(full) if full else None
 
     async def read_stored(self, ids: list[str]) -> list[bytes | None]:

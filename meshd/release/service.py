@@ -513,7 +513,7 @@ class ReleaseService:
 
     # --- what the peer server reads (serve.Holdings) ---------------------------------------------
 
-    def find(self, rid: str) -> str | None:
+    def full_release_id(self, rid: str) -> str | None:
         if rid in self._manifests:
             return rid
         hits = [r for r in self._manifests if r.startswith(rid)]
