@@ -129,28 +129,34 @@ async def test_unanswered_manifest_is_asked_again_after_the_back_off(tmp_path: P
     svc = make_service(tmp_path / "me")
     fake = StoreBackedFetcher(peer_store, {})  # answers 404
     svc.fetcher = svc.driver.client = fake  # type: ignore[assignment]
+    clock = [100.0]
+    svc.now = lambda: clock[0]  # type: ignore[method-assign]
     await svc.start()
     try:
         svc.member_update(announcing("p", m))
         await settle(svc)
         rid16 = m.release_id[:16]
-        retry = svc.policy.retry_at[rid16]
-        assert retry == pytest.approx(svc.now() + DISCOVER_RETRY, abs=1.0)
-        assert svc.policy.next_deadline(svc.now()) == retry
+        assert svc.policy.retry_at[rid16] == 100.0 + DISCOVER_RETRY
+        assert svc.policy.next_deadline(100.0) == 100.0 + DISCOVER_RETRY
+        clock[0] = 100.0 + DISCOVER_RETRY - 0.1
         svc.member_update(announcing("p", m))  # within the back-off: not asked
         assert fake.asked == [rid16]
+        clock[0] = 100.0 + DISCOVER_RETRY
+        svc.member_update(announcing("p", m))  # retried on the first member event after it
+        await settle(svc)
+        assert fake.asked == [rid16, rid16]
     finally:
         await svc.stop()
 
 
-async def test_manifest_judgement_is_counted(tmp_path: Path) -> None:
+def test_manifest_judgement_is_counted(tmp_path: Path) -> None:
     events: list[dict[str, Any]] = []
     svc = make_service(tmp_path / "me", site="a", events=events)
     good = make_release(tmp_path, "2.0", created=1_700_000_100.0)
-    now = svc.now()
+    svc.now = lambda: 50.0  # type: ignore[method-assign]
     assert svc._check_manifest(b"not json", "0" * 16, "p") is None
     assert svc.counters["manifests.invalid"] == 1
-    assert svc.policy.retry_at["0" * 16] == pytest.approx(now + REJECT_RETRY, abs=1.0)
+    assert svc.policy.retry_at["0" * 16] == 50.0 + REJECT_RETRY
     assert svc._check_manifest(good.to_bytes(), "f" * 16, "p") is None  # not the release announced
     assert svc.counters["manifests.invalid"] == 2
     evil = make_release(tmp_path, "6.6", signer=EVIL)
