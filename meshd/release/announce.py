@@ -4,11 +4,14 @@ Gossip carries small facts only. Each node sets, one key per release name,
 
     rel:<name> = "<version> <release id[:16]> <have>/<total>[ current]"[;...]
 
-one entry per release of that name it holds or is fetching (the newest MAX_ENTRIES_PER_NAME).
+one entry per release of that name it holds or is fetching (the newest MAX_ENTRIES_PER_NAME),
+refreshed at most every `announce_interval` while downloading (Announcer).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,9 +21,13 @@ from meshd.core.messages import MemberState
 from meshd.core.node import MemberView
 from meshd.release.manifest import Manifest
 
+log = logging.getLogger("meshd.release")
+
 META_PREFIX = "rel:"
 RID_PREFIX = 16
 MAX_ENTRIES_PER_NAME = 16
+
+SetMetaKeys = Callable[[dict[str, str | None]], None]  # key -> value, None: remove the key
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,55 @@ def format_announcements(
         ]
         out[META_PREFIX + name] = ";".join(entries)
     return out
+
+
+class Announcer:
+    """Keeps this node's `rel:` entries in its metadata: at once when forced (a release completed
+    or changed state), otherwise at most once per `interval` (progress while downloading)."""
+
+    def __init__(self, set_meta_keys: SetMetaKeys | None, interval: float,
+                 wanted: Callable[[], dict[str, str]], now: Callable[[], float]) -> None:
+        self.set_meta_keys = set_meta_keys
+        self.interval = interval
+        self._wanted = wanted
+        self._now = now
+        self._announced: dict[str, str] = {}
+        self._at = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+        self.running = False  # from the service's start() to its stop()
+
+    def announce(self, force: bool = False) -> None:
+        if self.set_meta_keys is None or not self.running:
+            return
+        wanted = self._wanted()
+        if wanted == self._announced:
+            return
+        now = self._now()
+        wait = self._at + self.interval - now
+        if not force and wait > 0:
+            if self._handle is None:
+                self._handle = asyncio.get_running_loop().call_later(wait, self._later)
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        updates: dict[str, str | None] = {k: v for k, v in wanted.items() if self._announced.get(k) != v}
+        updates.update({k: None for k in self._announced if k not in wanted})
+        self._announced = wanted
+        self._at = now
+        try:
+            self.set_meta_keys(updates)
+        except Exception:
+            log.exception("cannot update node metadata")
+
+    def _later(self) -> None:
+        self._handle = None
+        self.announce(force=True)
+
+    def close(self) -> None:
+        self.running = False
+        if self._handle is not None:
+            self._handle.cancel()
 
 
 def member_meta_keys(meta: Mapping[str, str]) -> list[str]:

@@ -42,7 +42,14 @@ from meshd.core.swarm import SwarmConfig, make_bitmap
 from meshd.errors import DecodeError, IntegrityError, StateError
 from meshd.metrics import Exposition, TransferStats
 from meshd.release.activate import ActivationError, Releases
-from meshd.release.announce import RID_PREFIX, Announce, Member, format_announcements
+from meshd.release.announce import (
+    RID_PREFIX,
+    Announce,
+    Announcer,
+    Member,
+    SetMetaKeys,
+    format_announcements,
+)
 from meshd.release.config import DistConfig
 from meshd.release.fetch import FetchDriver, ReleaseFetch
 from meshd.release.manifest import Manifest
@@ -55,7 +62,6 @@ from meshd.wire import Codec
 
 log = logging.getLogger("meshd.release")
 
-SetMetaKeys = Callable[[dict[str, str | None]], None]
 Emit = Callable[[dict[str, Any]], None]
 
 
@@ -113,7 +119,7 @@ class ReleaseService:
             self, codec=self.codec, counters=self.counters, store=self.store, transfer=self.transfer,
             upload_rate=self.config.upload_rate, on_damaged=self._on_damaged,
         )
-        self._set_meta_keys = set_meta_keys
+        self.announcer = Announcer(set_meta_keys, self.config.announce_interval, self.announcements, self.now)
         self._emit_cb = emit
         self._manifests: dict[str, Manifest] = {}
         self._complete: set[str] = set()
@@ -123,9 +129,6 @@ class ReleaseService:
         self._publishing: dict[str, _Publishing] = {}
         self._gc_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._announced: dict[str, str] = {}
-        self._announce_at = 0.0
-        self._announce_handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._closed = False
@@ -149,6 +152,7 @@ class ReleaseService:
         self._loop = asyncio.get_running_loop()
         found = await asyncio.to_thread(self._recover)
         self._started = True
+        self.announcer.running = not self._closed
         for manifest, _ in found:
             self._manifests[manifest.release_id] = manifest
         for manifest, missing in found:
@@ -182,8 +186,7 @@ class ReleaseService:
 
     async def stop(self) -> None:
         self._closed = True
-        if self._announce_handle is not None:
-            self._announce_handle.cancel()
+        self.announcer.close()
         self.driver.close()
         tasks = list(self._tasks)
         for t in tasks:
@@ -484,32 +487,7 @@ class ReleaseService:
                                     self._complete)
 
     def _announce(self, force: bool = False) -> None:
-        if self._set_meta_keys is None or self._closed or not self._started:
-            return
-        wanted = self.announcements()
-        if wanted == self._announced:
-            return
-        now = self.now()
-        wait = self._announce_at + self.config.announce_interval - now
-        if not force and wait > 0:
-            if self._announce_handle is None:
-                self._announce_handle = self.loop.call_later(wait, self._announce_later)
-            return
-        if self._announce_handle is not None:
-            self._announce_handle.cancel()
-            self._announce_handle = None
-        updates: dict[str, str | None] = {k: v for k, v in wanted.items() if self._announced.get(k) != v}
-        updates.update({k: None for k in self._announced if k not in wanted})
-        self._announced = wanted
-        self._announce_at = now
-        try:
-            self._set_meta_keys(updates)
-        except Exception:
-            log.exception("cannot update node metadata")
-
-    def _announce_later(self) -> None:
-        self._announce_handle = None
-        self._announce(force=True)
+        self.announcer.announce(force)
 
     # --- what the peer server reads (serve.Holdings) ---------------------------------------------
 

@@ -573,7 +573,7 @@ async def test_origin_fallback_when_no_peer_has_the_chunks(mesh: Mesh, tmp_path:
     # The publisher holds everything; make it serve the manifest only: an empty bitmap.
     pub.service._complete.discard(rid)
     pub.meta["rel:app"] = Announce("app", "3.0", rid[:16], 1, len(manifest.chunks)).text()
-    pub.service._set_meta_keys = None  # keep its (false) partial announcement
+    pub.service.announcer.set_meta_keys = None  # keep its (false) partial announcement
 
     def empty_bitmap(rid: str) -> bytes | None:
         return make_bitmap([], len(manifest.chunks))

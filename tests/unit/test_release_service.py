@@ -21,7 +21,7 @@ from meshd.core.node import MemberView
 from meshd.crypto import PublisherKey
 from meshd.errors import ConfigError
 from meshd.metrics import Exposition
-from meshd.release.announce import Announce, member_meta_keys, parse_announcements
+from meshd.release.announce import Announce, Announcer, member_meta_keys, parse_announcements
 from meshd.release.config import DistConfig
 from meshd.release.manifest import Manifest
 from meshd.release.peer import PeerProtocolError, decode_piece, encode_piece
@@ -274,6 +274,28 @@ def test_store_of_a_fresh_service_is_usable(tmp_path: Path) -> None:
     assert (tmp_path / "chunks").is_dir() and (tmp_path / "releases").is_dir()
     assert ChunkStore(tmp_path).manifests() == []
 
+
+
+async def test_announcer_sends_changes_at_once_when_forced_else_once_per_interval() -> None:
+    sent: list[dict[str, str | None]] = []
+    wanted = {"rel:app": "1.0 0123456789abcdef 1/4"}
+    clock = [10.0]
+    ann = Announcer(sent.append, 1.0, lambda: dict(wanted), lambda: clock[0])
+    ann.announce(force=True)
+    assert sent == []  # not running before the service starts
+    ann.running = True
+    ann.announce()
+    assert sent == [{"rel:app": "1.0 0123456789abcdef 1/4"}]
+    wanted["rel:app"] = "1.0 0123456789abcdef 2/4"
+    clock[0] = 10.5
+    ann.announce()  # within the interval: held back (a timer would send it)
+    assert len(sent) == 1
+    wanted.clear()
+    ann.announce(force=True)
+    assert sent[1:] == [{"rel:app": None}]  # the key goes away
+    ann.announce(force=True)
+    assert len(sent) == 2  # nothing changed
+    ann.close()
 
 
 def test_member_meta_keys() -> None:
