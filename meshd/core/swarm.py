@@ -2,8 +2,10 @@
 
 The shell feeds it peer availability and fetch results, carries out the FetchRequests it emits
 (HTTP POST of a batch of chunk ids to the peer, or GETs against the origin URLs), verifies and
-stores the chunks, and reports back. Chunks are indexed in the manifest's first-appearance order
-(Manifest.unique_chunks()); have-bitmaps use that order, bit 7 of byte 0 = chunk 0.
+stores the chunks, and reports back. After any input, drain take_effects() (requests to send,
+requests to cancel, events) and re-arm one timer from get_timer(). Chunks are indexed in the
+manifest's first-appearance order (Manifest.unique_chunks()); have-bitmaps use that order, bit 7
+of byte 0 = chunk 0.
 
 Rules (each has a test in tests/unit/test_swarm.py):
 
@@ -91,6 +93,17 @@ class SwarmEvent:
     kind: str  # complete | peer_banned | request_timeout | request_error | origin_fallback
     peer: str | None = None
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """The answer to this request is no longer needed (timed out, banned peer, redundant)."""
+
+    request_id: int
+
+
+# What the shell carries out, drained in one call like the membership core's effects.
+SwarmEffect = FetchRequest | CancelRequest | SwarmEvent
 
 
 @dataclass(frozen=True)
@@ -332,6 +345,14 @@ class Swarm:
     def events(self) -> list[SwarmEvent]:
         out, self._out_events = self._out_events, []
         return out
+
+    def take_effects(self) -> list[SwarmEffect]:
+        """Everything to carry out since the last call: the requests to send, then the requests
+        to cancel, then the events (the order the shell has always handled them in)."""
+        effects: list[SwarmEffect] = list(self.requests_to_send())
+        effects.extend(CancelRequest(rid) for rid in self.requests_to_cancel())
+        effects.extend(self.events())
+        return effects
 
     def get_timer(self) -> float | None:
         """Next absolute time handle_timer should run, or None."""

@@ -1,5 +1,5 @@
-"""Update distribution: chunker, signed manifests, chunk store, activation.
+"""Update distribution: chunker, signed manifests, chunk store, activation, peer transfer.
 
-The fetch scheduler itself is sans-IO and lives in meshd.core.swarm; the peer HTTP transfer and
-the daemon wiring use these modules.
+The decisions are sans-IO and live in meshd.core: which release to adopt (core/adoption.py) and
+which chunk to fetch from whom (core/swarm.py). service.py wires the rest (see its docstring).
 """

@@ -1,5 +1,8 @@
 """Peer HTTP for update distribution: manifests, have-bitmaps and chunk pieces, sealed.
 
+This module is the protocol and the server routes; the client is meshd.release.peer_client and
+what the routes serve comes from a PeerBackend (meshd.release.serve.PeerServer).
+
 Routes, added to the node's peer app (the TCP twin of the gossip port):
 
     GET  /peer/v1/manifests/<release id or a prefix of >= 16 hex>   -> sealed(manifest document)
@@ -17,15 +20,13 @@ a body over a bound is a 413 (server) or a counted drop (client), never a crash.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
 import re
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import aiohttp
@@ -52,7 +53,7 @@ MAX_CHUNKS_REQUEST = 256 * 1024  # sealed id list: 1024 x ~70 bytes of JSON + en
 MAX_PIECE_STORED = 16 * 1024 * 1024  # the server stops filling a piece beyond this
 MAX_MANIFEST = 64 * 1024 * 1024
 STORED_OVERHEAD = 5  # header byte + lz4 size prefix
-_OCTETS = "application/octet-stream"
+OCTETS = "application/octet-stream"
 _HEX_RE = re.compile(r"^[0-9a-f]{16,64}$")
 _U32 = struct.Struct("<I")
 
@@ -158,7 +159,7 @@ def _count(backend: PeerBackend, key: str) -> None:
 
 def _refuse(backend: PeerBackend, status: int, key: str) -> web.Response:
     _count(backend, key)
-    return web.Response(status=status, content_type=_OCTETS)
+    return web.Response(status=status, content_type=OCTETS)
 
 
 def _check_get(request: web.Request) -> web.Response | None:
@@ -178,7 +179,7 @@ async def _reply(backend: PeerBackend, body: bytes) -> web.Response:
     sealed = backend.codec.seal(body)
     await backend.upload_permit(len(sealed))
     backend.count_sent(len(sealed))
-    return web.Response(body=sealed, content_type=_OCTETS)
+    return web.Response(body=sealed, content_type=OCTETS)
 
 
 async def _serve_by_release(
@@ -251,141 +252,3 @@ def create_release_app(backend: PeerBackend) -> web.Application:
     app = web.Application(client_max_size=MAX_CHUNKS_REQUEST)
     add_peer_routes(app, backend)
     return app
-
-
-# --- client --------------------------------------------------------------------------------------
-
-
-@dataclass
-class FetchStats:
-    sent_bytes: int = 0
-    received_bytes: int = 0
-
-
-class PeerFetcher:
-    """The client side: one ClientSession; every call bounded in size and time."""
-
-    def __init__(self, codec: Codec, counters: Counters) -> None:
-        self.codec = codec
-        self.counters = counters
-        self.stats = FetchStats()
-        self._session: aiohttp.ClientSession | None = None
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=128, limit_per_host=8, keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, headers={"User-Agent": "meshd-dist"}
-            )
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _count(self, key: str) -> None:
-        self.counters[key] += 1
-
-    async def _read(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:
-        """Whole body, at most `limit` bytes; PeerProtocolError when over it or cut short."""
-        try:
-            data = await read_bounded(resp.content, resp.content_length, limit)
-        except BodyTooLarge as e:
-            self._count("fetch.drops.oversized")
-            raise PeerProtocolError(f"answer too big: {e}") from None
-        except (BodyTruncated, aiohttp.ClientPayloadError) as e:
-            self._count("fetch.drops.truncated")
-            raise PeerProtocolError(f"truncated answer: {e}") from None
-        self.stats.received_bytes += len(data)
-        return data
-
-    def _open(self, data: bytes, max_size: int) -> bytes:
-        try:
-            return self.codec.open(data, max_size=max_size)
-        except AuthError as e:
-            self._count("fetch.drops.auth")
-            raise PeerProtocolError(f"answer does not authenticate: {e}") from None
-        except DecodeError as e:
-            self._count("fetch.drops.decode")
-            raise PeerProtocolError(f"bad answer envelope: {e}") from None
-
-    async def _get(self, addr: str, path: str, limit: int, timeout: float) -> bytes | None:
-        """Sealed GET; the opened body, None on 404. PeerProtocolError / aiohttp errors."""
-        headers = {AUTH_HEADER: make_token(self.codec, "GET", path)}
-        async with self.session().get(
-            f"http://{addr}{path}", headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
-        ) as resp:
-            if resp.status == 404:
-                return None
-            if resp.status != 200:
-                self._count("fetch.drops.status")
-                raise PeerProtocolError(f"{addr} answered {resp.status} to GET {path}")
-            data = await self._read(resp, limit + self.codec.overhead)
-        return self._open(data, limit)
-
-    async def manifest(self, addr: str, rid: str, timeout: float = 10.0) -> bytes | None:
-        return await self._get(addr, MANIFEST_PATH.format(rid=rid), MAX_MANIFEST, timeout)
-
-    async def bitmap(self, addr: str, rid: str, n_chunks: int, timeout: float = 5.0) -> bytes | None:
-        return await self._get(addr, BITMAP_PATH.format(rid=rid), (n_chunks + 7) // 8, timeout)
-
-    async def chunks(
-        self, addr: str, ids: Sequence[str], sizes: Sequence[int], timeout: float
-    ) -> list[bytes | None]:
-        """Stored forms of `ids` from a peer (None where it did not serve one)."""
-        body = self.codec.seal(orjson.dumps({"ids": list(ids)}))
-        limit = max_piece_reply(sizes, self.codec)
-        async with self.session().post(
-            f"http://{addr}{CHUNKS_PATH}",
-            data=body,
-            headers={"Content-Type": _OCTETS},
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as resp:
-            self.stats.sent_bytes += len(body)
-            if resp.status != 200:
-                self._count("fetch.drops.status")
-                raise PeerProtocolError(f"{addr} answered {resp.status} to a chunk request")
-            data = await self._read(resp, limit)
-        piece = self._open(data, limit)
-        try:
-            return decode_piece(piece, len(ids))
-        except PeerProtocolError:
-            self._count("fetch.drops.malformed")
-            raise
-
-    async def origin_chunk(self, url: str, timeout: float) -> bytes | None:
-        """A stored form from a plain HTTP origin (None on 404)."""
-        async with self.session().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            if resp.status == 404:
-                return None
-            if resp.status != 200:
-                self._count("origin.drops.status")
-                raise PeerProtocolError(f"origin answered {resp.status} for {url}")
-            return await self._read(resp, MAX_SIZE + STORED_OVERHEAD)
-
-
-class TokenBucket:
-    """An asyncio rate cap (bytes per second); take() waits until the bytes may go."""
-
-    def __init__(self, rate: float | None, burst: float | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        self.rate = rate
-        self.burst = float(burst if burst is not None else max(4 * 1024 * 1024, rate or 0))
-        self._tokens = self.burst
-        self._clock = clock
-        self._sleep = sleep
-        self._at = clock()
-        self._lock = asyncio.Lock()
-
-    async def take(self, n: int) -> None:
-        if not self.rate:
-            return
-        async with self._lock:  # first come, first served
-            now = self._clock()
-            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-            self._at = now
-            self._tokens -= n
-            if self._tokens < 0:
-                await self._sleep(-self._tokens / self.rate)

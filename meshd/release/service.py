@@ -1,22 +1,22 @@
-"""The I/O side of update distribution: announce, discover, fetch, verify, activate, serve.
+"""Update distribution on one node: the service's lifecycle, its member input, and its views.
 
-ReleaseService owns the chunk store, the installed releases and one sans-IO Swarm per release
-being fetched, and carries out what each Swarm asks for over peer HTTP (meshd.release.peer),
-the way NodeRuntime pumps the membership core.
+ReleaseService owns the chunk store, the installed releases and the manifests this node holds,
+and wires the parts that do the work:
 
-Gossip carries small facts only. Each node sets, through the `set_meta_keys` callback,
+    meshd/core/adoption.py   which announced release to fetch, adopt, retry (sans-IO policy)
+    release/announce.py      the `rel:` entries of member metadata, both ways
+    release/fetch.py         the Swarm driver: one sans-IO Swarm per release being fetched
+    release/serve.py         what peers are served (manifests, bitmaps, chunk pieces)
+    release/peer.py          the peer HTTP protocol itself: routes, auth tokens, pieces
+    release/peer_client.py   its client (PeerFetcher)
 
-    rel:<name> = "<version> <release id[:16]> <have>/<total>[ current]"[;...]
-
-one entry per release of that name it holds or is fetching, refreshed at most every
-`announce_interval` while downloading. When a member announces a release id this node does not
-know, it GETs the manifest from that member, verifies the signature against the trusted
-publisher keys, checks targeting (site, tags) and that the release is newer than the current
-one of that name, then fetches the missing chunks: from complete peers, from partial ones after
-a GET of their have-bitmap, from the manifest's origin URLs as the last resort. Every chunk is
-hash-verified by ChunkStore.put; a peer that sends a bad one is banned for the release.
-On completion: activate (materialise, switch current, hook, rollback), retire old versions,
-collect unused chunks, announce, emit a release event.
+When a member announces a release id this node does not know, the service GETs the manifest
+from that member, verifies the signature against the trusted publisher keys (here, in the
+shell), and lets the policy judge it (targeting, newer than the current one, version taken);
+then it stores it and fetches the missing chunks: from complete peers, from partial ones after
+a GET of their have-bitmap, from the manifest's origin URLs as the last resort. On completion:
+activate (materialise, switch current, hook, rollback), retire old versions, collect unused
+chunks, announce, emit a release event.
 
 Resume: verified chunks are on disk; start() creates a Swarm for every stored manifest with
 chunks missing, with what the store has as `have`.
@@ -27,139 +27,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from meshd.core.adoption import AdoptionPolicy, Discovery, Verdict
 from meshd.core.counters import Counters
-from meshd.core.messages import MemberState
 from meshd.core.node import MemberEvent, MemberView
-from meshd.core.swarm import ORIGIN, FetchRequest, Outcome, Swarm, SwarmConfig, make_bitmap
+from meshd.core.swarm import SwarmConfig, make_bitmap
 from meshd.errors import DecodeError, IntegrityError, StateError
-from meshd.metrics import TransferStats
+from meshd.metrics import Exposition, TransferStats
 from meshd.release.activate import ActivationError, Releases
-from meshd.release.config import DistConfig
-from meshd.release.manifest import Manifest
-from meshd.release.peer import (
-    MAX_PIECE_STORED,
-    PeerFetcher,
-    PeerProtocolError,
-    TokenBucket,
-    add_peer_routes,
+from meshd.release.announce import (
+    RID_PREFIX,
+    Announce,
+    Announcer,
+    Member,
+    SetMetaKeys,
+    format_announcements,
 )
+from meshd.release.config import DistConfig
+from meshd.release.fetch import FetchDriver, ReleaseFetch
+from meshd.release.manifest import Manifest
+from meshd.release.peer import PeerProtocolError
+from meshd.release.peer_client import PeerFetcher
 from meshd.release.publish import publish_tree
+from meshd.release.serve import PeerServer
 from meshd.release.store import ChunkStore, StoreError
 from meshd.wire import Codec
 
 log = logging.getLogger("meshd.release")
 
-META_PREFIX = "rel:"
-RID_PREFIX = 16
-MAX_ENTRIES_PER_NAME = 16
-REJECT_RETRY = 30.0  # a manifest that failed to fetch or verify is asked for again after this
-DISCOVER_RETRY = 3.0  # ... or this, when the peer simply did not answer
-BITMAP_INTERVAL = 1.0  # at most one bitmap GET per peer and release per interval
-WAN_STALL = 5.0  # seconds without a chunk before the share cut on scarce sources is lifted
-
-SetMetaKeys = Callable[[dict[str, str | None]], None]
 Emit = Callable[[dict[str, Any]], None]
-
-
-# --- announcements in member metadata ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Announce:
-    name: str
-    version: str
-    rid16: str
-    have: int
-    total: int
-    current: bool = False
-
-    @property
-    def complete(self) -> bool:
-        return self.total > 0 and self.have >= self.total
-
-    def text(self) -> str:
-        return f"{self.version} {self.rid16} {self.have}/{self.total}" + (" current" if self.current else "")
-
-
-_ANN_RE = re.compile(r"^(\S{1,128}) ([0-9a-f]{16}) ([0-9]{1,9})/([0-9]{1,9})( current)?$")
-
-
-def parse_announcements(meta: Mapping[str, str]) -> dict[str, Announce]:
-    """rid16 -> Announce from a member's metadata; malformed entries are skipped."""
-    out: dict[str, Announce] = {}
-    for key, value in meta.items():
-        if not key.startswith(META_PREFIX) or not isinstance(value, str):
-            continue
-        name = key[len(META_PREFIX) :]
-        for item in value.split(";")[:MAX_ENTRIES_PER_NAME]:
-            m = _ANN_RE.match(item.strip())
-            if m is None:
-                continue
-            have, total = int(m.group(3)), int(m.group(4))
-            if have > total:
-                continue
-            out[m.group(2)] = Announce(name, m.group(1), m.group(2), have, total, bool(m.group(5)))
-    return out
-
-
-def _natural(version: str) -> tuple[tuple[int, int | str], ...]:
-    parts = re.split(r"(\d+)", version, flags=re.ASCII)
-    return tuple((0, int(p)) if p.isascii() and p.isdigit() else (1, p) for p in parts if p)
-
-
-def newer(a: Manifest, b: Manifest) -> bool:
-    """Whether `a` was published after `b` (creation time, then natural version order)."""
-    return (a.created, _natural(a.version)) > (b.created, _natural(b.version))
-
-
-# --- state ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Member:
-    name: str
-    addr: str
-    site: str
-    alive: bool
-    entries: dict[str, Announce]
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class _Fetch:
-    manifest: Manifest
-    swarm: Swarm
-    sizes: dict[str, int]
-    started: float
-    peers: set[str] = field(default_factory=set)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    net_phase: dict[int, asyncio.Task[None]] = field(default_factory=dict)
-    bitmap_busy: set[str] = field(default_factory=set)
-    bitmap_dirty: set[str] = field(default_factory=set)
-    raw: dict[str, bytes | None] = field(default_factory=dict)  # peer -> bitmap (None: complete)
-    registered: dict[str, bytes | None] = field(default_factory=dict)  # what the swarm was told
-    masks: dict[tuple[int, int], bytes] = field(default_factory=dict)
-    last_progress: float = 0.0
-    widened: bool = False
-    tick: asyncio.TimerHandle | None = None
-    timer: asyncio.TimerHandle | None = None
-    timer_at: float = 0.0
-    closed: bool = False
-    error: str | None = None
-
-    @property
-    def rid(self) -> str:
-        return self.manifest.release_id
 
 
 @dataclass
@@ -168,9 +71,6 @@ class _Publishing:
     version: str
     done: int = 0
     total: int = 0
-
-
-# --- the service ---------------------------------------------------------------------------------
 
 
 class ReleaseService:
@@ -207,24 +107,28 @@ class ReleaseService:
         self.swarm_config = swarm_config or self.config.swarm_config()
         self.counters = Counters()
         self.fetcher = PeerFetcher(self.codec, self.counters)
-        self.upload_bucket = TokenBucket(self.config.upload_rate)
-        self._set_meta_keys = set_meta_keys
+        self.policy = AdoptionPolicy(site, self.tags)
+        self._members: dict[str, Member] = {}
+        self.driver = FetchDriver(
+            name=name, site=site, members=self._members, client=self.fetcher, store=self.store,
+            transfer=self.transfer, counters=self.counters, swarm_config=self.swarm_config,
+            spawn=self._spawn, now=self.now, on_complete=self._on_fetch_complete,
+            on_progress=self._announce,
+        )
+        self.server = PeerServer(
+            self, codec=self.codec, counters=self.counters, store=self.store, transfer=self.transfer,
+            upload_rate=self.config.upload_rate, on_damaged=self._on_damaged,
+        )
+        self.announcer = Announcer(set_meta_keys, self.config.announce_interval, self.announcements, self.now)
         self._emit_cb = emit
         self._manifests: dict[str, Manifest] = {}
         self._complete: set[str] = set()
-        self._fetches: dict[str, _Fetch] = {}
+        self._fetches = self.driver.fetches  # rid -> the release being fetched
         self._activating: set[str] = set()
         self._failed: dict[str, str] = {}
-        self._members: dict[str, _Member] = {}
-        self._ignored: dict[str, str] = {}  # rid16 -> why (not targeted, older)
-        self._rejected: dict[str, float] = {}  # rid16 -> retry after (loop time)
-        self._discovering: set[str] = set()
         self._publishing: dict[str, _Publishing] = {}
         self._gc_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._announced: dict[str, str] = {}
-        self._announce_at = 0.0
-        self._announce_handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._closed = False
@@ -241,20 +145,21 @@ class ReleaseService:
         return self.loop.time()
 
     def add_routes(self, app: web.Application) -> None:
-        add_peer_routes(app, self)
+        self.server.add_routes(app)
 
     async def start(self, members: Iterable[MemberView] = ()) -> None:
         """Recover from a crash, resume downloads, activate what completed, announce."""
         self._loop = asyncio.get_running_loop()
         found = await asyncio.to_thread(self._recover)
         self._started = True
+        self.announcer.running = not self._closed
         for manifest, _ in found:
             self._manifests[manifest.release_id] = manifest
         for manifest, missing in found:
             if missing:
                 log.info("resuming %s %s: %d of %d chunks to fetch", manifest.name, manifest.version,
                          len(missing), len(manifest.chunks))
-            self._start_fetch(manifest, missing)
+            self.driver.start(manifest, missing)
         for m in members:
             self.member_update(m)
         self._announce(force=True)
@@ -281,10 +186,8 @@ class ReleaseService:
 
     async def stop(self) -> None:
         self._closed = True
-        if self._announce_handle is not None:
-            self._announce_handle.cancel()
-        for fetch in list(self._fetches.values()):
-            self._close_fetch(fetch)
+        self.announcer.close()
+        self.driver.close()
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
@@ -292,7 +195,7 @@ class ReleaseService:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self.fetcher.close()
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -329,34 +232,24 @@ class ReleaseService:
     def member_update(self, m: MemberView) -> None:
         if m.name == self.name or self._closed:
             return
-        alive = m.state == MemberState.ALIVE
-        meta = m.meta or {}
-        tags = {k[4:]: v for k, v in meta.items() if k.startswith("tag:")}
-        mem = _Member(m.name, m.addr, meta.get("site", "default"), alive,
-                      parse_announcements(meta) if alive else {}, tags)
-        self._members[m.name] = mem
+        mem = self._members[m.name] = Member.from_view(m)
         if not self._started:
             return
-        for fetch in list(self._fetches.values()):
-            self._refresh_peer(fetch, mem)
+        self.driver.member_changed(mem)
         for entry in mem.entries.values():
             self._maybe_discover(entry, mem)
 
     def _known(self, rid16: str) -> bool:
         return any(rid.startswith(rid16) for rid in self._manifests)
 
-    def _maybe_discover(self, entry: Announce, mem: _Member) -> None:
-        rid16 = entry.rid16
-        if rid16 in self._discovering or rid16 in self._ignored or self._known(rid16):
-            return
-        if self._rejected.get(rid16, 0.0) > self.now():
-            return
-        if entry.have == 0:
-            return  # nothing to get from it yet; its manifest comes with its next update
-        self._discovering.add(rid16)
-        self._spawn(self._discover(entry, mem))
+    def _maybe_discover(self, entry: Announce, mem: Member) -> None:
+        # A failed discovery is asked for again only here, on a member event after its back-off
+        # (policy.next_deadline() says when that is, for a timer to drive it one day).
+        decision = self.policy.announced(entry.rid16, entry.have, self.now(), known=self._known(entry.rid16))
+        if decision is Discovery.FETCH_MANIFEST:
+            self._spawn(self._discover(entry, mem))
 
-    async def _discover(self, entry: Announce, mem: _Member) -> None:
+    async def _discover(self, entry: Announce, mem: Member) -> None:
         rid16 = entry.rid16
         try:
             try:
@@ -364,31 +257,32 @@ class ReleaseService:
             except (PeerProtocolError, aiohttp.ClientError, TimeoutError, OSError) as e:
                 self._count("discover.errors")
                 log.debug("manifest %s from %s: %s", rid16, mem.name, e)
-                self._rejected[rid16] = self.now() + DISCOVER_RETRY
+                self.policy.unanswered(rid16, self.now())
                 return
             if doc is None:
-                self._rejected[rid16] = self.now() + DISCOVER_RETRY
+                self.policy.unanswered(rid16, self.now())
                 return
             manifest = self._check_manifest(doc, rid16, mem.name)
             if manifest is None or self._closed or manifest.release_id in self._manifests:
                 return
             await self._adopt(manifest)
         finally:
-            self._discovering.discard(rid16)
+            self.policy.discovered(rid16)
 
     def _check_manifest(self, doc: bytes, rid16: str, source: str) -> Manifest | None:
-        """Parse, verify and judge a manifest a peer served; None (counted) when not for us."""
+        """Parse and verify a manifest a peer served, then let the policy judge it; None
+        (counted) when it is not for us."""
         try:
             manifest = Manifest.from_bytes(doc)
         except DecodeError as e:
             self._count("manifests.invalid")
             log.warning("manifest %s from %s is malformed: %s", rid16, source, e)
-            self._rejected[rid16] = self.now() + REJECT_RETRY
+            self.policy.refused(rid16, self.now())
             return None
         if not manifest.release_id.startswith(rid16):
             self._count("manifests.invalid")
             log.warning("%s served manifest %s for release %s", source, manifest.release_id[:16], rid16)
-            self._rejected[rid16] = self.now() + REJECT_RETRY
+            self.policy.refused(rid16, self.now())
             return None
         try:
             manifest.verify(self.trusted)
@@ -396,32 +290,24 @@ class ReleaseService:
             self._count("manifests.refused")
             log.warning("refusing release from %s: %s", source, e)
             self._emit(manifest, "refused", str(e))
-            self._rejected[rid16] = self.now() + REJECT_RETRY
+            self.policy.refused(rid16, self.now())
             return None
-        if not manifest.matches(self.site, self.tags):
+        verdict = self.policy.judge(rid16, manifest, self._current_manifest(manifest.name),
+                                    self._manifests.values())
+        if verdict is Verdict.NOT_TARGETED:
             self._count("releases.ignored")
-            self._ignored[rid16] = "not targeted at this node"
             log.info("release %s %s is not targeted at this node (site %s); ignored",
                      manifest.name, manifest.version, self.site)
             return None
-        current = self._current_manifest(manifest.name)
-        if current is not None and not newer(manifest, current):
+        if verdict is Verdict.OLDER:
             self._count("releases.older")
-            self._ignored[rid16] = f"not newer than current {current.version}"
             return None
-        if self._version_taken(manifest):
+        if verdict is Verdict.CONFLICT:
             self._count("releases.conflict")
-            self._ignored[rid16] = "version already installed with other content"
             log.warning("release %s %s (%s) conflicts with an installed one of the same version",
                         manifest.name, manifest.version, rid16)
             return None
         return manifest
-
-    def _version_taken(self, manifest: Manifest) -> bool:
-        return any(
-            m.name == manifest.name and m.version == manifest.version and rid != manifest.release_id
-            for rid, m in self._manifests.items()
-        )
 
     async def _adopt(self, manifest: Manifest) -> None:
         """Store a verified manifest and start fetching what the store lacks."""
@@ -435,7 +321,7 @@ class ReleaseService:
             missing = await asyncio.to_thread(prepare)
         except StoreError as e:
             log.error("cannot store manifest of %s %s: %s", manifest.name, manifest.version, e)
-            self._rejected[rid[:RID_PREFIX]] = self.now() + REJECT_RETRY
+            self.policy.refused(rid[:RID_PREFIX], self.now())
             return
         if self._closed or rid in self._manifests:
             return
@@ -443,334 +329,7 @@ class ReleaseService:
         log.info("fetching %s %s (%s): %d of %d chunks, %d bytes", manifest.name, manifest.version,
                  rid[:16], len(missing), len(manifest.chunks), manifest.total_size)
         self._emit(manifest, "downloading")
-        self._start_fetch(manifest, missing)
-
-    # --- fetching ----------------------------------------------------------------------------
-
-    def _start_fetch(self, manifest: Manifest, missing: Sequence[str]) -> None:
-        rid = manifest.release_id
-        ids = manifest.unique_chunks()
-        lacking = set(missing)
-        cfg = self.swarm_config
-        if not manifest.origins and cfg.origin_enabled:
-            cfg = SwarmConfig(**{**cfg.__dict__, "origin_enabled": False})
-        swarm = Swarm([(c, manifest.chunks[c]) for c in ids], [c for c in ids if c not in lacking],
-                      random.Random(), self.now(), cfg)
-        fetch = _Fetch(manifest, swarm, dict(manifest.chunks), self.now(), last_progress=self.now())
-        self._fetches[rid] = fetch
-        fetch.tick = self.loop.call_later(1.0, self._on_tick, fetch)
-        # Same-site peers first: the swarm schedules on every update, and the first requests
-        # should not go over the WAN only because a far peer happened to be listed first.
-        for mem in sorted(self._members.values(), key=lambda m: (m.site != self.site, m.name)):
-            self._refresh_peer(fetch, mem, pump=False)
-        self._pump(fetch)
-        self._announce()
-
-    def _refresh_peer(self, fetch: _Fetch, mem: _Member, pump: bool = True) -> None:
-        if fetch.closed:
-            return
-        entry = mem.entries.get(fetch.rid[:RID_PREFIX])
-        n = len(fetch.sizes)
-        if not mem.alive or entry is None or entry.have == 0 or entry.total != n:
-            if mem.name in fetch.peers:
-                fetch.peers.discard(mem.name)
-                fetch.raw.pop(mem.name, None)
-                fetch.registered.pop(mem.name, None)
-                fetch.swarm.peer_gone(mem.name, self.now())
-        elif entry.complete:
-            fetch.peers.add(mem.name)
-            fetch.raw[mem.name] = None
-        else:
-            fetch.peers.add(mem.name)
-            self._want_bitmap(fetch, mem.name)
-        # Who shares the scarce sources changes with any member: re-judge every peer.
-        self._register_all(fetch)
-        if pump:
-            self._pump(fetch)
-
-    def _share(self, fetch: _Fetch) -> tuple[int, int]:
-        """(k, rank): same-site nodes that need this release (targeted, not complete), and our
-        place among them. Judged from membership and the manifest's target, not from their
-        announcements, so that every node of the site agrees before the first request."""
-        rid16 = fetch.rid[:RID_PREFIX]
-        group = [self.name]
-        for m in self._members.values():
-            if m.alive and m.site == self.site and fetch.manifest.matches(m.site, m.tags):
-                e = m.entries.get(rid16)
-                if e is None or not e.complete:
-                    group.append(m.name)
-        group.sort()
-        return len(group), group.index(self.name)
-
-    def _mask(self, fetch: _Fetch, k: int, rank: int) -> bytes:
-        key = (k, rank)
-        mask = fetch.masks.get(key)
-        if mask is None:
-            n = len(fetch.sizes)
-            mask = fetch.masks[key] = make_bitmap(range(rank, n, k), n)
-        return mask
-
-    def _register_all(self, fetch: _Fetch) -> None:
-        """Tell the swarm what each peer may serve us.
-
-        Scarce sources are shared out: the chunks a peer of another site (the WAN) or the only
-        complete holder of our site (a lone seed) serves us are cut to our share, chunk index
-        modulo the number of same-site nodes fetching the release; the others' shares then
-        come over the LAN from them. About one copy crosses a site link and leaves a seed.
-        When nothing arrives for `WAN_STALL` seconds, the cut is lifted for this release.
-        """
-        k, rank = self._share(fetch)
-        local_seeds = [p for p in fetch.peers if fetch.raw.get(p, b"") is None
-                       and self._members[p].site == self.site]
-        now = self.now()
-        n = len(fetch.sizes)
-        for peer in sorted(fetch.peers, key=lambda p: (self._members[p].site != self.site, p)):
-            if peer not in fetch.raw:
-                continue  # partial peer whose bitmap has not come yet
-            mem = self._members[peer]
-            raw = fetch.raw[peer]
-            same = mem.site == self.site
-            scarce = not same or (raw is None and len(local_seeds) == 1)
-            view: bytes | None = raw
-            if scarce and k > 1 and not fetch.widened:
-                mask = self._mask(fetch, k, rank)
-                full = raw if raw is not None else make_bitmap(range(n), n)
-                view = bytes(a & b for a, b in zip(full, mask, strict=True))
-            if peer in fetch.registered and fetch.registered[peer] == view:
-                continue
-            fetch.registered[peer] = view
-            if view is None:
-                fetch.swarm.peer_update(peer, now, site=mem.site, same_site=same, complete=True)
-            else:
-                fetch.swarm.peer_update(peer, now, site=mem.site, same_site=same, bitmap=view)
-
-    def _on_tick(self, fetch: _Fetch) -> None:
-        """Once a second while fetching: lift the share cut when nothing arrives."""
-        fetch.tick = None
-        if fetch.closed or self._closed:
-            return
-        if not fetch.widened and self.now() - fetch.last_progress > WAN_STALL:
-            fetch.widened = True
-            self._count("fetch.widened")
-            log.info("%s %s: no progress for %.0fs; asking every peer for everything",
-                     fetch.manifest.name, fetch.manifest.version, WAN_STALL)
-            self._register_all(fetch)
-            self._pump(fetch)
-        fetch.tick = self.loop.call_later(1.0, self._on_tick, fetch)
-
-    def _want_bitmap(self, fetch: _Fetch, peer: str) -> None:
-        if peer in fetch.bitmap_busy:
-            fetch.bitmap_dirty.add(peer)
-            return
-        fetch.bitmap_busy.add(peer)
-        task = self._spawn(self._bitmap_loop(fetch, peer))
-        fetch.tasks.add(task)
-        task.add_done_callback(fetch.tasks.discard)
-
-    async def _bitmap_loop(self, fetch: _Fetch, peer: str) -> None:
-        try:
-            while not fetch.closed:
-                fetch.bitmap_dirty.discard(peer)
-                mem = self._members.get(peer)
-                if mem is None or not mem.alive:
-                    return
-                started = self.now()
-                try:
-                    bitmap = await self.fetcher.bitmap(mem.addr, fetch.rid, len(fetch.sizes))
-                except (PeerProtocolError, aiohttp.ClientError, TimeoutError, OSError) as e:
-                    self._count("bitmap.errors")
-                    log.debug("bitmap of %s from %s: %s", fetch.rid[:16], peer, e)
-                    bitmap = None
-                if bitmap is not None and not fetch.closed and peer in fetch.peers:
-                    fetch.raw[peer] = bitmap
-                    self._register_all(fetch)
-                    self._pump(fetch)
-                if peer not in fetch.bitmap_dirty:
-                    return
-                await asyncio.sleep(max(0.0, BITMAP_INTERVAL - (self.now() - started)))
-        finally:
-            fetch.bitmap_busy.discard(peer)
-
-    def _pump(self, fetch: _Fetch) -> None:
-        """Carry out what the swarm asked for, then re-arm its timer."""
-        if fetch.closed or self._closed:
-            return
-        swarm = fetch.swarm
-        for req in swarm.requests_to_send():
-            task = self._spawn(self._run_request(fetch, req))
-            fetch.tasks.add(task)
-            task.add_done_callback(fetch.tasks.discard)
-        for rid in swarm.requests_to_cancel():
-            net = fetch.net_phase.pop(rid, None)
-            if net is not None:
-                net.cancel()  # only while still on the network: stored chunks always count
-        complete = False
-        for ev in swarm.events():
-            if ev.kind == "complete":
-                complete = True
-            elif ev.kind == "peer_banned":
-                self._count("fetch.bans")
-                log.warning("%s %s: peer %s banned: %s", fetch.manifest.name,
-                            fetch.manifest.version, ev.peer, ev.detail)
-            elif ev.kind == "origin_fallback":
-                log.info("%s %s: falling back to the origin (%s)", fetch.manifest.name,
-                         fetch.manifest.version, ev.detail)
-            else:
-                log.debug("%s %s: %s %s %s", fetch.manifest.name, fetch.manifest.version,
-                          ev.kind, ev.peer, ev.detail)
-        if complete:
-            self._close_fetch(fetch, cancel_requests=True)
-            self._spawn(self._finish(fetch))
-            return
-        self._arm(fetch)
-        self._announce()
-
-    def _arm(self, fetch: _Fetch) -> None:
-        deadline = fetch.swarm.get_timer()
-        if deadline is None:
-            if fetch.timer is not None:
-                fetch.timer.cancel()
-                fetch.timer = None
-            return
-        if fetch.timer is not None:
-            if deadline == fetch.timer_at:
-                return
-            fetch.timer.cancel()
-        fetch.timer_at = deadline
-        fetch.timer = self.loop.call_at(deadline, self._on_timer, fetch)
-
-    def _on_timer(self, fetch: _Fetch) -> None:
-        fetch.timer = None
-        if fetch.closed:
-            return
-        fetch.swarm.handle_timer(self.now())
-        self._pump(fetch)
-
-    def _close_fetch(self, fetch: _Fetch, cancel_requests: bool = True) -> None:
-        fetch.closed = True
-        for handle in (fetch.timer, fetch.tick):
-            if handle is not None:
-                handle.cancel()
-        fetch.timer = fetch.tick = None
-        if cancel_requests:
-            for task in list(fetch.net_phase.values()):
-                task.cancel()
-            fetch.net_phase.clear()
-        if self._fetches.get(fetch.rid) is fetch:
-            del self._fetches[fetch.rid]
-
-    async def _run_request(self, fetch: _Fetch, req: FetchRequest) -> None:
-        result: tuple[Outcome, list[str]] | None
-        try:
-            if req.peer == ORIGIN:
-                result = await self._origin_request(fetch, req)
-            else:
-                result = await self._peer_request(fetch, req)
-        except asyncio.CancelledError:
-            return  # the swarm cancelled it (or we are stopping): nothing to report
-        if result is None or fetch.closed:
-            return
-        outcome, received = result
-        if received:
-            fetch.last_progress = self.now()
-        fetch.swarm.fetch_done(req.request_id, outcome, self.now(), received=received)
-        self._pump(fetch)
-
-    async def _peer_request(self, fetch: _Fetch, req: FetchRequest) -> tuple[Outcome, list[str]] | None:
-        mem = self._members.get(req.peer)
-        if mem is None or not mem.alive:
-            return Outcome.ERROR, []
-        task = asyncio.current_task()
-        assert task is not None
-        fetch.net_phase[req.request_id] = task
-        timeout = max(1.0, req.deadline - self.now()) + 1.0
-        try:
-            stored = await self.fetcher.chunks(mem.addr, req.chunks,
-                                               [fetch.sizes[c] for c in req.chunks], timeout)
-        except PeerProtocolError as e:
-            log.info("chunk request to %s failed: %s", req.peer, e)
-            return Outcome.ERROR, []
-        except TimeoutError:
-            self._count("fetch.timeouts")
-            return Outcome.TIMEOUT, []
-        except (aiohttp.ClientError, OSError) as e:
-            self._count("fetch.errors")
-            log.debug("chunk request to %s failed: %r", req.peer, e)
-            return Outcome.ERROR, []
-        finally:
-            fetch.net_phase.pop(req.request_id, None)
-        got = sum(len(s) for s in stored if s)
-        self.transfer.received_bytes += got
-        self._count("fetch.bytes.same_site" if mem.site == self.site else "fetch.bytes.other_site", got)
-        pairs = list(zip(req.chunks, stored, strict=True))
-        received, bad, err = await asyncio.to_thread(self._store_piece, pairs)
-        if err:
-            fetch.error = err
-        if bad:
-            self._count("fetch.bad_hash", bad)
-            log.warning("%s sent %d chunk(s) with a wrong hash for %s %s", req.peer, bad,
-                        fetch.manifest.name, fetch.manifest.version)
-            return Outcome.BAD_HASH, received
-        if len(received) < len(req.chunks):
-            self._count("fetch.short")
-        return Outcome.OK, received
-
-    def _store_piece(self, pairs: list[tuple[str, bytes | None]]) -> tuple[list[str], int, str | None]:
-        """Verify and store (thread). (stored ids, bad hashes, store error)."""
-        received: list[str] = []
-        bad = 0
-        err: str | None = None
-        for cid, stored in pairs:
-            if stored is None:
-                continue
-            try:
-                self.store.put(cid, stored)
-            except IntegrityError:
-                bad += 1
-                continue
-            except StoreError as e:
-                err = str(e)
-                self._count("store.errors")
-                log.error("%s", e)
-                break
-            received.append(cid)
-        return received, bad, err
-
-    async def _origin_request(self, fetch: _Fetch, req: FetchRequest) -> tuple[Outcome, list[str]]:
-        received: list[str] = []
-        bad = failed = False
-        timeout = max(2.0, req.deadline - self.now())
-        for cid in req.chunks:
-            data: bytes | None = None
-            for base in fetch.manifest.origins:
-                url = base.rstrip("/") + f"/chunks/{cid[:2]}/{cid[2:]}"
-                try:
-                    data = await self.fetcher.origin_chunk(url, timeout)
-                except (PeerProtocolError, aiohttp.ClientError, TimeoutError, OSError) as e:
-                    self._count("origin.errors")
-                    log.debug("origin %s: %r", url, e)
-                    continue
-                if data is not None:
-                    break
-            if data is None:
-                failed = True
-                continue
-            try:
-                await asyncio.to_thread(self.store.put, cid, data)
-            except IntegrityError:
-                self._count("origin.bad_hash")
-                bad = True
-                continue
-            except StoreError as e:
-                fetch.error = str(e)
-                log.error("%s", e)
-                failed = True
-                break
-            self.transfer.origin_bytes += len(data)
-            received.append(cid)
-        if bad:
-            return Outcome.BAD_HASH, received
-        return (Outcome.ERROR if failed else Outcome.OK), received
+        self.driver.start(manifest, missing)
 
     # --- completion ----------------------------------------------------------------------------
 
@@ -789,7 +348,10 @@ class ReleaseService:
                 out.add(rid)
         return out
 
-    async def _finish(self, fetch: _Fetch) -> None:
+    def _on_fetch_complete(self, fetch: ReleaseFetch) -> None:
+        self._spawn(self._finish(fetch))
+
+    async def _finish(self, fetch: ReleaseFetch) -> None:
         manifest = fetch.manifest
         rid = manifest.release_id
         self._complete.add(rid)
@@ -807,11 +369,10 @@ class ReleaseService:
             return
         if manifest.signature is None or manifest.signature[0] not in self.trusted:
             return  # held for others (published here with a key this node does not trust)
-        if not manifest.matches(self.site, self.tags):
-            return
-        current = self._current_manifest(name)
-        if current is not None and not newer(manifest, current):
+        verdict = self.policy.activation(manifest, self._current_manifest(name))
+        if verdict is Verdict.OLDER:
             self._count("releases.older")
+        if verdict is not Verdict.ADOPT:
             return
         self._activating.add(rid)
         try:
@@ -821,7 +382,7 @@ class ReleaseService:
             self._complete.discard(rid)
             log.warning("%s %s: %s; fetching it again", name, manifest.version, e)
             missing = await asyncio.to_thread(self.store.missing, manifest.unique_chunks())
-            self._start_fetch(manifest, missing)
+            self.driver.start(manifest, missing)
             return
         except (ActivationError, StoreError) as e:
             self._failed[rid] = str(e)
@@ -904,7 +465,7 @@ class ReleaseService:
         if rid not in self._manifests:
             self._manifests[rid] = manifest
             self._emit(manifest, "published")
-            self._start_fetch(manifest, [])  # complete at once: activates here when targeted
+            self.driver.start(manifest, [])  # complete at once: activates here when targeted
         return {
             "id": rid, "name": name, "version": version, "size": manifest.total_size,
             "files": len(manifest.files), "chunks": len(manifest.chunks),
@@ -922,123 +483,45 @@ class ReleaseService:
         return len(self._manifests[rid].chunks) if rid in self._complete else 0
 
     def announcements(self) -> dict[str, str]:
-        by_name: dict[str, list[Manifest]] = {}
-        for m in self._manifests.values():
-            by_name.setdefault(m.name, []).append(m)
-        out: dict[str, str] = {}
-        for name, ms in by_name.items():
-            current = self.releases_dir.current(name)
-            ms.sort(key=lambda m: (m.created, _natural(m.version)))
-            entries = [
-                Announce(name, m.version, m.release_id[:RID_PREFIX], self._have(m.release_id),
-                         len(m.chunks), m.version == current and m.release_id in self._complete).text()
-                for m in ms[-MAX_ENTRIES_PER_NAME:]
-            ]
-            out[META_PREFIX + name] = ";".join(entries)
-        return out
+        return format_announcements(self._manifests.values(), self._have, self.releases_dir.current,
+                                    self._complete)
 
     def _announce(self, force: bool = False) -> None:
-        if self._set_meta_keys is None or self._closed or not self._started:
-            return
-        wanted = self.announcements()
-        if wanted == self._announced:
-            return
-        now = self.now()
-        wait = self._announce_at + self.config.announce_interval - now
-        if not force and wait > 0:
-            if self._announce_handle is None:
-                self._announce_handle = self.loop.call_later(wait, self._announce_later)
-            return
-        if self._announce_handle is not None:
-            self._announce_handle.cancel()
-            self._announce_handle = None
-        updates: dict[str, str | None] = {k: v for k, v in wanted.items() if self._announced.get(k) != v}
-        updates.update({k: None for k in self._announced if k not in wanted})
-        self._announced = wanted
-        self._announce_at = now
-        try:
-            self._set_meta_keys(updates)
-        except Exception:
-            log.exception("cannot update node metadata")
+        self.announcer.announce(force)
 
-    def _announce_later(self) -> None:
-        self._announce_handle = None
-        self._announce(force=True)
+    # --- what the peer server reads (serve.Holdings) ---------------------------------------------
 
-    # --- serving (PeerBackend) ------------------------------------------------------------------
-
-    def _find(self, rid: str) -> str | None:
+    def full_release_id(self, rid: str) -> str | None:
         if rid in self._manifests:
             return rid
         hits = [r for r in self._manifests if r.startswith(rid)]
         return hits[0] if len(hits) == 1 else None
 
-    def manifest_document(self, rid: str) -> bytes | None:
-        full = self._find(rid)
-        return self._manifests[full].to_bytes() if full else None
+    def manifest_bytes(self, rid: str) -> bytes:
+        return self._manifests[rid].to_bytes()
 
-    def bitmap(self, rid: str) -> bytes | None:
-        full = self._find(rid)
-        if full is None:
-            return None
-        fetch = self._fetches.get(full)
+    def have_bitmap(self, rid: str) -> bytes | None:
+        fetch = self._fetches.get(rid)
         if fetch is not None:
             return fetch.swarm.local_bitmap()
-        n = len(self._manifests[full].chunks)
-        return make_bitmap(range(n), n) if full in self._complete else None
-
-    async def read_stored(self, ids: list[str]) -> list[bytes | None]:
-        stored, damaged = await asyncio.to_thread(self._read_piece, ids)
-        if damaged:
-            self._on_damaged(damaged)
-        return stored
-
-    def _read_piece(self, ids: list[str]) -> tuple[list[bytes | None], list[str]]:
-        out: list[bytes | None] = []
-        damaged: list[str] = []
-        total = 0
-        for cid in ids:
-            if total >= MAX_PIECE_STORED:
-                out.append(None)
-                continue
-            try:
-                data = self.store.get_stored(cid)
-            except KeyError:
-                data = None
-            except IntegrityError:
-                damaged.append(cid)
-                data = None
-            except StoreError as e:
-                log.error("%s", e)
-                data = None
-            if data is not None:
-                total += len(data)
-            out.append(data)
-        return out, damaged
+        n = len(self._manifests[rid].chunks)
+        return make_bitmap(range(n), n) if rid in self._complete else None
 
     def _on_damaged(self, ids: list[str]) -> None:
-        """Chunks found rotten in our store (and dropped): fetch them again."""
+        """Chunks found rotten in our store (and dropped) while serving: fetch them again."""
         self._count("store.damaged", len(ids))
         log.warning("dropped %d damaged chunk(s) from the store; fetching them again", len(ids))
-        now = self.now()
         for rid, m in list(self._manifests.items()):
             hit = [c for c in ids if c in m.chunks]
             if not hit:
                 continue
             fetch = self._fetches.get(rid)
             if fetch is not None:
-                fetch.swarm.lost(hit, now)
-                self._pump(fetch)
+                self.driver.lost(fetch, hit)
             elif rid in self._complete:
                 self._complete.discard(rid)
-                self._start_fetch(m, hit)  # a repair; activation is a no-op when installed
+                self.driver.start(m, hit)  # a repair; activation is a no-op when installed
         self._announce()
-
-    async def upload_permit(self, nbytes: int) -> None:
-        await self.upload_bucket.take(nbytes)
-
-    def count_sent(self, nbytes: int) -> None:
-        self.transfer.sent_bytes += nbytes
 
     # --- views ---------------------------------------------------------------------------------
 
@@ -1104,28 +587,18 @@ class ReleaseService:
                          "received_bytes": self.transfer.received_bytes,
                          "origin_bytes": self.transfer.origin_bytes},
             "downloading": len(self._fetches),
-            "ignored": len(self._ignored),
+            "ignored": len(self.policy.ignored),
             "counters": dict(sorted(self.counters.items())),
         }
 
     def fetch_counters(self) -> dict[str, int]:
         """Swarm counters summed over the releases being fetched (for /metrics)."""
-        out: dict[str, int] = {}
-        for fetch in self._fetches.values():
-            for k, v in fetch.swarm.counters.items():
-                out[k] = out.get(k, 0) + v
-        return out
+        return self.driver.swarm_counters()
+
+    def collect_metrics(self, out: Exposition) -> None:
+        """The service's counters and its swarms' (summed), as /metrics has always named them."""
+        out.core_counters({f"dist.{k}": v for k, v in self.counters.items()})
+        out.core_counters({f"dist.swarm.{k}": v for k, v in self.fetch_counters().items()})
 
 
-def member_meta_keys(meta: Mapping[str, str]) -> list[str]:
-    """The metadata keys this service owns in a node's meta (for the daemon's merge)."""
-    return [k for k in meta if k.startswith(META_PREFIX)]
-
-
-__all__ = [
-    "Announce",
-    "ReleaseService",
-    "member_meta_keys",
-    "newer",
-    "parse_announcements",
-]
+__all__ = ["ReleaseService"]

@@ -1,433 +1,208 @@
-"""ReleaseService end to end on 127.0.0.1: real stores, real aiohttp peer servers, fake membership.
+"""ReleaseService without a network: its decisions, views and pieces, driven directly.
 
-Membership is faked by `Mesh`: each node's meta changes (the service's set_meta_keys callback)
-are delivered to every other node on the next loop turn, the way gossip would.
+No sockets and no sleeps: a peer is a stand-in for the PeerFetcher that answers from another
+node's chunk store, and the test waits for the service's own tasks, not for the clock. The
+same service over real aiohttp peers on 127.0.0.1 is tests/integration/test_release_mesh.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
-from aiohttp import web
 
+from meshd.core.adoption import DISCOVER_RETRY, REJECT_RETRY
 from meshd.core.messages import MemberState
-from meshd.core.swarm import SwarmConfig, make_bitmap
-from meshd.crypto import Keyring, PublisherKey, generate_publisher_keypair
+from meshd.core.node import MemberView
+from meshd.crypto import PublisherKey
 from meshd.errors import ConfigError
-from meshd.release.chunker import chunk_tree
+from meshd.metrics import Exposition
+from meshd.release.announce import Announce, Announcer, member_meta_keys, parse_announcements
 from meshd.release.config import DistConfig
 from meshd.release.manifest import Manifest
-from meshd.release.peer import (
-    AUTH_HEADER,
-    CHUNKS_PATH,
-    MAX_CHUNKS_REQUEST,
-    PeerFetcher,
-    PeerProtocolError,
-    TokenBucket,
-    add_peer_routes,
-    decode_piece,
-    encode_piece,
-    make_token,
-)
-from meshd.release.service import Announce, ReleaseService, parse_announcements
+from meshd.release.peer import PeerProtocolError, decode_piece, encode_piece
+from meshd.release.publish import publish_tree
+from meshd.release.serve import TokenBucket
+from meshd.release.service import ReleaseService
 from meshd.release.store import ChunkStore
 from meshd.units import parse_rate
 from meshd.wire import Codec
 
 CLUSTER = "dtest"
-KEY = bytes(range(32))
-OTHER_KEY = bytes(range(1, 33))
-TIMEOUT = 30.0
+PUB = PublisherKey(bytes(range(32)))
+EVIL = PublisherKey(bytes(range(1, 33)))
 
 
-def data_blob(seed: int, size: int) -> bytes:
-    """Half random, half compressible: realistic for lz4 and FastCDC."""
-    rnd = random.Random(seed)
-    out = bytearray()
-    while len(out) < size:
-        out += rnd.randbytes(4096)
-        out += bytes([rnd.randrange(256)]) * 4096
-    return bytes(out[:size])
+def member_view(name: str, addr: str, state: MemberState, meta: dict[str, str]) -> MemberView:
+    """A membership entry as the runtime hands it to the service."""
+    return MemberView(name, name, addr, state, 1, meta, 0.0)
 
 
-@dataclass
-class FakeMember:
-    name: str
-    addr: str
-    state: MemberState
-    meta: dict[str, str]
+def make_service(root: Path, *, site: str = "a", tags: dict[str, str] | None = None,
+                 events: list[dict[str, Any]] | None = None) -> ReleaseService:
+    return ReleaseService(
+        root, name="me", site=site, tags=tags or {}, codec=Codec(CLUSTER, None),
+        trusted=[PUB.public_key], config=DistConfig(fsync=False),
+        emit=events.append if events is not None else None,
+    )
 
 
-@dataclass
-class TNode:
-    name: str
-    site: str
-    tags: dict[str, str]
-    root: Path
-    service: ReleaseService
-    mesh: Mesh
-    meta: dict[str, str] = field(default_factory=dict)
-    runner: web.AppRunner | None = None
-    port: int = 0
-    alive: bool = True
-
-    @property
-    def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def member(self) -> FakeMember:
-        state = MemberState.ALIVE if self.alive else MemberState.DEAD
-        return FakeMember(self.name, self.addr, state, dict(self.meta))
-
-    def set_meta_keys(self, updates: dict[str, str | None]) -> None:
-        for k, v in updates.items():
-            if v is None:
-                self.meta.pop(k, None)
-            else:
-                self.meta[k] = v
-        asyncio.get_running_loop().call_soon(self.mesh.gossip, self)
-
-    def release_file(self, name: str, rel: str) -> Path:
-        return self.root / "releases" / name / "current" / rel
-
-    def row(self, rid: str) -> dict[str, Any] | None:
-        for r in self.service.releases():
-            if r["id"] == rid:
-                return r
-        return None
-
-    def state_of(self, rid: str) -> str | None:
-        row = self.row(rid)
-        return row["state"] if row else None
+def make_release(tmp: Path, version: str, *, signer: PublisherKey = PUB, seed: int = 1,
+                 created: float = 1_700_000_000.0, site: str | None = None,
+                 store: ChunkStore | None = None) -> Manifest:
+    """A signed release of 'app' whose chunks go to `store` (a peer's), or nowhere."""
+    src = tmp / f"src-{version}-{seed}" / "app.bin"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(random.Random(seed).randbytes(200_000))
+    store = store or ChunkStore(tmp / f"scratch-{version}-{seed}", fsync=False)
+    return publish_tree(store, src, "app", version, signer, created=created, site=site).manifest
 
 
-class Mesh:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.nodes: list[TNode] = []
-        self.events: list[dict[str, Any]] = []
-        self.keys: dict[str, PublisherKey] = {}
+class StoreBackedFetcher:
+    """Stands in for PeerFetcher: every peer answers from `store`."""
 
-    def key(self, label: str) -> tuple[PublisherKey, Path]:
-        path = self.tmp / f"{label}.key"
-        if label not in self.keys:
-            self.keys[label] = generate_publisher_keypair(path)
-        return self.keys[label], path
+    def __init__(self, store: ChunkStore, manifests: dict[str, bytes]) -> None:
+        self.store = store
+        self.manifests = manifests
+        self.asked: list[str] = []
 
-    def gossip(self, src: TNode) -> None:
-        for n in self.nodes:
-            if n is not src and n.alive:
-                n.service.member_update(src.member())
+    async def manifest(self, addr: str, rid: str, timeout: float = 10.0) -> bytes | None:
+        self.asked.append(rid)
+        return next((doc for full, doc in self.manifests.items() if full.startswith(rid)), None)
 
-    async def add(
-        self,
-        name: str,
-        *,
-        site: str = "a",
-        tags: dict[str, str] | None = None,
-        trust: tuple[str, ...] = ("pub",),
-        cluster_key: bytes | None = KEY,
-        config: DistConfig | None = None,
-        swarm: SwarmConfig | None = None,
-        root: Path | None = None,
-        service_cls: type[ReleaseService] = ReleaseService,
-    ) -> TNode:
-        root = root or self.tmp / name
-        codec = Codec(CLUSTER, Keyring([cluster_key]) if cluster_key else None)
-        cfg = config or DistConfig(fsync=False, announce_interval=0.2, origin_delay=1.0)
-        node: TNode
-        service = service_cls(
-            root, name=name, site=site, tags=tags or {}, codec=codec,
-            trusted=[self.key(t)[0].public_key for t in trust], config=cfg,
-            set_meta_keys=lambda u: node.set_meta_keys(u), emit=self.events.append,
-            swarm_config=swarm or SwarmConfig(origin_delay=cfg.origin_delay, timeout_min=3.0),
-        )
-        node = TNode(name, site, tags or {}, root, service, self)
-        node.meta = {"site": site, **{f"tag:{k}": v for k, v in (tags or {}).items()}}
-        app = web.Application()
-        service.add_routes(app)
-        node.runner = web.AppRunner(app, access_log=None)
-        await node.runner.setup()
-        site_ = web.TCPSite(node.runner, "127.0.0.1", 0)
-        await site_.start()
-        node.port = site_._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.nodes.append(node)
-        await service.start([n.member() for n in self.nodes if n is not node and n.alive])
-        self.gossip(node)
-        return node
-
-    async def kill(self, node: TNode) -> None:
-        """Stop a node and tell the others it is dead."""
-        node.alive = False
-        await node.service.stop()
-        if node.runner is not None:
-            await node.runner.cleanup()
-        self.nodes.remove(node)
-        for n in self.nodes:
-            n.service.member_update(node.member())
+    async def chunks(self, addr: str, ids: Sequence[str], sizes: Sequence[int],
+                     timeout: float) -> list[bytes | None]:
+        return [self.store.get_stored(c) for c in ids]
 
     async def close(self) -> None:
-        for n in list(self.nodes):
-            await n.service.stop()
-            if n.runner is not None:
-                await n.runner.cleanup()
-        # No task of any service died of an unexpected exception.
-        assert all(not n.service.counters.get("errors") for n in self.nodes)
+        return None
 
 
-@pytest.fixture
-async def mesh(tmp_path: Path) -> Any:
-    m = Mesh(tmp_path)
-    yield m
-    await m.close()
+async def settle(svc: ReleaseService) -> None:
+    """Until the service's tasks (discovery, fetching, activation) have all ended."""
+    while svc._tasks:
+        await asyncio.gather(*list(svc._tasks), return_exceptions=True)
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float = TIMEOUT, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+def announcing(name: str, m: Manifest, have: int | None = None) -> MemberView:
+    n = len(m.chunks)
+    entry = Announce(m.name, m.version, m.release_id[:16], n if have is None else have, n)
+    return member_view(name, f"{name}:1", MemberState.ALIVE, {"site": "a", "rel:app": entry.text()})
 
 
-def write_file(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
+# --- discovery, adoption, completion, through the service's inputs ---------------------------------
 
 
-async def publish(node: TNode, src: Path, version: str, key: str = "pub", **kw: Any) -> str:
-    _, key_path = node.mesh.key(key)
-    info = await node.service.publish(src, "app", version, key_path, **kw)
-    return str(info["id"])
+async def test_announced_release_is_discovered_fetched_and_activated(tmp_path: Path) -> None:
+    peer_store = ChunkStore(tmp_path / "peer", fsync=False)
+    m = make_release(tmp_path, "1.0", store=peer_store)
+    events: list[dict[str, Any]] = []
+    svc = make_service(tmp_path / "me", events=events)
+    fake = StoreBackedFetcher(peer_store, {m.release_id: m.to_bytes()})
+    svc.fetcher = svc.driver.client = fake  # type: ignore[assignment]
+    await svc.start()
+    try:
+        svc.member_update(announcing("p", m, have=0))  # nothing to get from it yet
+        assert fake.asked == [] and not svc._tasks
+        svc.member_update(announcing("p", m))
+        svc.member_update(announcing("p", m))  # one discovery at a time
+        await settle(svc)
+        assert fake.asked == [m.release_id[:16]]
+        row = svc.releases()[0]
+        assert row["state"] == "active" and row["current"] and row["have_chunks"] == row["chunks"]
+        assert [e["state"] for e in events] == ["downloading", "complete", "active"]
+        assert (tmp_path / "me" / "releases" / "app" / "current" / "app.bin").is_file()
+        assert parse_announcements(svc.announcements())[m.release_id[:16]].current
+        svc.member_update(announcing("p", m))  # known now: not asked for again
+        assert fake.asked == [m.release_id[:16]]
+    finally:
+        await svc.stop()
 
 
-# --- the happy path ------------------------------------------------------------------------------
+async def test_unanswered_manifest_is_asked_again_after_the_back_off(tmp_path: Path) -> None:
+    peer_store = ChunkStore(tmp_path / "peer", fsync=False)
+    m = make_release(tmp_path, "1.0", store=peer_store)
+    svc = make_service(tmp_path / "me")
+    fake = StoreBackedFetcher(peer_store, {})  # answers 404
+    svc.fetcher = svc.driver.client = fake  # type: ignore[assignment]
+    clock = [100.0]
+    svc.now = lambda: clock[0]  # type: ignore[method-assign]
+    await svc.start()
+    try:
+        svc.member_update(announcing("p", m))
+        await settle(svc)
+        rid16 = m.release_id[:16]
+        assert svc.policy.retry_at[rid16] == 100.0 + DISCOVER_RETRY
+        assert svc.policy.next_deadline(100.0) == 100.0 + DISCOVER_RETRY
+        clock[0] = 100.0 + DISCOVER_RETRY - 0.1
+        svc.member_update(announcing("p", m))  # within the back-off: not asked
+        assert fake.asked == [rid16]
+        clock[0] = 100.0 + DISCOVER_RETRY
+        svc.member_update(announcing("p", m))  # retried on the first member event after it
+        await settle(svc)
+        assert fake.asked == [rid16, rid16]
+    finally:
+        await svc.stop()
 
 
-async def test_release_spreads_from_peers_byte_exact(mesh: Mesh, tmp_path: Path) -> None:
-    n0 = await mesh.add("n0")
-    n1 = await mesh.add("n1")
-    n2 = await mesh.add("n2")
-    blob = data_blob(1, 5_000_000)
-    src = write_file(tmp_path / "src" / "app.bin", blob)
-    rid = await publish(n0, src, "1.0")
-    for n in (n0, n1, n2):
-        await wait_for(lambda n=n: n.state_of(rid) == "active", what=f"{n.name} active")  # type: ignore[misc]
-        assert n.release_file("app", "app.bin").read_bytes() == blob
-    # From peers only; every chunk verified; nothing from an origin.
-    assert n1.service.transfer.received_bytes > 0 and n2.service.transfer.received_bytes > 0
-    assert n1.service.transfer.origin_bytes == 0 and n2.service.transfer.origin_bytes == 0
-    assert n0.service.transfer.sent_bytes > 0
-    # Gossip said who has it: every node sees three complete holders and three currents.
-    await wait_for(lambda: all(n.row(rid)["nodes_complete"] == 3 for n in (n0, n1, n2)))  # type: ignore[index]
-    await wait_for(lambda: n2.row(rid)["current_on"] == ["n0", "n1", "n2"])  # type: ignore[index]
-    row = n2.row(rid)
-    assert row is not None and row["current"]
-    assert row["have_chunks"] == row["chunks"] and row["size"] == len(blob)
-    ann = parse_announcements(n1.meta)
-    assert [a.complete and a.current for a in ann.values()] == [True]
-    states = [(e["node"], e["state"]) for e in mesh.events if e["id"] == rid]
-    assert ("n1", "downloading") in states and ("n1", "complete") in states and ("n1", "active") in states
+def test_manifest_judgement_is_counted(tmp_path: Path) -> None:
+    events: list[dict[str, Any]] = []
+    svc = make_service(tmp_path / "me", site="a", events=events)
+    good = make_release(tmp_path, "2.0", created=1_700_000_100.0)
+    svc.now = lambda: 50.0  # type: ignore[method-assign]
+    assert svc._check_manifest(b"not json", "0" * 16, "p") is None
+    assert svc.counters["manifests.invalid"] == 1
+    assert svc.policy.retry_at["0" * 16] == 50.0 + REJECT_RETRY
+    assert svc._check_manifest(good.to_bytes(), "f" * 16, "p") is None  # not the release announced
+    assert svc.counters["manifests.invalid"] == 2
+    evil = make_release(tmp_path, "6.6", signer=EVIL)
+    assert svc._check_manifest(evil.to_bytes(), evil.release_id[:16], "p") is None
+    assert svc.counters["manifests.refused"] == 1 and events[-1]["state"] == "refused"
+    elsewhere = make_release(tmp_path, "3.0", site="b")
+    assert svc._check_manifest(elsewhere.to_bytes(), elsewhere.release_id[:16], "p") is None
+    assert svc.counters["releases.ignored"] == 1 and svc.status()["ignored"] == 1
+    svc._manifests[good.release_id] = good
+    twin = make_release(tmp_path, "2.0", seed=2)  # same version, other content
+    assert svc._check_manifest(twin.to_bytes(), twin.release_id[:16], "p") is None
+    assert svc.counters["releases.conflict"] == 1 and svc.status()["ignored"] == 2
+    fine = make_release(tmp_path, "2.1", seed=3)
+    got = svc._check_manifest(fine.to_bytes(), fine.release_id[:16], "p")
+    assert got is not None and got.release_id == fine.release_id
 
 
-async def test_directory_release_and_late_joiner(mesh: Mesh, tmp_path: Path) -> None:
-    n0 = await mesh.add("n0")
-    src = tmp_path / "tree"
-    write_file(src / "bin" / "agent", data_blob(2, 400_000))
-    write_file(src / "etc" / "agent.conf", b"x=1\n")
-    os.chmod(src / "bin" / "agent", 0o755)
-    rid = await publish(n0, src, "2.0")
-    n1 = await mesh.add("n1")  # joins after the publish: learns from n0's metadata
-    await wait_for(lambda: n1.state_of(rid) == "active")
-    base = n1.root / "releases" / "app" / "current"
-    assert (base / "bin" / "agent").read_bytes() == (src / "bin" / "agent").read_bytes()
-    assert (base / "etc" / "agent.conf").read_bytes() == b"x=1\n"
-    assert os.stat(base / "bin" / "agent").st_mode & 0o777 == 0o755
+# --- what peers are served, and metrics ----------------------------------------------------------
 
 
-# --- authentication ------------------------------------------------------------------------------
+async def test_served_manifests_and_bitmaps(tmp_path: Path) -> None:
+    svc = make_service(tmp_path / "me")
+    m = make_release(tmp_path, "1.0", store=svc.store)
+    svc._manifests[m.release_id] = m
+    server = svc.server
+    assert server.manifest_document(m.release_id[:16]) == m.to_bytes()  # a prefix will do
+    assert server.manifest_document("ab" * 8) is None
+    assert server.bitmap(m.release_id) is None  # not complete: nothing to serve yet
+    svc._complete.add(m.release_id)
+    n = len(m.chunks)
+    assert server.bitmap(m.release_id) == bytes([0xFF] * (n // 8)) + (
+        bytes([(0xFF << (8 - n % 8)) & 0xFF]) if n % 8 else b"")
+    ids = list(m.unique_chunks())[:2]
+    assert await server.read_stored([*ids, "0" * 64]) == [svc.store.get_stored(c) for c in ids] + [None]
 
 
-async def test_node_without_the_cluster_key_is_refused(mesh: Mesh, tmp_path: Path) -> None:
-    n0 = await mesh.add("n0")
-    rid = await publish(n0, write_file(tmp_path / "s" / "f", data_blob(3, 300_000)), "1.0")
-    stranger = await mesh.add("stranger", cluster_key=OTHER_KEY)
-    await asyncio.sleep(1.0)
-    assert stranger.row(rid) is None
-    assert stranger.service.counters.get("discover.errors", 0) >= 1
-    assert n0.service.counters.get("serve.drops.auth", 0) >= 1
-    # Chunk requests sealed with another key, or with no key at all, are refused too.
-    ids = list(n0.service._manifests[rid].chunks)[:2]
-    for codec in (Codec(CLUSTER, Keyring([OTHER_KEY])), Codec(CLUSTER, None), Codec("other", Keyring([KEY]))):
-        fetcher = PeerFetcher(codec, {})
-        with pytest.raises(PeerProtocolError, match=r"40[13]"):
-            await fetcher.chunks(n0.addr, ids, [65536, 65536], 5.0)
-        with pytest.raises(PeerProtocolError, match=r"40[13]"):
-            await fetcher.manifest(n0.addr, rid)
-        await fetcher.close()
-    # A GET with no token at all is a 401; a token for another path a 403.
-    fetcher = PeerFetcher(Codec(CLUSTER, Keyring([KEY])), {})
-    sess = fetcher.session()
-    async with sess.get(f"http://{n0.addr}/peer/v1/manifests/{rid}") as resp:
-        assert resp.status == 401
-    token = make_token(fetcher.codec, "GET", "/peer/v1/manifests/" + "0" * 64)
-    async with sess.get(f"http://{n0.addr}/peer/v1/manifests/{rid}", headers={AUTH_HEADER: token}) as resp:
-        assert resp.status == 403
-    # With the key it works, and the answer is sealed (not the manifest in the clear).
-    doc = await fetcher.manifest(n0.addr, rid[:16])
-    assert doc is not None and Manifest.from_bytes(doc).release_id == rid
-    await fetcher.close()
-    assert n0.service.counters["serve.drops.auth"] >= 8
+def test_collect_metrics_names(tmp_path: Path) -> None:
+    svc = make_service(tmp_path / "me")
+    svc.counters.inc("manifests.refused")
+    out = Exposition()
+    svc.collect_metrics(out)
+    text = out.render()
+    assert "meshd_dist_manifests_refused_total 1" in text, text
 
 
-async def test_oversized_and_garbage_requests(mesh: Mesh) -> None:
-    n0 = await mesh.add("n0")
-    sess = PeerFetcher(n0.service.codec, {}).session()
-    url = f"http://{n0.addr}{CHUNKS_PATH}"
-    async with sess.post(url, data=b"\x01" * (MAX_CHUNKS_REQUEST + 10)) as resp:
-        assert resp.status == 413
-    async with sess.post(url, data=b"garbage") as resp:
-        assert resp.status == 400
-    too_many = n0.service.codec.seal(orjson.dumps({"ids": ["a" * 64] * 2000}))
-    async with sess.post(url, data=too_many) as resp:
-        assert resp.status == 413
-    bad_ids = n0.service.codec.seal(orjson.dumps({"ids": ["../etc/passwd"]}))
-    async with sess.post(url, data=bad_ids) as resp:
-        assert resp.status == 400
-    await sess.close()
-    c = n0.service.counters
-    assert c["serve.drops.too_big"] == 2 and c["serve.drops.decode"] == 2
-
-
-async def test_far_site_gets_about_one_copy_over_the_site_link(mesh: Mesh, tmp_path: Path) -> None:
-    hq = await mesh.add("hq", site="hq")
-    hq2 = await mesh.add("hq2", site="hq")
-    far = [await mesh.add(f"far{i}", site="far") for i in range(3)]
-    blob = data_blob(12, 6_000_000)
-    rid = await publish(hq, write_file(tmp_path / "s" / "f.bin", blob), "1.0")
-    for n in (hq2, *far):
-        await wait_for(lambda n=n: n.state_of(rid) == "active")  # type: ignore[misc]
-        assert n.release_file("app", "f.bin").read_bytes() == blob
-    stored = sum(len(hq.service.store.get_stored(c)) for c in hq.service._manifests[rid].chunks)
-    wan = sum(n.service.counters.get("fetch.bytes.other_site", 0) for n in far)
-    lan = sum(n.service.counters.get("fetch.bytes.same_site", 0) for n in far)
-    # Three copies reached the far site; about one of them crossed the site link.
-    assert wan + lan >= 3 * stored * 0.99
-    print(f"site link carried {wan / stored:.2f} copies, the far LAN {lan / stored:.2f}")
-    assert wan <= 1.5 * stored, (wan / stored, lan / stored)
-
-
-# --- lying and broken peers ----------------------------------------------------------------------
-
-
-class LyingService(ReleaseService):
-    """Serves chunks with one byte flipped (a peer with bad bytes, or an attacker)."""
-
-    async def read_stored(self, ids: list[str]) -> list[bytes | None]:
-        out = await super().read_stored(ids)
-        bad: list[bytes | None] = []
-        for s in out:
-            if s is None:
-                bad.append(None)
-            else:
-                b = bytearray(s)
-                b[-1] ^= 0xFF
-                bad.append(bytes(b))
-        return bad
-
-
-async def test_peer_serving_wrong_bytes_is_banned_and_chunks_refetched(mesh: Mesh, tmp_path: Path) -> None:
-    n0 = await mesh.add("n0", site="far")
-    blob = data_blob(4, 3_000_000)
-    rid = await publish(n0, write_file(tmp_path / "s" / "f.bin", blob), "1.0")
-    liar = await mesh.add("liar", site="near", service_cls=LyingService)
-    await wait_for(lambda: liar.state_of(rid) == "active")
-    # n2 is in the liar's site: same site first sends it to the liar, who gets banned.
-    n2 = await mesh.add("n2", site="near")
-    await wait_for(lambda: n2.state_of(rid) == "active")
-    assert n2.release_file("app", "f.bin").read_bytes() == blob
-    assert n2.service.counters.get("fetch.bans", 0) == 1
-    assert n2.service.counters.get("fetch.bad_hash", 0) >= 1
-    assert n2.service.store.counters["chunks.rejected"] >= 1
-
-
-async def test_bit_rot_in_a_peer_store_is_dropped_and_repaired(mesh: Mesh, tmp_path: Path) -> None:
-    n0 = await mesh.add("n0", site="far")
-    blob = data_blob(5, 1_500_000)
-    rid = await publish(n0, write_file(tmp_path / "s" / "f.bin", blob), "1.0")
-    n1 = await mesh.add("n1", site="near")
-    await wait_for(lambda: n1.state_of(rid) == "active")
-    victim = next(iter(n0.service._manifests[rid].chunks))
-    path = n1.service.store.path_for(victim)
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0x55
-    path.write_bytes(bytes(raw))
-    n2 = await mesh.add("n2", site="near")
-    await wait_for(lambda: n2.state_of(rid) == "active")
-    assert n2.release_file("app", "f.bin").read_bytes() == blob
-    # n1 noticed while serving, dropped the chunk and fetched it again.
-    await wait_for(lambda: n1.service.counters.get("store.damaged", 0) == 1)
-    await wait_for(lambda: n1.service.store.has(victim) and n1.state_of(rid) == "active")
-    n1.service.store.get(victim)  # verified read
-
-
-async def _raw_http_server(answer: Callable[[bytes], bytes]) -> tuple[asyncio.Server, str]:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        body = await reader.readexactly(length)
-        writer.write(answer(body))
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"127.0.0.1:{port}"
-
-
-async def test_truncated_oversized_and_malformed_answers_are_counted_drops() -> None:
-    codec = Codec(CLUSTER, Keyring([KEY]))
-    good = codec.seal(encode_piece([b"\x00abc"]))
-    two = codec.seal(encode_piece([b"\x00a", None]))  # two entries for a one-chunk request
-    cases = {
-        "truncated": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(good) + good[:-7],
-        "oversized": b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n" + good,
-        "malformed": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(two) + two,
-        "auth": (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(good)
-                 + bytes([good[0]]) + b"\xff" * (len(good) - 1)),
-    }
-    for kind, reply in cases.items():
-        server, addr = await _raw_http_server(lambda _body, reply=reply: reply)  # type: ignore[misc]
-        counters: dict[str, int] = {}
-        fetcher = PeerFetcher(codec, counters)
-        with pytest.raises(PeerProtocolError):
-            await fetcher.chunks(addr, ["a" * 64], [3], 5.0)
-        await fetcher.close()
-        server.close()
-        assert counters.get(f"fetch.drops.{kind}", 0) == 1, (kind, counters)
-    # A reply streamed without Content-Length that runs past the bound is cut off too.
-    big = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"\x00" * 200_000
-    server, addr = await _raw_http_server(lambda _b: big)
-    counters = {}
-    fetcher = PeerFetcher(codec, counters)
-    with pytest.raises(PeerProtocolError, match="over"):
-        await fetcher.chunks(addr, ["a" * 64], [3], 5.0)
-    await fetcher.close()
-    server.close()
-    assert counters["fetch.drops.oversized"] == 1
+# --- small pieces ----------------------------------------------------------------------------------
 
 
 def test_piece_encoding_round_trip_and_bounds() -> None:
@@ -441,163 +216,6 @@ def test_piece_encoding_round_trip_and_bounds() -> None:
         decode_piece(piece + b"x", 3)
     with pytest.raises(PeerProtocolError, match="header"):
         decode_piece(b"XXXX", 1)
-
-
-# --- manifests and targeting ---------------------------------------------------------------------
-
-
-async def test_untrusted_and_unsigned_manifests_are_refused(mesh: Mesh, tmp_path: Path) -> None:
-    rogue = await mesh.add("rogue", trust=("pub",))
-    n1 = await mesh.add("n1", trust=("pub",))
-    blob = data_blob(6, 200_000)
-    rid = await publish(rogue, write_file(tmp_path / "s" / "f", blob), "6.6", key="evil")
-    await wait_for(lambda: n1.service.counters.get("manifests.refused", 0) >= 1)
-    assert n1.row(rid) is None and not n1.service.store.has_manifest(rid)
-    # The publisher holds it for others but does not install what it does not trust itself.
-    assert rogue.state_of(rid) == "complete" and not (rogue.root / "releases" / "app").exists()
-    assert any(e["state"] == "refused" and e["node"] == "n1" for e in mesh.events)
-
-    # An unsigned manifest, served by a fake peer with the cluster key.
-    tree = chunk_tree(write_file(tmp_path / "u" / "f", blob))
-    unsigned = Manifest.build("app", "7.0", tree, created=0)
-
-    class Fake:
-        codec = Codec(CLUSTER, Keyring([KEY]))
-        counters: dict[str, int] = {}
-
-        def manifest_document(self, rid: str) -> bytes | None:
-            return unsigned.to_bytes()
-
-        def bitmap(self, rid: str) -> bytes | None:
-            return None
-
-        async def read_stored(self, ids: list[str]) -> list[bytes | None]:
-            return [None] * len(ids)
-
-        async def upload_permit(self, nbytes: int) -> None:
-            return None
-
-        def count_sent(self, nbytes: int) -> None:
-            return None
-
-    app = web.Application()
-    add_peer_routes(app, Fake())
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    ann = Announce("app", "7.0", unsigned.release_id[:16], 1, len(unsigned.chunks)).text()
-    n1.service.member_update(FakeMember("fake", f"127.0.0.1:{port}", MemberState.ALIVE, {"rel:app": ann}))
-    await wait_for(lambda: n1.service.counters.get("manifests.refused", 0) >= 2)
-    assert not n1.service.store.has_manifest(unsigned.release_id)
-    await runner.cleanup()
-
-
-async def test_targeting_by_site_and_tag(mesh: Mesh, tmp_path: Path) -> None:
-    n0 = await mesh.add("n0", site="hq")
-    n_b = await mesh.add("nb", site="b", tags={"role": "pos"})
-    n_b2 = await mesh.add("nb2", site="b", tags={"role": "cam"})
-    n_c = await mesh.add("nc", site="c", tags={"role": "pos"})
-    blob = data_blob(7, 300_000)
-    rid = await publish(n0, write_file(tmp_path / "s" / "f", blob), "1.0", site="b", tags={"role": "pos"})
-    await wait_for(lambda: n_b.state_of(rid) == "active")
-    await asyncio.sleep(0.5)
-    for other in (n_b2, n_c):
-        assert other.row(rid) is None
-        assert other.service.counters.get("releases.ignored", 0) == 1
-        assert not (other.root / "releases" / "app").exists()
-    # The publisher is at hq: it holds and serves the release but does not install it.
-    assert n0.state_of(rid) == "complete" and not (n0.root / "releases" / "app").exists()
-
-
-# --- delta, resume, origin -----------------------------------------------------------------------
-
-
-async def test_delta_release_moves_only_changed_chunks(mesh: Mesh, tmp_path: Path) -> None:
-    n0 = await mesh.add("n0")
-    n1 = await mesh.add("n1")
-    blob = bytearray(data_blob(8, 6_000_000))
-    src = write_file(tmp_path / "s" / "app.bin", bytes(blob))
-    rid1 = await publish(n0, src, "1.0")
-    await wait_for(lambda: n1.state_of(rid1) == "active")
-    before = n1.service.transfer.received_bytes
-    assert before > 0
-    # 2% changed in one place.
-    blob[3_000_000:3_120_000] = random.Random(9).randbytes(120_000)
-    write_file(src, bytes(blob))
-    info = await n0.service.publish(src, "app", "1.1", n0.mesh.key("pub")[1])
-    rid2 = info["id"]
-    await wait_for(lambda: n1.state_of(rid2) == "active")
-    moved = n1.service.transfer.received_bytes - before
-    assert n1.release_file("app", "app.bin").read_bytes() == bytes(blob)
-    # Only the new chunks came over (the stored bytes n0 produced for them), nothing else.
-    assert 0 < moved <= info["stored_bytes"] + 4096
-    assert moved < 0.1 * before
-    assert n1.state_of(rid1) == "installed" and n1.row(rid2)["current"]  # type: ignore[index]
-
-
-async def test_resume_after_restart_mid_download(mesh: Mesh, tmp_path: Path) -> None:
-    n0 = await mesh.add("n0")
-    blob = data_blob(10, 4_000_000)
-    rid = await publish(n0, write_file(tmp_path / "s" / "f.bin", blob), "1.0")
-    slow = DistConfig(fsync=False, announce_interval=0.2, download_rate=1_000_000)
-    swarm = SwarmConfig(rate_limit=1_000_000, rate_burst=0, piece_target=256 * 1024,
-                        piece_max=512 * 1024)
-    n1 = await mesh.add("n1", config=slow, swarm=swarm)
-    total = len(n0.service._manifests[rid].chunks)
-    await wait_for(lambda: 0 < (n1.row(rid) or {}).get("have_chunks", 0) < total // 2)
-    first_run = n1.service.transfer.received_bytes
-    await mesh.kill(n1)  # an abrupt stop: tasks cancelled mid-flight
-    have_on_disk = total - len(n1.service.store.missing(n0.service._manifests[rid].unique_chunks()))
-    assert 0 < have_on_disk < total
-    n1b = await mesh.add("n1", root=n1.root)
-    row = n1b.row(rid)
-    assert row is not None and row["have_chunks"] >= have_on_disk
-    await wait_for(lambda: n1b.state_of(rid) == "active")
-    assert n1b.release_file("app", "f.bin").read_bytes() == blob
-    stored_total = sum(n0.service.store.path_for(c).stat().st_size for c in n0.service._manifests[rid].chunks)
-    assert first_run + n1b.service.transfer.received_bytes <= stored_total * 1.15
-    assert n1b.service.transfer.received_bytes < stored_total
-
-
-async def test_origin_fallback_when_no_peer_has_the_chunks(mesh: Mesh, tmp_path: Path) -> None:
-    # A static web server of the origin dir on 127.0.0.1.
-    origin_dir = tmp_path / "origin"
-    origin_dir.mkdir()
-    app = web.Application()
-    app.router.add_static("/rel/", origin_dir)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    origin_url = f"http://127.0.0.1:{port}/rel/"
-
-    pub = await mesh.add("pub", site="hq")
-    blob = data_blob(11, 1_200_000)
-    rid = await publish(pub, write_file(tmp_path / "s" / "f.bin", blob), "3.0", site="edge",
-                        origins=[origin_url], origin_dir=origin_dir)
-    assert (origin_dir / "manifest.json").is_file()
-    manifest = pub.service._manifests[rid]
-    for cid in manifest.chunks:
-        assert (origin_dir / "chunks" / cid[:2] / cid[2:]).is_file()
-    # The publisher holds everything; make it serve the manifest only: an empty bitmap.
-    pub.service._complete.discard(rid)
-    pub.meta["rel:app"] = Announce("app", "3.0", rid[:16], 1, len(manifest.chunks)).text()
-    pub.service._set_meta_keys = None  # keep its (false) partial announcement
-    pub.service.bitmap = lambda r: make_bitmap([], len(manifest.chunks))  # type: ignore[method-assign]
-    edge = await mesh.add("edge", site="edge", config=DistConfig(fsync=False, origin_delay=0.3,
-                                                                 announce_interval=0.2))
-    await wait_for(lambda: edge.state_of(rid) == "active")
-    assert edge.release_file("app", "f.bin").read_bytes() == blob
-    stored_total = sum(len(pub.service.store.get_stored(c)) for c in manifest.chunks)
-    assert edge.service.transfer.origin_bytes == stored_total
-    assert edge.service.transfer.received_bytes == 0
-    await runner.cleanup()
-
-
-# --- small pieces ----------------------------------------------------------------------------------
 
 
 def test_announcements_parse_and_skip_garbage() -> None:
@@ -655,3 +273,30 @@ def test_store_of_a_fresh_service_is_usable(tmp_path: Path) -> None:
     ReleaseService(tmp_path, name="x", site="a", tags={}, codec=Codec(CLUSTER, None))
     assert (tmp_path / "chunks").is_dir() and (tmp_path / "releases").is_dir()
     assert ChunkStore(tmp_path).manifests() == []
+
+
+
+async def test_announcer_sends_changes_at_once_when_forced_else_once_per_interval() -> None:
+    sent: list[dict[str, str | None]] = []
+    wanted = {"rel:app": "1.0 0123456789abcdef 1/4"}
+    clock = [10.0]
+    ann = Announcer(sent.append, 1.0, lambda: dict(wanted), lambda: clock[0])
+    ann.announce(force=True)
+    assert sent == []  # not running before the service starts
+    ann.running = True
+    ann.announce()
+    assert sent == [{"rel:app": "1.0 0123456789abcdef 1/4"}]
+    wanted["rel:app"] = "1.0 0123456789abcdef 2/4"
+    clock[0] = 10.5
+    ann.announce()  # within the interval: held back (a timer would send it)
+    assert len(sent) == 1
+    wanted.clear()
+    ann.announce(force=True)
+    assert sent[1:] == [{"rel:app": None}]  # the key goes away
+    ann.announce(force=True)
+    assert len(sent) == 2  # nothing changed
+    ann.close()
+
+
+def test_member_meta_keys() -> None:
+    assert member_meta_keys({"site": "a", "rel:app": "x", "tag:role": "pos"}) == ["rel:app"]

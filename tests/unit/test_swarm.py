@@ -10,11 +10,13 @@ import pytest
 
 from meshd.core.swarm import (
     ORIGIN,
+    CancelRequest,
     FetchRequest,
     MiB,
     Outcome,
     Swarm,
     SwarmConfig,
+    SwarmEvent,
     bitmap_indices,
     make_bitmap,
 )
@@ -284,6 +286,23 @@ def test_timeout_requeues_elsewhere_and_cools_the_peer() -> None:
     retry = s.requests_to_send()
     assert [x.peer for x in retry] == ["fast"]
     assert s.counters["timeouts"] == 1
+
+
+def test_take_effects_drains_requests_then_cancels_then_events() -> None:
+    s = mk(4, **one_chunk_pieces(max_requests_per_peer=1, endgame_chunks=0))
+    s.peer_update("slow", 0.0, complete=True)
+    (r,) = s.take_effects()
+    assert isinstance(r, FetchRequest) and r.peer == "slow"
+    s.handle_timer(4.0)  # times out; nobody else to ask
+    s.peer_update("fast", 4.0, complete=True)
+    effects = s.take_effects()
+    assert [type(e).__name__ for e in effects] == ["FetchRequest", "CancelRequest", "SwarmEvent"]
+    retry, cancel, event = effects
+    assert isinstance(retry, FetchRequest) and retry.peer == "fast" and retry.chunks == r.chunks
+    assert cancel == CancelRequest(r.request_id)
+    assert isinstance(event, SwarmEvent) and (event.kind, event.peer) == ("request_timeout", "slow")
+    assert s.take_effects() == []
+    assert s.requests_to_send() == [] and s.requests_to_cancel() == [] and s.events() == []
 
 
 def test_error_backoff_doubles_then_resets() -> None:

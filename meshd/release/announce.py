@@ -1,0 +1,166 @@
+"""Release announcements in member metadata: the `rel:` entries, and a member as they describe it.
+
+Gossip carries small facts only. Each node sets, one key per release name,
+
+    rel:<name> = "<version> <release id[:16]> <have>/<total>[ current]"[;...]
+
+one entry per release of that name it holds or is fetching (the newest MAX_ENTRIES_PER_NAME),
+refreshed at most every `announce_interval` while downloading (Announcer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Container, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from meshd.core.adoption import publish_order
+from meshd.core.messages import MemberState
+from meshd.core.node import MemberView
+from meshd.release.manifest import Manifest
+
+log = logging.getLogger("meshd.release")
+
+META_PREFIX = "rel:"
+RID_PREFIX = 16
+MAX_ENTRIES_PER_NAME = 16
+
+SetMetaKeys = Callable[[dict[str, str | None]], None]  # key -> value, None: remove the key
+
+
+@dataclass(frozen=True)
+class Announce:
+    name: str
+    version: str
+    rid16: str
+    have: int
+    total: int
+    current: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.total > 0 and self.have >= self.total
+
+    def text(self) -> str:
+        return f"{self.version} {self.rid16} {self.have}/{self.total}" + (" current" if self.current else "")
+
+
+_ANN_RE = re.compile(r"^(\S{1,128}) ([0-9a-f]{16}) ([0-9]{1,9})/([0-9]{1,9})( current)?$")
+
+
+def parse_announcements(meta: Mapping[str, str]) -> dict[str, Announce]:
+    """rid16 -> Announce from a member's metadata; malformed entries are skipped."""
+    out: dict[str, Announce] = {}
+    for key, value in meta.items():
+        if not key.startswith(META_PREFIX) or not isinstance(value, str):
+            continue
+        name = key[len(META_PREFIX) :]
+        for item in value.split(";")[:MAX_ENTRIES_PER_NAME]:
+            m = _ANN_RE.match(item.strip())
+            if m is None:
+                continue
+            have, total = int(m.group(3)), int(m.group(4))
+            if have > total:
+                continue
+            out[m.group(2)] = Announce(name, m.group(1), m.group(2), have, total, bool(m.group(5)))
+    return out
+
+
+def format_announcements(
+    manifests: Iterable[Manifest],
+    have: Callable[[str], int],
+    current_version: Callable[[str], str | None],
+    complete: Container[str],
+) -> dict[str, str]:
+    """The `rel:` keys of this node: `have(release id)` chunks held, `current_version(name)`
+    installed as current, `complete` the release ids held whole."""
+    by_name: dict[str, list[Manifest]] = {}
+    for m in manifests:
+        by_name.setdefault(m.name, []).append(m)
+    out: dict[str, str] = {}
+    for name, ms in by_name.items():
+        current = current_version(name)
+        ms.sort(key=publish_order)
+        entries = [
+            Announce(name, m.version, m.release_id[:RID_PREFIX], have(m.release_id),
+                     len(m.chunks), m.version == current and m.release_id in complete).text()
+            for m in ms[-MAX_ENTRIES_PER_NAME:]
+        ]
+        out[META_PREFIX + name] = ";".join(entries)
+    return out
+
+
+class Announcer:
+    """Keeps this node's `rel:` entries in its metadata: at once when forced (a release completed
+    or changed state), otherwise at most once per `interval` (progress while downloading)."""
+
+    def __init__(self, set_meta_keys: SetMetaKeys | None, interval: float,
+                 wanted: Callable[[], dict[str, str]], now: Callable[[], float]) -> None:
+        self.set_meta_keys = set_meta_keys
+        self.interval = interval
+        self._wanted = wanted
+        self._now = now
+        self._announced: dict[str, str] = {}
+        self._at = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+        self.running = False  # from the service's start() to its stop()
+
+    def announce(self, force: bool = False) -> None:
+        if self.set_meta_keys is None or not self.running:
+            return
+        wanted = self._wanted()
+        if wanted == self._announced:
+            return
+        now = self._now()
+        wait = self._at + self.interval - now
+        if not force and wait > 0:
+            if self._handle is None:
+                self._handle = asyncio.get_running_loop().call_later(wait, self._later)
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        updates: dict[str, str | None] = {k: v for k, v in wanted.items() if self._announced.get(k) != v}
+        updates.update({k: None for k in self._announced if k not in wanted})
+        self._announced = wanted
+        self._at = now
+        try:
+            self.set_meta_keys(updates)
+        except Exception:
+            log.exception("cannot update node metadata")
+
+    def _later(self) -> None:
+        self._handle = None
+        self.announce(force=True)
+
+    def close(self) -> None:
+        self.running = False
+        if self._handle is not None:
+            self._handle.cancel()
+
+
+def member_meta_keys(meta: Mapping[str, str]) -> list[str]:
+    """The metadata keys this service owns in a node's meta (for the daemon's merge)."""
+    return [k for k in meta if k.startswith(META_PREFIX)]
+
+
+@dataclass
+class Member:
+    """Another node as its membership entry and metadata describe it to the release service."""
+
+    name: str
+    addr: str
+    site: str
+    alive: bool
+    entries: dict[str, Announce]  # rid16 -> what it announces (empty unless alive)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_view(cls, m: MemberView) -> Member:
+        alive = m.state == MemberState.ALIVE
+        meta = m.meta or {}
+        tags = {k[4:]: v for k, v in meta.items() if k.startswith("tag:")}
+        return cls(m.name, m.addr, meta.get("site", "default"), alive,
+                   parse_announcements(meta) if alive else {}, tags)

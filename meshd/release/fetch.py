@@ -1,0 +1,473 @@
+"""The Swarm driver: carries out what each release's sans-IO Swarm asks for, over peer HTTP.
+
+One Swarm per release being fetched (meshd.core.swarm decides which chunk to get from whom).
+FetchDriver feeds it who holds what (members' announcements, have-bitmaps GET from partial
+holders), runs its requests (POST of chunk ids to a peer, or GETs against the manifest's origin
+URLs), verifies and stores every chunk (ChunkStore.put), reports the outcomes back, and keeps
+its timer armed: the same pump as NodeRuntime's for the membership core.
+
+Scarce sources are shared out between the nodes of a site (see `_register_all`), so that about
+one copy of a release crosses a site link and leaves a lone seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from meshd.core.counters import Counters
+from meshd.core.swarm import (
+    ORIGIN,
+    CancelRequest,
+    FetchRequest,
+    Outcome,
+    Swarm,
+    SwarmConfig,
+    make_bitmap,
+)
+from meshd.errors import IntegrityError
+from meshd.metrics import TransferStats
+from meshd.release.announce import RID_PREFIX, Member
+from meshd.release.manifest import Manifest
+from meshd.release.peer import PeerProtocolError
+from meshd.release.peer_client import PeerFetcher
+from meshd.release.store import ChunkStore, StoreError
+
+log = logging.getLogger("meshd.release")
+
+BITMAP_INTERVAL = 1.0  # at most one bitmap GET per peer and release per interval
+WAN_STALL = 5.0  # seconds without a chunk before the share cut on scarce sources is lifted
+TICK = 1.0  # how often a fetch checks for a stall
+
+Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
+
+
+@dataclass
+class ReleaseFetch:
+    """One release being fetched: its Swarm and the I/O in flight for it."""
+
+    manifest: Manifest
+    swarm: Swarm
+    sizes: dict[str, int]
+    started: float
+    peers: set[str] = field(default_factory=set)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    net_phase: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    bitmap_busy: set[str] = field(default_factory=set)
+    bitmap_dirty: set[str] = field(default_factory=set)
+    raw: dict[str, bytes | None] = field(default_factory=dict)  # peer -> bitmap (None: complete)
+    registered: dict[str, bytes | None] = field(default_factory=dict)  # what the swarm was told
+    masks: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    last_progress: float = 0.0
+    widened: bool = False
+    tick: asyncio.TimerHandle | None = None
+    timer: asyncio.TimerHandle | None = None
+    timer_at: float = 0.0
+    closed: bool = False
+    error: str | None = None
+
+    @property
+    def rid(self) -> str:
+        return self.manifest.release_id
+
+
+class FetchDriver:
+    """Every release being fetched on this node, each pumped through its Swarm."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        site: str,
+        members: Mapping[str, Member],
+        client: PeerFetcher,
+        store: ChunkStore,
+        transfer: TransferStats,
+        counters: Counters,
+        swarm_config: SwarmConfig,
+        spawn: Spawn,
+        now: Callable[[], float],
+        on_complete: Callable[[ReleaseFetch], None],
+        on_progress: Callable[[], None],
+    ) -> None:
+        self.name = name
+        self.site = site
+        self.members = members  # the service's view, kept current by it
+        self.client = client
+        self.store = store
+        self.transfer = transfer
+        self.counters = counters
+        self.swarm_config = swarm_config
+        self._spawn = spawn
+        self.now = now
+        self._on_complete = on_complete
+        self._on_progress = on_progress
+        self.fetches: dict[str, ReleaseFetch] = {}
+        self.closed = False
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.counters[key] += n
+
+    # --- inputs from the service -----------------------------------------------------------------
+
+    def start(self, manifest: Manifest, missing: Sequence[str]) -> None:
+        """Fetch the `missing` chunks of `manifest` (none: complete at once)."""
+        rid = manifest.release_id
+        ids = manifest.unique_chunks()
+        lacking = set(missing)
+        cfg = self.swarm_config
+        if not manifest.origins and cfg.origin_enabled:
+            cfg = SwarmConfig(**{**cfg.__dict__, "origin_enabled": False})
+        swarm = Swarm([(c, manifest.chunks[c]) for c in ids], [c for c in ids if c not in lacking],
+                      random.Random(), self.now(), cfg)
+        fetch = ReleaseFetch(manifest, swarm, dict(manifest.chunks), self.now(), last_progress=self.now())
+        self.fetches[rid] = fetch
+        fetch.tick = asyncio.get_running_loop().call_later(TICK, self._on_tick, fetch)
+        # Same-site peers first: the swarm schedules on every update, and the first requests
+        # should not go over the WAN only because a far peer happened to be listed first.
+        for mem in sorted(self.members.values(), key=lambda m: (m.site != self.site, m.name)):
+            self._refresh_peer(fetch, mem, pump=False)
+        self._pump(fetch)
+        self._on_progress()
+
+    def member_changed(self, mem: Member) -> None:
+        for fetch in list(self.fetches.values()):
+            self._refresh_peer(fetch, mem)
+
+    def lost(self, fetch: ReleaseFetch, ids: Iterable[str]) -> None:
+        """Chunks of a release being fetched were dropped from the store: get them again."""
+        fetch.swarm.lost(ids, self.now())
+        self._pump(fetch)
+
+    def close(self) -> None:
+        """Stop every fetch (the service is stopping): timers off, requests cancelled."""
+        self.closed = True
+        for fetch in list(self.fetches.values()):
+            self._close_fetch(fetch)
+
+    def swarm_counters(self) -> dict[str, int]:
+        """Swarm counters summed over the releases being fetched."""
+        out: dict[str, int] = {}
+        for fetch in self.fetches.values():
+            for k, v in fetch.swarm.counters.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    # --- who may serve us what -----------------------------------------------------------------
+
+    def _refresh_peer(self, fetch: ReleaseFetch, mem: Member, pump: bool = True) -> None:
+        if fetch.closed:
+            return
+        entry = mem.entries.get(fetch.rid[:RID_PREFIX])
+        n = len(fetch.sizes)
+        if not mem.alive or entry is None or entry.have == 0 or entry.total != n:
+            if mem.name in fetch.peers:
+                fetch.peers.discard(mem.name)
+                fetch.raw.pop(mem.name, None)
+                fetch.registered.pop(mem.name, None)
+                fetch.swarm.peer_gone(mem.name, self.now())
+        elif entry.complete:
+            fetch.peers.add(mem.name)
+            fetch.raw[mem.name] = None
+        else:
+            fetch.peers.add(mem.name)
+            self._want_bitmap(fetch, mem.name)
+        # Who shares the scarce sources changes with any member: re-judge every peer.
+        self._register_all(fetch)
+        if pump:
+            self._pump(fetch)
+
+    def _share(self, fetch: ReleaseFetch) -> tuple[int, int]:
+        """(k, rank): same-site nodes that need this release (targeted, not complete), and our
+        place among them. Judged from membership and the manifest's target, not from their
+        announcements, so that every node of the site agrees before the first request."""
+        rid16 = fetch.rid[:RID_PREFIX]
+        group = [self.name]
+        for m in self.members.values():
+            if m.alive and m.site == self.site and fetch.manifest.matches(m.site, m.tags):
+                e = m.entries.get(rid16)
+                if e is None or not e.complete:
+                    group.append(m.name)
+        group.sort()
+        return len(group), group.index(self.name)
+
+    def _mask(self, fetch: ReleaseFetch, k: int, rank: int) -> bytes:
+        key = (k, rank)
+        mask = fetch.masks.get(key)
+        if mask is None:
+            n = len(fetch.sizes)
+            mask = fetch.masks[key] = make_bitmap(range(rank, n, k), n)
+        return mask
+
+    def _register_all(self, fetch: ReleaseFetch) -> None:
+        """Tell the swarm what each peer may serve us.
+
+        Scarce sources are shared out: the chunks a peer of another site (the WAN) or the only
+        complete holder of our site (a lone seed) serves us are cut to our share, chunk index
+        modulo the number of same-site nodes fetching the release; the others' shares then
+        come over the LAN from them. About one copy crosses a site link and leaves a seed.
+        When nothing arrives for `WAN_STALL` seconds, the cut is lifted for this release.
+        """
+        k, rank = self._share(fetch)
+        local_seeds = [p for p in fetch.peers if fetch.raw.get(p, b"") is None
+                       and self.members[p].site == self.site]
+        now = self.now()
+        n = len(fetch.sizes)
+        for peer in sorted(fetch.peers, key=lambda p: (self.members[p].site != self.site, p)):
+            if peer not in fetch.raw:
+                continue  # partial peer whose bitmap has not come yet
+            mem = self.members[peer]
+            raw = fetch.raw[peer]
+            same = mem.site == self.site
+            scarce = not same or (raw is None and len(local_seeds) == 1)
+            view: bytes | None = raw
+            if scarce and k > 1 and not fetch.widened:
+                mask = self._mask(fetch, k, rank)
+                full = raw if raw is not None else make_bitmap(range(n), n)
+                view = bytes(a & b for a, b in zip(full, mask, strict=True))
+            if peer in fetch.registered and fetch.registered[peer] == view:
+                continue
+            fetch.registered[peer] = view
+            if view is None:
+                fetch.swarm.peer_update(peer, now, site=mem.site, same_site=same, complete=True)
+            else:
+                fetch.swarm.peer_update(peer, now, site=mem.site, same_site=same, bitmap=view)
+
+    def _on_tick(self, fetch: ReleaseFetch) -> None:
+        """Once a second while fetching: lift the share cut when nothing arrives."""
+        fetch.tick = None
+        if fetch.closed or self.closed:
+            return
+        if not fetch.widened and self.now() - fetch.last_progress > WAN_STALL:
+            fetch.widened = True
+            self._count("fetch.widened")
+            log.info("%s %s: no progress for %.0fs; asking every peer for everything",
+                     fetch.manifest.name, fetch.manifest.version, WAN_STALL)
+            self._register_all(fetch)
+            self._pump(fetch)
+        fetch.tick = asyncio.get_running_loop().call_later(TICK, self._on_tick, fetch)
+
+    def _want_bitmap(self, fetch: ReleaseFetch, peer: str) -> None:
+        if peer in fetch.bitmap_busy:
+            fetch.bitmap_dirty.add(peer)
+            return
+        fetch.bitmap_busy.add(peer)
+        task = self._spawn(self._bitmap_loop(fetch, peer))
+        fetch.tasks.add(task)
+        task.add_done_callback(fetch.tasks.discard)
+
+    async def _bitmap_loop(self, fetch: ReleaseFetch, peer: str) -> None:
+        try:
+            while not fetch.closed:
+                fetch.bitmap_dirty.discard(peer)
+                mem = self.members.get(peer)
+                if mem is None or not mem.alive:
+                    return
+                started = self.now()
+                try:
+                    bitmap = await self.client.bitmap(mem.addr, fetch.rid, len(fetch.sizes))
+                except (PeerProtocolError, aiohttp.ClientError, TimeoutError, OSError) as e:
+                    self._count("bitmap.errors")
+                    log.debug("bitmap of %s from %s: %s", fetch.rid[:16], peer, e)
+                    bitmap = None
+                if bitmap is not None and not fetch.closed and peer in fetch.peers:
+                    fetch.raw[peer] = bitmap
+                    self._register_all(fetch)
+                    self._pump(fetch)
+                if peer not in fetch.bitmap_dirty:
+                    return
+                await asyncio.sleep(max(0.0, BITMAP_INTERVAL - (self.now() - started)))
+        finally:
+            fetch.bitmap_busy.discard(peer)
+
+    # --- the pump ------------------------------------------------------------------------------
+
+    def _pump(self, fetch: ReleaseFetch) -> None:
+        """Carry out what the swarm asked for, then re-arm its timer."""
+        if fetch.closed or self.closed:
+            return
+        complete = False
+        for effect in fetch.swarm.take_effects():
+            if isinstance(effect, FetchRequest):
+                task = self._spawn(self._run_request(fetch, effect))
+                fetch.tasks.add(task)
+                task.add_done_callback(fetch.tasks.discard)
+            elif isinstance(effect, CancelRequest):
+                net = fetch.net_phase.pop(effect.request_id, None)
+                if net is not None:
+                    net.cancel()  # only while still on the network: stored chunks always count
+            elif effect.kind == "complete":
+                complete = True
+            elif effect.kind == "peer_banned":
+                self._count("fetch.bans")
+                log.warning("%s %s: peer %s banned: %s", fetch.manifest.name,
+                            fetch.manifest.version, effect.peer, effect.detail)
+            elif effect.kind == "origin_fallback":
+                log.info("%s %s: falling back to the origin (%s)", fetch.manifest.name,
+                         fetch.manifest.version, effect.detail)
+            else:
+                log.debug("%s %s: %s %s %s", fetch.manifest.name, fetch.manifest.version,
+                          effect.kind, effect.peer, effect.detail)
+        if complete:
+            self._close_fetch(fetch, cancel_requests=True)
+            self._on_complete(fetch)
+            return
+        self._arm(fetch)
+        self._on_progress()
+
+    def _arm(self, fetch: ReleaseFetch) -> None:
+        deadline = fetch.swarm.get_timer()
+        if deadline is None:
+            if fetch.timer is not None:
+                fetch.timer.cancel()
+                fetch.timer = None
+            return
+        if fetch.timer is not None:
+            if deadline == fetch.timer_at:
+                return
+            fetch.timer.cancel()
+        fetch.timer_at = deadline
+        fetch.timer = asyncio.get_running_loop().call_at(deadline, self._on_timer, fetch)
+
+    def _on_timer(self, fetch: ReleaseFetch) -> None:
+        fetch.timer = None
+        if fetch.closed:
+            return
+        fetch.swarm.handle_timer(self.now())
+        self._pump(fetch)
+
+    def _close_fetch(self, fetch: ReleaseFetch, cancel_requests: bool = True) -> None:
+        fetch.closed = True
+        for handle in (fetch.timer, fetch.tick):
+            if handle is not None:
+                handle.cancel()
+        fetch.timer = fetch.tick = None
+        if cancel_requests:
+            for task in list(fetch.net_phase.values()):
+                task.cancel()
+            fetch.net_phase.clear()
+        if self.fetches.get(fetch.rid) is fetch:
+            del self.fetches[fetch.rid]
+
+    # --- requests ------------------------------------------------------------------------------
+
+    async def _run_request(self, fetch: ReleaseFetch, req: FetchRequest) -> None:
+        result: tuple[Outcome, list[str]] | None
+        try:
+            if req.peer == ORIGIN:
+                result = await self._origin_request(fetch, req)
+            else:
+                result = await self._peer_request(fetch, req)
+        except asyncio.CancelledError:
+            return  # the swarm cancelled it (or we are stopping): nothing to report
+        if result is None or fetch.closed:
+            return
+        outcome, received = result
+        if received:
+            fetch.last_progress = self.now()
+        fetch.swarm.fetch_done(req.request_id, outcome, self.now(), received=received)
+        self._pump(fetch)
+
+    async def _peer_request(
+        self, fetch: ReleaseFetch, req: FetchRequest
+    ) -> tuple[Outcome, list[str]] | None:
+        mem = self.members.get(req.peer)
+        if mem is None or not mem.alive:
+            return Outcome.ERROR, []
+        task = asyncio.current_task()
+        assert task is not None
+        fetch.net_phase[req.request_id] = task
+        timeout = max(1.0, req.deadline - self.now()) + 1.0
+        try:
+            stored = await self.client.chunks(mem.addr, req.chunks,
+                                              [fetch.sizes[c] for c in req.chunks], timeout)
+        except PeerProtocolError as e:
+            log.info("chunk request to %s failed: %s", req.peer, e)
+            return Outcome.ERROR, []
+        except TimeoutError:
+            self._count("fetch.timeouts")
+            return Outcome.TIMEOUT, []
+        except (aiohttp.ClientError, OSError) as e:
+            self._count("fetch.errors")
+            log.debug("chunk request to %s failed: %r", req.peer, e)
+            return Outcome.ERROR, []
+        finally:
+            fetch.net_phase.pop(req.request_id, None)
+        got = sum(len(s) for s in stored if s)
+        self.transfer.received_bytes += got
+        self._count("fetch.bytes.same_site" if mem.site == self.site else "fetch.bytes.other_site", got)
+        pairs = list(zip(req.chunks, stored, strict=True))
+        received, bad, err = await asyncio.to_thread(self._store_piece, pairs)
+        if err:
+            fetch.error = err
+        if bad:
+            self._count("fetch.bad_hash", bad)
+            log.warning("%s sent %d chunk(s) with a wrong hash for %s %s", req.peer, bad,
+                        fetch.manifest.name, fetch.manifest.version)
+            return Outcome.BAD_HASH, received
+        if len(received) < len(req.chunks):
+            self._count("fetch.short")
+        return Outcome.OK, received
+
+    def _store_piece(self, pairs: list[tuple[str, bytes | None]]) -> tuple[list[str], int, str | None]:
+        """Verify and store (thread). (stored ids, bad hashes, store error)."""
+        received: list[str] = []
+        bad = 0
+        err: str | None = None
+        for cid, stored in pairs:
+            if stored is None:
+                continue
+            try:
+                self.store.put(cid, stored)
+            except IntegrityError:
+                bad += 1
+                continue
+            except StoreError as e:
+                err = str(e)
+                self._count("store.errors")
+                log.error("%s", e)
+                break
+            received.append(cid)
+        return received, bad, err
+
+    async def _origin_request(self, fetch: ReleaseFetch, req: FetchRequest) -> tuple[Outcome, list[str]]:
+        received: list[str] = []
+        bad = failed = False
+        timeout = max(2.0, req.deadline - self.now())
+        for cid in req.chunks:
+            data: bytes | None = None
+            for base in fetch.manifest.origins:
+                url = base.rstrip("/") + f"/chunks/{cid[:2]}/{cid[2:]}"
+                try:
+                    data = await self.client.origin_chunk(url, timeout)
+                except (PeerProtocolError, aiohttp.ClientError, TimeoutError, OSError) as e:
+                    self._count("origin.errors")
+                    log.debug("origin %s: %r", url, e)
+                    continue
+                if data is not None:
+                    break
+            if data is None:
+                failed = True
+                continue
+            try:
+                await asyncio.to_thread(self.store.put, cid, data)
+            except IntegrityError:
+                self._count("origin.bad_hash")
+                bad = True
+                continue
+            except StoreError as e:
+                fetch.error = str(e)
+                log.error("%s", e)
+                failed = True
+                break
+            self.transfer.origin_bytes += len(data)
+            received.append(cid)
+        if bad:
+            return Outcome.BAD_HASH, received
+        return (Outcome.ERROR if failed else Outcome.OK), received

@@ -1,0 +1,141 @@
+"""The client side of the peer HTTP protocol (meshd.release.peer): manifests, bitmaps, pieces.
+
+One aiohttp ClientSession per node; every answer is bounded in size and time and opened with the
+cluster keyring, and every refusal is a counted drop (`fetch.drops.*`), never a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+from meshd.core.counters import Counters
+from meshd.errors import AuthError, DecodeError
+from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded
+from meshd.release.chunker import MAX_SIZE
+from meshd.release.peer import (
+    AUTH_HEADER,
+    BITMAP_PATH,
+    CHUNKS_PATH,
+    MANIFEST_PATH,
+    MAX_MANIFEST,
+    OCTETS,
+    STORED_OVERHEAD,
+    PeerProtocolError,
+    decode_piece,
+    make_token,
+    max_piece_reply,
+)
+from meshd.wire import Codec
+
+
+@dataclass
+class FetchStats:
+    sent_bytes: int = 0
+    received_bytes: int = 0
+
+
+class PeerFetcher:
+    """The client side: one ClientSession; every call bounded in size and time."""
+
+    def __init__(self, codec: Codec, counters: Counters) -> None:
+        self.codec = codec
+        self.counters = counters
+        self.stats = FetchStats()
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=128, limit_per_host=8, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, headers={"User-Agent": "meshd-dist"}
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _count(self, key: str) -> None:
+        self.counters[key] += 1
+
+    async def _read(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:
+        """Whole body, at most `limit` bytes; PeerProtocolError when over it or cut short."""
+        try:
+            data = await read_bounded(resp.content, resp.content_length, limit)
+        except BodyTooLarge as e:
+            self._count("fetch.drops.oversized")
+            raise PeerProtocolError(f"answer too big: {e}") from None
+        except (BodyTruncated, aiohttp.ClientPayloadError) as e:
+            self._count("fetch.drops.truncated")
+            raise PeerProtocolError(f"truncated answer: {e}") from None
+        self.stats.received_bytes += len(data)
+        return data
+
+    def _open(self, data: bytes, max_size: int) -> bytes:
+        try:
+            return self.codec.open(data, max_size=max_size)
+        except AuthError as e:
+            self._count("fetch.drops.auth")
+            raise PeerProtocolError(f"answer does not authenticate: {e}") from None
+        except DecodeError as e:
+            self._count("fetch.drops.decode")
+            raise PeerProtocolError(f"bad answer envelope: {e}") from None
+
+    async def _get(self, addr: str, path: str, limit: int, timeout: float) -> bytes | None:
+        """Sealed GET; the opened body, None on 404. PeerProtocolError / aiohttp errors."""
+        headers = {AUTH_HEADER: make_token(self.codec, "GET", path)}
+        async with self.session().get(
+            f"http://{addr}{path}", headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                self._count("fetch.drops.status")
+                raise PeerProtocolError(f"{addr} answered {resp.status} to GET {path}")
+            data = await self._read(resp, limit + self.codec.overhead)
+        return self._open(data, limit)
+
+    async def manifest(self, addr: str, rid: str, timeout: float = 10.0) -> bytes | None:
+        return await self._get(addr, MANIFEST_PATH.format(rid=rid), MAX_MANIFEST, timeout)
+
+    async def bitmap(self, addr: str, rid: str, n_chunks: int, timeout: float = 5.0) -> bytes | None:
+        return await self._get(addr, BITMAP_PATH.format(rid=rid), (n_chunks + 7) // 8, timeout)
+
+    async def chunks(
+        self, addr: str, ids: Sequence[str], sizes: Sequence[int], timeout: float
+    ) -> list[bytes | None]:
+        """Stored forms of `ids` from a peer (None where it did not serve one)."""
+        body = self.codec.seal(orjson.dumps({"ids": list(ids)}))
+        limit = max_piece_reply(sizes, self.codec)
+        async with self.session().post(
+            f"http://{addr}{CHUNKS_PATH}",
+            data=body,
+            headers={"Content-Type": OCTETS},
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as resp:
+            self.stats.sent_bytes += len(body)
+            if resp.status != 200:
+                self._count("fetch.drops.status")
+                raise PeerProtocolError(f"{addr} answered {resp.status} to a chunk request")
+            data = await self._read(resp, limit)
+        piece = self._open(data, limit)
+        try:
+            return decode_piece(piece, len(ids))
+        except PeerProtocolError:
+            self._count("fetch.drops.malformed")
+            raise
+
+    async def origin_chunk(self, url: str, timeout: float) -> bytes | None:
+        """A stored form from a plain HTTP origin (None on 404)."""
+        async with self.session().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                self._count("origin.drops.status")
+                raise PeerProtocolError(f"origin answered {resp.status} for {url}")
+            return await self._read(resp, MAX_SIZE + STORED_OVERHEAD)

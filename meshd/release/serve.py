@@ -1,0 +1,134 @@
+"""Serving peers: what the peer HTTP routes (meshd.release.peer) call on this node.
+
+PeerServer answers with the manifest documents and have-bitmaps of the releases this node holds
+and the stored forms of chunks, paced by the upload cap (a TokenBucket). A chunk found rotten
+while being read is dropped by the store and reported, so that the service fetches it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from aiohttp import web
+
+from meshd.core.counters import Counters
+from meshd.errors import IntegrityError
+from meshd.metrics import TransferStats
+from meshd.release.peer import MAX_PIECE_STORED, add_peer_routes
+from meshd.release.store import ChunkStore, StoreError
+from meshd.wire import Codec
+
+log = logging.getLogger("meshd.release")
+
+
+class TokenBucket:
+    """An asyncio rate cap (bytes per second); take() waits until the bytes may go."""
+
+    def __init__(self, rate: float | None, burst: float | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.rate = rate
+        self.burst = float(burst if burst is not None else max(4 * 1024 * 1024, rate or 0))
+        self._tokens = self.burst
+        self._clock = clock
+        self._sleep = sleep
+        self._at = clock()
+        self._lock = asyncio.Lock()
+
+    async def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        async with self._lock:  # first come, first served
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            self._tokens -= n
+            if self._tokens < 0:
+                await self._sleep(-self._tokens / self.rate)
+
+
+class Holdings(Protocol):
+    """The releases this node holds, as the server needs them."""
+
+    def full_release_id(self, rid: str) -> str | None:
+        """The full release id of a held release, given it or a unique prefix of it."""
+        ...
+
+    def manifest_bytes(self, rid: str) -> bytes: ...
+
+    def have_bitmap(self, rid: str) -> bytes | None:
+        """Which chunks we hold (None: none to serve)."""
+        ...
+
+
+class PeerServer:
+    """The PeerBackend of the peer routes: sealed answers come from here."""
+
+    def __init__(
+        self,
+        holdings: Holdings,
+        *,
+        codec: Codec,
+        counters: Counters,
+        store: ChunkStore,
+        transfer: TransferStats,
+        upload_rate: float | None,
+        on_damaged: Callable[[list[str]], None],
+    ) -> None:
+        self.holdings = holdings
+        self.codec = codec
+        self.counters = counters
+        self.store = store
+        self.transfer = transfer
+        self.upload_bucket = TokenBucket(upload_rate)
+        self._on_damaged = on_damaged
+
+    def add_routes(self, app: web.Application) -> None:
+        add_peer_routes(app, self)
+
+    def manifest_document(self, rid: str) -> bytes | None:
+        full = self.holdings.full_release_id(rid)
+        return self.holdings.manifest_bytes(full) if full else None
+
+    def bitmap(self, rid: str) -> bytes | None:
+        full = self.holdings.full_release_id(rid)
+        return self.holdings.have_bitmap(full) if full else None
+
+    async def read_stored(self, ids: list[str]) -> list[bytes | None]:
+        stored, damaged = await asyncio.to_thread(self._read_piece, ids)
+        if damaged:
+            self._on_damaged(damaged)
+        return stored
+
+    def _read_piece(self, ids: list[str]) -> tuple[list[bytes | None], list[str]]:
+        out: list[bytes | None] = []
+        damaged: list[str] = []
+        total = 0
+        for cid in ids:
+            if total >= MAX_PIECE_STORED:
+                out.append(None)
+                continue
+            try:
+                data = self.store.get_stored(cid)
+            except KeyError:
+                data = None
+            except IntegrityError:
+                damaged.append(cid)
+                data = None
+            except StoreError as e:
+                log.error("%s", e)
+                data = None
+            if data is not None:
+                total += len(data)
+            out.append(data)
+        return out, damaged
+
+    async def upload_permit(self, nbytes: int) -> None:
+        await self.upload_bucket.take(nbytes)
+
+    def count_sent(self, nbytes: int) -> None:
+        self.transfer.sent_bytes += nbytes

@@ -1,0 +1,185 @@
+"""Adoption policy: one test (at least) per rule of the table in meshd/core/adoption.py.
+
+Each test is a transcript: inputs with an explicit `now`, and the decisions in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from meshd.core.adoption import (
+    DISCOVER_RETRY,
+    REJECT_RETRY,
+    AdoptionPolicy,
+    Discovery,
+    Verdict,
+    natural_key,
+    newer,
+)
+
+D = Discovery
+RID = "0123456789abcdef"
+OTHER = "fedcba9876543210"
+
+
+@dataclass(frozen=True)
+class Rel:
+    """A manifest as the policy sees it."""
+
+    version: str
+    created: str = "2026-01-01T00:00:00Z"
+    name: str = "app"
+    release_id: str = RID + "0" * 48
+    site: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    def matches(self, site: str, tags: Mapping[str, str]) -> bool:
+        if self.site is not None and self.site != site:
+            return False
+        return all(tags.get(k) == v for k, v in self.tags.items())
+
+
+def policy() -> AdoptionPolicy:
+    return AdoptionPolicy("a", {"role": "pos"})
+
+
+# --- discovery -----------------------------------------------------------------------------------
+
+
+def test_discover_once_then_busy_until_discovered() -> None:
+    p = policy()
+    assert [
+        p.announced(RID, 3, 0.0, known=False),
+        p.announced(RID, 3, 0.1, known=False),
+        p.announced(OTHER, 1, 0.1, known=False),
+    ] == [D.FETCH_MANIFEST, D.BUSY, D.FETCH_MANIFEST]
+    p.discovered(RID)
+    assert p.announced(RID, 3, 0.2, known=False) is D.FETCH_MANIFEST
+
+
+def test_nothing_yet_while_the_announcer_has_no_chunk() -> None:
+    p = policy()
+    assert p.announced(RID, 0, 0.0, known=False) is D.NOTHING_YET
+    assert not p.discovering
+    assert p.announced(RID, 1, 1.0, known=False) is D.FETCH_MANIFEST
+
+
+def test_known_release_is_not_asked_for() -> None:
+    p = policy()
+    assert p.announced(RID, 5, 0.0, known=True) is D.KNOWN
+    assert not p.discovering
+
+
+def test_unanswered_backs_off_discover_retry() -> None:
+    p = policy()
+    assert p.announced(RID, 1, 10.0, known=False) is D.FETCH_MANIFEST
+    p.unanswered(RID, 10.5)
+    p.discovered(RID)
+    assert p.next_deadline(10.5) == 10.5 + DISCOVER_RETRY
+    assert [
+        p.announced(RID, 1, 11.0, known=False),
+        p.announced(RID, 1, 10.5 + DISCOVER_RETRY, known=False),  # the back-off has ended
+    ] == [D.BACKING_OFF, D.FETCH_MANIFEST]
+
+
+def test_refused_backs_off_reject_retry() -> None:
+    p = policy()
+    p.announced(RID, 1, 0.0, known=False)
+    p.refused(RID, 1.0)
+    p.discovered(RID)
+    assert [
+        p.announced(RID, 1, 1.0 + DISCOVER_RETRY, known=False),
+        p.announced(RID, 1, 1.0 + REJECT_RETRY - 0.01, known=False),
+        p.announced(RID, 1, 1.0 + REJECT_RETRY + 0.01, known=False),
+    ] == [D.BACKING_OFF, D.BACKING_OFF, D.FETCH_MANIFEST]
+
+
+def test_busy_and_ignored_come_before_known_and_back_off() -> None:
+    p = policy()
+    p.announced(RID, 1, 0.0, known=False)
+    assert p.announced(RID, 0, 0.0, known=True) is D.BUSY
+    p.judge(RID, Rel("1.0", site="b"), None, [])
+    p.discovered(RID)
+    p.refused(RID, 0.0)
+    assert p.announced(RID, 1, 0.0, known=True) is D.IGNORED
+
+
+def test_next_deadline_is_the_earliest_running_back_off() -> None:
+    p = policy()
+    assert p.next_deadline(0.0) is None
+    p.refused(RID, 0.0)
+    p.unanswered(OTHER, 0.0)
+    assert p.next_deadline(0.0) == DISCOVER_RETRY
+    assert p.next_deadline(DISCOVER_RETRY) == REJECT_RETRY  # an ended one is dropped
+    assert set(p.retry_at) == {RID}
+    assert p.next_deadline(REJECT_RETRY) is None
+
+
+# --- judgement -----------------------------------------------------------------------------------
+
+
+def test_targeting_by_site_and_tags() -> None:
+    p = policy()
+    assert [
+        p.judge(RID, Rel("1.0", site="b"), None, []),
+        p.judge(OTHER, Rel("1.0", tags={"role": "cam"}), None, []),
+        p.judge("1" * 16, Rel("1.0", site="a", tags={"role": "pos"}), None, []),
+    ] == [Verdict.NOT_TARGETED, Verdict.NOT_TARGETED, Verdict.ADOPT]
+    assert p.ignored == {RID: "not targeted at this node", OTHER: "not targeted at this node"}
+    assert p.announced(RID, 9, 100.0, known=False) is D.IGNORED  # for good
+
+
+def test_only_newer_than_current_is_adopted() -> None:
+    p = policy()
+    current = Rel("1.10", created="2026-02-01T00:00:00Z", release_id="c" * 64)
+    assert [
+        p.judge("1" * 16, Rel("1.9", created="2026-02-01T00:00:00Z"), current, []),
+        p.judge("2" * 16, Rel("1.10", created="2026-02-01T00:00:00Z"), current, []),
+        p.judge("3" * 16, Rel("9.0", created="2026-01-01T00:00:00Z"), current, []),  # created first
+        p.judge("4" * 16, Rel("1.11", created="2026-02-01T00:00:00Z"), current, []),
+        p.judge("5" * 16, Rel("0.1", created="2026-03-01T00:00:00Z"), current, []),
+    ] == [Verdict.OLDER, Verdict.OLDER, Verdict.OLDER, Verdict.ADOPT, Verdict.ADOPT]
+    assert p.ignored["1" * 16] == "not newer than current 1.10"
+
+
+def test_a_version_taken_with_other_content_conflicts() -> None:
+    p = policy()
+    held = [Rel("2.0", release_id="a" * 64), Rel("2.0", name="other", release_id="b" * 64)]
+    assert [
+        p.judge(RID, Rel("2.0", release_id=RID + "1" * 48), None, held),
+        p.judge(OTHER, Rel("2.0", release_id="a" * 64), None, held),  # the same release
+        p.judge("1" * 16, Rel("2.1"), None, held),
+    ] == [Verdict.CONFLICT, Verdict.ADOPT, Verdict.ADOPT]
+    assert p.ignored == {RID: "version already installed with other content"}
+
+
+def test_targeting_is_judged_before_age_and_conflict() -> None:
+    p = policy()
+    current = Rel("5.0", created="2026-05-01T00:00:00Z")
+    taken = [Rel("1.0", release_id="x" * 64)]
+    assert p.judge(RID, Rel("1.0", site="b"), current, taken) is Verdict.NOT_TARGETED
+    assert p.judge(OTHER, Rel("1.0"), current, taken) is Verdict.OLDER
+
+
+def test_activation_needs_targeted_and_newer_and_remembers_nothing() -> None:
+    p = policy()
+    current = Rel("1.0")
+    assert [
+        p.activation(Rel("2.0", site="b"), current),
+        p.activation(Rel("0.9"), current),
+        p.activation(Rel("2.0"), current),
+        p.activation(Rel("0.1"), None),
+    ] == [Verdict.NOT_TARGETED, Verdict.OLDER, Verdict.ADOPT, Verdict.ADOPT]
+    assert not p.ignored and not p.retry_at
+
+
+# --- order of versions ---------------------------------------------------------------------------
+
+
+def test_natural_version_order() -> None:
+    versions = ["1.10", "1.9", "1.9a", "1.0-rc1", "1.0", "10", "2"]
+    assert sorted(versions, key=natural_key) == ["1.0", "1.0-rc1", "1.9", "1.9a", "1.10", "2", "10"]
+    assert newer(Rel("1.10"), Rel("1.9")) and not newer(Rel("1.9"), Rel("1.10"))
+    assert not newer(Rel("1.0"), Rel("1.0"))
+    assert newer(Rel("0.1", created="2026-01-02T00:00:00Z"), Rel("9.9"))
