@@ -21,7 +21,7 @@ import msgspec
 
 from meshd.errors import ConfigError
 
-__all__ = ["Label", "Parsed", "Table", "canonical_key", "decode", "table_keys"]
+__all__ = ["Label", "Parsed", "Table", "canonical_key", "decode", "refuse_unknown_keys", "table_keys"]
 
 T = TypeVar("T", bound="Table")
 # How an error names a key of the table: key -> "config.toml: key 'bind'", "--bind", ...
@@ -60,6 +60,17 @@ def decode(table: Mapping[str, Any], cls: type[T], label: Label) -> T:
         raise ConfigError(_message(str(e), table, cls, label)) from None
 
 
+def refuse_unknown_keys(table: Mapping[str, Any], cls: type[Table], label: Label) -> None:
+    """What decode() says about unknown keys, for a table that is not decoded (a disabled check)."""
+    for key in table:
+        if key not in cls.__struct_fields__:
+            raise ConfigError(_unknown_key(key, cls, label))
+
+
+def _unknown_key(key: str, cls: type[Table], label: Label) -> str:
+    return f"{label(key)}: unknown key (known: {', '.join(sorted(table_keys(cls)))})"
+
+
 @functools.cache
 def _parsers(cls: type[Table]) -> dict[str, Callable[[Any, str], Any]]:
     parsers = {}
@@ -93,7 +104,7 @@ def _message(error: str, table: Mapping[str, Any], cls: type[Table], label: Labe
     msg, path = (m["msg"], m["path"] or "") if m else (error, "")
     if unknown := _UNKNOWN_RE.match(msg):
         if not path:
-            return f"{label(unknown['key'])}: unknown key (known: {', '.join(sorted(table_keys(cls)))})"
+            return _unknown_key(unknown["key"], cls, label)
         key, rest = _split_path(path)
         return f"{label(key)}: unknown key {unknown['key']!r} (at {rest or '.'})"
     if missing := _MISSING_RE.match(msg):

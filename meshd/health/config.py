@@ -1,14 +1,21 @@
-"""The [[check]] and [[query_handler]] tables -> CheckSpec / HandlerSpec. Errors name the key."""
+"""The [[check]] and [[query_handler]] tables -> CheckSpec / HandlerSpec. Errors name the key.
+
+Each kind of check is its own Table Struct (so a key of another kind is an unknown key); the
+kind comes from `kind` (or `type`), or from the one of command/url/addr the table has.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
+import msgspec
+
+from meshd.config_tables import Label, Parsed, Table, decode, refuse_unknown_keys
 from meshd.errors import ConfigError
 from meshd.health.spec import (
     COMMAND,
+    DEFAULT_INTERVAL,
     DEFAULT_TIMEOUT,
     DISK,
     HEALTH_QUERY,
@@ -26,20 +33,13 @@ from meshd.health.spec import (
 )
 from meshd.units import parse_duration, parse_hostport
 
-_COMMON_KEYS: Final = frozenset({"name", "kind", "type", "interval", "timeout", "enabled"})
-_KIND_KEYS: Final[Mapping[str, frozenset[str]]] = {
-    COMMAND: frozenset({"command"}),
-    HTTP: frozenset({"url"}),
-    TCP: frozenset({"addr"}),
-    LOAD: frozenset({"warning", "critical"}),
-    MEMORY: frozenset({"warning", "critical"}),
-    DISK: frozenset({"path", "warning", "critical"}),
-    LOOP_LAG: frozenset({"warning", "critical"}),
-}
 _KIND_BY_KEY: Final = {"command": COMMAND, "url": HTTP, "addr": TCP}
 
+# --- value parsers: (raw value, where) -> typed value -------------------------------------------
 
-def _command(value: object, where: str) -> tuple[str, ...] | str:
+
+def parse_command(value: object, where: str) -> tuple[str, ...] | str:
+    """A list runs as is; a string runs through /bin/sh -c."""
     if isinstance(value, str) and value.strip():
         return value
     if isinstance(value, list) and value and all(isinstance(a, str) for a in value) and value[0].strip():
@@ -47,36 +47,145 @@ def _command(value: object, where: str) -> tuple[str, ...] | str:
     raise ConfigError(f"{where}: expected a command line (a non-empty string or list of strings)")
 
 
-def _threshold(kind: str, value: object, where: str) -> float:
-    if kind == LOOP_LAG:
-        return parse_duration(value, where)
-    if isinstance(value, str) and kind in (MEMORY, DISK) and value.strip().endswith("%"):
-        value = value.strip()[:-1]
+def _at_least(minimum: float) -> Parsed:
+    def parse(value: object, where: str) -> float:
+        seconds = parse_duration(value, where)
+        if seconds < minimum:
+            raise ConfigError(f"{where}: must be at least {minimum:g}s")
+        return seconds
+
+    return Parsed(parse)
+
+
+def _http_url(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: expected an http:// or https:// URL, got {value!r}")
+    return value
+
+
+def _addr(value: object, where: str) -> str:
+    parse_hostport(value, where)
+    return str(value).strip()
+
+
+def _directory(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a directory, got {value!r}")
+    return value
+
+
+def _number(value: object, where: str) -> float:
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if isinstance(value, bool) or number != number or number < 0:
         raise ConfigError(f"{where}: expected a non-negative number, got {value!r}")
-    if kind in (MEMORY, DISK) and number > 100:
+    return number
+
+
+def _percent(value: object, where: str) -> float:
+    """Free space or memory in percent: 20, 20.5 or "20%"."""
+    text = value.strip() if isinstance(value, str) else value
+    number = _number(text[:-1] if isinstance(text, str) and text.endswith("%") else text, where)
+    if number > 100:
         raise ConfigError(f"{where}: a percentage of free space, 0..100, got {value!r}")
     return number
 
 
-def _positive_duration(value: object, where: str, minimum: float) -> float:
-    seconds = parse_duration(value, where)
-    if seconds < minimum:
-        raise ConfigError(f"{where}: must be at least {minimum:g}s")
-    return seconds
+Interval = Annotated[float, _at_least(MIN_INTERVAL)]
+Timeout = Annotated[float, _at_least(0.001)]
+Command = Annotated[tuple[str, ...] | str, Parsed(parse_command)]
+
+# --- the tables ---------------------------------------------------------------------------------
 
 
-def parse_check(table: Mapping[str, Any], index: int, data_dir: str) -> CheckSpec | None:
-    """One [[check]] table -> CheckSpec (None when `enabled = false`). ConfigError names it."""
+class _CheckTable(Table, frozen=True):
+    """The keys every [[check]] has (name and kind are checked before decoding)."""
+
+    name: str
+    kind: str | msgspec.UnsetType = msgspec.UNSET
+    type: str | msgspec.UnsetType = msgspec.UNSET
+    interval: Interval = DEFAULT_INTERVAL
+    timeout: Timeout = DEFAULT_TIMEOUT
+    enabled: bool = True
+
+
+class CommandCheckTable(_CheckTable, frozen=True, kw_only=True):
+    command: Command
+
+
+class HttpCheckTable(_CheckTable, frozen=True, kw_only=True):
+    url: Annotated[str, Parsed(_http_url)]
+
+
+class TcpCheckTable(_CheckTable, frozen=True, kw_only=True):
+    addr: Annotated[str, Parsed(_addr)]
+
+
+class LoadCheckTable(_CheckTable, frozen=True):
+    """Load per core; higher is worse."""
+
+    warning: Annotated[float, Parsed(_number)] = THRESHOLDS[LOAD][0]
+    critical: Annotated[float, Parsed(_number)] = THRESHOLDS[LOAD][1]
+
+
+class MemoryCheckTable(_CheckTable, frozen=True):
+    """Available memory in percent; lower is worse."""
+
+    warning: Annotated[float, Parsed(_percent)] = THRESHOLDS[MEMORY][0]
+    critical: Annotated[float, Parsed(_percent)] = THRESHOLDS[MEMORY][1]
+
+
+class DiskCheckTable(_CheckTable, frozen=True):
+    """Free space of `path` (default: the data dir) in percent; lower is worse."""
+
+    path: Annotated[str | msgspec.UnsetType, Parsed(_directory)] = msgspec.UNSET
+    warning: Annotated[float, Parsed(_percent)] = THRESHOLDS[DISK][0]
+    critical: Annotated[float, Parsed(_percent)] = THRESHOLDS[DISK][1]
+
+
+class LoopLagCheckTable(_CheckTable, frozen=True):
+    """The event loop's worst lag since the last run; higher is worse."""
+
+    warning: Annotated[float, Parsed(parse_duration)] = THRESHOLDS[LOOP_LAG][0]
+    critical: Annotated[float, Parsed(parse_duration)] = THRESHOLDS[LOOP_LAG][1]
+
+
+CHECK_TABLES: Final[Mapping[str, type[_CheckTable]]] = {
+    COMMAND: CommandCheckTable,
+    HTTP: HttpCheckTable,
+    TCP: TcpCheckTable,
+    LOAD: LoadCheckTable,
+    MEMORY: MemoryCheckTable,
+    DISK: DiskCheckTable,
+    LOOP_LAG: LoopLagCheckTable,
+}
+
+
+class HandlerTable(Table, frozen=True):
+    """A [[query_handler]]: the payload goes to `command` on stdin, its output is the answer."""
+
+    name: str
+    command: Command
+    timeout: Timeout = DEFAULT_TIMEOUT
+
+
+# --- tables -> specs ----------------------------------------------------------------------------
+
+
+def _name(table: Mapping[str, Any], what: str, index: int) -> str:
     raw_name = table.get("name")
     if not isinstance(raw_name, str) or not raw_name.strip():
-        raise ConfigError(f"check #{index + 1}: key 'name': every check needs a name")
-    name = raw_name.strip()
-    label = f"check {name!r}"
+        raise ConfigError(f"{what} #{index + 1}: key 'name': every {what.split('_')[-1]} needs a name")
+    return raw_name.strip()
+
+
+def _key_label(label: str) -> Label:
+    return lambda key: f"{label}: key {key!r}"
+
+
+def _kind(table: Mapping[str, Any], label: str) -> str:
     kind_value = table.get("kind", table.get("type"))
     if "kind" in table and "type" in table and table["kind"] != table["type"]:
         raise ConfigError(f"{label}: keys 'kind' and 'type' disagree")
@@ -85,62 +194,42 @@ def parse_check(table: Mapping[str, Any], index: int, data_dir: str) -> CheckSpe
         if len(present) != 1:
             hint = f"; {' and '.join(present)} leave it open" if present else ""
             raise ConfigError(f"{label}: key 'kind': missing (one of {', '.join(KINDS)}){hint}")
-        kind = _KIND_BY_KEY[present[0]]
-    elif isinstance(kind_value, str) and kind_value.replace("-", "_") in KINDS:
-        kind = kind_value.replace("-", "_")
-    else:
-        raise ConfigError(f"{label}: key 'kind': {kind_value!r} is not one of {', '.join(KINDS)}")
-    allowed = _COMMON_KEYS | _KIND_KEYS[kind]
-    for key in table:
-        if key not in allowed:
-            raise ConfigError(
-                f"{label}: key {key!r}: not a key of a {kind} check (known: {', '.join(sorted(allowed))})"
-            )
-    enabled = table.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"{label}: key 'enabled': expected true or false, got {enabled!r}")
-    if not enabled:
+        return _KIND_BY_KEY[present[0]]
+    if isinstance(kind_value, str) and kind_value.replace("-", "_") in KINDS:
+        return kind_value.replace("-", "_")
+    raise ConfigError(f"{label}: key 'kind': {kind_value!r} is not one of {', '.join(KINDS)}")
+
+
+def parse_check(table: Mapping[str, Any], index: int, data_dir: str) -> CheckSpec | None:
+    """One [[check]] table -> CheckSpec (None when `enabled = false`). ConfigError names it."""
+    name = _name(table, "check", index)
+    label = f"check {name!r}"
+    kind = _kind(table, label)
+    cls = CHECK_TABLES[kind]
+    if table.get("enabled") is False:  # a disabled check only has to be a check of its kind
+        refuse_unknown_keys(table, cls, _key_label(label))
         return None
-    spec = CheckSpec(name, kind)
-    if "interval" in table:
-        interval = _positive_duration(table["interval"], f"{label}: key 'interval'", MIN_INTERVAL)
-        spec = replace(spec, interval=interval)
-    if "timeout" in table:
-        timeout = _positive_duration(table["timeout"], f"{label}: key 'timeout'", 0.001)
-        spec = replace(spec, timeout=timeout)
-    if kind == COMMAND:
-        if "command" not in table:
-            raise ConfigError(f"{label}: key 'command': missing")
-        spec = replace(spec, command=_command(table["command"], f"{label}: key 'command'"))
-    elif kind == HTTP:
-        url = table.get("url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{label}: key 'url': expected an http:// or https:// URL, got {url!r}")
-        spec = replace(spec, url=url)
-    elif kind == TCP:
-        if "addr" not in table:
-            raise ConfigError(f"{label}: key 'addr': missing")
-        parse_hostport(table["addr"], f"{label}: key 'addr'")
-        spec = replace(spec, addr=str(table["addr"]).strip())
-    else:
-        warning, critical, higher_is_worse = THRESHOLDS[kind]
-        if "warning" in table:
-            warning = _threshold(kind, table["warning"], f"{label}: key 'warning'")
-        if "critical" in table:
-            critical = _threshold(kind, table["critical"], f"{label}: key 'critical'")
-        if (warning > critical) if higher_is_worse else (warning < critical):
-            relation = "above" if higher_is_worse else "below"
-            raise ConfigError(
-                f"{label}: key 'critical': must be {relation} or equal to warning"
-                f" ({critical:g} vs {warning:g})"
-            )
-        spec = replace(spec, warning=warning, critical=critical)
-        if kind == DISK:
-            path = table.get("path", data_dir)
-            if not isinstance(path, str) or not path:
-                raise ConfigError(f"{label}: key 'path': expected a directory, got {path!r}")
-            spec = replace(spec, path=path)
-    return spec
+    t = decode(table, cls, _key_label(label))
+    if not t.enabled:
+        return None
+    if isinstance(t, CommandCheckTable):
+        return CheckSpec(name, kind, t.interval, t.timeout, command=t.command)
+    if isinstance(t, HttpCheckTable):
+        return CheckSpec(name, kind, t.interval, t.timeout, url=t.url)
+    if isinstance(t, TcpCheckTable):
+        return CheckSpec(name, kind, t.interval, t.timeout, addr=t.addr)
+    assert isinstance(t, LoadCheckTable | MemoryCheckTable | DiskCheckTable | LoopLagCheckTable)
+    warning, critical, higher_is_worse = t.warning, t.critical, THRESHOLDS[kind][2]
+    if (warning > critical) if higher_is_worse else (warning < critical):
+        relation = "above" if higher_is_worse else "below"
+        raise ConfigError(
+            f"{label}: key 'critical': must be {relation} or equal to warning"
+            f" ({critical:g} vs {warning:g})"
+        )
+    path = None
+    if isinstance(t, DiskCheckTable):
+        path = data_dir if isinstance(t.path, msgspec.UnsetType) else t.path
+    return CheckSpec(name, kind, t.interval, t.timeout, path=path, warning=warning, critical=critical)
 
 
 def parse_checks(
@@ -162,27 +251,17 @@ def parse_checks(
 
 
 def parse_query_handlers(tables: Sequence[Mapping[str, Any]]) -> dict[str, HandlerSpec]:
+    """The [[query_handler]] tables by name; `health` is the built-in query and no handler's."""
     handlers: dict[str, HandlerSpec] = {}
     for index, table in enumerate(tables):
         if not isinstance(table, Mapping):
             raise ConfigError(f"query_handler #{index + 1}: expected a table")
-        raw_name = table.get("name")
-        if not isinstance(raw_name, str) or not raw_name.strip():
-            raise ConfigError(f"query_handler #{index + 1}: key 'name': every handler needs a name")
-        name = raw_name.strip()
+        name = _name(table, "query_handler", index)
         label = f"query_handler {name!r}"
-        for key in table:
-            if key not in ("name", "command", "timeout"):
-                raise ConfigError(f"{label}: key {key!r}: unknown (known: command, name, timeout)")
         if name == HEALTH_QUERY:
             raise ConfigError(f"{label}: key 'name': {HEALTH_QUERY!r} is the built-in query")
         if name in handlers:
             raise ConfigError(f"{label}: key 'name': defined twice")
-        if "command" not in table:
-            raise ConfigError(f"{label}: key 'command': missing")
-        command = _command(table["command"], f"{label}: key 'command'")
-        timeout = DEFAULT_TIMEOUT
-        if "timeout" in table:
-            timeout = _positive_duration(table["timeout"], f"{label}: key 'timeout'", 0.001)
-        handlers[name] = HandlerSpec(name, command, timeout)
+        t = decode(table, HandlerTable, _key_label(label))
+        handlers[name] = HandlerSpec(name, t.command, t.timeout)
     return handlers
