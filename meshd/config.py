@@ -4,6 +4,12 @@ Every flag of `meshd run` is also a TOML key (the flag name without `--`, `-` or
 an environment variable `MESHD_<KEY>` (upper case, `-` as `_`). Lists in the environment are
 comma-separated. The `[protocol]` table (env `MESHD_PROTOCOL__<FIELD>`, flag `--protocol K=V`)
 overrides single fields of the chosen profile. Every error names the key, flag or variable.
+
+Each layer (the file's top level, the environment, the flags) is decoded by the same NodeTable
+Struct (meshd.config_tables), so a value is checked alike wherever it comes from; the layers are
+then applied in order onto a NodeConfig. The [[check]], [[query_handler]], [dist], [health] and
+[discovery] tables are kept as written and decoded by their owners (NodeConfig.dist_config(),
+meshd.health.config).
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ class NodeConfig:
     trust_publisher: list[str] = field(default_factory=list)
     log_level: str = "info"
     protocol_overrides: dict[str, float | int] = field(default_factory=dict)
-    # Sections later issues interpret (kept verbatim; validated by their owners).
+    # Tables kept as written, decoded by their owners (meshd.health.config, dist_config()).
     checks: list[dict[str, Any]] = field(default_factory=list)
     query_handlers: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
