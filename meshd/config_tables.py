@@ -1,7 +1,7 @@
 """Configuration tables as msgspec Structs: the one way meshd validates configuration.
 
 Each table (the node's top level, [protocol], [dist], [[check]], [[query_handler]]) is a `Table`
-Struct: unknown keys are refused, every key has a default. Values people write in units
+Struct: unknown keys are refused, a key without a default is required. Values people write in units
 (durations, rates, host:port, names, ...) are parsed before msgspec checks the types: such a
 field is `Annotated[<type>, Parsed(parser)]`, the parser being a `(value, where) -> value`
 function like those of meshd.units. msgspec's ValidationError becomes a ConfigError that names

@@ -7,11 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from meshd.errors import ConfigError
 from meshd.health.checks import check_disk, check_load, check_memory, threshold_status
 from meshd.health.config import parse_checks, parse_query_handlers
+from meshd.health.monitor import HealthMonitor
 from meshd.health.spec import CheckSpec, worst
 
 # --- built-in checks ----------------------------------------------------------------------------
@@ -139,3 +141,40 @@ def test_worst_status_wins() -> None:
     assert worst(["passing", "passing"]) == "passing"
     assert worst(["passing", "warning", "passing"]) == "warning"
     assert worst(["warning", "critical", "passing"]) == "critical"
+
+
+def disk(path: Path, name: str, threshold: float) -> CheckSpec:
+    """A check whose status is fixed: 0% free is always enough, 100% never is."""
+    return CheckSpec(name, "disk", path=str(path), warning=threshold, critical=threshold)
+
+
+async def test_monitor_summary_callbacks_and_order_without_processes(tmp_path: Path) -> None:
+    changes: list[str] = []
+    check_changes: list[tuple[str, str]] = []
+    monitor = HealthMonitor(
+        [disk(tmp_path, "b-free", 0.0), disk(tmp_path, "a-free", 0.0)],
+        on_change=changes.append,
+        on_check_change=lambda c: check_changes.append((c["name"], c["status"])),
+        clock=lambda: 99.0,
+    )
+    assert monitor.summary() == "critical"  # nothing ran yet
+    await monitor.run_all()
+    assert monitor.summary() == "passing" and changes == ["passing"]
+    assert sorted(check_changes) == [("a-free", "passing"), ("b-free", "passing")]
+    assert [c["name"] for c in monitor.checks()] == ["a-free", "b-free"]  # same status: by name
+    assert all(c["updated"] == 99.0 and c["kind"] == "disk" for c in monitor.checks())
+    await monitor.run_all()  # nothing changed: no callback
+    assert changes == ["passing"] and len(check_changes) == 2
+
+    full = HealthMonitor([disk(tmp_path, "a-free", 0.0), disk(tmp_path, "z-full", 100.0)])
+    await full.run_all()
+    assert [(c["name"], c["status"]) for c in full.checks()] == [
+        ("z-full", "critical"),
+        ("a-free", "passing"),
+    ]
+    answer = orjson.loads(await full.answer("health", b"", node="n1", site="s1"))
+    assert (answer["name"], answer["site"], answer["status"]) == ("n1", "s1", "critical")
+    missing = orjson.loads(await full.answer("nope", b"", node="n1", site="s1"))
+    assert missing["error"] == "no handler" and missing["handlers"] == []
+    with pytest.raises(KeyError):
+        await full.run_check("unknown")
