@@ -4,6 +4,12 @@ Every flag of `meshd run` is also a TOML key (the flag name without `--`, `-` or
 an environment variable `MESHD_<KEY>` (upper case, `-` as `_`). Lists in the environment are
 comma-separated. The `[protocol]` table (env `MESHD_PROTOCOL__<FIELD>`, flag `--protocol K=V`)
 overrides single fields of the chosen profile. Every error names the key, flag or variable.
+
+Each layer (the file's top level, the environment, the flags) is decoded by the same NodeTable
+Struct (meshd.config_tables), so a value is checked alike wherever it comes from; the layers are
+then applied in order onto a NodeConfig. The [[check]], [[query_handler]], [dist], [health] and
+[discovery] tables are kept as written and decoded by their owners (NodeConfig.dist_config(),
+meshd.health.config).
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, cast
 
+import msgspec
+
+from meshd.config_tables import Label, Parsed, Table, canonical_key, decode, table_keys
 from meshd.core.config import PRESETS, ProtocolConfig
 from meshd.errors import ConfigError
 from meshd.release.config import DistConfig
@@ -45,8 +54,6 @@ DEFAULT_BIND = f"0.0.0.0:{DEFAULT_PORT}"
 DEFAULT_API = f"127.0.0.1:{DEFAULT_API_PORT}"
 DEFAULT_DATA_DIR = "/var/lib/meshd"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# Tables later issues own; accepted and kept as they are (health checks, query handlers, dist).
-PASSTHROUGH_TABLES = ("check", "query_handler", "dist", "health", "discovery")
 _MAX_CONFIG_FILE = 1024 * 1024
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -74,7 +81,7 @@ class NodeConfig:
     trust_publisher: list[str] = field(default_factory=list)
     log_level: str = "info"
     protocol_overrides: dict[str, float | int] = field(default_factory=dict)
-    # Sections later issues interpret (kept verbatim; validated by their owners).
+    # Tables kept as written, decoded by their owners (meshd.health.config, dist_config()).
     checks: list[dict[str, Any]] = field(default_factory=list)
     query_handlers: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -232,64 +239,124 @@ def _list_of(parse: Callable[[object, str], str]) -> Callable[[object, str], lis
     return parse_list
 
 
-# key -> (NodeConfig field, parser). Keys are flag names with '_' for '-'.
-_KEYS: dict[str, tuple[str, Callable[[object, str], Any]]] = {
-    "name": ("name", _as_name),
-    "cluster": ("cluster", _as_name),
-    "bind": ("bind", _as_hostport),
-    "advertise": ("advertise", _as_hostport),
-    "api": ("api", _as_api),
-    "data_dir": ("data_dir", _as_path),
-    "join": ("join", _list_of(_as_join)),
-    "site": ("site", _as_name),
-    "tag": ("tags", _as_tags),
-    "tags": ("tags", _as_tags),
-    "mdns": ("mdns", _as_bool),
-    "mdns_interface": ("mdns_interfaces", _list_of(_as_ip)),
-    "mdns_interfaces": ("mdns_interfaces", _list_of(_as_ip)),
-    "cluster_key_file": ("cluster_key_file", _as_path),
-    "insecure": ("insecure", _as_bool),
-    "profile": ("profile", _as_profile),
-    "trust_publisher": ("trust_publisher", _list_of(_as_path)),
-    "log_level": ("log_level", _as_log_level),
-}
-_PROTOCOL_FIELDS = {f.name: f.type for f in dataclasses.fields(ProtocolConfig)}
+def _table_list(value: object, where: str) -> list[dict[str, Any]]:
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list) and all(isinstance(i, dict) for i in value):
+        return list(value)
+    raise ConfigError(f"{where}: expected an array of tables ([[...]])")
 
 
-def _norm(key: str) -> str:
-    return key.strip().lower().replace("-", "_")
+_Unset = msgspec.UnsetType
+_UNSET = msgspec.UNSET
+_Name = Annotated[str | _Unset, Parsed(_as_name)]
+_HostPort = Annotated[str | _Unset, Parsed(_as_hostport)]
+_Path = Annotated[str | _Unset, Parsed(_as_path)]
+_Switch = Annotated[bool | _Unset, Parsed(_as_bool)]
+_Tables = Annotated[list[dict[str, Any]] | _Unset, Parsed(_table_list)]
 
 
-def _protocol_value(name: str, value: object, where: str) -> float | int:
-    kind = _PROTOCOL_FIELDS.get(name)
-    if kind is None:
-        known = ", ".join(sorted(_PROTOCOL_FIELDS))
-        raise ConfigError(f"{where}: unknown protocol setting {name!r} (known: {known})")
+class NodeTable(Table, frozen=True):
+    """One layer of the node configuration: the file's top level, the MESHD_* environment or the
+    flags. Every value is parsed the same way whatever its source; a key left out is UNSET (a
+    lower layer or the default decides)."""
+
+    name: _Name = _UNSET
+    cluster: _Name = _UNSET
+    bind: _HostPort = _UNSET
+    advertise: _HostPort = _UNSET
+    api: Annotated[str | _Unset, Parsed(_as_api)] = _UNSET
+    data_dir: _Path = _UNSET
+    join: Annotated[list[str] | _Unset, Parsed(_list_of(_as_join))] = _UNSET
+    site: _Name = _UNSET
+    tags: Annotated[dict[str, str] | _Unset, Parsed(_as_tags)] = _UNSET  # also spelled "tag"
+    mdns: _Switch = _UNSET
+    no_mdns: _Switch = _UNSET
+    mdns_interfaces: Annotated[list[str] | _Unset, Parsed(_list_of(_as_ip))] = _UNSET
+    cluster_key_file: _Path = _UNSET
+    insecure: _Switch = _UNSET
+    profile: Annotated[str | _Unset, Parsed(_as_profile)] = _UNSET
+    trust_publisher: Annotated[list[str] | _Unset, Parsed(_list_of(_as_path))] = _UNSET
+    log_level: Annotated[str | _Unset, Parsed(_as_log_level)] = _UNSET
+    # Tables (file only). [protocol] is decoded by ProtocolTable; the others are kept as written
+    # for their owners: [[check]], [[query_handler]] (meshd.health.config), [dist], [health],
+    # [discovery] (NodeConfig.extra).
+    protocol: dict[str, Any] | _Unset = _UNSET
+    check: _Tables = _UNSET
+    query_handler: _Tables = _UNSET
+    dist: Any = _UNSET
+    health: Any = _UNSET
+    discovery: Any = _UNSET
+
+
+_ALIASES = {"tag": "tags", "mdns_interface": "mdns_interfaces"}
+_TABLES = ("protocol", "check", "query_handler", "dist", "health", "discovery")
+_PASSTHROUGH = ("dist", "health", "discovery")
+# Keys the environment and flags may set (all but no_mdns are NodeConfig attributes).
+_SCALAR_KEYS = tuple(k for k in table_keys(NodeTable) if k not in _TABLES)
+
+
+def _count(value: object, where: str) -> int:
+    """A non-negative integer: a TOML integer or (environment, flags) its digits."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and is_ascii_int(value.strip().lstrip("-")):
+        number = int(value)
+    else:
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if number < 0:
+        raise ConfigError(f"{where}: must not be negative")
+    return number
+
+
+def _protocol_field(kind: object) -> object:
     if kind in ("int", int):
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            number = value
-        elif isinstance(value, str) and is_ascii_int(value.strip().lstrip("-")):
-            number = int(value)
-        else:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if number < 0:
-            raise ConfigError(f"{where}: must not be negative")
-        return number
-    return parse_duration(value, where)
+        return Annotated[int | _Unset, Parsed(_count)]
+    return Annotated[float | _Unset, Parsed(parse_duration)]
+
+
+# The [protocol] table: any field of ProtocolConfig, overriding the profile's preset.
+ProtocolTable = cast(
+    "type[Table]",
+    msgspec.defstruct(
+        "ProtocolTable",
+        [(f.name, _protocol_field(f.type), _UNSET) for f in dataclasses.fields(ProtocolConfig)],
+        bases=(Table,),
+        frozen=True,
+        module=__name__,
+    ),
+)
+
+
+def _set_values(table: Table) -> dict[str, Any]:
+    return {k: v for k in table_keys(type(table)) if (v := getattr(table, k)) is not _UNSET}
 
 
 @dataclass
 class _Layer:
-    """Values from one source, already parsed, with where each came from."""
+    """What one source sets: NodeTable keys and [protocol] overrides, already parsed."""
 
-    values: dict[str, Any] = field(default_factory=dict)
-    protocol: dict[str, float | int] = field(default_factory=dict)
+    values: dict[str, Any]
+    protocol: dict[str, float | int]
+
+
+def _layer(
+    values: Mapping[str, Any], protocol: Mapping[str, Any], label: Label, protocol_label: Label
+) -> tuple[NodeTable, _Layer]:
+    table = decode(values, NodeTable, label)
+    settings = _set_values(table)
+    for key in _TABLES:
+        settings.pop(key, None)
+    if "no_mdns" in settings:
+        settings["mdns"] = not settings.pop("no_mdns")
+    overrides = _set_values(decode(protocol, ProtocolTable, protocol_label))
+    return table, _Layer(settings, overrides)
 
 
 def _file_layer(path: str) -> tuple[_Layer, NodeConfig]:
-    """Parse a TOML file into a layer; the NodeConfig carries the passthrough sections."""
+    """Parse a TOML file into a layer; the NodeConfig carries the passthrough tables."""
     try:
         with open(path, "rb") as f:
             data = f.read(_MAX_CONFIG_FILE + 1)
@@ -303,57 +370,53 @@ def _file_layer(path: str) -> tuple[_Layer, NodeConfig]:
         raise ConfigError(f"config file {path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: {e}") from None
-    layer = _Layer()
-    holder = NodeConfig(name="meshd")
+    spelled: dict[str, str] = {}
+    values: dict[str, Any] = {}
     for raw_key, value in doc.items():
-        key = _norm(raw_key)
-        where = f"{path}: key '{raw_key}'"
-        if key == "protocol":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: expected a [protocol] table")
-            for pk, pv in value.items():
-                pkey = _norm(pk)
-                layer.protocol[pkey] = _protocol_value(pkey, pv, f"{path}: key 'protocol.{pk}'")
-        elif key == "check":
-            holder.checks = _table_list(value, where)
-        elif key == "query_handler":
-            holder.query_handlers = _table_list(value, where)
-        elif key in PASSTHROUGH_TABLES:
-            holder.extra[key] = value
-        elif key in _KEYS:
-            attr, parse = _KEYS[key]
-            layer.values[attr] = parse(value, where)
-        elif key == "no_mdns":
-            layer.values["mdns"] = not _as_bool(value, where)
-        else:
-            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(_KEYS))})")
+        key = canonical_key(raw_key)
+        key = _ALIASES.get(key, key)
+        spelled[key], values[key] = raw_key, value
+    protocol = values.pop("protocol", {})
+    if not isinstance(protocol, dict):
+        raise ConfigError(f"{path}: key '{spelled['protocol']}': expected a [protocol] table")
+    protocol_spelled = {canonical_key(k): str(k) for k in protocol}
+    table, layer = _layer(
+        values,
+        {canonical_key(k): v for k, v in protocol.items()},
+        lambda key: f"{path}: key '{spelled.get(key, key)}'",
+        lambda key: f"{path}: key 'protocol.{protocol_spelled.get(key, key)}'",
+    )
+    holder = NodeConfig(name="meshd")
+    if table.check is not _UNSET:
+        holder.checks = table.check
+    if table.query_handler is not _UNSET:
+        holder.query_handlers = table.query_handler
+    holder.extra = {k: v for k in _PASSTHROUGH if (v := getattr(table, k)) is not _UNSET}
     return layer, holder
-
-
-def _table_list(value: object, where: str) -> list[dict[str, Any]]:
-    if isinstance(value, dict):
-        return [value]
-    if isinstance(value, list) and all(isinstance(i, dict) for i in value):
-        return list(value)
-    raise ConfigError(f"{where}: expected an array of tables ([[...]])")
 
 
 def _env_layer(env: Mapping[str, str]) -> _Layer:
     """MESHD_<KEY> variables. Unknown MESHD_* names are left alone: meshctl shares the prefix."""
-    layer = _Layer()
+    names: dict[str, str] = {}
+    values: dict[str, str] = {}
+    protocol_names: dict[str, str] = {}
+    protocol: dict[str, str] = {}
     for name, value in env.items():
         if not name.startswith("MESHD_"):
             continue
         key = name[len("MESHD_") :].lower()
-        where = f"environment variable {name}"
+        key = _ALIASES.get(key, key)
         if key.startswith("protocol__"):
             pkey = key[len("protocol__") :]
-            layer.protocol[pkey] = _protocol_value(pkey, value, where)
-        elif key in _KEYS:
-            attr, parse = _KEYS[key]
-            layer.values[attr] = parse(value, where)
-        elif key == "no_mdns":
-            layer.values["mdns"] = not _as_bool(value, where)
+            protocol_names[pkey], protocol[pkey] = name, value
+        elif key in _SCALAR_KEYS:
+            names[key], values[key] = name, value
+    _, layer = _layer(
+        values,
+        protocol,
+        lambda key: f"environment variable {names.get(key, key)}",
+        lambda key: f"environment variable {protocol_names.get(key, key)}",
+    )
     return layer
 
 
@@ -378,23 +441,28 @@ FLAG_KEYS: dict[str, str] = {
 
 def _flag_layer(flags: Mapping[str, Any]) -> _Layer:
     """Flags as parsed by argparse; None (or an empty repeatable list) means not given."""
-    layer = _Layer()
+    flag_names: dict[str, str] = {}
+    values: dict[str, Any] = {}
     for dest, key in FLAG_KEYS.items():
         value = flags.get(dest)
         if value is None or value == []:
             continue
-        attr, parse = _KEYS[key]
-        layer.values[attr] = parse(value, f"--{dest.replace('_', '-')}")
-    if flags.get("no_mdns"):
-        layer.values["mdns"] = False
-    if flags.get("insecure"):
-        layer.values["insecure"] = True
+        key = _ALIASES.get(key, key)
+        flag_names[key], values[key] = f"--{dest.replace('_', '-')}", value
+    for switch in ("no_mdns", "insecure"):  # store_true flags: only "given" says something
+        if flags.get(switch):
+            flag_names[switch], values[switch] = f"--{switch.replace('_', '-')}", True
+    protocol_names: dict[str, str] = {}
+    protocol: dict[str, str] = {}
     for item in flags.get("protocol") or []:
         if not isinstance(item, str) or "=" not in item:
             raise ConfigError(f"--protocol: expected KEY=VALUE, got {item!r}")
         pk, pv = item.split("=", 1)
-        pkey = _norm(pk)
-        layer.protocol[pkey] = _protocol_value(pkey, pv.strip(), f"--protocol {pk}")
+        pkey = canonical_key(pk)
+        protocol_names[pkey], protocol[pkey] = f"--protocol {pk}", pv.strip()
+    _, layer = _layer(
+        values, protocol, lambda key: flag_names.get(key, key), lambda key: protocol_names.get(key, key)
+    )
     return layer
 
 

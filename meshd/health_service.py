@@ -19,14 +19,10 @@ from meshd.config import NodeConfig
 from meshd.core.messages import MemberState
 from meshd.core.node import MemberEvent
 from meshd.core.query import QueryAction
-from meshd.health import (
-    CheckSpec,
-    HandlerSpec,
-    HealthMonitor,
-    Status,
-    parse_checks,
-    parse_query_handlers,
-)
+from meshd.health.config import parse_checks, parse_query_handlers
+from meshd.health.monitor import HealthMonitor
+from meshd.health.spec import STATUSES, CheckSpec, HandlerSpec, Status
+from meshd.metrics import Exposition
 from meshd.runtime import NodeEvent, NodeRuntime
 
 log = logging.getLogger("meshd.health")
@@ -71,6 +67,12 @@ class HealthService:
 
     async def stop(self) -> None:
         await self.monitor.stop()
+
+    def collect_metrics(self, out: Exposition) -> None:
+        """meshd_health_checks: the local checks by status."""
+        checks = self.monitor.checks()
+        out.labelled("meshd_health_checks", "gauge", "local checks by status",
+                     [({"status": s}, sum(1 for c in checks if c["status"] == s)) for s in STATUSES])
 
     async def answer(self, action: QueryAction) -> bytes:
         query = action.query

@@ -3,60 +3,51 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
+
+from meshd.config_tables import Parsed, Table, canonical_key, decode
 from meshd.core.swarm import SwarmConfig
 from meshd.errors import ConfigError
 from meshd.units import parse_duration, parse_rate
 
 
-@dataclass(frozen=True)
-class DistConfig:
+def parse_hook(value: object, where: str) -> tuple[str, ...] | None:
+    """The activation hook: a command line (one string, run as is) or a list of arguments."""
+    if isinstance(value, str):
+        return (value,) if value.strip() else None
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{where}: expected a command (string or list of strings)")
+
+
+Duration = Annotated[float, Parsed(parse_duration)]
+Rate = Annotated[float | None, Parsed(parse_rate)]  # bytes per second; None: unlimited
+
+
+class DistConfig(Table, frozen=True):
     """The [dist] table of the node configuration."""
 
-    keep: int = 3
-    hook: tuple[str, ...] | None = None
-    hook_timeout: float = 60.0
-    upload_rate: float | None = None  # bytes per second served to peers
-    download_rate: float | None = None  # bytes per second fetched
-    origin_delay: float = 30.0
+    keep: Annotated[int, msgspec.Meta(ge=1)] = 3
+    hook: Annotated[tuple[str, ...] | None, Parsed(parse_hook)] = None
+    hook_timeout: Duration = 60.0
+    upload_rate: Rate = None  # bytes per second served to peers
+    download_rate: Rate = None  # bytes per second fetched
+    origin_delay: Duration = 30.0
     fsync: bool = True
-    announce_interval: float = 1.0
+    announce_interval: Duration = 1.0
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any] | None, where: str = "[dist]") -> DistConfig:
+        """The table as written (keys like hook-timeout or hook_timeout); errors name `where` and the key."""
         if not table:
             return cls()
         if not isinstance(table, Mapping):
             raise ConfigError(f"{where}: expected a table")
-        out: dict[str, Any] = {}
-        for raw, value in table.items():
-            key = str(raw).strip().lower().replace("-", "_")
-            at = f"{where} {raw}"
-            if key == "keep":
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ConfigError(f"{at}: expected an integer >= 1, got {value!r}")
-                out["keep"] = value
-            elif key == "hook":
-                if isinstance(value, str):
-                    out["hook"] = (value,) if value.strip() else None
-                elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-                    out["hook"] = tuple(value)
-                else:
-                    raise ConfigError(f"{at}: expected a command (string or list of strings)")
-            elif key in ("hook_timeout", "origin_delay", "announce_interval"):
-                out[key] = parse_duration(value, at)
-            elif key in ("upload_rate", "download_rate"):
-                out[key] = parse_rate(value, at)
-            elif key == "fsync":
-                if not isinstance(value, bool):
-                    raise ConfigError(f"{at}: expected true or false")
-                out["fsync"] = value
-            else:
-                known = "keep, hook, hook_timeout, upload_rate, download_rate, origin_delay, fsync"
-                raise ConfigError(f"{at}: unknown key (known: {known})")
-        return cls(**out)
+        spelled = {canonical_key(k): str(k) for k in table}
+        values = {canonical_key(k): v for k, v in table.items()}
+        return decode(values, cls, lambda key: f"{where} {spelled.get(key, key)}")
 
     def swarm_config(self) -> SwarmConfig:
         return SwarmConfig(origin_delay=self.origin_delay, rate_limit=self.download_rate)

@@ -10,6 +10,7 @@ import pytest
 from meshd.config import NodeConfig, load_config
 from meshd.core.config import LAN, LOCAL, WAN
 from meshd.errors import ConfigError
+from meshd.release.config import DistConfig
 from meshd.units import parse_duration, parse_hostport
 
 
@@ -226,3 +227,44 @@ def test_nodeconfig_is_plain_data() -> None:
     cfg = NodeConfig(name="x", tags={"k": "v"}, site="s")
     assert cfg.meta() == {"site": "s", "tag:k": "v"}
     assert cfg.bind_hostport == ("0.0.0.0", 7788)
+
+
+def test_every_layer_checks_a_value_alike(tmp_path: Path) -> None:
+    # The same key and value in the file, the environment or a flag: the same result...
+    path = write(tmp_path, 'join = "198.18.0.1:1, seed"\n[protocol]\ngossip_nodes = "5"\n')
+    from_file = load_config({"config": path}, env={})
+    from_env = load_config({}, env={"MESHD_JOIN": "198.18.0.1:1, seed", "MESHD_PROTOCOL__GOSSIP_NODES": "5"})
+    from_flags = load_config({"join": ["198.18.0.1:1", "seed"], "protocol": ["gossip_nodes=5"]}, env={})
+    for cfg in (from_file, from_env, from_flags):
+        assert cfg.join == ["198.18.0.1:1", "seed:7788"]
+        assert cfg.protocol().gossip_nodes == 5
+    # ... or the same error, naming where the value came from.
+    path = write(tmp_path, 'site = "bad site"\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: key 'site': 'bad site' is not a valid name")):
+        load_config({"config": path}, env={})
+    with pytest.raises(ConfigError, match=r"^environment variable MESHD_SITE: 'bad site' is not a valid"):
+        load_config({}, env={"MESHD_SITE": "bad site"})
+    with pytest.raises(ConfigError, match=r"^--site: 'bad site' is not a valid name"):
+        load_config({"site": "bad site"}, env={})
+
+
+def test_dist_table_errors_name_the_file_the_table_and_the_key(tmp_path: Path) -> None:
+    head = 'insecure = true\nbind = "127.0.0.1:7788"\n[dist]\n'
+    path = write(tmp_path, head + "keep = 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config({"config": path}, env={})
+    assert str(e.value) == f"{path}: [dist] keep: expected an integer >= 1, got 0"
+    for line, message in [
+        ('hook-timeout = "soon"', "[dist] hook-timeout: expected a duration like 250ms"),
+        ('upload_rate = "fast"', "[dist] upload_rate: expected a rate like 10MB"),
+        ('fsync = "yes"', "[dist] fsync: expected true or false, got 'yes'"),
+        ("hook = 3", "[dist] hook: expected a command"),
+        ("nope = 1", "[dist] nope: unknown key (known: "),
+    ]:
+        path = write(tmp_path, head + line + "\n")
+        with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+            load_config({"config": path}, env={})
+    path = write(tmp_path, head + 'keep = 2\nhook = "/bin/true"\nupload-rate = 1000\norigin_delay = "0.5"\n')
+    assert load_config({"config": path}, env={}).dist_config() == DistConfig(
+        keep=2, hook=("/bin/true",), upload_rate=1000.0, origin_delay=0.5
+    )
