@@ -19,7 +19,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any, Protocol
 
-from meshd.cli.meshctl import print_json, table
+from meshd.cli.output import print_json, table
 
 EXIT_OK = 0
 EXIT_BAD_ANSWER = 2  # DESIGN.md: `meshctl health` exits 2 when a node is critical or missing
