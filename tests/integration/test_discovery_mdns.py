@@ -11,9 +11,9 @@ import pytest
 from zeroconf import DNSOutgoing, Zeroconf
 
 from meshd import PROTOCOL_VERSION
-from meshd.discovery import Discovery, _ConfinedZeroconf, _host_label
+from meshd.discovery import Discovery, _ConfinedZeroconf
 from meshd.discovery import start as discovery_start
-from meshd.errors import ConfigError
+from tests.fakes import FakeHost
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="multicast on loopback is a Linux behaviour"
@@ -168,18 +168,6 @@ async def test_same_name_on_two_nodes_is_reported_as_a_conflict() -> None:
         await asyncio.gather(a.stop(), b.stop())
 
 
-def test_bad_names_and_addresses_are_config_errors() -> None:
-    seen = Seen()
-    with pytest.raises(ConfigError):
-        make("a.b", "c", 1, seen)
-    with pytest.raises(ConfigError):
-        make("x" * 64, "c", 1, seen)
-    with pytest.raises(ConfigError):
-        Discovery("n", "id", "c", "s", 1, ["not-an-ip"], None, seen.on_peer)
-    assert _host_label("Gate Way_1", "ABCDEF0123456789") == "gate-way-1-abcdef01"
-    assert len(_host_label("y" * 63, "ff" * 16)) <= 63
-
-
 def test_confined_zeroconf_drops_unicast_outside_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[str | None] = []
 
@@ -201,31 +189,11 @@ def test_confined_zeroconf_drops_unicast_outside_loopback(monkeypatch: pytest.Mo
         zc.close()
 
 
-class FakeDaemon:
-    """What meshd.discovery.start(daemon) uses of the daemon."""
-
-    def __init__(self, name: str, cluster: str, port: int, join_result: int) -> None:
-        self.name = name
-        self.node_id = f"id-{name}"
-        self.cluster = cluster
-        self.site = "lo"
-        self.addr = f"{LO}:{port}"
-        self.cfg = type("Cfg", (), {"mdns_interfaces": [LO]})()
-        self.join_result = join_result
-        self.joins: list[list[str]] = []
-
-    def members(self) -> list[object]:
-        return []
-
-    async def join(self, addrs: list[str]) -> int:
-        self.joins.append(addrs)
-        return self.join_result
-
-
 async def test_daemon_hook_joins_discovered_peers_and_backs_off_failures() -> None:
     cluster = unique("c")
-    good = FakeDaemon(unique("good") + ".example.org", cluster, 17041, join_result=1)
-    bad = FakeDaemon(unique("bad"), cluster, 17042, join_result=0)  # e.g. another cluster key
+    good = FakeHost(unique("good") + ".example.org", cluster, f"{LO}:17041", mdns_interfaces=[LO])
+    bad = FakeHost(unique("bad"), cluster, f"{LO}:17042", mdns_interfaces=[LO],
+                   join_result=0)  # e.g. another cluster key
     g = await discovery_start(good)
     b = await discovery_start(bad)
     try:

@@ -1,11 +1,11 @@
-"""The operator API over a fake agent: fields, filters, auth, errors, SSE, metrics, readiness."""
+"""The operator API over a fake agent, served on 127.0.0.1: fields, filters, auth, errors, SSE,
+metrics, readiness."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import orjson
 import pytest
@@ -13,131 +13,40 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from meshd.api.app import create_api_app
 from meshd.core.messages import MemberState
-from meshd.errors import StateError
-from meshd.metrics import Exposition, TransferStats, counter_name
+from meshd.metrics import TransferStats
+from tests.fakes import AUTH, TOKEN, FakeAgent, FakeEvent, member
 
-TOKEN = "s3cret-token-value-0123456789"
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(1, 33))
 
 
-@dataclass(frozen=True)
-class FakeMember:
-    name: str
-    node_id: str
-    addr: str
-    state: MemberState
-    incarnation: int
-    meta: dict[str, str]
-
-
-@dataclass(frozen=True)
-class FakeEvent:
-    kind: str
-    member: FakeMember
-
-
-class FakeSubscription:
-    def __init__(self, agent: FakeAgent) -> None:
-        self.agent = agent
-        self.queue: asyncio.Queue[FakeEvent] = asyncio.Queue()
-
-    async def get(self) -> FakeEvent:
-        return await self.queue.get()
-
-    def close(self) -> None:
-        self.agent.subs.remove(self)
-
-
-@dataclass
-class FakeAgent:
-    name: str = "n1"
-    node_id: str = "ab" * 16
-    cluster: str = "test"
-    site: str = "factory"
-    addr: str = "127.0.0.1:7788"
-    addr_source: str = "bind address"
-    api_token: str = TOKEN
-    transfer: TransferStats = field(default_factory=lambda: TransferStats(10, 20, 3))
-    ready: bool = True
-    joined_with: list[list[str]] = field(default_factory=list)
-    join_result: int = 1
-    leave_requested: int = 0
-    ring: list[bytes] | None = field(default_factory=lambda: [KEY_A])
-    subs: list[FakeSubscription] = field(default_factory=list)
-    people: list[FakeMember] = field(
-        default_factory=lambda: [
-            FakeMember("n1", "11" * 16, "127.0.0.1:7788", MemberState.ALIVE, 3,
-                       {"site": "factory", "tag:role": "gw", "health": "passing"}),
-            FakeMember("n2", "22" * 16, "127.0.0.1:7790", MemberState.SUSPECT, 1,
-                       {"site": "factory", "tag:role": "db"}),
-            FakeMember("n3", "33" * 16, "127.0.0.1:7792", MemberState.DEAD, 0,
-                       {"site": "shop", "tag:role": "gw", "health": "weird"}),
-            FakeMember("n4", "44" * 16, "127.0.0.1:7794", MemberState.LEFT, 2, {}),
-        ]
+def make_agent() -> FakeAgent:
+    return FakeAgent(
+        transfer=TransferStats(10, 20, 3),
+        uptime_s=12.5,
+        ring=[KEY_A],
+        counters={"drops.auth": 4, "msgs.in.ping": 9},
+        people=[
+            member("n1", MemberState.ALIVE, node_id="11" * 16, addr="127.0.0.1:7788", incarnation=3,
+                   meta={"site": "factory", "tag:role": "gw", "health": "passing"}),
+            member("n2", MemberState.SUSPECT, node_id="22" * 16, addr="127.0.0.1:7790",
+                   meta={"site": "factory", "tag:role": "db"}),
+            member("n3", MemberState.DEAD, node_id="33" * 16, addr="127.0.0.1:7792", incarnation=0,
+                   meta={"site": "shop", "tag:role": "gw", "health": "weird"}),
+            member("n4", MemberState.LEFT, node_id="44" * 16, addr="127.0.0.1:7794", incarnation=2),
+        ],
     )
-
-    def uptime(self) -> float:
-        return 12.5
-
-    def is_ready(self) -> bool:
-        return self.ready
-
-    def readiness_detail(self) -> str:
-        return "joined" if self.ready else "joining"
-
-    def members(self) -> list[FakeMember]:
-        return self.people
-
-    def subscribe(self) -> FakeSubscription:
-        sub = FakeSubscription(self)
-        self.subs.append(sub)
-        return sub
-
-    async def join(self, addrs: list[str]) -> int:
-        self.joined_with.append(addrs)
-        return self.join_result
-
-    def request_leave(self) -> None:
-        self.leave_requested += 1
-
-    def keys(self) -> tuple[list[str], str] | None:
-        if self.ring is None:
-            return None
-        return [k[:4].hex() for k in self.ring], self.ring[0][:4].hex()
-
-    def key_op(self, op: str, key: bytes) -> None:
-        assert self.ring is not None
-        if op == "install":
-            self.ring.append(key)
-        elif op == "use":
-            if key not in self.ring:
-                raise StateError("not installed")
-            self.ring.remove(key)
-            self.ring.insert(0, key)
-        elif op == "remove":
-            if key == self.ring[0]:
-                raise StateError("primary")
-            self.ring.remove(key)
-
-    def collect_metrics(self, out: Exposition) -> None:
-        out.labelled("meshd_members", "gauge", "members by state",
-                     [({"state": "alive"}, 1), ({"state": "dead"}, 1)])
-        out.core_counters({"drops.auth": 4, "msgs.in.ping": 9})
 
 
 @pytest.fixture
 def agent() -> FakeAgent:
-    return FakeAgent()
+    return make_agent()
 
 
 @pytest.fixture
 async def client(agent: FakeAgent) -> AsyncIterator[TestClient]:
     async with TestClient(TestServer(create_api_app(agent))) as c:
         yield c
-
-
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 async def test_status_fields(client: TestClient) -> None:
@@ -276,18 +185,6 @@ async def test_metrics(client: TestClient) -> None:
     assert 'meshd_members{state="alive"} 1' in text
     assert "meshd_drops_auth_total 4" in text
     assert "meshd_msgs_in_ping_total 9" in text
-
-
-def test_exposition_format() -> None:
-    out = Exposition()
-    out.gauge("meshd_x", "help", 1.5, label='a"b\\c')
-    out.counter("meshd_y_total", "help", 3)
-    out.counter("meshd_y_total", "dup is ignored", 4)
-    text = out.render()
-    assert 'meshd_x{label="a\\"b\\\\c"} 1.5' in text
-    assert text.count("# TYPE meshd_y_total counter") == 1
-    assert "meshd_y_total 3" in text and "meshd_y_total 4" not in text
-    assert counter_name("streams.failed.tcp_ping") == "meshd_streams_failed_tcp_ping_total"
 
 
 async def test_events_stream(client: TestClient, agent: FakeAgent) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -15,27 +15,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from meshd.api.app import create_api_app
 from meshd.api.queries import IN_FLIGHT, MAX_API_QUERIES
 from meshd.core.messages import MemberState, QueryFilter
-from meshd.core.query import QueryAnswer, QueryResult
+from meshd.core.query import QueryAnswer
 from meshd.errors import ConfigError, StateError
-from meshd.metrics import Exposition, TransferStats
-
-TOKEN = "query-test-token-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@dataclass(frozen=True)
-class FakeMember:
-    name: str
-    node_id: str
-    addr: str
-    state: MemberState
-    incarnation: int
-    meta: dict[str, str]
-
-
-def member(name: str, site: str, state: MemberState = MemberState.ALIVE, **tags: str) -> FakeMember:
-    meta = {"site": site, **{f"tag:{k}": v for k, v in tags.items()}}
-    return FakeMember(name, name * 4, "127.0.0.1:1", state, 1, meta)
+from tests.fakes import AUTH, FakeAgent, member
 
 
 def health(name: str, site: str, status: str) -> bytes:
@@ -43,73 +25,22 @@ def health(name: str, site: str, status: str) -> bytes:
     return orjson.dumps({"name": name, "site": site, "status": status, "checks": checks})
 
 
-@dataclass
-class FakeAgent:
-    name: str = "n1"
-    node_id: str = "ab" * 16
-    cluster: str = "test"
-    site: str = "factory"
-    addr: str = "127.0.0.1:7788"
-    addr_source: str = "bind address"
-    api_token: str = TOKEN
-    transfer: TransferStats = field(default_factory=TransferStats)
-    people: list[FakeMember] = field(default_factory=lambda: [
-        member("n1", "factory", role="gw"),
-        member("n2", "factory", role="db"),
-        member("n3", "shop", role="gw"),
-        member("n4", "shop", MemberState.DEAD, role="gw"),
-        member("n5", "shop", MemberState.LEFT, role="gw"),
-    ])
-    asked: list[tuple[str, bytes, QueryFilter, float | None, int]] = field(default_factory=list)
-    answers: list[QueryAnswer] = field(default_factory=list)
-    missing: tuple[str, ...] = ()
-    raises: Exception | None = None
-    gate: asyncio.Event | None = None
-
-    def uptime(self) -> float:
-        return 1.0
-
-    def is_ready(self) -> bool:
-        return True
-
-    def readiness_detail(self) -> str:
-        return "joined"
-
-    def members(self) -> list[FakeMember]:
-        return self.people
-
-    def subscribe(self) -> Any:
-        raise NotImplementedError
-
-    async def join(self, addrs: list[str]) -> int:
-        return 0
-
-    def request_leave(self) -> None:
-        pass
-
-    def keys(self) -> tuple[list[str], str] | None:
-        return None
-
-    def key_op(self, op: str, key: bytes) -> None:
-        pass
-
-    def collect_metrics(self, out: Exposition) -> None:
-        pass
-
-    async def run_query(
-        self, name: str, payload: bytes, filters: QueryFilter, timeout: float | None, relay_factor: int
-    ) -> QueryResult:
-        self.asked.append((name, payload, filters, timeout, relay_factor))
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.raises is not None:
-            raise self.raises
-        return QueryResult(7, name, tuple(self.answers), self.missing, 42.25, bool(self.missing))
+def make_agent() -> FakeAgent:
+    return FakeAgent(
+        join_result=0,
+        people=[
+            member("n1", site="factory", role="gw"),
+            member("n2", site="factory", role="db"),
+            member("n3", site="shop", role="gw"),
+            member("n4", MemberState.DEAD, site="shop", role="gw"),
+            member("n5", MemberState.LEFT, site="shop", role="gw"),
+        ],
+    )
 
 
 @pytest.fixture
 def agent() -> FakeAgent:
-    return FakeAgent()
+    return make_agent()
 
 
 @pytest.fixture
@@ -199,7 +130,8 @@ async def test_core_refusals_map_to_400_and_503(client: TestClient, agent: FakeA
 async def test_too_many_waiting_queries_get_429(client: TestClient, agent: FakeAgent) -> None:
     agent.gate = asyncio.Event()
     waiting = [asyncio.ensure_future(client.get("/v1/health")) for _ in range(MAX_API_QUERIES)]
-    app = client.server.app
+    app = client.app
+    assert app is not None
     for _ in range(200):
         if app[IN_FLIGHT].count == MAX_API_QUERIES:
             break
@@ -277,6 +209,6 @@ async def test_agent_without_queries_gets_501() -> None:
     class NoQueries(FakeAgent):
         run_query = None  # type: ignore[assignment]
 
-    async with TestClient(TestServer(create_api_app(NoQueries()))) as c:
+    async with TestClient(TestServer(create_api_app(NoQueries(people=make_agent().people)))) as c:
         resp = await c.get("/v1/health")
         assert resp.status == 501
