@@ -14,6 +14,7 @@ import importlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -30,15 +31,22 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in sorted(PACKAGE_DIR.rglob("*.py"))}
 
 
+def _meshd_modules() -> dict[str, ModuleType]:
+    return {n: m for n, m in sys.modules.items() if n == "meshd" or n.startswith("meshd.")}
+
+
 @pytest.fixture
 def clean_meshd_modules() -> Iterator[None]:
-    saved = dict(sys.modules)
-    for name in [n for n in sys.modules if n == "meshd" or n.startswith("meshd.")]:
+    """No meshd module loaded; afterwards the same module objects as before (others stay: a
+    C extension must not be loaded twice)."""
+    saved = _meshd_modules()
+    for name in saved:
         del sys.modules[name]
     try:
         yield
     finally:
-        sys.modules.clear()
+        for name in _meshd_modules():
+            del sys.modules[name]
         sys.modules.update(saved)
 
 
