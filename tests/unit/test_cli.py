@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from meshd import state
-from meshd.cli import meshctl
+from meshd.cli import meshctl, meshctl_health
 from meshd.cli import meshd as meshd_cli
 from meshd.cli.output import table
 from meshd.core.messages import MemberState
@@ -129,6 +129,13 @@ def test_table_alignment() -> None:
     assert lines[0] == "NAME       ADDRESS"
     assert lines[1] == "a          127.0.0.1:1"
     assert lines[2] == "long-name  x"
+
+
+def test_meshctl_query_timeout_reads_durations_as_the_server_does() -> None:
+    assert meshctl_health._duration_seconds("250ms") == 0.25
+    assert meshctl_health._duration_seconds("2") == 2.0
+    assert meshctl_health._duration_seconds("1m") == 60.0
+    assert meshctl_health._duration_seconds("soon") is None  # the server says why
 
 
 # --- state files of `meshd run` (meshd/state.py) ------------------------------------------------
