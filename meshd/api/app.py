@@ -2,7 +2,8 @@
 
 Reads are open; changes need `Authorization: Bearer <token>` (the token in
 <data-dir>/api-token). Every error is JSON {"error": ..., "detail": ...}. The app talks to
-the daemon only through the `Agent` protocol, so tests can drive it with a fake.
+the daemon only through the `Agent` protocol (api/agent.py), so tests can drive it with a fake;
+route modules share the JSON helpers of api/http.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,13 @@
-"""The advertise address: chosen from the route table and interfaces, and followed when it changes."""
+"""The daemon's advertise address (chosen from the route table and interfaces, followed when it
+changes) and its shutdown (a graceful leave, then start undone in reverse)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from types import SimpleNamespace
+
+import pytest
 from ifaddr import IP, Adapter
 
 from meshd.daemon import Daemon
@@ -73,3 +79,37 @@ async def test_a_changed_address_reaches_the_core_and_mdns() -> None:
     assert d.addr == "198.18.1.20:7788"
     assert rt.addrs == ["198.18.1.20:7788"]
     assert disc.announced == ["198.18.1.20:7788"]
+
+
+class LeavingRuntime:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.node = SimpleNamespace(config=SimpleNamespace(gossip_interval=0.2))
+
+    async def leave_and_wait(self, timeout: float) -> None:
+        self.log.append(f"leave {timeout}")
+
+
+async def test_shutdown_leaves_then_undoes_start_in_reverse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    log: list[str] = []
+    d = Daemon.__new__(Daemon)  # only the shutdown part is exercised
+    d._stopping = False
+    d._runtime = LeavingRuntime(log)  # type: ignore[assignment]
+    d._exit = contextlib.AsyncExitStack()
+    d._exit.callback(log.append, "close sockets")
+    started = asyncio.Event()
+
+    async def loop() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            log.append("loop cancelled")
+
+    d._spawn(loop())
+    d._exit.callback(log.append, "stop discovery")
+    await started.wait()
+    await d.shutdown(leave=True)
+    await d.shutdown(leave=True)  # once only
+    assert log == ["leave 2.0", "stop discovery", "loop cancelled", "close sockets"]
