@@ -1,218 +1,53 @@
 """The composition root: config -> identity, keyring, sockets, core, API -> run -> graceful leave.
 
-Everything with a side effect lives here or below (net/, api/); the core only sees `now`,
-bytes and an RNG.
+The daemon wires the shell modules (net/, api/, discovery, state files, netaddr, systemd) around
+the core, which only sees `now`, bytes and an RNG. It is also the API's `Agent` and discovery's
+`DiscoveryHost`. Shutdown is a graceful leave, then start() undone in reverse (an AsyncExitStack).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import importlib
-import ipaddress
 import logging
 import os
 import random
-import secrets
 import signal
 import socket
-import stat
-import struct
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from meshd import PROTOCOL_VERSION, __version__
+from meshd import PROTOCOL_VERSION, __version__, discovery, state
 from meshd.api.app import ApiServer, create_api_app
 from meshd.config import NodeConfig
 from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.node import MemberEvent, MemberView, Node
 from meshd.core.query import QueryResult, default_timeout
-from meshd.crypto import (
-    Keyring,
-    NodeIdentity,
-    fingerprint,
-    load_publisher_public,
-    read_key_file,
-    write_private,
-)
+from meshd.crypto import Keyring, NodeIdentity, fingerprint, load_publisher_public
+from meshd.discovery import DaemonDiscovery
 from meshd.errors import ConfigError, StateError
 from meshd.health_service import HealthService
-from meshd.metrics import Exposition, TransferStats
-from meshd.net.peer_http import PeerClient, PeerServer, TCPStats, create_peer_app
+from meshd.logs import setup_logging
+from meshd.metrics import Exposition, MetricsSource, TransferStats
+from meshd.net.peer_http import PeerClient, PeerServer, PeerTraffic, create_peer_app
 from meshd.net.udp import UDPEndpoint
+from meshd.netaddr import derive_advertise_host, is_wildcard, resolve_hostport
 from meshd.release.api import add_release_routes
 from meshd.release.service import ReleaseService
 from meshd.runtime import NodeEvent, NodeRuntime, Subscription
+from meshd.systemd import reloading_message, sd_notify, watchdog_loop
 from meshd.units import format_hostport, is_loopback_host, parse_hostport
 from meshd.wire import Codec
 
 log = logging.getLogger("meshd")
 
-KEYRING_FILE = "keyring.json"
-TOKEN_FILE = "api-token"
-SNAPSHOT_FILE = "peers.json"
 SNAPSHOT_INTERVAL = 30.0
 ADDRESS_WATCH_INTERVAL = 10.0  # how often a derived advertise address is checked
 SNAPSHOT_DEBOUNCE = 1.0
-SNAPSHOT_MAX_PEERS = 128
 LEAVE_TIMEOUT = 3.0  # Serf's graceful timeout
 JOIN_BACKOFF_MAX = 30.0
-
-
-# --- small OS helpers --------------------------------------------------------------------------
-
-
-def sd_notify(message: str) -> bool:
-    """Tell systemd about our state (READY=1, STOPPING=1, ...); a no-op without systemd."""
-    target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
-        return False
-    if target.startswith("@"):
-        target = "\0" + target[1:]  # abstract namespace socket
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(target)
-            s.sendall(message.encode())
-    except OSError as e:
-        log.debug("sd_notify failed: %s", e)
-        return False
-    return True
-
-
-def prepare_data_dir(path: str) -> Path:
-    d = Path(path)
-    try:
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        mode = stat.S_IMODE(d.stat().st_mode)
-        if mode & 0o077 and d.stat().st_uid == os.getuid():
-            os.chmod(d, 0o700)  # it holds the node key and the API token
-    except OSError as e:
-        raise ConfigError(f"--data-dir {path}: {e.strerror or e}") from None
-    if not os.access(d, os.W_OK):
-        raise ConfigError(f"--data-dir {path}: not writable")
-    return d
-
-
-def load_or_create_token(data_dir: Path) -> str:
-    path = data_dir / TOKEN_FILE
-    if path.exists():
-        token = path.read_text(encoding="ascii", errors="replace").strip()
-        if len(token) >= 16:
-            return token
-        log.warning("%s is too short; writing a new token", path)
-    token = secrets.token_urlsafe(32)
-    write_private(path, (token + "\n").encode())
-    return token
-
-
-def _iface_ipv4(name: str) -> str | None:
-    """IPv4 address of an interface (SIOCGIFADDR), or None."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            res = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
-        return socket.inet_ntoa(res[20:24])
-    except OSError:
-        return None
-
-
-def _default_route_iface() -> str | None:
-    """Interface of the IPv4 default route with the lowest metric (from /proc/net/route)."""
-    best: tuple[int, str] | None = None
-    try:
-        with open("/proc/net/route") as f:
-            lines = f.read().splitlines()[1:]
-    except OSError:
-        return None
-    for line in lines:
-        parts = line.split()
-        if len(parts) < 8 or parts[1] != "00000000" or parts[7] != "00000000":
-            continue
-        try:
-            flags, metric = int(parts[3], 16), int(parts[6])
-        except ValueError:
-            continue
-        if flags & 0x1 and (best is None or metric < best[0]):  # RTF_UP
-            best = (metric, parts[0])
-    return best[1] if best else None
-
-
-def derive_advertise_host(bind_host: str) -> tuple[str, str]:
-    """(address, how it was chosen) for a node bound to a wildcard address."""
-    iface = _default_route_iface()
-    if iface:
-        addr = _iface_ipv4(iface)
-        if addr and not ipaddress.ip_address(addr).is_loopback:
-            return addr, f"default route interface {iface}"
-    with contextlib.suppress(OSError):
-        for _, name in socket.if_nameindex():
-            addr = _iface_ipv4(name)
-            if addr and not ipaddress.ip_address(addr).is_loopback:
-                return addr, f"first non-loopback interface {name}"
-    return "127.0.0.1", "loopback (no other interface has an address)"
-
-
-def _is_wildcard(host: str) -> bool:
-    return host in ("0.0.0.0", "::", "")
-
-
-async def resolve_hostport(addr: str, family: int = socket.AF_INET) -> list[str]:
-    """'host:port' -> ['ip:port', ...] (IP literals pass through; names are looked up now)."""
-    host, port = parse_hostport(addr, "address")
-    try:
-        ipaddress.ip_address(host)
-        return [format_hostport(host, port)]
-    except ValueError:
-        pass
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
-    except OSError as e:
-        log.warning("cannot resolve %s: %s", host, e)
-        return []
-    out: list[str] = []
-    for info in infos:
-        ip = str(info[4][0])
-        hp = format_hostport(ip, port)
-        if hp not in out:
-            out.append(hp)
-    return out
-
-
-def setup_logging(level: str) -> None:
-    """Concise lines on stderr; journald gets a <N> priority prefix and no timestamp."""
-    journal = False
-    stream = os.environ.get("JOURNAL_STREAM", "")
-    if stream:
-        with contextlib.suppress(OSError, ValueError):
-            st = os.fstat(sys.stderr.fileno())
-            dev, ino = stream.split(":")
-            journal = int(dev) == st.st_dev and int(ino) == st.st_ino
-    handler = logging.StreamHandler(sys.stderr)
-    if journal:
-        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-5s %(name)s: %(message)s",
-                              "%H:%M:%S")
-        )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
-
-
-class _JournalFormatter(logging.Formatter):
-    _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-                 logging.CRITICAL: 2}
-
-    def format(self, record: logging.LogRecord) -> str:
-        return f"<{self._PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
 
 
 # --- the daemon ----------------------------------------------------------------------------------
@@ -232,10 +67,9 @@ class Daemon:
         self.addr_source = ""
         self.api_token = ""
         self.transfer = TransferStats()
+        self.peer_traffic = PeerTraffic()
         self.data_dir = Path(cfg.data_dir)
         self.keyring: Keyring | None = None
-        self.tcp_stats = TCPStats()
-        self.client_stats = TCPStats()
         self.api_url = ""
         self._started = time.monotonic()
         self._ready = False
@@ -244,23 +78,24 @@ class Daemon:
         self._leave_on_stop = True
         self._stopping = False
         self._snapshot_dirty = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._discovery: Any = None
+        self._exit = contextlib.AsyncExitStack()  # what start() did, undone in reverse by shutdown()
+        self._metrics: list[MetricsSource] = [self.peer_traffic, self.transfer]
+        self._discovery: DaemonDiscovery | None = None
         self._runtime: NodeRuntime | None = None
-        self._udp: UDPEndpoint | None = None
-        self._peer_server: PeerServer | None = None
-        self._api: ApiServer | None = None
-        self._snapshot_peers: list[str] = []
-        self._start_incarnation = 0  # above what the mesh may remember of our last run
+        self._snapshot = state.PeerSnapshot()
         self.dist: ReleaseService | None = None
         self.health: HealthService | None = None  # checks, health meta and query answers
 
-    # --- Agent protocol (used by the API) --------------------------------------------------
+    # --- Agent protocol (used by the API) and DiscoveryHost (used by mDNS discovery) ------------
 
     @property
     def runtime(self) -> NodeRuntime:
         assert self._runtime is not None, "daemon not started"
         return self._runtime
+
+    @property
+    def mdns_interfaces(self) -> list[str]:
+        return self.cfg.mdns_interfaces
 
     def uptime(self) -> float:
         return time.monotonic() - self._started
@@ -304,20 +139,6 @@ class Daemon:
             timeout = default_timeout(node.config.gossip_interval, node.num_active())
         return await self.runtime.ask(name, payload, filters, timeout, relay_factor)
 
-    def _collect_query_metrics(self, out: Exposition) -> None:
-        """Query engine counters (query.match, response.accepted, ...), health, answering."""
-        rt = self.runtime
-        out.core_counters({f"queries.{k}": v for k, v in rt.node.queries.counters.items()})
-        out.gauge("meshd_queries_in_flight", "queries this node asked, not finished yet",
-                  rt.node.queries.in_flight())
-        out.counter("meshd_queries_busy_total", "queries answered busy (too many running)",
-                    rt.queries_busy)
-        if self.health is not None:
-            out.labelled("meshd_health_checks", "gauge", "local checks by status",
-                         [({"status": s}, sum(1 for c in self.health.monitor.checks()
-                                              if c["status"] == s))
-                          for s in ("passing", "warning", "critical")])
-
     async def join(self, addrs: list[str]) -> int:
         resolved: list[str] = []
         for a in addrs:
@@ -342,15 +163,28 @@ class Daemon:
         if ring is None:
             raise StateError("insecure node: no keyring")
         self.runtime.key_op(op, key)  # StateError when it does not fit this keyring
-        self._save_keyring()
+        state.save_keyring(self.data_dir, ring)
         log.info("keyring: %s %s (primary now %s)", op, fingerprint(key), fingerprint(ring.primary))
 
     def collect_metrics(self, out: Exposition) -> None:
-        node = self.runtime.node
         out.gauge("meshd_build_info", "meshd version", 1, version=__version__,
                   protocol=str(PROTOCOL_VERSION))
         out.gauge("meshd_uptime_seconds", "seconds since start", self.uptime())
         out.gauge("meshd_ready", "1 once joined or alone by intent", int(self._ready))
+        for source in self._metrics:  # UDP, peer TCP, transfer bytes, mDNS
+            source.collect_metrics(out)
+        self._collect_metrics_not_yet_moved(out)
+
+    def _collect_metrics_not_yet_moved(self, out: Exposition) -> None:
+        """LEAD (issue 8): the runtime's, the release service's and the health service's metrics.
+
+        These read other components' insides (node.awareness, node.broadcasts, node.counters,
+        node.queries.counters, dist.counters); each block belongs in that component's own
+        `collect_metrics(out)` (a metrics.MetricsSource), then in `self._metrics`.
+        """
+        rt = self.runtime
+        node = rt.node
+        # NodeRuntime (the core node it pumps)
         counts = dict.fromkeys((s.name.lower() for s in MemberState), 0)
         for m in node.members():
             counts[m.state.name.lower()] += 1
@@ -359,40 +193,27 @@ class Daemon:
         out.gauge("meshd_health_score", "Lifeguard local health (0 = healthy)",
                   node.awareness.score)
         out.gauge("meshd_broadcast_queue", "messages waiting to be gossiped", len(node.broadcasts))
-        if self._udp is not None:
-            u = self._udp.stats
-            out.counter("meshd_udp_sent_packets_total", "UDP packets sent", u.sent)
-            out.counter("meshd_udp_sent_bytes_total", "UDP bytes sent", u.sent_bytes)
-            out.counter("meshd_udp_received_packets_total", "UDP packets received", u.received)
-            out.counter("meshd_udp_received_bytes_total", "UDP bytes received", u.received_bytes)
-            out.counter("meshd_udp_send_errors_total", "UDP send failures", u.send_errors)
-        s, c = self.tcp_stats, self.client_stats
-        out.counter("meshd_tcp_accepted_total", "peer exchanges served", s.accepted)
-        out.counter("meshd_tcp_received_bytes_total", "peer TCP bytes received",
-                    s.received_bytes + c.received_bytes)
-        out.counter("meshd_tcp_sent_bytes_total", "peer TCP bytes sent",
-                    s.sent_bytes + c.sent_bytes)
-        out.counter("meshd_tcp_connects_total", "peer exchanges started", c.connects)
-        out.counter("meshd_tcp_connect_errors_total", "peer exchanges failed", c.connect_errors)
-        out.counter("meshd_transfer_sent_bytes_total", "release bytes sent to peers",
-                    self.transfer.sent_bytes)
-        out.counter("meshd_transfer_received_bytes_total", "release bytes received from peers",
-                    self.transfer.received_bytes)
-        out.counter("meshd_transfer_origin_bytes_total", "release bytes fetched from the origin",
-                    self.transfer.origin_bytes)
-        out.counter("meshd_runtime_errors_total", "core exceptions caught by the shell",
-                    self.runtime.errors)
+        out.counter("meshd_runtime_errors_total", "core exceptions caught by the shell", rt.errors)
         out.counter("meshd_events_dropped_total", "events lost by slow subscribers",
-                    self.runtime.events_dropped)
-        out.gauge("meshd_event_subscribers", "open event streams", self.runtime.subscriber_count)
+                    rt.events_dropped)
+        out.gauge("meshd_event_subscribers", "open event streams", rt.subscriber_count)
         out.core_counters(node.counters)
-        self._collect_query_metrics(out)
+        # NodeRuntime: query engine counters (query.match, response.accepted, ...) and answering
+        out.core_counters({f"queries.{k}": v for k, v in node.queries.counters.items()})
+        out.gauge("meshd_queries_in_flight", "queries this node asked, not finished yet",
+                  node.queries.in_flight())
+        out.counter("meshd_queries_busy_total", "queries answered busy (too many running)",
+                    rt.queries_busy)
+        # HealthService
+        if self.health is not None:
+            out.labelled("meshd_health_checks", "gauge", "local checks by status",
+                         [({"status": s}, sum(1 for c in self.health.monitor.checks()
+                                              if c["status"] == s))
+                          for s in ("passing", "warning", "critical")])
+        # ReleaseService
         if self.dist is not None:
             out.core_counters({f"dist.{k}": v for k, v in self.dist.counters.items()})
             out.core_counters({f"dist.swarm.{k}": v for k, v in self.dist.fetch_counters().items()})
-        mdns = getattr(self._discovery, "counters", None)
-        if isinstance(mdns, dict):
-            out.core_counters({f"mdns.{k}": v for k, v in mdns.items()})
 
     # --- start-up pieces -----------------------------------------------------------------------
 
@@ -401,74 +222,12 @@ class Daemon:
         host, _ = self.cfg.bind_hostport
         return socket.AF_INET6 if ":" in host else socket.AF_INET
 
-    def _load_keyring(self) -> Keyring | None:
-        if self.cfg.insecure:
-            log.warning("running --insecure: gossip and peer traffic are NOT encrypted")
-            return None
-        path = self.data_dir / KEYRING_FILE
-        if path.exists():
-            ring = Keyring.load(path)
-            if self.cfg.cluster_key_file:
-                key = read_key_file(self.cfg.cluster_key_file)
-                if key not in ring:
-                    log.warning("--cluster-key-file %s is not in %s; the keyring file wins "
-                                "(it carries rotations)", self.cfg.cluster_key_file, path)
-            return ring
-        if not self.cfg.cluster_key_file:
-            raise ConfigError(
-                "--cluster-key-file is required unless --insecure "
-                "(create one with: meshd keygen cluster --out FILE)"
-            )
-        ring = Keyring([read_key_file(self.cfg.cluster_key_file)])
-        ring.save(path)
-        return ring
-
-    def _save_keyring(self) -> None:
-        if self.keyring is not None:
-            try:
-                self.keyring.save(self.data_dir / KEYRING_FILE)
-            except OSError as e:
-                log.error("cannot save keyring: %s", e)
-
-    def _load_snapshot(self) -> None:
-        path = self.data_dir / SNAPSHOT_FILE
-        if not path.exists():
-            return
-        try:
-            data = orjson.loads(path.read_bytes())
-            peers = data.get("peers", [])
-            self._start_incarnation = int(data.get("incarnation", 0)) + 1
-            self._snapshot_peers = [
-                str(p["addr"]) for p in peers if isinstance(p, dict) and "addr" in p
-            ][:SNAPSHOT_MAX_PEERS]
-        except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
-            log.warning("ignoring unreadable peer snapshot %s: %s", path, e)
-
     def write_snapshot(self) -> None:
         if self._runtime is None:
             return
         node = self._runtime.node
-        order = {MemberState.ALIVE: 0, MemberState.SUSPECT: 1, MemberState.DEAD: 2}
-        peers = sorted(
-            (m for m in node.members() if m.name != self.name and m.state in order),
-            key=lambda m: (order[m.state], m.name),
-        )[:SNAPSHOT_MAX_PEERS]
-        doc = {
-            "version": 1,
-            "name": self.name,
-            "node_id": self.node_id,
-            "addr": self.addr,
-            "incarnation": node.incarnation,
-            "saved_at": time.time(),
-            "peers": [
-                {"name": m.name, "id": m.node_id, "addr": m.addr, "state": m.state.name.lower()}
-                for m in peers
-            ],
-        }
-        try:
-            write_private(self.data_dir / SNAPSHOT_FILE, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-        except OSError as e:
-            log.error("cannot write peer snapshot: %s", e)
+        state.write_snapshot(self.data_dir, self.name, self.node_id, self.addr, node.incarnation,
+                             node.members())
 
     async def _resolve_advertise(self, bind_host: str, port: int) -> tuple[str, str]:
         if self.cfg.advertise:
@@ -477,9 +236,9 @@ class Daemon:
             if not resolved:
                 raise ConfigError(f"--advertise {self.cfg.advertise}: cannot resolve {host}")
             return resolved[0], "configured (--advertise)"
-        if not _is_wildcard(bind_host):
+        if not is_wildcard(bind_host):
             return format_hostport(bind_host, port), "bind address"
-        host, how = derive_advertise_host(bind_host)
+        host, how = derive_advertise_host()
         return format_hostport(host, port), how
 
     def _set_ready(self, detail: str) -> None:
@@ -490,7 +249,7 @@ class Daemon:
 
     def _on_event(self, ev: MemberEvent) -> None:
         if ev.kind == "keyring":
-            self._save_keyring()
+            state.save_keyring(self.data_dir, self.keyring)
             return
         self._snapshot_dirty.set()
         if (ev.kind in ("join", "alive") and ev.member.name != self.name
@@ -512,14 +271,15 @@ class Daemon:
     # --- run -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Bring the node up; each step that needs undoing pushes its undo on `self._exit`."""
         cfg = self.cfg
         loop = asyncio.get_running_loop()
-        self.data_dir = prepare_data_dir(cfg.data_dir)
+        self.data_dir = state.prepare_data_dir(cfg.data_dir)
         identity = NodeIdentity.load_or_create(self.data_dir)
         self.node_id = identity.node_id
-        self.keyring = self._load_keyring()
-        self.api_token = load_or_create_token(self.data_dir)
-        self._load_snapshot()
+        self.keyring = state.load_keyring(self.data_dir, cfg.insecure, cfg.cluster_key_file)
+        self.api_token = state.load_or_create_token(self.data_dir)
+        self._snapshot = state.read_snapshot(self.data_dir)
         health = HealthService.from_config(cfg)  # a bad [[check]] fails before any socket
         self.health = health
 
@@ -531,10 +291,11 @@ class Daemon:
         codec = Codec(cfg.cluster, self.keyring)
         node = Node(
             cfg.name, self.node_id, self.addr, cfg.protocol(), codec, random.Random(),
-            loop.time(), meta=cfg.meta(), incarnation=self._start_incarnation,
+            loop.time(), meta=cfg.meta(), incarnation=self._snapshot.start_incarnation,
         )
-        runtime = NodeRuntime(node, peer_client=PeerClient(self.client_stats))
+        runtime = NodeRuntime(node, peer_client=PeerClient(self.peer_traffic.started))
         self._runtime = runtime
+        self._exit.push_async_callback(self._close_runtime)
         runtime.add_listener(self._on_event)
         health.attach(runtime)
 
@@ -543,17 +304,18 @@ class Daemon:
             await udp.open(bind_host, port)
         except OSError as e:
             raise ConfigError(f"--bind {cfg.bind}: cannot bind UDP: {e.strerror or e}") from None
-        self._udp = udp
+        self._exit.callback(udp.close)
+        self._metrics.insert(0, udp)
         runtime.udp = udp
-        peer_app = create_peer_app(runtime, self.tcp_stats)
+        peer_app = create_peer_app(runtime, self.peer_traffic.served)
         self.dist = self._make_dist(codec)
         self.dist.add_routes(peer_app)
-        self._peer_server = PeerServer(peer_app)
+        peer_server = PeerServer(peer_app)
         try:
-            await self._peer_server.start(bind_host, port)
+            await peer_server.start(bind_host, port)
         except OSError as e:
-            udp.close()
             raise ConfigError(f"--bind {cfg.bind}: cannot bind TCP: {e.strerror or e}") from None
+        self._exit.push_async_callback(peer_server.stop)
 
         api_host, api_port = cfg.api_hostport
         if not is_loopback_host(api_host):
@@ -561,19 +323,22 @@ class Daemon:
                         cfg.api)
         api_app = create_api_app(self)
         add_release_routes(api_app, self.dist)
-        self._api = ApiServer(api_app)
+        api = ApiServer(api_app)
         try:
-            await self._api.start(api_host, api_port)
+            await api.start(api_host, api_port)
         except OSError as e:
             raise ConfigError(f"--api {cfg.api}: cannot listen: {e.strerror or e}") from None
-        bound = self._api.bound or (api_host, api_port)
+        self._exit.push_async_callback(api.stop)
+        bound = api.bound or (api_host, api_port)
         self.api_url = f"http://{format_hostport(str(bound[0]), int(bound[1]))}"
 
         runtime.start()
         # Listen first: a member announcing a release while the store recovers must not be
         # missed (events before start are recorded and acted on once it has started).
         runtime.add_listener(self.dist.handle_member_event)
+        self._exit.push_async_callback(self.dist.stop)  # safe on a half-started service
         await self.dist.start(node.members())
+        self._exit.callback(self.write_snapshot)  # the last membership of this run, loops stopped
         ring = (f"keyring of {len(self.keyring)} key(s), primary {fingerprint(self.keyring.primary)}"
                 if self.keyring else "INSECURE (no encryption)")
         log.info("meshd %s node %s id %s cluster %s site %s", __version__, cfg.name,
@@ -582,21 +347,25 @@ class Daemon:
                  format_hostport(bind_host, port), self.addr, self.addr_source, self.api_url,
                  ring, cfg.profile)
 
+        self._exit.push_async_callback(health.stop)
         await health.start()  # every check ran once: the mesh learns a real summary on join
         seeds = list(cfg.join)
-        snapshot = [a for a in self._snapshot_peers if a != self.addr]
+        snapshot = [a for a in self._snapshot.peers if a != self.addr]
         if seeds or snapshot:
             self._ready_detail = "joining"
             self._spawn(self._join_loop(seeds, snapshot))
         else:
             self._set_ready("alone by intent (no seeds, no peer snapshot)")
         self._spawn(self._snapshot_loop())
-        if not cfg.advertise and _is_wildcard(bind_host):
-            self._spawn(self._address_watch_loop(bind_host, port))
-        await self._start_discovery()
-        self._install_signals()
+        if not cfg.advertise and is_wildcard(bind_host):
+            self._spawn(self._address_watch_loop(port))
+        if cfg.mdns:
+            self._discovery = await discovery.start(self)
+            self._exit.push_async_callback(self._close_discovery)
+            self._metrics.append(self._discovery)
+        self._install_signals()  # not undone: a second signal during shutdown still exits at once
         sd_notify(f"READY=1\nSTATUS=node {cfg.name} at {self.addr}")
-        self._spawn(self._watchdog_loop())
+        self._spawn(watchdog_loop())
 
     async def run(self) -> int:
         """Start, serve until a signal or an API leave, then leave gracefully. Exit code."""
@@ -618,6 +387,7 @@ class Daemon:
         self._stop.set()
 
     async def shutdown(self, leave: bool) -> None:
+        """Leave gracefully while everything still runs, then undo start() in reverse."""
         if self._stopping:
             return
         self._stopping = True
@@ -626,31 +396,22 @@ class Daemon:
             await self._runtime.leave_and_wait(
                 min(LEAVE_TIMEOUT, max(1.0, 10 * self._runtime.node.config.gossip_interval))
             )
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._exit.aclose()
+
+    async def _close_runtime(self) -> None:
+        await self.runtime.close()
+        log.info("stopped")
+
+    async def _close_discovery(self) -> None:
         if self._discovery is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # goodbyes are best effort
                 await self._discovery.close()
-        if self.health is not None:
-            await self.health.stop()
-        self.write_snapshot()
-        if self._api is not None:
-            await self._api.stop()
-        if self.dist is not None:
-            await self.dist.stop()
-        if self._peer_server is not None:
-            await self._peer_server.stop()
-        if self._udp is not None:
-            self._udp.close()
-        if self._runtime is not None:
-            await self._runtime.close()
-            log.info("stopped")
 
     # --- background work -----------------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(coro))
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._exit.push_async_callback(_cancel, task)
 
     def _has_alive_peer(self) -> bool:
         return any(m.name != self.name and m.state == MemberState.ALIVE for m in self.members())
@@ -682,14 +443,14 @@ class Daemon:
                 await asyncio.wait_for(self._stop.wait(), delay * (0.8 + 0.4 * random.random()))
             delay = min(delay * 2, JOIN_BACKOFF_MAX)
 
-    async def _address_watch_loop(self, bind_host: str, port: int) -> None:
+    async def _address_watch_loop(self, port: int) -> None:
         """Follow the network: a derived advertise address that changes is re-announced."""
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), ADDRESS_WATCH_INTERVAL)
             if self._stop.is_set():
                 return
-            await self.follow_address(*derive_advertise_host(bind_host), port)
+            await self.follow_address(*derive_advertise_host(), port)
 
     async def follow_address(self, host: str, how: str, port: int) -> None:
         new = format_hostport(host, port)
@@ -698,9 +459,8 @@ class Daemon:
         log.info("advertise address changed: %s -> %s (%s)", self.addr, new, how)
         self.addr, self.addr_source = new, how
         self.runtime.set_addr(new)
-        readvertise = getattr(self._discovery, "readvertise", None)
-        if readvertise is not None:
-            await readvertise(new)
+        if self._discovery is not None:
+            await self._discovery.readvertise(new)
 
     async def _snapshot_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -713,33 +473,6 @@ class Daemon:
             self._snapshot_dirty.clear()
             self.write_snapshot()
             last = loop.time()
-
-    async def _watchdog_loop(self) -> None:
-        usec = os.environ.get("WATCHDOG_USEC")
-        pid = os.environ.get("WATCHDOG_PID")
-        if not usec or (pid and pid != str(os.getpid())):
-            return
-        interval = max(0.5, int(usec) / 2e6)
-        while True:
-            await asyncio.sleep(interval)
-            sd_notify("WATCHDOG=1")
-
-    async def _start_discovery(self) -> None:
-        """Hook for mDNS: `meshd.discovery.start(daemon)` returns a handle with `async close()`.
-
-        The discovery module reads name, node_id, cluster, site, addr and cfg.mdns_interfaces
-        from the daemon and calls `await daemon.join([addr])` for same-cluster peers it finds.
-        """
-        if not self.cfg.mdns:
-            return
-        try:
-            module = importlib.import_module("meshd.discovery")
-        except ModuleNotFoundError as e:
-            if e.name != "meshd.discovery":
-                raise
-            log.warning("mDNS discovery is not available in this build; use --join seeds")
-            return
-        self._discovery = await module.start(self)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -762,11 +495,16 @@ class Daemon:
         except ConfigError as e:
             log.error("SIGHUP: configuration not reloaded: %s", e)
             return
-        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        sd_notify(reloading_message())
         logging.getLogger().setLevel(new.log_level.upper())
         self.cfg.log_level = new.log_level
         log.info("SIGHUP: log level is %s; other settings take effect on restart", new.log_level)
         sd_notify("READY=1")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def run_daemon(cfg: NodeConfig, reload: Callable[[], NodeConfig] | None = None) -> int:

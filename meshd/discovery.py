@@ -22,9 +22,9 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import ifaddr
 from zeroconf import (
@@ -39,7 +39,10 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from meshd import PROTOCOL_VERSION
 from meshd.core.counters import Counters
+from meshd.core.messages import MemberState
+from meshd.core.node import MemberView
 from meshd.errors import ConfigError
+from meshd.metrics import Exposition
 
 log = logging.getLogger(__name__)
 
@@ -485,25 +488,40 @@ class Discovery:
             log.exception("mDNS: discovery callback failed")
 
 
-# ---- wiring into the daemon (meshd/daemon.py `_start_discovery` calls `start(daemon)`) --------
+# ---- wiring into the daemon (meshd/daemon.py calls `start(daemon)`) -----------------------------
+
+
+class DiscoveryHost(Protocol):
+    """What discovery uses of the daemon: who this node is, and joining what it finds."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def cluster(self) -> str: ...
+    @property
+    def site(self) -> str: ...
+    @property
+    def addr(self) -> str: ...  # "host:port", the advertised gossip address
+    @property
+    def mdns_interfaces(self) -> list[str]: ...  # IPv4 addresses to confine mDNS to; [] = all
+    def members(self) -> Sequence[MemberView]: ...
+    async def join(self, addrs: list[str]) -> int: ...  # how many answered
 
 
 class DaemonDiscovery:
-    """Discovery bound to a running daemon: joins what it finds and reports the outcome back.
+    """Discovery bound to a running daemon: joins what it finds and reports the outcome back."""
 
-    Uses of the daemon (duck-typed, no import cycle): name, node_id, cluster, site, addr
-    ("host:port"), cfg.mdns_interfaces, members() (MemberView with addr/state), async join(addrs)
-    -> number joined.
-    """
-
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, daemon: DiscoveryHost) -> None:
         self.daemon = daemon
-        host, _, port = str(daemon.addr).rpartition(":")
+        host, _, port = daemon.addr.rpartition(":")
         host = host.strip("[]")
-        interfaces = [i for i in getattr(daemon.cfg, "mdns_interfaces", []) if _is_ipv4(i)]
-        if len(interfaces) != len(getattr(daemon.cfg, "mdns_interfaces", [])):
+        wanted = list(daemon.mdns_interfaces)
+        interfaces = [i for i in wanted if _is_ipv4(i)]
+        if len(interfaces) != len(wanted):
             log.warning("mDNS: only IPv4 interfaces are used; ignoring the others")
-        if getattr(daemon.cfg, "mdns_interfaces", []) and not interfaces:
+        if wanted and not interfaces:
             raise ConfigError("--mdns-interface: no IPv4 address given")
         addresses = [host] if _is_ipv4(host) and not ipaddress.IPv4Address(host).is_unspecified else []
         if not interfaces and addresses and ipaddress.IPv4Address(host).is_loopback:
@@ -511,7 +529,7 @@ class DaemonDiscovery:
             interfaces = ["127.0.0.1"]
         if not addresses:
             log.warning("mDNS: advertise address %s is not IPv4; browsing only", daemon.addr)
-        name = str(daemon.name)
+        name = daemon.name
         if not valid_instance_name(name):
             # e.g. a FQDN host name: the mDNS label is only a label, joins go by address and id.
             name = re.sub(r"\.+", "-", name).encode()[:_MAX_LABEL].decode(errors="ignore") or "node"
@@ -533,6 +551,9 @@ class DaemonDiscovery:
     def counters(self) -> dict[str, int]:
         return self.discovery.counters
 
+    def collect_metrics(self, out: Exposition) -> None:
+        out.core_counters({f"mdns.{k}": v for k, v in self.discovery.counters.items()})
+
     async def start(self) -> None:
         await self.discovery.start()
 
@@ -552,7 +573,7 @@ class DaemonDiscovery:
     def _alive_addrs(self) -> set[str]:
         alive = set()
         for m in self.daemon.members():
-            if int(m.state) == 0 and m.name != self.daemon.name:  # MemberState.ALIVE
+            if m.state == MemberState.ALIVE and m.name != self.daemon.name:
                 alive.add(m.addr)
         return alive
 
@@ -588,7 +609,7 @@ class DaemonDiscovery:
         log.debug("mDNS: %s withdrew its service", name)
 
 
-async def start(daemon: Any) -> DaemonDiscovery:
+async def start(daemon: DiscoveryHost) -> DaemonDiscovery:
     """The daemon's hook: advertise it, browse, and join same-cluster peers as they appear."""
     handle = DaemonDiscovery(daemon)
     await handle.start()

@@ -10,8 +10,9 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["CONTENT_TYPE", "Exposition", "TransferStats", "counter_name"]
+__all__ = ["CONTENT_TYPE", "Exposition", "MetricsSource", "TransferStats", "counter_name"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BAD_CHARS = re.compile(r"[^a-zA-Z0-9_]")
@@ -24,6 +25,13 @@ class TransferStats:
     sent_bytes: int = 0
     received_bytes: int = 0
     origin_bytes: int = 0
+
+    def collect_metrics(self, out: Exposition) -> None:
+        out.counter("meshd_transfer_sent_bytes_total", "release bytes sent to peers", self.sent_bytes)
+        out.counter("meshd_transfer_received_bytes_total", "release bytes received from peers",
+                    self.received_bytes)
+        out.counter("meshd_transfer_origin_bytes_total", "release bytes fetched from the origin",
+                    self.origin_bytes)
 
 
 def counter_name(dotted: str) -> str:
@@ -46,6 +54,12 @@ def _fmt(value: float) -> str:
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     return repr(float(value))
+
+
+class MetricsSource(Protocol):
+    """A component that reports its own metrics; the daemon's /metrics loops over its sources."""
+
+    def collect_metrics(self, out: Exposition) -> None: ...
 
 
 class Exposition:

@@ -2,7 +2,8 @@
 
 Reads are open; changes need `Authorization: Bearer <token>` (the token in
 <data-dir>/api-token). Every error is JSON {"error": ..., "detail": ...}. The app talks to
-the daemon only through the `Agent` protocol, so tests can drive it with a fake.
+the daemon only through the `Agent` protocol (api/agent.py), so tests can drive it with a fake;
+route modules share the JSON helpers of api/http.py.
 """
 
 from __future__ import annotations
@@ -10,20 +11,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import importlib.resources
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from meshd import __version__
+from meshd.api.agent import AGENT, Agent, EventLike, MemberLike
+from meshd.api.http import ApiError, error_response, json_response, read_json, require_token
+from meshd.api.queries import add_query_routes
 from meshd.config import DEFAULT_PORT
 from meshd.core.messages import MemberState
 from meshd.errors import ConfigError, MeshError, StateError
-from meshd.metrics import CONTENT_TYPE, Exposition, TransferStats
+from meshd.metrics import CONTENT_TYPE, Exposition
 from meshd.net.http_server import HttpServer
 from meshd.units import format_hostport, parse_hostport
 
@@ -37,79 +40,10 @@ STATES = {s.name.lower(): s for s in MemberState}
 HEALTH_VALUES = ("passing", "warning", "critical", "unknown")
 _MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 
-
-class MemberLike(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def node_id(self) -> str: ...
-    @property
-    def addr(self) -> str: ...
-    @property
-    def state(self) -> MemberState: ...
-    @property
-    def incarnation(self) -> int: ...
-    @property
-    def meta(self) -> dict[str, str]: ...
-
-
-class EventLike(Protocol):
-    @property
-    def kind(self) -> str: ...
-    @property
-    def member(self) -> MemberLike | None: ...  # None for shell events that carry a payload
-
-
-class SubscriptionLike(Protocol):
-    async def get(self) -> EventLike: ...
-    def close(self) -> None: ...
-
-
-class Agent(Protocol):
-    """What the API needs from the running daemon."""
-
-    name: str
-    node_id: str
-    cluster: str
-    site: str
-    addr: str
-    addr_source: str
-    api_token: str
-    transfer: TransferStats
-
-    def uptime(self) -> float: ...
-    def is_ready(self) -> bool: ...
-    def readiness_detail(self) -> str: ...
-    def members(self) -> Sequence[MemberLike]: ...
-    def subscribe(self) -> SubscriptionLike: ...
-    async def join(self, addrs: list[str]) -> int: ...
-    def request_leave(self) -> None: ...
-    def keys(self) -> tuple[list[str], str] | None: ...
-    def key_op(self, op: str, key: bytes) -> None: ...
-    def collect_metrics(self, out: Exposition) -> None: ...
-
-
-AGENT = web.AppKey("agent", Agent)
 SHUTDOWN = web.AppKey("shutdown", asyncio.Event)
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(data), status=status, content_type="application/json"
-    )
-
-
-def error_response(status: int, error: str, detail: Any = None) -> web.Response:
-    return json_response({"error": error, "detail": detail}, status)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, error: str, detail: Any = None) -> None:
-        super().__init__(error)
-        self.status, self.error, self.detail = status, error, detail
 
 
 def member_json(m: MemberLike) -> dict[str, Any]:
@@ -169,19 +103,6 @@ def filter_members(
     return sorted(out, key=lambda m: m.name)
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw:
-        raise ApiError(400, "bad_request", "expected a JSON object body")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise ApiError(400, "bad_json", str(e)) from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "bad_request", "expected a JSON object body")
-    return body
-
-
 # --- middleware --------------------------------------------------------------------------------
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -207,17 +128,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("API handler failed: %s %s", request.method, request.path)
         return error_response(500, "internal_error", "see the meshd log")
-
-
-def require_token(request: web.Request, why: str = "this call") -> None:
-    """ApiError 401/403 unless the request carries the node's API token."""
-    header = request.headers.get("Authorization", "")
-    if not header:
-        raise ApiError(401, "unauthorized", f"{why} needs Authorization: Bearer <token>")
-    scheme, _, token = header.partition(" ")
-    expected = request.app[AGENT].api_token
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise ApiError(403, "forbidden", "wrong API token")
 
 
 @web.middleware
@@ -445,8 +355,6 @@ def create_api_app(agent: Agent) -> web.Application:
     r.add_get("/metrics", get_metrics)
     r.add_get("/healthz", get_healthz)
     r.add_get("/readyz", get_readyz)
-    from meshd.api.queries import add_query_routes  # here: that module imports this one
-
     add_query_routes(app)  # GET /v1/health, POST /v1/query
     return app
 

@@ -38,15 +38,8 @@ from typing import Any, Protocol, runtime_checkable
 import orjson
 from aiohttp import web
 
-from meshd.api.app import (
-    AGENT,
-    ApiError,
-    MemberLike,
-    error_response,
-    json_response,
-    read_json,
-    require_token,
-)
+from meshd.api.agent import AGENT, MemberLike
+from meshd.api.http import ApiError, error_response, json_response, read_json, require_token
 from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.query import REGEX_PREFIX, QueryResult, matches, split_meta
 from meshd.errors import ConfigError, StateError

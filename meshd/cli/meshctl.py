@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from meshd import __version__
+from meshd.cli import meshctl_health
+from meshd.cli.output import print_json, table
 
 DEFAULT_API = "http://127.0.0.1:7789"
 EXIT_ERROR = 1
@@ -133,20 +135,6 @@ class Client:
 
 
 # --- output ------------------------------------------------------------------------------------
-
-
-def print_json(doc: Any) -> None:
-    print(json.dumps(doc, indent=2, sort_keys=False))
-
-
-def table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    for row in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    return "\n".join(lines)
 
 
 def _tags_text(tags: dict[str, str]) -> str:
@@ -462,8 +450,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then wait (with progress) until the nodes that want it have it")
     sub.add_parser("releases", parents=[common],
                    help="releases: state, progress, nodes that have it, where it is current")
-    from meshd.cli import meshctl_health  # health, query (it imports this module)
-
     meshctl_health.register(sub, COMMANDS)
     sub.add_parser("version", parents=[common], help="client and server versions")
     return parser

@@ -19,7 +19,9 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any, Protocol
 
-from meshd.cli.meshctl import print_json, table
+from meshd.cli.output import print_json, table
+from meshd.errors import ConfigError
+from meshd.units import parse_duration
 
 EXIT_OK = 0
 EXIT_BAD_ANSWER = 2  # DESIGN.md: `meshctl health` exits 2 when a node is critical or missing
@@ -41,17 +43,11 @@ def _usage(message: str) -> int:
 
 
 def _duration_seconds(text: str) -> float | None:
-    """'250ms' / '3s' / '1m' / '2' -> seconds, None when unreadable (the server says why)."""
-    t = text.strip().lower()
-    for unit, mult in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
-        if t.endswith(unit):
-            t, scale = t[: -len(unit)], mult
-            break
-    else:
-        scale = 1.0
+    """'250ms' / '3s' / '1m' / '2' -> seconds, as the server reads it; None when unreadable (the
+    server says why)."""
     try:
-        return float(t) * scale
-    except ValueError:
+        return parse_duration(text, "--timeout")
+    except ConfigError:
         return None
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 
+from meshd.metrics import Exposition
 from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded
 from meshd.net.http_server import HttpServer
 
@@ -37,6 +39,23 @@ class TCPStats:
         self.connect_errors = 0
         self.sent_bytes = 0
         self.received_bytes = 0
+
+
+@dataclass
+class PeerTraffic:
+    """Both sides of the peer TCP port: exchanges this node served and exchanges it started."""
+
+    served: TCPStats = field(default_factory=TCPStats)
+    started: TCPStats = field(default_factory=TCPStats)
+
+    def collect_metrics(self, out: Exposition) -> None:
+        s, c = self.served, self.started
+        out.counter("meshd_tcp_accepted_total", "peer exchanges served", s.accepted)
+        out.counter("meshd_tcp_received_bytes_total", "peer TCP bytes received",
+                    s.received_bytes + c.received_bytes)
+        out.counter("meshd_tcp_sent_bytes_total", "peer TCP bytes sent", s.sent_bytes + c.sent_bytes)
+        out.counter("meshd_tcp_connects_total", "peer exchanges started", c.connects)
+        out.counter("meshd_tcp_connect_errors_total", "peer exchanges failed", c.connect_errors)
 
 
 STREAM_HANDLER = web.AppKey("stream_handler", StreamHandler)

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Callable
 
 from meshd.errors import ConfigError
+from meshd.metrics import Exposition
 from meshd.units import parse_hostport
 
 log = logging.getLogger("meshd.udp")
@@ -108,6 +109,14 @@ class UDPEndpoint:
             return
         self.stats.sent += 1
         self.stats.sent_bytes += len(data)
+
+    def collect_metrics(self, out: Exposition) -> None:
+        u = self.stats
+        out.counter("meshd_udp_sent_packets_total", "UDP packets sent", u.sent)
+        out.counter("meshd_udp_sent_bytes_total", "UDP bytes sent", u.sent_bytes)
+        out.counter("meshd_udp_received_packets_total", "UDP packets received", u.received)
+        out.counter("meshd_udp_received_bytes_total", "UDP bytes received", u.received_bytes)
+        out.counter("meshd_udp_send_errors_total", "UDP send failures", u.send_errors)
 
     def close(self) -> None:
         if self._transport is not None:

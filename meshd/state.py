@@ -1,0 +1,169 @@
+"""The node's state files in its data dir: the API token, the keyring and the peer snapshot.
+
+(The node identity key is `crypto.NodeIdentity.load_or_create`.) Files holding secrets are
+written 0600 in a 0700 directory. The peer snapshot lets a restarted node rejoin without seeds
+and start above the incarnation the mesh may remember of its last run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from meshd.core.messages import MemberState
+from meshd.core.node import MemberView
+from meshd.crypto import Keyring, read_key_file, write_private
+from meshd.errors import ConfigError
+
+log = logging.getLogger("meshd")
+
+__all__ = [
+    "KEYRING_FILE",
+    "SNAPSHOT_FILE",
+    "TOKEN_FILE",
+    "PeerSnapshot",
+    "load_keyring",
+    "load_or_create_token",
+    "prepare_data_dir",
+    "read_snapshot",
+    "save_keyring",
+    "snapshot_doc",
+    "write_snapshot",
+]
+
+KEYRING_FILE = "keyring.json"
+TOKEN_FILE = "api-token"
+SNAPSHOT_FILE = "peers.json"
+SNAPSHOT_MAX_PEERS = 128
+_SNAPSHOT_ORDER = {MemberState.ALIVE: 0, MemberState.SUSPECT: 1, MemberState.DEAD: 2}
+
+
+def prepare_data_dir(path: str) -> Path:
+    d = Path(path)
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = stat.S_IMODE(d.stat().st_mode)
+        if mode & 0o077 and d.stat().st_uid == os.getuid():
+            os.chmod(d, 0o700)  # it holds the node key and the API token
+    except OSError as e:
+        raise ConfigError(f"--data-dir {path}: {e.strerror or e}") from None
+    if not os.access(d, os.W_OK):
+        raise ConfigError(f"--data-dir {path}: not writable")
+    return d
+
+
+def load_or_create_token(data_dir: Path) -> str:
+    path = data_dir / TOKEN_FILE
+    if path.exists():
+        token = path.read_text(encoding="ascii", errors="replace").strip()
+        if len(token) >= 16:
+            return token
+        log.warning("%s is too short; writing a new token", path)
+    token = secrets.token_urlsafe(32)
+    write_private(path, (token + "\n").encode())
+    return token
+
+
+# --- keyring -------------------------------------------------------------------------------------
+
+
+def load_keyring(data_dir: Path, insecure: bool, cluster_key_file: str | None) -> Keyring | None:
+    """The saved keyring (it carries rotations), else one made from --cluster-key-file."""
+    if insecure:
+        log.warning("running --insecure: gossip and peer traffic are NOT encrypted")
+        return None
+    path = data_dir / KEYRING_FILE
+    if path.exists():
+        ring = Keyring.load(path)
+        if cluster_key_file:
+            key = read_key_file(cluster_key_file)
+            if key not in ring:
+                log.warning("--cluster-key-file %s is not in %s; the keyring file wins "
+                            "(it carries rotations)", cluster_key_file, path)
+        return ring
+    if not cluster_key_file:
+        raise ConfigError(
+            "--cluster-key-file is required unless --insecure "
+            "(create one with: meshd keygen cluster --out FILE)"
+        )
+    ring = Keyring([read_key_file(cluster_key_file)])
+    ring.save(path)
+    return ring
+
+
+def save_keyring(data_dir: Path, ring: Keyring | None) -> None:
+    """Persist a rotated keyring; a failure is logged (the running node keeps its keys)."""
+    if ring is None:
+        return
+    try:
+        ring.save(data_dir / KEYRING_FILE)
+    except OSError as e:
+        log.error("cannot save keyring: %s", e)
+
+
+# --- peer snapshot -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerSnapshot:
+    """What the last run left: where to rejoin and the incarnation to start from."""
+
+    start_incarnation: int = 0  # above what the mesh may remember of our last run
+    peers: list[str] = field(default_factory=list)
+
+
+def read_snapshot(data_dir: Path) -> PeerSnapshot:
+    path = data_dir / SNAPSHOT_FILE
+    if not path.exists():
+        return PeerSnapshot()
+    try:
+        data = orjson.loads(path.read_bytes())
+        peers = data.get("peers", [])
+        return PeerSnapshot(
+            int(data.get("incarnation", 0)) + 1,
+            [str(p["addr"]) for p in peers if isinstance(p, dict) and "addr" in p][:SNAPSHOT_MAX_PEERS],
+        )
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+        log.warning("ignoring unreadable peer snapshot %s: %s", path, e)
+        return PeerSnapshot()
+
+
+def snapshot_doc(
+    name: str, node_id: str, addr: str, incarnation: int, members: Iterable[MemberView], saved_at: float
+) -> dict[str, Any]:
+    """The snapshot document: other members, alive first, then suspect, then dead."""
+    peers = sorted(
+        (m for m in members if m.name != name and m.state in _SNAPSHOT_ORDER),
+        key=lambda m: (_SNAPSHOT_ORDER[m.state], m.name),
+    )[:SNAPSHOT_MAX_PEERS]
+    return {
+        "version": 1,
+        "name": name,
+        "node_id": node_id,
+        "addr": addr,
+        "incarnation": incarnation,
+        "saved_at": saved_at,
+        "peers": [
+            {"name": m.name, "id": m.node_id, "addr": m.addr, "state": m.state.name.lower()}
+            for m in peers
+        ],
+    }
+
+
+def write_snapshot(
+    data_dir: Path, name: str, node_id: str, addr: str, incarnation: int, members: Iterable[MemberView]
+) -> None:
+    doc = snapshot_doc(name, node_id, addr, incarnation, members, time.time())
+    try:
+        write_private(data_dir / SNAPSHOT_FILE, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    except OSError as e:
+        log.error("cannot write peer snapshot: %s", e)

@@ -1,0 +1,172 @@
+"""Test doubles shared by the API, CLI and discovery tests, built on the real types.
+
+Members are the core's own `MemberView`; `FakeAgent` is the daemon as the API sees it (the
+`meshd.api.agent.Agent` protocol, plus `run_query` for the query routes); `FakeHost` is the
+daemon as mDNS discovery sees it (`meshd.discovery.DiscoveryHost`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from meshd.core.messages import MemberState, QueryFilter
+from meshd.core.node import MemberView
+from meshd.core.query import QueryAnswer, QueryResult
+from meshd.errors import StateError
+from meshd.metrics import Exposition, TransferStats
+
+TOKEN = "s3cret-token-value-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def member(
+    name: str,
+    state: MemberState = MemberState.ALIVE,
+    *,
+    node_id: str | None = None,
+    addr: str = "127.0.0.1:1",
+    incarnation: int = 1,
+    meta: dict[str, str] | None = None,
+    site: str | None = None,
+    **tags: str,
+) -> MemberView:
+    """A member as the core reports it; `site` and `tags` go into its gossiped meta."""
+    meta = dict(meta or {})
+    if site is not None:
+        meta["site"] = site
+    meta.update({f"tag:{k}": v for k, v in tags.items()})
+    return MemberView(name, node_id or name * 4, addr, state, incarnation, meta, 0.0)
+
+
+@dataclass(frozen=True)
+class FakeEvent:
+    kind: str
+    member: MemberView | None
+
+
+class FakeSubscription:
+    def __init__(self, agent: FakeAgent) -> None:
+        self.agent = agent
+        self.queue: asyncio.Queue[FakeEvent] = asyncio.Queue()
+
+    async def get(self) -> FakeEvent:
+        return await self.queue.get()
+
+    def close(self) -> None:
+        self.agent.subs.remove(self)
+
+
+@dataclass
+class FakeAgent:
+    """The daemon behind the operator API: answers from its fields, records what it was asked."""
+
+    name: str = "n1"
+    node_id: str = "ab" * 16
+    cluster: str = "test"
+    site: str = "factory"
+    addr: str = "127.0.0.1:7788"
+    addr_source: str = "bind address"
+    api_token: str = TOKEN
+    transfer: TransferStats = field(default_factory=TransferStats)
+    people: list[MemberView] = field(default_factory=list)
+    uptime_s: float = 1.0
+    ready: bool = True
+    join_result: int | None = 1  # None: as many as it was given
+    joined_with: list[list[str]] = field(default_factory=list)
+    leave_requested: int = 0
+    ring: list[bytes] | None = None  # None: an --insecure node
+    subs: list[FakeSubscription] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)  # core counters for /metrics
+    # run_query
+    asked: list[tuple[str, bytes, QueryFilter, float | None, int]] = field(default_factory=list)
+    answers: list[QueryAnswer] = field(default_factory=list)
+    missing: tuple[str, ...] = ()
+    raises: Exception | None = None
+    gate: asyncio.Event | None = None
+
+    def uptime(self) -> float:
+        return self.uptime_s
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def readiness_detail(self) -> str:
+        return "joined" if self.ready else "joining"
+
+    def members(self) -> list[MemberView]:
+        return self.people
+
+    def subscribe(self) -> FakeSubscription:
+        sub = FakeSubscription(self)
+        self.subs.append(sub)
+        return sub
+
+    async def join(self, addrs: list[str]) -> int:
+        self.joined_with.append(addrs)
+        return len(addrs) if self.join_result is None else self.join_result
+
+    def request_leave(self) -> None:
+        self.leave_requested += 1
+
+    def keys(self) -> tuple[list[str], str] | None:
+        if self.ring is None:
+            return None
+        return [k[:4].hex() for k in self.ring], self.ring[0][:4].hex()
+
+    def key_op(self, op: str, key: bytes) -> None:
+        assert self.ring is not None
+        if op == "install":
+            self.ring.append(key)
+        elif op == "use":
+            if key not in self.ring:
+                raise StateError("not installed")
+            self.ring.remove(key)
+            self.ring.insert(0, key)
+        elif op == "remove":
+            if key == self.ring[0]:
+                raise StateError("primary")
+            self.ring.remove(key)
+
+    def collect_metrics(self, out: Exposition) -> None:
+        states = [s.name.lower() for s in MemberState]
+        out.labelled("meshd_members", "gauge", "members by state",
+                     [({"state": s}, sum(1 for m in self.people if m.state.name.lower() == s))
+                      for s in states])
+        out.core_counters(self.counters)
+
+    async def run_query(
+        self, name: str, payload: bytes, filters: QueryFilter, timeout: float | None, relay_factor: int
+    ) -> QueryResult:
+        self.asked.append((name, payload, filters, timeout, relay_factor))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.raises is not None:
+            raise self.raises
+        return QueryResult(7, name, tuple(self.answers), self.missing, 42.25, bool(self.missing))
+
+
+@dataclass
+class FakeHost:
+    """The daemon behind mDNS discovery: who it is, its members, and the joins it was asked for."""
+
+    name: str
+    cluster: str
+    addr: str
+    site: str = "lo"
+    node_id: str = ""
+    mdns_interfaces: list[str] = field(default_factory=list)
+    people: Sequence[MemberView] = ()
+    join_result: int = 1
+    joins: list[list[str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.node_id = self.node_id or f"id-{self.name}"
+
+    def members(self) -> Sequence[MemberView]:
+        return self.people
+
+    async def join(self, addrs: list[str]) -> int:
+        self.joins.append(addrs)
+        return self.join_result

@@ -1,0 +1,214 @@
+"""GET /v1/health and POST /v1/query over a fake agent: filters and durations parsed, answers
+shaped as documented, missing nodes named, errors and limits, the token for /v1/query."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from meshd.api.app import create_api_app
+from meshd.api.queries import IN_FLIGHT, MAX_API_QUERIES
+from meshd.core.messages import MemberState, QueryFilter
+from meshd.core.query import QueryAnswer
+from meshd.errors import ConfigError, StateError
+from tests.fakes import AUTH, FakeAgent, member
+
+
+def health(name: str, site: str, status: str) -> bytes:
+    checks = [{"name": "disk", "kind": "disk", "status": status, "output": "x", "updated": 1.0}]
+    return orjson.dumps({"name": name, "site": site, "status": status, "checks": checks})
+
+
+def make_agent() -> FakeAgent:
+    return FakeAgent(
+        join_result=0,
+        people=[
+            member("n1", site="factory", role="gw"),
+            member("n2", site="factory", role="db"),
+            member("n3", site="shop", role="gw"),
+            member("n4", MemberState.DEAD, site="shop", role="gw"),
+            member("n5", MemberState.LEFT, site="shop", role="gw"),
+        ],
+    )
+
+
+@pytest.fixture
+def agent() -> FakeAgent:
+    return make_agent()
+
+
+@pytest.fixture
+async def client(agent: FakeAgent) -> AsyncIterator[TestClient]:
+    async with TestClient(TestServer(create_api_app(agent))) as c:
+        yield c
+
+
+async def test_health_answers_grouped_with_missing_nodes(client: TestClient, agent: FakeAgent) -> None:
+    agent.answers = [
+        QueryAnswer("n3", health("n3", "shop", "critical"), 3.0),
+        QueryAnswer("n1", health("n1", "factory", "passing"), 1.5),
+        QueryAnswer("n2", b"not json", 2.0),
+    ]
+    resp = await client.get("/v1/health")  # open: no token
+    assert resp.status == 200
+    doc = await resp.json()
+    assert [r["name"] for r in doc["responses"]] == ["n1", "n2", "n3"]  # by site, then name
+    _, n2, n3 = doc["responses"]
+    assert n3 == {"name": "n3", "site": "shop", "status": "critical", "elapsed_ms": 3.0,
+                  "checks": [{"name": "disk", "kind": "disk", "status": "critical", "output": "x",
+                              "updated": 1.0}]}
+    # An unreadable answer still names the node; its status is unknown, its site from members.
+    assert n2["status"] == "unknown" and n2["checks"] == [] and n2["site"] == "factory"
+    assert n2["payload"] == "not json"
+    # n4 is dead and matches (no filter): named missing; n5 left on purpose: not missing.
+    assert doc["missing"] == ["n4"]
+    assert doc["elapsed_ms"] == 42.2 or doc["elapsed_ms"] == 42.3
+    assert doc["timed_out"] is False
+    name, payload, filters, timeout, relay = agent.asked[0]
+    assert (name, payload, filters, timeout, relay) == ("health", b"", QueryFilter(), None, 0)
+
+
+async def test_health_filters_and_durations(client: TestClient, agent: FakeAgent) -> None:
+    agent.missing = ("n3",)
+    url = ("/v1/health?site=shop&node=n3,n4&node=ghost&tag=role=gw&tag=rack=re:r[0-9]&timeout=250ms"
+           "&relay_factor=2")
+    resp = await client.get(url)
+    # Every matching node runs a regular expression: only an operator with the token sends one.
+    assert resp.status == 401 and agent.asked == []
+    resp = await client.get(url, headers=AUTH)
+    assert resp.status == 200
+    doc = await resp.json()
+    _, _, filters, timeout, relay = agent.asked[0]
+    assert filters == QueryFilter(nodes=["n3", "n4", "ghost"], site="shop",
+                                  tags={"role": "gw", "rack": "re:r[0-9]"})
+    assert timeout == 0.25 and relay == 2
+    # n3 did not answer; n4 is dead (filter: role=gw lacks rack, so only named); ghost named.
+    assert doc["missing"] == ["ghost", "n3", "n4"]
+    assert doc["timed_out"] is True
+    resp = await client.get("/v1/health?timeout=3")
+    assert resp.status == 200 and agent.asked[-1][3] == 3.0
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("timeout=soon", "bad_timeout"),
+        ("timeout=0s", "bad_timeout"),
+        ("timeout=-1", "bad_timeout"),
+        ("tag=role", "bad_filter"),
+        ("tag==x", "bad_filter"),
+        ("tag=a=1&tag=a=2", "bad_filter"),
+        ("relay_factor=x", "bad_request"),
+        ("relay_factor=%C2%B2", "bad_request"),  # "²": isdigit() but not int()
+    ],
+)
+async def test_health_bad_requests(client: TestClient, agent: FakeAgent, query: str, error: str) -> None:
+    resp = await client.get("/v1/health?" + query)
+    assert resp.status == 400
+    assert (await resp.json())["error"] == error
+    assert agent.asked == []
+
+
+async def test_core_refusals_map_to_400_and_503(client: TestClient, agent: FakeAgent) -> None:
+    agent.raises = ConfigError("filters.site: bad regular expression: x")
+    resp = await client.get("/v1/health?site=re:(", headers=AUTH)
+    assert resp.status == 400
+    assert await resp.json() == {"error": "bad_query",
+                                 "detail": "filters.site: bad regular expression: x"}
+    agent.raises = StateError("64 queries already in flight")
+    resp = await client.get("/v1/health")
+    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+    assert (await resp.json())["error"] == "busy"
+
+
+async def test_too_many_waiting_queries_get_429(client: TestClient, agent: FakeAgent) -> None:
+    agent.gate = asyncio.Event()
+    waiting = [asyncio.ensure_future(client.get("/v1/health")) for _ in range(MAX_API_QUERIES)]
+    app = client.app
+    assert app is not None
+    for _ in range(200):
+        if app[IN_FLIGHT].count == MAX_API_QUERIES:
+            break
+        await asyncio.sleep(0.01)
+    resp = await client.get("/v1/health")
+    assert resp.status == 429 and resp.headers["Retry-After"] == "1"
+    assert (await resp.json())["error"] == "too_many_queries"
+    agent.gate.set()
+    for fut in waiting:
+        assert (await fut).status == 200
+    assert app[IN_FLIGHT].count == 0
+
+
+async def test_query_needs_the_token(client: TestClient, agent: FakeAgent) -> None:
+    resp = await client.post("/v1/query", json={"name": "uptime"})
+    assert resp.status == 401
+    resp = await client.post("/v1/query", json={"name": "uptime"},
+                             headers={"Authorization": "Bearer wrong"})
+    assert resp.status == 403
+    assert agent.asked == []
+
+
+async def test_query_answers_and_body(client: TestClient, agent: FakeAgent) -> None:
+    agent.answers = [
+        QueryAnswer("n1", orjson.dumps({"handler": "uptime", "exit_code": 0, "output": "up 3 days\n",
+                                        "truncated": False}), 4.0),
+        QueryAnswer("n3", orjson.dumps({"error": "no handler", "detail": "no handler for 'uptime'",
+                                        "handlers": []}), 5.0),
+    ]
+    body = {"name": "uptime", "payload": "-p", "site": "re:.*", "nodes": ["n1", "n3"],
+            "tags": {"role": "gw"}, "timeout": "2s", "relay_factor": 1}
+    resp = await client.post("/v1/query", json=body, headers=AUTH)
+    assert resp.status == 200
+    doc = await resp.json()
+    assert agent.asked[0] == ("uptime", b"-p", QueryFilter(["n1", "n3"], "re:.*", {"role": "gw"}),
+                              2.0, 1)
+    assert doc["responses"] == [
+        {"name": "n1", "site": "factory", "handler": "uptime", "exit_code": 0,
+         "output": "up 3 days\n", "truncated": False, "elapsed_ms": 4.0},
+        {"name": "n3", "site": "shop", "error": "no handler", "detail": "no handler for 'uptime'",
+         "handlers": [], "elapsed_ms": 5.0},
+    ]
+    assert doc["missing"] == []
+    # tags as a list of k=v, nodes as a comma string, payload absent
+    resp = await client.post("/v1/query", json={"name": "x", "nodes": "n1,n2", "tags": ["a=1", "b=2"]},
+                             headers=AUTH)
+    assert resp.status == 200
+    assert agent.asked[-1] == ("x", b"", QueryFilter(["n1", "n2"], "", {"a": "1", "b": "2"}), None, 0)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"name": ""},
+        {"name": 3},
+        {"name": "x", "payload": 5},
+        {"name": "x", "nodes": {"a": 1}},
+        {"name": "x", "tags": 7},
+        {"name": "x", "tags": {"a": 1}},
+        {"name": "x", "timeout": "forever"},
+        {"name": "x", "relay_factor": -1},
+        {"name": "x", "relay_factor": True},
+        {"name": "x", "site": 5},
+    ],
+)
+async def test_query_bad_bodies(client: TestClient, agent: FakeAgent, body: dict[str, Any]) -> None:
+    resp = await client.post("/v1/query", json=body, headers=AUTH)
+    assert resp.status == 400
+    assert agent.asked == []
+
+
+async def test_agent_without_queries_gets_501() -> None:
+    @dataclass
+    class NoQueries(FakeAgent):
+        run_query = None  # type: ignore[assignment]
+
+    async with TestClient(TestServer(create_api_app(NoQueries(people=make_agent().people)))) as c:
+        resp = await c.get("/v1/health")
+        assert resp.status == 501
