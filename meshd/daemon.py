@@ -83,7 +83,7 @@ class Daemon:
         self._discovery: DaemonDiscovery | None = None
         self._runtime: NodeRuntime | None = None
         self._snapshot = state.PeerSnapshot()
-        self.dist: ReleaseService | None = None
+        self.release: ReleaseService | None = None
         self.health: HealthService | None = None  # checks, health meta and query answers
 
     # --- Agent protocol (used by the API) and DiscoveryHost (used by mDNS discovery) ------------
@@ -171,49 +171,8 @@ class Daemon:
                   protocol=str(PROTOCOL_VERSION))
         out.gauge("meshd_uptime_seconds", "seconds since start", self.uptime())
         out.gauge("meshd_ready", "1 once joined or alone by intent", int(self._ready))
-        for source in self._metrics:  # UDP, peer TCP, transfer bytes, mDNS
+        for source in self._metrics:  # each component reports its own
             source.collect_metrics(out)
-        self._collect_metrics_not_yet_moved(out)
-
-    def _collect_metrics_not_yet_moved(self, out: Exposition) -> None:
-        """LEAD (issue 8): the runtime's, the release service's and the health service's metrics.
-
-        These read other components' insides (node.awareness, node.broadcasts, node.counters,
-        node.queries.counters, dist.counters); each block belongs in that component's own
-        `collect_metrics(out)` (a metrics.MetricsSource), then in `self._metrics`.
-        """
-        rt = self.runtime
-        node = rt.node
-        # NodeRuntime (the core node it pumps)
-        counts = dict.fromkeys((s.name.lower() for s in MemberState), 0)
-        for m in node.members():
-            counts[m.state.name.lower()] += 1
-        out.labelled("meshd_members", "gauge", "members by state",
-                     [({"state": s}, n) for s, n in counts.items()])
-        out.gauge("meshd_health_score", "Lifeguard local health (0 = healthy)",
-                  node.awareness.score)
-        out.gauge("meshd_broadcast_queue", "messages waiting to be gossiped", len(node.broadcasts))
-        out.counter("meshd_runtime_errors_total", "core exceptions caught by the shell", rt.errors)
-        out.counter("meshd_events_dropped_total", "events lost by slow subscribers",
-                    rt.events_dropped)
-        out.gauge("meshd_event_subscribers", "open event streams", rt.subscriber_count)
-        out.core_counters(node.counters)
-        # NodeRuntime: query engine counters (query.match, response.accepted, ...) and answering
-        out.core_counters({f"queries.{k}": v for k, v in node.queries.counters.items()})
-        out.gauge("meshd_queries_in_flight", "queries this node asked, not finished yet",
-                  node.queries.in_flight())
-        out.counter("meshd_queries_busy_total", "queries answered busy (too many running)",
-                    rt.queries_busy)
-        # HealthService
-        if self.health is not None:
-            out.labelled("meshd_health_checks", "gauge", "local checks by status",
-                         [({"status": s}, sum(1 for c in self.health.monitor.checks()
-                                              if c["status"] == s))
-                          for s in ("passing", "warning", "critical")])
-        # ReleaseService
-        if self.dist is not None:
-            out.core_counters({f"dist.{k}": v for k, v in self.dist.counters.items()})
-            out.core_counters({f"dist.swarm.{k}": v for k, v in self.dist.fetch_counters().items()})
 
     # --- start-up pieces -----------------------------------------------------------------------
 
@@ -256,7 +215,7 @@ class Daemon:
                 and ev.member.state == MemberState.ALIVE):
             self._set_ready("joined")
 
-    def _make_dist(self, codec: Codec) -> ReleaseService:
+    def _make_release_service(self, codec: Codec) -> ReleaseService:
         cfg = self.cfg
         trusted = [load_publisher_public(path) for path in cfg.trust_publisher]
         if not trusted:
@@ -295,6 +254,7 @@ class Daemon:
         )
         runtime = NodeRuntime(node, peer_client=PeerClient(self.peer_traffic.started))
         self._runtime = runtime
+        self._metrics += [runtime, health]
         self._exit.push_async_callback(self._close_runtime)
         runtime.add_listener(self._on_event)
         health.attach(runtime)
@@ -308,8 +268,9 @@ class Daemon:
         self._metrics.insert(0, udp)
         runtime.udp = udp
         peer_app = create_peer_app(runtime, self.peer_traffic.served)
-        self.dist = self._make_dist(codec)
-        self.dist.add_routes(peer_app)
+        self.release = self._make_release_service(codec)
+        self.release.add_routes(peer_app)
+        self._metrics.append(self.release)
         peer_server = PeerServer(peer_app)
         try:
             await peer_server.start(bind_host, port)
@@ -322,7 +283,7 @@ class Daemon:
             log.warning("operator API on %s is reachable from the network; reads need no token",
                         cfg.api)
         api_app = create_api_app(self)
-        add_release_routes(api_app, self.dist)
+        add_release_routes(api_app, self.release)
         api = ApiServer(api_app)
         try:
             await api.start(api_host, api_port)
@@ -335,9 +296,9 @@ class Daemon:
         runtime.start()
         # Listen first: a member announcing a release while the store recovers must not be
         # missed (events before start are recorded and acted on once it has started).
-        runtime.add_listener(self.dist.handle_member_event)
-        self._exit.push_async_callback(self.dist.stop)  # safe on a half-started service
-        await self.dist.start(node.members())
+        runtime.add_listener(self.release.handle_member_event)
+        self._exit.push_async_callback(self.release.stop)  # safe on a half-started service
+        await self.release.start(node.members())
         self._exit.callback(self.write_snapshot)  # the last membership of this run, loops stopped
         ring = (f"keyring of {len(self.keyring)} key(s), primary {fingerprint(self.keyring.primary)}"
                 if self.keyring else "INSECURE (no encryption)")

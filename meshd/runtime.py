@@ -320,18 +320,17 @@ class NodeRuntime:
             counts[m.state.name.lower()] += 1
         out.labelled("meshd_members", "gauge", "members by state",
                      [({"state": s}, n) for s, n in counts.items()])
-        out.gauge("meshd_health_score", "Lifeguard local health (0 = healthy)",
-                  node.awareness.score)
-        out.gauge("meshd_broadcast_queue", "messages waiting to be gossiped", len(node.broadcasts))
+        stats = node.stats()
+        out.gauge("meshd_health_score", "Lifeguard local health (0 = healthy)", stats.health_score)
+        out.gauge("meshd_broadcast_queue", "messages waiting to be gossiped", stats.broadcast_queue)
         out.counter("meshd_runtime_errors_total", "core exceptions caught by the shell",
                     self.errors)
         out.counter("meshd_events_dropped_total", "events lost by slow subscribers",
                     self.events_dropped)
         out.gauge("meshd_event_subscribers", "open event streams", self.subscriber_count)
-        out.core_counters(node.counters)
-        out.core_counters({f"queries.{k}": v for k, v in node.queries.counters.items()})
+        out.core_counters(stats.counters)
         out.gauge("meshd_queries_in_flight", "queries this node asked, not finished yet",
-                  node.queries.in_flight())
+                  stats.queries_in_flight)
         out.counter("meshd_queries_busy_total", "queries answered busy (too many running)",
                     self.queries_busy)
 

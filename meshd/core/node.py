@@ -151,6 +151,16 @@ JOIN_TIMEOUT_MIN = 5.0
 QUERY_DIRECT_FAN_OUT = 64  # members a query is also sent to directly; gossip covers the rest
 
 
+@dataclass(frozen=True)
+class NodeStats:
+    """What /metrics shows of a node's insides, read in one call (the shell never reaches in)."""
+
+    health_score: int  # Lifeguard awareness: 0 = healthy
+    broadcast_queue: int  # messages waiting to be gossiped
+    queries_in_flight: int  # queries this node asked, not finished yet
+    counters: dict[str, int]  # dotted event counts, the query engine's under "queries."
+
+
 class MembershipCore(Protocol):
     """What a shell drives: NodeRuntime is typed against this, Node implements it."""
 
@@ -165,18 +175,11 @@ class MembershipCore(Protocol):
     def meta(self) -> dict[str, str]: ...
     @property
     def incarnation(self) -> int: ...
-    @property
-    def counters(self) -> Counters: ...
-    @property
-    def awareness(self) -> Awareness: ...
-    @property
-    def broadcasts(self) -> BroadcastQueue: ...
-    @property
-    def queries(self) -> QueryEngine: ...
     def members(self) -> list[MemberView]: ...
     def member(self, name: str) -> MemberView | None: ...
     def num_active(self) -> int: ...
     def leave_pending(self) -> bool: ...
+    def stats(self) -> NodeStats: ...
 
     # --- inputs
     def receive_datagram(self, data: bytes, addr: str, now: float) -> None: ...
@@ -269,6 +272,11 @@ class Node:
     @property
     def meta(self) -> dict[str, str]:
         return dict(self._me.meta)
+
+    def stats(self) -> NodeStats:
+        counters = dict(self.counters)
+        counters.update({f"queries.{k}": v for k, v in self.queries.counters.items()})
+        return NodeStats(self.awareness.score, len(self.broadcasts), self.queries.in_flight(), counters)
 
     def num_active(self) -> int:
         """Members that count for the protocol's formulas: alive and suspect, us included."""

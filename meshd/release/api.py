@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from meshd.api.app import ApiError, json_response, read_json
+from meshd.api.http import ApiError, json_response, read_json
 from meshd.errors import ConfigError, IntegrityError, StateError
 from meshd.release.chunker import PublishError
 from meshd.release.service import ReleaseService
