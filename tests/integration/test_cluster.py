@@ -8,12 +8,10 @@ import re
 import signal
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import pytest
 
-if TYPE_CHECKING:
-    from conftest import InProcessStarter, Mesh, NodeProc
+from tests.processes import InProcessStarter, Mesh, NodeProc
 
 pytestmark = pytest.mark.integration
 

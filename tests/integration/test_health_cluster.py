@@ -11,12 +11,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
-if TYPE_CHECKING:
-    from conftest import Mesh, NodeProc
+from tests.processes import Mesh, NodeProc
 
 pytestmark = pytest.mark.integration
 

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import pytest
 
 from meshd.core.messages import MemberState
 from meshd.net.peer_http import PeerClient, PeerServer, create_peer_app
-
-if TYPE_CHECKING:
-    from conftest import InProcessStarter
+from tests.processes import InProcessStarter
 
 pytestmark = pytest.mark.integration
 

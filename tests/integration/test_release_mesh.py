@@ -41,6 +41,7 @@ from meshd.release.peer_client import PeerFetcher
 from meshd.release.serve import PeerServer
 from meshd.release.service import ReleaseService
 from meshd.wire import Codec
+from tests.fakes import member
 
 pytestmark = pytest.mark.integration
 
@@ -58,11 +59,6 @@ def data_blob(seed: int, size: int) -> bytes:
         out += rnd.randbytes(4096)
         out += bytes([rnd.randrange(256)]) * 4096
     return bytes(out[:size])
-
-
-def member_view(name: str, addr: str, state: MemberState, meta: dict[str, str]) -> MemberView:
-    """A membership entry as the runtime hands it to the service."""
-    return MemberView(name, name, addr, state, 1, meta, 0.0)
 
 
 @dataclass
@@ -84,7 +80,7 @@ class TNode:
 
     def member(self) -> MemberView:
         state = MemberState.ALIVE if self.alive else MemberState.DEAD
-        return member_view(self.name, self.addr, state, dict(self.meta))
+        return member(self.name, state, node_id=self.name, addr=self.addr, meta=dict(self.meta))
 
     def set_meta_keys(self, updates: dict[str, str | None]) -> None:
         for k, v in updates.items():
@@ -476,7 +472,7 @@ async def test_untrusted_and_unsigned_manifests_are_refused(mesh: Mesh, tmp_path
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     ann = Announce("app", "7.0", unsigned.release_id[:16], 1, len(unsigned.chunks)).text()
-    n1.service.member_update(member_view("fake", f"127.0.0.1:{port}", MemberState.ALIVE, {"rel:app": ann}))
+    n1.service.member_update(member("fake", node_id="fake", addr=f"127.0.0.1:{port}", meta={"rel:app": ann}))
     await wait_for(lambda: n1.service.counters.get("manifests.refused", 0) >= 2)
     assert not n1.service.store.has_manifest(unsigned.release_id)
     await runner.cleanup()

@@ -6,8 +6,6 @@ import errno
 import os
 import shutil
 import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,72 +13,24 @@ import orjson
 import pytest
 
 from meshd.errors import IntegrityError
-from meshd.release.activate import ActivationError, Releases
-from meshd.release.chunker import StoredChunk, chunk_tree
+from meshd.release.activate import ActivationError
+from meshd.release.chunker import chunk_tree
 from meshd.release.manifest import Manifest
-from meshd.release.store import ChunkStore
-
-NAME = "agent"
-
-
-def write_tree(root: Path, files: dict[str, bytes]) -> None:
-    for rel, data in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-
-
-def version_files(n: int) -> dict[str, bytes]:
-    return {
-        "bin/agent": (f"agent build {n}\n".encode() + bytes(range(256)) * 200),
-        "etc/agent.conf": f"version={n}\n".encode(),
-        "share/data.bin": bytes([n % 256]) * 70_000,
-    }
-
-
-class Env:
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        self.data = tmp_path / "data"
-        self.store = ChunkStore(self.data, fsync=False)
-        self.files: dict[str, dict[str, bytes]] = {}
-
-    def publish(self, version: str, files: dict[str, bytes], *, single: bool = False) -> Manifest:
-        src = self.tmp / "src" / version
-        write_tree(src, files)
-        self.files[version] = files
-        target = src / next(iter(files)) if single else src
-
-        def sink(c: StoredChunk) -> None:
-            self.store.put_stored_unchecked(c.id, c.stored)
-
-        tree = chunk_tree(target, sink)
-        return Manifest.build(NAME, version, tree, created=0.0)
-
-    def releases(self, **kw: Any) -> Releases:
-        kw.setdefault("fsync", False)
-        return Releases(self.data, self.store, **kw)
+from tests.activation import (
+    NAME,
+    Env,
+    Killed,
+    assert_current_complete,
+    kill_at_every_step,
+    read_tree,
+    version_files,
+    write_tree,
+)
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
     return Env(tmp_path)
-
-
-def read_tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def assert_current_complete(env: Env, rel: Releases, allowed: set[str | None]) -> str | None:
-    cur = rel.current(NAME)
-    assert cur in allowed, f"current is {cur}"
-    link = env.data / "releases" / NAME / "current"
-    if cur is None:
-        assert not link.exists()
-        return None
-    assert os.readlink(link) == cur  # relative link
-    assert read_tree(link) == env.files[cur]
-    return cur
 
 
 def test_materialise_and_activate(env: Env) -> None:
@@ -139,70 +89,6 @@ def test_same_version_with_other_content_is_refused(env: Env) -> None:
         rel.activate(impostor)
     assert rel.current(NAME) == "1.0"
     assert read_tree(env.data / "releases" / NAME / "1.0") == version_files(1)
-
-
-def test_hook_gets_env_and_success(env: Env, tmp_path: Path) -> None:
-    out = tmp_path / "hook.json"
-    code = (
-        "import os, json, sys; "
-        "json.dump({k: v for k, v in os.environ.items() if k.startswith('MESHD_RELEASE')} "
-        "| {'cwd': os.getcwd()}, open(sys.argv[1], 'w'))"
-    )
-    rel = env.releases(hook=[sys.executable, "-c", code, str(out)])
-    m1 = env.publish("1.0", version_files(1))
-    m2 = env.publish("2.0", version_files(2))
-    rel.activate(m1)
-    rel.activate(m2)
-    seen = orjson.loads(out.read_bytes())
-    vdir = str(env.data / "releases" / NAME / "2.0")
-    assert seen["MESHD_RELEASE_NAME"] == NAME
-    assert seen["MESHD_RELEASE_VERSION"] == "2.0"
-    assert seen["MESHD_RELEASE_ID"] == m2.release_id
-    assert seen["MESHD_RELEASE_DIR"] == vdir and seen["cwd"] == vdir
-    assert seen["MESHD_RELEASE_PREVIOUS"] == "1.0"
-    assert not (env.data / "releases" / NAME / ".meta" / "pending.json").exists()
-
-
-@pytest.mark.parametrize(
-    ("hook", "timeout", "message"),
-    [
-        ([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], 10.0, "exited with 3: boom"),
-        ([sys.executable, "-c", "import time; time.sleep(30)"], 0.3, "timed out"),
-        (["/nonexistent/hook"], 10.0, "cannot run"),
-    ],
-)
-def test_failing_hook_rolls_back(env: Env, hook: list[str], timeout: float, message: str) -> None:
-    m1 = env.publish("1.0", version_files(1))
-    m2 = env.publish("2.0", version_files(2))
-    env.releases().activate(m1)
-    rel = env.releases(hook=hook, hook_timeout=timeout)
-    with pytest.raises(ActivationError, match=message) as info:
-        rel.activate(m2)
-    assert "rolled back to 1.0" in str(info.value)
-    assert_current_complete(env, rel, {"1.0"})
-    assert not (env.data / "releases" / NAME / ".meta" / "pending.json").exists()
-
-
-def test_hook_timeout_kills_its_children(env: Env, tmp_path: Path) -> None:
-    marker = tmp_path / "child-ran"
-    child = tmp_path / "child.py"
-    child.write_text(f"import time\ntime.sleep(1.5)\nopen({str(marker)!r}, 'w').close()\n")
-    parent = tmp_path / "hook.py"
-    parent.write_text(
-        f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, {str(child)!r}])\ntime.sleep(30)\n"
-    )
-    rel = env.releases(hook=[sys.executable, str(parent)], hook_timeout=0.5)
-    with pytest.raises(ActivationError, match="timed out"):
-        rel.activate(env.publish("1.0", version_files(1)))
-    subprocess.run([sys.executable, "-c", "import time; time.sleep(1.5)"], check=True)
-    assert not marker.exists()
-
-
-def test_failing_hook_on_first_install_leaves_no_current(env: Env) -> None:
-    rel = env.releases(hook=["false"])
-    with pytest.raises(ActivationError, match="no version is current"):
-        rel.activate(env.publish("1.0", version_files(1)))
-    assert rel.current(NAME) is None
 
 
 def test_missing_chunk_is_a_clear_error_and_leaves_nothing(env: Env) -> None:
@@ -303,73 +189,8 @@ def _key() -> Any:
 # --- crash at every step -----------------------------------------------------------------
 
 
-class Killed(BaseException):
-    """A kill -9 stand-in: not an Exception, so no cleanup handler catches it."""
-
-
-PATCHED = ["replace", "rename", "symlink", "fsync", "write", "unlink", "mkdir", "fchmod", "open"]
-
-
-def kill_at(monkeypatch: pytest.MonkeyPatch, n: int) -> Callable[[], int]:
-    """Patch os functions so that the n-th call among them raises Killed."""
-    calls = 0
-
-    def wrap(name: str) -> None:
-        real = getattr(os, name)
-
-        def f(*a: Any, **k: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            if calls == n:
-                raise Killed(f"killed at call {n} (os.{name})")
-            return real(*a, **k)
-
-        monkeypatch.setattr(os, name, f)
-
-    for name in PATCHED:
-        wrap(name)
-    return lambda: calls
-
-
-@pytest.mark.parametrize("hook", [None, ["true"]])
-def test_kill_at_every_step_leaves_a_complete_current(
-    env: Env, monkeypatch: pytest.MonkeyPatch, hook: list[str] | None
-) -> None:
-    m1 = env.publish("1.0", version_files(1))
-    m2 = env.publish("2.0", version_files(2))
-    base = env.data / "releases" / NAME
-    n = 1
-    while True:
-        if base.exists():
-            shutil.rmtree(base)
-        rel = env.releases(hook=hook, fsync=True)
-        rel.activate(m1)
-        count = kill_at(monkeypatch, n)
-        try:
-            rel.activate(m2)
-            killed = False
-        except Killed:
-            killed = True
-        finally:
-            total = count()
-            monkeypatch.undo()
-        # Right after the kill: current is a complete old or new version.
-        assert_current_complete(env, rel, {"1.0", "2.0"})
-        # After restart recovery: still complete, no debris, and activation then works.
-        fresh = env.releases(hook=hook)
-        fresh.recover()
-        assert_current_complete(env, fresh, {"1.0", "2.0"})
-        names = {p.name for p in base.iterdir()}
-        assert not any(x.startswith((".tmp", ".trash")) for x in names), names
-        if hook:
-            assert not (base / ".meta" / "pending.json").exists()
-        fresh.activate(m2)
-        assert_current_complete(env, fresh, {"2.0"})
-        if not killed:
-            break
-        n += 1
-    print(f"kill points tried: {n}, calls in a full activation: {total}")
-    assert n > 10 and total >= n - 1  # every step before completion was tried
+def test_kill_at_every_step_leaves_a_complete_current(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    kill_at_every_step(env, monkeypatch, hook=None)  # with a hook: tests/integration/test_activation_hooks.py
 
 
 def test_kill_during_hook_rolls_back_on_recover(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from meshd.core.config import LAN, LOCAL
 from meshd.core.effects import AnswerQuery, MemberEvent, OpenStream, QueryDone
-from meshd.core.messages import Alive, Dead, IndirectPing, MemberState, Ping, QueryFilter, Suspect
+from meshd.core.messages import Alive, Dead, IndirectPing, MemberState, Message, Ping, QueryFilter, Suspect
 from meshd.core.node import Node
 from meshd.crypto import Keyring
 from meshd.net.memory import MemoryNetwork
@@ -16,7 +16,7 @@ from meshd.wire import Codec, encode_message
 from tests.cluster import alive_names, make_cluster, state_of, view
 
 
-def inject(net, node: Node, *msgs) -> None:  # type: ignore[no-untyped-def]
+def inject(net: MemoryNetwork, node: Node, *msgs: Message) -> None:
     """Deliver messages to a node as if a peer had sent them."""
     node.receive_datagram(node.codec.pack([encode_message(m) for m in msgs]), "peer:1", net.now)
     net.poke(node)

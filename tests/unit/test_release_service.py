@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from meshd.core.adoption import DISCOVER_RETRY, REJECT_RETRY
-from meshd.core.messages import MemberState
 from meshd.core.node import MemberView
 from meshd.crypto import PublisherKey
 from meshd.errors import ConfigError
@@ -31,15 +30,11 @@ from meshd.release.service import ReleaseService
 from meshd.release.store import ChunkStore
 from meshd.units import parse_rate
 from meshd.wire import Codec
+from tests.fakes import member
 
 CLUSTER = "dtest"
 PUB = PublisherKey(bytes(range(32)))
 EVIL = PublisherKey(bytes(range(1, 33)))
-
-
-def member_view(name: str, addr: str, state: MemberState, meta: dict[str, str]) -> MemberView:
-    """A membership entry as the runtime hands it to the service."""
-    return MemberView(name, name, addr, state, 1, meta, 0.0)
 
 
 def make_service(root: Path, *, site: str = "a", tags: dict[str, str] | None = None,
@@ -91,7 +86,7 @@ async def settle(svc: ReleaseService) -> None:
 def announcing(name: str, m: Manifest, have: int | None = None) -> MemberView:
     n = len(m.chunks)
     entry = Announce(m.name, m.version, m.release_id[:16], n if have is None else have, n)
-    return member_view(name, f"{name}:1", MemberState.ALIVE, {"site": "a", "rel:app": entry.text()})
+    return member(name, node_id=name, addr=f"{name}:1", meta={"site": "a", "rel:app": entry.text()})
 
 
 # --- discovery, adoption, completion, through the service's inputs ---------------------------------
