@@ -46,7 +46,8 @@ STEP_TIMEOUT = 180.0
 
 def load_lab() -> ModuleType:
     spec = importlib.util.spec_from_file_location("meshd_lab", REPO / "scripts" / "lab.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["meshd_lab"] = module
     spec.loader.exec_module(module)

@@ -84,7 +84,7 @@ def derive_advertise_host() -> tuple[str, str]:
 
 
 def is_wildcard(host: str) -> bool:
-    return host in ("0.0.0.0", "::", "")
+    return host in ("0.0.0.0", "::", "")  # noqa: S104 - recognises a wildcard, binds nothing
 
 
 async def resolve_hostport(addr: str, family: int = socket.AF_INET) -> list[str]:

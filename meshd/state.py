@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 KEYRING_FILE = "keyring.json"
-TOKEN_FILE = "api-token"
+TOKEN_FILE = "api-token"  # noqa: S105 - a file name, not a secret
 SNAPSHOT_FILE = "peers.json"
 SNAPSHOT_MAX_PEERS = 128
 _SNAPSHOT_ORDER = {MemberState.ALIVE: 0, MemberState.SUSPECT: 1, MemberState.DEAD: 2}

@@ -58,7 +58,8 @@ async def run_command(
 
     async def communicate() -> int:
         nonlocal seen
-        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdin is not None
+        assert proc.stdout is not None
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             if stdin:
                 proc.stdin.write(stdin)

@@ -298,7 +298,7 @@ class Releases:
         """Run the hook; None on success, else a one-line reason."""
         assert self.hook is not None
         try:
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(  # noqa: S603 - the operator's configured hook, no shell
                 self.hook,
                 cwd=path,
                 env=self._hook_env(manifest, path, previous),

@@ -67,7 +67,10 @@ async def post_releases(request: web.Request) -> web.Response:
         isinstance(o, str) for o in origins
     ):
         raise ApiError(400, "bad_request", f"'origins' must be a list of at most {MAX_ORIGINS} URLs")
-    assert path is not None and name is not None and version is not None and key_file is not None
+    assert path is not None
+    assert name is not None
+    assert version is not None
+    assert key_file is not None
     try:
         info = await svc.publish(
             path, name, version, key_file, site=site, tags=_tags(body.get("tags")),

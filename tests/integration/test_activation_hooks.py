@@ -39,7 +39,8 @@ def test_hook_gets_env_and_success(env: Env, tmp_path: Path) -> None:
     assert seen["MESHD_RELEASE_NAME"] == NAME
     assert seen["MESHD_RELEASE_VERSION"] == "2.0"
     assert seen["MESHD_RELEASE_ID"] == m2.release_id
-    assert seen["MESHD_RELEASE_DIR"] == vdir and seen["cwd"] == vdir
+    assert seen["MESHD_RELEASE_DIR"] == vdir
+    assert seen["cwd"] == vdir
     assert seen["MESHD_RELEASE_PREVIOUS"] == "1.0"
     assert not (env.data / "releases" / NAME / ".meta" / "pending.json").exists()
 

@@ -59,7 +59,9 @@ async def test_status_fields(client: TestClient) -> None:
     assert doc["members"] == {"alive": 1, "suspect": 1, "dead": 1, "left": 1}
     assert doc["transfer"] == {"sent_bytes": 10, "received_bytes": 20, "origin_bytes": 3}
     assert doc["uptime_s"] == 12.5
-    assert doc["name"] == "n1" and doc["cluster"] == "test" and doc["site"] == "factory"
+    assert doc["name"] == "n1"
+    assert doc["cluster"] == "test"
+    assert doc["site"] == "factory"
 
 
 async def test_members_fields_and_filters(client: TestClient) -> None:
@@ -90,7 +92,8 @@ async def test_members_fields_and_filters(client: TestClient) -> None:
     r = await client.get("/v1/members?state=sleepy")
     assert r.status == 400
     err = await r.json()
-    assert err["error"] == "bad_filter" and "sleepy" in err["detail"]
+    assert err["error"] == "bad_filter"
+    assert "sleepy" in err["detail"]
     assert (await client.get("/v1/members?tag=role")).status == 400
 
 
@@ -133,7 +136,8 @@ async def test_body_is_bounded(client: TestClient) -> None:
     r = await client.post("/v1/join", data=b"x" * (1024 * 1024), headers=AUTH)
     assert r.status == 413
     doc = await r.json()
-    assert "error" in doc and "detail" in doc
+    assert "error" in doc
+    assert "detail" in doc
 
 
 async def test_leave(client: TestClient, agent: FakeAgent) -> None:
@@ -203,7 +207,8 @@ async def test_events_stream(client: TestClient, agent: FakeAgent) -> None:
     data = block.split(b"data: ", 1)[1]
     doc = orjson.loads(data)
     assert doc["kind"] == "dead"
-    assert doc["member"]["name"] == "n3" and doc["member"]["state"] == "dead"
+    assert doc["member"]["name"] == "n3"
+    assert doc["member"]["state"] == "dead"
     r.close()
 
 

@@ -64,7 +64,9 @@ async def test_health_answers_grouped_with_missing_nodes(client: TestClient, age
                   "checks": [{"name": "disk", "kind": "disk", "status": "critical", "output": "x",
                               "updated": 1.0}]}
     # An unreadable answer still names the node; its status is unknown, its site from members.
-    assert n2["status"] == "unknown" and n2["checks"] == [] and n2["site"] == "factory"
+    assert n2["status"] == "unknown"
+    assert n2["checks"] == []
+    assert n2["site"] == "factory"
     assert n2["payload"] == "not json"
     # n4 is dead and matches (no filter): named missing; n5 left on purpose: not missing.
     assert doc["missing"] == ["n4"]
@@ -80,19 +82,22 @@ async def test_health_filters_and_durations(client: TestClient, agent: FakeAgent
            "&relay_factor=2")
     resp = await client.get(url)
     # Every matching node runs a regular expression: only an operator with the token sends one.
-    assert resp.status == 401 and agent.asked == []
+    assert resp.status == 401
+    assert agent.asked == []
     resp = await client.get(url, headers=AUTH)
     assert resp.status == 200
     doc = await resp.json()
     _, _, filters, timeout, relay = agent.asked[0]
     assert filters == QueryFilter(nodes=["n3", "n4", "ghost"], site="shop",
                                   tags={"role": "gw", "rack": "re:r[0-9]"})
-    assert timeout == 0.25 and relay == 2
+    assert timeout == 0.25
+    assert relay == 2
     # n3 did not answer; n4 is dead (filter: role=gw lacks rack, so only named); ghost named.
     assert doc["missing"] == ["ghost", "n3", "n4"]
     assert doc["timed_out"] is True
     resp = await client.get("/v1/health?timeout=3")
-    assert resp.status == 200 and agent.asked[-1][3] == 3.0
+    assert resp.status == 200
+    assert agent.asked[-1][3] == 3.0
 
 
 @pytest.mark.parametrize(
@@ -123,7 +128,8 @@ async def test_core_refusals_map_to_400_and_503(client: TestClient, agent: FakeA
                                  "detail": "filters.site: bad regular expression: x"}
     agent.raises = StateError("64 queries already in flight")
     resp = await client.get("/v1/health")
-    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "1"
     assert (await resp.json())["error"] == "busy"
 
 
@@ -137,7 +143,8 @@ async def test_too_many_waiting_queries_get_429(client: TestClient, agent: FakeA
             break
         await asyncio.sleep(0.01)
     resp = await client.get("/v1/health")
-    assert resp.status == 429 and resp.headers["Retry-After"] == "1"
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] == "1"
     assert (await resp.json())["error"] == "too_many_queries"
     agent.gate.set()
     for fut in waiting:

@@ -43,7 +43,8 @@ def test_membership_lifecycle(mesh: Mesh) -> None:
         assert n.status_code("/readyz") == 200
     status = seed.get("/v1/status")
     assert status["members"]["alive"] == 4
-    assert status["addr"] == seed.addr and status["cluster"] == "itest"
+    assert status["addr"] == seed.addr
+    assert status["cluster"] == "itest"
 
     n2, n3, n4 = others
     # kill -9: the others detect the failure and mark it dead.
@@ -65,7 +66,8 @@ def test_membership_lifecycle(mesh: Mesh) -> None:
     n4.start()
     mesh.wait_until("n4 alive again everywhere",
                     lambda: all(n.states().get("n4") == "alive" for n in (seed, n2, n4)), 30)
-    assert n4.states().get("n1") == "alive" and n4.states().get("n2") == "alive"
+    assert n4.states().get("n1") == "alive"
+    assert n4.states().get("n2") == "alive"
     assert n4.status_code("/readyz") == 200
 
 
@@ -85,11 +87,13 @@ def test_key_rotation_and_wrong_key(mesh: Mesh) -> None:
         return [k["id"] for k in doc["keys"]], doc["primary"]
 
     old_ids, old_primary = key_ids(seed)
-    assert len(old_ids) == 1 and old_primary == old_ids[0]
+    assert len(old_ids) == 1
+    assert old_primary == old_ids[0]
 
     # Without the token meshctl fails clearly.
     r = seed.meshctl("keys", "install", "--key-file", str(new_key))
-    assert r.returncode == 1 and "401" in r.stderr
+    assert r.returncode == 1
+    assert "401" in r.stderr
 
     r = seed.meshctl("keys", "install", "--key-file", str(new_key), "--json", token=True)
     assert r.returncode == 0, r.stderr
@@ -126,13 +130,15 @@ def test_key_rotation_and_wrong_key(mesh: Mesh) -> None:
     while time.monotonic() < deadline:
         for n in nodes:
             view = n.states()
-            assert "stale" not in view and "stranger" not in view, view
+            assert "stale" not in view, view
+            assert "stranger" not in view, view
         time.sleep(0.3)
     assert set(stale.states()) == {"stale"}
     assert stranger.status_code("/readyz") == 503
     # Their packets were refused and counted, not raised.
     m = re.search(r"^meshd_drops_auth_total (\d+)$", seed.text("/metrics"), re.M)
-    assert m is not None and int(m.group(1)) > 0
+    assert m is not None
+    assert int(m.group(1)) > 0
     assert all_alive(nodes, names)
 
 
@@ -153,7 +159,8 @@ def test_cli_against_a_node(mesh: Mesh) -> None:
     assert r.returncode == 0
     lines = r.stdout.strip().splitlines()
     assert lines[0].split()[:3] == ["NAME", "ADDRESS", "STATE"]
-    assert len(lines) == 2 and lines[1].split()[0] == "c1"
+    assert len(lines) == 2
+    assert lines[1].split()[0] == "c1"
     r = a.meshctl("status", "--json")
     assert json.loads(r.stdout)["site"] == "north"
     # leave through the API: the node leaves and exits 0; the other sees it left
@@ -163,14 +170,16 @@ def test_cli_against_a_node(mesh: Mesh) -> None:
     mesh.wait_until("c1 seen left", lambda: b.states().get("c1") == "left", 15)
     # a node that is not there: a clear message and exit 1
     r = a.meshctl("members")
-    assert r.returncode == 1 and "cannot reach meshd" in r.stderr
+    assert r.returncode == 1
+    assert "cannot reach meshd" in r.stderr
 
 
 def test_insecure_refused_off_loopback(mesh: Mesh) -> None:
     r = mesh.run_meshd("run", "--insecure", "--bind", "0.0.0.0:7788", "--no-mdns",
                        "--data-dir", str(mesh.root / "x"))
     assert r.returncode == 2
-    assert "--insecure" in r.stderr and "loopback" in r.stderr
+    assert "--insecure" in r.stderr
+    assert "loopback" in r.stderr
 
 
 def test_insecure_node_on_loopback(mesh: Mesh) -> None:
@@ -199,7 +208,8 @@ async def test_runtime_pair_in_process(in_process_node: InProcessStarter,
     sub = r1.subscribe()
     assert await r2.join([r1.node.addr]) == 1
     ev = await asyncio.wait_for(sub.get(), 5)
-    assert ev.kind == "join" and ev.member.name == "r2"
+    assert ev.kind == "join"
+    assert ev.member.name == "r2"
     sub.close()
     for _ in range(50):
         if all(len([m for m in rt.node.members() if m.state == MemberState.ALIVE]) == 2
@@ -210,8 +220,10 @@ async def test_runtime_pair_in_process(in_process_node: InProcessStarter,
         raise AssertionError("pair did not converge")
     await asyncio.sleep(1.5)  # probes go both ways over UDP
     assert r1.node.counters.get("msgs.in.ack", 0) > 0
-    assert r1.udp is not None and r1.udp.stats.received > 0
-    assert r1.errors == 0 and r2.errors == 0
+    assert r1.udp is not None
+    assert r1.udp.stats.received > 0
+    assert r1.errors == 0
+    assert r2.errors == 0
     # the peer endpoint: garbage is refused (400), an oversized body gets 413
     async with aiohttp.ClientSession() as http:
         url = f"http://{r1.node.addr}/peer/v1/stream"

@@ -88,7 +88,8 @@ async def test_two_nodes_find_each_other_ignore_other_cluster_and_notice_goodbye
         await a_seen.until(lambda: a.ignored >= 1)
         assert all(p[0] not in (a.name, x.name) for p in a_seen.peers)
         assert x_seen.peers == []
-        assert a.discovered == 1 and a.peers.keys() == {b.name}
+        assert a.discovered == 1
+        assert a.peers.keys() == {b.name}
 
         await b.stop()  # goodbye
         await a_seen.until(lambda: b.name in a_seen.gone)
@@ -202,7 +203,8 @@ async def test_daemon_hook_joins_discovered_peers_and_backs_off_failures() -> No
         while not (good.joins and bad.joins):
             assert asyncio.get_running_loop().time() < deadline, "no join attempted"
             await asyncio.sleep(0.05)
-        assert good.joins[0] == [bad.addr] and bad.joins[0] == [good.addr]
+        assert good.joins[0] == [bad.addr]
+        assert bad.joins[0] == [good.addr]
         await asyncio.sleep(0.2)
         assert g.discovery.retry_delay(b.discovery.name) == 0  # joined: no backoff
         assert b.discovery.retry_delay(g.discovery.name) > 1.0  # failed: backing off

@@ -91,21 +91,24 @@ def test_release_reaches_six_nodes_resumes_and_deltas(mesh: Mesh, tmp_path: Path
                            "--key", str(pub_key), "--json", token=True)
     assert out.returncode == 0, out.stderr
     published = json.loads(out.stdout)
-    assert published["size"] == SIZE and published["name"] == NAME
+    assert published["size"] == SIZE
+    assert published["name"] == NAME
 
     # kill -9 the slow node mid-download, then start it again on the same data dir.
     total = published["chunks"]
     mesh.wait_until("slow node mid-download", lambda: (row(slow, "1.0") or {}).get(
         "have_chunks", 0) >= total // 4, timeout=60)
     before_kill = row(slow, "1.0")
-    assert before_kill is not None and before_kill["have_chunks"] < total
+    assert before_kill is not None
+    assert before_kill["have_chunks"] < total
     first_run = received(slow)
     slow.signal(signal.SIGKILL)
     slow.wait_exit()
     slow.start(join=[nodes[0].addr], extra=trust)  # without the rate cap this time
     mesh.wait_until("restarted node lists the release", lambda: row(slow, "1.0") is not None)
     resumed = row(slow, "1.0")
-    assert resumed is not None and resumed["have_chunks"] >= before_kill["have_chunks"]
+    assert resumed is not None
+    assert resumed["have_chunks"] >= before_kill["have_chunks"]
 
     mesh.wait_until("all nodes active on 1.0", lambda: all(active(n, "1.0") for n in nodes),
                     timeout=120)
@@ -113,18 +116,22 @@ def test_release_reaches_six_nodes_resumes_and_deltas(mesh: Mesh, tmp_path: Path
         path = n.data_dir / "releases" / NAME / "current" / "fw.img"
         assert file_digest(path) == want, n.name
     # The restarted node fetched only what it lacked (stored bytes < the release size).
-    assert first_run > 0 and received(slow) < published["stored_bytes"]
+    assert first_run > 0
+    assert received(slow) < published["stored_bytes"]
     mesh.wait_until("gossip shows 6 holders everywhere", lambda: all(
         (row(n, "1.0") or {}).get("nodes_complete") == 6 for n in nodes))
     status = nodes[0].get("/v1/status")
-    assert status["transfer"]["sent_bytes"] > 0 and status["transfer"]["origin_bytes"] == 0
+    assert status["transfer"]["sent_bytes"] > 0
+    assert status["transfer"]["origin_bytes"] == 0
 
     out = nodes[2].meshctl("releases", "--json")
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)["releases"]
     assert any(r["version"] == "1.0" and r["nodes_complete"] == 6 for r in rows)
     out = nodes[2].meshctl("releases")
-    assert out.returncode == 0 and "1.0" in out.stdout and NAME in out.stdout
+    assert out.returncode == 0
+    assert "1.0" in out.stdout
+    assert NAME in out.stdout
 
     # A delta: 2% of the image changes in one place.
     before = {n.name: received(n) for n in nodes}

@@ -39,7 +39,8 @@ def cmd(name: str, script: str, timeout: float = 5.0) -> CheckSpec:
 async def test_command_exit_codes_map_like_consul(code: int, status: str) -> None:
     result = await check_command(cmd("c", f"echo out-{code}; echo err >&2; exit {code}"))
     assert result.status == status
-    assert "out-" + str(code) in result.output and "err" in result.output
+    assert "out-" + str(code) in result.output
+    assert "err" in result.output
 
 
 async def test_command_as_argument_list_runs_without_a_shell() -> None:
@@ -98,7 +99,9 @@ async def test_run_command_feeds_stdin_and_keeps_the_head() -> None:
         limit=10,
         keep="head",
     )
-    assert result.exit_code == 0 and result.output == b"abcabcabca" and result.truncated
+    assert result.exit_code == 0
+    assert result.output == b"abcabcabca"
+    assert result.truncated
 
 
 # --- HTTP and TCP checks ------------------------------------------------------------------------
@@ -153,10 +156,12 @@ async def test_http_check_statuses(http_base: str) -> None:
         await monitor.stop()
     by_name = {c["name"]: c for c in monitor.checks()}
     assert by_name["/ok"]["status"] == "passing"
-    assert "200" in by_name["/ok"]["output"] and "all good" in by_name["/ok"]["output"]
+    assert "200" in by_name["/ok"]["output"]
+    assert "all good" in by_name["/ok"]["output"]
     assert by_name["/busy"]["status"] == "warning"
     assert by_name["/broken"]["status"] == "critical"
-    assert "503" in by_name["/broken"]["output"] and "db down" in by_name["/broken"]["output"]
+    assert "503" in by_name["/broken"]["output"]
+    assert "db down" in by_name["/broken"]["output"]
     assert by_name["/slow"]["status"] == "critical"
     assert "timed out" in by_name["/slow"]["output"]
 
@@ -180,7 +185,8 @@ async def test_tcp_check() -> None:
     finally:
         server.close()
         await server.wait_closed()
-    assert up.status == "passing" and "Success" in up.output
+    assert up.status == "passing"
+    assert "Success" in up.output
     down = await check_tcp(CheckSpec("db", "tcp", timeout=2.0, addr=f"127.0.0.1:{free_port()}"))
     assert down.status == "critical"
     assert "TCP connect 127.0.0.1:" in down.output
@@ -288,16 +294,21 @@ async def test_health_answer_and_handlers() -> None:
     await monitor.run_all()
 
     health = orjson.loads(await monitor.answer("health", b"", node="n1", site="s1"))
-    assert health["name"] == "n1" and health["site"] == "s1" and health["status"] == "critical"
+    assert health["name"] == "n1"
+    assert health["site"] == "s1"
+    assert health["status"] == "critical"
     assert [(c["name"], c["status"]) for c in health["checks"]] == [("bad", "critical")]
     assert health["checks"][0]["output"].strip() == "broken"
 
     echo = orjson.loads(await monitor.answer("echo", b"hello", node="n1", site="s1"))
     assert echo == {"handler": "echo", "exit_code": 0, "output": "HELLO\n", "truncated": False}
     env = orjson.loads(await monitor.run_handler("env", b""))
-    assert env["output"] == "env\n" and env["exit_code"] == 3 and "error" not in env
+    assert env["output"] == "env\n"
+    assert env["exit_code"] == 3
+    assert "error" not in env
     hang = orjson.loads(await monitor.run_handler("hang", b""))
-    assert hang["error"] == "timeout" and hang["exit_code"] is None
+    assert hang["error"] == "timeout"
+    assert hang["exit_code"] is None
     missing = orjson.loads(await monitor.run_handler("nope", b"x"))
     assert missing["error"] == "no handler"
     assert "'nope'" in missing["detail"]
@@ -313,5 +324,6 @@ async def test_health_answer_stays_bounded() -> None:
     small = monitor.health_answer("n1", "s1", limit=8 * 1024)
     answer = orjson.loads(small)
     assert len(small) <= 8 * 1024
-    assert answer["status"] == "warning" and len(answer["checks"]) == 8
+    assert answer["status"] == "warning"
+    assert len(answer["checks"]) == 8
     assert all(len(c["output"]) <= 512 for c in answer["checks"])

@@ -105,13 +105,16 @@ def test_health_and_queries_across_the_mesh(mesh: Mesh, tmp_path: Path) -> None:
 
     # The health query, asked at any node, completes with every answer (not at the timeout).
     doc = n2.get("/v1/health?timeout=10s")
-    assert doc["missing"] == [] and doc["timed_out"] is False
+    assert doc["missing"] == []
+    assert doc["timed_out"] is False
     assert doc["elapsed_ms"] < 10_000
     answers = by_name(doc)
     assert answers.keys() == everyone
-    assert answers["n3"]["status"] == "critical" and answers["n3"]["site"] == "shop"
+    assert answers["n3"]["status"] == "critical"
+    assert answers["n3"]["site"] == "shop"
     broken = answers["n3"]["checks"][0]  # worst first
-    assert broken["name"] == "broken" and broken["status"] == "critical"
+    assert broken["name"] == "broken"
+    assert broken["status"] == "critical"
     assert "disk on fire" in broken["output"]
     assert {c["name"]: c["status"] for c in answers["n3"]["checks"]}["meh"] == "warning"
     assert {c["name"] for c in answers["n1"]["checks"]} >= {"load", "memory", "disk-data",
@@ -122,14 +125,16 @@ def test_health_and_queries_across_the_mesh(mesh: Mesh, tmp_path: Path) -> None:
     assert set(by_name(n1.get("/v1/health?site=factory"))) == {"n1", "n2"}
     assert set(by_name(n1.get("/v1/health?tag=role=edge"))) == {"n1", "n3"}
     doc = n1.get("/v1/health?node=n2,n4&node=ghost&timeout=2s")
-    assert set(by_name(doc)) == {"n2", "n4"} and doc["missing"] == ["ghost"]
+    assert set(by_name(doc)) == {"n2", "n4"}
+    assert doc["missing"] == ["ghost"]
     assert n1.status_code("/v1/health?timeout=soon") == 400
     assert n1.status_code("/v1/health?tag=role") == 400
 
     # meshctl: 2 when a node is critical, 0 for a site that is fine.
     res = n1.meshctl("health")
     assert res.returncode == 2, res.stdout + res.stderr
-    assert "broken (critical)" in res.stdout and "disk on fire" in res.stdout
+    assert "broken (critical)" in res.stdout
+    assert "disk on fire" in res.stdout
     lines = res.stdout.splitlines()
     assert lines[0].split()[:3] == ["SITE", "NODE", "STATUS"]
     assert [ln.split()[0] for ln in lines[1:] if ln and not ln.startswith(" ")][:2] == ["factory"] * 2
@@ -141,35 +146,42 @@ def test_health_and_queries_across_the_mesh(mesh: Mesh, tmp_path: Path) -> None:
     with urllib.request.urlopen(n4.api_url + "/v1/events", timeout=20) as stream:
         flag.write_text("2")
         event = read_health_event(stream, "n2", time.monotonic() + 20)
-    assert event["previous"] == "passing" and event["site"] == "factory"
+    assert event["previous"] == "passing"
+    assert event["site"] == "factory"
     mesh.wait_until("n2 critical everywhere",
                     lambda: all(health_of(n).get("n2") == "critical" for n in nodes.values()), 15)
     flag.write_text("0")
 
     # Custom queries: handlers answer with their output, the others say they have none.
     status, doc = post(n2, "/v1/query", {"name": "echo", "payload": "ping 42", "timeout": "10s"})
-    assert status == 200 and doc["missing"] == [] and doc["timed_out"] is False
+    assert status == 200
+    assert doc["missing"] == []
+    assert doc["timed_out"] is False
     answers = by_name(doc)
     assert answers.keys() == everyone
     for name in ("n1", "n3"):
-        assert answers[name]["output"] == "ping 42" and answers[name]["exit_code"] == 0
+        assert answers[name]["output"] == "ping 42"
+        assert answers[name]["exit_code"] == 0
     for name in ("n2", "n4"):
         assert answers[name]["error"] == "no handler"
         assert "no handler for query 'echo'" in answers[name]["detail"]
     status, doc = post(n2, "/v1/query", {"name": "echo"}, token=False)
     assert status == 401
     status, doc = post(n2, "/v1/query", {"name": "echo", "relay_factor": 99})
-    assert status == 400 and "relay_factor" in doc["detail"]
+    assert status == 400
+    assert "relay_factor" in doc["detail"]
 
     # An answer bigger than a packet arrives whole (over TCP), with a relay copy on the way.
     status, doc = post(n4, "/v1/query", {"name": "big", "nodes": ["n1"], "relay_factor": 1,
                                          "timeout": "10s"})
-    assert status == 200 and doc["missing"] == []
+    assert status == 200
+    assert doc["missing"] == []
     assert by_name(doc)["n1"]["output"] == "x" * 5000
 
     res = n3.meshctl("query", "echo", "hello", "--tag", "role=edge", token=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "n1 (factory): exit 0" in res.stdout and "  hello" in res.stdout
+    assert "n1 (factory): exit 0" in res.stdout
+    assert "  hello" in res.stdout
 
     # kill -9: asked at once, the dead node is named missing when the timeout ends.
     n4.signal(signal.SIGKILL)
@@ -179,7 +191,9 @@ def test_health_and_queries_across_the_mesh(mesh: Mesh, tmp_path: Path) -> None:
     took = time.monotonic() - started
     assert res.returncode == 2, res.stdout + res.stderr
     doc = json.loads(res.stdout)
-    assert doc["missing"] == ["n4"] and set(by_name(doc)) == {"n1", "n2", "n3"}
+    assert doc["missing"] == ["n4"]
+    assert set(by_name(doc)) == {"n1", "n2", "n3"}
     assert took < 15
     res = n1.meshctl("health", "--site", "shop", "--timeout", "1s")
-    assert res.returncode == 2 and "missing" in res.stdout
+    assert res.returncode == 2
+    assert "missing" in res.stdout

@@ -51,14 +51,17 @@ async def test_summary_is_merged_into_meta_and_raises_an_event(tmp_path: Any) ->
         while event is None or event.kind != "health" or event.payload["health"] != "critical":
             event = await asyncio.wait_for(sub.get(), 5)
         assert isinstance(event, NodeEvent)
-        assert event.payload["name"] == "solo" and event.payload["previous"] == "passing"
-        assert event.member is not None and event.member.meta["health"] == "critical"
+        assert event.payload["name"] == "solo"
+        assert event.payload["previous"] == "passing"
+        assert event.member is not None
+        assert event.member.meta["health"] == "critical"
         assert runtime.node.meta == {"site": "factory", "tag:role": "gw", "rel:app": "4.3",
                                      "health": "critical"}
 
         # A node asking alone answers itself: the result comes straight back.
         result = await runtime.ask("health", b"", QueryFilter(), 2.0)
-        assert [a.name for a in result.responses] == ["solo"] and not result.timed_out
+        assert [a.name for a in result.responses] == ["solo"]
+        assert not result.timed_out
         assert orjson.loads(result.responses[0].payload)["status"] == "critical"
         result = await runtime.ask("echo", b"hi", QueryFilter(), 2.0)
         assert orjson.loads(result.responses[0].payload)["output"] == "hi"
@@ -66,7 +69,9 @@ async def test_summary_is_merged_into_meta_and_raises_an_event(tmp_path: Any) ->
         assert orjson.loads(result.responses[0].payload)["error"] == "no handler"
         # Nobody matches: complete at once, nothing missing.
         result = await runtime.ask("health", b"", QueryFilter(site="elsewhere"), 2.0)
-        assert result.responses == () and result.missing == () and not result.timed_out
+        assert result.responses == ()
+        assert result.missing == ()
+        assert not result.timed_out
     finally:
         sub.close()
         await service.stop()

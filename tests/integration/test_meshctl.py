@@ -102,7 +102,8 @@ def test_meshctl_env_and_token(api: tuple[str, FakeAgent], tmp_path: Path,
     monkeypatch.delenv("MESHD_API_TOKEN", raising=False)
     assert meshctl.main(["join", "127.0.0.1:7790"]) == 1
     err = capsys.readouterr().err
-    assert "401" in err and "--token-file" in err
+    assert "401" in err
+    assert "--token-file" in err
     token = tmp_path / "api-token"
     token.write_text(agent.api_token + "\n")
     assert meshctl.main(["join", "127.0.0.1:7790", "--token-file", str(token)]) == 0
@@ -121,7 +122,9 @@ def test_meshctl_status_keys_version(api: tuple[str, FakeAgent],
     url, _ = api
     assert meshctl.main(["status", "--api", url]) == 0
     out = capsys.readouterr().out
-    assert "gw1" in out and "1h2m5s" in out and "1 alive" in out
+    assert "gw1" in out
+    assert "1h2m5s" in out
+    assert "1 alive" in out
     assert meshctl.main(["keys", "list", "--api", url]) == 0
     assert "0a0b0c0d  primary" in capsys.readouterr().out
     assert meshctl.main(["keys", "install", "--api", url]) == 64  # no key given

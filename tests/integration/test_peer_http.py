@@ -28,7 +28,8 @@ async def test_a_multi_megabyte_reply_arrives_whole(port_factory: Callable[[], i
     client = PeerClient()
     try:
         reply = await client.exchange(f"127.0.0.1:{port}", b"hello", 10.0)
-        assert reply is not None and len(reply) == 3 << 20
+        assert reply is not None
+        assert len(reply) == 3 << 20
         assert reply[:512] == bytes(range(256)) * 2
     finally:
         await client.close()
@@ -42,5 +43,6 @@ async def test_join_carries_metadata_far_larger_than_a_packet(
     small_rt = await in_process_node("small")
     assert await small_rt.join([big_rt.node.addr]) == 1
     seen = small_rt.node.member("big")
-    assert seen is not None and seen.state == MemberState.ALIVE
+    assert seen is not None
+    assert seen.state == MemberState.ALIVE
     assert seen.meta == big

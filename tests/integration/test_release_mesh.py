@@ -221,19 +221,25 @@ async def test_release_spreads_from_peers_byte_exact(mesh: Mesh, tmp_path: Path)
         await wait_for(lambda n=n: n.state_of(rid) == "active", what=f"{n.name} active")  # type: ignore[misc]
         assert n.release_file("app", "app.bin").read_bytes() == blob
     # From peers only; every chunk verified; nothing from an origin.
-    assert n1.service.transfer.received_bytes > 0 and n2.service.transfer.received_bytes > 0
-    assert n1.service.transfer.origin_bytes == 0 and n2.service.transfer.origin_bytes == 0
+    assert n1.service.transfer.received_bytes > 0
+    assert n2.service.transfer.received_bytes > 0
+    assert n1.service.transfer.origin_bytes == 0
+    assert n2.service.transfer.origin_bytes == 0
     assert n0.service.transfer.sent_bytes > 0
     # Gossip said who has it: every node sees three complete holders and three currents.
     await wait_for(lambda: all(n.row(rid)["nodes_complete"] == 3 for n in (n0, n1, n2)))  # type: ignore[index]
     await wait_for(lambda: n2.row(rid)["current_on"] == ["n0", "n1", "n2"])  # type: ignore[index]
     row = n2.row(rid)
-    assert row is not None and row["current"]
-    assert row["have_chunks"] == row["chunks"] and row["size"] == len(blob)
+    assert row is not None
+    assert row["current"]
+    assert row["have_chunks"] == row["chunks"]
+    assert row["size"] == len(blob)
     ann = parse_announcements(n1.meta)
     assert [a.complete and a.current for a in ann.values()] == [True]
     states = [(e["node"], e["state"]) for e in mesh.events if e["id"] == rid]
-    assert ("n1", "downloading") in states and ("n1", "complete") in states and ("n1", "active") in states
+    assert ("n1", "downloading") in states
+    assert ("n1", "complete") in states
+    assert ("n1", "active") in states
 
 
 async def test_directory_release_and_late_joiner(mesh: Mesh, tmp_path: Path) -> None:
@@ -281,7 +287,8 @@ async def test_node_without_the_cluster_key_is_refused(mesh: Mesh, tmp_path: Pat
         assert resp.status == 403
     # With the key it works, and the answer is sealed (not the manifest in the clear).
     doc = await fetcher.manifest(n0.addr, rid[:16])
-    assert doc is not None and Manifest.from_bytes(doc).release_id == rid
+    assert doc is not None
+    assert Manifest.from_bytes(doc).release_id == rid
     await fetcher.close()
     assert n0.service.counters["serve.drops.auth"] >= 8
 
@@ -302,7 +309,8 @@ async def test_oversized_and_garbage_requests(mesh: Mesh) -> None:
         assert resp.status == 400
     await sess.close()
     c = n0.service.counters
-    assert c["serve.drops.too_big"] == 2 and c["serve.drops.decode"] == 2
+    assert c["serve.drops.too_big"] == 2
+    assert c["serve.drops.decode"] == 2
 
 
 async def test_far_site_gets_about_one_copy_over_the_site_link(mesh: Mesh, tmp_path: Path) -> None:
@@ -436,9 +444,11 @@ async def test_untrusted_and_unsigned_manifests_are_refused(mesh: Mesh, tmp_path
     blob = data_blob(6, 200_000)
     rid = await publish(rogue, write_file(tmp_path / "s" / "f", blob), "6.6", key="evil")
     await wait_for(lambda: n1.service.counters.get("manifests.refused", 0) >= 1)
-    assert n1.row(rid) is None and not n1.service.store.has_manifest(rid)
+    assert n1.row(rid) is None
+    assert not n1.service.store.has_manifest(rid)
     # The publisher holds it for others but does not install what it does not trust itself.
-    assert rogue.state_of(rid) == "complete" and not (rogue.root / "releases" / "app").exists()
+    assert rogue.state_of(rid) == "complete"
+    assert not (rogue.root / "releases" / "app").exists()
     assert any(e["state"] == "refused" and e["node"] == "n1" for e in mesh.events)
 
     # An unsigned manifest, served by a fake peer with the cluster key.
@@ -492,7 +502,8 @@ async def test_targeting_by_site_and_tag(mesh: Mesh, tmp_path: Path) -> None:
         assert other.service.counters.get("releases.ignored", 0) == 1
         assert not (other.root / "releases" / "app").exists()
     # The publisher is at hq: it holds and serves the release but does not install it.
-    assert n0.state_of(rid) == "complete" and not (n0.root / "releases" / "app").exists()
+    assert n0.state_of(rid) == "complete"
+    assert not (n0.root / "releases" / "app").exists()
 
 
 # --- delta, resume, origin -----------------------------------------------------------------------
@@ -518,7 +529,10 @@ async def test_delta_release_moves_only_changed_chunks(mesh: Mesh, tmp_path: Pat
     # Only the new chunks came over (the stored bytes n0 produced for them), nothing else.
     assert 0 < moved <= info["stored_bytes"] + 4096
     assert moved < 0.1 * before
-    assert n1.state_of(rid1) == "installed" and n1.row(rid2)["current"]  # type: ignore[index]
+    assert n1.state_of(rid1) == "installed"
+    row2 = n1.row(rid2)
+    assert row2 is not None
+    assert row2["current"]
 
 
 async def test_resume_after_restart_mid_download(mesh: Mesh, tmp_path: Path) -> None:
@@ -537,7 +551,8 @@ async def test_resume_after_restart_mid_download(mesh: Mesh, tmp_path: Path) -> 
     assert 0 < have_on_disk < total
     n1b = await mesh.add("n1", root=n1.root)
     row = n1b.row(rid)
-    assert row is not None and row["have_chunks"] >= have_on_disk
+    assert row is not None
+    assert row["have_chunks"] >= have_on_disk
     await wait_for(lambda: n1b.state_of(rid) == "active")
     assert n1b.release_file("app", "f.bin").read_bytes() == blob
     stored_total = sum(n0.service.store.path_for(c).stat().st_size for c in n0.service._manifests[rid].chunks)

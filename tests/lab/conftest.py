@@ -24,7 +24,8 @@ LOCK_WAIT = 600.0
 
 def _load_lab() -> ModuleType:
     spec = importlib.util.spec_from_file_location("meshd_lab", REPO / "scripts" / "lab.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["meshd_lab"] = module  # dataclasses need the module registered
     spec.loader.exec_module(module)

@@ -42,7 +42,8 @@ def test_avahi_browse_resolves_meshd_service(clean_lab: Any, lab_module: ModuleT
         )
         # =;iface;proto;name;type;domain;host;address;port;txt
         rec = records[0]
-        assert rec[4] == "_meshd._udp" and rec[2] == "IPv4"
+        assert rec[4] == "_meshd._udp"
+        assert rec[2] == "IPv4"
         assert rec[7] == lab.host("s1h2").ip
         assert rec[8] == "7788"
         txt = dict(item.strip('"').split("=", 1) for item in rec[9].split())
@@ -79,12 +80,15 @@ def test_site_hosts_find_each_other_other_cluster_and_site_ignored_no_leak(
                 ag.stop()
     assert counters["s1h1"]["ignored_cluster"] >= 1  # s1h3 was seen and not offered
     assert b_counters["ignored_cluster"] >= 1
-    assert other.peers() == set() and counters["s1h3"]["discovered"] == 0
-    assert far.peers() == set() and counters["s2h1"]["discovered"] == 0
+    assert other.peers() == set()
+    assert counters["s1h3"]["discovered"] == 0
+    assert far.peers() == set()
+    assert counters["s2h1"]["discovered"] == 0
     assert a.peers() == {"s1h2"}
 
     # No mDNS on any real interface of the machine (loopback excluded: other tests use it).
-    assert root_seen and root_seen[0].mdns_total == 0, root_seen
+    assert root_seen, "no capture on the root namespace"
+    assert root_seen[0].mdns_total == 0, root_seen
     # The router hears each site's link-local mDNS on that site's port only: never forwarded.
     (router,) = router_seen
     assert router.mdns_total > 0
@@ -108,4 +112,5 @@ def test_lab_adds_nothing_to_the_root_namespace(clean_lab: Any) -> None:
     out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
     for h in lab.hosts():
         assert h.ns not in out
-    assert "br0" not in out and "uplink" not in out
+    assert "br0" not in out
+    assert "uplink" not in out

@@ -37,7 +37,9 @@ def test_materialise_and_activate(env: Env) -> None:
     m = env.publish("1.0", version_files(1))
     rel = env.releases()
     res = rel.activate(m)
-    assert res.changed and res.previous is None and res.version == "1.0"
+    assert res.changed
+    assert res.previous is None
+    assert res.version == "1.0"
     path = env.data / "releases" / NAME / "1.0"
     assert res.path == path
     assert read_tree(path) == version_files(1)
@@ -155,7 +157,8 @@ def test_keep_last_n_and_gc(env: Env) -> None:
     for m in ms:
         env.store.put_manifest(m.release_id, m.sign(_key()).to_bytes())
     results = [rel.activate(m) for m in ms]
-    assert results[2].retired == ["1.0"] and results[3].retired == ["2.0"]
+    assert results[2].retired == ["1.0"]
+    assert results[3].retired == ["2.0"]
     assert rel.installed(NAME) == ["3.0", "4.0"]
     assert not env.store.has_manifest(ms[0].release_id)  # retired manifests go too
     keep = results[3].kept_chunks

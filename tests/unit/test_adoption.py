@@ -171,7 +171,8 @@ def test_activation_needs_targeted_and_newer_and_remembers_nothing() -> None:
         p.activation(Rel("2.0"), current),
         p.activation(Rel("0.1"), None),
     ] == [Verdict.NOT_TARGETED, Verdict.OLDER, Verdict.ADOPT, Verdict.ADOPT]
-    assert not p.ignored and not p.retry_at
+    assert not p.ignored
+    assert not p.retry_at
 
 
 # --- order of versions ---------------------------------------------------------------------------
@@ -180,6 +181,7 @@ def test_activation_needs_targeted_and_newer_and_remembers_nothing() -> None:
 def test_natural_version_order() -> None:
     versions = ["1.10", "1.9", "1.9a", "1.0-rc1", "1.0", "10", "2"]
     assert sorted(versions, key=natural_key) == ["1.0", "1.0-rc1", "1.9", "1.9a", "1.10", "2", "10"]
-    assert newer(Rel("1.10"), Rel("1.9")) and not newer(Rel("1.9"), Rel("1.10"))
+    assert newer(Rel("1.10"), Rel("1.9"))
+    assert not newer(Rel("1.9"), Rel("1.10"))
     assert not newer(Rel("1.0"), Rel("1.0"))
     assert newer(Rel("0.1", created="2026-01-02T00:00:00Z"), Rel("9.9"))

@@ -29,7 +29,8 @@ def test_exposition_format() -> None:
     text = out.render()
     assert 'meshd_x{label="a\\"b\\\\c"} 1.5' in text
     assert text.count("# TYPE meshd_y_total counter") == 1
-    assert "meshd_y_total 3" in text and "meshd_y_total 4" not in text
+    assert "meshd_y_total 3" in text
+    assert "meshd_y_total 4" not in text
     assert counter_name("streams.failed.tcp_ping") == "meshd_streams_failed_tcp_ping_total"
 
 
@@ -57,12 +58,14 @@ def test_filters_and_counts() -> None:
     assert [m.name for m in filter_members(PEOPLE, {}, ["role=gw"])] == ["b"]
     with pytest.raises(ApiError) as e:
         filter_members(PEOPLE, {"state": "sleepy"}, [])
-    assert e.value.status == 400 and e.value.error == "bad_filter"
+    assert e.value.status == 400
+    assert e.value.error == "bad_filter"
 
 
 def test_sse_frames() -> None:
     frame = sse_frame(FakeEvent("dead", PEOPLE[1]))
     head, data = frame.split(b"\ndata: ")
-    assert head == b"event: member" and frame.endswith(b"\n\n")
+    assert head == b"event: member"
+    assert frame.endswith(b"\n\n")
     assert orjson.loads(data)["member"]["name"] == "a"
     assert sse_frame(FakeEvent("keyring", None)).startswith(b"event: keyring\n")

@@ -19,7 +19,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "membership.py"
 
 def _load() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_membership", BENCH)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look the module up by name
     spec.loader.exec_module(mod)

@@ -68,11 +68,13 @@ def test_content_defined_cuts_survive_an_insertion() -> None:
 def test_compressible_chunk_is_lz4_and_random_is_raw() -> None:
     text = b"hello gateway " * 5000
     stored = encode_chunk(text)
-    assert stored[0] == FLAG_LZ4 and len(stored) < len(text) // 4
+    assert stored[0] == FLAG_LZ4
+    assert len(stored) < len(text) // 4
     assert decode_chunk(stored) == text
     noise = random.Random(4).randbytes(50_000)
     raw = encode_chunk(noise)
-    assert raw[0] == FLAG_RAW and raw[1:] == noise
+    assert raw[0] == FLAG_RAW
+    assert raw[1:] == noise
 
 
 def test_lz4_kept_only_when_it_saves_a_32nd() -> None:
@@ -125,7 +127,8 @@ def test_tree_walk_sorted_modes_dedup(tmp_path: Path) -> None:
     assert modes["bin/tool"] == 0o755
     assert tree.files[0].chunks == tree.files[2].chunks
     assert len(sunk) == len(tree.chunk_sizes)  # each distinct chunk sunk once
-    assert tree.files[3].size == 0 and tree.files[3].chunks == []
+    assert tree.files[3].size == 0
+    assert tree.files[3].chunks == []
     assert tree.total_size == 2 * len(blob) + 4
     assert tree.stored_bytes == sum(len(c.stored) for c in sunk)
     assert tree.stored_bytes < len(blob)  # semi-compressible data did compress

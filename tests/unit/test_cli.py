@@ -31,7 +31,8 @@ def test_run_flags_parse_repeatable() -> None:
     )
     assert args.join == ["h1:1", "h2:2"]
     assert args.tag == ["a=1", "b=2"]
-    assert args.no_mdns is True and args.insecure is None
+    assert args.no_mdns is True
+    assert args.insecure is None
     assert args.site is None  # not given: the environment or the file may set it
 
 
@@ -61,7 +62,8 @@ def test_meshd_config_error_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture
     rc = meshd_cli.main(["run", "--bind", "nowhere", "--data-dir", str(tmp_path)])
     assert rc == 2
     err = capsys.readouterr().err
-    assert err.startswith("meshd: error: --bind") and err.count("\n") == 1
+    assert err.startswith("meshd: error: --bind")
+    assert err.count("\n") == 1
     rc = meshd_cli.main(["run", "--insecure", "--bind", "0.0.0.0:7788", "--data-dir",
                          str(tmp_path)])
     assert rc == 2
@@ -93,7 +95,8 @@ def test_validate_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     bad.write_text('name = "gw1"\nprofle = "lan"\n')
     assert meshd_cli.main(["validate-config", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "profle" in err and str(bad) in err
+    assert "profle" in err
+    assert str(bad) in err
     missing_key = tmp_path / "k.toml"
     missing_key.write_text(f'cluster_key_file = "{tmp_path / "nokey"}"\n')
     assert meshd_cli.main(["validate-config", "--config", str(missing_key)]) == 2
@@ -177,7 +180,9 @@ def test_keyring_from_the_cluster_key_file_then_from_the_data_dir(tmp_path: Path
     with pytest.raises(ConfigError, match="--cluster-key-file is required"):
         state.load_keyring(tmp_path, False, None)
     ring = state.load_keyring(tmp_path, False, str(key))
-    assert ring is not None and len(ring) == 1
+    assert ring is not None
+    assert len(ring) == 1
     assert (tmp_path / state.KEYRING_FILE).exists()
     again = state.load_keyring(tmp_path, False, None)  # the saved keyring (it carries rotations)
-    assert again is not None and again.fingerprints() == ring.fingerprints()
+    assert again is not None
+    assert again.fingerprints() == ring.fingerprints()

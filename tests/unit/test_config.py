@@ -71,7 +71,8 @@ def test_defaults() -> None:
     assert cfg.mdns is True
     assert cfg.profile == "lan"
     assert cfg.protocol() == LAN
-    assert cfg.join == [] and cfg.tags == {}
+    assert cfg.join == []
+    assert cfg.tags == {}
     assert cfg.name  # host name
 
 
@@ -128,7 +129,8 @@ def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
     path = write(tmp_path, 'name = "a"\nbindd = "127.0.0.1:1"\n')
     with pytest.raises(ConfigError) as e:
         load_config({"config": path}, env={})
-    assert "bindd" in str(e.value) and path in str(e.value)
+    assert "bindd" in str(e.value)
+    assert path in str(e.value)
 
 
 def test_bad_value_names_the_source(tmp_path: Path) -> None:

@@ -74,7 +74,8 @@ async def test_a_changed_address_reaches_the_core_and_mdns() -> None:
     d._runtime = rt  # type: ignore[assignment]
     d._discovery = disc  # type: ignore[assignment]
     await d.follow_address("198.18.1.10", "default route interface eth0", 7788)
-    assert rt.addrs == [] and disc.announced == []  # unchanged: nothing to say
+    assert rt.addrs == []
+    assert disc.announced == []
     await d.follow_address("198.18.1.20", "default route interface eth0", 7788)
     assert d.addr == "198.18.1.20:7788"
     assert rt.addrs == ["198.18.1.20:7788"]

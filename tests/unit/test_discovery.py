@@ -36,10 +36,13 @@ def test_the_hook_derives_what_to_advertise_from_the_daemon() -> None:
     hook = DaemonDiscovery(FakeHost("gw1.example.org", "c", f"{LO}:7788"))
     d = hook.discovery
     assert d.name == "gw1-example-org"  # a FQDN node name becomes a single mDNS label
-    assert d.node_id == "id-gw1.example.org" and d.port == 7788 and d.addresses == [LO]
+    assert d.node_id == "id-gw1.example.org"
+    assert d.port == 7788
+    assert d.addresses == [LO]
     assert d.interfaces == [LO]  # a loopback-only node stays on loopback
     v6 = DaemonDiscovery(FakeHost("gw2", "c", "[fd00::2]:7788", mdns_interfaces=["198.18.0.1"]))
-    assert v6.discovery.addresses == [] and v6.discovery.interfaces == ["198.18.0.1"]
+    assert v6.discovery.addresses == []
+    assert v6.discovery.interfaces == ["198.18.0.1"]
     with pytest.raises(ConfigError):
         DaemonDiscovery(FakeHost("gw3", "c", f"{LO}:7788", mdns_interfaces=["fd00::1"]))
 
@@ -52,7 +55,8 @@ async def test_the_hook_joins_new_peers_and_skips_alive_members() -> None:
     ])
     hook = DaemonDiscovery(host)
     hook._on_peer("up", f"{LO}:7790", {})  # already an alive member: nothing to do
-    assert host.joins == [] and hook._joins == {}
+    assert host.joins == []
+    assert hook._joins == {}
     hook._on_peer("down", f"{LO}:7792", {})  # dead in our view: worth a join
     hook._on_peer("down", f"{LO}:7792", {})  # one join at a time per peer
     await asyncio.gather(*hook._joins.values())

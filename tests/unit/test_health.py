@@ -32,13 +32,17 @@ def test_threshold_directions() -> None:
 
 def test_builtin_resource_checks_read_the_machine(tmp_path: Path) -> None:
     load = check_load(CheckSpec("load", "load", warning=1e9, critical=1e9))
-    assert load.status == "passing" and "cores" in load.output
+    assert load.status == "passing"
+    assert "cores" in load.output
     assert check_load(CheckSpec("load", "load", warning=0.0, critical=0.0)).status == "critical"
     memory = check_memory(CheckSpec("memory", "memory", warning=0.0, critical=0.0))
-    assert memory.status == "passing" and "% available" in memory.output
+    assert memory.status == "passing"
+    assert "% available" in memory.output
     assert check_memory(CheckSpec("m", "memory", warning=100.0, critical=100.0)).status == "critical"
     disk = check_disk(CheckSpec("d", "disk", path=str(tmp_path), warning=0.0, critical=0.0))
-    assert disk.status == "passing" and str(tmp_path) in disk.output and "% free" in disk.output
+    assert disk.status == "passing"
+    assert str(tmp_path) in disk.output
+    assert "% free" in disk.output
     always_full = CheckSpec("d", "disk", path=str(tmp_path), warning=100.0, critical=100.0)
     assert check_disk(always_full).status == "critical"
     missing = check_disk(CheckSpec("d", "disk", path=str(tmp_path / "nope")))
@@ -67,9 +71,12 @@ def test_parse_checks_with_builtins(tmp_path: Path) -> None:
     assert set(by_name) == {
         "memory", "disk-data", "loop-lag", "api", "db", "script", "load", "lag", "srv",
     }  # fmt: skip
-    assert by_name["api"].interval == 5.0 and by_name["api"].timeout == 10.0
-    assert by_name["db"].kind == "tcp" and by_name["db"].timeout == 0.25
-    assert by_name["script"].command == ("/bin/true",) and by_name["script"].interval == 2.0
+    assert by_name["api"].interval == 5.0
+    assert by_name["api"].timeout == 10.0
+    assert by_name["db"].kind == "tcp"
+    assert by_name["db"].timeout == 0.25
+    assert by_name["script"].command == ("/bin/true",)
+    assert by_name["script"].interval == 2.0
     assert (by_name["load"].warning, by_name["load"].critical) == (3.0, 6.0)
     assert (by_name["lag"].warning, by_name["lag"].critical) == (0.05, 1.0)
     assert by_name["disk-data"].path == data_dir
@@ -118,8 +125,10 @@ def test_query_handler_config() -> None:
     handlers = parse_query_handlers(
         [{"name": "uptime", "command": "uptime"}, {"name": "ls", "command": ["ls"], "timeout": "2s"}]
     )
-    assert handlers["uptime"].command == "uptime" and handlers["uptime"].timeout == 10.0
-    assert handlers["ls"].command == ("ls",) and handlers["ls"].timeout == 2.0
+    assert handlers["uptime"].command == "uptime"
+    assert handlers["uptime"].timeout == 10.0
+    assert handlers["ls"].command == ("ls",)
+    assert handlers["ls"].timeout == 2.0
     bad = [
         ([{"command": "x"}], r"query_handler #1: key 'name'"),
         ([{"name": "health", "command": "x"}], r"query_handler 'health': key 'name'"),
@@ -159,12 +168,14 @@ async def test_monitor_summary_callbacks_and_order_without_processes(tmp_path: P
     )
     assert monitor.summary() == "critical"  # nothing ran yet
     await monitor.run_all()
-    assert monitor.summary() == "passing" and changes == ["passing"]
+    assert monitor.summary() == "passing"
+    assert changes == ["passing"]
     assert sorted(check_changes) == [("a-free", "passing"), ("b-free", "passing")]
     assert [c["name"] for c in monitor.checks()] == ["a-free", "b-free"]  # same status: by name
     assert all(c["updated"] == 99.0 and c["kind"] == "disk" for c in monitor.checks())
     await monitor.run_all()  # nothing changed: no callback
-    assert changes == ["passing"] and len(check_changes) == 2
+    assert changes == ["passing"]
+    assert len(check_changes) == 2
 
     full = HealthMonitor([disk(tmp_path, "a-free", 0.0), disk(tmp_path, "z-full", 100.0)])
     await full.run_all()
@@ -175,6 +186,7 @@ async def test_monitor_summary_callbacks_and_order_without_processes(tmp_path: P
     answer = orjson.loads(await full.answer("health", b"", node="n1", site="s1"))
     assert (answer["name"], answer["site"], answer["status"]) == ("n1", "s1", "critical")
     missing = orjson.loads(await full.answer("nope", b"", node="n1", site="s1"))
-    assert missing["error"] == "no handler" and missing["handlers"] == []
+    assert missing["error"] == "no handler"
+    assert missing["handlers"] == []
     with pytest.raises(KeyError):
         await full.run_check("unknown")

@@ -57,7 +57,8 @@ def test_roundtrip_and_verify(manifest: Manifest) -> None:
     back.verify([PUB])
     assert back.release_id == manifest.release_id == signed.release_id
     assert back.canonical_bytes() == manifest.canonical_bytes()
-    assert back.name == "gateway-agent" and back.version == "4.2.0"
+    assert back.name == "gateway-agent"
+    assert back.version == "4.2.0"
     assert [f.path for f in back.files] == ["README", "bin/app"]
     assert back.files[1].mode == 0o755
     assert back.hash_alg == "blake3"
@@ -261,7 +262,8 @@ def test_key_files(tmp_path: Path) -> None:
     signer = load_signing_key(f)
     assert signer.public_key == PUB
     assert load_public_key(tmp_path / "pub.key.pub") == PUB
-    assert "NaclSigner" in repr(signer) and base64.b64encode(SEED).decode() not in repr(signer)
+    assert "NaclSigner" in repr(signer)
+    assert base64.b64encode(SEED).decode() not in repr(signer)
     (tmp_path / "bad").write_text("%%%")
     with pytest.raises(ConfigError, match="base64"):
         load_signing_key(tmp_path / "bad")

@@ -376,13 +376,18 @@ def test_effects_come_out_of_one_outbox_in_the_order_they_were_decided() -> None
     effects = node.take_effects()
     assert [type(e) for e in effects] == [OpenStream, MemberEvent, AnswerQuery]
     stream, event, answer = effects
-    assert isinstance(stream, OpenStream) and (stream.id, stream.addr, stream.kind) == (sid, "seed:1", "join")
-    assert isinstance(event, MemberEvent) and event.kind == "update" and event.member.meta == {"site": "s1"}
-    assert isinstance(answer, AnswerQuery) and answer.action.query.id == qid
+    assert isinstance(stream, OpenStream)
+    assert (stream.id, stream.addr, stream.kind) == (sid, "seed:1", "join")
+    assert isinstance(event, MemberEvent)
+    assert event.kind == "update"
+    assert event.member.meta == {"site": "s1"}
+    assert isinstance(answer, AnswerQuery)
+    assert answer.action.query.id == qid
     assert node.take_effects() == []  # taken once
     node.respond_query(answer.action, b"here", 0.3)
     [done] = node.take_effects()  # the query engine's output comes out of the same outbox
-    assert isinstance(done, QueryDone) and done.result.id == qid
+    assert isinstance(done, QueryDone)
+    assert done.result.id == qid
     assert [(r.name, r.payload) for r in done.result.responses] == [("solo", b"here")]
 
 

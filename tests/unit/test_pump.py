@@ -114,7 +114,8 @@ def test_a_failing_effect_is_reported_and_the_rest_still_carried_out() -> None:
     assert pump(core, handler, lambda what, e: failures.append((what, e))) == 42.0
     assert handler.calls == [("send_datagram", (b"ok", "y:1"))]
     [(what, exc)] = failures
-    assert what == "SendDatagram" and isinstance(exc, ValueError)
+    assert what == "SendDatagram"
+    assert isinstance(exc, ValueError)
 
 
 class BrokenCore(ScriptedCore):
@@ -170,7 +171,8 @@ def test_a_query_answered_while_pumping_finishes_in_the_same_pump() -> None:
     kinds = [name for name, _ in handler.calls]
     assert kinds == ["answer_query", "query_done"]  # the node answers itself, then it is done
     done = handler.calls[-1][1]
-    assert isinstance(done, QueryResult) and done.id == qid
+    assert isinstance(done, QueryResult)
+    assert done.id == qid
     assert [a.name for a in done.responses] == ["a"]
     assert isinstance(handler.calls[0][1], QueryAction)
 
@@ -185,4 +187,5 @@ def test_an_answer_to_another_node_goes_out_in_the_same_pump() -> None:
     pump(b, handler)
     assert [name for name, _ in handler.calls] == ["answer_query", "send_datagram"]
     sent = handler.calls[1][1]
-    assert isinstance(sent, tuple) and sent[1] == "a:1"  # the answer, to the origin
+    assert isinstance(sent, tuple)
+    assert sent[1] == "a:1"

@@ -57,7 +57,8 @@ def ask(
 ) -> Query:
     qid = origin.originate("health", payload, filters, timeout, relay_factor, expected, now)
     query = origin.query_message(qid)
-    assert query is not None and query.id == qid
+    assert query is not None
+    assert query.id == qid
     return query
 
 
@@ -94,7 +95,8 @@ def test_completes_as_soon_as_every_expected_node_answered() -> None:
     assert a.in_flight() == 1
     deliver(answer(c, q, 100.2, payload=b"C"), a, 100.3)
     [result] = results(a)
-    assert result.id == q.id and result.name == "health"
+    assert result.id == q.id
+    assert result.name == "health"
     assert not result.timed_out
     assert result.missing == ()
     assert [(r.name, r.payload) for r in result.responses] == [("b", b"B"), ("c", b"C")]
@@ -123,7 +125,9 @@ def test_empty_expected_completes_at_once_and_none_waits_for_the_timeout() -> No
     qid = a.originate("health", b"", ANY, 5.0, 0, set(), 0.0)
     [result] = results(a)
     assert result.id == qid
-    assert result.responses == () and result.missing == () and not result.timed_out
+    assert result.responses == ()
+    assert result.missing == ()
+    assert not result.timed_out
     assert a.query_message(qid) is None  # nothing to gossip
 
     b = engine("b")
@@ -132,7 +136,9 @@ def test_empty_expected_completes_at_once_and_none_waits_for_the_timeout() -> No
     assert results(b) == []
     b.handle_timer(1.0)
     [result] = results(b)
-    assert result.timed_out and result.missing == () and len(result.responses) == 1
+    assert result.timed_out
+    assert result.missing == ()
+    assert len(result.responses) == 1
 
 
 def test_member_down_stops_the_wait_but_is_named_missing() -> None:
@@ -143,14 +149,16 @@ def test_member_down_stops_the_wait_but_is_named_missing() -> None:
     assert results(a) == []
     a.member_down("c", 100.3)
     [result] = results(a)
-    assert result.missing == ("c",) and not result.timed_out
+    assert result.missing == ("c",)
+    assert not result.timed_out
 
 
 def test_origin_answers_itself_without_sending() -> None:
     a = engine("a")
     q = ask(a, {"a"})
     action = a.on_query(q, "s1", {}, 100.0)
-    assert action.verdict is Verdict.MATCH and action.rebroadcast
+    assert action.verdict is Verdict.MATCH
+    assert action.rebroadcast
     assert a.respond(action, b"me", [("b", "127.0.0.1:1")], 100.0) == []
     [result] = results(a)
     assert [(r.name, r.payload) for r in result.responses] == [("a", b"me")]
@@ -184,7 +192,8 @@ def test_unknown_late_and_too_big_responses_are_dropped() -> None:
     # the deadline passed but no timer ran yet: the answer is late and the query finishes
     assert a.on_response(QueryResponse(q.ltime, q.id, "c", b""), 1.0) is ResponseVerdict.LATE
     [result] = results(a)
-    assert result.timed_out and result.missing == ("b", "c")
+    assert result.timed_out
+    assert result.missing == ("b", "c")
     assert a.on_response(QueryResponse(q.ltime, q.id, "c", b""), 1.1) is ResponseVerdict.UNKNOWN
 
 
@@ -224,7 +233,8 @@ def test_every_verdict_acts_as_the_table_says() -> None:
     assert seen == set(Verdict)
     assert ON_QUERY[Verdict.NO_MATCH] == (True, False)  # non-matching nodes still relay
     assert ON_QUERY[Verdict.DUPLICATE] == (False, False)
-    assert b.counters["query.match"] == 1 and b.counters["query.too_old"] == 1
+    assert b.counters["query.match"] == 1
+    assert b.counters["query.too_old"] == 1
     not_ours = b.on_query(ask(origin, None, filters=QueryFilter(site="s9")), "s1", {}, 1.0)
     with pytest.raises(ValueError, match="does not answer"):
         b.respond(not_ours, b"x", [], 1.0)
@@ -248,7 +258,8 @@ def test_invalid_received_queries_are_neither_answered_nor_relayed(change: dict)
     b = engine("b")
     action = b.on_query(q, "s1", {}, 1.0)
     assert action.verdict is Verdict.INVALID
-    assert not action.rebroadcast and not action.respond
+    assert not action.rebroadcast
+    assert not action.respond
     assert b.clock.time() == 0  # not witnessed either
 
 
@@ -312,7 +323,8 @@ def test_expected_members_and_filtered_query_end_to_end() -> None:
     assert all(x.rebroadcast for x in (act_a, act_b, act_c))
     deliver(b.respond(act_b, b"hi", [], 100.1), a, 100.1)
     [result] = results(a)
-    assert [r.name for r in result.responses] == ["b"] and not result.timed_out
+    assert [r.name for r in result.responses] == ["b"]
+    assert not result.timed_out
 
 
 def test_originate_rejects_bad_arguments_naming_the_field() -> None:
@@ -345,29 +357,34 @@ def test_relay_factor_sends_wrapped_answers_through_random_other_members() -> No
     members = [("a", a.local_addr), ("b", b.local_addr)] + [(f"r{i}", f"127.0.0.2:{i}") for i in range(5)]
     out = answer(b, q, 100.1, relays=members)
     direct, *relayed = out
-    assert direct.addr == a.local_addr and isinstance(direct.message, QueryResponse)
+    assert direct.addr == a.local_addr
+    assert isinstance(direct.message, QueryResponse)
     assert len(relayed) == 2
     assert len({o.addr for o in relayed}) == 2
     for o in relayed:
         assert o.addr.startswith("127.0.0.2:")  # never the answerer or the origin
         assert isinstance(o.message, Relay)
-        assert o.message.dest == "a" and o.message.dest_addr == a.local_addr
+        assert o.message.dest == "a"
+        assert o.message.dest_addr == a.local_addr
         assert o.message.response == direct.message
     assert b.counters["respond.relayed"] == 2
 
     # the direct answer is lost; a relay forwards the inner answer to the origin
     relay_node = engine("r0")
     first, second = (o.message for o in relayed)
-    assert isinstance(first, Relay) and isinstance(second, Relay)
+    assert isinstance(first, Relay)
+    assert isinstance(second, Relay)
     [forward] = relay_node.on_relay(first, 100.2)
-    assert forward.addr == a.local_addr and forward.message == direct.message
+    assert forward.addr == a.local_addr
+    assert forward.message == direct.message
     assert a.on_response(forward.message, 100.3) is ResponseVerdict.ACCEPTED
     # the second copy arrives as a Relay addressed to the origin itself: a duplicate
     assert a.on_relay(second, 100.4) == []
     assert a.counters["response.duplicate"] == 1
     a.handle_timer(a.get_timer())
     [result] = results(a)
-    assert [r.name for r in result.responses] == ["b"] and result.missing == ("c",)
+    assert [r.name for r in result.responses] == ["b"]
+    assert result.missing == ("c",)
 
 
 def test_relay_factor_bounded_by_available_members() -> None:

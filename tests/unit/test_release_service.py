@@ -102,13 +102,16 @@ async def test_announced_release_is_discovered_fetched_and_activated(tmp_path: P
     await svc.start()
     try:
         svc.member_update(announcing("p", m, have=0))  # nothing to get from it yet
-        assert fake.asked == [] and not svc._tasks
+        assert fake.asked == []
+        assert not svc._tasks
         svc.member_update(announcing("p", m))
         svc.member_update(announcing("p", m))  # one discovery at a time
         await settle(svc)
         assert fake.asked == [m.release_id[:16]]
         row = svc.releases()[0]
-        assert row["state"] == "active" and row["current"] and row["have_chunks"] == row["chunks"]
+        assert row["state"] == "active"
+        assert row["current"]
+        assert row["have_chunks"] == row["chunks"]
         assert [e["state"] for e in events] == ["downloading", "complete", "active"]
         assert (tmp_path / "me" / "releases" / "app" / "current" / "app.bin").is_file()
         assert parse_announcements(svc.announcements())[m.release_id[:16]].current
@@ -156,17 +159,21 @@ def test_manifest_judgement_is_counted(tmp_path: Path) -> None:
     assert svc.counters["manifests.invalid"] == 2
     evil = make_release(tmp_path, "6.6", signer=EVIL)
     assert svc._check_manifest(evil.to_bytes(), evil.release_id[:16], "p") is None
-    assert svc.counters["manifests.refused"] == 1 and events[-1]["state"] == "refused"
+    assert svc.counters["manifests.refused"] == 1
+    assert events[-1]["state"] == "refused"
     elsewhere = make_release(tmp_path, "3.0", site="b")
     assert svc._check_manifest(elsewhere.to_bytes(), elsewhere.release_id[:16], "p") is None
-    assert svc.counters["releases.ignored"] == 1 and svc.status()["ignored"] == 1
+    assert svc.counters["releases.ignored"] == 1
+    assert svc.status()["ignored"] == 1
     svc._manifests[good.release_id] = good
     twin = make_release(tmp_path, "2.0", seed=2)  # same version, other content
     assert svc._check_manifest(twin.to_bytes(), twin.release_id[:16], "p") is None
-    assert svc.counters["releases.conflict"] == 1 and svc.status()["ignored"] == 2
+    assert svc.counters["releases.conflict"] == 1
+    assert svc.status()["ignored"] == 2
     fine = make_release(tmp_path, "2.1", seed=3)
     got = svc._check_manifest(fine.to_bytes(), fine.release_id[:16], "p")
-    assert got is not None and got.release_id == fine.release_id
+    assert got is not None
+    assert got.release_id == fine.release_id
 
 
 # --- what peers are served, and metrics ----------------------------------------------------------
@@ -223,9 +230,14 @@ def test_announcements_parse_and_skip_garbage() -> None:
     ann = parse_announcements(meta)
     assert set(ann) == {"0123456789abcdef", "fedcba9876543210"}
     a = ann["0123456789abcdef"]
-    assert a.complete and a.current and a.name == "app" and a.version == "1.0"
+    assert a.complete
+    assert a.current
+    assert a.name == "app"
+    assert a.version == "1.0"
     b = ann["fedcba9876543210"]
-    assert not b.complete and not b.current and (b.have, b.total) == (3, 12)
+    assert not b.complete
+    assert not b.current
+    assert (b.have, b.total) == (3, 12)
     assert parse_announcements({"rel:app": a.text()}) == {a.rid16: a}
 
 
@@ -234,13 +246,18 @@ def test_rates_and_dist_config() -> None:
     assert parse_rate("5MiB/s", "x") == 5 * 1024 * 1024
     assert parse_rate("100mbit", "x") == 12_500_000
     assert parse_rate(2048, "x") == 2048
-    assert parse_rate(0, "x") is None and parse_rate("", "x") is None
+    assert parse_rate(0, "x") is None
+    assert parse_rate("", "x") is None
     with pytest.raises(ConfigError, match="rate"):
         parse_rate("fast", "x")
     cfg = DistConfig.from_table({"keep": 2, "hook": ["/bin/true", "x"], "hook-timeout": "30s",
                                  "upload_rate": "1MB", "origin_delay": "500ms"})
-    assert cfg.keep == 2 and cfg.hook == ("/bin/true", "x") and cfg.hook_timeout == 30.0
-    assert cfg.upload_rate == 1_000_000 and cfg.origin_delay == 0.5 and cfg.download_rate is None
+    assert cfg.keep == 2
+    assert cfg.hook == ("/bin/true", "x")
+    assert cfg.hook_timeout == 30.0
+    assert cfg.upload_rate == 1_000_000
+    assert cfg.origin_delay == 0.5
+    assert cfg.download_rate is None
     assert cfg.swarm_config().origin_delay == 0.5
     for bad in ({"keep": 0}, {"hook": 3}, {"nope": 1}, {"fsync": "yes"}):
         with pytest.raises(ConfigError):
@@ -266,7 +283,8 @@ async def test_upload_token_bucket_paces() -> None:
 def test_store_of_a_fresh_service_is_usable(tmp_path: Path) -> None:
     # The service builds its store lazily in the data dir (chunks/, manifests/, releases/).
     ReleaseService(tmp_path, name="x", site="a", tags={}, codec=Codec(CLUSTER, None))
-    assert (tmp_path / "chunks").is_dir() and (tmp_path / "releases").is_dir()
+    assert (tmp_path / "chunks").is_dir()
+    assert (tmp_path / "releases").is_dir()
     assert ChunkStore(tmp_path).manifests() == []
 
 

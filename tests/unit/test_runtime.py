@@ -73,7 +73,8 @@ async def test_a_core_exception_is_counted_and_what_it_queued_still_goes_out() -
     assert rt.errors == 1
     assert sent.out == [(b"hello", "127.0.0.1:9")]
     rt._on_timer()  # what the armed timer does when it fires: a failing core is counted too
-    assert core.timer_calls == 1 and rt.errors == 2
+    assert core.timer_calls == 1
+    assert rt.errors == 2
     await rt.close()
 
 
@@ -106,12 +107,15 @@ async def test_a_busy_answer_goes_out_in_the_same_flush() -> None:
     rt.start()
     for qid in range(MAX_ANSWERING):
         rt.on_datagram(query_packet(qid), "a:1")
-    assert rt.queries_busy == 0 and sent.out == []
+    assert rt.queries_busy == 0
+    assert sent.out == []
     rt.on_datagram(query_packet(999), "a:1")
     assert rt.queries_busy == 1
     [(data, addr)] = sent.out
     [answer] = CODEC.unpack(data)[:1]
-    assert addr == "a:1" and isinstance(answer, QueryResponse) and answer.id == 999
+    assert addr == "a:1"
+    assert isinstance(answer, QueryResponse)
+    assert answer.id == 999
     assert orjson.loads(answer.payload)["error"] == "busy"
     await rt.close()
 

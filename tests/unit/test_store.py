@@ -176,5 +176,6 @@ def test_reopen_sees_the_same_chunks(tmp_path: Path) -> None:
     a = ChunkStore(tmp_path)
     cid = a.put_data(NOISE)
     b = ChunkStore(tmp_path)
-    assert b.has(cid) and b.get(cid) == NOISE
+    assert b.has(cid)
+    assert b.get(cid) == NOISE
     assert b.size_bytes() == len(encode_chunk(NOISE))

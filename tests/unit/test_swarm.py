@@ -179,7 +179,8 @@ def test_per_peer_bound() -> None:
     assert s.requests_to_send() == []
     complete(s, reqs[0], 1.0)
     more = s.requests_to_send()
-    assert len(more) == 1 and more[0].peer == "a"
+    assert len(more) == 1
+    assert more[0].peer == "a"
 
 
 def test_total_bound() -> None:
@@ -233,7 +234,8 @@ def test_endgame_duplicates_the_tail_and_cancels_the_loser() -> None:
     s.handle_timer(SwarmConfig().endgame_after)
     dups = s.requests_to_send()
     reqs = normal + dups
-    assert dups and all(r.endgame for r in dups), "slow tail requests get a duplicate"
+    assert dups, "slow tail requests get a duplicate"
+    assert all(r.endgame for r in dups)
     for d in dups:
         twin = next(r for r in normal if set(r.chunks) & set(d.chunks))
         assert twin.peer != d.peer  # never the same peer twice
@@ -265,7 +267,8 @@ def test_no_endgame_while_much_is_missing() -> None:
     s.peer_update("a", 0.0, complete=True)
     s.peer_update("b", 0.0, complete=True)
     reqs = s.requests_to_send()
-    assert len(reqs) == 50 and not any(r.endgame for r in reqs)
+    assert len(reqs) == 50
+    assert not any(r.endgame for r in reqs)
 
 
 def test_timeout_requeues_elsewhere_and_cools_the_peer() -> None:
@@ -292,17 +295,23 @@ def test_take_effects_drains_requests_then_cancels_then_events() -> None:
     s = mk(4, **one_chunk_pieces(max_requests_per_peer=1, endgame_chunks=0))
     s.peer_update("slow", 0.0, complete=True)
     (r,) = s.take_effects()
-    assert isinstance(r, FetchRequest) and r.peer == "slow"
+    assert isinstance(r, FetchRequest)
+    assert r.peer == "slow"
     s.handle_timer(4.0)  # times out; nobody else to ask
     s.peer_update("fast", 4.0, complete=True)
     effects = s.take_effects()
     assert [type(e).__name__ for e in effects] == ["FetchRequest", "CancelRequest", "SwarmEvent"]
     retry, cancel, event = effects
-    assert isinstance(retry, FetchRequest) and retry.peer == "fast" and retry.chunks == r.chunks
+    assert isinstance(retry, FetchRequest)
+    assert retry.peer == "fast"
+    assert retry.chunks == r.chunks
     assert cancel == CancelRequest(r.request_id)
-    assert isinstance(event, SwarmEvent) and (event.kind, event.peer) == ("request_timeout", "slow")
+    assert isinstance(event, SwarmEvent)
+    assert (event.kind, event.peer) == ("request_timeout", "slow")
     assert s.take_effects() == []
-    assert s.requests_to_send() == [] and s.requests_to_cancel() == [] and s.events() == []
+    assert s.requests_to_send() == []
+    assert s.requests_to_cancel() == []
+    assert s.events() == []
 
 
 def test_error_backoff_doubles_then_resets() -> None:
@@ -341,7 +350,8 @@ def test_bad_hash_bans_the_peer_for_this_release() -> None:
     now = 2.0
     while not s.complete:
         reqs = s.requests_to_send()
-        assert reqs and all(r.peer == "honest" for r in reqs)
+        assert reqs
+        assert all(r.peer == "honest" for r in reqs)
         now += 1
         for r in reqs:
             complete(s, r, now)
@@ -385,7 +395,8 @@ def test_origin_only_after_the_delay_and_only_for_chunks_no_peer_has() -> None:
     assert s.requests_to_send() == []
     s.handle_timer(30.0)
     origin = s.requests_to_send()
-    assert origin and {r.peer for r in origin} == {ORIGIN}
+    assert origin
+    assert {r.peer for r in origin} == {ORIGIN}
     assert sorted(chunks_of(origin)) == list(range(5, 10))
     assert [e.kind for e in s.events()] == ["origin_fallback"]
     for r in origin:
@@ -401,7 +412,8 @@ def test_a_peer_appearing_before_the_delay_saves_the_origin() -> None:
     s.handle_timer(20.0)
     s.peer_update("p", 20.0, complete=True)
     reqs = s.requests_to_send()
-    assert reqs and all(r.peer == "p" for r in reqs)
+    assert reqs
+    assert all(r.peer == "p" for r in reqs)
     s.handle_timer(31.0)
     assert all(r.peer != ORIGIN for r in s.requests_to_send())
 
@@ -409,10 +421,12 @@ def test_a_peer_appearing_before_the_delay_saves_the_origin() -> None:
 def test_origin_disabled_and_origin_bounded() -> None:
     s = mk(4, origin_enabled=False)
     s.handle_timer(1000.0)
-    assert s.requests_to_send() == [] and s.get_timer() is None
+    assert s.requests_to_send() == []
+    assert s.get_timer() is None
     s = mk(100, size=256 * KiB, origin_delay=0.0, origin_max_requests=2)
     reqs = s.requests_to_send()
-    assert len(reqs) == 2 and all(r.peer == ORIGIN for r in reqs)
+    assert len(reqs) == 2
+    assert all(r.peer == ORIGIN for r in reqs)
 
 
 def test_origin_bad_hash_cools_down_instead_of_ban() -> None:
@@ -450,7 +464,8 @@ def test_peer_gone_requeues() -> None:
 
 def test_lost_chunk_is_fetched_again() -> None:
     s = mk(3, have=(0, 1, 2))
-    assert s.complete and s.get_timer() is None
+    assert s.complete
+    assert s.get_timer() is None
     assert [e.kind for e in s.events()] == ["complete"]
     s.peer_update("p", 0.0, complete=True)
     assert s.requests_to_send() == []
@@ -468,7 +483,8 @@ def test_complete_event_once_and_then_quiet() -> None:
     s.add_have([cid(0)], 2.0)
     s.handle_timer(3.0)
     assert [e.kind for e in s.events()].count("complete") == 1
-    assert s.requests_to_send() == [] and s.get_timer() is None
+    assert s.requests_to_send() == []
+    assert s.get_timer() is None
 
 
 def test_add_have_from_elsewhere() -> None:

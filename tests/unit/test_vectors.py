@@ -20,7 +20,8 @@ VECTORS = ROOT / "proto" / "vectors"
 
 def _load_gen() -> ModuleType:
     spec = importlib.util.spec_from_file_location("gen_vectors", ROOT / "scripts" / "gen_vectors.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("gen_vectors", module)
     spec.loader.exec_module(module)
