@@ -26,6 +26,7 @@ test: lint typecheck unit
 # tracked .py file.
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python scripts/check_lint_coverage.py
 
 typecheck: $(STAMP)

@@ -109,8 +109,14 @@ SPAWNED: list[Proc] = []
 
 def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> Proc:
     with open(log_path, "wb") as fh:
-        popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        popen = subprocess.Popen(
+            argv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
     proc = Proc(name, popen, log_path)
     SPAWNED.append(proc)
     return proc
@@ -174,20 +180,44 @@ class MeshdCluster:
         env = {k: v for k, v in env.items() if not k.startswith("MESHD_")}
         seed = f"{HOST}:{self.ports[0]}"
         for i in range(self.n):
-            argv = [sys.executable, "-m", "meshd.cli.meshd", "run", "--name", self.name(i),
-                    "--bind", f"{HOST}:{self.ports[i]}", "--api", f"{HOST}:{self.api_ports[i]}",
-                    "--data-dir", str(self.workdir / self.name(i)), "--profile", self.profile,
-                    "--no-mdns", "--cluster-key-file", str(self.key_file), "--cluster", "bench",
-                    "--site", f"site{i % 3}", "--log-level", "warning"]
+            argv = [
+                sys.executable,
+                "-m",
+                "meshd.cli.meshd",
+                "run",
+                "--name",
+                self.name(i),
+                "--bind",
+                f"{HOST}:{self.ports[i]}",
+                "--api",
+                f"{HOST}:{self.api_ports[i]}",
+                "--data-dir",
+                str(self.workdir / self.name(i)),
+                "--profile",
+                self.profile,
+                "--no-mdns",
+                "--cluster-key-file",
+                str(self.key_file),
+                "--cluster",
+                "bench",
+                "--site",
+                f"site{i % 3}",
+                "--log-level",
+                "warning",
+            ]
             if i:
                 argv += ["--join", seed]
             self.procs.append(spawn(self.name(i), argv, self.workdir / f"{self.name(i)}.log", env))
-        wait_for("every meshd API", lambda: all(self._up(i) for i in range(self.n)),
-                 START_DEADLINE, self.procs)
+        wait_for(
+            "every meshd API", lambda: all(self._up(i) for i in range(self.n)), START_DEADLINE, self.procs
+        )
         names = {self.name(i) for i in range(self.n)}
-        wait_for("meshd convergence (all alive, health known everywhere)",
-                 lambda: all(self._converged(i, names) for i in range(self.n)),
-                 CONVERGE_DEADLINE, self.procs)
+        wait_for(
+            "meshd convergence (all alive, health known everywhere)",
+            lambda: all(self._converged(i, names) for i in range(self.n)),
+            CONVERGE_DEADLINE,
+            self.procs,
+        )
 
     def _up(self, i: int) -> bool:
         try:
@@ -218,8 +248,9 @@ class MeshdCluster:
 
 
 class SerfCluster:
-    def __init__(self, n: int, profile: str, workdir: Path, key_b64: str, taken: set[int],
-                 serf_bin: str) -> None:
+    def __init__(
+        self, n: int, profile: str, workdir: Path, key_b64: str, taken: set[int], serf_bin: str
+    ) -> None:
         self.n, self.profile, self.workdir, self.key = n, profile, workdir, key_b64
         self.serf = serf_bin
         workdir.mkdir(parents=True, exist_ok=True)
@@ -239,30 +270,48 @@ class SerfCluster:
     def default_timeout(self) -> float:
         import math
 
-        return (SERF_GOSSIP_INTERVAL[self.profile] * SERF_QUERY_TIMEOUT_MULT
-                * max(1, math.ceil(math.log10(self.n + 1))))
+        return (
+            SERF_GOSSIP_INTERVAL[self.profile]
+            * SERF_QUERY_TIMEOUT_MULT
+            * max(1, math.ceil(math.log10(self.n + 1)))
+        )
 
     def start(self) -> None:
         seed = f"{HOST}:{self.ports[0]}"
         for i in range(self.n):
-            argv = [self.serf, "agent", f"-node={self.name(i)}", f"-bind={HOST}:{self.ports[i]}",
-                    f"-rpc-addr={self.rpc(i)}", f"-profile={self.profile}", f"-encrypt={self.key}",
-                    f"-event-handler=query:health={self.handler}", "-log-level=warn",
-                    f"-tag=site=site{i % 3}"]
+            argv = [
+                self.serf,
+                "agent",
+                f"-node={self.name(i)}",
+                f"-bind={HOST}:{self.ports[i]}",
+                f"-rpc-addr={self.rpc(i)}",
+                f"-profile={self.profile}",
+                f"-encrypt={self.key}",
+                f"-event-handler=query:health={self.handler}",
+                "-log-level=warn",
+                f"-tag=site=site{i % 3}",
+            ]
             if i:
                 argv.append(f"-join={seed}")
             self.procs.append(spawn(self.name(i), argv, self.workdir / f"{self.name(i)}.log"))
             if i == 0:  # serf gives up at once when its -join seed is not listening yet
                 wait_for("the serf seed", lambda: bool(self._alive(0)), START_DEADLINE, self.procs)
         names = {self.name(i) for i in range(self.n)}
-        wait_for("serf convergence (all alive everywhere)",
-                 lambda: all(self._alive(i) == names for i in range(self.n)),
-                 START_DEADLINE + CONVERGE_DEADLINE, self.procs)
+        wait_for(
+            "serf convergence (all alive everywhere)",
+            lambda: all(self._alive(i) == names for i in range(self.n)),
+            START_DEADLINE + CONVERGE_DEADLINE,
+            self.procs,
+        )
 
     def _alive(self, i: int) -> set[str]:
         try:
-            out = subprocess.run([self.serf, "members", f"-rpc-addr={self.rpc(i)}", "-format=json"],
-                                 capture_output=True, timeout=5, check=True).stdout
+            out = subprocess.run(
+                [self.serf, "members", f"-rpc-addr={self.rpc(i)}", "-format=json"],
+                capture_output=True,
+                timeout=5,
+                check=True,
+            ).stdout
             return {m["name"] for m in json.loads(out)["members"] if m["status"] == "alive"}
         except (subprocess.SubprocessError, ValueError, KeyError, OSError):
             return set()
@@ -271,8 +320,13 @@ class SerfCluster:
         """`serf query health` (text output, timestamped line by line) with the default timeout."""
         argv = [self.serf, "query", f"-rpc-addr={self.rpc(origin)}", "health", ""]
         started = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         killer = threading.Timer(self.default_timeout() + 30, lambda: proc.kill())
         killer.start()
         responders: set[str] = set()
@@ -387,9 +441,11 @@ def run(args: argparse.Namespace) -> int:
                 origin = (k * 5 + 1) % args.nodes
                 sample = cluster.ask(origin)
                 samples.append(sample)
-                log(f"{system}: query {k + 1} from node {origin}: {sample.answers} answers, every answer "
+                log(
+                    f"{system}: query {k + 1} from node {origin}: {sample.answers} answers, every answer "
                     f"in {fmt_s(sample.all_in_s)}, returned after {fmt_s(sample.returned_s)}"
-                    + (f", missing {sample.missing}" if sample.missing else ""))
+                    + (f", missing {sample.missing}" if sample.missing else "")
+                )
             results[system] = summarize(samples)
             if system == "serf":
                 assert isinstance(cluster, SerfCluster)
@@ -399,7 +455,8 @@ def run(args: argparse.Namespace) -> int:
                     f"{SERF_GOSSIP_INTERVAL[args.profile] * 1000:.0f} ms x 16 x "
                     f"ceil(log10({args.nodes}+1))); "
                     "it always waits the timeout out. 'Every answer in' is when its last "
-                    "'Response from' line was printed. Handler: a shell script printing a small JSON answer.")
+                    "'Response from' line was printed. Handler: a shell script printing a small JSON answer."
+                )
             else:
                 notes.append(
                     "meshd: `GET /v1/health` (no filter, default timeout) on a rotating node; the "
@@ -407,7 +464,8 @@ def run(args: argparse.Namespace) -> int:
                     "is the HTTP round trip measured by the client, 'own elapsed' the node's elapsed_ms. "
                     "The asking node gossips the query and also sends it straight to each expected "
                     "member (Node.ask in the core); answers go straight back by UDP; the "
-                    "health answer is built in-process (Serf forks its handler for every query).")
+                    "health answer is built in-process (Serf forks its handler for every query)."
+                )
         except Exception as e:  # a failed system is reported, the other still runs
             ok = False
             log(f"{system}: FAILED: {e}")

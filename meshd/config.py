@@ -140,9 +140,7 @@ def _as_str(value: object, where: str) -> str:
 def _as_name(value: object, where: str) -> str:
     text = _as_str(value, where)
     if not _NAME_RE.match(text):
-        raise ConfigError(
-            f"{where}: {text!r} is not a valid name (letters, digits, '.', '_', '-'; max 63)"
-        )
+        raise ConfigError(f"{where}: {text!r} is not a valid name (letters, digits, '.', '_', '-'; max 63)")
     return text
 
 

@@ -119,7 +119,7 @@ def _message(error: str, table: Mapping[str, Any], cls: type[Table], label: Labe
 
 
 def _split_path(path: str) -> tuple[str, str]:
-    """".x[0].keep" -> ("x", "[0].keep")."""
+    """ ".x[0].keep" -> ("x", "[0].keep")."""
     path = path.removeprefix(".")
     end = min((i for i in (path.find("."), path.find("[")) if i >= 0), default=len(path))
     return path[:end], path[end:]

@@ -167,8 +167,7 @@ class Daemon:
         log.info("keyring: %s %s (primary now %s)", op, fingerprint(key), fingerprint(ring.primary))
 
     def collect_metrics(self, out: Exposition) -> None:
-        out.gauge("meshd_build_info", "meshd version", 1, version=__version__,
-                  protocol=str(PROTOCOL_VERSION))
+        out.gauge("meshd_build_info", "meshd version", 1, version=__version__, protocol=str(PROTOCOL_VERSION))
         out.gauge("meshd_uptime_seconds", "seconds since start", self.uptime())
         out.gauge("meshd_ready", "1 once joined or alone by intent", int(self._ready))
         for source in self._metrics:  # each component reports its own
@@ -185,8 +184,9 @@ class Daemon:
         if self._runtime is None:
             return
         node = self._runtime.node
-        state.write_snapshot(self.data_dir, self.name, self.node_id, self.addr, node.incarnation,
-                             node.members())
+        state.write_snapshot(
+            self.data_dir, self.name, self.node_id, self.addr, node.incarnation, node.members()
+        )
 
     async def _resolve_advertise(self, bind_host: str, port: int) -> tuple[str, str]:
         if self.cfg.advertise:
@@ -211,20 +211,29 @@ class Daemon:
             state.save_keyring(self.data_dir, self.keyring)
             return
         self._snapshot_dirty.set()
-        if (ev.kind in ("join", "alive") and ev.member.name != self.name
-                and ev.member.state == MemberState.ALIVE):
+        if (
+            ev.kind in ("join", "alive")
+            and ev.member.name != self.name
+            and ev.member.state == MemberState.ALIVE
+        ):
             self._set_ready("joined")
 
     def _make_release_service(self, codec: Codec) -> ReleaseService:
         cfg = self.cfg
         trusted = [load_publisher_public(path) for path in cfg.trust_publisher]
         if not trusted:
-            log.warning("no --trust-publisher key: this node holds and serves releases but "
-                        "installs none")
+            log.warning("no --trust-publisher key: this node holds and serves releases but installs none")
         return ReleaseService(
-            self.data_dir, name=cfg.name, site=cfg.site, tags=cfg.tags, codec=codec,
-            trusted=trusted, config=cfg.dist_config(), set_meta_keys=self.update_meta,
-            emit=self._on_release_event, transfer=self.transfer,
+            self.data_dir,
+            name=cfg.name,
+            site=cfg.site,
+            tags=cfg.tags,
+            codec=codec,
+            trusted=trusted,
+            config=cfg.dist_config(),
+            set_meta_keys=self.update_meta,
+            emit=self._on_release_event,
+            transfer=self.transfer,
         )
 
     # --- run -----------------------------------------------------------------------------------
@@ -249,8 +258,15 @@ class Daemon:
 
         codec = Codec(cfg.cluster, self.keyring)
         node = Node(
-            cfg.name, self.node_id, self.addr, cfg.protocol(), codec, random.Random(),
-            loop.time(), meta=cfg.meta(), incarnation=self._snapshot.start_incarnation,
+            cfg.name,
+            self.node_id,
+            self.addr,
+            cfg.protocol(),
+            codec,
+            random.Random(),
+            loop.time(),
+            meta=cfg.meta(),
+            incarnation=self._snapshot.start_incarnation,
         )
         runtime = NodeRuntime(node, peer_client=PeerClient(self.peer_traffic.started))
         self._runtime = runtime
@@ -280,8 +296,7 @@ class Daemon:
 
         api_host, api_port = cfg.api_hostport
         if not is_loopback_host(api_host):
-            log.warning("operator API on %s is reachable from the network; reads need no token",
-                        cfg.api)
+            log.warning("operator API on %s is reachable from the network; reads need no token", cfg.api)
         api_app = create_api_app(self)
         add_release_routes(api_app, self.release)
         api = ApiServer(api_app)
@@ -300,13 +315,28 @@ class Daemon:
         self._exit.push_async_callback(self.release.stop)  # safe on a half-started service
         await self.release.start(node.members())
         self._exit.callback(self.write_snapshot)  # the last membership of this run, loops stopped
-        ring = (f"keyring of {len(self.keyring)} key(s), primary {fingerprint(self.keyring.primary)}"
-                if self.keyring else "INSECURE (no encryption)")
-        log.info("meshd %s node %s id %s cluster %s site %s", __version__, cfg.name,
-                 self.node_id, cfg.cluster, cfg.site)
-        log.info("gossip udp+tcp on %s, advertising %s (%s); api %s; %s; profile %s",
-                 format_hostport(bind_host, port), self.addr, self.addr_source, self.api_url,
-                 ring, cfg.profile)
+        ring = (
+            f"keyring of {len(self.keyring)} key(s), primary {fingerprint(self.keyring.primary)}"
+            if self.keyring
+            else "INSECURE (no encryption)"
+        )
+        log.info(
+            "meshd %s node %s id %s cluster %s site %s",
+            __version__,
+            cfg.name,
+            self.node_id,
+            cfg.cluster,
+            cfg.site,
+        )
+        log.info(
+            "gossip udp+tcp on %s, advertising %s (%s); api %s; %s; profile %s",
+            format_hostport(bind_host, port),
+            self.addr,
+            self.addr_source,
+            self.api_url,
+            ring,
+            cfg.profile,
+        )
 
         self._exit.push_async_callback(health.stop)
         await health.start()  # every check ran once: the mesh learns a real summary on join
@@ -342,8 +372,7 @@ class Daemon:
     def stop(self, leave: bool = True, reason: str = "") -> None:
         if self._stop.is_set():
             return
-        log.info("stopping%s%s", f" ({reason})" if reason else "",
-                 ": leaving the mesh" if leave else "")
+        log.info("stopping%s%s", f" ({reason})" if reason else "", ": leaving the mesh" if leave else "")
         self._leave_on_stop = leave
         self._stop.set()
 
@@ -398,8 +427,12 @@ class Daemon:
                 log.info("joined the mesh through %d of %d address(es)", joined, len(addrs))
                 self._set_ready("joined")
                 return
-            log.warning("join attempt %d: none of %s answered; retrying in %.0fs",
-                        attempt, ", ".join(addrs) or "(no address)", delay)
+            log.warning(
+                "join attempt %d: none of %s answered; retrying in %.0fs",
+                attempt,
+                ", ".join(addrs) or "(no address)",
+                delay,
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay * (0.8 + 0.4 * random.random()))
             delay = min(delay * 2, JOIN_BACKOFF_MAX)

@@ -191,21 +191,22 @@ class Discovery:
         self.backoff_max = backoff_max
         self._rng = rng or random.Random()
         self.peers: dict[str, PeerRecord] = {}
-        self.counters = Counters(dict.fromkeys(
-            (
-                "discovered",
-                "ignored_cluster",
-                "ignored_self",
-                "ignored_malformed",
-                "offers",
-                "retries",
-                "removed",
-                "resolve_failed",
-                "name_conflicts",
-                "unicast_dropped",
-            ),
-            0,
-        )
+        self.counters = Counters(
+            dict.fromkeys(
+                (
+                    "discovered",
+                    "ignored_cluster",
+                    "ignored_self",
+                    "ignored_malformed",
+                    "offers",
+                    "retries",
+                    "removed",
+                    "resolve_failed",
+                    "name_conflicts",
+                    "unicast_dropped",
+                ),
+                0,
+            )
         )
         self.advertising = False
         self._aiozc: AsyncZeroconf | None = None

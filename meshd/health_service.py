@@ -61,9 +61,12 @@ class HealthService:
     async def start(self) -> None:
         await self.monitor.start()
         self._publish_summary(self.monitor.summary())
-        log.info("health checks running (%d): summary %s, query handlers: %s",
-                 len(self.monitor.checks()), self.monitor.summary(),
-                 ", ".join(sorted(self.monitor.handlers)) or "none")
+        log.info(
+            "health checks running (%d): summary %s, query handlers: %s",
+            len(self.monitor.checks()),
+            self.monitor.summary(),
+            ", ".join(sorted(self.monitor.handlers)) or "none",
+        )
 
     async def stop(self) -> None:
         await self.monitor.stop()
@@ -71,8 +74,12 @@ class HealthService:
     def collect_metrics(self, out: Exposition) -> None:
         """meshd_health_checks: the local checks by status."""
         checks = self.monitor.checks()
-        out.labelled("meshd_health_checks", "gauge", "local checks by status",
-                     [({"status": s}, sum(1 for c in checks if c["status"] == s)) for s in STATUSES])
+        out.labelled(
+            "meshd_health_checks",
+            "gauge",
+            "local checks by status",
+            [({"status": s}, sum(1 for c in checks if c["status"] == s)) for s in STATUSES],
+        )
 
     async def answer(self, action: QueryAction) -> bytes:
         query = action.query
@@ -113,10 +120,22 @@ class HealthService:
         if before is not None or m.name == self.name:
             log.info("health of %s: %s -> %s", m.name, before or "unknown", health)
         site = m.meta.get("site", "default")
-        member = {"name": m.name, "id": m.node_id, "addr": m.addr, "site": site,
-                  "state": m.state.name.lower(), "health": health}
-        payload = {"kind": "health", "name": m.name, "site": site, "health": health,
-                   "previous": before or "unknown", "member": member}
+        member = {
+            "name": m.name,
+            "id": m.node_id,
+            "addr": m.addr,
+            "site": site,
+            "state": m.state.name.lower(),
+            "health": health,
+        }
+        payload = {
+            "kind": "health",
+            "name": m.name,
+            "site": site,
+            "health": health,
+            "previous": before or "unknown",
+            "member": member,
+        }
         # After the member event itself has reached every subscriber.
         runtime = self._runtime
         asyncio.get_running_loop().call_soon(runtime.publish, NodeEvent("health", m, payload))

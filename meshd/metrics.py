@@ -28,10 +28,12 @@ class TransferStats:
 
     def collect_metrics(self, out: Exposition) -> None:
         out.counter("meshd_transfer_sent_bytes_total", "release bytes sent to peers", self.sent_bytes)
-        out.counter("meshd_transfer_received_bytes_total", "release bytes received from peers",
-                    self.received_bytes)
-        out.counter("meshd_transfer_origin_bytes_total", "release bytes fetched from the origin",
-                    self.origin_bytes)
+        out.counter(
+            "meshd_transfer_received_bytes_total", "release bytes received from peers", self.received_bytes
+        )
+        out.counter(
+            "meshd_transfer_origin_bytes_total", "release bytes fetched from the origin", self.origin_bytes
+        )
 
 
 def counter_name(dotted: str) -> str:

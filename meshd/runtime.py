@@ -234,16 +234,37 @@ class NodeRuntime:
         qid: int = self.node.ask(name, payload, filters, timeout, relay_factor, self.now())
         fut: asyncio.Future[QueryResult] = self.loop.create_future()
         self._query_waiters[qid] = fut  # before the flush: the result may already be there
-        self.publish(NodeEvent("query", None, {
-            "id": qid, "name": name, "state": "started", "timeout_s": timeout,
-            "filters": {"nodes": filters.nodes, "site": filters.site, "tags": filters.tags}}))
+        self.publish(
+            NodeEvent(
+                "query",
+                None,
+                {
+                    "id": qid,
+                    "name": name,
+                    "state": "started",
+                    "timeout_s": timeout,
+                    "filters": {"nodes": filters.nodes, "site": filters.site, "tags": filters.tags},
+                },
+            )
+        )
         self._flush()
         try:
             result = await asyncio.wait_for(fut, timeout + ASK_GRACE)
-            self.publish(NodeEvent("query", None, {
-                "id": qid, "name": name, "state": "done", "answered": len(result.responses),
-                "missing": list(result.missing), "elapsed_ms": result.elapsed_ms,
-                "timed_out": result.timed_out}))
+            self.publish(
+                NodeEvent(
+                    "query",
+                    None,
+                    {
+                        "id": qid,
+                        "name": name,
+                        "state": "done",
+                        "answered": len(result.responses),
+                        "missing": list(result.missing),
+                        "elapsed_ms": result.elapsed_ms,
+                        "timed_out": result.timed_out,
+                    },
+                )
+            )
             return result
         finally:
             self._query_waiters.pop(qid, None)
@@ -318,21 +339,20 @@ class NodeRuntime:
         counts = dict.fromkeys((s.name.lower() for s in MemberState), 0)
         for m in node.members():
             counts[m.state.name.lower()] += 1
-        out.labelled("meshd_members", "gauge", "members by state",
-                     [({"state": s}, n) for s, n in counts.items()])
+        out.labelled(
+            "meshd_members", "gauge", "members by state", [({"state": s}, n) for s, n in counts.items()]
+        )
         stats = node.stats()
         out.gauge("meshd_health_score", "Lifeguard local health (0 = healthy)", stats.health_score)
         out.gauge("meshd_broadcast_queue", "messages waiting to be gossiped", stats.broadcast_queue)
-        out.counter("meshd_runtime_errors_total", "core exceptions caught by the shell",
-                    self.errors)
-        out.counter("meshd_events_dropped_total", "events lost by slow subscribers",
-                    self.events_dropped)
+        out.counter("meshd_runtime_errors_total", "core exceptions caught by the shell", self.errors)
+        out.counter("meshd_events_dropped_total", "events lost by slow subscribers", self.events_dropped)
         out.gauge("meshd_event_subscribers", "open event streams", self.subscriber_count)
         out.core_counters(stats.counters)
-        out.gauge("meshd_queries_in_flight", "queries this node asked, not finished yet",
-                  stats.queries_in_flight)
-        out.counter("meshd_queries_busy_total", "queries answered busy (too many running)",
-                    self.queries_busy)
+        out.gauge(
+            "meshd_queries_in_flight", "queries this node asked, not finished yet", stats.queries_in_flight
+        )
+        out.counter("meshd_queries_busy_total", "queries answered busy (too many running)", self.queries_busy)
 
     # --- driving the core --------------------------------------------------------------------
 

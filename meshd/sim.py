@@ -115,11 +115,15 @@ def run_spread(n: int, profile: str = "lan", loss: float = 0.0, seed: int = 1) -
     fan = config.gossip_nodes
     return SpreadResult(
         nodes=n,
-        t50=pct(0.5), t90=pct(0.9), t99=pct(0.99), t100=pct(1.0),
+        t50=pct(0.5),
+        t90=pct(0.9),
+        t99=pct(0.99),
+        t100=pct(1.0),
         model50=epidemic_time(n, fan, loss, config.gossip_interval, 0.5),
         model90=epidemic_time(n, fan, loss, config.gossip_interval, 0.9),
         model99=epidemic_time(n, fan, loss, config.gossip_interval, 0.99),
-        detect_first=first, detect_all=detect_all,
+        detect_first=first,
+        detect_all=detect_all,
         datagrams_per_node_s=(net.stats.datagrams - d0) / span / n,
         bytes_per_node_s=(net.stats.datagram_bytes - b0) / span / n,
         wall_s=time.perf_counter() - wall,
@@ -137,7 +141,8 @@ def format_table(results: list[SpreadResult], loss: float) -> str:
             f"| {r.nodes} | {loss:.0%} | {r.t50:.2f} / {r.t90:.2f} / {r.t99:.2f} / {r.t100:.2f} "
             f"| {r.model50:.2f} / {r.model90:.2f} / {r.model99:.2f} "
             f"| {r.detect_first:.1f} / {r.detect_all:.1f} | {r.datagrams_per_node_s:.1f} "
-            f"| {r.bytes_per_node_s:.0f} | {r.wall_s:.1f} |")
+            f"| {r.bytes_per_node_s:.0f} | {r.wall_s:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -155,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"# Simulator: news spread and failure detection ({args.profile}, seed {args.seed})\n\n"
-                    f"`python -m meshd.sim {' '.join(argv or [])}`: the real core over the in-memory "
-                    "network in virtual time; the model is Serf's analytic epidemic model.\n\n"
-                    f"{table}\n")
+            f.write(
+                f"# Simulator: news spread and failure detection ({args.profile}, seed {args.seed})\n\n"
+                f"`python -m meshd.sim {' '.join(argv or [])}`: the real core over the in-memory "
+                "network in virtual time; the model is Serf's analytic epidemic model.\n\n"
+                f"{table}\n"
+            )
     return 0
 
 

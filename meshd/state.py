@@ -87,8 +87,11 @@ def load_keyring(data_dir: Path, insecure: bool, cluster_key_file: str | None) -
         if cluster_key_file:
             key = read_key_file(cluster_key_file)
             if key not in ring:
-                log.warning("--cluster-key-file %s is not in %s; the keyring file wins "
-                            "(it carries rotations)", cluster_key_file, path)
+                log.warning(
+                    "--cluster-key-file %s is not in %s; the keyring file wins (it carries rotations)",
+                    cluster_key_file,
+                    path,
+                )
         return ring
     if not cluster_key_file:
         raise ConfigError(
@@ -153,8 +156,7 @@ def snapshot_doc(
         "incarnation": incarnation,
         "saved_at": saved_at,
         "peers": [
-            {"name": m.name, "id": m.node_id, "addr": m.addr, "state": m.state.name.lower()}
-            for m in peers
+            {"name": m.name, "id": m.node_id, "addr": m.addr, "state": m.state.name.lower()} for m in peers
         ],
     }
 

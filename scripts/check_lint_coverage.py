@@ -19,7 +19,10 @@ def main() -> int:
     ).stdout.split()
     shown = subprocess.run(
         [str(ruff), "check", "--no-cache", "--show-files", "."],
-        cwd=root, check=True, capture_output=True, text=True,
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.splitlines()
     linted = {str(Path(line).resolve().relative_to(root)) for line in shown if line.endswith(".py")}
     missing = sorted(set(tracked) - linted)

@@ -66,8 +66,7 @@ def wait_api(api_port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
         except OSError:
             pass
         time.sleep(0.2)
-    raise SystemExit(f"node with API port {api_port} did not start in {READY_TIMEOUT:.0f}s; "
-                     f"see {log}")
+    raise SystemExit(f"node with API port {api_port} did not start in {READY_TIMEOUT:.0f}s; see {log}")
 
 
 def wait_converged(api_port: int, names: set[str]) -> bool:
@@ -101,39 +100,58 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
 def main() -> int:
     busy = busy_ports()
     if busy:
-        raise SystemExit(f"port(s) {', '.join(map(str, busy))} on 127.0.0.1 already in use: is "
-                         "another demo still running? (stop it, or `pkill -f 'meshd run'`)")
+        raise SystemExit(
+            f"port(s) {', '.join(map(str, busy))} on 127.0.0.1 already in use: is "
+            "another demo still running? (stop it, or `pkill -f 'meshd run'`)"
+        )
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     DEMO.mkdir(exist_ok=True)
     key = DEMO / "cluster.key"
     if not key.exists():
-        subprocess.run(meshd("keygen", "cluster", "--out", str(key)), check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(meshd("keygen", "cluster", "--out", str(key)), check=True, stdout=subprocess.DEVNULL)
     publisher = DEMO / "publisher.key"  # every node trusts it: try `meshctl publish`
     if not publisher.exists():
-        subprocess.run(meshd("keygen", "publisher", "--out", str(publisher)), check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            meshd("keygen", "publisher", "--out", str(publisher)), check=True, stdout=subprocess.DEVNULL
+        )
     procs: list[subprocess.Popen[bytes]] = []
     # The nodes run in their own sessions: Ctrl-C reaches only this script, which then sends
     # each node exactly one SIGTERM (a second signal would make a node skip its leave).
     try:
         for name, port, api, site, tags in NODES:
             args = [
-                "run", "--name", name, "--bind", f"127.0.0.1:{port}",
-                "--api", f"127.0.0.1:{api}", "--data-dir", str(DEMO / name),
-                "--cluster", "demo", "--cluster-key-file", str(key), "--site", site,
+                "run",
+                "--name",
+                name,
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--api",
+                f"127.0.0.1:{api}",
+                "--data-dir",
+                str(DEMO / name),
+                "--cluster",
+                "demo",
+                "--cluster-key-file",
+                str(key),
+                "--site",
+                site,
                 # The nodes find each other by mDNS, confined to loopback: no --join, and
                 # nothing leaves this machine.
-                "--profile", "local", "--mdns-interface", "127.0.0.1",
-                "--trust-publisher", f"{publisher}.pub",
+                "--profile",
+                "local",
+                "--mdns-interface",
+                "127.0.0.1",
+                "--trust-publisher",
+                f"{publisher}.pub",
             ]
             for t in tags:
                 args += ["--tag", t]
             log = DEMO / f"{name}.log"
             with open(log, "ab") as out:
-                proc = subprocess.Popen(meshd(*args), stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True, cwd=ROOT)
+                proc = subprocess.Popen(
+                    meshd(*args), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
+                )
             procs.append(proc)
             wait_api(api, proc, log)
         if not wait_converged(NODES[0][2], {n[0] for n in NODES}):
@@ -143,10 +161,11 @@ def main() -> int:
         print(f"""
 meshd demo: {len(NODES)} nodes on loopback (cluster "demo", logs in {os.path.relpath(DEMO)}/)
 
-  {'node':<14} {'gossip':<16} {'operator API'}""")
+  {"node":<14} {"gossip":<16} {"operator API"}""")
         for name, port, api, site, _ in NODES:
             print(f"  {name:<14} 127.0.0.1:{port:<6} http://127.0.0.1:{api}   site={site}")
-        print(f"""
+        print(
+            f"""
 Try, in another terminal:
   {meshctl} members                     # the mesh as node 1 sees it
   {meshctl} members --site shop --json
@@ -163,8 +182,9 @@ Try, in another terminal:
 Open: http://127.0.0.1:7789/  (dashboard)   http://127.0.0.1:7789/v1/members
       http://127.0.0.1:7789/metrics           http://127.0.0.1:7789/v1/status
 
-Node pids: {' '.join(str(p.pid) for p in procs)}.  Ctrl-C stops the mesh (graceful leave).""",
-              flush=True)
+Node pids: {" ".join(str(p.pid) for p in procs)}.  Ctrl-C stops the mesh (graceful leave).""",
+            flush=True,
+        )
         reported: set[int] = set()
         while True:
             for i, p in enumerate(procs):

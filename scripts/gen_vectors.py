@@ -71,9 +71,7 @@ def from_fields(tp: Any, value: Any) -> Any:
     return value
 
 
-MESSAGE_TYPES: dict[str, type[msgspec.Struct]] = {
-    cls.__name__: cls for cls in typing.get_args(m.Message)
-}
+MESSAGE_TYPES: dict[str, type[msgspec.Struct]] = {cls.__name__: cls for cls in typing.get_args(m.Message)}
 
 
 def message_cases() -> list[tuple[str, m.Message]]:
@@ -174,9 +172,7 @@ def message_cases() -> list[tuple[str, m.Message]]:
                 payload=b"\x00\x01\xff",
                 origin="gw-a",
                 origin_addr="198.18.1.1:7788",
-                filters=m.QueryFilter(
-                    nodes=["gw-b", "gw-c"], site="re:plant-.*", tags={"role": "edge"}
-                ),
+                filters=m.QueryFilter(nodes=["gw-b", "gw-c"], site="re:plant-.*", tags={"role": "edge"}),
                 relay_factor=2,
                 timeout=2.5,
             ),

@@ -131,9 +131,12 @@ class FakeAgent:
 
     def collect_metrics(self, out: Exposition) -> None:
         states = [s.name.lower() for s in MemberState]
-        out.labelled("meshd_members", "gauge", "members by state",
-                     [({"state": s}, sum(1 for m in self.people if m.state.name.lower() == s))
-                      for s in states])
+        out.labelled(
+            "meshd_members",
+            "gauge",
+            "members by state",
+            [({"state": s}, sum(1 for m in self.people if m.state.name.lower() == s)) for s in states],
+        )
         out.core_counters(self.counters)
 
     async def run_query(

@@ -73,9 +73,22 @@ class NodeProc:
 
     def start(self, join: list[str] | None = None, extra: list[str] | None = None) -> NodeProc:
         args = [
-            "run", "--name", self.name, "--bind", self.addr,
-            "--api", f"127.0.0.1:{self.api_port}", "--data-dir", str(self.data_dir),
-            "--cluster", "itest", "--profile", "local", "--no-mdns", "--log-level", "debug",
+            "run",
+            "--name",
+            self.name,
+            "--bind",
+            self.addr,
+            "--api",
+            f"127.0.0.1:{self.api_port}",
+            "--data-dir",
+            str(self.data_dir),
+            "--cluster",
+            "itest",
+            "--profile",
+            "local",
+            "--no-mdns",
+            "--log-level",
+            "debug",
         ]
         if self.key_file is not None:
             args += ["--cluster-key-file", str(self.key_file)]
@@ -94,8 +107,7 @@ class NodeProc:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n"
-                                     + self.log_tail())
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n" + self.log_tail())
             with contextlib.suppress(OSError, ValueError):
                 urllib.request.urlopen(self.api_url + "/healthz", timeout=1).close()
                 return
@@ -134,8 +146,9 @@ class NodeProc:
         extra = ["--api", self.api_url]
         if token:
             extra += ["--token-file", str(self.data_dir / "api-token")]
-        return subprocess.run(meshctl_cmd(*args, *extra), capture_output=True, text=True,
-                              timeout=60, env=clean_env())
+        return subprocess.run(
+            meshctl_cmd(*args, *extra), capture_output=True, text=True, timeout=60, env=clean_env()
+        )
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -162,8 +175,9 @@ class Mesh:
         return path
 
     def run_meshd(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(meshd_cmd(*args), capture_output=True, text=True, timeout=30,
-                              env=clean_env(), check=check)
+        return subprocess.run(
+            meshd_cmd(*args), capture_output=True, text=True, timeout=30, env=clean_env(), check=check
+        )
 
     def node(self, name: str, key_file: Path | None = None, insecure: bool = False) -> NodeProc:
         key = None if insecure else (key_file or self.key_file)

@@ -271,8 +271,9 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         await resp.write(b"retry: 2000\n: meshd events\n\n")
         while not shutdown.is_set():
             getter = asyncio.ensure_future(sub.get())
-            done, _ = await asyncio.wait({getter, stop}, timeout=SSE_KEEPALIVE,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {getter, stop}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
+            )
             if getter in done:
                 ev = getter.result()
                 await resp.write(sse_frame(ev))
@@ -336,9 +337,7 @@ async def _on_shutdown(app: web.Application) -> None:
 
 def create_api_app(agent: Agent) -> web.Application:
     """The operator API; later features (health, query, releases) add their routes to it."""
-    app = web.Application(
-        client_max_size=MAX_BODY, middlewares=[error_middleware, auth_middleware]
-    )
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware, auth_middleware])
     app[AGENT] = agent
     app[SHUTDOWN] = asyncio.Event()
     app[SSE_CLIENTS] = set()

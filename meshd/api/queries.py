@@ -270,8 +270,9 @@ async def get_health(request: web.Request) -> web.Response:
         # Every matching node runs the pattern on its event loop: a pathological one could
         # stall the mesh, so only an operator with the token may send one.
         require_token(request, "a regular-expression filter")
-    return await _run(request, HEALTH_QUERY, b"", filters, _timeout(q.get("timeout")),
-                      _relay_factor(q.get("relay_factor")))
+    return await _run(
+        request, HEALTH_QUERY, b"", filters, _timeout(q.get("timeout")), _relay_factor(q.get("relay_factor"))
+    )
 
 
 async def post_query(request: web.Request) -> web.Response:
@@ -297,8 +298,14 @@ async def post_query(request: web.Request) -> web.Response:
         site=_site(body.get("site")),
         tags=_tags(body.get("tags")),
     )
-    return await _run(request, name.strip(), raw, filters, _timeout(body.get("timeout")),
-                      _relay_factor(body.get("relay_factor")))
+    return await _run(
+        request,
+        name.strip(),
+        raw,
+        filters,
+        _timeout(body.get("timeout")),
+        _relay_factor(body.get("relay_factor")),
+    )
 
 
 def add_query_routes(app: web.Application) -> None:

@@ -60,9 +60,7 @@ class Client:
         self.token = token
         self.timeout = timeout
 
-    def _request(
-        self, method: str, path: str, body: Any = None, timeout: float | None = None
-    ) -> Any:
+    def _request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Accept": "application/json"}
         if data is not None:
@@ -176,14 +174,14 @@ def cmd_status(c: Client, args: argparse.Namespace) -> int:
     print(f"id:       {doc.get('id')}")
     print(f"cluster:  {doc.get('cluster')}")
     print(f"site:     {doc.get('site')}")
-    print(f"address:  {doc.get('addr')}" + (f" ({doc['addr_source']})" if doc.get("addr_source")
-                                            else ""))
+    print(f"address:  {doc.get('addr')}" + (f" ({doc['addr_source']})" if doc.get("addr_source") else ""))
     print(f"version:  {doc.get('version')}")
     print(f"uptime:   {_human_duration(float(doc.get('uptime_s', 0)))}")
-    print("members:  " + ", ".join(f"{m.get(k, 0)} {k}" for k in ("alive", "suspect", "dead",
-                                                                     "left")))
-    print(f"transfer: sent {t.get('sent_bytes', 0)} B, received {t.get('received_bytes', 0)} B, "
-          f"origin {t.get('origin_bytes', 0)} B")
+    print("members:  " + ", ".join(f"{m.get(k, 0)} {k}" for k in ("alive", "suspect", "dead", "left")))
+    print(
+        f"transfer: sent {t.get('sent_bytes', 0)} B, received {t.get('received_bytes', 0)} B, "
+        f"origin {t.get('origin_bytes', 0)} B"
+    )
     return 0
 
 
@@ -258,12 +256,16 @@ def cmd_monitor(c: Client, args: argparse.Namespace) -> int:
             try:
                 doc = json.loads(data)
                 m = doc.get("member", {})
-                line = (f"{time.strftime('%H:%M:%S')} {event} {doc.get('kind')}: "
-                        f"{m.get('name')} {m.get('addr')} {m.get('state')}")
+                line = (
+                    f"{time.strftime('%H:%M:%S')} {event} {doc.get('kind')}: "
+                    f"{m.get('name')} {m.get('addr')} {m.get('state')}"
+                )
                 if event == "release":
-                    line = (f"{time.strftime('%H:%M:%S')} release {doc.get('name')} "
-                            f"{doc.get('version')}: {doc.get('state')}"
-                            + (f" ({doc['detail']})" if doc.get("detail") else ""))
+                    line = (
+                        f"{time.strftime('%H:%M:%S')} release {doc.get('name')} "
+                        f"{doc.get('version')}: {doc.get('state')}"
+                        + (f" ({doc['detail']})" if doc.get("detail") else "")
+                    )
             except (ValueError, AttributeError):
                 line = f"{time.strftime('%H:%M:%S')} {event}: {data}"
             print(line, flush=True)
@@ -288,8 +290,12 @@ def cmd_publish(c: Client, args: argparse.Namespace) -> int:
         k, v = t.split("=", 1)
         tags[k.strip()] = v.strip()
     body: dict[str, Any] = {
-        "path": os.path.abspath(args.path), "name": args.name, "version": args.version,
-        "key_file": os.path.abspath(args.key), "site": args.site, "tags": tags,
+        "path": os.path.abspath(args.path),
+        "name": args.name,
+        "version": args.version,
+        "key_file": os.path.abspath(args.key),
+        "site": args.site,
+        "tags": tags,
         "origin_dir": os.path.abspath(args.origin_dir) if args.origin_dir else None,
         "origins": args.origin_url,
     }
@@ -307,12 +313,15 @@ def cmd_publish(c: Client, args: argparse.Namespace) -> int:
     while worker.is_alive():
         worker.join(0.25)
         if tty and worker.is_alive():
-            with_progress = [p for p in _publishing(c) if p.get("name") == args.name
-                             and p.get("version") == args.version]
+            with_progress = [
+                p for p in _publishing(c) if p.get("name") == args.name and p.get("version") == args.version
+            ]
             if with_progress:
                 p = with_progress[0]
-                sys.stderr.write(f"\rchunking {args.name} {args.version} "
-                                 + _bar(p.get("done_bytes", 0), p.get("total_bytes", 0)))
+                sys.stderr.write(
+                    f"\rchunking {args.name} {args.version} "
+                    + _bar(p.get("done_bytes", 0), p.get("total_bytes", 0))
+                )
                 sys.stderr.flush()
     if tty:
         sys.stderr.write("\r\033[K")
@@ -322,9 +331,11 @@ def cmd_publish(c: Client, args: argparse.Namespace) -> int:
     if args.json:
         print_json(doc)
         return 0
-    print(f"published {doc['name']} {doc['version']} id {doc['id'][:16]}: {doc['files']} file(s), "
-          f"{doc['size']} bytes, {doc['chunks']} chunks ({doc['new_chunks']} new, "
-          f"{doc['stored_bytes']} bytes stored)")
+    print(
+        f"published {doc['name']} {doc['version']} id {doc['id'][:16]}: {doc['files']} file(s), "
+        f"{doc['size']} bytes, {doc['chunks']} chunks ({doc['new_chunks']} new, "
+        f"{doc['stored_bytes']} bytes stored)"
+    )
     if doc.get("origin_dir"):
         print(f"origin files in {doc['origin_dir']}")
     if args.wait:
@@ -352,8 +363,7 @@ def _wait_release(c: Client, rid: str, timeout: float) -> int:
             have, total = have + int(h or 0), total + int(t or 0)
         done = rows[0].get("nodes_complete", 0) if rows else 0
         if tty:
-            sys.stderr.write(f"\rspreading to {len(nodes)} node(s): {done} complete "
-                             + _bar(have, total))
+            sys.stderr.write(f"\rspreading to {len(nodes)} node(s): {done} complete " + _bar(have, total))
             sys.stderr.flush()
         if nodes and done == len(nodes) and len(nodes) > 1:
             if tty:
@@ -376,14 +386,24 @@ def cmd_releases(c: Client, args: argparse.Namespace) -> int:
     rows = []
     for r in doc.get("releases", []):
         current_on = r.get("current_on", [])
-        rows.append([
-            r["name"], r["version"], r["id"][:12], str(r["size"]), r["state"],
-            f"{r['have_chunks']}/{r['chunks']}", "yes" if r.get("current") else "",
-            f"{r.get('nodes_complete', 0)}/{len(r.get('nodes', {}))}",
-            ",".join(current_on) if len(current_on) <= 4 else f"{len(current_on)} nodes",
-        ])
-    print(table(rows, ["NAME", "VERSION", "ID", "SIZE", "STATE", "CHUNKS", "CURRENT",
-                       "COMPLETE ON", "CURRENT ON"]))
+        rows.append(
+            [
+                r["name"],
+                r["version"],
+                r["id"][:12],
+                str(r["size"]),
+                r["state"],
+                f"{r['have_chunks']}/{r['chunks']}",
+                "yes" if r.get("current") else "",
+                f"{r.get('nodes_complete', 0)}/{len(r.get('nodes', {}))}",
+                ",".join(current_on) if len(current_on) <= 4 else f"{len(current_on)} nodes",
+            ]
+        )
+    print(
+        table(
+            rows, ["NAME", "VERSION", "ID", "SIZE", "STATE", "CHUNKS", "CURRENT", "COMPLETE ON", "CURRENT ON"]
+        )
+    )
     return 0
 
 
@@ -406,24 +426,44 @@ def cmd_version(c: Client, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print JSON instead of a table")
-    common.add_argument("--api", default=argparse.SUPPRESS, metavar="URL",
-                        help=f"meshd API (env MESHD_API, default {DEFAULT_API})")
-    common.add_argument("--token-file", default=argparse.SUPPRESS, metavar="FILE",
-                        help="file holding the API token (or env MESHD_API_TOKEN)")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
-                        help="request timeout (default 30)")
-    parser = _Parser(prog="meshctl", parents=[common],
-                     description="meshctl: talk to a meshd node's operator API")
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of a table"
+    )
+    common.add_argument(
+        "--api",
+        default=argparse.SUPPRESS,
+        metavar="URL",
+        help=f"meshd API (env MESHD_API, default {DEFAULT_API})",
+    )
+    common.add_argument(
+        "--token-file",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="file holding the API token (or env MESHD_API_TOKEN)",
+    )
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS,
+        metavar="SECONDS",
+        help="request timeout (default 30)",
+    )
+    parser = _Parser(
+        prog="meshctl", parents=[common], description="meshctl: talk to a meshd node's operator API"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("members", parents=[common], help="list members")
     p.add_argument("--state", help="only these states (alive, suspect, dead, left; comma list)")
     p.add_argument("--site", help="only this site")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                   help="only members with this tag; repeatable")
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only members with this tag; repeatable",
+    )
     sub.add_parser("status", parents=[common], help="this node's status")
     p = sub.add_parser("join", parents=[common], help="join the mesh through these addresses")
     p.add_argument("addrs", nargs="+", metavar="HOST:PORT")
@@ -437,19 +477,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="file or directory (on the node's host)")
     p.add_argument("--name", required=True, help="release name")
     p.add_argument("--version", required=True, help="release version")
-    p.add_argument("--key", required=True, metavar="FILE",
-                   help="publisher private key (from `meshd keygen publisher`)")
+    p.add_argument(
+        "--key", required=True, metavar="FILE", help="publisher private key (from `meshd keygen publisher`)"
+    )
     p.add_argument("--site", help="install only on gateways of this site")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                   help="install only on gateways with this tag; repeatable")
-    p.add_argument("--origin-dir", metavar="DIR",
-                   help="also write the chunks and manifest as plain files for a web server")
-    p.add_argument("--origin-url", action="append", default=[], metavar="URL",
-                   help="origin URL (where --origin-dir will be served) put in the manifest")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="then wait (with progress) until the nodes that want it have it")
-    sub.add_parser("releases", parents=[common],
-                   help="releases: state, progress, nodes that have it, where it is current")
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="install only on gateways with this tag; repeatable",
+    )
+    p.add_argument(
+        "--origin-dir",
+        metavar="DIR",
+        help="also write the chunks and manifest as plain files for a web server",
+    )
+    p.add_argument(
+        "--origin-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="origin URL (where --origin-dir will be served) put in the manifest",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="then wait (with progress) until the nodes that want it have it",
+    )
+    sub.add_parser(
+        "releases",
+        parents=[common],
+        help="releases: state, progress, nodes that have it, where it is current",
+    )
     meshctl_health.register(sub, COMMANDS)
     sub.add_parser("version", parents=[common], help="client and server versions")
     return parser

@@ -103,13 +103,17 @@ def health_rows(doc: dict[str, Any], sites: dict[str, str], all_checks: bool) ->
         checks = [ch for ch in r.get("checks", []) if isinstance(ch, dict)]
         checks.sort(key=lambda ch: (STATUS_ORDER.get(str(ch.get("status")), 1), str(ch.get("name"))))
         shown = checks if all_checks else [ch for ch in checks if ch.get("status") != "passing"]
-        lines = [[f"{ch.get('name')} ({ch.get('status')})", _one_line(ch.get("output"))]
-                 for ch in shown]
+        lines = [[f"{ch.get('name')} ({ch.get('status')})", _one_line(ch.get("output"))] for ch in shown]
         if r.get("error"):
             lines.insert(0, [str(r["error"]), _one_line(r.get("detail"))])
         site = str(r.get("site") or sites.get(r.get("name", ""), "?"))
-        by_site.setdefault(site, []).append((STATUS_ORDER.get(status, 1), str(r.get("name")),
-                                             [[status, *line] for line in lines] or [[status, "", ""]]))
+        by_site.setdefault(site, []).append(
+            (
+                STATUS_ORDER.get(status, 1),
+                str(r.get("name")),
+                [[status, *line] for line in lines] or [[status, "", ""]],
+            )
+        )
     for name in doc.get("missing", []):
         site = sites.get(name, "?")
         by_site.setdefault(site, []).append((-1, name, [["missing", "", "did not answer"]]))
@@ -117,8 +121,7 @@ def health_rows(doc: dict[str, Any], sites: dict[str, str], all_checks: bool) ->
     for site in sorted(by_site):
         for _, name, lines in sorted(by_site[site]):
             for i, (status, check, output) in enumerate(lines):
-                rows.append([site, name, status, check, output] if i == 0
-                            else ["", "", "", check, output])
+                rows.append([site, name, status, check, output] if i == 0 else ["", "", "", check, output])
     return rows
 
 
@@ -137,8 +140,10 @@ def health_summary(doc: dict[str, Any]) -> str:
         parts.append(f"{len(doc['missing'])} missing")
     total = len(doc.get("responses", [])) + len(doc.get("missing", []))
     how = "timed out" if doc.get("timed_out") else "every answer in"
-    return (f"{total} node(s): {', '.join(parts) or 'none matched'} "
-            f"({how} {float(doc.get('elapsed_ms', 0)):.0f} ms)")
+    return (
+        f"{total} node(s): {', '.join(parts) or 'none matched'} "
+        f"({how} {float(doc.get('elapsed_ms', 0)):.0f} ms)"
+    )
 
 
 def cmd_health(c: ApiClient, args: argparse.Namespace) -> int:
@@ -178,7 +183,9 @@ def _answer_text(r: dict[str, Any]) -> tuple[str, str]:
     if "status" in r:  # the built-in health query
         return str(r["status"]), "\n".join(
             f"{ch.get('name')}: {ch.get('status')} {_one_line(ch.get('output'))}"
-            for ch in r.get("checks", []) if isinstance(ch, dict))
+            for ch in r.get("checks", [])
+            if isinstance(ch, dict)
+        )
     extra = {k: v for k, v in r.items() if k not in ("name", "site", "elapsed_ms")}
     return "answer", str(extra)
 
@@ -216,8 +223,10 @@ def cmd_query(c: ApiClient, args: argparse.Namespace) -> int:
         print(f"{name}: did not answer")
     n = len(doc.get("responses", []))
     how = "timed out" if doc.get("timed_out") else "complete"
-    print(f"{n} answer(s), {len(doc.get('missing', []))} missing ({how} after "
-          f"{float(doc.get('elapsed_ms', 0)):.0f} ms)")
+    print(
+        f"{n} answer(s), {len(doc.get('missing', []))} missing ({how} after "
+        f"{float(doc.get('elapsed_ms', 0)):.0f} ms)"
+    )
     return code
 
 
@@ -227,25 +236,53 @@ def cmd_query(c: ApiClient, args: argparse.Namespace) -> int:
 def _common() -> argparse.ArgumentParser:
     """meshctl's common options, except --timeout: here it is the query's (a duration)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print JSON instead of a table")
-    common.add_argument("--api", default=argparse.SUPPRESS, metavar="URL",
-                        help="meshd API (env MESHD_API, default http://127.0.0.1:7789)")
-    common.add_argument("--token-file", default=argparse.SUPPRESS, metavar="FILE",
-                        help="file holding the API token (or env MESHD_API_TOKEN)")
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of a table"
+    )
+    common.add_argument(
+        "--api",
+        default=argparse.SUPPRESS,
+        metavar="URL",
+        help="meshd API (env MESHD_API, default http://127.0.0.1:7789)",
+    )
+    common.add_argument(
+        "--token-file",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="file holding the API token (or env MESHD_API_TOKEN)",
+    )
     return common
 
 
 def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", help="only this site (or re:PATTERN, which needs the API token)")
-    p.add_argument("--node", action="append", default=[], metavar="NAME",
-                   help="only these nodes; repeatable or a comma list")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                   help="only nodes with this tag (VALUE may be re:PATTERN); repeatable")
-    p.add_argument("--timeout", dest="query_timeout", metavar="DURATION",
-                   help="how long to wait for answers (250ms, 3s; default: Serf's, from the mesh size)")
-    p.add_argument("--relay-factor", type=int, default=0, metavar="N",
-                   help="each answer also travels through N random members (lossy paths)")
+    p.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only these nodes; repeatable or a comma list",
+    )
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only nodes with this tag (VALUE may be re:PATTERN); repeatable",
+    )
+    p.add_argument(
+        "--timeout",
+        dest="query_timeout",
+        metavar="DURATION",
+        help="how long to wait for answers (250ms, 3s; default: Serf's, from the mesh size)",
+    )
+    p.add_argument(
+        "--relay-factor",
+        type=int,
+        default=0,
+        metavar="N",
+        help="each answer also travels through N random members (lossy paths)",
+    )
 
 
 def register(sub: Any, commands: MutableMapping[str, Any]) -> None:
@@ -253,8 +290,7 @@ def register(sub: Any, commands: MutableMapping[str, Any]) -> None:
     common = _common()
     p = sub.add_parser("health", parents=[common], help="ask the matching nodes how healthy they are")
     _add_filters(p)
-    p.add_argument("--all-checks", action="store_true",
-                   help="list every check, not only the failing ones")
+    p.add_argument("--all-checks", action="store_true", help="list every check, not only the failing ones")
     p = sub.add_parser("query", parents=[common], help="run a named query on the matching nodes")
     p.add_argument("name", metavar="NAME", help="query name (a [[query_handler]] of the nodes)")
     p.add_argument("payload", nargs="?", metavar="PAYLOAD", help="given to the handlers ('-': stdin)")

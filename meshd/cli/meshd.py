@@ -31,24 +31,45 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     a("--bind", metavar="HOST:PORT", help="gossip UDP and peer TCP port (default: 0.0.0.0:7788)")
     a("--advertise", metavar="HOST:PORT", help="address other nodes use (default: derived)")
     a("--api", metavar="HOST:PORT", help="operator HTTP API (default: 127.0.0.1:7789)")
-    a("--data-dir", metavar="DIR", help="node key, keyring, peer snapshot, API token "
-      "(default: /var/lib/meshd)")
-    a("--join", metavar="HOST:PORT", action="append", default=[],
-      help="seed to join; repeatable; retried until it works")
+    a(
+        "--data-dir",
+        metavar="DIR",
+        help="node key, keyring, peer snapshot, API token (default: /var/lib/meshd)",
+    )
+    a(
+        "--join",
+        metavar="HOST:PORT",
+        action="append",
+        default=[],
+        help="seed to join; repeatable; retried until it works",
+    )
     a("--site", help="site of this gateway (default: default)")
     a("--tag", metavar="KEY=VALUE", action="append", default=[], help="free tag; repeatable")
     a("--no-mdns", action="store_true", default=None, help="disable mDNS discovery")
-    a("--mdns-interface", metavar="IP", action="append", default=[],
-      help="limit mDNS to this interface address; repeatable")
-    a("--cluster-key-file", metavar="FILE", help="32-byte cluster key (base64); required "
-      "unless --insecure")
-    a("--insecure", action="store_true", default=None,
-      help="no encryption; refused unless bound to loopback")
+    a(
+        "--mdns-interface",
+        metavar="IP",
+        action="append",
+        default=[],
+        help="limit mDNS to this interface address; repeatable",
+    )
+    a("--cluster-key-file", metavar="FILE", help="32-byte cluster key (base64); required unless --insecure")
+    a("--insecure", action="store_true", default=None, help="no encryption; refused unless bound to loopback")
     a("--profile", choices=("lan", "wan", "local"), help="protocol timings (default: lan)")
-    a("--trust-publisher", metavar="FILE", action="append", default=[],
-      help="public key whose signed releases this node installs; repeatable")
-    a("--protocol", metavar="KEY=VALUE", action="append", default=[],
-      help="override one protocol setting, e.g. probe_interval=500ms; repeatable")
+    a(
+        "--trust-publisher",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="public key whose signed releases this node installs; repeatable",
+    )
+    a(
+        "--protocol",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one protocol setting, e.g. probe_interval=500ms; repeatable",
+    )
     a("--log-level", choices=("debug", "info", "warning", "error"), help="default: info")
 
 
@@ -60,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(run)
     keygen = sub.add_parser("keygen", help="create a cluster key or a publisher key pair")
     keygen.add_argument("kind", choices=("cluster", "publisher"))
-    keygen.add_argument("--out", metavar="FILE", required=True,
-                        help="where to write the key (publisher: FILE and FILE.pub)")
+    keygen.add_argument(
+        "--out", metavar="FILE", required=True, help="where to write the key (publisher: FILE and FILE.pub)"
+    )
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
     validate = sub.add_parser("validate-config", help="check a configuration file and exit")
     _run_flags(validate)
@@ -90,8 +112,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise ConfigError("validate-config needs --config FILE")
     cfg = load_config(flags)
     if not cfg.insecure and not cfg.cluster_key_file:
-        print(f"{cfg.source}: note: no cluster_key_file; the node needs one unless its data dir "
-              "already holds a keyring", file=sys.stderr)
+        print(
+            f"{cfg.source}: note: no cluster_key_file; the node needs one unless its data dir "
+            "already holds a keyring",
+            file=sys.stderr,
+        )
     if cfg.cluster_key_file:
         from meshd.crypto import read_key_file
 
@@ -99,8 +124,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from meshd.health_service import parse_health_config
 
     parse_health_config(cfg.checks, cfg.query_handlers, cfg.data_dir)  # names a bad check
-    print(f"{cfg.source}: ok (node {cfg.name}, cluster {cfg.cluster}, bind {cfg.bind}, "
-          f"profile {cfg.profile})")
+    print(
+        f"{cfg.source}: ok (node {cfg.name}, cluster {cfg.cluster}, bind {cfg.bind}, profile {cfg.profile})"
+    )
     return 0
 
 

@@ -130,8 +130,9 @@ class AdoptionPolicy:
 
     # --- judgement -----------------------------------------------------------------------------
 
-    def judge(self, rid16: str, manifest: Release, current: Release | None,
-              held: Iterable[Release]) -> Verdict:
+    def judge(
+        self, rid16: str, manifest: Release, current: Release | None, held: Iterable[Release]
+    ) -> Verdict:
         """A verified manifest: adopt it, or ignore `rid16` for good (with the reason kept).
 
         `current` is the installed current release of its name, `held` every release we hold."""
@@ -141,8 +142,10 @@ class AdoptionPolicy:
         elif verdict is Verdict.OLDER:
             assert current is not None
             self.ignored[rid16] = f"not newer than current {current.version}"
-        elif any(m.name == manifest.name and m.version == manifest.version
-                 and m.release_id != manifest.release_id for m in held):
+        elif any(
+            m.name == manifest.name and m.version == manifest.version and m.release_id != manifest.release_id
+            for m in held
+        ):
             verdict = Verdict.CONFLICT
             self.ignored[rid16] = "version already installed with other content"
         return verdict

@@ -84,6 +84,7 @@ from meshd.errors import AuthError, DecodeError, MeshError, StateError
 
 log = logging.getLogger("meshd.node")
 
+
 @dataclass
 class _Member:
     name: str
@@ -96,8 +97,13 @@ class _Member:
 
     def view(self) -> MemberView:
         return MemberView(
-            self.name, self.node_id, self.addr, self.state, self.incarnation,
-            self.meta, self.state_change,
+            self.name,
+            self.node_id,
+            self.addr,
+            self.state,
+            self.incarnation,
+            self.meta,
+            self.state_change,
         )
 
 
@@ -191,8 +197,9 @@ class MembershipCore(Protocol):
     def set_meta(self, meta: dict[str, str], now: float) -> None: ...
     def set_addr(self, addr: str, now: float) -> None: ...
     def key_op(self, op: str, key: bytes, now: float) -> None: ...
-    def ask(self, name: str, payload: bytes, filters: QueryFilter, timeout: float,
-            relay_factor: int, now: float) -> int: ...
+    def ask(
+        self, name: str, payload: bytes, filters: QueryFilter, timeout: float, relay_factor: int, now: float
+    ) -> int: ...
     def respond_query(self, action: QueryAction, payload: bytes, now: float) -> None: ...
     def cancel_query(self, query_id: int) -> None: ...
 
@@ -239,12 +246,15 @@ class Node:
         self._seen_keyops: deque[int] = deque(maxlen=MAX_SEEN_KEYOPS)
 
         self._outbox: Outbox[MembershipEffect] = Outbox()
-        self.queries = QueryEngine(name, addr, rng, QueryLimits(
-            udp_response_size=config.packet_budget - codec.overhead - COMPOUND_HEADER_MAX - 64),
-            outbox=self._outbox)  # finished queries join the same ordered outbox
+        self.queries = QueryEngine(
+            name,
+            addr,
+            rng,
+            QueryLimits(udp_response_size=config.packet_budget - codec.overhead - COMPOUND_HEADER_MAX - 64),
+            outbox=self._outbox,
+        )  # finished queries join the same ordered outbox
 
-        self._me = _Member(name, node_id, addr, incarnation, MemberState.ALIVE,
-                           dict(meta or {}), now)
+        self._me = _Member(name, node_id, addr, incarnation, MemberState.ALIVE, dict(meta or {}), now)
         self._members[name] = self._me
         # Spread the timers so nodes started together do not probe in lockstep.
         self._timers = _Timers(
@@ -319,9 +329,7 @@ class Node:
         me.state = MemberState.LEFT
         me.state_change = now
         self._active = None
-        self.broadcasts.queue(
-            "m:" + me.name, wire.encode_message(Dead(me.incarnation, me.name, me.name))
-        )
+        self.broadcasts.queue("m:" + me.name, wire.encode_message(Dead(me.incarnation, me.name, me.name)))
         # Do not wait for the next gossip tick: the process is about to exit.
         self._gossip(now)
 
@@ -347,8 +355,9 @@ class Node:
         now: float,
     ) -> int:
         """Start a gossip query; its QueryResult comes out as a QueryDone effect."""
-        alive = [(m.name, *split_meta(m.meta)) for m in self._members.values()
-                 if m.state == MemberState.ALIVE]
+        alive = [
+            (m.name, *split_meta(m.meta)) for m in self._members.values() if m.state == MemberState.ALIVE
+        ]
         expected = expected_members(filters, alive)
         qid = self.queries.originate(name, payload, filters, timeout, relay_factor, expected, now)
         msg = self.queries.query_message(qid)
@@ -368,8 +377,11 @@ class Node:
         return qid
 
     def respond_query(self, action: QueryAction, payload: bytes, now: float) -> None:
-        relays = [(m.name, m.addr) for m in self._members.values()
-                  if m.state == MemberState.ALIVE and m is not self._me]
+        relays = [
+            (m.name, m.addr)
+            for m in self._members.values()
+            if m.state == MemberState.ALIVE and m is not self._me
+        ]
         self._send_query_out(self.queries.respond(action, payload, relays, now))
 
     def cancel_query(self, query_id: int) -> None:
@@ -454,8 +466,12 @@ class Node:
                 self._merge(msg.states, now)
                 if st.kind == "join":
                     self.counters.inc("join.ok")
-            elif (isinstance(msg, Ack) and st.kind == "tcp_ping" and msg.seq == st.probe_seq
-                  and msg.source == st.target):
+            elif (
+                isinstance(msg, Ack)
+                and st.kind == "tcp_ping"
+                and msg.seq == st.probe_seq
+                and msg.source == st.target
+            ):
                 # Only the member we probe counts: another node now at its old address
                 # must not keep a dead member alive.
                 p = self._probe
@@ -546,8 +562,9 @@ class Node:
                 if m is not None and m.state not in DEAD_STATES and name != self.name:
                     return m
             # Wrapped around: reshuffle (memberlist resetNodes).
-            self._probe_order = [n for n, m in self._members.items()
-                                 if n != self.name and m.state not in DEAD_STATES]
+            self._probe_order = [
+                n for n, m in self._members.items() if n != self.name and m.state not in DEAD_STATES
+            ]
             self.rng.shuffle(self._probe_order)
             self._probe_index = 0
         return None
@@ -579,12 +596,14 @@ class Node:
         target = self._members.get(p.target)
         if target is None:
             return
-        candidates = [m for m in self._members.values()
-                      if m.state == MemberState.ALIVE and m.name not in (self.name, p.target)]
+        candidates = [
+            m
+            for m in self._members.values()
+            if m.state == MemberState.ALIVE and m.name not in (self.name, p.target)
+        ]
         relays = self.rng.sample(candidates, min(self.config.indirect_checks, len(candidates)))
         p.expected_nacks = len(relays)
-        req = wire.encode_message(
-            IndirectPing(p.seq, target.name, target.addr, self.name, self.addr, True))
+        req = wire.encode_message(IndirectPing(p.seq, target.name, target.addr, self.name, self.addr, True))
         for r in relays:
             self._send(r.addr, [req])
         # TCP fallback in parallel: catches a UDP-only fault between us and the target.
@@ -609,8 +628,7 @@ class Node:
             self._judge_own_health(self._nack_waits.pop(p.seq))
         if p.tcp_acked:
             self.counters.inc("probes.tcp_only")
-            log.debug("reached %s over TCP but UDP probes failed: network may be misconfigured",
-                      p.target)
+            log.debug("reached %s over TCP but UDP probes failed: network may be misconfigured", p.target)
             return
         m = self._members.get(p.target)
         if m is None or m.state in DEAD_STATES:
@@ -633,8 +651,7 @@ class Node:
 
     def _handle_indirect_ping(self, msg: IndirectPing, now: float) -> None:
         seq = self._next_seq()
-        self._relays[seq] = _Relay(msg.source_addr, msg.seq, msg.nack,
-                                   now + self.config.probe_timeout)
+        self._relays[seq] = _Relay(msg.source_addr, msg.seq, msg.nack, now + self.config.probe_timeout)
         self._send(msg.target_addr, [wire.encode_message(Ping(seq, msg.target, self.name, self.addr))])
 
     # --- state transitions ---------------------------------------------------------------------
@@ -652,8 +669,9 @@ class Node:
             return
         m = self._members.get(msg.name)
         if m is None:
-            m = _Member(msg.name, msg.node_id, msg.addr, msg.incarnation, MemberState.ALIVE,
-                        dict(msg.meta), now)
+            m = _Member(
+                msg.name, msg.node_id, msg.addr, msg.incarnation, MemberState.ALIVE, dict(msg.meta), now
+            )
             self._members[msg.name] = m
             self._insert_probe_target(msg.name)
             self._queue_alive(m)
@@ -663,8 +681,14 @@ class Node:
             # Same name, another identity: only allowed to take over a member that is gone.
             if m.state not in DEAD_STATES:
                 self.counters.inc("conflicts")
-                log.warning("name conflict: %s claimed by %s at %s, held by %s at %s",
-                            msg.name, msg.node_id, msg.addr, m.node_id, m.addr)
+                log.warning(
+                    "name conflict: %s claimed by %s at %s, held by %s at %s",
+                    msg.name,
+                    msg.node_id,
+                    msg.addr,
+                    m.node_id,
+                    m.addr,
+                )
                 return
         elif msg.incarnation <= m.incarnation:
             return
@@ -716,8 +740,11 @@ class Node:
         m = self._members.get(name)
         if m is None or m.state != MemberState.SUSPECT:
             return
-        log.info("marking %s as failed, suspect timeout reached (%d peer confirmations)",
-                 name, len(s.confirmations) - 1)
+        log.info(
+            "marking %s as failed, suspect timeout reached (%d peer confirmations)",
+            name,
+            len(s.confirmations) - 1,
+        )
         self._dead(Dead(m.incarnation, name, self.name), now)
 
     def _dead(self, msg: Dead, now: float) -> None:
@@ -746,8 +773,9 @@ class Node:
         self._queue_alive(me)
 
     def _queue_alive(self, m: _Member) -> None:
-        self.broadcasts.queue("m:" + m.name, wire.encode_message(
-            Alive(m.incarnation, m.name, m.node_id, m.addr, m.meta)))
+        self.broadcasts.queue(
+            "m:" + m.name, wire.encode_message(Alive(m.incarnation, m.name, m.node_id, m.addr, m.meta))
+        )
 
     def _insert_probe_target(self, name: str) -> None:
         # Random position, so a new member is not always probed last (memberlist).
@@ -776,7 +804,8 @@ class Node:
                 # Answers bigger than a packet arrive whole over TCP.
                 sid = self._new_stream(_Stream("query"))
                 self._outbox.put(
-                    OpenStream(sid, o.addr, self.codec.pack([data]), self.config.tcp_timeout, "query"))
+                    OpenStream(sid, o.addr, self.codec.pack([data]), self.config.tcp_timeout, "query")
+                )
             else:
                 self._send(o.addr, [data])
 
@@ -833,10 +862,13 @@ class Node:
     def _gossip_targets(self, now: float) -> list[_Member]:
         dead_horizon = now - self.config.gossip_to_the_dead_time
         candidates = [
-            m for m in self._members.values()
-            if m is not self._me and (
+            m
+            for m in self._members.values()
+            if m is not self._me
+            and (
                 m.state in (MemberState.ALIVE, MemberState.SUSPECT)
-                or (m.state == MemberState.DEAD and m.state_change >= dead_horizon))
+                or (m.state == MemberState.DEAD and m.state_change >= dead_horizon)
+            )
         ]
         return self.rng.sample(candidates, min(self.config.gossip_nodes, len(candidates)))
 
@@ -850,8 +882,9 @@ class Node:
             if big:
                 # No packet-size wall: news too big for UDP goes over TCP.
                 sid = self._new_stream(_Stream("gossip", m.name))
-                self._outbox.put(OpenStream(
-                    sid, m.addr, self.codec.pack(big), self.config.tcp_timeout, "gossip"))
+                self._outbox.put(
+                    OpenStream(sid, m.addr, self.codec.pack(big), self.config.tcp_timeout, "gossip")
+                )
             msgs = self.broadcasts.get(n, 0, room)
             if not msgs:
                 continue
@@ -866,8 +899,10 @@ class Node:
         return base * (math.ceil(math.log2(n) - math.log2(32)) + 1)
 
     def _local_state(self) -> list[PushNodeState]:
-        return [PushNodeState(m.name, m.node_id, m.addr, m.incarnation, m.state, m.meta)
-                for m in self._members.values()]
+        return [
+            PushNodeState(m.name, m.node_id, m.addr, m.incarnation, m.state, m.meta)
+            for m in self._members.values()
+        ]
 
     def _new_stream(self, st: _Stream) -> int:
         self._stream_id += 1
@@ -875,8 +910,7 @@ class Node:
         return self._stream_id
 
     def _open_push_pull(self, addr: str, kind: StreamKind, now: float, target: str = "") -> int:
-        data = self.codec.pack([wire.encode_message(
-            PushPull(kind == "join", self._local_state(), False))])
+        data = self.codec.pack([wire.encode_message(PushPull(kind == "join", self._local_state(), False))])
         sid = self._new_stream(_Stream(kind, target))
         timeout = self.config.tcp_timeout
         if kind == "join":
@@ -886,8 +920,7 @@ class Node:
         return sid
 
     def _periodic_push_pull(self, now: float) -> None:
-        alive = [m for m in self._members.values()
-                 if m is not self._me and m.state == MemberState.ALIVE]
+        alive = [m for m in self._members.values() if m is not self._me and m.state == MemberState.ALIVE]
         if alive and not self.leaving:
             m = self.rng.choice(alive)
             self._open_push_pull(m.addr, "push_pull", now, m.name)
@@ -895,8 +928,9 @@ class Node:
     def _reconnect(self, now: float) -> None:
         """Serf's reconnect: try one failed member, so healed partitions merge again."""
         horizon = now - self.config.reconnect_timeout
-        dead = [m for m in self._members.values()
-                if m.state == MemberState.DEAD and m.state_change >= horizon]
+        dead = [
+            m for m in self._members.values() if m.state == MemberState.DEAD and m.state_change >= horizon
+        ]
         if dead and not self.leaving:
             m = self.rng.choice(dead)
             self.counters.inc("reconnects")
@@ -904,8 +938,11 @@ class Node:
 
     def _reap(self, now: float) -> None:
         horizon = now - self.config.reap_interval
-        for name in [n for n, m in self._members.items()
-                     if m.state in DEAD_STATES and m.state_change < horizon and n != self.name]:
+        for name in [
+            n
+            for n, m in self._members.items()
+            if m.state in DEAD_STATES and m.state_change < horizon and n != self.name
+        ]:
             m = self._members.pop(name)
             self._emit("reap", m, now)
 
@@ -922,4 +959,3 @@ class Node:
                     continue
                 # Remote dead is only a suspicion here: it can still refute (heals partitions).
                 self._suspect(Suspect(s.incarnation, s.name, self.name), now)
-

@@ -378,14 +378,18 @@ class QueryEngine:
     def _finish(self, pending: _Pending, now: float, *, timed_out: bool) -> None:
         del self._pending[pending.query.id]
         expected = pending.expected or set()
-        self.outbox.put(QueryDone(QueryResult(
-                id=pending.query.id,
-                name=pending.query.name,
-                responses=tuple(pending.answers.values()),
-                missing=tuple(sorted(expected - pending.answers.keys())),
-                elapsed_ms=(now - pending.started) * 1000.0,
-                timed_out=timed_out,
-            )))
+        self.outbox.put(
+            QueryDone(
+                QueryResult(
+                    id=pending.query.id,
+                    name=pending.query.name,
+                    responses=tuple(pending.answers.values()),
+                    missing=tuple(sorted(expected - pending.answers.keys())),
+                    elapsed_ms=(now - pending.started) * 1000.0,
+                    timed_out=timed_out,
+                )
+            )
+        )
 
     # --- answering --------------------------------------------------------------------------
 

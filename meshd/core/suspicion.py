@@ -32,9 +32,7 @@ class Suspicion:
 
     __slots__ = ("confirmations", "k", "max_timeout", "min_timeout", "start")
 
-    def __init__(
-        self, accuser: str, k: int, min_timeout: float, max_timeout: float, now: float
-    ) -> None:
+    def __init__(self, accuser: str, k: int, min_timeout: float, max_timeout: float, now: float) -> None:
         self.k = k
         self.min_timeout = min_timeout
         # With nobody to confirm, there is no point waiting for confirmations.

@@ -207,20 +207,22 @@ class Swarm:
         self._out_requests: list[FetchRequest] = []
         self._out_cancels: list[int] = []
         self._out_events: list[SwarmEvent] = []
-        self.counters = Counters({
-            "requests": 0,
-            "requests.endgame": 0,
-            "requests.origin": 0,
-            "timeouts": 0,
-            "errors": 0,
-            "bans": 0,
-            "cancels": 0,
-            "bytes.peers": 0,
-            "bytes.origin": 0,
-            "chunks.duplicate": 0,
-            "results.late": 0,
-            "drops.bitmap": 0,
-        })
+        self.counters = Counters(
+            {
+                "requests": 0,
+                "requests.endgame": 0,
+                "requests.origin": 0,
+                "timeouts": 0,
+                "errors": 0,
+                "bans": 0,
+                "cancels": 0,
+                "bytes.peers": 0,
+                "bytes.origin": 0,
+                "chunks.duplicate": 0,
+                "results.late": 0,
+                "drops.bitmap": 0,
+            }
+        )
         self._schedule(now)
 
     # --- inputs ------------------------------------------------------------------------------
@@ -672,7 +674,8 @@ class Swarm:
         if any(i not in self._inflight for i in self._missing):
             return  # something is still waiting for a first request (or for the origin)
         old_enough = {
-            i for i in self._missing
+            i
+            for i in self._missing
             if min(self._requests[r].sent for r in self._inflight[i]) + cfg.endgame_after <= now
         }
         if not old_enough:

@@ -223,8 +223,7 @@ def parse_check(table: Mapping[str, Any], index: int, data_dir: str) -> CheckSpe
     if (warning > critical) if higher_is_worse else (warning < critical):
         relation = "above" if higher_is_worse else "below"
         raise ConfigError(
-            f"{label}: key 'critical': must be {relation} or equal to warning"
-            f" ({critical:g} vs {warning:g})"
+            f"{label}: key 'critical': must be {relation} or equal to warning ({critical:g} vs {warning:g})"
         )
     path = None
     if isinstance(t, DiskCheckTable):

@@ -81,8 +81,17 @@ class MemoryNetwork:
         incarnation: int = 0,
     ) -> Node:
         addr = addr or f"{name}:7788"
-        node = Node(name, node_id or f"id-{name}", addr, config, codec,
-                    random.Random(self.rng.getrandbits(64)), self.now, meta, incarnation)
+        node = Node(
+            name,
+            node_id or f"id-{name}",
+            addr,
+            config,
+            codec,
+            random.Random(self.rng.getrandbits(64)),
+            self.now,
+            meta,
+            incarnation,
+        )
         self.nodes[addr] = node
         self.down.discard(addr)
         self._flush(node)

@@ -51,8 +51,9 @@ class PeerTraffic:
     def collect_metrics(self, out: Exposition) -> None:
         s, c = self.served, self.started
         out.counter("meshd_tcp_accepted_total", "peer exchanges served", s.accepted)
-        out.counter("meshd_tcp_received_bytes_total", "peer TCP bytes received",
-                    s.received_bytes + c.received_bytes)
+        out.counter(
+            "meshd_tcp_received_bytes_total", "peer TCP bytes received", s.received_bytes + c.received_bytes
+        )
         out.counter("meshd_tcp_sent_bytes_total", "peer TCP bytes sent", s.sent_bytes + c.sent_bytes)
         out.counter("meshd_tcp_connects_total", "peer exchanges started", c.connects)
         out.counter("meshd_tcp_connect_errors_total", "peer exchanges failed", c.connect_errors)

@@ -84,8 +84,14 @@ def format_announcements(
         current = current_version(name)
         ms.sort(key=publish_order)
         entries = [
-            Announce(name, m.version, m.release_id[:RID_PREFIX], have(m.release_id),
-                     len(m.chunks), m.version == current and m.release_id in complete).text()
+            Announce(
+                name,
+                m.version,
+                m.release_id[:RID_PREFIX],
+                have(m.release_id),
+                len(m.chunks),
+                m.version == current and m.release_id in complete,
+            ).text()
             for m in ms[-MAX_ENTRIES_PER_NAME:]
         ]
         out[META_PREFIX + name] = ";".join(entries)
@@ -96,8 +102,13 @@ class Announcer:
     """Keeps this node's `rel:` entries in its metadata: at once when forced (a release completed
     or changed state), otherwise at most once per `interval` (progress while downloading)."""
 
-    def __init__(self, set_meta_keys: SetMetaKeys | None, interval: float,
-                 wanted: Callable[[], dict[str, str]], now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        set_meta_keys: SetMetaKeys | None,
+        interval: float,
+        wanted: Callable[[], dict[str, str]],
+        now: Callable[[], float],
+    ) -> None:
         self.set_meta_keys = set_meta_keys
         self.interval = interval
         self._wanted = wanted
@@ -162,5 +173,11 @@ class Member:
         alive = m.state == MemberState.ALIVE
         meta = m.meta or {}
         tags = {k[4:]: v for k, v in meta.items() if k.startswith("tag:")}
-        return cls(m.name, m.addr, meta.get("site", "default"), alive,
-                   parse_announcements(meta) if alive else {}, tags)
+        return cls(
+            m.name,
+            m.addr,
+            meta.get("site", "default"),
+            alive,
+            parse_announcements(meta) if alive else {},
+            tags,
+        )

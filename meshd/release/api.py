@@ -63,8 +63,10 @@ async def post_releases(request: web.Request) -> web.Response:
     origin_dir = _path(body, "origin_dir", required=False)
     site = _str(body, "site", required=False)
     origins = body.get("origins") or []
-    if not isinstance(origins, list) or len(origins) > MAX_ORIGINS or not all(
-        isinstance(o, str) for o in origins
+    if (
+        not isinstance(origins, list)
+        or len(origins) > MAX_ORIGINS
+        or not all(isinstance(o, str) for o in origins)
     ):
         raise ApiError(400, "bad_request", f"'origins' must be a list of at most {MAX_ORIGINS} URLs")
     assert path is not None
@@ -73,8 +75,14 @@ async def post_releases(request: web.Request) -> web.Response:
     assert key_file is not None
     try:
         info = await svc.publish(
-            path, name, version, key_file, site=site, tags=_tags(body.get("tags")),
-            origins=origins, origin_dir=origin_dir,
+            path,
+            name,
+            version,
+            key_file,
+            site=site,
+            tags=_tags(body.get("tags")),
+            origins=origins,
+            origin_dir=origin_dir,
         )
     except PublishError as e:
         raise ApiError(400, "cannot_publish", str(e)) from None

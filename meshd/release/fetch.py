@@ -124,8 +124,13 @@ class FetchDriver:
         cfg = self.swarm_config
         if not manifest.origins and cfg.origin_enabled:
             cfg = SwarmConfig(**{**cfg.__dict__, "origin_enabled": False})
-        swarm = Swarm([(c, manifest.chunks[c]) for c in ids], [c for c in ids if c not in lacking],
-                      random.Random(), self.now(), cfg)
+        swarm = Swarm(
+            [(c, manifest.chunks[c]) for c in ids],
+            [c for c in ids if c not in lacking],
+            random.Random(),
+            self.now(),
+            cfg,
+        )
         fetch = ReleaseFetch(manifest, swarm, dict(manifest.chunks), self.now(), last_progress=self.now())
         self.fetches[rid] = fetch
         fetch.tick = asyncio.get_running_loop().call_later(TICK, self._on_tick, fetch)
@@ -215,8 +220,9 @@ class FetchDriver:
         When nothing arrives for `WAN_STALL` seconds, the cut is lifted for this release.
         """
         k, rank = self._share(fetch)
-        local_seeds = [p for p in fetch.peers if fetch.raw.get(p, b"") is None
-                       and self.members[p].site == self.site]
+        local_seeds = [
+            p for p in fetch.peers if fetch.raw.get(p, b"") is None and self.members[p].site == self.site
+        ]
         now = self.now()
         n = len(fetch.sizes)
         for peer in sorted(fetch.peers, key=lambda p: (self.members[p].site != self.site, p)):
@@ -247,8 +253,12 @@ class FetchDriver:
         if not fetch.widened and self.now() - fetch.last_progress > WAN_STALL:
             fetch.widened = True
             self._count("fetch.widened")
-            log.info("%s %s: no progress for %.0fs; asking every peer for everything",
-                     fetch.manifest.name, fetch.manifest.version, WAN_STALL)
+            log.info(
+                "%s %s: no progress for %.0fs; asking every peer for everything",
+                fetch.manifest.name,
+                fetch.manifest.version,
+                WAN_STALL,
+            )
             self._register_all(fetch)
             self._pump(fetch)
         fetch.tick = asyncio.get_running_loop().call_later(TICK, self._on_tick, fetch)
@@ -306,14 +316,29 @@ class FetchDriver:
                 complete = True
             elif effect.kind == "peer_banned":
                 self._count("fetch.bans")
-                log.warning("%s %s: peer %s banned: %s", fetch.manifest.name,
-                            fetch.manifest.version, effect.peer, effect.detail)
+                log.warning(
+                    "%s %s: peer %s banned: %s",
+                    fetch.manifest.name,
+                    fetch.manifest.version,
+                    effect.peer,
+                    effect.detail,
+                )
             elif effect.kind == "origin_fallback":
-                log.info("%s %s: falling back to the origin (%s)", fetch.manifest.name,
-                         fetch.manifest.version, effect.detail)
+                log.info(
+                    "%s %s: falling back to the origin (%s)",
+                    fetch.manifest.name,
+                    fetch.manifest.version,
+                    effect.detail,
+                )
             else:
-                log.debug("%s %s: %s %s %s", fetch.manifest.name, fetch.manifest.version,
-                          effect.kind, effect.peer, effect.detail)
+                log.debug(
+                    "%s %s: %s %s %s",
+                    fetch.manifest.name,
+                    fetch.manifest.version,
+                    effect.kind,
+                    effect.peer,
+                    effect.detail,
+                )
         if complete:
             self._close_fetch(fetch, cancel_requests=True)
             self._on_complete(fetch)
@@ -374,9 +399,7 @@ class FetchDriver:
         fetch.swarm.fetch_done(req.request_id, outcome, self.now(), received=received)
         self._pump(fetch)
 
-    async def _peer_request(
-        self, fetch: ReleaseFetch, req: FetchRequest
-    ) -> tuple[Outcome, list[str]] | None:
+    async def _peer_request(self, fetch: ReleaseFetch, req: FetchRequest) -> tuple[Outcome, list[str]] | None:
         mem = self.members.get(req.peer)
         if mem is None or not mem.alive:
             return Outcome.ERROR, []
@@ -385,8 +408,9 @@ class FetchDriver:
         fetch.net_phase[req.request_id] = task
         timeout = max(1.0, req.deadline - self.now()) + 1.0
         try:
-            stored = await self.client.chunks(mem.addr, req.chunks,
-                                              [fetch.sizes[c] for c in req.chunks], timeout)
+            stored = await self.client.chunks(
+                mem.addr, req.chunks, [fetch.sizes[c] for c in req.chunks], timeout
+            )
         except PeerProtocolError as e:
             log.info("chunk request to %s failed: %s", req.peer, e)
             return Outcome.ERROR, []
@@ -408,8 +432,13 @@ class FetchDriver:
             fetch.error = err
         if bad:
             self._count("fetch.bad_hash", bad)
-            log.warning("%s sent %d chunk(s) with a wrong hash for %s %s", req.peer, bad,
-                        fetch.manifest.name, fetch.manifest.version)
+            log.warning(
+                "%s sent %d chunk(s) with a wrong hash for %s %s",
+                req.peer,
+                bad,
+                fetch.manifest.name,
+                fetch.manifest.version,
+            )
             return Outcome.BAD_HASH, received
         if len(received) < len(req.chunks):
             self._count("fetch.short")

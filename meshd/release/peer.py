@@ -214,8 +214,13 @@ async def _post_chunks(request: web.Request) -> web.StreamResponse:
         raw = await read_bounded(request.content, request.content_length, MAX_CHUNKS_REQUEST)
     except BodyTooLarge:
         return _refuse(backend, 413, "serve.drops.too_big")
-    except (BodyTruncated, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
-            ConnectionError, web.HTTPException):
+    except (
+        BodyTruncated,
+        aiohttp.ClientPayloadError,
+        aiohttp.ClientConnectionError,
+        ConnectionError,
+        web.HTTPException,
+    ):
         return _refuse(backend, 400, "serve.drops.truncated")
     try:
         body = backend.codec.open(raw, max_size=MAX_CHUNKS_REQUEST)

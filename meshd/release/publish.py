@@ -106,9 +106,13 @@ def publish_tree(
 
     tree = chunk_tree(path, sink)
     manifest = Manifest.build(
-        name, version, tree,
+        name,
+        version,
+        tree,
         created=time.time() if created is None else created,
-        site=site, tags=tags, origins=list(origins),
+        site=site,
+        tags=tags,
+        origins=list(origins),
     ).sign(signer)
     store.put_manifest(manifest.release_id, manifest.to_bytes())
     if origin_root is not None:

@@ -28,9 +28,13 @@ log = logging.getLogger("meshd.release")
 class TokenBucket:
     """An asyncio rate cap (bytes per second); take() waits until the bytes may go."""
 
-    def __init__(self, rate: float | None, burst: float | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        rate: float | None,
+        burst: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.rate = rate
         self.burst = float(burst if burst is not None else max(4 * 1024 * 1024, rate or 0))
         self._tokens = self.burst

@@ -100,8 +100,12 @@ class ReleaseService:
         self.codec = Codec(codec.cluster, codec.keyring, compress=False)
         self.store = ChunkStore(data_dir, fsync=self.config.fsync)
         self.releases_dir = Releases(
-            data_dir, self.store, keep=self.config.keep, hook=self.config.hook,
-            hook_timeout=self.config.hook_timeout, fsync=self.config.fsync,
+            data_dir,
+            self.store,
+            keep=self.config.keep,
+            hook=self.config.hook,
+            hook_timeout=self.config.hook_timeout,
+            fsync=self.config.fsync,
         )
         self.transfer = transfer if transfer is not None else TransferStats()
         self.swarm_config = swarm_config or self.config.swarm_config()
@@ -110,14 +114,27 @@ class ReleaseService:
         self.policy = AdoptionPolicy(site, self.tags)
         self._members: dict[str, Member] = {}
         self.driver = FetchDriver(
-            name=name, site=site, members=self._members, client=self.fetcher, store=self.store,
-            transfer=self.transfer, counters=self.counters, swarm_config=self.swarm_config,
-            spawn=self._spawn, now=self.now, on_complete=self._on_fetch_complete,
+            name=name,
+            site=site,
+            members=self._members,
+            client=self.fetcher,
+            store=self.store,
+            transfer=self.transfer,
+            counters=self.counters,
+            swarm_config=self.swarm_config,
+            spawn=self._spawn,
+            now=self.now,
+            on_complete=self._on_fetch_complete,
             on_progress=self._announce,
         )
         self.server = PeerServer(
-            self, codec=self.codec, counters=self.counters, store=self.store, transfer=self.transfer,
-            upload_rate=self.config.upload_rate, on_damaged=self._on_damaged,
+            self,
+            codec=self.codec,
+            counters=self.counters,
+            store=self.store,
+            transfer=self.transfer,
+            upload_rate=self.config.upload_rate,
+            on_damaged=self._on_damaged,
         )
         self.announcer = Announcer(set_meta_keys, self.config.announce_interval, self.announcements, self.now)
         self._emit_cb = emit
@@ -157,8 +174,13 @@ class ReleaseService:
             self._manifests[manifest.release_id] = manifest
         for manifest, missing in found:
             if missing:
-                log.info("resuming %s %s: %d of %d chunks to fetch", manifest.name, manifest.version,
-                         len(missing), len(manifest.chunks))
+                log.info(
+                    "resuming %s %s: %d of %d chunks to fetch",
+                    manifest.name,
+                    manifest.version,
+                    len(missing),
+                    len(manifest.chunks),
+                )
             self.driver.start(manifest, missing)
         for m in members:
             self.member_update(m)
@@ -211,8 +233,14 @@ class ReleaseService:
         self.counters[key] += n
 
     def _emit(self, manifest: Manifest, state: str, detail: str = "") -> None:
-        ev = {"kind": "release", "name": manifest.name, "version": manifest.version,
-              "id": manifest.release_id, "state": state, "node": self.name}
+        ev = {
+            "kind": "release",
+            "name": manifest.name,
+            "version": manifest.version,
+            "id": manifest.release_id,
+            "state": state,
+            "node": self.name,
+        }
         if detail:
             ev["detail"] = detail
         if self._emit_cb is not None:
@@ -292,20 +320,29 @@ class ReleaseService:
             self._emit(manifest, "refused", str(e))
             self.policy.refused(rid16, self.now())
             return None
-        verdict = self.policy.judge(rid16, manifest, self._current_manifest(manifest.name),
-                                    self._manifests.values())
+        verdict = self.policy.judge(
+            rid16, manifest, self._current_manifest(manifest.name), self._manifests.values()
+        )
         if verdict is Verdict.NOT_TARGETED:
             self._count("releases.ignored")
-            log.info("release %s %s is not targeted at this node (site %s); ignored",
-                     manifest.name, manifest.version, self.site)
+            log.info(
+                "release %s %s is not targeted at this node (site %s); ignored",
+                manifest.name,
+                manifest.version,
+                self.site,
+            )
             return None
         if verdict is Verdict.OLDER:
             self._count("releases.older")
             return None
         if verdict is Verdict.CONFLICT:
             self._count("releases.conflict")
-            log.warning("release %s %s (%s) conflicts with an installed one of the same version",
-                        manifest.name, manifest.version, rid16)
+            log.warning(
+                "release %s %s (%s) conflicts with an installed one of the same version",
+                manifest.name,
+                manifest.version,
+                rid16,
+            )
             return None
         return manifest
 
@@ -326,8 +363,15 @@ class ReleaseService:
         if self._closed or rid in self._manifests:
             return
         self._manifests[rid] = manifest
-        log.info("fetching %s %s (%s): %d of %d chunks, %d bytes", manifest.name, manifest.version,
-                 rid[:16], len(missing), len(manifest.chunks), manifest.total_size)
+        log.info(
+            "fetching %s %s (%s): %d of %d chunks, %d bytes",
+            manifest.name,
+            manifest.version,
+            rid[:16],
+            len(missing),
+            len(manifest.chunks),
+            manifest.total_size,
+        )
         self._emit(manifest, "downloading")
         self.driver.start(manifest, missing)
 
@@ -393,14 +437,20 @@ class ReleaseService:
         finally:
             self._activating.discard(rid)
         self._count("activations")
-        log.info("%s %s is current (was %s)%s", name, manifest.version, result.previous or "none",
-                 f"; retired {', '.join(result.retired)}" if result.retired else "")
+        log.info(
+            "%s %s is current (was %s)%s",
+            name,
+            manifest.version,
+            result.previous or "none",
+            f"; retired {', '.join(result.retired)}" if result.retired else "",
+        )
         self._emit(manifest, "active")
         await self.collect_garbage()
 
     async def collect_garbage(self) -> int:
         """Forget retired manifests and delete chunks no stored manifest needs."""
         async with self._gc_lock:
+
             def work() -> int:
                 for rid in list(self._manifests):
                     if not self.store.has_manifest(rid) and rid not in self._fetches:
@@ -437,8 +487,9 @@ class ReleaseService:
         """
         for m in self._manifests.values():
             if m.name == name and m.version == version:
-                raise StateError(f"release {name} {version} exists already ({m.release_id[:16]}); "
-                                 "publish a new version")
+                raise StateError(
+                    f"release {name} {version} exists already ({m.release_id[:16]}); publish a new version"
+                )
         key = f"{name} {version}"
         if key in self._publishing:
             raise StateError(f"release {name} {version} is being published already")
@@ -450,8 +501,16 @@ class ReleaseService:
         try:
             async with self._gc_lock:  # no gc between storing chunks and storing the manifest
                 result = await asyncio.to_thread(
-                    publish_tree, self.store, Path(path), name, version, key_file,
-                    site=site, tags=tags, origins=origins, origin_dir=origin_dir,
+                    publish_tree,
+                    self.store,
+                    Path(path),
+                    name,
+                    version,
+                    key_file,
+                    site=site,
+                    tags=tags,
+                    origins=origins,
+                    origin_dir=origin_dir,
                     progress=on_progress,
                 )
         finally:
@@ -459,18 +518,31 @@ class ReleaseService:
         manifest = result.manifest
         rid = manifest.release_id
         self._count("published")
-        log.info("published %s %s (%s): %d files, %d bytes, %d chunks (%d new)", name, version,
-                 rid[:16], len(manifest.files), manifest.total_size, len(manifest.chunks),
-                 result.new_chunks)
+        log.info(
+            "published %s %s (%s): %d files, %d bytes, %d chunks (%d new)",
+            name,
+            version,
+            rid[:16],
+            len(manifest.files),
+            manifest.total_size,
+            len(manifest.chunks),
+            result.new_chunks,
+        )
         if rid not in self._manifests:
             self._manifests[rid] = manifest
             self._emit(manifest, "published")
             self.driver.start(manifest, [])  # complete at once: activates here when targeted
         return {
-            "id": rid, "name": name, "version": version, "size": manifest.total_size,
-            "files": len(manifest.files), "chunks": len(manifest.chunks),
-            "new_chunks": result.new_chunks, "stored_bytes": result.stored_bytes,
-            "origin_dir": result.origin_dir, "origins": list(manifest.origins),
+            "id": rid,
+            "name": name,
+            "version": version,
+            "size": manifest.total_size,
+            "files": len(manifest.files),
+            "chunks": len(manifest.chunks),
+            "new_chunks": result.new_chunks,
+            "stored_bytes": result.stored_bytes,
+            "origin_dir": result.origin_dir,
+            "origins": list(manifest.origins),
             "target": {"site": manifest.target.site, "tags": dict(manifest.target.tags or {})},
         }
 
@@ -483,8 +555,9 @@ class ReleaseService:
         return len(self._manifests[rid].chunks) if rid in self._complete else 0
 
     def announcements(self) -> dict[str, str]:
-        return format_announcements(self._manifests.values(), self._have, self.releases_dir.current,
-                                    self._complete)
+        return format_announcements(
+            self._manifests.values(), self._have, self.releases_dir.current, self._complete
+        )
 
     def _announce(self, force: bool = False) -> None:
         self.announcer.announce(force)
@@ -546,7 +619,7 @@ class ReleaseService:
         ordered = sorted(self._manifests.items(), key=lambda kv: (kv[1].name, kv[1].created, kv[1].version))
         for rid, m in ordered:
             cur_version = self.releases_dir.current(m.name)
-            current = (cur_version == m.version and self.releases_dir.release_id(m.name, m.version) == rid)
+            current = cur_version == m.version and self.releases_dir.release_id(m.name, m.version) == rid
             have = self._have(rid)
             total = len(m.chunks)
             nodes: dict[str, str] = {self.name: f"{have}/{total}"}
@@ -564,12 +637,21 @@ class ReleaseService:
             fetch = self._fetches.get(rid)
             progress = fetch.swarm.progress().fraction if fetch else (1.0 if rid in self._complete else 0.0)
             row: dict[str, Any] = {
-                "name": m.name, "version": m.version, "id": rid, "size": m.total_size,
-                "chunks": total, "have_chunks": have, "state": self._state(rid, current),
-                "current": current, "progress": round(progress, 4), "created": m.created,
+                "name": m.name,
+                "version": m.version,
+                "id": rid,
+                "size": m.total_size,
+                "chunks": total,
+                "have_chunks": have,
+                "state": self._state(rid, current),
+                "current": current,
+                "progress": round(progress, 4),
+                "created": m.created,
                 "target": {"site": m.target.site, "tags": dict(m.target.tags or {})},
-                "nodes_complete": len(complete_on), "complete_on": sorted(complete_on),
-                "current_on": sorted(current_on), "nodes": dict(sorted(nodes.items())),
+                "nodes_complete": len(complete_on),
+                "complete_on": sorted(complete_on),
+                "current_on": sorted(current_on),
+                "nodes": dict(sorted(nodes.items())),
             }
             error = self._failed.get(rid) or (fetch.error if fetch else None)
             if error:
@@ -578,14 +660,18 @@ class ReleaseService:
         return rows
 
     def publishing(self) -> list[dict[str, Any]]:
-        return [{"name": p.name, "version": p.version, "done_bytes": p.done, "total_bytes": p.total}
-                for p in self._publishing.values()]
+        return [
+            {"name": p.name, "version": p.version, "done_bytes": p.done, "total_bytes": p.total}
+            for p in self._publishing.values()
+        ]
 
     def status(self) -> dict[str, Any]:
         return {
-            "transfer": {"sent_bytes": self.transfer.sent_bytes,
-                         "received_bytes": self.transfer.received_bytes,
-                         "origin_bytes": self.transfer.origin_bytes},
+            "transfer": {
+                "sent_bytes": self.transfer.sent_bytes,
+                "received_bytes": self.transfer.received_bytes,
+                "origin_bytes": self.transfer.origin_bytes,
+            },
             "downloading": len(self._fetches),
             "ignored": len(self.policy.ignored),
             "counters": dict(sorted(self.counters.items())),

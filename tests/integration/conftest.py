@@ -26,7 +26,6 @@ def port_factory() -> Callable[[], int]:
     return free_port
 
 
-
 @pytest.fixture
 async def in_process_node() -> AsyncIterator[InProcessStarter]:
     """Start a core node with its runtime, UDP socket and peer HTTP app in this process, on a
@@ -45,8 +44,16 @@ async def in_process_node() -> AsyncIterator[InProcessStarter]:
 
     async def start(name: str, meta: dict[str, str] | None = None) -> NodeRuntime:
         port = free_port()
-        node = Node(name, name * 8, f"127.0.0.1:{port}", LOCAL, Codec("t", None),
-                    random.Random(name), asyncio.get_running_loop().time(), meta)
+        node = Node(
+            name,
+            name * 8,
+            f"127.0.0.1:{port}",
+            LOCAL,
+            Codec("t", None),
+            random.Random(name),
+            asyncio.get_running_loop().time(),
+            meta,
+        )
         rt = NodeRuntime(node)
         udp = UDPEndpoint(rt.on_datagram)
         await udp.open("127.0.0.1", port)

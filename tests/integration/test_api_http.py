@@ -27,12 +27,29 @@ def make_agent() -> FakeAgent:
         ring=[KEY_A],
         counters={"drops.auth": 4, "msgs.in.ping": 9},
         people=[
-            member("n1", MemberState.ALIVE, node_id="11" * 16, addr="127.0.0.1:7788", incarnation=3,
-                   meta={"site": "factory", "tag:role": "gw", "health": "passing"}),
-            member("n2", MemberState.SUSPECT, node_id="22" * 16, addr="127.0.0.1:7790",
-                   meta={"site": "factory", "tag:role": "db"}),
-            member("n3", MemberState.DEAD, node_id="33" * 16, addr="127.0.0.1:7792", incarnation=0,
-                   meta={"site": "shop", "tag:role": "gw", "health": "weird"}),
+            member(
+                "n1",
+                MemberState.ALIVE,
+                node_id="11" * 16,
+                addr="127.0.0.1:7788",
+                incarnation=3,
+                meta={"site": "factory", "tag:role": "gw", "health": "passing"},
+            ),
+            member(
+                "n2",
+                MemberState.SUSPECT,
+                node_id="22" * 16,
+                addr="127.0.0.1:7790",
+                meta={"site": "factory", "tag:role": "db"},
+            ),
+            member(
+                "n3",
+                MemberState.DEAD,
+                node_id="33" * 16,
+                addr="127.0.0.1:7792",
+                incarnation=0,
+                meta={"site": "shop", "tag:role": "gw", "health": "weird"},
+            ),
             member("n4", MemberState.LEFT, node_id="44" * 16, addr="127.0.0.1:7794", incarnation=2),
         ],
     )
@@ -53,8 +70,7 @@ async def test_status_fields(client: TestClient) -> None:
     r = await client.get("/v1/status")
     assert r.status == 200
     doc = await r.json()
-    for k in ("name", "id", "cluster", "site", "addr", "version", "uptime_s", "members",
-              "transfer"):
+    for k in ("name", "id", "cluster", "site", "addr", "version", "uptime_s", "members", "transfer"):
         assert k in doc
     assert doc["members"] == {"alive": 1, "suspect": 1, "dead": 1, "left": 1}
     assert doc["transfer"] == {"sent_bytes": 10, "received_bytes": 20, "origin_bytes": 3}
@@ -69,9 +85,16 @@ async def test_members_fields_and_filters(client: TestClient) -> None:
     assert [m["name"] for m in doc["members"]] == ["n1", "n2", "n3", "n4"]
     n1 = doc["members"][0]
     assert set(n1) == {"name", "id", "addr", "site", "tags", "state", "incarnation", "health"}
-    assert n1 == {"name": "n1", "id": "11" * 16, "addr": "127.0.0.1:7788", "site": "factory",
-                  "tags": {"role": "gw"}, "state": "alive", "incarnation": 3,
-                  "health": "passing"}
+    assert n1 == {
+        "name": "n1",
+        "id": "11" * 16,
+        "addr": "127.0.0.1:7788",
+        "site": "factory",
+        "tags": {"role": "gw"},
+        "state": "alive",
+        "incarnation": 3,
+        "health": "passing",
+    }
     by_name = {m["name"]: m for m in doc["members"]}
     assert by_name["n2"]["health"] == "unknown"  # no health gossiped yet
     assert by_name["n3"]["health"] == "unknown"  # junk value shown as unknown
@@ -149,8 +172,11 @@ async def test_leave(client: TestClient, agent: FakeAgent) -> None:
 
 async def test_keys(client: TestClient, agent: FakeAgent) -> None:
     doc = await (await client.get("/v1/keys")).json()
-    assert doc == {"keys": [{"id": KEY_A[:4].hex(), "primary": True}],
-                   "primary": KEY_A[:4].hex(), "insecure": False}
+    assert doc == {
+        "keys": [{"id": KEY_A[:4].hex(), "primary": True}],
+        "primary": KEY_A[:4].hex(),
+        "insecure": False,
+    }
     b64 = base64.b64encode(KEY_B).decode()
     assert (await client.post("/v1/keys", json={"op": "install", "key": b64})).status == 401
     r = await client.post("/v1/keys", json={"op": "install", "key": b64}, headers=AUTH)
@@ -161,8 +187,12 @@ async def test_keys(client: TestClient, agent: FakeAgent) -> None:
     r = await client.post("/v1/keys", json={"op": "remove", "key": b64}, headers=AUTH)
     assert r.status == 409
     assert (await r.json())["error"] == "key_state"
-    for body in ({"op": "rotate", "key": b64}, {"op": "use"}, {"op": "use", "key": "!!"},
-                 {"op": "use", "key": base64.b64encode(b"short").decode()}):
+    for body in (
+        {"op": "rotate", "key": b64},
+        {"op": "use"},
+        {"op": "use", "key": "!!"},
+        {"op": "use", "key": base64.b64encode(b"short").decode()},
+    ):
         r = await client.post("/v1/keys", json=body, headers=AUTH)
         assert r.status == 400, body
     agent.ring = None
@@ -185,7 +215,7 @@ async def test_metrics(client: TestClient) -> None:
     assert r.status == 200
     assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     text = await r.text()
-    assert '# TYPE meshd_members gauge' in text
+    assert "# TYPE meshd_members gauge" in text
     assert 'meshd_members{state="alive"} 1' in text
     assert "meshd_drops_auth_total 4" in text
     assert "meshd_msgs_in_ping_total 9" in text
@@ -201,9 +231,9 @@ async def test_events_stream(client: TestClient, agent: FakeAgent) -> None:
         await asyncio.sleep(0.01)
     agent.subs[0].queue.put_nowait(FakeEvent("dead", agent.people[2]))
     buf = b""
-    while b"event: member" not in buf or b"\n\n" not in buf[buf.index(b"event: member"):]:
+    while b"event: member" not in buf or b"\n\n" not in buf[buf.index(b"event: member") :]:
         buf += await asyncio.wait_for(r.content.readany(), 5)
-    block = buf[buf.index(b"event: member"):].split(b"\n\n")[0]
+    block = buf[buf.index(b"event: member") :].split(b"\n\n")[0]
     data = block.split(b"data: ", 1)[1]
     doc = orjson.loads(data)
     assert doc["kind"] == "dead"

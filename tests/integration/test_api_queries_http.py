@@ -60,9 +60,13 @@ async def test_health_answers_grouped_with_missing_nodes(client: TestClient, age
     doc = await resp.json()
     assert [r["name"] for r in doc["responses"]] == ["n1", "n2", "n3"]  # by site, then name
     _, n2, n3 = doc["responses"]
-    assert n3 == {"name": "n3", "site": "shop", "status": "critical", "elapsed_ms": 3.0,
-                  "checks": [{"name": "disk", "kind": "disk", "status": "critical", "output": "x",
-                              "updated": 1.0}]}
+    assert n3 == {
+        "name": "n3",
+        "site": "shop",
+        "status": "critical",
+        "elapsed_ms": 3.0,
+        "checks": [{"name": "disk", "kind": "disk", "status": "critical", "output": "x", "updated": 1.0}],
+    }
     # An unreadable answer still names the node; its status is unknown, its site from members.
     assert n2["status"] == "unknown"
     assert n2["checks"] == []
@@ -78,8 +82,10 @@ async def test_health_answers_grouped_with_missing_nodes(client: TestClient, age
 
 async def test_health_filters_and_durations(client: TestClient, agent: FakeAgent) -> None:
     agent.missing = ("n3",)
-    url = ("/v1/health?site=shop&node=n3,n4&node=ghost&tag=role=gw&tag=rack=re:r[0-9]&timeout=250ms"
-           "&relay_factor=2")
+    url = (
+        "/v1/health?site=shop&node=n3,n4&node=ghost&tag=role=gw&tag=rack=re:r[0-9]&timeout=250ms"
+        "&relay_factor=2"
+    )
     resp = await client.get(url)
     # Every matching node runs a regular expression: only an operator with the token sends one.
     assert resp.status == 401
@@ -88,8 +94,9 @@ async def test_health_filters_and_durations(client: TestClient, agent: FakeAgent
     assert resp.status == 200
     doc = await resp.json()
     _, _, filters, timeout, relay = agent.asked[0]
-    assert filters == QueryFilter(nodes=["n3", "n4", "ghost"], site="shop",
-                                  tags={"role": "gw", "rack": "re:r[0-9]"})
+    assert filters == QueryFilter(
+        nodes=["n3", "n4", "ghost"], site="shop", tags={"role": "gw", "rack": "re:r[0-9]"}
+    )
     assert timeout == 0.25
     assert relay == 2
     # n3 did not answer; n4 is dead (filter: role=gw lacks rack, so only named); ghost named.
@@ -124,8 +131,7 @@ async def test_core_refusals_map_to_400_and_503(client: TestClient, agent: FakeA
     agent.raises = ConfigError("filters.site: bad regular expression: x")
     resp = await client.get("/v1/health?site=re:(", headers=AUTH)
     assert resp.status == 400
-    assert await resp.json() == {"error": "bad_query",
-                                 "detail": "filters.site: bad regular expression: x"}
+    assert await resp.json() == {"error": "bad_query", "detail": "filters.site: bad regular expression: x"}
     agent.raises = StateError("64 queries already in flight")
     resp = await client.get("/v1/health")
     assert resp.status == 503
@@ -155,36 +161,61 @@ async def test_too_many_waiting_queries_get_429(client: TestClient, agent: FakeA
 async def test_query_needs_the_token(client: TestClient, agent: FakeAgent) -> None:
     resp = await client.post("/v1/query", json={"name": "uptime"})
     assert resp.status == 401
-    resp = await client.post("/v1/query", json={"name": "uptime"},
-                             headers={"Authorization": "Bearer wrong"})
+    resp = await client.post("/v1/query", json={"name": "uptime"}, headers={"Authorization": "Bearer wrong"})
     assert resp.status == 403
     assert agent.asked == []
 
 
 async def test_query_answers_and_body(client: TestClient, agent: FakeAgent) -> None:
     agent.answers = [
-        QueryAnswer("n1", orjson.dumps({"handler": "uptime", "exit_code": 0, "output": "up 3 days\n",
-                                        "truncated": False}), 4.0),
-        QueryAnswer("n3", orjson.dumps({"error": "no handler", "detail": "no handler for 'uptime'",
-                                        "handlers": []}), 5.0),
+        QueryAnswer(
+            "n1",
+            orjson.dumps({"handler": "uptime", "exit_code": 0, "output": "up 3 days\n", "truncated": False}),
+            4.0,
+        ),
+        QueryAnswer(
+            "n3",
+            orjson.dumps({"error": "no handler", "detail": "no handler for 'uptime'", "handlers": []}),
+            5.0,
+        ),
     ]
-    body = {"name": "uptime", "payload": "-p", "site": "re:.*", "nodes": ["n1", "n3"],
-            "tags": {"role": "gw"}, "timeout": "2s", "relay_factor": 1}
+    body = {
+        "name": "uptime",
+        "payload": "-p",
+        "site": "re:.*",
+        "nodes": ["n1", "n3"],
+        "tags": {"role": "gw"},
+        "timeout": "2s",
+        "relay_factor": 1,
+    }
     resp = await client.post("/v1/query", json=body, headers=AUTH)
     assert resp.status == 200
     doc = await resp.json()
-    assert agent.asked[0] == ("uptime", b"-p", QueryFilter(["n1", "n3"], "re:.*", {"role": "gw"}),
-                              2.0, 1)
+    assert agent.asked[0] == ("uptime", b"-p", QueryFilter(["n1", "n3"], "re:.*", {"role": "gw"}), 2.0, 1)
     assert doc["responses"] == [
-        {"name": "n1", "site": "factory", "handler": "uptime", "exit_code": 0,
-         "output": "up 3 days\n", "truncated": False, "elapsed_ms": 4.0},
-        {"name": "n3", "site": "shop", "error": "no handler", "detail": "no handler for 'uptime'",
-         "handlers": [], "elapsed_ms": 5.0},
+        {
+            "name": "n1",
+            "site": "factory",
+            "handler": "uptime",
+            "exit_code": 0,
+            "output": "up 3 days\n",
+            "truncated": False,
+            "elapsed_ms": 4.0,
+        },
+        {
+            "name": "n3",
+            "site": "shop",
+            "error": "no handler",
+            "detail": "no handler for 'uptime'",
+            "handlers": [],
+            "elapsed_ms": 5.0,
+        },
     ]
     assert doc["missing"] == []
     # tags as a list of k=v, nodes as a comma string, payload absent
-    resp = await client.post("/v1/query", json={"name": "x", "nodes": "n1,n2", "tags": ["a=1", "b=2"]},
-                             headers=AUTH)
+    resp = await client.post(
+        "/v1/query", json={"name": "x", "nodes": "n1,n2", "tags": ["a=1", "b=2"]}, headers=AUTH
+    )
     assert resp.status == 200
     assert agent.asked[-1] == ("x", b"", QueryFilter(["n1", "n2"], "", {"a": "1", "b": "2"}), None, 0)
 

@@ -48,24 +48,22 @@ def test_membership_lifecycle(mesh: Mesh) -> None:
 
     n2, n3, n4 = others
     # kill -9: the others detect the failure and mark it dead.
-    mesh.wait_until("n4 snapshot of its peers", lambda: snapshot_peers(n4) >= {"n1", "n2", "n3"},
-                    15)
+    mesh.wait_until("n4 snapshot of its peers", lambda: snapshot_peers(n4) >= {"n1", "n2", "n3"}, 15)
     n4.signal(signal.SIGKILL)
     n4.wait_exit()
     rest = [seed, n2, n3]
-    mesh.wait_until("n4 seen dead by all", lambda: all(n.states().get("n4") == "dead"
-                                                       for n in rest), 45)
+    mesh.wait_until("n4 seen dead by all", lambda: all(n.states().get("n4") == "dead" for n in rest), 45)
 
     # SIGTERM: a graceful leave; the others list it as left, the process exits 0.
     n3.signal(signal.SIGTERM)
     assert n3.wait_exit() == 0
-    mesh.wait_until("n3 seen left", lambda: all(n.states().get("n3") == "left"
-                                                for n in (seed, n2)), 20)
+    mesh.wait_until("n3 seen left", lambda: all(n.states().get("n3") == "left" for n in (seed, n2)), 20)
 
     # Restart the killed node with no --join: it rejoins from its peer snapshot.
     n4.start()
-    mesh.wait_until("n4 alive again everywhere",
-                    lambda: all(n.states().get("n4") == "alive" for n in (seed, n2, n4)), 30)
+    mesh.wait_until(
+        "n4 alive again everywhere", lambda: all(n.states().get("n4") == "alive" for n in (seed, n2, n4)), 30
+    )
     assert n4.states().get("n1") == "alive"
     assert n4.states().get("n2") == "alive"
     assert n4.status_code("/readyz") == 200
@@ -98,19 +96,18 @@ def test_key_rotation_and_wrong_key(mesh: Mesh) -> None:
     r = seed.meshctl("keys", "install", "--key-file", str(new_key), "--json", token=True)
     assert r.returncode == 0, r.stderr
     new_id = next(k["id"] for k in json.loads(r.stdout)["keys"] if k["id"] != old_primary)
-    mesh.wait_until("new key installed everywhere",
-                    lambda: all(len(key_ids(n)[0]) == 2 for n in nodes), 20)
+    mesh.wait_until("new key installed everywhere", lambda: all(len(key_ids(n)[0]) == 2 for n in nodes), 20)
 
     r = k2.meshctl("keys", "use", "--key-file", str(new_key), token=True)
     assert r.returncode == 0, r.stderr
-    mesh.wait_until("new key primary everywhere",
-                    lambda: all(key_ids(n)[1] == new_id for n in nodes), 20)
+    mesh.wait_until("new key primary everywhere", lambda: all(key_ids(n)[1] == new_id for n in nodes), 20)
 
     old_key = mesh.key_file
     r = k3.meshctl("keys", "remove", "--key-file", str(old_key), token=True)
     assert r.returncode == 0, r.stderr
-    mesh.wait_until("old key removed everywhere",
-                    lambda: all(key_ids(n) == ([new_id], new_id) for n in nodes), 20)
+    mesh.wait_until(
+        "old key removed everywhere", lambda: all(key_ids(n) == ([new_id], new_id) for n in nodes), 20
+    )
     time.sleep(1.5)  # a few probe rounds under the new key
     assert all_alive(nodes, names), "rotation must not cost a member"
 
@@ -175,8 +172,9 @@ def test_cli_against_a_node(mesh: Mesh) -> None:
 
 
 def test_insecure_refused_off_loopback(mesh: Mesh) -> None:
-    r = mesh.run_meshd("run", "--insecure", "--bind", "0.0.0.0:7788", "--no-mdns",
-                       "--data-dir", str(mesh.root / "x"))
+    r = mesh.run_meshd(
+        "run", "--insecure", "--bind", "0.0.0.0:7788", "--no-mdns", "--data-dir", str(mesh.root / "x")
+    )
     assert r.returncode == 2
     assert "--insecure" in r.stderr
     assert "loopback" in r.stderr
@@ -195,8 +193,9 @@ def test_insecure_node_on_loopback(mesh: Mesh) -> None:
 # --- the shell in one process: runtime + UDP + peer HTTP over loopback --------------------------
 
 
-async def test_runtime_pair_in_process(in_process_node: InProcessStarter,
-                                       port_factory: Callable[[], int]) -> None:
+async def test_runtime_pair_in_process(
+    in_process_node: InProcessStarter, port_factory: Callable[[], int]
+) -> None:
     import asyncio
 
     import aiohttp
@@ -212,8 +211,7 @@ async def test_runtime_pair_in_process(in_process_node: InProcessStarter,
     assert ev.member.name == "r2"
     sub.close()
     for _ in range(50):
-        if all(len([m for m in rt.node.members() if m.state == MemberState.ALIVE]) == 2
-               for rt in runtimes):
+        if all(len([m for m in rt.node.members() if m.state == MemberState.ALIVE]) == 2 for rt in runtimes):
             break
         await asyncio.sleep(0.1)
     else:
@@ -231,7 +229,6 @@ async def test_runtime_pair_in_process(in_process_node: InProcessStarter,
             assert resp.status == 400
         async with http.post(url, data=b"x" * (17 * 1024 * 1024)) as resp:
             assert resp.status == 413
-    assert r1.node.counters.get("drops.decode", 0) + \
-        r1.node.counters.get("drops.auth", 0) >= 1
+    assert r1.node.counters.get("drops.decode", 0) + r1.node.counters.get("drops.auth", 0) >= 1
     # a join to a port where nobody listens answers 0, quickly, without errors
     assert await r1.join([f"127.0.0.1:{port_factory()}"], timeout=1.0) == 0

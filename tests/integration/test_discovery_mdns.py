@@ -193,8 +193,9 @@ def test_confined_zeroconf_drops_unicast_outside_loopback(monkeypatch: pytest.Mo
 async def test_daemon_hook_joins_discovered_peers_and_backs_off_failures() -> None:
     cluster = unique("c")
     good = FakeHost(unique("good") + ".example.org", cluster, f"{LO}:17041", mdns_interfaces=[LO])
-    bad = FakeHost(unique("bad"), cluster, f"{LO}:17042", mdns_interfaces=[LO],
-                   join_result=0)  # e.g. another cluster key
+    bad = FakeHost(
+        unique("bad"), cluster, f"{LO}:17042", mdns_interfaces=[LO], join_result=0
+    )  # e.g. another cluster key
     g = await discovery_start(good)
     b = await discovery_start(bad)
     try:

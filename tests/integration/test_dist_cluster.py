@@ -79,16 +79,19 @@ def test_release_reaches_six_nodes_resumes_and_deltas(mesh: Mesh, tmp_path: Path
         n.start(join=[nodes[0].addr], extra=trust)
     slow = nodes[5]
     slow.start(join=[nodes[0].addr], extra=[*trust, "--config", str(slow_cfg)])
-    mesh.wait_until("6 alive members", lambda: all(
-        sum(1 for s in n.states().values() if s == "alive") == 6 for n in nodes))
+    mesh.wait_until(
+        "6 alive members",
+        lambda: all(sum(1 for s in n.states().values() if s == "alive") == 6 for n in nodes),
+    )
 
     blob = make_blob(1)
     src = tmp_path / "src" / "fw.img"
     src.parent.mkdir()
     src.write_bytes(blob)
     want = hashlib.sha256(blob).hexdigest()
-    out = nodes[0].meshctl("publish", str(src), "--name", NAME, "--version", "1.0",
-                           "--key", str(pub_key), "--json", token=True)
+    out = nodes[0].meshctl(
+        "publish", str(src), "--name", NAME, "--version", "1.0", "--key", str(pub_key), "--json", token=True
+    )
     assert out.returncode == 0, out.stderr
     published = json.loads(out.stdout)
     assert published["size"] == SIZE
@@ -96,8 +99,11 @@ def test_release_reaches_six_nodes_resumes_and_deltas(mesh: Mesh, tmp_path: Path
 
     # kill -9 the slow node mid-download, then start it again on the same data dir.
     total = published["chunks"]
-    mesh.wait_until("slow node mid-download", lambda: (row(slow, "1.0") or {}).get(
-        "have_chunks", 0) >= total // 4, timeout=60)
+    mesh.wait_until(
+        "slow node mid-download",
+        lambda: (row(slow, "1.0") or {}).get("have_chunks", 0) >= total // 4,
+        timeout=60,
+    )
     before_kill = row(slow, "1.0")
     assert before_kill is not None
     assert before_kill["have_chunks"] < total
@@ -110,16 +116,17 @@ def test_release_reaches_six_nodes_resumes_and_deltas(mesh: Mesh, tmp_path: Path
     assert resumed is not None
     assert resumed["have_chunks"] >= before_kill["have_chunks"]
 
-    mesh.wait_until("all nodes active on 1.0", lambda: all(active(n, "1.0") for n in nodes),
-                    timeout=120)
+    mesh.wait_until("all nodes active on 1.0", lambda: all(active(n, "1.0") for n in nodes), timeout=120)
     for n in nodes:
         path = n.data_dir / "releases" / NAME / "current" / "fw.img"
         assert file_digest(path) == want, n.name
     # The restarted node fetched only what it lacked (stored bytes < the release size).
     assert first_run > 0
     assert received(slow) < published["stored_bytes"]
-    mesh.wait_until("gossip shows 6 holders everywhere", lambda: all(
-        (row(n, "1.0") or {}).get("nodes_complete") == 6 for n in nodes))
+    mesh.wait_until(
+        "gossip shows 6 holders everywhere",
+        lambda: all((row(n, "1.0") or {}).get("nodes_complete") == 6 for n in nodes),
+    )
     status = nodes[0].get("/v1/status")
     assert status["transfer"]["sent_bytes"] > 0
     assert status["transfer"]["origin_bytes"] == 0
@@ -138,13 +145,13 @@ def test_release_reaches_six_nodes_resumes_and_deltas(mesh: Mesh, tmp_path: Path
     start = SIZE // 2
     blob[start : start + SIZE // 50] = random.Random(2).randbytes(SIZE // 50)
     src.write_bytes(blob)
-    out = nodes[0].meshctl("publish", str(src), "--name", NAME, "--version", "1.1",
-                           "--key", str(pub_key), "--json", token=True)
+    out = nodes[0].meshctl(
+        "publish", str(src), "--name", NAME, "--version", "1.1", "--key", str(pub_key), "--json", token=True
+    )
     assert out.returncode == 0, out.stderr
     delta = json.loads(out.stdout)
     t0 = time.monotonic()
-    mesh.wait_until("all nodes active on 1.1", lambda: all(active(n, "1.1") for n in nodes),
-                    timeout=60)
+    mesh.wait_until("all nodes active on 1.1", lambda: all(active(n, "1.1") for n in nodes), timeout=60)
     took = time.monotonic() - t0
     want2 = hashlib.sha256(blob).hexdigest()
     for n in nodes:

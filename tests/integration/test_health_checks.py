@@ -192,7 +192,6 @@ async def test_tcp_check() -> None:
     assert "TCP connect 127.0.0.1:" in down.output
 
 
-
 async def test_loop_lag_check_sees_a_blocked_loop() -> None:
     lag = LoopLagMonitor(tick=0.02)
     lag.start()
@@ -209,7 +208,6 @@ async def test_loop_lag_check_sees_a_blocked_loop() -> None:
         assert check_loop_lag(spec, lag).status == "passing"  # the worst is per run
     finally:
         await lag.stop()
-
 
 
 # --- the monitor --------------------------------------------------------------------------------

@@ -21,8 +21,13 @@ pytestmark = pytest.mark.integration
 
 NO_BUILTINS = "".join(
     f'[[check]]\nname = "{n}"\nkind = "{k}"\nenabled = false\n'
-    for n, k in (("load", "load"), ("memory", "memory"), ("disk-data", "disk"),
-                 ("disk-root", "disk"), ("loop-lag", "loop_lag"))
+    for n, k in (
+        ("load", "load"),
+        ("memory", "memory"),
+        ("disk-data", "disk"),
+        ("disk-root", "disk"),
+        ("loop-lag", "loop_lag"),
+    )
 )
 
 
@@ -75,19 +80,25 @@ def test_health_and_queries_across_the_mesh(mesh: Mesh, tmp_path: Path) -> None:
     configs = {
         # built-in checks stay on here (the machine's load may make them warn: fine)
         "n1": '[[query_handler]]\nname = "echo"\ncommand = "cat"\n'
-              '[[query_handler]]\nname = "big"\ncommand = "head -c 5000 /dev/zero | tr \'\\\\0\' x"\n',
+        '[[query_handler]]\nname = "big"\ncommand = "head -c 5000 /dev/zero | tr \'\\\\0\' x"\n',
         "n2": NO_BUILTINS + '[[check]]\nname = "flag"\ninterval = "300ms"\n'
-              f'command = ["sh", "-c", "exit $(cat {flag})"]\n',
+        f'command = ["sh", "-c", "exit $(cat {flag})"]\n',
         "n3": NO_BUILTINS + '[[check]]\nname = "broken"\ncommand = "echo disk on fire; exit 2"\n'
-              '[[check]]\nname = "meh"\ncommand = "false"\n'
-              '[[query_handler]]\nname = "echo"\ncommand = ["cat"]\n',
+        '[[check]]\nname = "meh"\ncommand = "false"\n'
+        '[[query_handler]]\nname = "echo"\ncommand = ["cat"]\n',
         "n4": NO_BUILTINS,
     }
     sites = {"n1": "factory", "n2": "factory", "n3": "shop", "n4": "shop"}
     nodes: dict[str, NodeProc] = {}
     for name, body in configs.items():
-        extra = ["--config", str(write_config(tmp_path, name, body)), "--site", sites[name],
-                 "--tag", f"role={'edge' if name in ('n1', 'n3') else 'core'}"]
+        extra = [
+            "--config",
+            str(write_config(tmp_path, name, body)),
+            "--site",
+            sites[name],
+            "--tag",
+            f"role={'edge' if name in ('n1', 'n3') else 'core'}",
+        ]
         join = [] if name == "n1" else [nodes["n1"].addr]
         nodes[name] = mesh.node(name).start(join=join, extra=extra)
     n1, n2, n3, n4 = nodes.values()
@@ -96,8 +107,11 @@ def test_health_and_queries_across_the_mesh(mesh: Mesh, tmp_path: Path) -> None:
     # The summary travels with membership: every node lists n3 critical without a query.
     def summaries_known() -> bool:
         return all(
-            (h := health_of(n)).keys() == everyone and h["n3"] == "critical"
-            and h["n2"] == "passing" and h["n4"] == "passing" and h["n1"] != "unknown"
+            (h := health_of(n)).keys() == everyone
+            and h["n3"] == "critical"
+            and h["n2"] == "passing"
+            and h["n4"] == "passing"
+            and h["n1"] != "unknown"
             for n in nodes.values()
         )
 
@@ -117,8 +131,13 @@ def test_health_and_queries_across_the_mesh(mesh: Mesh, tmp_path: Path) -> None:
     assert broken["status"] == "critical"
     assert "disk on fire" in broken["output"]
     assert {c["name"]: c["status"] for c in answers["n3"]["checks"]}["meh"] == "warning"
-    assert {c["name"] for c in answers["n1"]["checks"]} >= {"load", "memory", "disk-data",
-                                                            "disk-root", "loop-lag"}
+    assert {c["name"] for c in answers["n1"]["checks"]} >= {
+        "load",
+        "memory",
+        "disk-data",
+        "disk-root",
+        "loop-lag",
+    }
     assert answers["n4"] == {**answers["n4"], "status": "passing", "checks": []}
 
     # Filters: site, tags, node names (an unknown name is reported missing).
@@ -148,8 +167,11 @@ def test_health_and_queries_across_the_mesh(mesh: Mesh, tmp_path: Path) -> None:
         event = read_health_event(stream, "n2", time.monotonic() + 20)
     assert event["previous"] == "passing"
     assert event["site"] == "factory"
-    mesh.wait_until("n2 critical everywhere",
-                    lambda: all(health_of(n).get("n2") == "critical" for n in nodes.values()), 15)
+    mesh.wait_until(
+        "n2 critical everywhere",
+        lambda: all(health_of(n).get("n2") == "critical" for n in nodes.values()),
+        15,
+    )
     flag.write_text("0")
 
     # Custom queries: handlers answer with their output, the others say they have none.
@@ -172,8 +194,7 @@ def test_health_and_queries_across_the_mesh(mesh: Mesh, tmp_path: Path) -> None:
     assert "relay_factor" in doc["detail"]
 
     # An answer bigger than a packet arrives whole (over TCP), with a relay copy on the way.
-    status, doc = post(n4, "/v1/query", {"name": "big", "nodes": ["n1"], "relay_factor": 1,
-                                         "timeout": "10s"})
+    status, doc = post(n4, "/v1/query", {"name": "big", "nodes": ["n1"], "relay_factor": 1, "timeout": "10s"})
     assert status == 200
     assert doc["missing"] == []
     assert by_name(doc)["n1"]["output"] == "x" * 5000

@@ -25,8 +25,7 @@ pytestmark = pytest.mark.integration
 
 def make_runtime(meta: dict[str, str]) -> NodeRuntime:
     loop = asyncio.get_running_loop()
-    node = Node("solo", "id", "127.0.0.1:1", LAN, Codec("c", None), random.Random(1), loop.time(),
-                meta=meta)
+    node = Node("solo", "id", "127.0.0.1:1", LAN, Codec("c", None), random.Random(1), loop.time(), meta=meta)
     return NodeRuntime(node)
 
 
@@ -42,8 +41,12 @@ async def test_summary_is_merged_into_meta_and_raises_an_event(tmp_path: Any) ->
     sub = runtime.subscribe()
     try:
         await service.start()
-        assert runtime.node.meta == {"site": "factory", "tag:role": "gw", "rel:app": "4.2",
-                                     "health": "passing"}
+        assert runtime.node.meta == {
+            "site": "factory",
+            "tag:role": "gw",
+            "rel:app": "4.2",
+            "health": "passing",
+        }
         # Another feature changes its own key meanwhile: the health update must keep it.
         runtime.set_meta({**runtime.node.meta, "rel:app": "4.3"})
         flag.write_text("2")
@@ -55,8 +58,12 @@ async def test_summary_is_merged_into_meta_and_raises_an_event(tmp_path: Any) ->
         assert event.payload["previous"] == "passing"
         assert event.member is not None
         assert event.member.meta["health"] == "critical"
-        assert runtime.node.meta == {"site": "factory", "tag:role": "gw", "rel:app": "4.3",
-                                     "health": "critical"}
+        assert runtime.node.meta == {
+            "site": "factory",
+            "tag:role": "gw",
+            "rel:app": "4.3",
+            "health": "critical",
+        }
 
         # A node asking alone answers itself: the result comes straight back.
         result = await runtime.ask("health", b"", QueryFilter(), 2.0)

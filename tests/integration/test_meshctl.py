@@ -38,10 +38,17 @@ def test_meshctl_unreachable(capsys: pytest.CaptureFixture[str]) -> None:
 
 def make_agent() -> FakeAgent:
     return FakeAgent(
-        name="gw1", cluster="c", site="north", api_token="tok-123456789012345", uptime_s=3725.0,
-        join_result=None, ring=[bytes.fromhex("0a0b0c0d") + bytes(28)],
-        people=[member("gw1", addr="127.0.0.1:7003", site="north", role="edge"),
-                member("gw22", MemberState.DEAD, addr="127.0.0.1:7004", site="south")],
+        name="gw1",
+        cluster="c",
+        site="north",
+        api_token="tok-123456789012345",
+        uptime_s=3725.0,
+        join_result=None,
+        ring=[bytes.fromhex("0a0b0c0d") + bytes(28)],
+        people=[
+            member("gw1", addr="127.0.0.1:7003", site="north", role="edge"),
+            member("gw22", MemberState.DEAD, addr="127.0.0.1:7004", site="south"),
+        ],
     )
 
 
@@ -76,8 +83,9 @@ def api() -> Iterator[tuple[str, FakeAgent]]:
         loop.close()
 
 
-def test_meshctl_members_table_and_json(api: tuple[str, FakeAgent],
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_meshctl_members_table_and_json(
+    api: tuple[str, FakeAgent], capsys: pytest.CaptureFixture[str]
+) -> None:
     url, _ = api
     assert meshctl.main(["--api", url, "members"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -94,9 +102,12 @@ def test_meshctl_members_table_and_json(api: tuple[str, FakeAgent],
     assert "bad_filter" in capsys.readouterr().err
 
 
-def test_meshctl_env_and_token(api: tuple[str, FakeAgent], tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str],
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_meshctl_env_and_token(
+    api: tuple[str, FakeAgent],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     url, agent = api
     monkeypatch.setenv("MESHD_API", url.removeprefix("http://"))  # host:port works too
     monkeypatch.delenv("MESHD_API_TOKEN", raising=False)
@@ -117,8 +128,7 @@ def test_meshctl_env_and_token(api: tuple[str, FakeAgent], tmp_path: Path,
     assert "403" in capsys.readouterr().err
 
 
-def test_meshctl_status_keys_version(api: tuple[str, FakeAgent],
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_meshctl_status_keys_version(api: tuple[str, FakeAgent], capsys: pytest.CaptureFixture[str]) -> None:
     url, _ = api
     assert meshctl.main(["status", "--api", url]) == 0
     out = capsys.readouterr().out

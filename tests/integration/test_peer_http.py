@@ -36,8 +36,7 @@ async def test_a_multi_megabyte_reply_arrives_whole(port_factory: Callable[[], i
         await server.stop()
 
 
-async def test_join_carries_metadata_far_larger_than_a_packet(
-        in_process_node: InProcessStarter) -> None:
+async def test_join_carries_metadata_far_larger_than_a_packet(in_process_node: InProcessStarter) -> None:
     big = {f"tag:k{i}": "v" * 200 for i in range(5000)}  # about 1 MB of node metadata
     big_rt = await in_process_node("big", meta=big)
     small_rt = await in_process_node("small")

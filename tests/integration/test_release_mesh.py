@@ -140,9 +140,15 @@ class Mesh:
         cfg = config or DistConfig(fsync=False, announce_interval=0.2, origin_delay=1.0)
         node: TNode
         service = ReleaseService(
-            root, name=name, site=site, tags=tags or {}, codec=codec,
-            trusted=[self.key(t)[0].public_key for t in trust], config=cfg,
-            set_meta_keys=lambda u: node.set_meta_keys(u), emit=self.events.append,
+            root,
+            name=name,
+            site=site,
+            tags=tags or {},
+            codec=codec,
+            trusted=[self.key(t)[0].public_key for t in trust],
+            config=cfg,
+            set_meta_keys=lambda u: node.set_meta_keys(u),
+            emit=self.events.append,
             swarm_config=swarm or SwarmConfig(origin_delay=cfg.origin_delay, timeout_min=3.0),
         )
         service.server.__class__ = server_cls  # a lying server for some tests
@@ -410,8 +416,11 @@ async def test_truncated_oversized_and_malformed_answers_are_counted_drops() -> 
         "truncated": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(good) + good[:-7],
         "oversized": b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n" + good,
         "malformed": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(two) + two,
-        "auth": (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(good)
-                 + bytes([good[0]]) + b"\xff" * (len(good) - 1)),
+        "auth": (
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(good)
+            + bytes([good[0]])
+            + b"\xff" * (len(good) - 1)
+        ),
     }
     for kind, reply in cases.items():
         server, addr = await _raw_http_server(lambda _body, reply=reply: reply)  # type: ignore[misc]
@@ -432,7 +441,6 @@ async def test_truncated_oversized_and_malformed_answers_are_counted_drops() -> 
     await fetcher.close()
     server.close()
     assert counters["fetch.drops.oversized"] == 1
-
 
 
 # --- manifests and targeting ---------------------------------------------------------------------
@@ -540,8 +548,7 @@ async def test_resume_after_restart_mid_download(mesh: Mesh, tmp_path: Path) -> 
     blob = data_blob(10, 4_000_000)
     rid = await publish(n0, write_file(tmp_path / "s" / "f.bin", blob), "1.0")
     slow = DistConfig(fsync=False, announce_interval=0.2, download_rate=1_000_000)
-    swarm = SwarmConfig(rate_limit=1_000_000, rate_burst=0, piece_target=256 * 1024,
-                        piece_max=512 * 1024)
+    swarm = SwarmConfig(rate_limit=1_000_000, rate_burst=0, piece_target=256 * 1024, piece_max=512 * 1024)
     n1 = await mesh.add("n1", config=slow, swarm=swarm)
     total = len(n0.service._manifests[rid].chunks)
     await wait_for(lambda: 0 < (n1.row(rid) or {}).get("have_chunks", 0) < total // 2)
@@ -575,8 +582,14 @@ async def test_origin_fallback_when_no_peer_has_the_chunks(mesh: Mesh, tmp_path:
 
     pub = await mesh.add("pub", site="hq")
     blob = data_blob(11, 1_200_000)
-    rid = await publish(pub, write_file(tmp_path / "s" / "f.bin", blob), "3.0", site="edge",
-                        origins=[origin_url], origin_dir=origin_dir)
+    rid = await publish(
+        pub,
+        write_file(tmp_path / "s" / "f.bin", blob),
+        "3.0",
+        site="edge",
+        origins=[origin_url],
+        origin_dir=origin_dir,
+    )
     assert (origin_dir / "manifest.json").is_file()
     manifest = pub.service._manifests[rid]
     for cid in manifest.chunks:
@@ -590,8 +603,9 @@ async def test_origin_fallback_when_no_peer_has_the_chunks(mesh: Mesh, tmp_path:
         return make_bitmap([], len(manifest.chunks))
 
     pub.service.server.bitmap = empty_bitmap  # type: ignore[method-assign]
-    edge = await mesh.add("edge", site="edge", config=DistConfig(fsync=False, origin_delay=0.3,
-                                                                 announce_interval=0.2))
+    edge = await mesh.add(
+        "edge", site="edge", config=DistConfig(fsync=False, origin_delay=0.3, announce_interval=0.2)
+    )
     await wait_for(lambda: edge.state_of(rid) == "active")
     assert edge.release_file("app", "f.bin").read_bytes() == blob
     stored_total = sum(len(pub.service.store.get_stored(c)) for c in manifest.chunks)

@@ -38,8 +38,13 @@ def dist_lab(lab_module: ModuleType) -> Iterator[Any]:
 
 
 def _tx_bytes(ns: str, dev: str) -> int:
-    out = subprocess.run(["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/statistics/tx_bytes"],
-                         capture_output=True, text=True, check=True, timeout=10)
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/statistics/tx_bytes"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    )
     return int(out.stdout.strip())
 
 
@@ -62,8 +67,16 @@ def test_far_site_gets_the_release_over_its_lan(dist_lab: Any, lab_module: Modul
     try:
         for h in hosts:
             joins = [] if h is hosts[0] else [seed]
-            procs.append(lab.start_meshd(h, cluster=CLUSTER, mdns=False, joins=joins, fresh=True,
-                                         extra=["--trust-publisher", f"{pub_key}.pub"]))
+            procs.append(
+                lab.start_meshd(
+                    h,
+                    cluster=CLUSTER,
+                    mdns=False,
+                    joins=joins,
+                    fresh=True,
+                    extra=["--trust-publisher", f"{pub_key}.pub"],
+                )
+            )
         deadline = time.monotonic() + 60
         while True:
             views = [lab.member_states(h) or {} for h in hosts]
@@ -79,11 +92,26 @@ def test_far_site_gets_the_release_over_its_lan(dist_lab: Any, lab_module: Modul
         router, link = lab.router_ns, "s2"
         before = _tx_bytes(router, link)
         t0 = time.monotonic()
-        out = lab.exec(hosts[0], [
-            lab.python, "-m", "meshd.cli.meshctl", "publish", str(src), "--name", "fw",
-            "--version", "1", "--key", str(pub_key), "--json",
-            "--token-file", str(lab.host_dir(hosts[0]) / "meshd" / "api-token"),
-        ], timeout=120)
+        out = lab.exec(
+            hosts[0],
+            [
+                lab.python,
+                "-m",
+                "meshd.cli.meshctl",
+                "publish",
+                str(src),
+                "--name",
+                "fw",
+                "--version",
+                "1",
+                "--key",
+                str(pub_key),
+                "--json",
+                "--token-file",
+                str(lab.host_dir(hosts[0]) / "meshd" / "api-token"),
+            ],
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         published = json.loads(out.stdout)
         stored = int(published["stored_bytes"])
@@ -103,17 +131,25 @@ def test_far_site_gets_the_release_over_its_lan(dist_lab: Any, lab_module: Modul
         far = [h for h in hosts if h.site == 2]
         via_lan = via_wan = 0
         for h in far:
-            metrics = lab.exec(h, [lab.python, "-c",
-                                   "import urllib.request;print(urllib.request.urlopen("
-                                   f"'http://127.0.0.1:{lab_module.API_PORT}/metrics').read().decode())"])
+            metrics = lab.exec(
+                h,
+                [
+                    lab.python,
+                    "-c",
+                    "import urllib.request;print(urllib.request.urlopen("
+                    f"'http://127.0.0.1:{lab_module.API_PORT}/metrics').read().decode())",
+                ],
+            )
             for line in metrics.stdout.splitlines():
                 if line.startswith("meshd_dist_fetch_bytes_same_site_total"):
                     via_lan += int(float(line.split()[-1]))
                 elif line.startswith("meshd_dist_fetch_bytes_other_site_total"):
                     via_wan += int(float(line.split()[-1]))
-        print(f"\n{SIZE} B release ({stored} B stored) to 6 hosts in {took:.1f}s; site link "
-              f"carried {crossed / stored:.2f} copies; far hosts got {via_wan / stored:.2f} copies "
-              f"over the link and {via_lan / stored:.2f} over their LAN")
+        print(
+            f"\n{SIZE} B release ({stored} B stored) to 6 hosts in {took:.1f}s; site link "
+            f"carried {crossed / stored:.2f} copies; far hosts got {via_wan / stored:.2f} copies "
+            f"over the link and {via_lan / stored:.2f} over their LAN"
+        )
         # About one copy over the link (gossip, bitmaps and HTTP framing ride along).
         assert crossed <= 1.6 * stored
         assert via_lan >= 1.5 * stored

@@ -17,8 +17,9 @@ def test_one_kill_is_detected_by_all() -> None:
     victim = nodes[37]
     net.kill(victim)
     others = [n for n in nodes if n is not victim]
-    ok = net.run_until_true(lambda: all(state_of(n, victim.name) == MemberState.DEAD for n in others),
-                            120.0, step=0.5)
+    ok = net.run_until_true(
+        lambda: all(state_of(n, victim.name) == MemberState.DEAD for n in others), 120.0, step=0.5
+    )
     assert ok
     # Nobody else was declared dead on the way.
     wrongly = {e.member.name for _, _, e in net.events if e.kind == "dead"} - {victim.name}
@@ -38,11 +39,12 @@ def test_ten_percent_loss_gives_no_false_dead() -> None:
 
 def test_thirty_second_partition_heals_by_itself() -> None:
     net, nodes = make_cluster(N, seed=13, config=LAN)
-    a, b = nodes[: N // 2], nodes[N // 2:]
+    a, b = nodes[: N // 2], nodes[N // 2 :]
     net.partition(a, b)
     t0 = net.now
     assert net.run_until_true(
-        lambda: all(state_of(n, b[0].name) == MemberState.DEAD for n in a), 120.0, step=0.5)
+        lambda: all(state_of(n, b[0].name) == MemberState.DEAD for n in a), 120.0, step=0.5
+    )
     net.run_until(t0 + 30.0)
     net.heal()
     names = {n.name for n in nodes}

@@ -18,8 +18,9 @@ def answer(node: Node, action: QueryAction) -> bytes:
     return f"{node.name}:{action.query.name}".encode()
 
 
-def run_query(net: MemoryNetwork, origin: Node, filters: QueryFilter, timeout: float,
-              relay_factor: int = 0) -> QueryResult:
+def run_query(
+    net: MemoryNetwork, origin: Node, filters: QueryFilter, timeout: float, relay_factor: int = 0
+) -> QueryResult:
     qid = origin.ask("health", b"", filters, timeout, relay_factor, net.now)
     net.poke(origin)
 

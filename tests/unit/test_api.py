@@ -44,10 +44,19 @@ def test_transfer_stats_report_their_own_metrics() -> None:
 
 
 def test_member_json_fields() -> None:
-    doc = member_json(member("n1", node_id="ff", addr="127.0.0.1:7788", site="x",
-                             meta={"health": "weird"}, role="gw"))
-    assert doc == {"name": "n1", "id": "ff", "addr": "127.0.0.1:7788", "site": "x",
-                   "tags": {"role": "gw"}, "state": "alive", "incarnation": 1, "health": "unknown"}
+    doc = member_json(
+        member("n1", node_id="ff", addr="127.0.0.1:7788", site="x", meta={"health": "weird"}, role="gw")
+    )
+    assert doc == {
+        "name": "n1",
+        "id": "ff",
+        "addr": "127.0.0.1:7788",
+        "site": "x",
+        "tags": {"role": "gw"},
+        "state": "alive",
+        "incarnation": 1,
+        "health": "unknown",
+    }
 
 
 def test_filters_and_counts() -> None:

@@ -41,9 +41,13 @@ def test_answers_keep_their_fields_and_gain_name_site_and_time() -> None:
 
 def test_health_results_sorted_by_site_then_name_with_unknown_status() -> None:
     doc = result_json(
-        result(QueryAnswer("n2", b"not json", 2.0),
-               QueryAnswer("n1", orjson.dumps({"status": "passing", "checks": []}), 1.0)),
-        QueryFilter(), PEOPLE, health=True,
+        result(
+            QueryAnswer("n2", b"not json", 2.0),
+            QueryAnswer("n1", orjson.dumps({"status": "passing", "checks": []}), 1.0),
+        ),
+        QueryFilter(),
+        PEOPLE,
+        health=True,
     )
     assert [r["name"] for r in doc["responses"]] == ["n1", "n2"]
     assert doc["responses"][1]["status"] == "unknown"

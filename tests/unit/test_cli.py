@@ -26,8 +26,24 @@ from tests.fakes import member
 
 def test_run_flags_parse_repeatable() -> None:
     args = meshd_cli.build_parser().parse_args(
-        ["run", "--name", "a", "--join", "h1:1", "--join", "h2:2", "--tag", "a=1", "--tag",
-         "b=2", "--no-mdns", "--profile", "local", "--mdns-interface", "198.18.0.1"]
+        [
+            "run",
+            "--name",
+            "a",
+            "--join",
+            "h1:1",
+            "--join",
+            "h2:2",
+            "--tag",
+            "a=1",
+            "--tag",
+            "b=2",
+            "--no-mdns",
+            "--profile",
+            "local",
+            "--mdns-interface",
+            "198.18.0.1",
+        ]
     )
     assert args.join == ["h1:1", "h2:2"]
     assert args.tag == ["a=1", "b=2"]
@@ -54,8 +70,9 @@ def test_meshd_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixtur
     assert "error" in capsys.readouterr().err
 
 
-def test_meshd_config_error_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_meshd_config_error_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for k in list(os.environ):
         if k.startswith("MESHD_"):
             monkeypatch.delenv(k)
@@ -64,8 +81,7 @@ def test_meshd_config_error_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert err.startswith("meshd: error: --bind")
     assert err.count("\n") == 1
-    rc = meshd_cli.main(["run", "--insecure", "--bind", "0.0.0.0:7788", "--data-dir",
-                         str(tmp_path)])
+    rc = meshd_cli.main(["run", "--insecure", "--bind", "0.0.0.0:7788", "--data-dir", str(tmp_path)])
     assert rc == 2
     assert "--insecure" in capsys.readouterr().err
 
@@ -153,8 +169,6 @@ def test_data_dir_and_token(tmp_path: Path) -> None:
     assert state.load_or_create_token(d) == token  # created once
 
 
-
-
 def test_peer_snapshot_round_trip(tmp_path: Path) -> None:
     assert state.read_snapshot(tmp_path) == state.PeerSnapshot()  # first run: nothing to rejoin
     people = [
@@ -168,7 +182,8 @@ def test_peer_snapshot_round_trip(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / state.SNAPSHOT_FILE).stat().st_mode) == 0o600
     # Alive first, then suspect, then dead; not itself, not those that left.
     assert state.read_snapshot(tmp_path) == state.PeerSnapshot(
-        8, ["127.0.0.1:4", "127.0.0.1:2", "127.0.0.1:3"])
+        8, ["127.0.0.1:4", "127.0.0.1:2", "127.0.0.1:3"]
+    )
     (tmp_path / state.SNAPSHOT_FILE).write_text("{broken")
     assert state.read_snapshot(tmp_path) == state.PeerSnapshot()
 

@@ -48,8 +48,10 @@ def test_parse_hostport() -> None:
     assert parse_hostport("127.0.0.1:0", allow_zero=True) == ("127.0.0.1", 0)
 
 
-@pytest.mark.parametrize("bad", ["127.0.0.1", "127.0.0.1:", ":7788", "h:70000", "h:x", "::1:7788",
-                                 "[::1", "h:0", 7788, "", "h:²", "h:٣"])
+@pytest.mark.parametrize(
+    "bad",
+    ["127.0.0.1", "127.0.0.1:", ":7788", "h:70000", "h:x", "::1:7788", "[::1", "h:0", 7788, "", "h:²", "h:٣"],
+)
 def test_parse_hostport_rejects(bad: object) -> None:
     with pytest.raises(ConfigError, match="--bind"):
         parse_hostport(bad, "--bind")
@@ -103,8 +105,10 @@ mdns = true
     assert cfg.protocol() == WAN
     assert cfg.source == path
 
-    cfg = load_config({"config": path, "join": ["127.0.0.1:1"], "tag": ["a=b"]},
-                      env={"MESHD_JOIN": "127.0.0.1:2,127.0.0.1:3"})
+    cfg = load_config(
+        {"config": path, "join": ["127.0.0.1:1"], "tag": ["a=b"]},
+        env={"MESHD_JOIN": "127.0.0.1:2,127.0.0.1:3"},
+    )
     assert cfg.join == ["127.0.0.1:1"]  # a list given by flag replaces the others
     assert cfg.tags == {"a": "b"}
     cfg = load_config({"config": path}, env={"MESHD_JOIN": "127.0.0.1:2, 127.0.0.1:3"})
@@ -117,8 +121,9 @@ def test_config_file_from_env(tmp_path: Path) -> None:
 
 
 def test_hyphenated_keys_and_meta(tmp_path: Path) -> None:
-    path = write(tmp_path, 'data-dir = "/tmp/x"\ncluster-key-file = "/tmp/k"\ntag = ["a=1"]\n'
-                           'site = "north"\n')
+    path = write(
+        tmp_path, 'data-dir = "/tmp/x"\ncluster-key-file = "/tmp/k"\ntag = ["a=1"]\nsite = "north"\n'
+    )
     cfg = load_config({"config": path}, env={})
     assert cfg.data_dir == "/tmp/x"
     assert cfg.cluster_key_file == "/tmp/k"
@@ -172,8 +177,11 @@ def test_insecure_only_on_loopback() -> None:
 
 
 def test_protocol_overrides(tmp_path: Path) -> None:
-    path = write(tmp_path, 'profile = "local"\n[protocol]\nprobe_interval = "500ms"\n'
-                           "indirect_checks = 2\npush_pull_interval = 5\n")
+    path = write(
+        tmp_path,
+        'profile = "local"\n[protocol]\nprobe_interval = "500ms"\n'
+        "indirect_checks = 2\npush_pull_interval = 5\n",
+    )
     env = {"MESHD_PROTOCOL__GOSSIP_NODES": "5", "MESHD_PROTOCOL__PROBE_TIMEOUT": "100ms"}
     cfg = load_config({"config": path, "protocol": ["probe_timeout=150ms"]}, env=env)
     p = cfg.protocol()

@@ -44,11 +44,17 @@ def test_the_default_route_interface_first() -> None:
 def test_then_the_first_non_loopback_interface_then_loopback() -> None:
     no_address_on_route = [LO, adapter("eth0", "fd00::2"), adapter("wlan0", "192.168.0.5")]
     assert choose_advertise_host(ROUTES, no_address_on_route) == (
-        "192.168.0.5", "first non-loopback interface wlan0")
+        "192.168.0.5",
+        "first non-loopback interface wlan0",
+    )
     assert choose_advertise_host("", [LO, adapter("eth9", "198.18.0.9")]) == (
-        "198.18.0.9", "first non-loopback interface eth9")
+        "198.18.0.9",
+        "first non-loopback interface eth9",
+    )
     assert choose_advertise_host(ROUTES, [LO]) == (
-        "127.0.0.1", "loopback (no other interface has an address)")
+        "127.0.0.1",
+        "loopback (no other interface has an address)",
+    )
 
 
 class FakeRuntime:

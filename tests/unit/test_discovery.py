@@ -48,11 +48,16 @@ def test_the_hook_derives_what_to_advertise_from_the_daemon() -> None:
 
 
 async def test_the_hook_joins_new_peers_and_skips_alive_members() -> None:
-    host = FakeHost("me", "c", f"{LO}:7788", people=[
-        member("me", addr=f"{LO}:7788"),
-        member("up", addr=f"{LO}:7790"),
-        member("down", MemberState.DEAD, addr=f"{LO}:7792"),
-    ])
+    host = FakeHost(
+        "me",
+        "c",
+        f"{LO}:7788",
+        people=[
+            member("me", addr=f"{LO}:7788"),
+            member("up", addr=f"{LO}:7790"),
+            member("down", MemberState.DEAD, addr=f"{LO}:7792"),
+        ],
+    )
     hook = DaemonDiscovery(host)
     hook._on_peer("up", f"{LO}:7790", {})  # already an alive member: nothing to do
     assert host.joins == []

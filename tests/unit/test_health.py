@@ -49,7 +49,6 @@ def test_builtin_resource_checks_read_the_machine(tmp_path: Path) -> None:
     assert missing.status == "critical"
 
 
-
 # --- configuration ------------------------------------------------------------------------------
 
 

@@ -17,8 +17,9 @@ from meshd.metrics import Exposition
 
 
 def test_bad_check_config_names_the_check(tmp_path: Any) -> None:
-    cfg = NodeConfig(name="x", data_dir=str(tmp_path),
-                     checks=[{"name": "web", "kind": "http", "url": "ftp://x"}])
+    cfg = NodeConfig(
+        name="x", data_dir=str(tmp_path), checks=[{"name": "web", "kind": "http", "url": "ftp://x"}]
+    )
     with pytest.raises(ConfigError, match=r"check 'web': key 'url'"):
         HealthService.from_config(cfg)
     cfg = NodeConfig(name="x", data_dir=str(tmp_path), query_handlers=[{"name": "health", "command": "x"}])
@@ -30,13 +31,17 @@ def test_validate_config_checks_the_health_tables(tmp_path: Any, capsys: pytest.
     from meshd.cli.meshd import main
 
     path = tmp_path / "meshd.toml"
-    path.write_text('insecure = true\nbind = "127.0.0.1:7788"\n'
-                    '[[check]]\nname = "db"\ncommand = "true"\ninterval = "soon"\n')
+    path.write_text(
+        'insecure = true\nbind = "127.0.0.1:7788"\n'
+        '[[check]]\nname = "db"\ncommand = "true"\ninterval = "soon"\n'
+    )
     assert main(["validate-config", "--config", str(path)]) == 2
     assert "check 'db': key 'interval'" in capsys.readouterr().err
-    path.write_text('insecure = true\nbind = "127.0.0.1:7788"\n'
-                    '[[check]]\nname = "db"\ncommand = "true"\ninterval = "5s"\n'
-                    '[[query_handler]]\nname = "uptime"\ncommand = ["uptime"]\n')
+    path.write_text(
+        'insecure = true\nbind = "127.0.0.1:7788"\n'
+        '[[check]]\nname = "db"\ncommand = "true"\ninterval = "5s"\n'
+        '[[query_handler]]\nname = "uptime"\ncommand = ["uptime"]\n'
+    )
     assert main(["validate-config", "--config", str(path)]) == 0
 
 

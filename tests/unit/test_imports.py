@@ -150,7 +150,7 @@ def _cycle_in(graph: dict[str, set[str]], comp: set[str]) -> list[str]:
         nxt = sorted(w for w in graph[path[-1]] if w in comp)
         back = [w for w in nxt if w in seen]
         if back:
-            return [*path[path.index(back[0]):], back[0]]
+            return [*path[path.index(back[0]) :], back[0]]
         path.append(nxt[0])
         seen.add(nxt[0])
 

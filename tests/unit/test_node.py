@@ -183,7 +183,8 @@ def test_graceful_leave_is_seen_as_left_not_dead() -> None:
     net.run_for(1.0)
     net.kill(leaver)
     ok = net.run_until_true(
-        lambda: all(state_of(n, leaver.name) == MemberState.LEFT for n in nodes if n is not leaver), 10.0)
+        lambda: all(state_of(n, leaver.name) == MemberState.LEFT for n in nodes if n is not leaver), 10.0
+    )
     assert ok
     net.run_for(60.0)
     assert all(state_of(n, leaver.name) == MemberState.LEFT for n in nodes if n is not leaver)
@@ -219,8 +220,12 @@ def test_restarted_node_with_same_name_and_new_address_is_taken_back() -> None:
     net.poke(new)
     others = [n for n in nodes if n is not old]
     ok = net.run_until_true(
-        lambda: all(view(n, old.name).state == MemberState.ALIVE
-                    and view(n, old.name).addr == "n2-new:7788" for n in others), 20.0)
+        lambda: all(
+            view(n, old.name).state == MemberState.ALIVE and view(n, old.name).addr == "n2-new:7788"
+            for n in others
+        ),
+        20.0,
+    )
     assert ok
     assert new.incarnation > 0  # it refuted its own death to win back its name
     assert alive_names(new) == {n.name for n in others} | {new.name}
@@ -238,8 +243,7 @@ def test_partition_heals_by_itself() -> None:
     net, nodes = make_cluster(10, config=LOCAL)
     left, right = nodes[:5], nodes[5:]
     net.partition(left, right)
-    ok = net.run_until_true(
-        lambda: all(state_of(n, right[0].name) == MemberState.DEAD for n in left), 60.0)
+    ok = net.run_until_true(lambda: all(state_of(n, right[0].name) == MemberState.DEAD for n in left), 60.0)
     assert ok
     net.run_for(20.0)
     net.heal()
@@ -333,7 +337,8 @@ def test_a_true_failure_does_not_hurt_the_probers_health() -> None:
     net.kill(victim)
     survivors = [n for n in nodes if n is not victim]
     assert net.run_until_true(
-        lambda: all(state_of(n, victim.name) == MemberState.DEAD for n in survivors), 60.0)
+        lambda: all(state_of(n, victim.name) == MemberState.DEAD for n in survivors), 60.0
+    )
     assert sum(n.counters.get("probes.failed", 0) for n in survivors) >= 2
     assert all(n.awareness.score == 0 for n in survivors)
 
@@ -347,8 +352,7 @@ def test_another_node_at_a_dead_members_address_does_not_keep_it_alive() -> None
     squatter = net.add_node("y", LAN, x.codec, addr=x.addr)
     assert squatter.addr == x.addr
     survivors = [n for n in nodes if n is not x]
-    assert net.run_until_true(
-        lambda: all(state_of(n, x.name) == MemberState.DEAD for n in survivors), 60.0)
+    assert net.run_until_true(lambda: all(state_of(n, x.name) == MemberState.DEAD for n in survivors), 60.0)
     assert sum(n.counters.get("probes.tcp_only", 0) for n in survivors) == 0
 
 
@@ -361,8 +365,7 @@ def test_a_new_address_spreads_with_a_new_incarnation() -> None:
     net.nodes[mover.addr] = mover
     net.poke(mover)
     assert mover.incarnation == before + 1
-    assert net.run_until_true(
-        lambda: all(view(n, "n1").addr == "n1-new:7788" for n in nodes), 10.0)
+    assert net.run_until_true(lambda: all(view(n, "n1").addr == "n1-new:7788" for n in nodes), 10.0)
     net.run_for(20.0)
     assert all(state_of(n, "n1") == MemberState.ALIVE for n in nodes)  # reachable there
 

@@ -66,8 +66,9 @@ class Recorder:
 def test_every_effect_goes_to_its_handler_method_in_order() -> None:
     stream = OpenStream(1, "b:1", b"pp", 5.0, "join")
     event = MemberEvent("join", VIEW)
-    core = ScriptedCore([SendDatagram(b"a", "b:1"), stream, event, QueryDone(RESULT),
-                         SendDatagram(b"z", "c:1")])
+    core = ScriptedCore(
+        [SendDatagram(b"a", "b:1"), stream, event, QueryDone(RESULT), SendDatagram(b"z", "c:1")]
+    )
     handler = Recorder()
     assert pump(core, handler) == 42.0
     assert handler.calls == [

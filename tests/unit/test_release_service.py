@@ -37,18 +37,35 @@ PUB = PublisherKey(bytes(range(32)))
 EVIL = PublisherKey(bytes(range(1, 33)))
 
 
-def make_service(root: Path, *, site: str = "a", tags: dict[str, str] | None = None,
-                 events: list[dict[str, Any]] | None = None) -> ReleaseService:
+def make_service(
+    root: Path,
+    *,
+    site: str = "a",
+    tags: dict[str, str] | None = None,
+    events: list[dict[str, Any]] | None = None,
+) -> ReleaseService:
     return ReleaseService(
-        root, name="me", site=site, tags=tags or {}, codec=Codec(CLUSTER, None),
-        trusted=[PUB.public_key], config=DistConfig(fsync=False),
+        root,
+        name="me",
+        site=site,
+        tags=tags or {},
+        codec=Codec(CLUSTER, None),
+        trusted=[PUB.public_key],
+        config=DistConfig(fsync=False),
         emit=events.append if events is not None else None,
     )
 
 
-def make_release(tmp: Path, version: str, *, signer: PublisherKey = PUB, seed: int = 1,
-                 created: float = 1_700_000_000.0, site: str | None = None,
-                 store: ChunkStore | None = None) -> Manifest:
+def make_release(
+    tmp: Path,
+    version: str,
+    *,
+    signer: PublisherKey = PUB,
+    seed: int = 1,
+    created: float = 1_700_000_000.0,
+    site: str | None = None,
+    store: ChunkStore | None = None,
+) -> Manifest:
     """A signed release of 'app' whose chunks go to `store` (a peer's), or nowhere."""
     src = tmp / f"src-{version}-{seed}" / "app.bin"
     src.parent.mkdir(parents=True, exist_ok=True)
@@ -69,8 +86,9 @@ class StoreBackedFetcher:
         self.asked.append(rid)
         return next((doc for full, doc in self.manifests.items() if full.startswith(rid)), None)
 
-    async def chunks(self, addr: str, ids: Sequence[str], sizes: Sequence[int],
-                     timeout: float) -> list[bytes | None]:
+    async def chunks(
+        self, addr: str, ids: Sequence[str], sizes: Sequence[int], timeout: float
+    ) -> list[bytes | None]:
         return [self.store.get_stored(c) for c in ids]
 
     async def close(self) -> None:
@@ -190,7 +208,8 @@ async def test_served_manifests_and_bitmaps(tmp_path: Path) -> None:
     svc._complete.add(m.release_id)
     n = len(m.chunks)
     assert server.bitmap(m.release_id) == bytes([0xFF] * (n // 8)) + (
-        bytes([(0xFF << (8 - n % 8)) & 0xFF]) if n % 8 else b"")
+        bytes([(0xFF << (8 - n % 8)) & 0xFF]) if n % 8 else b""
+    )
     ids = list(m.unique_chunks())[:2]
     assert await server.read_stored([*ids, "0" * 64]) == [svc.store.get_stored(c) for c in ids] + [None]
 
@@ -250,8 +269,15 @@ def test_rates_and_dist_config() -> None:
     assert parse_rate("", "x") is None
     with pytest.raises(ConfigError, match="rate"):
         parse_rate("fast", "x")
-    cfg = DistConfig.from_table({"keep": 2, "hook": ["/bin/true", "x"], "hook-timeout": "30s",
-                                 "upload_rate": "1MB", "origin_delay": "500ms"})
+    cfg = DistConfig.from_table(
+        {
+            "keep": 2,
+            "hook": ["/bin/true", "x"],
+            "hook-timeout": "30s",
+            "upload_rate": "1MB",
+            "origin_delay": "500ms",
+        }
+    )
     assert cfg.keep == 2
     assert cfg.hook == ("/bin/true", "x")
     assert cfg.hook_timeout == 30.0
@@ -286,7 +312,6 @@ def test_store_of_a_fresh_service_is_usable(tmp_path: Path) -> None:
     assert (tmp_path / "chunks").is_dir()
     assert (tmp_path / "releases").is_dir()
     assert ChunkStore(tmp_path).manifests() == []
-
 
 
 async def test_announcer_sends_changes_at_once_when_forced_else_once_per_interval() -> None:

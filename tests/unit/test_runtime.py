@@ -60,8 +60,9 @@ class Sent:
 
 
 def node(name: str = "b") -> Node:
-    return Node(name, f"id-{name}", f"{name}:1", LOCAL, CODEC, random.Random(1),
-                asyncio.get_running_loop().time())
+    return Node(
+        name, f"id-{name}", f"{name}:1", LOCAL, CODEC, random.Random(1), asyncio.get_running_loop().time()
+    )
 
 
 async def test_a_core_exception_is_counted_and_what_it_queued_still_goes_out() -> None:

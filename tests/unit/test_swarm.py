@@ -382,8 +382,12 @@ def test_short_answer_requeues_the_rest() -> None:
 
 def test_origin_only_after_the_delay_and_only_for_chunks_no_peer_has() -> None:
     n = 10
-    s = mk(n, **one_chunk_pieces(origin_delay=30.0, max_requests_per_peer=20, max_requests_total=20,
-                                 endgame_chunks=0))
+    s = mk(
+        n,
+        **one_chunk_pieces(
+            origin_delay=30.0, max_requests_per_peer=20, max_requests_total=20, endgame_chunks=0
+        ),
+    )
     s.peer_update("p", 0.0, bitmap=bm(range(5), n))
     first = s.requests_to_send()
     assert {r.peer for r in first} == {"p"}

@@ -13,9 +13,7 @@ from meshd.core.suspicion import Suspicion, remaining_suspicion_time, suspicion_
 from meshd.wire import Codec, encode_message
 
 
-@pytest.mark.parametrize(
-    ("n", "expected"), [(5, 1.0), (50, 1.698), (100, 2.0), (1000, 3.0)]
-)
+@pytest.mark.parametrize(("n", "expected"), [(5, 1.0), (50, 1.698), (100, 2.0), (1000, 3.0)])
 def test_suspicion_timeout_scales_with_log10_n(n: int, expected: float) -> None:
     assert suspicion_timeout(1, n, 1.0) == pytest.approx(expected, rel=1e-3)
     assert suspicion_timeout(4, n, 0.5) == pytest.approx(expected * 2, rel=1e-3)
@@ -23,8 +21,7 @@ def test_suspicion_timeout_scales_with_log10_n(n: int, expected: float) -> None:
 
 @pytest.mark.parametrize(
     ("confirmations", "elapsed", "expected"),
-    [(0, 0.0, 30.0), (1, 2.0, 14.0), (2, 3.0, 4.810), (3, 4.0, -2.0), (4, 5.0, -3.0),
-     (5, 10.0, -8.0)],
+    [(0, 0.0, 30.0), (1, 2.0, 14.0), (2, 3.0, 4.810), (3, 4.0, -2.0), (4, 5.0, -3.0), (5, 10.0, -8.0)],
 )
 def test_remaining_suspicion_time_table(confirmations: int, elapsed: float, expected: float) -> None:
     # memberlist TestSuspicion_remainingSuspicionTime: k=3, min 2 s, max 30 s.

@@ -77,10 +77,13 @@ def test_compound_equals_encode_body_and_size_is_exact() -> None:
 
 
 def test_large_part_in_compound() -> None:
-    big = m.PushPull(join=False, states=[
-        m.PushNodeState(f"n{i}", f"{i:032x}", "127.0.0.1:1", i, m.MemberState.ALIVE, {"x": "y" * 50})
-        for i in range(2000)
-    ])
+    big = m.PushPull(
+        join=False,
+        states=[
+            m.PushNodeState(f"n{i}", f"{i:032x}", "127.0.0.1:1", i, m.MemberState.ALIVE, {"x": "y" * 50})
+            for i in range(2000)
+        ],
+    )
     parts = [wire.encode_message(big), wire.encode_message(m.Ack(seq=1))]
     assert len(parts[0]) > 65535  # bigger than memberlist's u16 part length
     assert wire.decode_body(wire.compound(parts)) == [big, m.Ack(seq=1)]
@@ -170,9 +173,7 @@ def test_nonces_are_fresh() -> None:
 def test_lz4_only_when_smaller() -> None:
     codec = _codec(None)  # insecure, so the flags byte is visible at offset 5
     incompressible = wire.encode_body([m.KeyOp(op_id=1, op="install", key=os.urandom(32))])
-    random_body = wire.encode_body(
-        [m.QueryResponse(ltime=1, id=1, source="x", payload=os.urandom(1000))]
-    )
+    random_body = wire.encode_body([m.QueryResponse(ltime=1, id=1, source="x", payload=os.urandom(1000))])
     compressible = wire.encode_body([_alive(i) for i in range(30)])
     for body, flagged in ((incompressible, 0), (random_body, 0), (compressible, 1)):
         packet = codec.seal(body)
