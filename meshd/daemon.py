@@ -28,7 +28,7 @@ from meshd.core.query import QueryResult, default_timeout
 from meshd.crypto import Keyring, NodeIdentity, fingerprint, load_publisher_public
 from meshd.discovery import DaemonDiscovery
 from meshd.errors import ConfigError, StateError
-from meshd.health_service import HealthService
+from meshd.health.service import HealthService
 from meshd.logs import setup_logging
 from meshd.metrics import Exposition, MetricsSource, TransferStats
 from meshd.net.peer_http import PeerClient, PeerServer, PeerTraffic, create_peer_app

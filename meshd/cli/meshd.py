@@ -121,7 +121,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from meshd.crypto import read_key_file
 
         read_key_file(cfg.cluster_key_file)
-    from meshd.health_service import parse_health_config
+    from meshd.health.service import parse_health_config
 
     parse_health_config(cfg.checks, cfg.query_handlers, cfg.data_dir)  # names a bad check
     print(

@@ -25,7 +25,9 @@ interval (default 10s), timeout (default 10s), warning/critical (built-in kinds)
 its output (the first 32 KiB) is the answer. Every error names the check and the key.
 
 Modules: spec (statuses, kinds, CheckSpec), config (the tables), command (running a command),
-checks (each kind), loop_lag, monitor (HealthMonitor). The names others use are re-exported here.
+checks (each kind), loop_lag, monitor (HealthMonitor), service (HealthService: the monitor wired
+into the runtime: gossiped summary, query answers, events, metrics). The names others use are
+re-exported here.
 """
 
 from meshd.health.config import parse_checks, parse_query_handlers

@@ -11,8 +11,8 @@ import pytest
 from zeroconf import DNSOutgoing, Zeroconf
 
 from meshd import PROTOCOL_VERSION
-from meshd.discovery import Discovery, _ConfinedZeroconf
 from meshd.discovery import start as discovery_start
+from meshd.discovery.mdns import Discovery, _ConfinedZeroconf
 from tests.fakes import FakeHost
 
 pytestmark = pytest.mark.skipif(

@@ -15,8 +15,8 @@ from meshd.core.config import LAN
 from meshd.core.messages import QueryFilter
 from meshd.core.node import Node
 from meshd.health.monitor import HealthMonitor
+from meshd.health.service import HealthService
 from meshd.health.spec import CheckSpec, HandlerSpec
-from meshd.health_service import HealthService
 from meshd.runtime import NodeEvent, NodeRuntime
 from meshd.wire import Codec
 

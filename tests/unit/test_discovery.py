@@ -10,7 +10,8 @@ import asyncio
 import pytest
 
 from meshd.core.messages import MemberState
-from meshd.discovery import DaemonDiscovery, Discovery, _host_label
+from meshd.discovery import DaemonDiscovery, Discovery
+from meshd.discovery.mdns import _host_label
 from meshd.errors import ConfigError
 from meshd.metrics import Exposition
 from tests.fakes import FakeHost, member

@@ -11,8 +11,8 @@ import pytest
 from meshd.config import NodeConfig
 from meshd.errors import ConfigError
 from meshd.health.monitor import HealthMonitor
+from meshd.health.service import HealthService
 from meshd.health.spec import CheckSpec
-from meshd.health_service import HealthService
 from meshd.metrics import Exposition
 
 

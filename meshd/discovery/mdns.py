@@ -11,20 +11,17 @@ outside their subnets are dropped (see `_ConfinedZeroconf`).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import random
 import re
-import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import ifaddr
 from zeroconf import (
@@ -39,10 +36,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from meshd import PROTOCOL_VERSION
 from meshd.core.counters import Counters
-from meshd.core.messages import MemberState
-from meshd.core.node import MemberView
 from meshd.errors import ConfigError
-from meshd.metrics import Exposition
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +46,7 @@ RESOLVE_TIMEOUT_MS = 3000
 RESOLVE_RETRIES = (1.0, 2.0, 4.0)
 BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 300.0
-_MAX_LABEL = 63
+MAX_LABEL = 63
 # Linux: deliver only the multicast groups joined on this very socket (not on other interfaces).
 _IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)
 
@@ -131,12 +125,12 @@ def _host_label(name: str, node_id: str) -> str:
     # The SRV target must be a unique, DNS-safe host name even if node names are not.
     base = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "node"
     suffix = re.sub(r"[^a-z0-9]", "", node_id.lower())[:8] or "0"
-    return f"{base[: _MAX_LABEL - len(suffix) - 1]}-{suffix}"
+    return f"{base[: MAX_LABEL - len(suffix) - 1]}-{suffix}"
 
 
 def valid_instance_name(name: str) -> bool:
     """Whether a node name can be the mDNS instance name as is (1-63 bytes, no dot)."""
-    return bool(name) and len(name.encode()) <= _MAX_LABEL and "." not in name
+    return bool(name) and len(name.encode()) <= MAX_LABEL and "." not in name
 
 
 def _check_ipv4(addrs: list[str]) -> None:
@@ -487,190 +481,3 @@ class Discovery:
             fn(*args)
         except Exception:
             log.exception("mDNS: discovery callback failed")
-
-
-# ---- wiring into the daemon (meshd/daemon.py calls `start(daemon)`) -----------------------------
-
-
-class DiscoveryHost(Protocol):
-    """What discovery uses of the daemon: who this node is, and joining what it finds."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def node_id(self) -> str: ...
-    @property
-    def cluster(self) -> str: ...
-    @property
-    def site(self) -> str: ...
-    @property
-    def addr(self) -> str: ...  # "host:port", the advertised gossip address
-    @property
-    def mdns_interfaces(self) -> list[str]: ...  # IPv4 addresses to confine mDNS to; [] = all
-    def members(self) -> Sequence[MemberView]: ...
-    async def join(self, addrs: list[str]) -> int: ...  # how many answered
-
-
-class DaemonDiscovery:
-    """Discovery bound to a running daemon: joins what it finds and reports the outcome back."""
-
-    def __init__(self, daemon: DiscoveryHost) -> None:
-        self.daemon = daemon
-        host, _, port = daemon.addr.rpartition(":")
-        host = host.strip("[]")
-        wanted = list(daemon.mdns_interfaces)
-        interfaces = [i for i in wanted if _is_ipv4(i)]
-        if len(interfaces) != len(wanted):
-            log.warning("mDNS: only IPv4 interfaces are used; ignoring the others")
-        if wanted and not interfaces:
-            raise ConfigError("--mdns-interface: no IPv4 address given")
-        addresses = [host] if _is_ipv4(host) and not ipaddress.IPv4Address(host).is_unspecified else []
-        if not interfaces and addresses and ipaddress.IPv4Address(host).is_loopback:
-            # A node only reachable on loopback has nothing to say on the LAN (demos, tests).
-            interfaces = ["127.0.0.1"]
-        if not addresses:
-            log.warning("mDNS: advertise address %s is not IPv4; browsing only", daemon.addr)
-        name = daemon.name
-        if not valid_instance_name(name):
-            # e.g. a FQDN host name: the mDNS label is only a label, joins go by address and id.
-            name = re.sub(r"\.+", "-", name).encode()[:_MAX_LABEL].decode(errors="ignore") or "node"
-            log.warning("mDNS: node name %r is advertised as %r", daemon.name, name)
-        self.discovery = Discovery(
-            name=name,
-            node_id=daemon.node_id,
-            cluster=daemon.cluster,
-            site=daemon.site,
-            port=int(port),
-            addresses=addresses,
-            interfaces=interfaces or None,
-            on_peer=self._on_peer,
-            on_gone=self._on_gone,
-        )
-        self._joins: dict[str, asyncio.Task[None]] = {}
-
-    @property
-    def counters(self) -> dict[str, int]:
-        return self.discovery.counters
-
-    def collect_metrics(self, out: Exposition) -> None:
-        out.core_counters({f"mdns.{k}": v for k, v in self.discovery.counters.items()})
-
-    async def start(self) -> None:
-        await self.discovery.start()
-
-    async def readvertise(self, addr: str) -> None:
-        """The daemon's address changed: announce the new one (a goodbye for the old)."""
-        host = addr.rpartition(":")[0].strip("[]")
-        if _is_ipv4(host):
-            await self.discovery.update(addresses=[host])
-
-    async def close(self) -> None:
-        for task in list(self._joins.values()):
-            task.cancel()
-        await asyncio.gather(*self._joins.values(), return_exceptions=True)
-        self._joins.clear()
-        await self.discovery.stop()
-
-    def _alive_addrs(self) -> set[str]:
-        alive = set()
-        for m in self.daemon.members():
-            if m.state == MemberState.ALIVE and m.name != self.daemon.name:
-                alive.add(m.addr)
-        return alive
-
-    def _on_peer(self, name: str, addr: str, txt: dict[str, str]) -> None:
-        if addr in self._alive_addrs():
-            self.discovery.mark_joined(name)
-            return
-        if name in self._joins:
-            return  # a join with it is already under way
-        self._joins[name] = asyncio.create_task(self._join(name, addr))
-
-    async def _join(self, name: str, addr: str) -> None:
-        try:
-            joined = await self.daemon.join([addr])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.info("mDNS: join %s at %s failed: %s", name, addr, exc)
-            joined = 0
-        finally:
-            self._joins.pop(name, None)
-        if joined:
-            self.discovery.mark_joined(name)
-            log.info("mDNS: joined %s at %s", name, addr)
-        else:
-            self.discovery.mark_failed(name)
-            log.info(
-                "mDNS: %s at %s did not answer a join; next try in %.0fs",
-                name, addr, self.discovery.retry_delay(name),
-            )  # fmt: skip
-
-    def _on_gone(self, name: str) -> None:
-        log.debug("mDNS: %s withdrew its service", name)
-
-
-async def start(daemon: DiscoveryHost) -> DaemonDiscovery:
-    """The daemon's hook: advertise it, browse, and join same-cluster peers as they appear."""
-    handle = DaemonDiscovery(daemon)
-    await handle.start()
-    return handle
-
-
-def _is_ipv4(addr: str) -> bool:
-    try:
-        ipaddress.IPv4Address(addr)
-    except ValueError:
-        return False
-    return True
-
-
-# ---- a bare agent, for the lab and for debugging: python -m meshd.discovery ------------------
-
-
-async def _agent(args: argparse.Namespace) -> None:
-    def emit(event: str, **fields: Any) -> None:
-        print(json.dumps({"event": event, **fields}), flush=True)
-
-    disc = Discovery(
-        args.name,
-        args.id or args.name,
-        args.cluster,
-        args.site,
-        args.port,
-        args.address,
-        args.interface or None,
-        lambda name, addr, txt: emit("peer", name=name, addr=addr, txt=txt),
-        lambda name: emit("gone", name=name),
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await disc.start()
-    emit("started", name=args.name, advertising=disc.advertising)
-    try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), args.duration or None)
-    finally:
-        await disc.stop()
-        emit("stopped", counters=disc.counters)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run a Discovery agent that prints peers as JSON lines (no membership)."""
-    parser = argparse.ArgumentParser(prog="python -m meshd.discovery", description=main.__doc__)
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--id", default="")
-    parser.add_argument("--cluster", default="default")
-    parser.add_argument("--site", default="default")
-    parser.add_argument("--port", type=int, default=7788)
-    parser.add_argument("--address", action="append", required=True, help="IPv4 to advertise")
-    parser.add_argument("--interface", action="append", help="IPv4 of an interface to confine to")
-    parser.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = until killed")
-    args = parser.parse_args(argv)
-    asyncio.run(_agent(args))
-
-
-if __name__ == "__main__":
-    main()
