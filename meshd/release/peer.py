@@ -1,7 +1,7 @@
 """Peer HTTP for update distribution: manifests, have-bitmaps and chunk pieces, sealed.
 
 This module is the protocol and the server routes; the client is meshd.release.peer_client and
-what the routes serve comes from a PeerBackend (meshd.release.serve.PeerServer).
+what the routes serve comes from a PeerBackend (meshd.release.serve.PeerUploads).
 
 Routes, added to the node's peer app (the TCP twin of the gossip port):
 

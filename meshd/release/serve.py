@@ -1,6 +1,6 @@
 """Serving peers: what the peer HTTP routes (meshd.release.peer) call on this node.
 
-PeerServer answers with the manifest documents and have-bitmaps of the releases this node holds
+PeerUploads answers with the manifest documents and have-bitmaps of the releases this node holds
 and the stored forms of chunks, paced by the upload cap (a TokenBucket). A chunk found rotten
 while being read is dropped by the store and reported, so that the service fetches it again.
 """
@@ -69,7 +69,7 @@ class Holdings(Protocol):
         ...
 
 
-class PeerServer:
+class PeerUploads:
     """The PeerBackend of the peer routes: sealed answers come from here."""
 
     def __init__(

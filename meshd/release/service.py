@@ -56,7 +56,7 @@ from meshd.release.manifest import Manifest
 from meshd.release.peer import PeerProtocolError
 from meshd.release.peer_client import PeerFetcher
 from meshd.release.publish import publish_tree
-from meshd.release.serve import PeerServer
+from meshd.release.serve import PeerUploads
 from meshd.release.store import ChunkStore, StoreError
 from meshd.wire import Codec
 
@@ -127,7 +127,7 @@ class ReleaseService:
             on_complete=self._on_fetch_complete,
             on_progress=self._announce,
         )
-        self.server = PeerServer(
+        self.server = PeerUploads(
             self,
             codec=self.codec,
             counters=self.counters,

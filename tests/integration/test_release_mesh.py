@@ -38,7 +38,7 @@ from meshd.release.peer import (
     make_token,
 )
 from meshd.release.peer_client import PeerFetcher
-from meshd.release.serve import PeerServer
+from meshd.release.serve import PeerUploads
 from meshd.release.service import ReleaseService
 from meshd.wire import Codec
 from tests.fakes import member
@@ -133,7 +133,7 @@ class Mesh:
         config: DistConfig | None = None,
         swarm: SwarmConfig | None = None,
         root: Path | None = None,
-        server_cls: type[PeerServer] = PeerServer,
+        server_cls: type[PeerUploads] = PeerUploads,
     ) -> TNode:
         root = root or self.tmp / name
         codec = Codec(CLUSTER, Keyring([cluster_key]) if cluster_key else None)
@@ -340,7 +340,7 @@ async def test_far_site_gets_about_one_copy_over_the_site_link(mesh: Mesh, tmp_p
 # --- lying and broken peers ----------------------------------------------------------------------
 
 
-class LyingServer(PeerServer):
+class LyingServer(PeerUploads):
     """Serves chunks with one byte flipped (a peer with bad bytes, or an attacker)."""
 
     async def read_stored(self, ids: list[str]) -> list[bytes | None]:
