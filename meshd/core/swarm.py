@@ -42,6 +42,7 @@ import enum
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from meshd.core.counters import Counters
 
@@ -78,6 +79,16 @@ class SwarmConfig:
     rate_burst: int = 4 * MiB  # bucket size; raised to piece_max if smaller
 
 
+class SwarmEffectHandler(Protocol):
+    """What a shell does with a Swarm's effects (meshd.release.fetch); see meshd.core.pump."""
+
+    def send_request(self, req: FetchRequest) -> None: ...
+
+    def cancel_request(self, request_id: int) -> None: ...
+
+    def swarm_event(self, ev: SwarmEvent) -> None: ...
+
+
 @dataclass(frozen=True)
 class FetchRequest:
     request_id: int
@@ -87,12 +98,18 @@ class FetchRequest:
     deadline: float
     endgame: bool = False
 
+    def apply(self, handler: SwarmEffectHandler) -> None:
+        handler.send_request(self)
+
 
 @dataclass(frozen=True)
 class SwarmEvent:
     kind: str  # complete | peer_banned | request_timeout | request_error | origin_fallback
     peer: str | None = None
     detail: str = ""
+
+    def apply(self, handler: SwarmEffectHandler) -> None:
+        handler.swarm_event(self)
 
 
 @dataclass(frozen=True)
@@ -101,8 +118,11 @@ class CancelRequest:
 
     request_id: int
 
+    def apply(self, handler: SwarmEffectHandler) -> None:
+        handler.cancel_request(self.request_id)
 
-# What the shell carries out, drained in one call like the membership core's effects.
+
+# What the shell carries out, drained by meshd.core.pump like the membership core's effects.
 SwarmEffect = FetchRequest | CancelRequest | SwarmEvent
 
 

@@ -4,7 +4,7 @@ One Swarm per release being fetched (meshd.core.swarm decides which chunk to get
 FetchDriver feeds it who holds what (members' announcements, have-bitmaps GET from partial
 holders), runs its requests (POST of chunk ids to a peer, or GETs against the manifest's origin
 URLs), verifies and stores every chunk (ChunkStore.put), reports the outcomes back, and keeps
-its timer armed: the same pump as NodeRuntime's for the membership core.
+its timer armed. Its effects are drained by meshd.core.pump, as the membership core's are.
 
 Scarce sources are shared out between the nodes of a site (see `_register_all`), so that about
 one copy of a release crosses a site link and leaves a lone seed.
@@ -22,13 +22,14 @@ from typing import Any
 import aiohttp
 
 from meshd.core.counters import Counters
+from meshd.core.pump import drain
 from meshd.core.swarm import (
     ORIGIN,
-    CancelRequest,
     FetchRequest,
     Outcome,
     Swarm,
     SwarmConfig,
+    SwarmEvent,
     make_bitmap,
 )
 from meshd.errors import IntegrityError
@@ -75,6 +76,38 @@ class ReleaseFetch:
     @property
     def rid(self) -> str:
         return self.manifest.release_id
+
+
+class _SwarmEffects:
+    """Carries one fetch's Swarm effects out (a core.swarm.SwarmEffectHandler)."""
+
+    def __init__(self, driver: FetchDriver, fetch: ReleaseFetch) -> None:
+        self.driver = driver
+        self.fetch = fetch
+        self.complete = False
+
+    def send_request(self, req: FetchRequest) -> None:
+        fetch = self.fetch
+        task = self.driver._spawn(self.driver._run_request(fetch, req))
+        fetch.tasks.add(task)
+        task.add_done_callback(fetch.tasks.discard)
+
+    def cancel_request(self, request_id: int) -> None:
+        net = self.fetch.net_phase.pop(request_id, None)
+        if net is not None:
+            net.cancel()  # only while still on the network: stored chunks always count
+
+    def swarm_event(self, ev: SwarmEvent) -> None:
+        m = self.fetch.manifest
+        if ev.kind == "complete":
+            self.complete = True
+        elif ev.kind == "peer_banned":
+            self.driver._count("fetch.bans")
+            log.warning("%s %s: peer %s banned: %s", m.name, m.version, ev.peer, ev.detail)
+        elif ev.kind == "origin_fallback":
+            log.info("%s %s: falling back to the origin (%s)", m.name, m.version, ev.detail)
+        else:
+            log.debug("%s %s: %s %s %s", m.name, m.version, ev.kind, ev.peer, ev.detail)
 
 
 class FetchDriver:
@@ -302,44 +335,9 @@ class FetchDriver:
         """Carry out what the swarm asked for, then re-arm its timer."""
         if fetch.closed or self.closed:
             return
-        complete = False
-        for effect in fetch.swarm.take_effects():
-            if isinstance(effect, FetchRequest):
-                task = self._spawn(self._run_request(fetch, effect))
-                fetch.tasks.add(task)
-                task.add_done_callback(fetch.tasks.discard)
-            elif isinstance(effect, CancelRequest):
-                net = fetch.net_phase.pop(effect.request_id, None)
-                if net is not None:
-                    net.cancel()  # only while still on the network: stored chunks always count
-            elif effect.kind == "complete":
-                complete = True
-            elif effect.kind == "peer_banned":
-                self._count("fetch.bans")
-                log.warning(
-                    "%s %s: peer %s banned: %s",
-                    fetch.manifest.name,
-                    fetch.manifest.version,
-                    effect.peer,
-                    effect.detail,
-                )
-            elif effect.kind == "origin_fallback":
-                log.info(
-                    "%s %s: falling back to the origin (%s)",
-                    fetch.manifest.name,
-                    fetch.manifest.version,
-                    effect.detail,
-                )
-            else:
-                log.debug(
-                    "%s %s: %s %s %s",
-                    fetch.manifest.name,
-                    fetch.manifest.version,
-                    effect.kind,
-                    effect.peer,
-                    effect.detail,
-                )
-        if complete:
+        effects = _SwarmEffects(self, fetch)
+        drain(fetch.swarm, effects)
+        if effects.complete:
             self._close_fetch(fetch, cancel_requests=True)
             self._on_complete(fetch)
             return

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from meshd.core.pump import drain
 from meshd.core.swarm import (
     ORIGIN,
     CancelRequest,
@@ -312,6 +313,43 @@ def test_take_effects_drains_requests_then_cancels_then_events() -> None:
     assert s.requests_to_send() == []
     assert s.requests_to_cancel() == []
     assert s.events() == []
+
+
+class SwarmRecorder:
+    """A SwarmEffectHandler that writes down what it was asked to do."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+        self.sent: list[FetchRequest] = []
+
+    def send_request(self, req: FetchRequest) -> None:
+        self.sent.append(req)
+        self.calls.append(("send_request", req.peer))
+
+    def cancel_request(self, request_id: int) -> None:
+        self.calls.append(("cancel_request", request_id))
+
+    def swarm_event(self, ev: SwarmEvent) -> None:
+        self.calls.append(("swarm_event", ev.kind))
+
+
+def test_the_pump_drains_a_swarm_to_its_handler_in_order() -> None:
+    s = mk(4, **one_chunk_pieces(max_requests_per_peer=1, endgame_chunks=0))
+    s.peer_update("slow", 0.0, complete=True)
+    rec = SwarmRecorder()
+    drain(s, rec)
+    assert rec.calls == [("send_request", "slow")]
+    (first,) = rec.sent
+    s.handle_timer(4.0)
+    s.peer_update("fast", 4.0, complete=True)
+    rec.calls.clear()
+    drain(s, rec)
+    assert rec.calls == [
+        ("send_request", "fast"),
+        ("cancel_request", first.request_id),
+        ("swarm_event", "request_timeout"),
+    ]
+    assert s.take_effects() == []
 
 
 def test_error_backoff_doubles_then_resets() -> None:
