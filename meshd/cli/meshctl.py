@@ -22,9 +22,9 @@ from typing import Any, NoReturn
 
 from meshd import __version__
 from meshd.cli import meshctl_health
+from meshd.cli.options import DEFAULT_API, api_options
 from meshd.cli.output import print_json, table
 
-DEFAULT_API = "http://127.0.0.1:7789"
 EXIT_ERROR = 1
 EXIT_USAGE = 64  # EX_USAGE: 2 means "a node is critical or missing" (DESIGN.md)
 
@@ -425,22 +425,7 @@ def cmd_version(c: Client, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of a table"
-    )
-    common.add_argument(
-        "--api",
-        default=argparse.SUPPRESS,
-        metavar="URL",
-        help=f"meshd API (env MESHD_API, default {DEFAULT_API})",
-    )
-    common.add_argument(
-        "--token-file",
-        default=argparse.SUPPRESS,
-        metavar="FILE",
-        help="file holding the API token (or env MESHD_API_TOKEN)",
-    )
+    common = api_options(_Parser)
     common.add_argument(
         "--timeout",
         type=float,

@@ -19,6 +19,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any, Protocol
 
+from meshd.cli.options import api_options
 from meshd.cli.output import print_json, table
 from meshd.errors import ConfigError
 from meshd.units import parse_duration
@@ -233,27 +234,6 @@ def cmd_query(c: ApiClient, args: argparse.Namespace) -> int:
 # --- parsing ------------------------------------------------------------------------------------
 
 
-def _common() -> argparse.ArgumentParser:
-    """meshctl's common options, except --timeout: here it is the query's (a duration)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of a table"
-    )
-    common.add_argument(
-        "--api",
-        default=argparse.SUPPRESS,
-        metavar="URL",
-        help="meshd API (env MESHD_API, default http://127.0.0.1:7789)",
-    )
-    common.add_argument(
-        "--token-file",
-        default=argparse.SUPPRESS,
-        metavar="FILE",
-        help="file holding the API token (or env MESHD_API_TOKEN)",
-    )
-    return common
-
-
 def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", help="only this site (or re:PATTERN, which needs the API token)")
     p.add_argument(
@@ -287,7 +267,7 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
 
 def register(sub: Any, commands: MutableMapping[str, Any]) -> None:
     """Add the `health` and `query` subcommands to meshctl's subparsers and COMMANDS."""
-    common = _common()
+    common = api_options(argparse.ArgumentParser)  # its --timeout is the query's: a duration
     p = sub.add_parser("health", parents=[common], help="ask the matching nodes how healthy they are")
     _add_filters(p)
     p.add_argument("--all-checks", action="store_true", help="list every check, not only the failing ones")
