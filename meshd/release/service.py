@@ -5,6 +5,7 @@ and wires the parts that do the work:
 
     meshd/core/adoption.py   which announced release to fetch, adopt, retry (sans-IO policy)
     release/announce.py      the `rel:` entries of member metadata, both ways
+    release/intake.py        announced release -> manifest fetched, signature checked, judged
     release/fetch.py         the Swarm driver: one sans-IO Swarm per release being fetched
     release/serve.py         what peers are served (manifests, bitmaps, chunk pieces)
     release/peer.py          the peer HTTP protocol itself: routes, auth tokens, pieces
@@ -32,10 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
-from meshd.core.adoption import AdoptionPolicy, Discovery, Verdict
+from meshd.core.adoption import AdoptionPolicy, Verdict
 from meshd.core.counters import Counters
 from meshd.core.node import MemberEvent, MemberView
 from meshd.core.swarm import SwarmConfig, make_bitmap
@@ -44,7 +44,6 @@ from meshd.metrics import Exposition, TransferStats
 from meshd.release.activate import ActivationError, Releases
 from meshd.release.announce import (
     RID_PREFIX,
-    Announce,
     Announcer,
     Member,
     SetMetaKeys,
@@ -52,8 +51,8 @@ from meshd.release.announce import (
 )
 from meshd.release.config import DistConfig
 from meshd.release.fetch import FetchDriver, ReleaseFetch
+from meshd.release.intake import ManifestIntake
 from meshd.release.manifest import Manifest
-from meshd.release.peer import PeerProtocolError
 from meshd.release.peer_client import PeerFetcher
 from meshd.release.publish import publish_tree
 from meshd.release.serve import PeerUploads
@@ -126,6 +125,20 @@ class ReleaseService:
             now=self.now,
             on_complete=self._on_fetch_complete,
             on_progress=self._announce,
+        )
+        self.intake = ManifestIntake(
+            site=site,
+            trusted=self.trusted,
+            policy=self.policy,
+            client=self.fetcher,
+            counters=self.counters,
+            held=lambda: self._manifests,
+            current=self._current_manifest,
+            adopt=self._adopt,
+            emit=self._emit,
+            spawn=self._spawn,
+            now=self.now,
+            closed=lambda: self._closed,
         )
         self.server = PeerUploads(
             self,
@@ -265,86 +278,7 @@ class ReleaseService:
             return
         self.driver.member_changed(mem)
         for entry in mem.entries.values():
-            self._maybe_discover(entry, mem)
-
-    def _known(self, rid16: str) -> bool:
-        return any(rid.startswith(rid16) for rid in self._manifests)
-
-    def _maybe_discover(self, entry: Announce, mem: Member) -> None:
-        # A failed discovery is asked for again only here, on a member event after its back-off
-        # (policy.next_deadline() says when that is, for a timer to drive it one day).
-        decision = self.policy.announced(entry.rid16, entry.have, self.now(), known=self._known(entry.rid16))
-        if decision is Discovery.FETCH_MANIFEST:
-            self._spawn(self._discover(entry, mem))
-
-    async def _discover(self, entry: Announce, mem: Member) -> None:
-        rid16 = entry.rid16
-        try:
-            try:
-                doc = await self.fetcher.manifest(mem.addr, rid16)
-            except (PeerProtocolError, aiohttp.ClientError, TimeoutError, OSError) as e:
-                self._count("discover.errors")
-                log.debug("manifest %s from %s: %s", rid16, mem.name, e)
-                self.policy.unanswered(rid16, self.now())
-                return
-            if doc is None:
-                self.policy.unanswered(rid16, self.now())
-                return
-            manifest = self._check_manifest(doc, rid16, mem.name)
-            if manifest is None or self._closed or manifest.release_id in self._manifests:
-                return
-            await self._adopt(manifest)
-        finally:
-            self.policy.discovered(rid16)
-
-    def _check_manifest(self, doc: bytes, rid16: str, source: str) -> Manifest | None:
-        """Parse and verify a manifest a peer served, then let the policy judge it; None
-        (counted) when it is not for us."""
-        try:
-            manifest = Manifest.from_bytes(doc)
-        except DecodeError as e:
-            self._count("manifests.invalid")
-            log.warning("manifest %s from %s is malformed: %s", rid16, source, e)
-            self.policy.refused(rid16, self.now())
-            return None
-        if not manifest.release_id.startswith(rid16):
-            self._count("manifests.invalid")
-            log.warning("%s served manifest %s for release %s", source, manifest.release_id[:16], rid16)
-            self.policy.refused(rid16, self.now())
-            return None
-        try:
-            manifest.verify(self.trusted)
-        except IntegrityError as e:
-            self._count("manifests.refused")
-            log.warning("refusing release from %s: %s", source, e)
-            self._emit(manifest, "refused", str(e))
-            self.policy.refused(rid16, self.now())
-            return None
-        verdict = self.policy.judge(
-            rid16, manifest, self._current_manifest(manifest.name), self._manifests.values()
-        )
-        if verdict is Verdict.NOT_TARGETED:
-            self._count("releases.ignored")
-            log.info(
-                "release %s %s is not targeted at this node (site %s); ignored",
-                manifest.name,
-                manifest.version,
-                self.site,
-            )
-            return None
-        if verdict is Verdict.OLDER:
-            self._count("releases.older")
-            return None
-        if verdict is Verdict.CONFLICT:
-            self._count("releases.conflict")
-            log.warning(
-                "release %s %s (%s) conflicts with an installed one of the same version",
-                manifest.name,
-                manifest.version,
-                rid16,
-            )
-            return None
-        return manifest
+            self.intake.announced(entry, mem)
 
     async def _adopt(self, manifest: Manifest) -> None:
         """Store a verified manifest and start fetching what the store lacks."""

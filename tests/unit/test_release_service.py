@@ -116,7 +116,7 @@ async def test_announced_release_is_discovered_fetched_and_activated(tmp_path: P
     events: list[dict[str, Any]] = []
     svc = make_service(tmp_path / "me", events=events)
     fake = StoreBackedFetcher(peer_store, {m.release_id: m.to_bytes()})
-    svc.fetcher = svc.driver.client = fake  # type: ignore[assignment]
+    svc.fetcher = svc.driver.client = svc.intake.client = fake  # type: ignore[assignment]
     await svc.start()
     try:
         svc.member_update(announcing("p", m, have=0))  # nothing to get from it yet
@@ -144,9 +144,9 @@ async def test_unanswered_manifest_is_asked_again_after_the_back_off(tmp_path: P
     m = make_release(tmp_path, "1.0", store=peer_store)
     svc = make_service(tmp_path / "me")
     fake = StoreBackedFetcher(peer_store, {})  # answers 404
-    svc.fetcher = svc.driver.client = fake  # type: ignore[assignment]
+    svc.fetcher = svc.driver.client = svc.intake.client = fake  # type: ignore[assignment]
     clock = [100.0]
-    svc.now = lambda: clock[0]  # type: ignore[method-assign]
+    svc.now = svc.intake.now = lambda: clock[0]  # type: ignore[method-assign]
     await svc.start()
     try:
         svc.member_update(announcing("p", m))
@@ -169,27 +169,27 @@ def test_manifest_judgement_is_counted(tmp_path: Path) -> None:
     events: list[dict[str, Any]] = []
     svc = make_service(tmp_path / "me", site="a", events=events)
     good = make_release(tmp_path, "2.0", created=1_700_000_100.0)
-    svc.now = lambda: 50.0  # type: ignore[method-assign]
-    assert svc._check_manifest(b"not json", "0" * 16, "p") is None
+    svc.intake.now = lambda: 50.0
+    assert svc.intake.check(b"not json", "0" * 16, "p") is None
     assert svc.counters["manifests.invalid"] == 1
     assert svc.policy.retry_at["0" * 16] == 50.0 + REJECT_RETRY
-    assert svc._check_manifest(good.to_bytes(), "f" * 16, "p") is None  # not the release announced
+    assert svc.intake.check(good.to_bytes(), "f" * 16, "p") is None  # not the release announced
     assert svc.counters["manifests.invalid"] == 2
     evil = make_release(tmp_path, "6.6", signer=EVIL)
-    assert svc._check_manifest(evil.to_bytes(), evil.release_id[:16], "p") is None
+    assert svc.intake.check(evil.to_bytes(), evil.release_id[:16], "p") is None
     assert svc.counters["manifests.refused"] == 1
     assert events[-1]["state"] == "refused"
     elsewhere = make_release(tmp_path, "3.0", site="b")
-    assert svc._check_manifest(elsewhere.to_bytes(), elsewhere.release_id[:16], "p") is None
+    assert svc.intake.check(elsewhere.to_bytes(), elsewhere.release_id[:16], "p") is None
     assert svc.counters["releases.ignored"] == 1
     assert svc.status()["ignored"] == 1
     svc._manifests[good.release_id] = good
     twin = make_release(tmp_path, "2.0", seed=2)  # same version, other content
-    assert svc._check_manifest(twin.to_bytes(), twin.release_id[:16], "p") is None
+    assert svc.intake.check(twin.to_bytes(), twin.release_id[:16], "p") is None
     assert svc.counters["releases.conflict"] == 1
     assert svc.status()["ignored"] == 2
     fine = make_release(tmp_path, "2.1", seed=3)
-    got = svc._check_manifest(fine.to_bytes(), fine.release_id[:16], "p")
+    got = svc.intake.check(fine.to_bytes(), fine.release_id[:16], "p")
     assert got is not None
     assert got.release_id == fine.release_id
 
