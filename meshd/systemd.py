@@ -46,7 +46,11 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
     watched_pid = env.get("WATCHDOG_PID")
     if not usec or (watched_pid and watched_pid != str(pid)):
         return None
-    return max(0.5, int(usec) / 2e6)
+    try:
+        return max(0.5, int(usec) / 2e6)
+    except ValueError:
+        log.warning("ignoring WATCHDOG_USEC=%r: not a number of microseconds", usec)
+        return None
 
 
 async def watchdog_loop() -> None:
