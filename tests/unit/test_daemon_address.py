@@ -37,14 +37,14 @@ def test_the_default_route_with_the_lowest_metric_wins() -> None:
 
 
 def test_the_default_route_interface_first() -> None:
-    adapters = [LO, adapter("wlan0", "192.168.0.5"), adapter("eth0", "fd00::2", "192.0.2.2")]
-    assert choose_advertise_host(ROUTES, adapters) == ("192.0.2.2", "default route interface eth0")
+    adapters = [LO, adapter("wlan0", "198.19.0.5"), adapter("eth0", "fd00::2", "198.18.0.2")]
+    assert choose_advertise_host(ROUTES, adapters) == ("198.18.0.2", "default route interface eth0")
 
 
 def test_then_the_first_non_loopback_interface_then_loopback() -> None:
-    no_address_on_route = [LO, adapter("eth0", "fd00::2"), adapter("wlan0", "192.168.0.5")]
+    no_address_on_route = [LO, adapter("eth0", "fd00::2"), adapter("wlan0", "198.19.0.5")]
     assert choose_advertise_host(ROUTES, no_address_on_route) == (
-        "192.168.0.5",
+        "198.19.0.5",
         "first non-loopback interface wlan0",
     )
     assert choose_advertise_host("", [LO, adapter("eth9", "198.18.0.9")]) == (
