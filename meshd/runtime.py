@@ -234,42 +234,29 @@ class NodeRuntime:
         qid: int = self.node.ask(name, payload, filters, timeout, relay_factor, self.now())
         fut: asyncio.Future[QueryResult] = self.loop.create_future()
         self._query_waiters[qid] = fut  # before the flush: the result may already be there
-        self.publish(
-            NodeEvent(
-                "query",
-                None,
-                {
-                    "id": qid,
-                    "name": name,
-                    "state": "started",
-                    "timeout_s": timeout,
-                    "filters": {"nodes": filters.nodes, "site": filters.site, "tags": filters.tags},
-                },
-            )
-        )
+        filters_json = {"nodes": filters.nodes, "site": filters.site, "tags": filters.tags}
+        self._query_event(qid, name, "started", timeout_s=timeout, filters=filters_json)
         self._flush()
         try:
             result = await asyncio.wait_for(fut, timeout + ASK_GRACE)
-            self.publish(
-                NodeEvent(
-                    "query",
-                    None,
-                    {
-                        "id": qid,
-                        "name": name,
-                        "state": "done",
-                        "answered": len(result.responses),
-                        "missing": list(result.missing),
-                        "elapsed_ms": result.elapsed_ms,
-                        "timed_out": result.timed_out,
-                    },
-                )
+            self._query_event(
+                qid,
+                name,
+                "done",
+                answered=len(result.responses),
+                missing=list(result.missing),
+                elapsed_ms=result.elapsed_ms,
+                timed_out=result.timed_out,
             )
             return result
         finally:
             self._query_waiters.pop(qid, None)
             if not fut.done() or fut.cancelled():
                 self._call(self.node.cancel_query, qid)
+
+    def _query_event(self, qid: int, name: str, state: str, **fields: Any) -> None:
+        """A "query" event on the event stream: one this node asked started or finished."""
+        self.publish(NodeEvent("query", None, {"id": qid, "name": name, "state": state, **fields}))
 
     def answer_query(self, action: QueryAction) -> None:
         """Effect: run the answerer for a query this node matches (or answer "busy")."""
