@@ -2,7 +2,8 @@
 
 Members are the core's own `MemberView`; `FakeAgent` is the daemon as the API sees it (the
 `meshd.api.agent.Agent` protocol, plus `run_query` for the query routes); `FakeHost` is the
-daemon as mDNS discovery sees it (`meshd.discovery.DiscoveryHost`).
+daemon as mDNS discovery sees it (`meshd.discovery.DiscoveryHost`); `StandInCore` and
+`SentDatagrams` are the membership core and the UDP socket as the runtime sees them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from meshd.core.config import LOCAL
+from meshd.core.effects import MembershipEffect, SendDatagram
 from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.node import MemberView
 from meshd.core.query import QueryAnswer, QueryResult
@@ -173,3 +176,60 @@ class FakeHost:
     async def join(self, addrs: list[str]) -> int:
         self.joins.append(addrs)
         return self.join_result
+
+
+class StandInCore:
+    """The part of MembershipCore the runtime tests drive: every datagram and every timer queues
+    the chosen datagrams. `fail_datagrams`: receive_datagram raises after queuing them;
+    `fail_timers`: the first N handle_timer calls raise after queuing them."""
+
+    config = LOCAL
+
+    def __init__(
+        self,
+        datagrams: list[tuple[bytes, str]],
+        *,
+        timer_in: float = 3600.0,
+        fail_datagrams: bool = False,
+        fail_timers: int = 0,
+    ) -> None:
+        self.datagrams = datagrams
+        self.timer_in = timer_in
+        self.fail_datagrams = fail_datagrams
+        self.fail_timers = fail_timers
+        self.timer_calls = 0
+        self.queued: list[MembershipEffect] = []
+
+    def queue_datagrams(self) -> None:
+        self.queued += [SendDatagram(data, addr) for data, addr in self.datagrams]
+
+    def receive_datagram(self, data: bytes, addr: str, now: float) -> None:
+        self.queue_datagrams()
+        if self.fail_datagrams:
+            raise RuntimeError("boom")
+
+    def handle_timer(self, now: float) -> None:
+        self.timer_calls += 1
+        self.queue_datagrams()
+        if self.timer_calls <= self.fail_timers:
+            raise ValueError("timer boom")
+
+    def take_effects(self) -> list[MembershipEffect]:
+        out, self.queued = self.queued, []
+        return out
+
+    def get_timer(self) -> float:
+        return asyncio.get_running_loop().time() + self.timer_in
+
+
+class SentDatagrams:
+    """A UDP endpoint that keeps what it was asked to send; sending to `fail_to` raises."""
+
+    def __init__(self, fail_to: str = "") -> None:
+        self.out: list[tuple[bytes, str]] = []
+        self.fail_to = fail_to
+
+    def sendto(self, data: bytes, addr: str) -> None:
+        if addr == self.fail_to:
+            raise ValueError(f"cannot send to {addr}")
+        self.out.append((data, addr))

@@ -7,7 +7,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
+from meshd.api.app import create_api_app
+from tests.fakes import FakeAgent
 from tests.processes import InProcessStarter, Mesh, free_port
 
 
@@ -70,3 +73,10 @@ async def in_process_node() -> AsyncIterator[InProcessStarter]:
             rt.udp.close()
         await rt.close()
         await server.stop()
+
+
+@pytest.fixture
+async def client(agent: FakeAgent) -> AsyncIterator[TestClient]:
+    """The operator API over an aiohttp test server, answered by the module's `agent` fixture."""
+    async with TestClient(TestServer(create_api_app(agent))) as c:
+        yield c

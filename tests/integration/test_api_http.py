@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from meshd.api.app import create_api_app
 from meshd.core.messages import MemberState
 from meshd.metrics import TransferStats
 from tests.fakes import AUTH, TOKEN, FakeAgent, FakeEvent, member
@@ -58,12 +56,6 @@ def make_agent() -> FakeAgent:
 @pytest.fixture
 def agent() -> FakeAgent:
     return make_agent()
-
-
-@pytest.fixture
-async def client(agent: FakeAgent) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(create_api_app(agent))) as c:
-        yield c
 
 
 async def test_status_fields(client: TestClient) -> None:

@@ -4,7 +4,6 @@ shaped as documented, missing nodes named, errors and limits, the token for /v1/
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,12 +40,6 @@ def make_agent() -> FakeAgent:
 @pytest.fixture
 def agent() -> FakeAgent:
     return make_agent()
-
-
-@pytest.fixture
-async def client(agent: FakeAgent) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(create_api_app(agent))) as c:
-        yield c
 
 
 async def test_health_answers_grouped_with_missing_nodes(client: TestClient, agent: FakeAgent) -> None:

@@ -11,52 +11,15 @@ import random
 import orjson
 
 from meshd.core.config import LOCAL
-from meshd.core.effects import MembershipEffect, SendDatagram
 from meshd.core.messages import Query, QueryFilter, QueryResponse
 from meshd.core.node import Node
 from meshd.core.query import QueryAction
 from meshd.metrics import Exposition
 from meshd.runtime import MAX_ANSWERING, NodeRuntime
 from meshd.wire import Codec, encode_message
+from tests.fakes import SentDatagrams, StandInCore
 
 CODEC = Codec("t", None)
-
-
-class StandInCore:
-    """The part of MembershipCore these tests drive: each input queues the chosen datagrams."""
-
-    config = LOCAL
-
-    def __init__(self, datagrams: list[tuple[bytes, str]]) -> None:
-        self.timer_calls = 0
-        self.datagrams = datagrams
-        self.queued: list[MembershipEffect] = []
-
-    def receive_datagram(self, data: bytes, addr: str, now: float) -> None:
-        self.queued += [SendDatagram(d, a) for d, a in self.datagrams]
-        raise RuntimeError("boom")
-
-    def handle_timer(self, now: float) -> None:
-        self.timer_calls += 1
-        raise ValueError("timer boom")
-
-    def take_effects(self) -> list[MembershipEffect]:
-        out, self.queued = self.queued, []
-        return out
-
-    def get_timer(self) -> float:
-        return asyncio.get_running_loop().time() + 3600.0
-
-
-class Sent:
-    def __init__(self, fail_to: str = "") -> None:
-        self.out: list[tuple[bytes, str]] = []
-        self.fail_to = fail_to
-
-    def sendto(self, data: bytes, addr: str) -> None:
-        if addr == self.fail_to:
-            raise ValueError(f"cannot send to {addr}")
-        self.out.append((data, addr))
 
 
 def node(name: str = "b") -> Node:
@@ -66,8 +29,8 @@ def node(name: str = "b") -> Node:
 
 
 async def test_a_core_exception_is_counted_and_what_it_queued_still_goes_out() -> None:
-    core = StandInCore([(b"hello", "127.0.0.1:9")])
-    sent = Sent()
+    core = StandInCore([(b"hello", "127.0.0.1:9")], fail_datagrams=True, fail_timers=1)
+    sent = SentDatagrams()
     rt = NodeRuntime(core, udp=sent)  # type: ignore[arg-type]
     rt.start()
     rt.on_datagram(b"x", "127.0.0.1:1")  # the core raises: logged, counted, the pump still runs
@@ -80,8 +43,8 @@ async def test_a_core_exception_is_counted_and_what_it_queued_still_goes_out() -
 
 
 async def test_one_unsendable_datagram_does_not_stop_the_others() -> None:
-    core = StandInCore([(b"1", "bad:1"), (b"2", "good:1")])
-    sent = Sent(fail_to="bad:1")
+    core = StandInCore([(b"1", "bad:1"), (b"2", "good:1")], fail_datagrams=True)
+    sent = SentDatagrams(fail_to="bad:1")
     rt = NodeRuntime(core, udp=sent)  # type: ignore[arg-type]
     rt.start()
     rt.on_datagram(b"x", "127.0.0.1:1")
@@ -96,7 +59,7 @@ def query_packet(qid: int) -> bytes:
 
 async def test_a_busy_answer_goes_out_in_the_same_flush() -> None:
     b = node("b")
-    sent = Sent()
+    sent = SentDatagrams()
     rt = NodeRuntime(b, udp=sent)  # type: ignore[arg-type]
     stuck = asyncio.Event()
 
