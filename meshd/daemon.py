@@ -36,6 +36,7 @@ from meshd.net.udp import UDPEndpoint
 from meshd.netaddr import derive_advertise_host, is_wildcard, resolve_hostport
 from meshd.release.api import add_release_routes
 from meshd.release.service import ReleaseService
+from meshd.replay import ReplayGuard, SenderClock
 from meshd.runtime import NodeEvent, NodeRuntime, Subscription
 from meshd.systemd import reloading_message, sd_notify, watchdog_loop
 from meshd.units import format_hostport, is_loopback_host, parse_hostport
@@ -83,6 +84,7 @@ class Daemon:
         self._discovery: DaemonDiscovery | None = None
         self._runtime: NodeRuntime | None = None
         self._snapshot = state.PeerSnapshot()
+        self._codec: Codec | None = None
         self.release: ReleaseService | None = None
         self.health: HealthService | None = None  # checks, health meta and query answers
 
@@ -187,6 +189,10 @@ class Daemon:
         state.write_snapshot(
             self.data_dir, self.name, self.node_id, self.addr, node.incarnation, node.members()
         )
+        codec = self._codec
+        if codec is not None:
+            marks = codec.guard.export() if codec.guard else {}
+            state.write_replay_state(self.data_dir, codec.clock.last, marks)
 
     async def _resolve_advertise(self, bind_host: str, port: int) -> tuple[str, str]:
         if self.cfg.advertise:
@@ -256,7 +262,17 @@ class Daemon:
             raise ConfigError("--insecure refuses to start unless bound to loopback")
         self.addr, self.addr_source = await self._resolve_advertise(bind_host, port)
 
-        codec = Codec(cfg.cluster, self.keyring)
+        replay = state.read_replay_state(self.data_dir)
+        guard = ReplayGuard()
+        guard.restore(replay.marks)
+        codec = Codec(
+            cfg.cluster,
+            self.keyring,
+            node_id=self.node_id,
+            clock=SenderClock(floor=replay.clock_floor),
+            guard=guard,
+        )
+        self._codec = codec
         node = Node(
             cfg.name,
             self.node_id,

@@ -15,6 +15,10 @@ class AuthError(DecodeError):
     """An envelope that does not open with any key of the keyring, or from another cluster."""
 
 
+class ReplayError(AuthError):
+    """An authentic envelope seen before, stale for its sender, or meant for another node."""
+
+
 class ConfigError(MeshError):
     """Bad configuration; the message names the key or flag."""
 

@@ -1,4 +1,4 @@
-"""The node's state files in its data dir: the API token, the keyring and the peer snapshot.
+"""The node's state files in its data dir: the API token, the keyring, the peer snapshot, replay marks.
 
 (The node identity key is `crypto.NodeIdentity.load_or_create`.) Files holding secrets are
 written 0600 in a 0700 directory. The peer snapshot lets a restarted node rejoin without seeds
@@ -28,15 +28,19 @@ log = logging.getLogger("meshd")
 
 __all__ = [
     "KEYRING_FILE",
+    "REPLAY_FILE",
     "SNAPSHOT_FILE",
     "TOKEN_FILE",
     "PeerSnapshot",
+    "ReplayState",
     "load_keyring",
     "load_or_create_token",
     "prepare_data_dir",
+    "read_replay_state",
     "read_snapshot",
     "save_keyring",
     "snapshot_doc",
+    "write_replay_state",
     "write_snapshot",
 ]
 
@@ -169,3 +173,45 @@ def write_snapshot(
         write_private(data_dir / SNAPSHOT_FILE, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     except OSError as e:
         log.error("cannot write peer snapshot: %s", e)
+
+
+# --- replay protection across restarts (meshd/replay.py) -------------------------------------
+
+REPLAY_FILE = "replay.json"
+REPLAY_RESUME_US = 90_000_000  # more than two snapshot intervals: stamps sent after the last write
+
+
+@dataclass
+class ReplayState:
+    """Where this node's sender clock resumes, and the stamps it accepted before (by sender)."""
+
+    clock_floor: int = 0
+    marks: dict[str, int] = field(default_factory=dict)
+
+
+def read_replay_state(data_dir: Path) -> ReplayState:
+    path = data_dir / REPLAY_FILE
+    if not path.exists():
+        return ReplayState()
+    try:
+        data = orjson.loads(path.read_bytes())
+        marks = data.get("marks", {})
+        if not isinstance(marks, dict):
+            raise TypeError("marks is not an object")
+        last = data.get("clock", 0)
+        if type(last) is not int or last < 0:
+            raise TypeError("clock is not a count")
+        good = {str(k): v for k, v in marks.items() if type(v) is int and v >= 0}
+        return ReplayState(last + REPLAY_RESUME_US if last else 0, good)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        log.warning("ignoring unreadable replay state %s: %s", path, e)
+        return ReplayState()
+
+
+def write_replay_state(data_dir: Path, clock_last: int, marks: dict[str, int]) -> None:
+    try:
+        write_private(
+            data_dir / REPLAY_FILE, orjson.dumps({"version": 1, "clock": clock_last, "marks": marks})
+        )
+    except OSError as e:
+        log.error("cannot write replay state: %s", e)

@@ -5,19 +5,25 @@ Layers, outside in:
     envelope  = version u8 (=1) | key id [4] (zeros = not encrypted) | box
     box       = nonce [24] | XSalsa20-Poly1305(inner)        (encrypted)
               = inner                                         (insecure)
-    inner     = flags u8 (bit0 = lz4) | cluster len u8 | cluster [len] | payload
+    inner     = flags u8 (bit0 = lz4) | cluster len u8 | cluster [len] | stamp
+                | sender [8] | receiver [8] | payload
+    stamp     = u64 LE: the sender's SenderClock (strictly increasing; meshd/replay.py)
+    sender    = first 8 bytes of the sender's node id; receiver: the same of the node it is
+                meant for, zeros = any node (a join to an address, a broadcast)
     payload   = body                                          (bit0 clear)
               = body size u32 LE | lz4 block of body          (bit0 set)
     body      = msgpack array of messages (a "compound"); each message is a msgspec
                 array_like struct whose first element is its integer tag
 
-Every function that takes bytes from the network raises only DecodeError or AuthError.
+Every function that takes bytes from the network raises only DecodeError or AuthError (of which
+ReplayError: an envelope seen before, stale for its sender, or meant for another node).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import lz4.block
 import msgspec
@@ -33,7 +39,8 @@ from meshd.crypto import (
     secretbox_open,
     secretbox_seal,
 )
-from meshd.errors import AuthError, DecodeError
+from meshd.errors import AuthError, DecodeError, ReplayError
+from meshd.replay import SENDER_ID_SIZE, ReplayGuard, SenderClock, sender_id
 
 __all__ = [
     "COMPRESS_MIN",
@@ -43,6 +50,7 @@ __all__ = [
     "MAX_DATAGRAM",
     "VERSION",
     "Codec",
+    "Opened",
     "compound",
     "compound_size",
     "decode_body",
@@ -50,7 +58,7 @@ __all__ = [
     "encode_message",
 ]
 
-VERSION = 1
+VERSION = 2  # 2: stamp, sender and receiver in the inner header (replay protection)
 HEADER_SIZE = 1 + KEY_ID_SIZE
 MAX_DATAGRAM = 65507  # largest UDP payload over IPv4; the shell's receive buffer
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024  # largest body (after decompression) of a TCP frame
@@ -61,6 +69,9 @@ _KNOWN_FLAGS = FLAG_LZ4
 _LZ4_SIZE = 4
 _LZ4_MAX_RATIO = 255  # lz4 cannot expand more than ~255x; larger claims are lies
 _NO_KEY = bytes(KEY_ID_SIZE)
+_ANY = bytes(SENDER_ID_SIZE)
+_STAMP_SIZE = 8
+_REPLAY_FIELDS = _STAMP_SIZE + 2 * SENDER_ID_SIZE
 _BOX_OVERHEAD = SECRETBOX_NONCE_SIZE + SECRETBOX_MAC_SIZE
 
 _encoder = msgspec.msgpack.Encoder()
@@ -126,12 +137,23 @@ def _random_nonce() -> bytes:
     return os.urandom(SECRETBOX_NONCE_SIZE)
 
 
+class Opened(NamedTuple):
+    """An opened envelope: the body and who sealed it for whom (meshd/replay.py)."""
+
+    body: bytes
+    sender: bytes  # 8 bytes; sender.hex() is a valid `to` for the answer
+    stamp: int
+    receiver: bytes  # 8 bytes, zeros: any node
+
+
 class Codec:
-    """Seals bodies into envelopes and opens them, for one cluster and keyring.
+    """Seals bodies into envelopes and opens them, for one cluster, keyring and node.
 
     keyring None means insecure: packets carry a zero key id and no encryption; such a codec
     refuses encrypted packets, and an encrypting codec refuses insecure ones (AuthError).
-    `nonce_fn` exists for golden vectors; leave it alone otherwise.
+    `node_id` names this node as sender (and as the receiver it accepts); `clock` stamps what it
+    seals; `guard`, when set, refuses replays (ReplayError). Codecs made by `variant` share all
+    three. `nonce_fn` exists for golden vectors; leave it alone otherwise.
     """
 
     __slots__ = (
@@ -142,8 +164,12 @@ class Codec:
         "_nonce_fn",
         "_prefix_lz4",
         "_prefix_plain",
+        "_sender",
+        "clock",
         "cluster",
+        "guard",
         "keyring",
+        "node_id",
         "overhead",
     )
 
@@ -153,6 +179,9 @@ class Codec:
         keyring: Keyring | None,
         compress: bool = True,
         *,
+        node_id: str = "",
+        clock: SenderClock | None = None,
+        guard: ReplayGuard | None = None,
         nonce_fn: Callable[[], bytes] | None = None,
     ) -> None:
         name = cluster.encode("utf-8")
@@ -160,6 +189,10 @@ class Codec:
             raise ValueError(f"cluster name longer than {MAX_CLUSTER_NAME} bytes")
         self.cluster = cluster
         self.keyring = keyring
+        self.node_id = node_id
+        self.clock = clock or SenderClock()
+        self.guard = guard
+        self._sender = sender_id(node_id)
         self._cluster = name
         self._compress = compress
         self._nonce_fn = nonce_fn or _random_nonce
@@ -169,7 +202,22 @@ class Codec:
         self._header = bytes((VERSION,)) + _NO_KEY
         # lz4 is used only when it shrinks the payload, so it never adds to this bound.
         self.overhead: int = (
-            HEADER_SIZE + (_BOX_OVERHEAD if keyring is not None else 0) + len(self._prefix_plain)
+            HEADER_SIZE
+            + (_BOX_OVERHEAD if keyring is not None else 0)
+            + len(self._prefix_plain)
+            + _REPLAY_FIELDS
+        )
+
+    def variant(self, *, compress: bool) -> Codec:
+        """The same cluster, keyring, node, clock and guard, with another compression switch."""
+        return Codec(
+            self.cluster,
+            self.keyring,
+            compress,
+            node_id=self.node_id,
+            clock=self.clock,
+            guard=self.guard,
+            nonce_fn=self._nonce_fn,
         )
 
     @property
@@ -180,16 +228,22 @@ class Codec:
         """Largest body that always fits in a packet of `packet_size` bytes."""
         return packet_size - self.overhead
 
-    def seal(self, body: bytes) -> bytes:
-        """Wrap a body into an envelope (compressed when that is smaller, then encrypted)."""
+    def seal(self, body: bytes, to: str = "") -> bytes:
+        """Wrap a body into an envelope (compressed when that is smaller, then encrypted).
+
+        `to` is the node id of the receiver (or the hex sender of an envelope being answered);
+        empty when any node may take it (a join to an address).
+        """
+        stamp = self.clock.stamp().to_bytes(_STAMP_SIZE, "little")
+        ids = self._sender + (sender_id(to) if to else _ANY)
         n = len(body)
         inner: bytes | None = None
         if self._compress and n >= COMPRESS_MIN:
             packed = _lz4_compress(body)  # stores the size as u32 LE in front
             if len(packed) < n:
-                inner = self._prefix_lz4 + packed
+                inner = b"".join((self._prefix_lz4, stamp, ids, packed))
         if inner is None:
-            inner = self._prefix_plain + body
+            inner = b"".join((self._prefix_plain, stamp, ids, body))
         keyring = self.keyring
         if keyring is None:
             return self._header + inner
@@ -202,6 +256,10 @@ class Codec:
 
     def open(self, data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
         """Check and unwrap an envelope; returns the body. AuthError / DecodeError."""
+        return self.open_envelope(data, max_size).body
+
+    def open_envelope(self, data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> Opened:
+        """Check and unwrap an envelope, with who sealed it for whom. AuthError / DecodeError."""
         if type(data) is not bytes:  # bytearray/memoryview from the shell: nacl wants bytes
             data = bytes(data)
         n = len(data)
@@ -232,18 +290,34 @@ class Codec:
                 raise AuthError("envelope does not authenticate") from None
         return self._unwrap(inner, max_size)
 
-    def _unwrap(self, inner: bytes, max_size: int) -> bytes:
-        prefix = self._prefix_plain
-        if inner.startswith(prefix):
-            return inner[len(prefix) :]
-        prefix = self._prefix_lz4
-        if not inner.startswith(prefix):
+    def _unwrap(self, inner: bytes, max_size: int) -> Opened:
+        if inner.startswith(self._prefix_plain):
+            compressed = False
+        elif inner.startswith(self._prefix_lz4):
+            compressed = True
+        else:
             if len(inner) < 2 or len(inner) < 2 + inner[1]:
                 raise DecodeError("truncated envelope")
             if inner[2 : 2 + inner[1]] != self._cluster:
                 raise AuthError("packet from another cluster")
             raise DecodeError(f"unknown envelope flags {inner[0]:#04x}")
-        view = memoryview(inner)[len(prefix) :]
+        pos = len(self._prefix_plain)
+        end = pos + _REPLAY_FIELDS
+        if len(inner) < end:
+            raise DecodeError("truncated envelope")
+        stamp = int.from_bytes(inner[pos : pos + _STAMP_SIZE], "little")
+        sender = inner[pos + _STAMP_SIZE : pos + _STAMP_SIZE + SENDER_ID_SIZE]
+        receiver = inner[end - SENDER_ID_SIZE : end]
+        # Checked before anything costs work: a misdirected or replayed envelope is not unpacked.
+        if receiver != _ANY and self._sender != _ANY and receiver != self._sender:
+            raise ReplayError("envelope meant for another node")
+        if self.guard is not None:
+            refused = self.guard.check(sender, stamp)
+            if refused is not None:
+                raise ReplayError(f"{refused} envelope from sender {sender.hex()}")
+        if not compressed:
+            return Opened(inner[end:], sender, stamp, receiver)
+        view = memoryview(inner)[end:]
         if len(view) < _LZ4_SIZE:
             raise DecodeError("truncated compressed payload")
         size = int.from_bytes(view[:_LZ4_SIZE], "little")
@@ -258,11 +332,11 @@ class Codec:
             raise DecodeError("bad lz4 payload") from None
         if len(body) != size:
             raise DecodeError("lz4 payload size mismatch")
-        return body
+        return Opened(body, sender, stamp, receiver)
 
-    def pack(self, parts: list[bytes]) -> bytes:
-        """seal(compound(parts))."""
-        return self.seal(compound(parts))
+    def pack(self, parts: list[bytes], to: str = "") -> bytes:
+        """seal(compound(parts), to)."""
+        return self.seal(compound(parts), to)
 
     def unpack(self, data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> list[Message]:
         """decode_body(open(data)): an envelope straight to messages."""

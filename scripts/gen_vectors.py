@@ -28,7 +28,8 @@ if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
 from meshd import wire  # noqa: E402
 from meshd.core import messages as m  # noqa: E402
 from meshd.crypto import Keyring, key_id  # noqa: E402
-from meshd.errors import AuthError, DecodeError  # noqa: E402
+from meshd.errors import AuthError, DecodeError, ReplayError  # noqa: E402
+from meshd.replay import ReplayGuard, SenderClock  # noqa: E402
 
 VECTOR_DIR = ROOT / "proto" / "vectors"
 
@@ -36,6 +37,9 @@ KEY_A = bytes(range(32))  # 000102...1f
 KEY_B = bytes(range(0x20, 0x40))  # 202122...3f
 NONCE_1 = bytes(range(24))
 NONCE_2 = bytes(range(0xA0, 0xB8))
+NODE_A = "0a" * 16  # node ids of the sender and the receiver of the envelope vectors
+NODE_B = "0b" * 16
+STAMP = 1_800_000_000_000_000  # sender clock, microseconds
 
 
 # --- message <-> JSON fields ------------------------------------------------------------------
@@ -196,9 +200,20 @@ def _fixed(nonce: bytes) -> Any:
     return lambda: nonce
 
 
-def _codec(cluster: str, keys: list[bytes] | None, compress: bool, nonce: bytes) -> wire.Codec:
+def _codec(
+    cluster: str,
+    keys: list[bytes] | None,
+    compress: bool,
+    nonce: bytes,
+    node_id: str = NODE_A,
+    stamp: int = STAMP,
+    guard: ReplayGuard | None = None,
+) -> wire.Codec:
     ring = Keyring(keys) if keys is not None else None
-    return wire.Codec(cluster, ring, compress, nonce_fn=_fixed(nonce))
+    clock = SenderClock(lambda: stamp)
+    return wire.Codec(
+        cluster, ring, compress, node_id=node_id, clock=clock, guard=guard, nonce_fn=_fixed(nonce)
+    )
 
 
 def _compressible_body() -> bytes:
@@ -256,7 +271,8 @@ def build() -> dict[str, Any]:
     ]
     envelopes = []
     for name, cluster, keys, compress, nonce, body in envelope_cases:
-        sealed = _codec(cluster, keys, compress, nonce).seal(body)
+        to = "" if name == "insecure" else NODE_B  # one envelope for any receiver
+        sealed = _codec(cluster, keys, compress, nonce).seal(body, to)
         envelopes.append(
             {
                 "name": name,
@@ -265,45 +281,74 @@ def build() -> dict[str, Any]:
                 "primary_key_id": key_id(keys[0]).hex() if keys is not None else None,
                 "compress": compress,
                 "nonce": nonce.hex() if keys is not None else None,
+                "sender_node_id": NODE_A,
+                "stamp": STAMP,
+                "receiver_node_id": to,
                 "body": body.hex(),
                 "envelope": sealed.hex(),
             }
         )
 
-    enc_a = _codec("default", [KEY_A], False, NONCE_1).seal(small_body)
+    enc_a = _codec("default", [KEY_A], False, NONCE_1).seal(small_body, NODE_B)
     ins = _codec("default", None, False, NONCE_1).seal(small_body)
     lz4_ins = _codec("default", None, True, NONCE_1).seal(big_body)
+    enc_later = _codec("default", [KEY_A], False, NONCE_2, stamp=STAMP + 200_000_000).seal(small_body, NODE_B)
+    enc_for_c = _codec("default", [KEY_A], False, NONCE_2).seal(small_body, "0c" * 16)
     bad_tag_body = wire.compound([bytes.fromhex("92") + bytes([99]) + b"\x00"])  # [99, 0]
     flipped = bytearray(enc_a)
     flipped[-1] ^= 0x01
     # insecure envelope claiming 2**31 decompressed bytes: must be refused before allocating
-    bomb = ins[:5] + bytes((1, 7)) + b"default" + (2**31).to_bytes(4, "little") + b"\x00" * 8
-    invalid_cases: list[tuple[str, str, list[bytes] | None, bytes, type[Exception], str]] = [
-        ("other_cluster", "plant-2", [KEY_A], enc_a, AuthError, "cluster name differs"),
-        ("unknown_key", "default", [KEY_B], enc_a, AuthError, "key id not in the keyring"),
-        ("tampered", "default", [KEY_A], bytes(flipped), AuthError, "last MAC byte flipped"),
-        ("insecure_to_secure", "default", [KEY_A], ins, AuthError, "zero key id"),
-        ("secure_to_insecure", "default", None, enc_a, AuthError, "non-zero key id"),
-        ("bad_version", "default", None, b"\x02" + ins[1:], DecodeError, "version 2"),
-        ("unknown_flags", "default", None, ins[:5] + b"\x02" + ins[6:], DecodeError, "flag bit1"),
-        ("truncated_header", "default", None, ins[:3], DecodeError, "3 bytes"),
-        ("truncated_nonce", "default", [KEY_A], enc_a[:40], DecodeError, "shorter than nonce+MAC"),
-        ("truncated_box", "default", [KEY_A], enc_a[:60], AuthError, "ciphertext cut short"),
-        ("truncated_lz4", "default", None, lz4_ins[:-10], DecodeError, "lz4 block cut"),
-        ("lz4_bomb", "default", None, bomb, DecodeError, "claims 2 GiB decompressed"),
+    fields = ins[14:38]  # stamp, sender, receiver of `ins` (after "default")
+    bomb = ins[:5] + bytes((1, 7)) + b"default" + fields + (2**31).to_bytes(4, "little") + b"\x00" * 8
+    # (name, cluster, keys, envelope, error, why, envelopes the receiver opened before)
+    invalid_cases: list[tuple[str, str, list[bytes] | None, bytes, type[Exception], str, list[bytes]]] = [
+        ("other_cluster", "plant-2", [KEY_A], enc_a, AuthError, "cluster name differs", []),
+        ("unknown_key", "default", [KEY_B], enc_a, AuthError, "key id not in the keyring", []),
+        ("tampered", "default", [KEY_A], bytes(flipped), AuthError, "last MAC byte flipped", []),
+        ("insecure_to_secure", "default", [KEY_A], ins, AuthError, "zero key id", []),
+        ("secure_to_insecure", "default", None, enc_a, AuthError, "non-zero key id", []),
+        (
+            "bad_version",
+            "default",
+            None,
+            b"\x01" + ins[1:],
+            DecodeError,
+            "version 1 (before replay fields)",
+            [],
+        ),
+        ("unknown_flags", "default", None, ins[:5] + b"\x02" + ins[6:], DecodeError, "flag bit1", []),
+        ("truncated_header", "default", None, ins[:3], DecodeError, "3 bytes", []),
+        ("truncated_nonce", "default", [KEY_A], enc_a[:40], DecodeError, "shorter than nonce+MAC", []),
+        ("truncated_box", "default", [KEY_A], enc_a[:60], AuthError, "ciphertext cut short", []),
+        ("truncated_lz4", "default", None, lz4_ins[:-10], DecodeError, "lz4 block cut", []),
+        ("lz4_bomb", "default", None, bomb, DecodeError, "claims 2 GiB decompressed", []),
         (
             "unknown_tag",
             "default",
             None,
-            ins[:5] + bytes((0, 7)) + b"default" + bad_tag_body,
+            ins[:5] + bytes((0, 7)) + b"default" + fields + bad_tag_body,
             DecodeError,
             "message tag 99",
+            [],
         ),
-        ("trailing_bytes", "default", None, ins + b"\x00", DecodeError, "byte after the body"),
+        ("trailing_bytes", "default", None, ins + b"\x00", DecodeError, "byte after the body", []),
+        ("misdirected", "default", [KEY_A], enc_for_c, ReplayError, "sealed for another receiver", []),
+        ("replayed", "default", [KEY_A], enc_a, ReplayError, "the same envelope a second time", [enc_a]),
+        (
+            "stale",
+            "default",
+            [KEY_A],
+            enc_a,
+            ReplayError,
+            "over 120 s behind the sender's newest",
+            [enc_later],
+        ),
     ]
     invalid = []
-    for name, cluster, keys, data, error, why in invalid_cases:
-        codec = _codec(cluster, keys, True, NONCE_1)
+    for name, cluster, keys, data, error, why, before in invalid_cases:
+        codec = _codec(cluster, keys, True, NONCE_1, node_id=NODE_B, guard=ReplayGuard())
+        for earlier in before:
+            codec.unpack(earlier)
         try:
             codec.unpack(data)
         except error:
@@ -315,6 +360,8 @@ def build() -> dict[str, Any]:
                 "name": name,
                 "cluster": cluster,
                 "keys": [k.hex() for k in keys] if keys is not None else None,
+                "receiver_node_id": NODE_B,
+                "opened_before": [e.hex() for e in before],
                 "envelope": data.hex(),
                 "error": error.__name__,
                 "why": why,
@@ -331,11 +378,17 @@ def build() -> dict[str, Any]:
             "compounds": compounds,
         },
         "envelopes.json": {
-            "description": "seal(body) with the given keyring (primary first) and nonce",
+            "description": (
+                "seal(body, to=receiver) by the sender at the stamp, "
+                "with the keyring (primary first) and nonce"
+            ),
             "envelopes": envelopes,
         },
         "invalid.json": {
-            "description": "Envelopes a receiver with this cluster and keyring must refuse",
+            "description": (
+                "Envelopes a receiver (cluster, keyring, node id, replay guard) must refuse, "
+                "after opening opened_before"
+            ),
             "invalid": invalid,
         },
     }

@@ -80,7 +80,7 @@ from meshd.core.query import (
 )
 from meshd.core.suspicion import Suspicion, suspicion_timeout
 from meshd.crypto import Keyring
-from meshd.errors import AuthError, DecodeError, MeshError, StateError
+from meshd.errors import AuthError, DecodeError, MeshError, ReplayError, StateError
 
 log = logging.getLogger("meshd.node")
 
@@ -543,7 +543,7 @@ class Node:
             self._send_query_out(self.queries.on_relay(msg, now))
 
     def _count_drop(self, e: MeshError) -> None:
-        kind = "auth" if isinstance(e, AuthError) else "decode"
+        kind = "replay" if isinstance(e, ReplayError) else "auth" if isinstance(e, AuthError) else "decode"
         self.counters.inc("drops." + kind)
         log.debug("dropped packet: %s", e)
 

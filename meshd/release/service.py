@@ -96,7 +96,7 @@ class ReleaseService:
         self.tags = dict(tags)
         self.trusted = [bytes(k) for k in trusted]
         # Chunk data is lz4 already: seal without a second compression pass, same keyring.
-        self.codec = Codec(codec.cluster, codec.keyring, compress=False)
+        self.codec = codec.variant(compress=False)
         self.store = ChunkStore(data_dir, fsync=self.config.fsync)
         self.releases_dir = Releases(
             data_dir,

@@ -13,6 +13,7 @@ import pytest
 
 from meshd import errors, wire
 from meshd.crypto import Keyring, key_id
+from meshd.replay import ReplayGuard, SenderClock
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "proto" / "vectors"
@@ -75,11 +76,23 @@ def test_compound(vec: dict[str, Any]) -> None:
 def test_envelope(vec: dict[str, Any]) -> None:
     ring = _ring(vec["keys"])
     nonce = bytes.fromhex(vec["nonce"]) if vec["nonce"] else bytes(24)
-    codec = wire.Codec(vec["cluster"], ring, vec["compress"], nonce_fn=lambda: nonce)
+    sender = wire.Codec(
+        vec["cluster"],
+        ring,
+        vec["compress"],
+        node_id=vec["sender_node_id"],
+        clock=SenderClock(lambda: vec["stamp"]),
+        nonce_fn=lambda: nonce,
+    )
+    receiver = wire.Codec(vec["cluster"], ring, node_id="0b" * 16, guard=ReplayGuard())
     body = bytes.fromhex(vec["body"])
     sealed = bytes.fromhex(vec["envelope"])
-    assert codec.open(sealed) == body
-    assert codec.seal(body) == sealed
+    opened = receiver.open_envelope(sealed)
+    assert opened.body == body
+    assert opened.stamp == vec["stamp"]
+    assert opened.sender == bytes.fromhex(vec["sender_node_id"])[:8]
+    assert sender.seal(body, vec["receiver_node_id"]) == sealed
+    codec = sender
     assert sealed[0] == wire.VERSION
     if ring is None:
         assert sealed[1:5] == bytes(4)
@@ -91,7 +104,11 @@ def test_envelope(vec: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("vec", INVALID, ids=[v["name"] for v in INVALID])
 def test_invalid_envelope(vec: dict[str, Any]) -> None:
-    codec = wire.Codec(vec["cluster"], _ring(vec["keys"]))
+    codec = wire.Codec(
+        vec["cluster"], _ring(vec["keys"]), node_id=vec["receiver_node_id"], guard=ReplayGuard()
+    )
+    for earlier in vec["opened_before"]:
+        codec.unpack(bytes.fromhex(earlier))
     error = getattr(errors, vec["error"])
     with pytest.raises(error):
         codec.unpack(bytes.fromhex(vec["envelope"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import typing
@@ -13,7 +14,8 @@ import pytest
 from meshd import wire
 from meshd.core import messages as m
 from meshd.crypto import Keyring, key_id
-from meshd.errors import AuthError, DecodeError
+from meshd.errors import AuthError, DecodeError, ReplayError
+from meshd.replay import ReplayGuard, SenderClock
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(1, 33))
@@ -144,10 +146,12 @@ def test_pack_unpack_roundtrip(keys: list[bytes] | None, compress: bool) -> None
 
 def test_envelope_layout() -> None:
     body = wire.encode_body([m.Ack(seq=1)])
-    plain = _codec(None).seal(body)
-    assert plain == b"\x01\x00\x00\x00\x00" + b"\x00\x07default" + body
+    clock = SenderClock(lambda: 0x0102)
+    plain = _codec(None, node_id="ab" * 16, clock=clock).seal(body, "cd" * 16)
+    stamp = (0x0102).to_bytes(8, "little")
+    assert plain == b"\x02\x00\x00\x00\x00" + b"\x00\x07default" + stamp + b"\xab" * 8 + b"\xcd" * 8 + body
     sealed = _codec([KEY_A, KEY_B], nonce_fn=lambda: b"N" * 24).seal(body)
-    assert sealed[:5] == b"\x01" + key_id(KEY_A)
+    assert sealed[:5] == b"\x02" + key_id(KEY_A)
     assert sealed[5:29] == b"N" * 24
     assert len(sealed) == len(plain) + 40
 
@@ -156,7 +160,7 @@ def test_overhead_is_an_upper_bound() -> None:
     rng = random.Random(1)
     for keys in (None, [KEY_A]):
         codec = _codec(keys, cluster="plant-7")
-        assert codec.overhead == 5 + (40 if keys else 0) + 2 + len("plant-7")
+        assert codec.overhead == 5 + (40 if keys else 0) + 2 + len("plant-7") + 24
         assert codec.body_budget(1400) == 1400 - codec.overhead
         for size in (0, 1, 63, 64, 65, 500, 1400, 10_000):
             for body in (rng.randbytes(size), b"a" * size):
@@ -234,7 +238,7 @@ def test_bad_version_and_flags() -> None:
     codec = _codec(None)
     packet = codec.seal(wire.encode_body([m.Ack(seq=1)]))
     with pytest.raises(DecodeError, match="version"):
-        codec.open(b"\x02" + packet[1:])
+        codec.open(b"\x01" + packet[1:])
     with pytest.raises(DecodeError, match="flags"):
         codec.open(packet[:5] + b"\x80" + packet[6:])
 
@@ -270,7 +274,7 @@ def test_decompressed_size_is_capped() -> None:
 
 def test_lz4_lies_are_decode_errors() -> None:
     codec = _codec(None)
-    head = b"\x01\x00\x00\x00\x00\x01\x07default"
+    head = b"\x02\x00\x00\x00\x00\x01\x07default" + bytes(8) + b"\x01" * 8 + bytes(8)
     block = lz4.block.compress(b"x" * 1000, store_size=False)
     cases = [
         (2**31).to_bytes(4, "little") + block,  # bomb: refused before allocating
@@ -328,3 +332,108 @@ def test_open_accepts_bytearray() -> None:
 def test_auth_error_is_a_decode_error() -> None:
     # callers that only count drops can catch DecodeError; AuthError is the finer reason
     assert issubclass(AuthError, DecodeError)
+
+
+# --- replay protection (meshd/replay.py, PROTOCOL.md 2.4) -------------------------------------
+
+
+def _pair(keys: list[bytes] | None = None) -> tuple[wire.Codec, wire.Codec]:
+    """A sender gw-a and a receiver gw-b with a replay guard."""
+    sender = _codec(keys if keys is not None else [KEY_A], node_id="aa" * 16)
+    receiver = _codec(keys if keys is not None else [KEY_A], node_id="bb" * 16, guard=ReplayGuard())
+    return sender, receiver
+
+
+def test_a_replayed_envelope_is_refused_once_opened() -> None:
+    sender, receiver = _pair()
+    body = wire.encode_body([m.Ack(seq=1)])
+    packet = sender.seal(body, "bb" * 16)
+    assert receiver.open(packet) == body
+    with pytest.raises(ReplayError, match="replay"):
+        receiver.open(packet)
+    assert receiver.open(sender.seal(body, "bb" * 16)) == body  # a fresh one still goes
+
+
+def test_an_envelope_for_another_node_is_refused_before_the_guard_records_it() -> None:
+    sender, receiver = _pair()
+    other = _codec([KEY_A], node_id="cc" * 16, guard=receiver.guard)
+    packet = sender.seal(b"\x90", "cc" * 16)
+    with pytest.raises(ReplayError, match="another node"):
+        receiver.open(packet)
+    assert other.open(packet) == b"\x90"  # the node it was meant for takes it
+    assert receiver.open(sender.seal(b"\x90")) == b"\x90"  # no receiver named: any node
+
+
+def test_stale_envelopes_are_refused_by_the_senders_own_clock() -> None:
+    wall = [10**15]
+    sender = _codec([KEY_A], node_id="aa" * 16, clock=SenderClock(lambda: wall[0]))
+    receiver = _codec([KEY_A], node_id="bb" * 16, guard=ReplayGuard())
+    old = sender.seal(b"\x90")
+    wall[0] += 121_000_000  # 121 s of the SENDER's clock later
+    receiver.open(sender.seal(b"\x90"))
+    with pytest.raises(ReplayError, match="stale"):
+        receiver.open(old)
+
+
+def test_clocks_hours_apart_do_not_matter() -> None:
+    # The receiver never reads a clock: a sender 400 days ahead or at 1970 is heard.
+    receiver = _codec([KEY_A], node_id="bb" * 16, guard=ReplayGuard())
+    for node, wall in (("aa", 10**15 + 400 * 86_400 * 10**6), ("cc", 5)):
+        sender = _codec([KEY_A], node_id=node * 16, clock=SenderClock(functools.partial(int, wall)))
+        for _ in range(3):
+            assert receiver.open(sender.seal(b"\x90")) == b"\x90"
+
+
+def test_sender_clock_never_goes_back() -> None:
+    wall = [1000]
+    clock = SenderClock(lambda: wall[0], floor=5000)  # resumed from persisted state
+    stamps = [clock.stamp() for _ in range(3)]
+    assert stamps == [5001, 5002, 5003]
+    wall[0] = 9000
+    assert clock.stamp() == 9000
+    wall[0] = 10  # an NTP step back, an RTC reset
+    assert clock.stamp() == 9001
+
+
+def test_guard_survives_a_restart_through_its_export() -> None:
+    sender, receiver = _pair()
+    seen = [sender.seal(b"\x90", "bb" * 16) for _ in range(3)]
+    for p in seen:
+        receiver.open(p)
+    restarted = _codec([KEY_A], node_id="bb" * 16, guard=ReplayGuard())
+    assert restarted.guard is not None
+    assert receiver.guard is not None
+    restarted.guard.restore(receiver.guard.export())
+    for p in seen:
+        with pytest.raises(ReplayError):
+            restarted.open(p)
+    assert restarted.open(sender.seal(b"\x90", "bb" * 16)) == b"\x90"
+
+
+def test_guard_memory_is_bounded() -> None:
+    guard = ReplayGuard(max_senders=100)
+    for i in range(1, 1001):
+        assert guard.check(i.to_bytes(8, "big"), 1) is None
+    assert len(guard) == 100
+    assert guard.evicted == 900
+    one = b"\x01" * 8
+    for t in range(1, 200_000):  # a flood inside one window from one sender
+        assert guard.check(one, t) is None
+    assert guard.check(one, 199_999) == "replay"
+    assert guard.check(one, 2) == "stale"
+
+
+def test_anonymous_envelopes_are_refused_where_a_guard_runs() -> None:
+    anonymous = _codec([KEY_A])
+    _, receiver = _pair()
+    with pytest.raises(ReplayError, match="anonymous"):
+        receiver.open(anonymous.seal(b"\x90"))
+
+
+def test_variant_shares_clock_guard_and_identity() -> None:
+    sender, receiver = _pair()
+    plain = receiver.variant(compress=False)
+    packet = sender.seal(b"\x90", "bb" * 16)
+    plain.open(packet)
+    with pytest.raises(ReplayError):
+        receiver.open(packet)
