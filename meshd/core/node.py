@@ -372,7 +372,7 @@ class Node:
             targets = self.rng.sample(targets, QUERY_DIRECT_FAN_OUT)
         data = wire.encode_message(msg)
         for m in targets:
-            self._send(m.addr, [data])
+            self._send(m.addr, [data], m.node_id)
         self.counters.inc("queries.direct", len(targets))
         return qid
 
@@ -424,7 +424,8 @@ class Node:
     def handle_stream(self, data: bytes, addr: str, now: float) -> bytes | None:
         """Serve one inbound TCP exchange; returns the sealed reply (None: nothing to say)."""
         try:
-            msgs = self.codec.unpack(data)
+            opened = self.codec.open_envelope(data)
+            msgs = wire.decode_body(opened.body)
         except DecodeError as e:
             self._count_drop(e)
             return None
@@ -447,7 +448,7 @@ class Node:
             if all(isinstance(m, Ping) for m in msgs):
                 return None  # only pings meant for someone else: nothing to say
             reply.append(wire.encode_message(Ack(0, self.name)))
-        return self.codec.pack(reply)
+        return self.codec.pack(reply, opened.sender.hex())
 
     def stream_done(self, stream_id: int, reply: bytes | None, now: float) -> None:
         st = self._streams.pop(stream_id, None)
@@ -585,7 +586,7 @@ class Node:
             # Buddy system: tell the target it is suspected so it can refute right away.
             msgs.append(wire.encode_message(Suspect(m.incarnation, m.name, self.name)))
         self.counters.inc("probes")
-        self._send(m.addr, msgs)
+        self._send(m.addr, msgs, m.node_id)
 
     def _indirect_probe(self, p: _Probe, now: float) -> None:
         p.indirect_done = True
@@ -605,9 +606,10 @@ class Node:
         p.expected_nacks = len(relays)
         req = wire.encode_message(IndirectPing(p.seq, target.name, target.addr, self.name, self.addr, True))
         for r in relays:
-            self._send(r.addr, [req])
+            self._send(r.addr, [req], r.node_id)
         # TCP fallback in parallel: catches a UDP-only fault between us and the target.
-        data = self.codec.pack([wire.encode_message(Ping(p.seq, target.name, self.name, self.addr))])
+        ping = wire.encode_message(Ping(p.seq, target.name, self.name, self.addr))
+        data = self.codec.pack([ping], target.node_id)
         sid = self._new_stream(_Stream("tcp_ping", target.name, p.seq))
         self._outbox.put(OpenStream(sid, target.addr, data, max(0.01, p.end - now), "tcp_ping"))
 
@@ -647,7 +649,9 @@ class Node:
         if msg.target and msg.target != self.name:
             self.counters.inc("drops.misdirected")
             return
-        self._send(msg.source_addr, [wire.encode_message(Ack(msg.seq, self.name))])
+        self._send(
+            msg.source_addr, [wire.encode_message(Ack(msg.seq, self.name))], self._node_id_of(msg.source)
+        )
 
     def _handle_indirect_ping(self, msg: IndirectPing, now: float) -> None:
         seq = self._next_seq()
@@ -846,15 +850,20 @@ class Node:
     def _packet_room(self) -> int:
         return self.config.packet_budget - self.codec.overhead
 
-    def _send(self, addr: str, msgs: list[bytes]) -> None:
-        """Send messages to addr in one packet, filling the rest with piggybacked news."""
+    def _node_id_of(self, name: str) -> str:
+        """The node id of a member, "" when unknown: the envelope then names no receiver."""
+        m = self._members.get(name)
+        return m.node_id if m is not None else ""
+
+    def _send(self, addr: str, msgs: list[bytes], to: str = "") -> None:
+        """Send messages to addr (node id `to`, if known) in one packet, with piggybacked news."""
         room = self._packet_room() - COMPOUND_HEADER_MAX - sum(len(m) for m in msgs)
         if room > 0:
             msgs = msgs + self.broadcasts.get(self.num_active(), 0, room)
-        self._emit_packet(addr, msgs)
+        self._emit_packet(addr, msgs, to)
 
-    def _emit_packet(self, addr: str, msgs: list[bytes]) -> None:
-        data = self.codec.pack(msgs)
+    def _emit_packet(self, addr: str, msgs: list[bytes], to: str = "") -> None:
+        data = self.codec.pack(msgs, to)
         self.counters.inc("packets.out")
         self.counters.inc("bytes.out", len(data))
         self._outbox.put(SendDatagram(data, addr))
@@ -883,12 +892,14 @@ class Node:
                 # No packet-size wall: news too big for UDP goes over TCP.
                 sid = self._new_stream(_Stream("gossip", m.name))
                 self._outbox.put(
-                    OpenStream(sid, m.addr, self.codec.pack(big), self.config.tcp_timeout, "gossip")
+                    OpenStream(
+                        sid, m.addr, self.codec.pack(big, m.node_id), self.config.tcp_timeout, "gossip"
+                    )
                 )
             msgs = self.broadcasts.get(n, 0, room)
             if not msgs:
                 continue
-            self._emit_packet(m.addr, msgs)
+            self._emit_packet(m.addr, msgs, m.node_id)
 
     def _push_pull_interval(self) -> float:
         # memberlist pushPullScale: slower anti-entropy in bigger clusters.
@@ -910,7 +921,8 @@ class Node:
         return self._stream_id
 
     def _open_push_pull(self, addr: str, kind: StreamKind, now: float, target: str = "") -> int:
-        data = self.codec.pack([wire.encode_message(PushPull(kind == "join", self._local_state(), False))])
+        push = wire.encode_message(PushPull(kind == "join", self._local_state(), False))
+        data = self.codec.pack([push], self._node_id_of(target))
         sid = self._new_stream(_Stream(kind, target))
         timeout = self.config.tcp_timeout
         if kind == "join":
