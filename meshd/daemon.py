@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -85,6 +86,7 @@ class Daemon:
         self._runtime: NodeRuntime | None = None
         self._snapshot = state.PeerSnapshot()
         self._codec: Codec | None = None
+        self._core_keeper = state.CoreStateKeeper(self.data_dir, state.CoreState())
         self.release: ReleaseService | None = None
         self.health: HealthService | None = None  # checks, health meta and query answers
 
@@ -194,6 +196,13 @@ class Daemon:
             marks = codec.guard.export() if codec.guard else {}
             state.write_replay_state(self.data_dir, codec.clock.last, marks)
 
+    def _persist_core(self, node: Node) -> None:
+        """Before a core call's effects go out: its incarnation and KeyOp ids are on disk."""
+        keyops = node.seen_keyops()
+        if self._core_keeper.keyops_changed(keyops):
+            state.save_keyring(self.data_dir, self.keyring)  # the key change first, then its id
+        self._core_keeper.sync(node.incarnation, keyops)
+
     async def _resolve_advertise(self, bind_host: str, port: int) -> tuple[str, str]:
         if self.cfg.advertise:
             host, aport = parse_hostport(self.cfg.advertise, "--advertise")
@@ -254,6 +263,8 @@ class Daemon:
         self.keyring = state.load_keyring(self.data_dir, cfg.insecure, cfg.cluster_key_file)
         self.api_token = state.load_or_create_token(self.data_dir)
         self._snapshot = state.read_snapshot(self.data_dir)
+        core_state = state.read_core_state(self.data_dir)
+        self._core_keeper = state.CoreStateKeeper(self.data_dir, core_state)
         health = HealthService.from_config(cfg)  # a bad [[check]] fails before any socket
         self.health = health
 
@@ -282,9 +293,11 @@ class Daemon:
             random.Random(),
             loop.time(),
             meta=cfg.meta(),
-            incarnation=self._snapshot.start_incarnation,
+            incarnation=max(self._snapshot.start_incarnation, core_state.start_incarnation),
+            seen_keyops=core_state.keyops,
         )
         runtime = NodeRuntime(node, peer_client=PeerClient(self.peer_traffic.started))
+        runtime.before_effects = functools.partial(self._persist_core, node)
         self._runtime = runtime
         self._metrics += [runtime, health]
         self._exit.push_async_callback(self._close_runtime)

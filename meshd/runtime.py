@@ -110,6 +110,9 @@ class NodeRuntime:
         self._answering = 0
         self.queries_busy = 0  # queries answered "busy" because MAX_ANSWERING were running
         self._closed = False
+        # Called before the effects of every core call go out (the daemon persists the
+        # incarnation there, so no peer hears one that a restart could go back on).
+        self.before_effects: Callable[[], None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -359,6 +362,8 @@ class NodeRuntime:
     def _flush(self) -> None:
         if self._closed:
             return
+        if self.before_effects is not None:
+            self._call(self.before_effects)
         deadline = pump(self.node, self, self._pump_failed)
         # Whatever happened, the protocol keeps ticking (a failing core: try again in a second).
         self._arm_timer(deadline if deadline is not None else self.now() + 1.0)

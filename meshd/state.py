@@ -1,4 +1,5 @@
-"""The node's state files in its data dir: the API token, the keyring, the peer snapshot, replay marks.
+"""The node's state files in its data dir: the API token, the keyring, the peer snapshot, the
+core's durable state (own incarnation, keyring operations seen) and the replay marks.
 
 (The node identity key is `crypto.NodeIdentity.load_or_create`.) Files holding secrets are
 written 0600 in a 0700 directory. The peer snapshot lets a restarted node rejoin without seeds
@@ -27,19 +28,24 @@ from meshd.errors import ConfigError
 log = logging.getLogger("meshd")
 
 __all__ = [
+    "CORE_STATE_FILE",
     "KEYRING_FILE",
     "REPLAY_FILE",
     "SNAPSHOT_FILE",
     "TOKEN_FILE",
+    "CoreState",
+    "CoreStateKeeper",
     "PeerSnapshot",
     "ReplayState",
     "load_keyring",
     "load_or_create_token",
     "prepare_data_dir",
+    "read_core_state",
     "read_replay_state",
     "read_snapshot",
     "save_keyring",
     "snapshot_doc",
+    "write_core_state",
     "write_replay_state",
     "write_snapshot",
 ]
@@ -47,6 +53,11 @@ __all__ = [
 KEYRING_FILE = "keyring.json"
 TOKEN_FILE = "api-token"  # noqa: S105 - a file name, not a secret
 SNAPSHOT_FILE = "peers.json"
+CORE_STATE_FILE = "core-state.json"
+# Incarnations are reserved this many at a time, so a node refuted in a loop by a liar writes
+# once per INCARNATION_LEASE refutations, and a restart moves at most this far (well inside a jump).
+INCARNATION_LEASE = 1000
+MAX_PERSISTED_KEYOPS = 1024  # read bound; the core keeps its own, smaller window
 SNAPSHOT_MAX_PEERS = 128
 _SNAPSHOT_ORDER = {MemberState.ALIVE: 0, MemberState.SUSPECT: 1, MemberState.DEAD: 2}
 
@@ -215,3 +226,79 @@ def write_replay_state(data_dir: Path, clock_last: int, marks: dict[str, int]) -
         )
     except OSError as e:
         log.error("cannot write replay state: %s", e)
+
+
+# --- the core's durable state --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CoreState:
+    """What the core must never forget across a restart."""
+
+    incarnation_reserved: int = -1  # no incarnation above this was announced (-1: none yet)
+    keyops: tuple[int, ...] = ()  # KeyOp ids already applied or passed on, oldest first
+
+    @property
+    def start_incarnation(self) -> int:
+        return self.incarnation_reserved + 1
+
+
+def read_core_state(data_dir: Path) -> CoreState:
+    path = data_dir / CORE_STATE_FILE
+    if not path.exists():
+        return CoreState()
+    try:
+        data = orjson.loads(path.read_bytes())
+        reserved = data["incarnation_reserved"]
+        keyops = data.get("keyops", [])
+        if not isinstance(reserved, int) or not all(isinstance(k, int) for k in keyops):
+            raise TypeError("expected integers")
+        return CoreState(max(-1, reserved), tuple(keyops[-MAX_PERSISTED_KEYOPS:]))
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+        # Going back in incarnation is what this file prevents; the peer snapshot still
+        # carries one, and the core refutes whatever the mesh remembers above it.
+        log.error("ignoring unreadable core state %s: %s", path, e)
+        return CoreState()
+
+
+def write_core_state(data_dir: Path, st: CoreState) -> None:
+    """Atomic and fsynced (OSError on failure)."""
+    doc = {"version": 1, "incarnation_reserved": st.incarnation_reserved, "keyops": list(st.keyops)}
+    write_private(data_dir / CORE_STATE_FILE, orjson.dumps(doc))
+
+
+class CoreStateKeeper:
+    """Keeps core-state.json ahead of the running core.
+
+    `sync` runs before the effects of every core call go out, so an incarnation is on disk
+    before any peer hears it (a restart never goes back) and a KeyOp id is on disk before the
+    node passes the operation on. It writes only when the incarnation leaves the reserved
+    lease or a new KeyOp was seen.
+    """
+
+    def __init__(self, data_dir: Path, loaded: CoreState) -> None:
+        self.data_dir = data_dir
+        self.saved = loaded
+        self.failures = 0
+
+    def keyops_changed(self, keyops: list[int]) -> bool:
+        last = self.saved.keyops[-1] if self.saved.keyops else None
+        return bool(keyops) and keyops[-1] != last
+
+    def sync(self, incarnation: int, keyops: list[int]) -> bool:
+        """Write if needed; True when the state on disk covers (incarnation, keyops)."""
+        reserved = self.saved.incarnation_reserved
+        if incarnation <= reserved and not self.keyops_changed(keyops):
+            return True
+        if incarnation > reserved:
+            reserved = incarnation + INCARNATION_LEASE
+        st = CoreState(reserved, tuple(keyops[-MAX_PERSISTED_KEYOPS:]))  # the core's bounded window
+        try:
+            write_core_state(self.data_dir, st)
+        except OSError as e:
+            self.failures += 1
+            if self.failures == 1 or self.failures % 1000 == 0:
+                log.error("cannot write core state (%d failures): %s", self.failures, e)
+            return False
+        self.saved = st
+        return True

@@ -16,6 +16,7 @@ __all__ = [
     "is_loopback_host",
     "parse_duration",
     "parse_hostport",
+    "parse_ip_port",
     "parse_rate",
 ]
 
@@ -106,6 +107,33 @@ def parse_hostport(
     if port > 65535 or (port == 0 and not allow_zero):
         raise ConfigError(f"{where}: port {port} out of range in {value!r}")
     return host, port
+
+
+MAX_IP_PORT_LEN = 53  # "[" + the longest IPv6 text (45, with a dotted tail) + "]:65535"
+
+
+def parse_ip_port(value: object) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """A literal 'a.b.c.d:port' or '[v6]:port' from the network -> (ip, port); ValueError else.
+
+    Stricter than parse_hostport on purpose: gossip addresses are dialled by every node, so no
+    host names (a DNS lookup per message), no scope ids, paths, schemes or port 0.
+    """
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_IP_PORT_LEN or not value.isascii():
+        raise ValueError(f"not an IP:port: {value!r}")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not is_ascii_int(port_text) or len(port_text) > 5:
+        raise ValueError(f"missing or bad port in {value!r}")
+    port = int(port_text)
+    if not 0 < port <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    if host.startswith("[") and host.endswith("]"):
+        ip = ipaddress.IPv6Address(host[1:-1])  # ValueError on garbage
+        if ip.scope_id is not None:
+            raise ValueError(f"scoped IPv6 address in {value!r}")
+    else:
+        ip = ipaddress.IPv4Address(host)  # ValueError on names, bare IPv6, paths
+    return ip, port
 
 
 def format_hostport(host: str, port: int) -> str:

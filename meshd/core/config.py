@@ -30,6 +30,16 @@ class ProtocolConfig:
     reconnect_timeout: float = 24 * 3600.0
     reap_interval: float = 24 * 3600.0  # how long dead/left members stay listed (Serf: tombstone 24h)
     dead_node_reclaim_time: float = 0.0  # a new address may take a dead name at once (0: always)
+    # Bounds on what a key holder can make a node believe (issue 9). Incarnations stay far below
+    # u64 (and exact in JSON doubles); one message may not move a member further than the jump.
+    max_incarnation: int = 1 << 53
+    max_incarnation_jump: int = 1_000_000
+    max_members: int = 20_000  # member table size; also the most states one push-pull may carry
+    new_member_rate: float = 100.0  # never-seen members accepted per second from gossip...
+    new_member_burst: int = 2_000  # ...with this burst (a whole mid-size mesh at join)
+    max_name_len: int = 256  # node names and node ids
+    max_meta_entries: int = 256  # per member
+    max_meta_bytes: int = 64 * 1024  # per member, keys and values (no packet wall, but a wall)
 
     def replace(self, **changes: object) -> ProtocolConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

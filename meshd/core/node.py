@@ -20,6 +20,15 @@ State rules (memberlist state.go, with meshd's additions marked +):
   push-pull | alive -> alive; suspect/dead ->     | the same, so a remote "dead" is only a
             | suspect (refutable); left -> left   | suspicion here: partitions can heal
 
+Bounds (issue 9: a key holder may lie, but only so far), each breach a counted drop:
+incarnations stay in [0, max_incarnation] and move at most max_incarnation_jump above what we
+know of a member in one message (so our own refutation never overflows: a wild claim about us
+is ignored, not adopted); addresses are literal IP:port (meshd.units.parse_ip_port); names,
+meta and push-pull sizes are capped; never-seen members are admitted at new_member_rate into a
+table of at most max_members. A member we hold dead whose own Alive comes back far *below* our
+record (more than a jump) is rebased to it: only lies can have pushed our record there, and
+the restarted node could never refute them (it ignores wild claims about itself).
+
 Probing: round-robin over a shuffled list; ping, then after probe_timeout indirect pings
 through k peers (who nack when the target is silent) plus a TCP ping; no ack by the end of
 the awareness-scaled interval -> suspect. A suspect target gets [ping, suspect] (buddy
@@ -39,6 +48,7 @@ from typing import Protocol
 from meshd import wire
 from meshd.core.awareness import Awareness
 from meshd.core.broadcast import BroadcastQueue
+from meshd.core.bucket import TokenBucket
 from meshd.core.config import ProtocolConfig
 from meshd.core.counters import Counters
 from meshd.core.effects import (  # MemberEvent, MemberView: shells import them from here too
@@ -81,6 +91,7 @@ from meshd.core.query import (
 from meshd.core.suspicion import Suspicion, suspicion_timeout
 from meshd.crypto import Keyring
 from meshd.errors import AuthError, DecodeError, MeshError, ReplayError, StateError
+from meshd.units import parse_ip_port
 
 log = logging.getLogger("meshd.node")
 
@@ -220,6 +231,7 @@ class Node:
         now: float,
         meta: dict[str, str] | None = None,
         incarnation: int = 0,
+        seen_keyops: Iterable[int] = (),
     ) -> None:
         self.name = name
         self.node_id = node_id
@@ -243,7 +255,9 @@ class Node:
         self._streams: dict[int, _Stream] = {}
         self._seq = rng.randrange(1 << 30)
         self._stream_id = 0
-        self._seen_keyops: deque[int] = deque(maxlen=MAX_SEEN_KEYOPS)
+        # Persisted by the shell (seen_keyops()) so a replay after a restart is not applied again.
+        self._seen_keyops: deque[int] = deque(seen_keyops, maxlen=MAX_SEEN_KEYOPS)
+        self._new_members = TokenBucket(config.new_member_rate, config.new_member_burst, now)
 
         self._outbox: Outbox[MembershipEffect] = Outbox()
         self.queries = QueryEngine(
@@ -254,6 +268,7 @@ class Node:
             outbox=self._outbox,
         )  # finished queries join the same ordered outbox
 
+        incarnation = min(max(incarnation, 0), config.max_incarnation)
         self._me = _Member(name, node_id, addr, incarnation, MemberState.ALIVE, dict(meta or {}), now)
         self._members[name] = self._me
         # Spread the timers so nodes started together do not probe in lockstep.
@@ -282,6 +297,10 @@ class Node:
     @property
     def meta(self) -> dict[str, str]:
         return dict(self._me.meta)
+
+    def seen_keyops(self) -> list[int]:
+        """Keyring operations already applied or passed on, oldest first (for the shell to persist)."""
+        return list(self._seen_keyops)
 
     def stats(self) -> NodeStats:
         counters = dict(self.counters)
@@ -341,7 +360,7 @@ class Node:
         if meta == self._me.meta:
             return
         self._me.meta = dict(meta)
-        self._me.incarnation += 1
+        self._bump_own()
         self._queue_alive(self._me)
         self._emit("update", self._me, now)
 
@@ -393,7 +412,7 @@ class Node:
         if addr == self.addr:
             return
         self.addr = self._me.addr = self.queries.local_addr = addr
-        self._me.incarnation += 1
+        self._bump_own()
         self._queue_alive(self._me)
         self._emit("update", self._me, now)
 
@@ -434,6 +453,8 @@ class Node:
         for msg in msgs:
             if isinstance(msg, PushPull):
                 self.counters.inc("push_pull.in")
+                if not self._push_pull_ok(msg):
+                    continue
                 # Merge first: a refutation of what they say about us goes into our reply.
                 self._merge(msg.states, now)
                 reply.append(wire.encode_message(PushPull(False, self._local_state(), True)))
@@ -464,6 +485,8 @@ class Node:
             return
         for msg in msgs:
             if isinstance(msg, PushPull):
+                if not self._push_pull_ok(msg):
+                    continue
                 self._merge(msg.states, now)
                 if st.kind == "join":
                     self.counters.inc("join.ok")
@@ -515,6 +538,8 @@ class Node:
 
     def _dispatch(self, msg: Message, addr: str, now: float) -> None:
         self.counters.inc("msgs.in." + type(msg).__name__.lower())
+        if not self._addrs_ok(msg):
+            return
         if isinstance(msg, Ping):
             self._handle_ping(msg, now)
         elif isinstance(msg, IndirectPing):
@@ -533,7 +558,8 @@ class Node:
         elif isinstance(msg, Dead):
             self._dead(msg, now)
         elif isinstance(msg, PushPull):
-            self._merge(msg.states, now)  # only valid over TCP, but harmless
+            if self._push_pull_ok(msg):
+                self._merge(msg.states, now)  # only valid over TCP, but harmless
         elif isinstance(msg, KeyOp):
             self._handle_keyop(msg, now)
         elif isinstance(msg, Query):
@@ -542,6 +568,66 @@ class Node:
             self.queries.on_response(msg, now)
         elif isinstance(msg, Relay):
             self._send_query_out(self.queries.on_relay(msg, now))
+
+    # --- bounds on what peers claim (see the module docstring) --------------------------------
+
+    def _drop(self, why: str, detail: object) -> bool:
+        self.counters.inc("drops." + why)
+        log.debug("dropped %s: %r", why, detail)
+        return False
+
+    def _addr_ok(self, addr: str) -> bool:
+        try:
+            parse_ip_port(addr)
+        except ValueError:
+            return self._drop("addr", addr)
+        return True
+
+    def _addrs_ok(self, msg: Message) -> bool:
+        """Every address a message makes us send to is a literal IP:port (no DNS, no garbage)."""
+        if isinstance(msg, Ping):
+            return self._addr_ok(msg.source_addr)
+        if isinstance(msg, IndirectPing):
+            return self._addr_ok(msg.target_addr) and self._addr_ok(msg.source_addr)
+        if isinstance(msg, Query):
+            return self._addr_ok(msg.origin_addr)
+        if isinstance(msg, Relay):
+            return self._addr_ok(msg.dest_addr)
+        return True  # Alive's addr is checked with the rest of the record (_record_ok)
+
+    def _record_ok(self, name: str, node_id: str, addr: str, meta: dict[str, str]) -> bool:
+        """A member record (Alive, push-pull state) within the name, meta and address bounds."""
+        cfg = self.config
+        if not 0 < len(name) <= cfg.max_name_len or len(node_id) > cfg.max_name_len:
+            return self._drop("name", name[:64])
+        if (
+            len(meta) > cfg.max_meta_entries
+            or sum(len(k) + len(v) for k, v in meta.items()) > cfg.max_meta_bytes
+        ):
+            return self._drop("meta", name)
+        return self._addr_ok(addr)
+
+    def _incarnation_ok(self, incarnation: int, known: int | None, name: str) -> bool:
+        """Within [0, max_incarnation], and at most one jump above what we know (if we do)."""
+        cfg = self.config
+        if not 0 <= incarnation <= cfg.max_incarnation or (
+            known is not None and incarnation - known > cfg.max_incarnation_jump
+        ):
+            return self._drop("incarnation", (name, incarnation, known))
+        return True
+
+    def _push_pull_ok(self, msg: PushPull) -> bool:
+        if len(msg.states) > self.config.max_members:
+            return self._drop("push_pull_size", len(msg.states))
+        return True
+
+    def _admit_new_member(self, name: str, now: float) -> bool:
+        """A never-seen member costs a table slot and dials: both are bounded."""
+        if len(self._members) >= self.config.max_members:
+            return self._drop("members_full", name)
+        if not self._new_members.take(now):
+            return self._drop("new_member_rate", name)
+        return True
 
     def _count_drop(self, e: MeshError) -> None:
         kind = "replay" if isinstance(e, ReplayError) else "auth" if isinstance(e, AuthError) else "decode"
@@ -661,18 +747,26 @@ class Node:
     # --- state transitions ---------------------------------------------------------------------
 
     def _alive(self, msg: Alive, now: float) -> None:
+        if not self._record_ok(msg.name, msg.node_id, msg.addr, msg.meta):
+            return
+        m = self._members.get(msg.name)
+        if not self._incarnation_ok(msg.incarnation, None, msg.name):
+            return
         if msg.name == self.name:
             me = self._me
             if self.leaving:
                 return
+            if not self._incarnation_ok(msg.incarnation, me.incarnation, msg.name):
+                return  # a wild claim about us: refuting it would hand the liar our counter
             if msg.incarnation > me.incarnation or (
                 msg.incarnation == me.incarnation
                 and (msg.addr != me.addr or msg.meta != me.meta or msg.node_id != me.node_id)
             ):
                 self._refute(msg.incarnation, now)
             return
-        m = self._members.get(msg.name)
         if m is None:
+            if not self._admit_new_member(msg.name, now):
+                return
             m = _Member(
                 msg.name, msg.node_id, msg.addr, msg.incarnation, MemberState.ALIVE, dict(msg.meta), now
             )
@@ -694,7 +788,13 @@ class Node:
                     m.addr,
                 )
                 return
-        elif msg.incarnation <= m.incarnation:
+        elif m.state in DEAD_STATES and m.incarnation - msg.incarnation > self.config.max_incarnation_jump:
+            # Our record of this dead member is far above what it says itself: lies pushed it
+            # there while it was down, and it ignores them now. Take its word (see above).
+            self.counters.inc("members.rebased")
+        elif msg.incarnation <= m.incarnation or not self._incarnation_ok(
+            msg.incarnation, m.incarnation, msg.name
+        ):
             return
         old_state, old_meta, old_addr = m.state, m.meta, m.addr
         m.node_id, m.addr, m.incarnation, m.meta = msg.node_id, msg.addr, msg.incarnation, dict(msg.meta)
@@ -714,6 +814,8 @@ class Node:
     def _suspect(self, msg: Suspect, now: float) -> None:
         m = self._members.get(msg.name)
         if m is None or msg.incarnation < m.incarnation:
+            return
+        if not self._incarnation_ok(msg.incarnation, m.incarnation, msg.name):
             return
         if m is self._me:
             if not self.leaving:
@@ -755,6 +857,8 @@ class Node:
         m = self._members.get(msg.name)
         if m is None or msg.incarnation < m.incarnation:
             return
+        if not self._incarnation_ok(msg.incarnation, m.incarnation, msg.name):
+            return
         if m is self._me:
             if not self.leaving:
                 self._refute(msg.incarnation, now)
@@ -771,10 +875,17 @@ class Node:
 
     def _refute(self, accused: int, now: float) -> None:
         me = self._me
+        if accused >= self.config.max_incarnation:
+            # Only reachable by walking us up a jump at a time, ~9e9 messages; never overflow.
+            self._drop("incarnation", (me.name, accused, me.incarnation))
+            return
         me.incarnation = max(me.incarnation, accused) + 1
         self.awareness.apply_delta(1)
         self.counters.inc("refutes")
         self._queue_alive(me)
+
+    def _bump_own(self) -> None:
+        self._me.incarnation = min(self._me.incarnation + 1, self.config.max_incarnation)
 
     def _queue_alive(self, m: _Member) -> None:
         self.broadcasts.queue(
@@ -960,6 +1071,8 @@ class Node:
 
     def _merge(self, states: list[PushNodeState], now: float) -> None:
         for s in states:
+            if not self._record_ok(s.name, s.node_id, s.addr, s.meta):
+                continue  # only this state; the rest of the exchange may be fine
             if s.state == MemberState.ALIVE:
                 self._alive(Alive(s.incarnation, s.name, s.node_id, s.addr, s.meta), now)
             elif s.state == MemberState.LEFT:

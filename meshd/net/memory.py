@@ -67,6 +67,7 @@ class MemoryNetwork:
         self._heap: list[_Event] = []
         self._seq = 0
         self._timer_at: dict[str, float] = {}
+        self._addrs: dict[str, str] = {}
 
     # --- building ------------------------------------------------------------------------------
 
@@ -80,7 +81,7 @@ class MemoryNetwork:
         node_id: str | None = None,
         incarnation: int = 0,
     ) -> Node:
-        addr = addr or f"{name}:7788"
+        addr = addr or self._addr_of(name)
         node = Node(
             name,
             node_id or f"id-{name}",
@@ -96,6 +97,13 @@ class MemoryNetwork:
         self.down.discard(addr)
         self._flush(node)
         return node
+
+    def _addr_of(self, name: str) -> str:
+        """A lab-range IP per name (the core takes only literal IP:port), the same on a restart."""
+        if name not in self._addrs:
+            k = len(self._addrs) + 1
+            self._addrs[name] = f"198.{18 + (k >> 16)}.{(k >> 8) & 255}.{k & 255}:7788"
+        return self._addrs[name]
 
     def kill(self, node: Node) -> None:
         """Crash: the node stops without a word."""

@@ -215,13 +215,13 @@ def test_restarted_node_with_same_name_and_new_address_is_taken_back() -> None:
     old = nodes[2]
     net.kill(old)
     net.run_until_true(lambda: state_of(nodes[0], old.name) == MemberState.DEAD, 30.0)
-    new = net.add_node(old.name, LOCAL, old.codec, addr="n2-new:7788", node_id=old.node_id)
+    new = net.add_node(old.name, LOCAL, old.codec, addr="198.18.200.2:7788", node_id=old.node_id)
     new.join([nodes[0].addr], net.now)
     net.poke(new)
     others = [n for n in nodes if n is not old]
     ok = net.run_until_true(
         lambda: all(
-            view(n, old.name).state == MemberState.ALIVE and view(n, old.name).addr == "n2-new:7788"
+            view(n, old.name).state == MemberState.ALIVE and view(n, old.name).addr == "198.18.200.2:7788"
             for n in others
         ),
         20.0,
@@ -234,7 +234,7 @@ def test_restarted_node_with_same_name_and_new_address_is_taken_back() -> None:
 def test_same_name_with_another_identity_cannot_take_an_alive_member() -> None:
     net, nodes = make_cluster(3)
     a, b = nodes[0], nodes[1]
-    inject(net, a, Alive(99, b.name, "impostor", "evil:1"))
+    inject(net, a, Alive(99, b.name, "impostor", "198.18.250.1:1"))
     assert view(a, b.name).addr == b.addr
     assert a.counters["conflicts"] == 1
 
@@ -361,11 +361,11 @@ def test_a_new_address_spreads_with_a_new_incarnation() -> None:
     mover = nodes[1]
     before = mover.incarnation
     del net.nodes[mover.addr]
-    mover.set_addr("n1-new:7788", net.now)  # DHCP gave the gateway another address
+    mover.set_addr("198.18.200.1:7788", net.now)  # DHCP gave the gateway another address
     net.nodes[mover.addr] = mover
     net.poke(mover)
     assert mover.incarnation == before + 1
-    assert net.run_until_true(lambda: all(view(n, "n1").addr == "n1-new:7788" for n in nodes), 10.0)
+    assert net.run_until_true(lambda: all(view(n, "n1").addr == "198.18.200.1:7788" for n in nodes), 10.0)
     net.run_for(20.0)
     assert all(state_of(n, "n1") == MemberState.ALIVE for n in nodes)  # reachable there
 

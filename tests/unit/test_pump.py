@@ -182,11 +182,11 @@ def test_an_answer_to_another_node_goes_out_in_the_same_pump() -> None:
     codec = Codec("t", None)
     b = Node("b", "id-b", "b:1", LOCAL, codec, random.Random(2), 0.0)
     b.take_effects()
-    query = Query(0, 7, "q", b"", "a", "a:1", QueryFilter(), 0, 5.0)
-    b.receive_datagram(codec.pack([encode_message(query)]), "a:1", 0.1)
+    query = Query(0, 7, "q", b"", "a", "127.0.0.1:1", QueryFilter(), 0, 5.0)
+    b.receive_datagram(codec.pack([encode_message(query)]), "127.0.0.1:1", 0.1)
     handler = AnsweringHandler(b)
     pump(b, handler)
     assert [name for name, _ in handler.calls] == ["answer_query", "send_datagram"]
     sent = handler.calls[1][1]
     assert isinstance(sent, tuple)
-    assert sent[1] == "a:1"
+    assert sent[1] == "127.0.0.1:1"

@@ -54,7 +54,7 @@ async def test_one_unsendable_datagram_does_not_stop_the_others() -> None:
 
 
 def query_packet(qid: int) -> bytes:
-    return CODEC.pack([encode_message(Query(0, qid, "q", b"", "a", "a:1", QueryFilter(), 0, 5.0))])
+    return CODEC.pack([encode_message(Query(0, qid, "q", b"", "a", "127.0.0.1:1", QueryFilter(), 0, 5.0))])
 
 
 async def test_a_busy_answer_goes_out_in_the_same_flush() -> None:
@@ -70,14 +70,14 @@ async def test_a_busy_answer_goes_out_in_the_same_flush() -> None:
     rt.set_query_answerer(never)
     rt.start()
     for qid in range(MAX_ANSWERING):
-        rt.on_datagram(query_packet(qid), "a:1")
+        rt.on_datagram(query_packet(qid), "127.0.0.1:1")
     assert rt.queries_busy == 0
     assert sent.out == []
-    rt.on_datagram(query_packet(999), "a:1")
+    rt.on_datagram(query_packet(999), "127.0.0.1:1")
     assert rt.queries_busy == 1
     [(data, addr)] = sent.out
     [answer] = CODEC.unpack(data)[:1]
-    assert addr == "a:1"
+    assert addr == "127.0.0.1:1"
     assert isinstance(answer, QueryResponse)
     assert answer.id == 999
     assert orjson.loads(answer.payload)["error"] == "busy"

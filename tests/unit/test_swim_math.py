@@ -109,7 +109,7 @@ def test_push_pull_interval_grows_with_cluster_size() -> None:
     node = Node("a", "id-a", "a:1", LAN, Codec("c", None), random.Random(1), 0.0)
     assert node._push_pull_interval() == 30.0
     for i in range(99):
-        msg = encode_message(Alive(1, f"n{i}", f"id{i}", f"n{i}:1"))
+        msg = encode_message(Alive(1, f"n{i}", f"id{i}", f"198.18.1.{i + 1}:1"))
         node.receive_datagram(node.codec.pack([msg]), "x:1", 0.0)
     assert node.num_active() == 100
     assert node._push_pull_interval() == 90.0  # 3x at 65..128 nodes
