@@ -220,6 +220,7 @@ def test_every_verdict_acts_as_the_table_says() -> None:
     other = ask(origin, None, filters=QueryFilter(site="s1"))
     cases.append((Verdict.NO_MATCH, other, "s2"))
     cases.append((Verdict.INVALID, msgspec.structs.replace(good, id=7, timeout=0.0), "s1"))
+    cases.append((Verdict.BAD_LTIME, msgspec.structs.replace(good, id=9, ltime=(1 << 64) - 1), "s1"))
     # last: a query from far behind this node's clock
     cases.append((Verdict.TOO_OLD, msgspec.structs.replace(good, id=8), "s1"))
     seen = set()
@@ -235,6 +236,7 @@ def test_every_verdict_acts_as_the_table_says() -> None:
     assert ON_QUERY[Verdict.DUPLICATE] == (False, False)
     assert b.counters["query.match"] == 1
     assert b.counters["query.too_old"] == 1
+    assert b.counters["query.bad_ltime"] == 1
     not_ours = b.on_query(ask(origin, None, filters=QueryFilter(site="s9")), "s1", {}, 1.0)
     with pytest.raises(ValueError, match="does not answer"):
         b.respond(not_ours, b"x", [], 1.0)
