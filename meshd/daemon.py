@@ -25,7 +25,7 @@ from meshd.api.app import ApiServer, create_api_app
 from meshd.config import NodeConfig
 from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.node import MemberEvent, MemberView, Node
-from meshd.core.query import QueryResult, default_timeout
+from meshd.core.query import QueryEngine, QueryResult, default_timeout
 from meshd.crypto import Keyring, NodeIdentity, fingerprint, load_publisher_public
 from meshd.discovery import DaemonDiscovery
 from meshd.errors import ConfigError, StateError
@@ -87,6 +87,7 @@ class Daemon:
         self._snapshot = state.PeerSnapshot()
         self._codec: Codec | None = None
         self._core_keeper = state.CoreStateKeeper(self.data_dir, state.CoreState())
+        self._queries: QueryEngine | None = None  # its clock and ring are persisted
         self.release: ReleaseService | None = None
         self.health: HealthService | None = None  # checks, health meta and query answers
 
@@ -203,6 +204,10 @@ class Daemon:
             state.save_keyring(self.data_dir, self.keyring)  # the key change first, then its id
         self._core_keeper.sync(node.incarnation, keyops)
 
+    def write_query_state(self) -> None:
+        if self._queries is not None:
+            state.write_query_state(self.data_dir, self._queries.export_state())
+
     async def _resolve_advertise(self, bind_host: str, port: int) -> tuple[str, str]:
         if self.cfg.advertise:
             host, aport = parse_hostport(self.cfg.advertise, "--advertise")
@@ -214,6 +219,14 @@ class Daemon:
             return format_hostport(bind_host, port), "bind address"
         host, how = derive_advertise_host()
         return format_hostport(host, port), how
+
+    def _restore_queries(self, node: Node) -> None:
+        # The query clock and ring of the last run: our queries are not "too old" for the mesh,
+        # and a query replayed at us after the restart is still a duplicate.
+        self._queries = node.queries
+        saved = state.read_query_state(self.data_dir)
+        if saved is not None:
+            node.queries.restore(saved)
 
     def _set_ready(self, detail: str) -> None:
         if not self._ready:
@@ -296,6 +309,7 @@ class Daemon:
             incarnation=max(self._snapshot.start_incarnation, core_state.start_incarnation),
             seen_keyops=core_state.keyops,
         )
+        self._restore_queries(node)
         runtime = NodeRuntime(node, peer_client=PeerClient(self.peer_traffic.started))
         runtime.before_effects = functools.partial(self._persist_core, node)
         self._runtime = runtime
@@ -344,6 +358,7 @@ class Daemon:
         self._exit.push_async_callback(self.release.stop)  # safe on a half-started service
         await self.release.start(node.members())
         self._exit.callback(self.write_snapshot)  # the last membership of this run, loops stopped
+        self._exit.callback(self.write_query_state)
         ring = (
             f"keyring of {len(self.keyring)} key(s), primary {fingerprint(self.keyring.primary)}"
             if self.keyring
@@ -495,6 +510,7 @@ class Daemon:
             await asyncio.sleep(max(0.0, SNAPSHOT_DEBOUNCE - (loop.time() - last)))
             self._snapshot_dirty.clear()
             self.write_snapshot()
+            self.write_query_state()
             last = loop.time()
 
     def _install_signals(self) -> None:

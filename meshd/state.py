@@ -1,9 +1,11 @@
 """The node's state files in its data dir: the API token, the keyring, the peer snapshot, the
-core's durable state (own incarnation, keyring operations seen) and the replay marks.
+core's durable state (own incarnation, keyring operations seen), the query clock and the replay
+marks.
 
 (The node identity key is `crypto.NodeIdentity.load_or_create`.) Files holding secrets are
 written 0600 in a 0700 directory. The peer snapshot lets a restarted node rejoin without seeds
-and start above the incarnation the mesh may remember of its last run.
+and start above the incarnation the mesh may remember of its last run. The query state lets it ask
+at the mesh's query time at once and keeps a replayed query a duplicate across the restart.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import orjson
 
 from meshd.core.messages import MemberState
 from meshd.core.node import MemberView
+from meshd.core.query import QueryState
 from meshd.crypto import Keyring, read_key_file, write_private
 from meshd.errors import ConfigError
 
@@ -30,6 +33,7 @@ log = logging.getLogger("meshd")
 __all__ = [
     "CORE_STATE_FILE",
     "KEYRING_FILE",
+    "QUERY_STATE_FILE",
     "REPLAY_FILE",
     "SNAPSHOT_FILE",
     "TOKEN_FILE",
@@ -41,11 +45,13 @@ __all__ = [
     "load_or_create_token",
     "prepare_data_dir",
     "read_core_state",
+    "read_query_state",
     "read_replay_state",
     "read_snapshot",
     "save_keyring",
     "snapshot_doc",
     "write_core_state",
+    "write_query_state",
     "write_replay_state",
     "write_snapshot",
 ]
@@ -59,6 +65,8 @@ CORE_STATE_FILE = "core-state.json"
 INCARNATION_LEASE = 1000
 MAX_PERSISTED_KEYOPS = 1024  # read bound; the core keeps its own, smaller window
 SNAPSHOT_MAX_PEERS = 128
+QUERY_STATE_FILE = "query-state.json"
+QUERY_STATE_MAX_IDS = 8192  # newest (ltime, id) pairs kept: the ring's recent past, bounded
 _SNAPSHOT_ORDER = {MemberState.ALIVE: 0, MemberState.SUSPECT: 1, MemberState.DEAD: 2}
 
 
@@ -302,3 +310,58 @@ class CoreStateKeeper:
             return False
         self.saved = st
         return True
+
+
+# --- query clock and dedupe ring -----------------------------------------------------------------
+
+
+def query_state_doc(qs: QueryState) -> dict[str, Any]:
+    """The query state document, newest QUERY_STATE_MAX_IDS (ltime, id) pairs at most."""
+    seen: list[list[Any]] = []
+    budget = QUERY_STATE_MAX_IDS
+    for ltime, ids in reversed(qs.seen):  # newest first, so the budget keeps the recent ones
+        if budget <= 0:
+            break
+        kept = list(ids[-budget:])
+        budget -= len(kept)
+        seen.append([ltime, kept])
+    seen.reverse()
+    return {"version": 1, "ltime": qs.ltime, "seen": seen}
+
+
+def write_query_state(data_dir: Path, qs: QueryState) -> None:
+    """Atomic (a power cut leaves the old file or the new one); a failure is logged."""
+    try:
+        write_private(data_dir / QUERY_STATE_FILE, orjson.dumps(query_state_doc(qs)))
+    except OSError as e:
+        log.error("cannot write query state: %s", e)
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def read_query_state(data_dir: Path) -> QueryState | None:
+    """The last run's query state; None when there is none or it is unreadable (logged).
+
+    Only shapes are checked here; QueryEngine.restore skips values out of its bounds.
+    """
+    path = data_dir / QUERY_STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        data = orjson.loads(path.read_bytes())
+        seen: list[tuple[int, tuple[int, ...]]] = []
+        budget = QUERY_STATE_MAX_IDS
+        for ltime, ids in reversed(data.get("seen", [])[-QUERY_STATE_MAX_IDS:]):  # newest first
+            if budget <= 0:
+                break
+            kept = tuple(_int(i) for i in ids[-budget:])
+            budget -= len(kept)
+            seen.append((_int(ltime), kept))
+        return QueryState(_int(data.get("ltime", 0)), tuple(reversed(seen)))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        log.warning("ignoring unreadable query state %s: %s", path, e)
+        return None

@@ -2,8 +2,9 @@
 
     GET /v1/health?site=S&node=N&tag=K=V&timeout=3s&relay_factor=1       (open, no token)
         node: repeatable and/or a comma list; tag: repeatable; site and tag values may be
-        "re:<pattern>" (a full-match regular expression; only with the API token, as every
-        matching node runs it); timeout: a duration (250ms, 3s, 1m;
+        "re:<pattern>" (a full-match RE2 regular expression, linear time: no backreferences or
+        lookaround; only with the API token, as every matching node runs it); timeout: a
+        duration (250ms, 3s, 1m;
         default Serf's: gossip interval x 16 x ceil(log10(N+1))).
     POST /v1/query {"name", "payload", "site", "nodes", "tags", "timeout", "relay_factor"}
         (needs the API token: query handlers run commands on every matching node)
@@ -41,14 +42,14 @@ from aiohttp import web
 from meshd.api.agent import AGENT, MemberLike
 from meshd.api.http import ApiError, error_response, json_response, read_json, require_token
 from meshd.core.messages import MemberState, QueryFilter
-from meshd.core.query import REGEX_PREFIX, QueryResult, matches, split_meta
+from meshd.core.query import REGEX_PREFIX, QueryLimits, QueryResult, matches, split_meta
 from meshd.errors import ConfigError, StateError
 from meshd.health import HEALTH_QUERY
 from meshd.units import parse_duration
 
 MAX_API_QUERIES = 32  # queries this API waits on at once
-MAX_FILTER_NODES = 256
-MAX_FILTER_TAGS = 32
+MAX_FILTER_NODES = QueryLimits.max_filter_nodes  # the core refuses more; say so while parsing
+MAX_FILTER_TAGS = QueryLimits.max_filter_tags
 MAX_PAYLOAD = 64 * 1024  # the core's max_query_size (1 KiB encoded) refuses far less anyway
 _UNANSWERED_STATES = (MemberState.SUSPECT, MemberState.DEAD)
 
@@ -267,8 +268,8 @@ async def get_health(request: web.Request) -> web.Response:
         tags=_tag_pairs(q.getall("tag", []), "tag"),
     )
     if any(v.startswith(REGEX_PREFIX) for v in (filters.site, *filters.tags.values())):
-        # Every matching node runs the pattern on its event loop: a pathological one could
-        # stall the mesh, so only an operator with the token may send one.
+        # Every matching node runs the pattern (RE2: linear time, bounded size, but still work
+        # on every node), so only an operator with the token may send one.
         require_token(request, "a regular-expression filter")
     return await _run(
         request, HEALTH_QUERY, b"", filters, _timeout(q.get("timeout")), _relay_factor(q.get("relay_factor"))

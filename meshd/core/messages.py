@@ -85,6 +85,7 @@ class PushPull(_Msg, tag=8, frozen=True):
     join: bool
     states: list[PushNodeState]
     reply: bool = False
+    query_ltime: int = 0  # the sender's query Lamport clock (Serf exchanges it the same way)
 
 
 class KeyOp(_Msg, tag=9, frozen=True):

@@ -457,7 +457,8 @@ class Node:
                     continue
                 # Merge first: a refutation of what they say about us goes into our reply.
                 self._merge(msg.states, now)
-                reply.append(wire.encode_message(PushPull(False, self._local_state(), True)))
+                self.queries.witness_push_pull(msg.query_ltime)
+                reply.append(wire.encode_message(self._push_pull(False, True)))
             elif isinstance(msg, Ping):
                 if msg.target and msg.target != self.name:
                     self.counters.inc("drops.misdirected")
@@ -488,6 +489,7 @@ class Node:
                 if not self._push_pull_ok(msg):
                     continue
                 self._merge(msg.states, now)
+                self.queries.witness_push_pull(msg.query_ltime)
                 if st.kind == "join":
                     self.counters.inc("join.ok")
             elif (
@@ -1026,13 +1028,17 @@ class Node:
             for m in self._members.values()
         ]
 
+    def _push_pull(self, join: bool, reply: bool) -> PushPull:
+        # The query clock rides along (Serf): a new or restarted node asks at the mesh's time.
+        return PushPull(join, self._local_state(), reply, self.queries.clock.time())
+
     def _new_stream(self, st: _Stream) -> int:
         self._stream_id += 1
         self._streams[self._stream_id] = st
         return self._stream_id
 
     def _open_push_pull(self, addr: str, kind: StreamKind, now: float, target: str = "") -> int:
-        push = wire.encode_message(PushPull(kind == "join", self._local_state(), False))
+        push = wire.encode_message(self._push_pull(kind == "join", False))
         data = self.codec.pack([push], self._node_id_of(target))
         sid = self._new_stream(_Stream(kind, target))
         timeout = self.config.tcp_timeout

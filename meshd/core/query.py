@@ -8,8 +8,11 @@ Rules (h11 style: the decisions are data, `ON_QUERY` below, and the tests walk t
 
     receiving a Query (in this order)                       verdict     rebroadcast  respond
     -----------------------------------------------------   ---------   -----------  -------
+    ltime outside [0, max_ltime) or more than                BAD_LTIME   no           no
+      max_ltime_jump ahead of our clock (never witnessed)
     too big, timeout outside (0, max], relay factor          INVALID     no           no
-      outside [0, max], or a bad/too long "re:" pattern
+      outside [0, max], too many names/tags, or a bad/too
+      long "re:" pattern
     ltime older than clock - ring size (after witnessing)    TOO_OLD     no           no
     (ltime, id) already in the ring                          DUPLICATE   no           no
     filters do not match this node                           NO_MATCH    yes          no
@@ -18,11 +21,23 @@ Rules (h11 style: the decisions are data, `ON_QUERY` below, and the tests walk t
     * Non-matching nodes still rebroadcast (Serf): the filter says who answers, not who relays.
     * The query clock is a Lamport clock: originate uses the current time and then increments;
       a received query is witnessed (clock = max(clock, ltime + 1)) before the age check.
+    * A key holder's lies about the clock are bounded: ltimes stay below `max_ltime` (2^53, far
+      inside msgpack's u64, so our own next query always encodes) and may run at most
+      `max_ltime_jump` ahead of our clock (an honest mesh never jumps that far between two
+      messages; the ring could not dedupe such a query anyway). Beyond either, the message is
+      dropped and counted, never witnessed. At the ceiling, originate refuses (StateError).
+    * Push-pull carries the clock too (Serf does): `witness_push_pull` takes it, up to the
+      ceiling the first time (a new node catches up with the mesh at once), clamped to
+      `max_ltime_jump` after that (a liar moves us forward by a bounded step only).
+    * The clock and the ring survive a restart: `export_state` / `restore` (the shell persists
+      them, meshd/state.py), so a replayed query stays a duplicate and a restarted node asks
+      at the mesh's time at once.
     * The ring has `ring_size` slots indexed by ltime % ring_size (Serf's queryBuffer, 512);
       a slot holds the ids seen at one ltime, at most `max_ids_per_slot` of them.
 
     receiving a QueryResponse for one of our queries        verdict     effect
     -----------------------------------------------------   ---------   -----------------------
+    ltime outside [0, max_ltime) or too far ahead (as above) BAD_LTIME   dropped (counted)
     no pending query with that id and ltime                  UNKNOWN     dropped (counted)
     deadline passed (the query is finished first)            LATE        dropped
     payload bigger than max_response_size                    TOO_BIG     dropped
@@ -40,10 +55,17 @@ Rules (h11 style: the decisions are data, `ON_QUERY` below, and the tests walk t
       marked `via_stream`: the shell carries it over TCP instead of UDP.
 
 Filters: `nodes` (names; empty = any), `site` and each `tags` value: an exact string, or
-"re:<pattern>", a Python regular expression that must match the whole value (unlike Serf's
-unanchored tag regexps: "re:s[1-3]" does not match "s10"). A literal value starting with "re:" is
-written as a pattern ("re:re:x" matches "re:x"). Patterns are bounded in length; tag values are
-the node's own short strings, which bounds the matching cost.
+"re:<pattern>", a regular expression that must match the whole value (unlike Serf's unanchored
+tag regexps: "re:s[1-3]" does not match "s10"). A literal value starting with "re:" is written as
+a pattern ("re:re:x" matches "re:x").
+
+Patterns run on RE2 (google-re2), which matches in time linear in the value: a pattern such as
+"(a+)+$" that makes a backtracking engine run for minutes costs nothing here (a forged query
+must not freeze every matching node). RE2 syntax is Python's minus what needs backtracking:
+backreferences (\\1), lookahead/lookbehind ((?=, (?!, (?<=, (?<!) and \\Z are refused with a
+clear error; \\d, \\w and \\s are ASCII-only. Patterns are bounded in length and in compiled
+size (`max_mem`), compiled patterns are cached (bounded), and a filter names at most
+`max_filter_nodes` nodes and `max_filter_tags` tags.
 """
 
 from __future__ import annotations
@@ -51,13 +73,13 @@ from __future__ import annotations
 import enum
 import functools
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
+import re2
 
 from meshd.core.counters import Counters
 from meshd.core.effects import MembershipEffect, Outbox, QueryDone
@@ -70,9 +92,14 @@ if TYPE_CHECKING:
 REGEX_PREFIX: Final = "re:"
 TAG_META_PREFIX: Final = "tag:"
 QUERY_TIMEOUT_MULT: Final = 16  # Serf's QueryTimeoutMult
+LTIME_CEILING: Final = 1 << 53  # far inside u64 (msgpack) and exact in a JSON double
+PATTERN_MAX_MEM: Final = 1 << 20  # RE2 budget per compiled pattern (program + DFA cache)
+PATTERN_CACHE_SIZE: Final = 64  # compiled patterns kept: at most 64 x PATTERN_MAX_MEM
+_RE2_HINT: Final = "RE2 syntax, linear time: no backreferences, lookaround or \\Z"
 
 
 class Verdict(enum.Enum):
+    BAD_LTIME = "bad_ltime"
     INVALID = "invalid"
     TOO_OLD = "too_old"
     DUPLICATE = "duplicate"
@@ -83,6 +110,7 @@ class Verdict(enum.Enum):
 # verdict -> (rebroadcast, respond)
 ON_QUERY: Final[Mapping[Verdict, tuple[bool, bool]]] = MappingProxyType(
     {
+        Verdict.BAD_LTIME: (False, False),
         Verdict.INVALID: (False, False),
         Verdict.TOO_OLD: (False, False),
         Verdict.DUPLICATE: (False, False),
@@ -93,6 +121,7 @@ ON_QUERY: Final[Mapping[Verdict, tuple[bool, bool]]] = MappingProxyType(
 
 
 class ResponseVerdict(enum.Enum):
+    BAD_LTIME = "bad_ltime"
     UNKNOWN = "unknown"
     LATE = "late"
     TOO_BIG = "too_big"
@@ -108,9 +137,21 @@ class QueryLimits:
     max_timeout: float = 300.0
     max_relay_factor: int = 5
     max_pattern_len: int = 256
+    max_filter_nodes: int = 256
+    max_filter_tags: int = 32
+    max_ltime: int = LTIME_CEILING  # ltimes are in [0, max_ltime)
+    max_ltime_jump: int = 1_000_000  # how far a received ltime may run ahead of our clock
     max_pending: int = 64  # queries this node has in flight
     ring_size: int = 512  # Serf's QueryBuffer
     max_ids_per_slot: int = 64
+
+
+@dataclass(frozen=True)
+class QueryState:
+    """What survives a restart: the clock and the recent (ltime, ids) the ring remembers."""
+
+    ltime: int = 0
+    seen: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (ltime, ids seen at that ltime), oldest first
 
 
 @dataclass(frozen=True)
@@ -171,16 +212,37 @@ def default_timeout(gossip_interval: float, cluster_size: int) -> float:
     return gossip_interval * QUERY_TIMEOUT_MULT * max(1, math.ceil(math.log10(cluster_size + 1)))
 
 
-@functools.lru_cache(maxsize=256)
-def _compile(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+class PatternError(ValueError):
+    """A "re:" pattern RE2 refuses; the message says why."""
+
+
+def _re2_options() -> Any:
+    options = re2.Options()
+    options.max_mem = PATTERN_MAX_MEM  # a huge pattern fails to compile instead of eating memory
+    options.log_errors = False  # a peer's bad pattern must not write to our stderr
+    return options
+
+
+_OPTIONS: Final = _re2_options()
+
+
+@functools.lru_cache(maxsize=PATTERN_CACHE_SIZE)
+def _compile(pattern: str) -> Any:
+    """The compiled RE2 pattern; PatternError when RE2 cannot compile it (never cached)."""
+    try:
+        return re2.compile(pattern, _OPTIONS)
+    except re2.error as exc:
+        detail = exc.args[0] if exc.args else exc
+        if isinstance(detail, bytes):
+            detail = detail.decode("utf-8", errors="replace")
+        raise PatternError(f"{detail} ({_RE2_HINT})") from None
 
 
 def _value_matches(want: str, have: str) -> bool:
     if want.startswith(REGEX_PREFIX):
         try:
             return _compile(want[len(REGEX_PREFIX) :]).fullmatch(have) is not None
-        except re.error:
+        except PatternError:
             return False
     return want == have
 
@@ -211,6 +273,10 @@ def split_meta(meta: Mapping[str, str]) -> tuple[str, dict[str, str]]:
 
 def filter_problem(filters: QueryFilter, limits: QueryLimits) -> str | None:
     """Why these filters are unusable ("filters.site: ..."), or None when they are fine."""
+    if len(filters.nodes) > limits.max_filter_nodes:
+        return f"filters.nodes: at most {limits.max_filter_nodes} node names"
+    if len(filters.tags) > limits.max_filter_tags:
+        return f"filters.tags: at most {limits.max_filter_tags} tags"
     values = [("filters.site", filters.site)]
     values += [(f"filters.tags.{key}", value) for key, value in filters.tags.items()]
     for where, value in values:
@@ -221,7 +287,7 @@ def filter_problem(filters: QueryFilter, limits: QueryLimits) -> str | None:
             return f"{where}: pattern longer than {limits.max_pattern_len} characters"
         try:
             _compile(pattern)
-        except re.error as exc:
+        except PatternError as exc:
             return f"{where}: bad regular expression: {exc}"
     return None
 
@@ -264,6 +330,7 @@ class QueryEngine:
         self.limits = limits or QueryLimits()
         self.clock = LamportClock()
         self.counters = Counters()
+        self._synced = False  # the clock came from a push-pull or a restored state at least once
         self._rng = rng
         self._pending: dict[int, _Pending] = {}
         self._ring: list[tuple[int, list[int]] | None] = [None] * self.limits.ring_size
@@ -299,6 +366,9 @@ class QueryEngine:
             raise ConfigError(problem)
         if len(self._pending) >= limits.max_pending:
             raise StateError(f"{limits.max_pending} queries already in flight")
+        if self.clock.time() >= limits.max_ltime - 1:
+            # Only reachable by a long run of maximal jumps; refusing beats a query nobody takes.
+            raise StateError("the query clock reached its ceiling")
         query_id = self._rng.getrandbits(32)
         while query_id in self._pending:
             query_id = self._rng.getrandbits(32)
@@ -335,9 +405,13 @@ class QueryEngine:
         self._pending.pop(query_id, None)
 
     def on_response(self, msg: QueryResponse, now: float) -> ResponseVerdict:
-        verdict = self._accept(msg, now)
+        verdict = self._accept(msg, now) if self._ltime_ok(msg.ltime) else ResponseVerdict.BAD_LTIME
         self._count(f"response.{verdict.value}")
         return verdict
+
+    def _ltime_ok(self, ltime: int) -> bool:
+        """Inside the bounds a received Query or QueryResponse must keep (module docstring)."""
+        return 0 <= ltime < self.limits.max_ltime and ltime - self.clock.time() <= self.limits.max_ltime_jump
 
     def _accept(self, msg: QueryResponse, now: float) -> ResponseVerdict:
         pending = self._pending.get(msg.id)
@@ -391,6 +465,45 @@ class QueryEngine:
             )
         )
 
+    # --- the clock across restarts and push-pull -------------------------------------------
+
+    def witness_push_pull(self, ltime: int) -> None:
+        """A peer's query clock from a push-pull exchange (Serf sends its clocks the same way)."""
+        limits = self.limits
+        if not (0 <= ltime < limits.max_ltime):
+            self._count("push_pull.bad_ltime")
+            return
+        if self._synced and ltime - self.clock.time() > limits.max_ltime_jump:
+            # Clamped, not dropped: a node left far behind (a long partition) still catches up,
+            # by bounded steps; a liar gains no more than one step per exchange.
+            self._count("push_pull.clamped")
+            ltime = self.clock.time() + limits.max_ltime_jump
+        self._synced = True
+        self.clock.witness(min(ltime, limits.max_ltime - 1))
+
+    def export_state(self) -> QueryState:
+        """The clock and the ring, for the shell to persist (meshd/state.py)."""
+        slots = sorted((slot for slot in self._ring if slot is not None), key=lambda slot: slot[0])
+        return QueryState(self.clock.time(), tuple((lt, tuple(ids)) for lt, ids in slots))
+
+    def restore(self, state: QueryState) -> None:
+        """Continue from a persisted state: the clock never goes back, known queries stay known.
+
+        Values out of bounds (a damaged file) are skipped; the ring keeps its bounds.
+        """
+        limits = self.limits
+        if 0 <= state.ltime < limits.max_ltime and state.ltime > self.clock.time():
+            self.clock = LamportClock(state.ltime)
+        self._synced = True
+        ring_size = len(self._ring)
+        horizon = self.clock.time() - ring_size
+        for ltime, ids in state.seen:
+            if not (0 <= ltime < limits.max_ltime) or ltime < horizon:
+                continue
+            self.clock.witness(ltime)  # a remembered query's ltime is below the clock
+            kept = list(dict.fromkeys(ids))[-limits.max_ids_per_slot :]
+            self._ring[ltime % ring_size] = (ltime, kept)
+
     # --- answering --------------------------------------------------------------------------
 
     def on_query(self, msg: Query, local_site: str, local_tags: Mapping[str, str], now: float) -> QueryAction:
@@ -402,11 +515,13 @@ class QueryEngine:
 
     def _judge(self, msg: Query, local_site: str, local_tags: Mapping[str, str]) -> Verdict:
         limits = self.limits
+        if not self._ltime_ok(msg.ltime):
+            return Verdict.BAD_LTIME  # never witnessed: the clock stays usable
         if (
             not (0 < msg.timeout <= limits.max_timeout)
             or not (0 <= msg.relay_factor <= limits.max_relay_factor)
+            or _encoded_size(msg) > limits.max_query_size  # first: it bounds the filter's work
             or filter_problem(msg.filters, limits) is not None
-            or _encoded_size(msg) > limits.max_query_size
         ):
             return Verdict.INVALID
         self.clock.witness(msg.ltime)
@@ -470,6 +585,9 @@ class QueryEngine:
         """A Relay arrived: forward the inner answer to its destination (or take it if ours)."""
         if msg.dest == self.local_name:
             self.on_response(msg.response, now)
+            return []
+        if not (0 <= msg.response.ltime < self.limits.max_ltime):
+            self._count("relay.bad_ltime")  # a relay passes on nothing we would not accept
             return []
         self._count("relay.forwarded")
         return [self._outbound(msg.dest_addr, msg.response)]

@@ -220,6 +220,7 @@ def test_every_verdict_acts_as_the_table_says() -> None:
     other = ask(origin, None, filters=QueryFilter(site="s1"))
     cases.append((Verdict.NO_MATCH, other, "s2"))
     cases.append((Verdict.INVALID, msgspec.structs.replace(good, id=7, timeout=0.0), "s1"))
+    cases.append((Verdict.BAD_LTIME, msgspec.structs.replace(good, id=9, ltime=(1 << 64) - 1), "s1"))
     # last: a query from far behind this node's clock
     cases.append((Verdict.TOO_OLD, msgspec.structs.replace(good, id=8), "s1"))
     seen = set()
@@ -235,6 +236,7 @@ def test_every_verdict_acts_as_the_table_says() -> None:
     assert ON_QUERY[Verdict.DUPLICATE] == (False, False)
     assert b.counters["query.match"] == 1
     assert b.counters["query.too_old"] == 1
+    assert b.counters["query.bad_ltime"] == 1
     not_ours = b.on_query(ask(origin, None, filters=QueryFilter(site="s9")), "s1", {}, 1.0)
     with pytest.raises(ValueError, match="does not answer"):
         b.respond(not_ours, b"x", [], 1.0)
@@ -522,3 +524,160 @@ def test_query_messages_round_trip_with_their_tags() -> None:
         data = msgspec.msgpack.encode(msg)
         assert msgspec.msgpack.decode(data)[0] == tag
         assert msgspec.msgpack.decode(data, type=Message) == msg
+
+
+# --- a key holder's lies about the clock are bounded (issue 9) ----------------------------------
+
+
+@pytest.mark.parametrize("ltime", [(1 << 64) - 1, 1 << 53, -1, 41 + 1_000_000 + 1])
+def test_query_with_ltime_beyond_the_bounds_is_dropped_counted_and_never_witnessed(ltime: int) -> None:
+    origin, b = engine("a"), engine("b")
+    b.clock.witness(40)  # the jump is measured from 41: 41 + 1,000,000 is the furthest allowed
+    forged = msgspec.structs.replace(ask(origin, None), ltime=ltime)
+    action = b.on_query(forged, "s1", {}, 1.0)
+    assert action.verdict is Verdict.BAD_LTIME
+    assert not action.rebroadcast
+    assert not action.respond
+    assert b.clock.time() == 41
+    assert b.counters["query.bad_ltime"] == 1
+    # The clock still works: b's next query encodes and is answered.
+    q = ask(b, {"a"})
+    msgspec.msgpack.encode(q)
+    deliver(answer(origin, q, 100.1), b, 100.1)
+    [result] = results(b)
+    assert [r.name for r in result.responses] == ["a"]
+
+
+def test_the_largest_allowed_jump_is_witnessed() -> None:
+    origin, b = engine("a"), engine("b")
+    q = msgspec.structs.replace(ask(origin, None), ltime=1_000_000)
+    assert b.on_query(q, "s1", {}, 1.0).verdict is Verdict.MATCH
+    assert b.clock.time() == 1_000_001
+
+
+def test_responses_and_relays_with_ltime_beyond_the_bounds_are_dropped_and_counted() -> None:
+    a = engine("a")
+    q = ask(a, {"b"})
+    forged = QueryResponse((1 << 64) - 1, q.id, "b", b"x")
+    assert a.on_response(forged, 100.1) is ResponseVerdict.BAD_LTIME
+    assert a.counters["response.bad_ltime"] == 1
+    assert a.on_relay(Relay("z", "127.0.0.1:1", forged), 100.1) == []
+    assert a.counters["relay.bad_ltime"] == 1
+    a.on_response(QueryResponse(q.ltime, q.id, "b", b"x"), 100.2)  # the real answer still counts
+    [result] = results(a)
+    assert not result.timed_out
+
+
+def test_originate_refuses_at_the_clock_ceiling_instead_of_overflowing() -> None:
+    a = engine("a", max_ltime=100)
+    a.clock.witness(98)
+    with pytest.raises(StateError, match="ceiling"):
+        ask(a, None)
+
+
+def test_push_pull_clock_caught_up_once_then_clamped_to_the_jump() -> None:
+    fresh = engine("a")
+    fresh.witness_push_pull(5_000_000)  # a new node joins a mesh that ran a long time
+    assert fresh.clock.time() == 5_000_001
+    fresh.witness_push_pull(10)  # behind: nothing changes
+    assert fresh.clock.time() == 5_000_001
+    fresh.witness_push_pull((1 << 53) - 1)  # a liar: one bounded step only
+    assert fresh.clock.time() == 6_000_002
+    assert fresh.counters["push_pull.clamped"] == 1
+    for bad in (-1, 1 << 53, (1 << 64) - 1):
+        fresh.witness_push_pull(bad)
+    assert fresh.clock.time() == 6_000_002
+    assert fresh.counters["push_pull.bad_ltime"] == 3
+
+
+# --- filters in linear time (RE2) ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(5)  # Python's re takes minutes (exponential backtracking) on these
+@pytest.mark.parametrize("pattern", ["(a+)+$", "(a|aa)+$", "(a|a?)+$", "(.*a){12}"])
+def test_catastrophic_backtracking_patterns_match_in_linear_time(pattern: str) -> None:
+    value = "a" * 5_000 + "!"
+    filters = QueryFilter(site="re:" + pattern)
+    for _ in range(3):  # a forged query reaches every matching node; each answers fast
+        assert not matches(filters, "n1", value, {})
+        assert not matches(QueryFilter(tags={"k": "re:" + pattern}), "n1", "s1", {"k": value})
+    b = engine("b")
+    q = msgspec.structs.replace(ask(engine("a"), None), filters=filters)
+    assert b.on_query(q, value, {}, 1.0).verdict is Verdict.NO_MATCH
+
+
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        (r"(a)\1", r"invalid escape sequence: \\1"),
+        ("(?=a)a", r"invalid perl operator: \(\?="),
+        ("(?<!a)b", r"invalid perl operator: \(\?<!"),
+        (r"a\Z", r"invalid escape sequence: \\Z"),
+        ("(", "missing \\)"),
+        ("a{1001}", "invalid repetition size"),
+    ],
+)
+def test_patterns_re2_cannot_run_are_refused_with_a_clear_error(pattern: str, why: str) -> None:
+    a = engine("a")
+    with pytest.raises(ConfigError, match=r"^filters\.site: bad regular expression: " + why) as info:
+        ask(a, None, filters=QueryFilter(site="re:" + pattern))
+    assert "no backreferences, lookaround" in str(info.value)
+    with pytest.raises(ConfigError, match=r"^filters\.tags\.k: bad regular expression: "):
+        ask(a, None, filters=QueryFilter(tags={"k": "re:" + pattern}))
+    # Received from a peer: invalid, never matched (and it never raises).
+    q = msgspec.structs.replace(ask(engine("c"), None), filters=QueryFilter(site="re:" + pattern))
+    assert engine("b").on_query(q, "s1", {}, 1.0).verdict is Verdict.INVALID
+
+
+def test_patterns_keep_full_match_semantics_on_re2() -> None:
+    assert matches(QueryFilter(site="re:s[1-3]"), "n", "s2", {})
+    assert not matches(QueryFilter(site="re:s[1-3]"), "n", "s10", {})
+    assert not matches(QueryFilter(site="re:s[1-3]"), "n", "xs1", {})
+    assert matches(QueryFilter(site="re:re:x"), "n", "re:x", {})
+    assert matches(QueryFilter(site="re:(?i)SHOP-(?P<n>\\d+)"), "n", "shop-12", {})
+    assert matches(QueryFilter(site="re:caf\u00e9|.*\u00fc"), "n", "caf\u00e9", {})
+
+
+def test_filters_name_a_bounded_number_of_nodes_and_tags() -> None:
+    a = engine("a", max_filter_nodes=3, max_filter_tags=2)
+    with pytest.raises(ConfigError, match=r"filters\.nodes: at most 3 node names"):
+        ask(a, None, filters=QueryFilter(nodes=["a", "b", "c", "d"]))
+    with pytest.raises(ConfigError, match=r"filters\.tags: at most 2 tags"):
+        ask(a, None, filters=QueryFilter(tags={"a": "1", "b": "2", "c": "3"}))
+    q = msgspec.structs.replace(ask(engine("c"), None), filters=QueryFilter(nodes=["a", "b", "c", "d"]))
+    assert a.on_query(q, "s1", {}, 1.0).verdict is Verdict.INVALID
+
+
+# --- clock and ring across a restart ------------------------------------------------------------
+
+
+def test_restored_engine_keeps_its_clock_and_dedupes_queries_seen_before_the_restart() -> None:
+    origin, b = engine("a"), engine("b")
+    seen = [ask(origin, None) for _ in range(20)]
+    for q in seen:
+        b.on_query(q, "s1", {}, 1.0)
+    saved = b.export_state()
+    assert saved.ltime == 20
+    assert [lt for lt, _ in saved.seen] == list(range(20))
+    restarted = engine("b", seed=2)
+    restarted.restore(saved)
+    assert restarted.clock.time() >= 20
+    for q in seen:  # a replay after the restart is still a duplicate
+        assert restarted.on_query(q, "s1", {}, 2.0).verdict is Verdict.DUPLICATE
+    assert ask(restarted, None).ltime >= 20
+    # The restored clock counts as synced: a push-pull lie is clamped.
+    restarted.witness_push_pull(50_000_000)
+    assert restarted.clock.time() <= 21 + 1_000_001
+
+
+def test_restore_skips_values_out_of_bounds_and_never_moves_the_clock_back() -> None:
+    from meshd.core.query import QueryState
+
+    b = engine("b", ring_size=8, max_ids_per_slot=2)
+    b.clock.witness(100)
+    b.restore(QueryState(5, ((1 << 60, (1,)), (-1, (2,)), (3, (3,)), (99, (4, 5, 6)))))
+    assert b.clock.time() == 101  # not back to 5
+    state = b.export_state()
+    assert state.seen == ((99, (5, 6)),)  # ltime 3 is older than the ring; ids bounded per slot
+    b.restore(QueryState((1 << 64) - 1))
+    assert b.clock.time() == 101
