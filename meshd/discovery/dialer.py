@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from meshd.config import DiscoveryConfig
 from meshd.core.counters import Counters
+from meshd.units import format_hostport
 
 __all__ = ["Dialer", "parse_ip_port"]
 
@@ -65,10 +66,6 @@ def parse_ip_port(text: str) -> tuple[str, int] | None:
     return str(ip), port
 
 
-def format_ip_port(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 @dataclass
 class _Address:
     names: set[str] = field(default_factory=set)
@@ -101,7 +98,7 @@ class Dialer:
         if parsed is None:
             self.counters.inc("discovery.offers_ignored")
             return False
-        addr = format_ip_port(*parsed)
+        addr = format_hostport(*parsed)
         old = self.offers.get(name)
         if old is None and len(self.offers) >= self.config.max_offers:
             self.counters.inc("discovery.table_full")

@@ -37,8 +37,9 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from meshd import PROTOCOL_VERSION
 from meshd.core.counters import Counters
-from meshd.discovery.dialer import format_ip_port, parse_ip_port
+from meshd.discovery.dialer import parse_ip_port
 from meshd.errors import ConfigError
+from meshd.units import format_hostport
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +407,7 @@ class Discovery:
         """The offer's candidate: a literal IP:port from its A records (one on our subnets first)."""
         candidates = []
         for addr in addrs:
-            parsed = parse_ip_port(format_ip_port(addr, port or 0))
+            parsed = parse_ip_port(format_hostport(addr, port or 0))
             if parsed is not None:
                 candidates.append(parsed)
         if not candidates:
@@ -415,8 +416,8 @@ class Discovery:
             nets = interface_networks(self.interfaces)
             for ip, p in candidates:
                 if any(ipaddress.ip_address(ip) in net for net in nets):
-                    return format_ip_port(ip, p)
-        return format_ip_port(*candidates[0])
+                    return format_hostport(ip, p)
+        return format_hostport(*candidates[0])
 
     def _offer(self, name: str) -> None:
         peer = self.peers[name]

@@ -8,6 +8,7 @@ reduction of an mDNS offer to a literal IP:port, and the runtime's bound on a jo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import socket
 
@@ -63,8 +64,8 @@ def test_fifty_names_for_one_address_are_one_candidate_dialed_a_bounded_number_o
     started = run(d, 0.0, 80.0)
     # One attempt at a time, backing off 2, 4, 8, 16, 32 s (+-20 %): six tries in 80 s, not 880.
     assert 5 <= len(started) <= 6
-    gaps = [b - a for a, b in zip(started, started[1:], strict=False)]
-    assert all(later > earlier for earlier, later in zip(gaps, gaps[1:], strict=False))
+    gaps = [b - a for a, b in itertools.pairwise(started)]
+    assert all(later > earlier for earlier, later in itertools.pairwise(gaps))
     assert d.counters["discovery.attempts"] == len(started)
     assert d.counters["discovery.failures"] == len(started)
 
@@ -156,7 +157,8 @@ def test_host_names_paths_and_junk_are_ignored_and_counted() -> None:
         assert parse_ip_port(text) is None, text
         assert not d.offer(f"n{i}", text, 0.0)
     assert d.counters["discovery.offers_ignored"] == len(junk)
-    assert d.offers == {} and d.addresses == {}
+    assert d.offers == {}
+    assert d.addresses == {}
     assert parse_ip_port("198.18.0.1:7788") == ("198.18.0.1", 7788)
     assert parse_ip_port("[fd00::1]:7788") == ("fd00::1", 7788)
 
@@ -200,7 +202,8 @@ def test_new_addresses_are_rate_limited_and_dials_in_flight_capped() -> None:
 def test_discovery_config_from_the_discovery_table() -> None:
     cfg = NodeConfig(extra={"discovery": {"max-dials": 2, "dial-timeout": "500ms"}})
     limits = discovery_config(cfg)
-    assert limits.max_dials == 2 and limits.dial_timeout == 0.5
+    assert limits.max_dials == 2
+    assert limits.dial_timeout == 0.5
     assert discovery_config(NodeConfig()) == DiscoveryConfig()
     for bad in ({"max_dials": 0}, {"dial_rate": 0}, {"nope": 1}):
         with pytest.raises(ConfigError, match=r"\[discovery\]"):
