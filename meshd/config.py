@@ -44,7 +44,9 @@ __all__ = [
     "DEFAULT_BIND",
     "DEFAULT_DATA_DIR",
     "DEFAULT_PORT",
+    "DiscoveryConfig",
     "NodeConfig",
+    "discovery_config",
     "load_config",
 ]
 
@@ -115,12 +117,51 @@ class NodeConfig:
     def validate(self) -> None:
         """Checks across fields (single values are checked while loading)."""
         self.dist_config()
+        discovery_config(self)
         host, _ = self.bind_hostport
         if self.insecure and not is_loopback_host(host):
             raise ConfigError(
                 f"--insecure refuses to start unless bound to loopback (bind is {self.bind}); "
                 "use --cluster-key-file for anything else"
             )
+
+
+# --- [discovery]: how far mDNS offers may make this node dial (hostile site networks) ---------
+
+
+class DiscoveryConfig(Table, frozen=True):
+    """The [discovery] table: limits on what mDNS offers can make this node dial.
+
+    Offers are retried per address, not per service name, so these bound a spoofer's reach.
+    """
+
+    max_offers: Annotated[int, msgspec.Meta(ge=1)] = 256  # mDNS service names tracked
+    max_addresses: Annotated[int, msgspec.Meta(ge=1)] = 64  # IP:port candidates tracked
+    max_dials: Annotated[int, msgspec.Meta(ge=1)] = 4  # join attempts in flight at once
+    dial_rate: Annotated[float, msgspec.Meta(gt=0)] = 1.0  # new addresses dialed per second
+    dial_burst: Annotated[int, msgspec.Meta(ge=1)] = 4  # ... and at once after a quiet spell
+    dial_timeout: Annotated[float, Parsed(parse_duration), msgspec.Meta(gt=0)] = 5.0
+    retry_base: Annotated[float, Parsed(parse_duration), msgspec.Meta(gt=0)] = 2.0
+    retry_max: Annotated[float, Parsed(parse_duration), msgspec.Meta(gt=0)] = 300.0
+    give_up_after: Annotated[int, msgspec.Meta(ge=1)] = 8  # failures; then only a new offer revives it
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any] | None, where: str = "[discovery]") -> DiscoveryConfig:
+        """The table as written (max-dials or max_dials); errors name `where` and the key."""
+        if not table:
+            return cls()
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: expected a table")
+        spelled = {canonical_key(k): str(k) for k in table}
+        values = {canonical_key(k): v for k, v in table.items()}
+        return decode(values, cls, lambda key: f"{where} {spelled.get(key, key)}")
+
+
+def discovery_config(cfg: NodeConfig) -> DiscoveryConfig:
+    """The node's [discovery] table, decoded."""
+    return DiscoveryConfig.from_table(
+        cfg.extra.get("discovery"), f"{cfg.source}: [discovery]" if cfg.source else "[discovery]"
+    )
 
 
 def _default_name() -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 from meshd import PROTOCOL_VERSION, __version__, discovery, state
 from meshd.api.app import ApiServer, create_api_app
-from meshd.config import NodeConfig
+from meshd.config import NodeConfig, discovery_config
 from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.node import MemberEvent, MemberView, Node
 from meshd.core.query import QueryEngine, QueryResult, default_timeout
@@ -144,11 +144,11 @@ class Daemon:
             timeout = default_timeout(node.config.gossip_interval, node.num_active())
         return await self.runtime.ask(name, payload, filters, timeout, relay_factor)
 
-    async def join(self, addrs: list[str]) -> int:
+    async def join(self, addrs: list[str], timeout: float | None = None) -> int:
         resolved: list[str] = []
         for a in addrs:
             resolved.extend(await resolve_hostport(a, self._family))
-        joined = await self.runtime.join(resolved)
+        joined = await self.runtime.join(resolved, timeout)
         if joined:
             self._set_ready("joined")
         return joined
@@ -395,7 +395,7 @@ class Daemon:
         if not cfg.advertise and is_wildcard(bind_host):
             self._spawn(self._address_watch_loop(port))
         if cfg.mdns:
-            self._discovery = await discovery.start(self)
+            self._discovery = await discovery.start(self, discovery_config(cfg))
             self._exit.push_async_callback(self._close_discovery)
             self._metrics.append(self._discovery)
         self._install_signals()  # not undone: a second signal during shutdown still exits at once

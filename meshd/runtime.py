@@ -12,6 +12,7 @@ out one effect, is logged and counted, never allowed to stop the loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -105,6 +106,7 @@ class NodeRuntime:
         self._subscribers: set[Subscription] = set()
         self._listeners: list[EventListener] = []
         self._stream_waiters: dict[int, asyncio.Future[bool]] = {}
+        self._stream_caps: dict[int, float] = {}  # join(timeout=): the exchange's own bound
         self._query_waiters: dict[int, asyncio.Future[QueryResult]] = {}
         self._answerer: QueryAnswerer | None = None
         self._answering = 0
@@ -171,6 +173,8 @@ class NodeRuntime:
             fut: asyncio.Future[bool] = self.loop.create_future()
             self._stream_waiters[sid] = fut
             waiters.append(fut)
+            if timeout is not None:
+                self._stream_caps[sid] = timeout
         self._flush()
         if not waiters:
             return 0
@@ -388,6 +392,10 @@ class NodeRuntime:
             self.udp.sendto(data, addr)
 
     def open_stream(self, req: OpenStream) -> None:
+        cap = self._stream_caps.pop(req.id, None)
+        if cap is not None and cap < req.timeout:
+            # A blackholed address must not hold an outgoing connection for the core's long timeout.
+            req = dataclasses.replace(req, timeout=cap)
         task = self.loop.create_task(self._run_stream(req))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -166,6 +166,7 @@ class FakeHost:
     people: Sequence[MemberView] = ()
     join_result: int = 1
     joins: list[list[str]] = field(default_factory=list)
+    join_timeouts: list[float | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.node_id = self.node_id or f"id-{self.name}"
@@ -173,8 +174,9 @@ class FakeHost:
     def members(self) -> Sequence[MemberView]:
         return self.people
 
-    async def join(self, addrs: list[str]) -> int:
+    async def join(self, addrs: list[str], timeout: float | None = None) -> int:
         self.joins.append(addrs)
+        self.join_timeouts.append(timeout)
         return self.join_result
 
 

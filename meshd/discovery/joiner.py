@@ -1,7 +1,8 @@
-"""mDNS discovery bound to the daemon: join the same-cluster peers it finds, report back.
+"""mDNS discovery bound to the daemon: join the same-cluster peers it finds.
 
-A peer whose join fails (another key, an address that does not answer) is offered again only
-after Discovery's exponential backoff; one already alive in the membership is marked joined.
+Shell around the sans-IO Dialer: offers go in by name, dials come out by address, at most
+`max_dials` at once, each bounded by `dial_timeout`; a failed address is retried on the Dialer's
+backoff (never per name), and one already alive in the membership is not dialed.
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import random
 import re
 from collections.abc import Sequence
 from typing import Protocol
 
+from meshd.config import DiscoveryConfig
 from meshd.core.messages import MemberState
 from meshd.core.node import MemberView
+from meshd.discovery.dialer import Dialer
 from meshd.discovery.mdns import MAX_LABEL, Discovery, valid_instance_name
 from meshd.errors import ConfigError
 from meshd.metrics import Exposition
@@ -38,14 +42,21 @@ class DiscoveryHost(Protocol):
     @property
     def mdns_interfaces(self) -> list[str]: ...  # IPv4 addresses to confine mDNS to; [] = all
     def members(self) -> Sequence[MemberView]: ...
-    async def join(self, addrs: list[str]) -> int: ...  # how many answered
+    async def join(self, addrs: list[str], timeout: float | None = None) -> int: ...  # how many answered
 
 
 class DaemonDiscovery:
     """Discovery bound to a running daemon: joins what it finds and reports the outcome back."""
 
-    def __init__(self, daemon: DiscoveryHost) -> None:
+    def __init__(
+        self,
+        daemon: DiscoveryHost,
+        config: DiscoveryConfig | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.daemon = daemon
+        self.config = config or DiscoveryConfig()
+        self.dialer = Dialer(self.config, rng or random.Random())
         host, _, port = daemon.addr.rpartition(":")
         host = host.strip("[]")
         wanted = list(daemon.mdns_interfaces)
@@ -75,8 +86,11 @@ class DaemonDiscovery:
             interfaces=interfaces or None,
             on_peer=self._on_peer,
             on_gone=self._on_gone,
+            max_services=self.config.max_offers,
         )
-        self._joins: dict[str, asyncio.Task[None]] = {}
+        self._joins: dict[str, asyncio.Task[None]] = {}  # by address
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
 
     @property
     def counters(self) -> dict[str, int]:
@@ -84,6 +98,13 @@ class DaemonDiscovery:
 
     def collect_metrics(self, out: Exposition) -> None:
         out.core_counters({f"mdns.{k}": v for k, v in self.discovery.counters.items()})
+        out.core_counters(self.dialer.counters)
+        out.gauge("meshd_discovery_addresses", "addresses discovery may dial", len(self.dialer.addresses))
+        out.gauge("meshd_discovery_dials_in_flight", "discovery join attempts in flight", len(self._joins))
+
+    def retry_delay(self, addr: str) -> float:
+        """Seconds until a failed `addr` is dialed again (0 when due, joined or unknown)."""
+        return self.dialer.retry_delay(addr, asyncio.get_running_loop().time())
 
     async def start(self) -> None:
         await self.discovery.start()
@@ -95,6 +116,10 @@ class DaemonDiscovery:
             await self.discovery.update(addresses=[host])
 
     async def close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for task in list(self._joins.values()):
             task.cancel()
         await asyncio.gather(*self._joins.values(), return_exceptions=True)
@@ -109,40 +134,60 @@ class DaemonDiscovery:
         return alive
 
     def _on_peer(self, name: str, addr: str, txt: dict[str, str]) -> None:
-        if addr in self._alive_addrs():
-            self.discovery.mark_joined(name)
-            return
-        if name in self._joins:
-            return  # a join with it is already under way
-        self._joins[name] = asyncio.create_task(self._join(name, addr))
-
-    async def _join(self, name: str, addr: str) -> None:
-        try:
-            joined = await self.daemon.join([addr])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.info("mDNS: join %s at %s failed: %s", name, addr, exc)
-            joined = 0
-        finally:
-            self._joins.pop(name, None)
-        if joined:
-            self.discovery.mark_joined(name)
-            log.info("mDNS: joined %s at %s", name, addr)
-        else:
-            self.discovery.mark_failed(name)
-            log.info(
-                "mDNS: %s at %s did not answer a join; next try in %.0fs",
-                name, addr, self.discovery.retry_delay(name),
-            )  # fmt: skip
+        if self.dialer.offer(name, addr, asyncio.get_running_loop().time()):
+            self._pump()
 
     def _on_gone(self, name: str) -> None:
         log.debug("mDNS: %s withdrew its service", name)
+        self.dialer.withdraw(name)  # its address is forgotten once nothing else names it
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start what the Dialer says is due, and wake up when the next thing will be."""
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for addr in self.dialer.take_due(now, self._alive_addrs()):
+            self._joins[addr] = loop.create_task(self._join(addr))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.dialer.next_deadline(now)
+        if deadline is not None:
+            self._timer = loop.call_at(deadline, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        self._pump()
+
+    async def _join(self, addr: str) -> None:
+        timeout = self.config.dial_timeout
+        try:
+            # The daemon bounds the exchange itself; wait_for also frees the slot if it does not.
+            joined = await asyncio.wait_for(self.daemon.join([addr], timeout=timeout), timeout + 1.0)
+        except asyncio.CancelledError:
+            self._joins.pop(addr, None)
+            raise
+        except Exception as exc:
+            log.info("mDNS: join %s failed: %r", addr, exc)
+            joined = 0
+        self._joins.pop(addr, None)
+        loop = asyncio.get_running_loop()
+        self.dialer.done(addr, joined > 0, loop.time())
+        if joined:
+            log.info("mDNS: joined %s", addr)
+        else:
+            log.info(
+                "mDNS: %s did not answer a join; next try in %.0fs",
+                addr, self.dialer.retry_delay(addr, loop.time()),
+            )  # fmt: skip
+        self._pump()
 
 
-async def start(daemon: DiscoveryHost) -> DaemonDiscovery:
+async def start(daemon: DiscoveryHost, config: DiscoveryConfig | None = None) -> DaemonDiscovery:
     """The daemon's hook: advertise it, browse, and join same-cluster peers as they appear."""
-    handle = DaemonDiscovery(daemon)
+    handle = DaemonDiscovery(daemon, config)
     await handle.start()
     return handle
 

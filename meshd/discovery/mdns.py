@@ -1,8 +1,10 @@
 """mDNS discovery: advertise this node as `_meshd._udp.local.` and offer same-cluster peers.
 
-Shell code (asyncio + python-zeroconf). It only finds candidates; joining them is the daemon's job.
-The daemon reports back with `mark_joined` / `mark_failed`; a peer that keeps failing (another key,
-unreachable address) is offered again only after an exponential backoff, never in a tight loop.
+Shell code (asyncio + python-zeroconf). It only finds candidates; joining them, and retrying per
+address, is the daemon's job (joiner.py, dialer.py). A peer is offered once when it appears and
+again only when its address changes. Offers are literal IP:port from the A records of the offer
+(never a host name to resolve); anything else is counted as malformed. The service table is
+capped: anyone on the site network can announce names.
 
 When `interfaces` is given, mDNS is confined to them: multicast goes out only through those
 interfaces, the listening socket ignores groups joined elsewhere, and unicast replies to addresses
@@ -15,12 +17,11 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import random
 import re
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ifaddr
@@ -36,7 +37,9 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from meshd import PROTOCOL_VERSION
 from meshd.core.counters import Counters
+from meshd.discovery.dialer import parse_ip_port
 from meshd.errors import ConfigError
+from meshd.units import format_hostport
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,7 @@ SERVICE_TYPE = "_meshd._udp.local."
 RESOLVE_TIMEOUT_MS = 3000
 # Resolution after a lost packet: the browser would not ask again before the PTR refresh (minutes).
 RESOLVE_RETRIES = (1.0, 2.0, 4.0)
-BACKOFF_BASE_S = 2.0
-BACKOFF_MAX_S = 300.0
+MAX_SERVICES = 256  # same-cluster services tracked (resolved or resolving); more are counted
 MAX_LABEL = 63
 # Linux: deliver only the multicast groups joined on this very socket (not on other interfaces).
 _IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)
@@ -61,13 +63,6 @@ class PeerRecord:
     name: str
     addr: str
     txt: dict[str, str]
-
-
-@dataclass
-class _Backoff:
-    failures: int = 0
-    not_before: float = 0.0
-    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
 def interface_networks(interfaces: list[str]) -> list[ipaddress.IPv4Network]:
@@ -165,9 +160,7 @@ class Discovery:
         on_peer: PeerCallback,
         on_gone: GoneCallback | None = None,
         *,
-        backoff_base: float = BACKOFF_BASE_S,
-        backoff_max: float = BACKOFF_MAX_S,
-        rng: random.Random | None = None,
+        max_services: int = MAX_SERVICES,
     ) -> None:
         if not valid_instance_name(name):
             raise ConfigError(f"node name {name!r}: mDNS needs 1-63 bytes without dots")
@@ -181,9 +174,7 @@ class Discovery:
         self.interfaces = list(interfaces) if interfaces is not None else None
         self.on_peer = on_peer
         self.on_gone = on_gone
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self._rng = rng or random.Random()
+        self.max_services = max_services
         self.peers: dict[str, PeerRecord] = {}
         self.counters = Counters(
             dict.fromkeys(
@@ -193,11 +184,11 @@ class Discovery:
                     "ignored_self",
                     "ignored_malformed",
                     "offers",
-                    "retries",
                     "removed",
                     "resolve_failed",
                     "name_conflicts",
                     "unicast_dropped",
+                    "table_full",
                 ),
                 0,
             )
@@ -206,7 +197,6 @@ class Discovery:
         self._aiozc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
-        self._backoff: dict[str, _Backoff] = {}
         self._resolving: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()
         self._seen_cluster_other: set[str] = set()
@@ -279,9 +269,6 @@ class Discovery:
 
     async def stop(self) -> None:
         """Send goodbyes and close the sockets."""
-        for backoff in self._backoff.values():
-            if backoff.timer is not None:
-                backoff.timer.cancel()
         for task in list(self._resolving.values()):
             task.cancel()
         for task in list(self._resolving.values()):
@@ -296,36 +283,7 @@ class Discovery:
             self._aiozc = None
         self.advertising = False
 
-    # ---- feedback from the daemon ------------------------------------------------------------
-
-    def mark_joined(self, name: str) -> None:
-        """A join with this peer worked: forget its failures."""
-        backoff = self._backoff.pop(name, None)
-        if backoff is not None and backoff.timer is not None:
-            backoff.timer.cancel()
-
-    def mark_failed(self, name: str) -> None:
-        """A join with this peer failed: offer it again after an exponential backoff."""
-        backoff = self._backoff.setdefault(name, _Backoff())
-        backoff.failures += 1
-        delay = min(self.backoff_max, self.backoff_base * 2 ** (backoff.failures - 1))
-        delay *= self._rng.uniform(0.8, 1.2)  # jitter: do not retry in lockstep with others
-        now = self._now()
-        backoff.not_before = now + delay
-        if backoff.timer is not None:
-            backoff.timer.cancel()
-        if self._loop is not None:
-            backoff.timer = self._loop.call_later(delay, self._retry, name)
-
-    def retry_delay(self, name: str) -> float:
-        """Seconds until this peer may be offered again (0 when not backing off)."""
-        backoff = self._backoff.get(name)
-        return 0.0 if backoff is None else max(0.0, backoff.not_before - self._now())
-
     # ---- internals ---------------------------------------------------------------------------
-
-    def _now(self) -> float:
-        return self._loop.time() if self._loop is not None else 0.0
 
     def _count_unicast_drop(self) -> None:
         self.counters["unicast_dropped"] += 1
@@ -375,15 +333,14 @@ class Discovery:
                 task.cancel()
             if self.peers.pop(instance, None) is not None:
                 self.counters["removed"] += 1
-                backoff = self._backoff.get(instance)
-                if backoff is not None and backoff.timer is not None:
-                    backoff.timer.cancel()
-                    backoff.timer = None
                 if self.on_gone is not None:
                     self._call(self.on_gone, instance)
             return
         if instance in self._resolving:
             self._dirty.add(instance)  # resolve again once the running one ends
+            return
+        if instance not in self.peers and len(self.peers) + len(self._resolving) >= self.max_services:
+            self.counters["table_full"] += 1  # a flood of names: no resolving, no offering
             return
         self._resolving[instance] = asyncio.create_task(self._resolve(instance, name))
 
@@ -427,49 +384,40 @@ class Discovery:
             self.counters["ignored_self"] += 1
             return
         if txt.get("cluster") != self.cluster:
-            if instance not in self._seen_cluster_other:
+            if instance not in self._seen_cluster_other and len(self._seen_cluster_other) < self.max_services:
                 self._seen_cluster_other.add(instance)
                 self.counters["ignored_cluster"] += 1
             return
-        addr = self._pick_address(info.parsed_addresses(IPVersion.V4Only))
-        if addr is None or not info.port or not txt.get("id") or not txt.get("v", "").isdigit():
+        host_port = self._pick_address(info.parsed_addresses(IPVersion.V4Only), info.port)
+        if host_port is None or not txt.get("id") or not txt.get("v", "").isdigit():
             self.counters["ignored_malformed"] += 1
             return
-        host_port = f"{addr}:{info.port}"
         old = self.peers.get(instance)
+        if old is None and len(self.peers) >= self.max_services:
+            self.counters["table_full"] += 1
+            return
         self.peers[instance] = PeerRecord(instance, host_port, txt)
         if old is None:
             self.counters["discovered"] += 1
         elif old.addr == host_port:
             return  # TXT-only change: membership gossip carries meta, no new join needed
-        backoff = self._backoff.get(instance)
-        if old is not None and backoff is not None:
-            # A new address deserves a fresh try.
-            self.mark_joined(instance)
-        elif backoff is not None and backoff.not_before > self._now():
-            # Still backing off (gone and back, maybe re-announcing): its timer will offer it.
-            if backoff.timer is None and self._loop is not None:
-                backoff.timer = self._loop.call_later(backoff.not_before - self._now(), self._retry, instance)
-            return
         self._offer(instance)
 
-    def _pick_address(self, addrs: list[str]) -> str | None:
-        if not addrs:
+    def _pick_address(self, addrs: list[str], port: int | None) -> str | None:
+        """The offer's candidate: a literal IP:port from its A records (one on our subnets first)."""
+        candidates = []
+        for addr in addrs:
+            parsed = parse_ip_port(format_hostport(addr, port or 0))
+            if parsed is not None:
+                candidates.append(parsed)
+        if not candidates:
             return None
         if self.interfaces is not None:
             nets = interface_networks(self.interfaces)
-            for addr in addrs:
-                if any(ipaddress.ip_address(addr) in net for net in nets):
-                    return addr
-        return addrs[0]
-
-    def _retry(self, name: str) -> None:
-        backoff = self._backoff.get(name)
-        if backoff is not None:
-            backoff.timer = None
-        if name in self.peers:
-            self.counters["retries"] += 1
-            self._offer(name)
+            for ip, p in candidates:
+                if any(ipaddress.ip_address(ip) in net for net in nets):
+                    return format_hostport(ip, p)
+        return format_hostport(*candidates[0])
 
     def _offer(self, name: str) -> None:
         peer = self.peers[name]

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import uuid
 from collections.abc import Callable
 
 import pytest
 from zeroconf import DNSOutgoing, Zeroconf
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from meshd import PROTOCOL_VERSION
 from meshd.discovery import start as discovery_start
-from meshd.discovery.mdns import Discovery, _ConfinedZeroconf
+from meshd.discovery.mdns import SERVICE_TYPE, Discovery, _ConfinedZeroconf
 from tests.fakes import FakeHost
 
 pytestmark = pytest.mark.skipif(
@@ -98,33 +100,6 @@ async def test_two_nodes_find_each_other_ignore_other_cluster_and_notice_goodbye
         await asyncio.gather(a.stop(), b.stop(), x.stop())
 
 
-async def test_failed_peer_is_offered_again_with_exponential_backoff() -> None:
-    cluster = unique("c")
-    a_seen, b_seen = Seen(), Seen()
-    a = make(unique("a"), cluster, 17011, a_seen, backoff_base=0.1, backoff_max=0.5)
-    b = make(unique("b"), cluster, 17012, b_seen)
-    await asyncio.gather(a.start(), b.start())
-    try:
-        await a_seen.until(lambda: len(a_seen.peers) == 1)
-        for failures in range(1, 5):
-            a.mark_failed(b.name)
-            # base * 2^(n-1), capped, with +-20 % jitter: never a tight loop.
-            expected = min(0.5, 0.1 * 2 ** (failures - 1))
-            assert 0.8 * expected - 0.01 <= a.retry_delay(b.name) <= 1.2 * expected
-            await a_seen.until(a_seen.offered(failures + 1))
-        assert a.counters["retries"] == 4
-        assert [p[0] for p in a_seen.peers] == [b.name] * 5
-
-        a.mark_failed(b.name)
-        assert a.retry_delay(b.name) > 0
-        a.mark_joined(b.name)  # success cancels the pending retry
-        assert a.retry_delay(b.name) == 0
-        await asyncio.sleep(0.8)
-        assert len(a_seen.peers) == 5
-    finally:
-        await asyncio.gather(a.stop(), b.stop())
-
-
 async def test_update_reannounces_site_and_address() -> None:
     cluster = unique("c")
     a_seen, b_seen = Seen(), Seen()
@@ -207,9 +182,55 @@ async def test_daemon_hook_joins_discovered_peers_and_backs_off_failures() -> No
         assert good.joins[0] == [bad.addr]
         assert bad.joins[0] == [good.addr]
         await asyncio.sleep(0.2)
-        assert g.discovery.retry_delay(b.discovery.name) == 0  # joined: no backoff
-        assert b.discovery.retry_delay(g.discovery.name) > 1.0  # failed: backing off
+        assert g.retry_delay(bad.addr) == 0  # joined: no backoff
+        assert b.retry_delay(good.addr) > 1.0  # failed: backing off
         await asyncio.sleep(1.0)
         assert len(bad.joins) == 1  # not a tight loop
     finally:
         await asyncio.gather(g.close(), b.close())
+
+
+async def test_fifty_spoofed_records_for_one_address_make_a_few_dials_that_stop_with_the_spoofer() -> None:
+    """Issue 9: 50 spoofed records pointing at one address made every node dial it ~880 times in
+    80 s, and keep going after the spoofer stopped. Spoofed here on loopback only."""
+    cluster = unique("c")
+    victim = FakeHost(unique("victim"), cluster, f"{LO}:17051", mdns_interfaces=[LO], join_result=0)
+    target = f"{LO}:17052"  # what the spoofer points at; nothing listens there
+    spoofer = AsyncZeroconf(zc=_ConfinedZeroconf([LO], lambda: None))  # multicast on lo only
+    names = [unique("spoof") for _ in range(50)]
+    infos = [
+        AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"{name}.{SERVICE_TYPE}",
+            port=17052,
+            properties={"id": f"id-{name}", "cluster": cluster, "site": "lo", "v": str(PROTOCOL_VERSION)},
+            server=f"{name}.local.",
+            addresses=[socket.inet_aton(LO)],
+        )
+        for name in names
+    ]
+    hook = await discovery_start(victim)
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.gather(
+            *[await spoofer.async_register_service(i, cooperating_responders=True) for i in infos]
+        )
+        deadline = loop.time() + WAIT
+        while not victim.joins:
+            assert loop.time() < deadline, "the spoofed records were never dialed"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(3.0)
+        assert len(hook.discovery.peers) > 1  # many names were seen ...
+        assert all(j == [target] for j in victim.joins)
+        assert len(victim.joins) <= 3  # ... and dialed as one address, backing off (2 s, 4 s)
+
+        await asyncio.gather(*[await spoofer.async_unregister_service(i) for i in infos])
+        deadline = loop.time() + WAIT
+        while hook.dialer.addresses:
+            assert loop.time() < deadline, "the spoofed address was never forgotten"
+            await asyncio.sleep(0.05)
+        dialed = len(victim.joins)
+        await asyncio.sleep(2.0)
+        assert len(victim.joins) == dialed  # the spoofer stopped: so did the dialing
+    finally:
+        await asyncio.gather(hook.close(), spoofer.async_close())

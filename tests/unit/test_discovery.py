@@ -60,19 +60,22 @@ async def test_the_hook_joins_new_peers_and_skips_alive_members() -> None:
         ],
     )
     hook = DaemonDiscovery(host)
-    hook._on_peer("up", f"{LO}:7790", {})  # already an alive member: nothing to do
-    assert host.joins == []
-    assert hook._joins == {}
-    hook._on_peer("down", f"{LO}:7792", {})  # dead in our view: worth a join
-    hook._on_peer("down", f"{LO}:7792", {})  # one join at a time per peer
-    await asyncio.gather(*hook._joins.values())
-    assert host.joins == [[f"{LO}:7792"]]
-    assert hook.discovery.retry_delay("down") == 0  # joined: no backoff
+    try:
+        hook._on_peer("up", f"{LO}:7790", {})  # already an alive member: nothing to do
+        assert host.joins == []
+        assert hook._joins == {}
+        hook._on_peer("down", f"{LO}:7792", {})  # dead in our view: worth a join
+        hook._on_peer("down-again", f"{LO}:7792", {})  # one join at a time per address
+        await asyncio.gather(*hook._joins.values())
+        assert host.joins == [[f"{LO}:7792"]]
+        assert hook.retry_delay(f"{LO}:7792") == 0  # joined: no backoff
 
-    host.join_result = 0  # e.g. another cluster key
-    hook._on_peer("stranger", f"{LO}:7794", {})
-    await asyncio.gather(*hook._joins.values())
-    assert hook.discovery.retry_delay("stranger") > 1.0  # failed: backing off
+        host.join_result = 0  # e.g. another cluster key
+        hook._on_peer("stranger", f"{LO}:7794", {})
+        await asyncio.gather(*hook._joins.values())
+        assert hook.retry_delay(f"{LO}:7794") > 1.0  # failed: backing off
+    finally:
+        await hook.close()
 
 
 def test_the_hook_reports_discovery_counters_as_metrics() -> None:
