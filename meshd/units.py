@@ -112,11 +112,15 @@ def parse_hostport(
 MAX_IP_PORT_LEN = 53  # "[" + the longest IPv6 text (45, with a dotted tail) + "]:65535"
 
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
 def parse_ip_port(value: object) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     """A literal 'a.b.c.d:port' or '[v6]:port' from the network -> (ip, port); ValueError else.
 
     Stricter than parse_hostport on purpose: gossip addresses are dialled by every node, so no
-    host names (a DNS lookup per message), no scope ids, paths, schemes or port 0.
+    host names (a DNS lookup per message), no scope ids, paths, schemes or port 0, and nothing
+    that cannot be a peer (unspecified, multicast, broadcast).
     """
     if not isinstance(value, str) or not 0 < len(value) <= MAX_IP_PORT_LEN or not value.isascii():
         raise ValueError(f"not an IP:port: {value!r}")
@@ -133,6 +137,8 @@ def parse_ip_port(value: object) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6
             raise ValueError(f"scoped IPv6 address in {value!r}")
     else:
         ip = ipaddress.IPv4Address(host)  # ValueError on names, bare IPv6, paths
+    if ip.is_unspecified or ip.is_multicast or ip == _BROADCAST:
+        raise ValueError(f"not a peer's address: {value!r}")
     return ip, port
 
 

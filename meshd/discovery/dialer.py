@@ -12,11 +12,11 @@ resolved and nothing else (paths, URLs, zones) gets through.
 
 from __future__ import annotations
 
-import ipaddress
 import random
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from meshd import units
 from meshd.config import DiscoveryConfig
 from meshd.core.counters import Counters
 from meshd.units import format_hostport
@@ -39,29 +39,10 @@ COUNTERS = (
 
 
 def parse_ip_port(text: str) -> tuple[str, int] | None:
-    """'198.18.0.1:7788' or '[fd00::1]:7788' -> (ip, port); None for anything else.
-
-    Private stand-in for a shared helper: literal addresses only (never a name to resolve), no
-    scope ids, no paths, and nothing that cannot be a peer (unspecified, multicast, broadcast).
-    """
-    if not isinstance(text, str) or not text.isascii() or len(text) > 64:
-        return None
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if ":" in host:
-            return None  # IPv6 needs brackets
-    if not sep or not port_text.isdigit() or len(port_text) > 5 or "%" in host:
-        return None
-    port = int(port_text)
+    """'198.18.0.1:7788' or '[fd00::1]:7788' -> (ip, port); None for anything else (units.parse_ip_port)."""
     try:
-        ip = ipaddress.ip_address(host)  # refuses names and leading zeros
+        ip, port = units.parse_ip_port(text)
     except ValueError:
-        return None
-    if not 0 < port < 65536 or ip.is_unspecified or ip.is_multicast:
-        return None
-    if isinstance(ip, ipaddress.IPv4Address) and ip == ipaddress.IPv4Address("255.255.255.255"):
         return None
     return str(ip), port
 
