@@ -63,7 +63,7 @@ def wire_seeds() -> dict[str, bytes]:
     bodies |= {f"compound-{v['name']}": bytes.fromhex(v["hex"]) for v in _vectors("compound", "compounds")}
     bodies |= {f"envelope-{v['name']}": bytes.fromhex(v["body"]) for v in _vectors("envelopes", "envelopes")}
     bodies["empty"] = wire.compound([])
-    insecure, secure = t.insecure_codec(), t.secure_codec()
+    insecure, secure = t.insecure_codec(), t.secure_codec(fixed_nonce=True)
     plain = wire.Codec(t.CLUSTER, None, compress=False)
     out: dict[str, bytes] = {}
     for name, body in bodies.items():
@@ -83,6 +83,7 @@ def wire_seeds() -> dict[str, bytes]:
 
 def http_seeds() -> dict[str, bytes]:
     backend = t.MemoryBackend(t.secure_codec())
+    sealer = t.secure_codec(fixed_nonce=True)
     rid = backend.release_id
     ids = list(backend.stored)
     enc = t.encode_http_input
@@ -111,6 +112,9 @@ def http_seeds() -> dict[str, bytes]:
         "stream-push-pull": enc("POST", peer_http.STREAM_PATH, push_pull, seal_body=True),
         "stream-ping": enc("POST", peer_http.STREAM_PATH, ping, seal_body=True, no_content_type=True),
         "stream-unsealed": enc("POST", peer_http.STREAM_PATH, push_pull),
+        # Bodies sealed once, sent as they are: a recorded request replayed.
+        "stream-sealed": enc("POST", peer_http.STREAM_PATH, sealer.seal(push_pull)),
+        "chunks-sealed": enc("POST", peer.CHUNKS_PATH, sealer.seal(orjson.dumps({"ids": ids}))),
         "stream-get": enc("GET", peer_http.STREAM_PATH),
         "unknown-route": enc("PUT", "/peer/v1/%zz"),
     }

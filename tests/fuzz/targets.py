@@ -73,8 +73,11 @@ def insecure_codec() -> wire.Codec:
     return wire.Codec(CLUSTER, None)
 
 
-def secure_codec() -> wire.Codec:
-    return wire.Codec(CLUSTER, crypto.Keyring([KEY, KEY_2]))
+def secure_codec(fixed_nonce: bool = False) -> wire.Codec:
+    """fixed_nonce: the same bytes on every run (seed files that do not churn in git)."""
+    return wire.Codec(
+        CLUSTER, crypto.Keyring([KEY, KEY_2]), nonce_fn=(lambda: NONCE) if fixed_nonce else None
+    )
 
 
 # --- wire ----------------------------------------------------------------------------------------
@@ -356,7 +359,7 @@ def piece_target(data: bytes) -> None:
 
 def token_for(method: str, path: str, now_ms: int) -> bytes:
     """A sealed X-Meshd-Auth token as raw header bytes (seed material)."""
-    return peer.make_token(secure_codec(), method, path, now_ms).encode("ascii")
+    return peer.make_token(secure_codec(fixed_nonce=True), method, path, now_ms).encode("ascii")
 
 
 TARGETS: dict[str, Callable[[], Target]] = {
