@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit integration venv clean bench sim
+.PHONY: run test lint typecheck unit integration venv clean bench sim fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,30 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
+
+# Coverage-guided fuzzing (atheris) of the wire decoder, the peer HTTP routes and the manifest
+# parser, FUZZ_SECONDS each, one at a time; new inputs that add coverage are merged (-merge=1) into
+# tests/fuzz/corpus/<target>/, which `make test` replays (tests/unit/test_fuzz_corpus.py). Seeds
+# come from the current code (scripts/fuzz_seeds.py). A crash lands in tests/fuzz/crashes/<target>/
+# and fails the target.
+FUZZ_SECONDS ?= 60
+FUZZ_MAX_LEN ?= 8192
+FUZZ_TARGETS ?= wire http manifest
+
+fuzz: $(STAMP)
+	$(BIN)/python scripts/fuzz_seeds.py
+	@status=0; for t in $(FUZZ_TARGETS); do \
+	    new=$$(mktemp -d) && mkdir -p tests/fuzz/crashes/$$t && \
+	    echo "fuzz $$t for $(FUZZ_SECONDS) s" && \
+	    { $(BIN)/python tests/fuzz/fuzz_$$t.py -max_total_time=$(FUZZ_SECONDS) -max_len=$(FUZZ_MAX_LEN) \
+	        -timeout=10 -print_final_stats=1 -artifact_prefix=tests/fuzz/crashes/$$t/ \
+	        $$new tests/fuzz/corpus/$$t || { status=1; echo "fuzz $$t: FINDING, see tests/fuzz/crashes/$$t/"; }; } && \
+	    $(BIN)/python tests/fuzz/fuzz_$$t.py -merge=1 -max_len=$(FUZZ_MAX_LEN) tests/fuzz/corpus/$$t $$new \
+	        2>&1 | tail -1; \
+	    rm -rf $$new; \
+	done; \
+	$(BIN)/python scripts/fuzz_seeds.py --scrub; \
+	exit $$status
 
 # Side-by-side benchmarks (root; Debian serf, aria2, opentracker, mktorrent, casync): results
 # land in bench/results/*.md. About 12 minutes in all.
