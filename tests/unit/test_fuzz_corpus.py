@@ -70,9 +70,7 @@ def test_recorded_crashes_still_reproduce(
     name: str, make_target: Callable[[str], Callable[[bytes], None]]
 ) -> None:
     """An open finding that stops failing was fixed: move its file into the corpus."""
-    files = inputs(CRASHES / name)
-    if not files:
-        pytest.skip(f"no open {name} findings")
+    files = inputs(CRASHES / name)  # usually none: then there is nothing to hold open
     target = make_target(name)
     fixed = [p.name for p in files if not replay(target, [p])]
     assert not fixed, f"fixed: move {fixed} from tests/fuzz/crashes/{name}/ to tests/fuzz/corpus/{name}/"
