@@ -125,7 +125,10 @@ class Daemon:
                 meta.pop(k, None)
             else:
                 meta[k] = v
-        self.runtime.set_meta(meta)
+        try:
+            self.runtime.set_meta(meta)
+        except StateError as e:  # peers would drop it: keep what they can read, say why
+            log.error("metadata not updated: %s", e)
 
     def _on_release_event(self, payload: dict[str, Any]) -> None:
         self.runtime.publish(NodeEvent("release", None, payload))

@@ -38,8 +38,8 @@ class ProtocolConfig:
     new_member_rate: float = 100.0  # never-seen members accepted per second from gossip...
     new_member_burst: int = 2_000  # ...with this burst (a whole mid-size mesh at join)
     max_name_len: int = 256  # node names and node ids
-    max_meta_entries: int = 256  # per member
-    max_meta_bytes: int = 64 * 1024  # per member, keys and values (no packet wall, but a wall)
+    max_meta_entries: int = 1024  # per member
+    max_meta_bytes: int = 256 * 1024  # per member, keys and values (no packet wall, but a wall)
 
     def replace(self, **changes: object) -> ProtocolConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -357,8 +357,15 @@ class Node:
         return self.leaving and self.broadcasts.pending("m:" + self.name)
 
     def set_meta(self, meta: dict[str, str], now: float) -> None:
+        """StateError when peers would drop it (over max_meta_entries / max_meta_bytes)."""
         if meta == self._me.meta:
             return
+        size = sum(len(k) + len(v) for k, v in meta.items())
+        if len(meta) > self.config.max_meta_entries or size > self.config.max_meta_bytes:
+            raise StateError(
+                f"node metadata of {len(meta)} entries, {size} bytes is over the limit "
+                f"({self.config.max_meta_entries} entries, {self.config.max_meta_bytes} bytes)"
+            )
         self._me.meta = dict(meta)
         self._bump_own()
         self._queue_alive(self._me)

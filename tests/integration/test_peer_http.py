@@ -37,7 +37,7 @@ async def test_a_multi_megabyte_reply_arrives_whole(port_factory: Callable[[], i
 
 
 async def test_join_carries_metadata_far_larger_than_a_packet(in_process_node: InProcessStarter) -> None:
-    big = {f"tag:k{i}": "v" * 200 for i in range(5000)}  # about 1 MB of node metadata
+    big = {f"tag:k{i}": "v" * 200 for i in range(1000)}  # about 200 KB: 150 packets' worth
     big_rt = await in_process_node("big", meta=big)
     small_rt = await in_process_node("small")
     assert await small_rt.join([big_rt.node.addr]) == 1

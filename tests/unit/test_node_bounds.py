@@ -26,6 +26,7 @@ from meshd.core.messages import (
 )
 from meshd.core.node import Node
 from meshd.crypto import Keyring
+from meshd.errors import StateError
 from meshd.net.memory import MemoryNetwork
 from meshd.wire import Codec, encode_message
 from tests.cluster import make_cluster, state_of, view
@@ -176,7 +177,7 @@ def test_bad_states_in_a_push_pull_are_dropped_one_by_one() -> None:
         PushNodeState("named", "id-n", "gw.example:7788", 1, MemberState.ALIVE),
         PushNodeState("x" * (LAN.max_name_len + 1), "id-l", "198.18.0.6:7788", 1, MemberState.ALIVE),
         PushNodeState(
-            "fat", "id-f", "198.18.0.7:7788", 1, MemberState.ALIVE, {str(i): "" for i in range(300)}
+            "fat", "id-f", "198.18.0.7:7788", 1, MemberState.ALIVE, {str(i): "" for i in range(1100)}
         ),
         PushNodeState("huge", "id-h", "198.18.0.8:7788", U64_MAX, MemberState.ALIVE),
     ]
@@ -276,3 +277,16 @@ def test_own_incarnation_survives_a_restart_and_is_leased(tmp_path: Path) -> Non
 def test_an_unreadable_core_state_starts_from_nothing(tmp_path: Path) -> None:
     (tmp_path / state.CORE_STATE_FILE).write_text('{"incarnation_reserved": "x"}')
     assert state.read_core_state(tmp_path) == state.CoreState()
+
+
+def test_own_metadata_over_what_peers_accept_is_refused_not_gossiped() -> None:
+    net, nodes = make_cluster(2, config=LOCAL)
+    a = nodes[0]
+    incarnation = a.incarnation
+    with pytest.raises(StateError, match="over the limit"):
+        a.set_meta({str(i): "" for i in range(LOCAL.max_meta_entries + 1)}, net.now)
+    with pytest.raises(StateError, match="over the limit"):
+        a.set_meta({"big": "x" * LOCAL.max_meta_bytes}, net.now)
+    assert a.incarnation == incarnation
+    a.set_meta({"site": "plant-2"}, net.now)
+    assert a.incarnation == incarnation + 1
