@@ -42,6 +42,7 @@ MAX_JOIN_ADDRS = 64
 MAX_SSE_CLIENTS = 64  # event streams open at once, all clients
 MAX_CLIENT_SSE = 4  # ... from one client address
 SSE_KEEPALIVE = 15.0
+SSE_POLL = 1.0  # how soon a stream whose client went away gives its slot back
 SSE_WRITE_TIMEOUT = 10.0  # a client that takes longer to accept a frame is dropped
 STATES = {s.name.lower(): s for s in MemberState}
 HEALTH_VALUES = ("passing", "warning", "critical", "unknown")
@@ -317,6 +318,10 @@ async def _send(request: web.Request, resp: web.StreamResponse, frame: bytes) ->
     return True
 
 
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
 async def get_events(request: web.Request) -> web.StreamResponse:
     app = request.app
     agent = app[AGENT]
@@ -344,20 +349,24 @@ async def _stream_events(request: web.Request, agent: Agent) -> web.StreamRespon
     sub = agent.subscribe()
     shutdown = app[SHUTDOWN]
     stop = asyncio.ensure_future(shutdown.wait())
-    getter: asyncio.Future[EventLike] | None = None
+    getter: asyncio.Future[Any] | None = None
+    loop = asyncio.get_running_loop()
     try:
         sent = await _send(request, resp, b"retry: 2000\n: meshd events\n\n")
-        while sent and not shutdown.is_set():
-            getter = asyncio.ensure_future(sub.get())
+        last = loop.time()
+        # aiohttp does not cancel a handler whose client left: look at the transport now and
+        # then, so a closed stream gives its per-client slot back within SSE_POLL.
+        while sent and not shutdown.is_set() and not _client_gone(request):
+            if getter is None:
+                getter = asyncio.ensure_future(sub.get())
             done, _ = await asyncio.wait(
-                {getter, stop}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
+                {getter, stop}, timeout=SSE_POLL, return_when=asyncio.FIRST_COMPLETED
             )
             if getter in done:
-                sent = await _send(request, resp, sse_frame(getter.result()))
-            else:
-                getter.cancel()
-                if stop not in done:
-                    sent = await _send(request, resp, b": keepalive\n\n")
+                sent, last = await _send(request, resp, sse_frame(getter.result())), loop.time()
+                getter = None
+            elif stop not in done and loop.time() - last >= SSE_KEEPALIVE:
+                sent, last = await _send(request, resp, b": keepalive\n\n"), loop.time()
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:

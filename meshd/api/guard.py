@@ -67,9 +67,8 @@ def split_authority(value: str) -> tuple[str, int | None] | None:
         host, colon, port_text = value.partition(":")
         rest = colon + port_text
     port: int | None = None
-    if rest:
-        if not rest.startswith(":") or (port := _port(rest[1:])) is None:
-            return None
+    if rest and (not rest.startswith(":") or (port := _port(rest[1:])) is None):
+        return None
     norm = _norm_host(host)
     return None if norm is None else (norm, port)
 
