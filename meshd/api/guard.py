@@ -16,11 +16,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from meshd.errors import ConfigError
+from meshd.netaddr import is_wildcard
+from meshd.units import is_loopback_host
 
 __all__ = ["AllowedHost", "HostPolicy", "parse_allow_host", "split_authority", "split_origin"]
 
 _NAME_RE = re.compile(r"^[a-z0-9_]([a-z0-9_.-]{0,252})?$")
-_WILDCARDS = ("0.0.0.0", "::")  # noqa: S104 - names of "any address", compared, never bound here
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,7 @@ def parse_allow_host(value: object, where: str) -> AllowedHost:
 
 def is_loopback_name(host: str) -> bool:
     """localhost, *.localhost (RFC 6761: always loopback), 127.0.0.0/8, ::1."""
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return host.endswith(".localhost") or is_loopback_host(host)
 
 
 class HostPolicy:
@@ -120,6 +116,5 @@ class HostPolicy:
             return False
         if is_loopback_name(host) or AllowedHost(host) in self.allowed:
             return True
-        own = {_norm_host(a[0]) for a in (self.bound, local) if a is not None}
-        own.difference_update(_WILDCARDS)
+        own = {_norm_host(a[0]) for a in (self.bound, local) if a is not None and not is_wildcard(a[0])}
         return host in own
