@@ -27,6 +27,7 @@ from typing import Annotated, Any, cast
 
 import msgspec
 
+from meshd.api.guard import AllowedHost, parse_allow_host
 from meshd.config_tables import Label, Parsed, Table, canonical_key, decode, table_keys
 from meshd.core.config import PRESETS, ProtocolConfig
 from meshd.errors import ConfigError
@@ -82,6 +83,9 @@ class NodeConfig:
     profile: str = "lan"
     trust_publisher: list[str] = field(default_factory=list)
     log_level: str = "info"
+    # Names the operator API answers to besides loopback names and its own address (a reverse
+    # proxy, a DNS name of the gateway): "NAME" (the API's port) or "NAME:PORT".
+    api_allow_hosts: list[str] = field(default_factory=list)
     protocol_overrides: dict[str, float | int] = field(default_factory=dict)
     # Tables kept as written, decoded by their owners (meshd.health.config, dist_config()).
     checks: list[dict[str, Any]] = field(default_factory=list)
@@ -96,6 +100,9 @@ class NodeConfig:
     @property
     def api_hostport(self) -> tuple[str, int]:
         return parse_hostport(self.api, "api", allow_zero=True)
+
+    def allowed_api_hosts(self) -> list[AllowedHost]:
+        return [parse_allow_host(h, "api_allow_hosts") for h in self.api_allow_hosts]
 
     def protocol(self) -> ProtocolConfig:
         """The profile's preset with the [protocol] overrides applied."""
@@ -198,6 +205,12 @@ def _as_api(value: object, where: str) -> str:
 def _as_join(value: object, where: str) -> str:
     host, port = parse_hostport(value, where, default_port=DEFAULT_PORT)
     return format_hostport(host, port)
+
+
+def _as_allow_host(value: object, where: str) -> str:
+    allowed = parse_allow_host(value, where)
+    host = f"[{allowed.host}]" if ":" in allowed.host else allowed.host
+    return host if allowed.port is None else f"{host}:{allowed.port}"
 
 
 def _as_bool(value: object, where: str) -> bool:
@@ -317,6 +330,7 @@ class NodeTable(Table, frozen=True):
     profile: Annotated[str | _Unset, Parsed(_as_profile)] = _UNSET
     trust_publisher: Annotated[list[str] | _Unset, Parsed(_list_of(_as_path))] = _UNSET
     log_level: Annotated[str | _Unset, Parsed(_as_log_level)] = _UNSET
+    api_allow_hosts: Annotated[list[str] | _Unset, Parsed(_list_of(_as_allow_host))] = _UNSET
     # Tables (file only). [protocol] is decoded by ProtocolTable; the others are kept as written
     # for their owners: [[check]], [[query_handler]] (meshd.health.config), [dist], [health],
     # [discovery] (NodeConfig.extra).
@@ -328,7 +342,7 @@ class NodeTable(Table, frozen=True):
     discovery: Any = _UNSET
 
 
-_ALIASES = {"tag": "tags", "mdns_interface": "mdns_interfaces"}
+_ALIASES = {"tag": "tags", "mdns_interface": "mdns_interfaces", "api_allow_host": "api_allow_hosts"}
 _TABLES = ("protocol", "check", "query_handler", "dist", "health", "discovery")
 _PASSTHROUGH = ("dist", "health", "discovery")
 # Keys the environment and flags may set (all but no_mdns are NodeConfig attributes).
@@ -475,6 +489,7 @@ FLAG_KEYS: dict[str, str] = {
     "profile": "profile",
     "trust_publisher": "trust_publisher",
     "log_level": "log_level",
+    "api_allow_host": "api_allow_host",
 }
 
 

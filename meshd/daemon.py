@@ -343,7 +343,7 @@ class Daemon:
         api_host, api_port = cfg.api_hostport
         if not is_loopback_host(api_host):
             log.warning("operator API on %s is reachable from the network; reads need no token", cfg.api)
-        api_app = create_api_app(self)
+        api_app = create_api_app(self, cfg.allowed_api_hosts())
         add_release_routes(api_app, self.release)
         api = ApiServer(api_app)
         try:

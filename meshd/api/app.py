@@ -1,7 +1,9 @@
 """The operator HTTP API (DESIGN.md "Operator API"; names and fields are contract).
 
 Reads are open; changes need `Authorization: Bearer <token>` (the token in
-<data-dir>/api-token). Every error is JSON {"error": ..., "detail": ...}. The app talks to
+<data-dir>/api-token). Every route answers only requests whose Host (and Origin, if sent) names
+this API (api/guard.py: DNS rebinding); event streams and queries are limited per client
+(api/limits.py). Every error is JSON {"error": ..., "detail": ...}. The app talks to
 the daemon only through the `Agent` protocol (api/agent.py), so tests can drive it with a fake;
 route modules share the JSON helpers of api/http.py.
 """
@@ -13,7 +15,7 @@ import base64
 import binascii
 import importlib.resources
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -21,9 +23,12 @@ from aiohttp import web
 
 from meshd import __version__
 from meshd.api.agent import AGENT, Agent, EventLike, MemberLike
+from meshd.api.guard import AllowedHost, HostPolicy, split_authority, split_origin
 from meshd.api.http import ApiError, error_response, json_response, read_json, require_token
-from meshd.api.queries import add_query_routes
+from meshd.api.limits import API_COUNTERS, SLOW_READER, ClientSlots, client_of, collect_api_metrics
+from meshd.api.queries import IN_FLIGHT, add_query_routes
 from meshd.config import DEFAULT_PORT
+from meshd.core.counters import Counters
 from meshd.core.messages import MemberState
 from meshd.errors import ConfigError, MeshError, StateError
 from meshd.metrics import CONTENT_TYPE, Exposition
@@ -34,13 +39,18 @@ log = logging.getLogger("meshd.api")
 
 MAX_BODY = 256 * 1024
 MAX_JOIN_ADDRS = 64
-MAX_SSE_CLIENTS = 32
+MAX_SSE_CLIENTS = 64  # event streams open at once, all clients
+MAX_CLIENT_SSE = 4  # ... from one client address
 SSE_KEEPALIVE = 15.0
+SSE_POLL = 1.0  # how soon a stream whose client went away gives its slot back
+SSE_WRITE_TIMEOUT = 10.0  # a client that takes longer to accept a frame is dropped
 STATES = {s.name.lower(): s for s in MemberState}
 HEALTH_VALUES = ("passing", "warning", "critical", "unknown")
 _MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 
 SHUTDOWN = web.AppKey("shutdown", asyncio.Event)
+HOST_POLICY = web.AppKey("host_policy", HostPolicy)
+SSE_CLIENTS = web.AppKey("sse_clients", ClientSlots)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -128,6 +138,42 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("API handler failed: %s %s", request.method, request.path)
         return error_response(500, "internal_error", "see the meshd log")
+
+
+def _local_address(request: web.Request) -> tuple[str, int] | None:
+    sock = request.transport.get_extra_info("sockname") if request.transport else None
+    if isinstance(sock, tuple) and len(sock) >= 2:
+        return str(sock[0]), int(sock[1])
+    return None
+
+
+def _shown(value: str) -> str:
+    return value if len(value) <= 80 else value[:80] + "..."
+
+
+@web.middleware
+async def origin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route: the Host (and Origin, when sent) must name this API, so a page that rebinds
+    its own DNS name to this address reads nothing. No CORS headers are ever sent."""
+    app, policy, local = request.app, request.app[HOST_POLICY], _local_address(request)
+    hosts = request.headers.getall("Host", [])
+    host = split_authority(hosts[0]) if len(hosts) == 1 else None
+    if host is None or not policy.names_this_api(*host, local):
+        app[API_COUNTERS].inc("refused.host")
+        shown = _shown(hosts[0]) if len(hosts) == 1 else f"{len(hosts)} Host headers"
+        raise ApiError(
+            421,
+            "misdirected_request",
+            f"Host {shown!r} does not name this API (use its address, or allow the name with "
+            "--api-allow-host)",
+        )
+    origins = request.headers.getall("Origin", [])
+    if origins:
+        origin = split_origin(origins[0]) if len(origins) == 1 else None
+        if origin is None or not policy.names_this_api(*origin, local):
+            app[API_COUNTERS].inc("refused.origin")
+            raise ApiError(403, "cross_origin", f"Origin {_shown(origins[0])!r} is not this API")
+    return await handler(request)
 
 
 @web.middleware
@@ -248,12 +294,50 @@ def sse_frame(ev: EventLike) -> bytes:
     return b"event: " + name + b"\ndata: " + event_json(ev) + b"\n\n"
 
 
+def _too_many_streams(refused: str) -> web.Response:
+    detail = (
+        f"at most {MAX_CLIENT_SSE} event streams from one client"
+        if refused == "per_client"
+        else f"at most {MAX_SSE_CLIENTS} event streams"
+    )
+    resp = error_response(429, "too_many_streams", detail)
+    resp.headers["Retry-After"] = "5"
+    return resp
+
+
+async def _send(request: web.Request, resp: web.StreamResponse, frame: bytes) -> bool:
+    """Write one frame; False (and the connection aborted) when the client does not take it in
+    time: a reader that never reads costs a bounded buffer, not memory without limit."""
+    try:
+        await asyncio.wait_for(resp.write(frame), SSE_WRITE_TIMEOUT)
+    except TimeoutError:
+        request.app[API_COUNTERS].inc(SLOW_READER)
+        if request.transport is not None:
+            request.transport.abort()  # close() would wait for the full buffer to drain
+        return False
+    return True
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
 async def get_events(request: web.Request) -> web.StreamResponse:
     app = request.app
     agent = app[AGENT]
-    clients: set[web.StreamResponse] = app[SSE_CLIENTS]
-    if len(clients) >= MAX_SSE_CLIENTS:
-        raise ApiError(503, "too_many_clients", f"at most {MAX_SSE_CLIENTS} event streams")
+    slots, client = app[SSE_CLIENTS], client_of(request)
+    refused = slots.acquire(client)
+    if refused is not None:
+        app[API_COUNTERS].inc(f"refused.events_{refused}")
+        return _too_many_streams(refused)
+    try:
+        return await _stream_events(request, agent)
+    finally:
+        slots.release(client)
+
+
+async def _stream_events(request: web.Request, agent: Agent) -> web.StreamResponse:
+    app = request.app
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -262,25 +346,27 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         }
     )
     await resp.prepare(request)
-    clients.add(resp)
     sub = agent.subscribe()
     shutdown = app[SHUTDOWN]
     stop = asyncio.ensure_future(shutdown.wait())
-    getter: asyncio.Future[EventLike] | None = None
+    getter: asyncio.Future[Any] | None = None
+    loop = asyncio.get_running_loop()
     try:
-        await resp.write(b"retry: 2000\n: meshd events\n\n")
-        while not shutdown.is_set():
-            getter = asyncio.ensure_future(sub.get())
+        sent = await _send(request, resp, b"retry: 2000\n: meshd events\n\n")
+        last = loop.time()
+        # aiohttp does not cancel a handler whose client left: look at the transport now and
+        # then, so a closed stream gives its per-client slot back within SSE_POLL.
+        while sent and not shutdown.is_set() and not _client_gone(request):
+            if getter is None:
+                getter = asyncio.ensure_future(sub.get())
             done, _ = await asyncio.wait(
-                {getter, stop}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
+                {getter, stop}, timeout=SSE_POLL, return_when=asyncio.FIRST_COMPLETED
             )
             if getter in done:
-                ev = getter.result()
-                await resp.write(sse_frame(ev))
-            else:
-                getter.cancel()
-                if stop not in done:
-                    await resp.write(b": keepalive\n\n")
+                sent, last = await _send(request, resp, sse_frame(getter.result())), loop.time()
+                getter = None
+            elif stop not in done and loop.time() - last >= SSE_KEEPALIVE:
+                sent, last = await _send(request, resp, b": keepalive\n\n"), loop.time()
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
@@ -288,13 +374,14 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         if getter is not None:
             getter.cancel()  # a client gone mid-wait must not leave the Queue.get pending
         sub.close()
-        clients.discard(resp)
     return resp
 
 
 async def get_metrics(request: web.Request) -> web.Response:
+    app = request.app
     out = Exposition()
-    request.app[AGENT].collect_metrics(out)
+    app[AGENT].collect_metrics(out)
+    collect_api_metrics(app[API_COUNTERS], out, streams=app[SSE_CLIENTS].count, queries=app[IN_FLIGHT].count)
     return web.Response(body=out.render().encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -328,19 +415,22 @@ async def get_index(request: web.Request) -> web.Response:
     )
 
 
-SSE_CLIENTS = web.AppKey("sse_clients", set)
-
-
 async def _on_shutdown(app: web.Application) -> None:
     app[SHUTDOWN].set()
 
 
-def create_api_app(agent: Agent) -> web.Application:
-    """The operator API; later features (health, query, releases) add their routes to it."""
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware, auth_middleware])
+def create_api_app(agent: Agent, allow_hosts: Iterable[AllowedHost] = ()) -> web.Application:
+    """The operator API; later features (health, query, releases) add their routes to it.
+
+    `allow_hosts`: names the API answers besides loopback names and its own address."""
+    app = web.Application(
+        client_max_size=MAX_BODY, middlewares=[error_middleware, origin_middleware, auth_middleware]
+    )
     app[AGENT] = agent
     app[SHUTDOWN] = asyncio.Event()
-    app[SSE_CLIENTS] = set()
+    app[HOST_POLICY] = HostPolicy(allow_hosts)
+    app[API_COUNTERS] = Counters()
+    app[SSE_CLIENTS] = ClientSlots(MAX_CLIENT_SSE, MAX_SSE_CLIENTS)
     app.on_shutdown.append(_on_shutdown)
     r = app.router
     r.add_get("/", get_index)
@@ -360,3 +450,9 @@ def create_api_app(agent: Agent) -> web.Application:
 
 class ApiServer(HttpServer):
     """Runs the operator API (its `bound` address says which port a port-0 bind got)."""
+
+    async def start(self, host: str, port: int) -> None:
+        await super().start(host, port)
+        if HOST_POLICY in self.app and self.bound is not None:
+            # The name the API was bound by (--api gw1.lan:7789) is one of its names.
+            self.app[HOST_POLICY].bound = (host, int(self.bound[1]))

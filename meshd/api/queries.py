@@ -27,8 +27,8 @@ An answer that is not a JSON object (another implementation) comes as {"name", "
 plus matching members the node already knows to be suspect or dead, plus any node named in the
 filter that did not answer (a typo is reported, not silently ignored). Members that left on
 purpose are not missing. Errors: 400 bad filters, timeout, relay factor or body; 429 when this
-API already has MAX_API_QUERIES queries waiting; 503 when the node has too many queries in
-flight (both with Retry-After).
+API already waits on MAX_CLIENT_QUERIES queries of this client or MAX_API_QUERIES in all; 503
+when the node has too many queries in flight (both with Retry-After).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from aiohttp import web
 
 from meshd.api.agent import AGENT, MemberLike
 from meshd.api.http import ApiError, error_response, json_response, read_json, require_token
+from meshd.api.limits import API_COUNTERS, ClientSlots, client_of
+from meshd.core.counters import Counters
 from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.query import REGEX_PREFIX, QueryLimits, QueryResult, matches, split_meta
 from meshd.errors import ConfigError, StateError
@@ -48,6 +50,7 @@ from meshd.health import HEALTH_QUERY
 from meshd.units import parse_duration
 
 MAX_API_QUERIES = 32  # queries this API waits on at once
+MAX_CLIENT_QUERIES = 4  # ... of them from one client address
 MAX_FILTER_NODES = QueryLimits.max_filter_nodes  # the core refuses more; say so while parsing
 MAX_FILTER_TAGS = QueryLimits.max_filter_tags
 MAX_PAYLOAD = 64 * 1024  # the core's max_query_size (1 KiB encoded) refuses far less anyway
@@ -72,12 +75,7 @@ class QueryAgent(Protocol):
     def members(self) -> Sequence[MemberLike]: ...
 
 
-class _InFlight:
-    def __init__(self) -> None:
-        self.count = 0
-
-
-IN_FLIGHT = web.AppKey("query_in_flight", _InFlight)
+IN_FLIGHT = web.AppKey("query_in_flight", ClientSlots)  # .count: queries waiting now
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -241,10 +239,17 @@ async def _run(
     agent = request.app[AGENT]
     if not isinstance(agent, QueryAgent):
         raise ApiError(501, "not_available", "this node does not run queries")
-    in_flight = request.app[IN_FLIGHT]
-    if in_flight.count >= MAX_API_QUERIES:
-        return _retry_later(429, "too_many_queries", f"{MAX_API_QUERIES} queries already waiting here")
-    in_flight.count += 1
+    in_flight, client = request.app[IN_FLIGHT], client_of(request)
+    refused = in_flight.acquire(client)
+    if refused is not None:
+        # A query holds its slot up to its timeout: one client must not take them all.
+        request.app[API_COUNTERS].inc(f"refused.queries_{refused}")
+        detail = (
+            f"{MAX_CLIENT_QUERIES} queries of this client already waiting here"
+            if refused == "per_client"
+            else f"{MAX_API_QUERIES} queries already waiting here"
+        )
+        return _retry_later(429, "too_many_queries", detail)
     try:
         result = await agent.run_query(name, payload, filters, timeout, relay_factor)
     except ConfigError as e:
@@ -252,7 +257,7 @@ async def _run(
     except StateError as e:
         return _retry_later(503, "busy", str(e))
     finally:
-        in_flight.count -= 1
+        in_flight.release(client)
     doc = result_json(result, filters, agent.members(), health=name == HEALTH_QUERY)
     return json_response(doc)
 
@@ -311,6 +316,8 @@ async def post_query(request: web.Request) -> web.Response:
 
 def add_query_routes(app: web.Application) -> None:
     """Register /v1/health (open) and /v1/query (token: the app's auth middleware)."""
-    app[IN_FLIGHT] = _InFlight()
+    app[IN_FLIGHT] = ClientSlots(MAX_CLIENT_QUERIES, MAX_API_QUERIES)
+    if API_COUNTERS not in app:
+        app[API_COUNTERS] = Counters()
     app.router.add_get("/v1/health", get_health)
     app.router.add_post("/v1/query", post_query)

@@ -71,6 +71,14 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
         help="override one protocol setting, e.g. probe_interval=500ms; repeatable",
     )
     a("--log-level", choices=("debug", "info", "warning", "error"), help="default: info")
+    a(
+        "--api-allow-host",
+        metavar="NAME[:PORT]",
+        action="append",
+        default=[],
+        help="a name the operator API answers to besides loopback names and its own address "
+        "(a proxy, the gateway's DNS name); repeatable",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,15 +4,17 @@ shaped as documented, missing nodes named, errors and limits, the token for /v1/
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from meshd.api.app import create_api_app
-from meshd.api.queries import IN_FLIGHT, MAX_API_QUERIES
+from meshd.api.queries import IN_FLIGHT, MAX_API_QUERIES, MAX_CLIENT_QUERIES
 from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.query import QueryAnswer
 from meshd.errors import ConfigError, StateError
@@ -132,23 +134,70 @@ async def test_core_refusals_map_to_400_and_503(client: TestClient, agent: FakeA
     assert (await resp.json())["error"] == "busy"
 
 
+def _from(address: str) -> aiohttp.ClientSession:
+    """A client session whose connections come from `address` (another loopback address)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)))
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    for _ in range(300):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
 async def test_too_many_waiting_queries_get_429(client: TestClient, agent: FakeAgent) -> None:
+    # MAX_API_QUERIES in all, from enough clients that none reaches its own limit.
     agent.gate = asyncio.Event()
-    waiting = [asyncio.ensure_future(client.get("/v1/health")) for _ in range(MAX_API_QUERIES)]
     app = client.app
     assert app is not None
-    for _ in range(200):
-        if app[IN_FLIGHT].count == MAX_API_QUERIES:
-            break
-        await asyncio.sleep(0.01)
-    resp = await client.get("/v1/health")
+    url = str(client.make_url("/v1/health"))
+    sessions = [_from(f"127.0.0.{i + 2}") for i in range(MAX_API_QUERIES // MAX_CLIENT_QUERIES)]
+    try:
+        waiting = [asyncio.ensure_future(s.get(url)) for s in sessions for _ in range(MAX_CLIENT_QUERIES)]
+        await _until(lambda: app[IN_FLIGHT].count == MAX_API_QUERIES)
+        resp = await client.get("/v1/health")  # 127.0.0.1: no query of its own yet
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "1"
+        assert await resp.json() == {
+            "error": "too_many_queries",
+            "detail": f"{MAX_API_QUERIES} queries already waiting here",
+        }
+        agent.gate.set()
+        for fut in waiting:
+            assert (await fut).status == 200
+    finally:
+        for s in sessions:
+            await s.close()
+    assert app[IN_FLIGHT].count == 0
+    metrics = await (await client.get("/metrics")).text()
+    assert 'meshd_api_refused_total{reason="queries_total"} 1' in metrics
+
+
+async def test_one_client_holds_at_most_its_share_of_queries(client: TestClient, agent: FakeAgent) -> None:
+    agent.gate = asyncio.Event()
+    app = client.app
+    assert app is not None
+    waiting = [asyncio.ensure_future(client.get("/v1/health")) for _ in range(MAX_CLIENT_QUERIES)]
+    await _until(lambda: app[IN_FLIGHT].count == MAX_CLIENT_QUERIES)
+    resp = await asyncio.wait_for(client.get("/v1/health"), 5)  # refused at once, not queued
     assert resp.status == 429
     assert resp.headers["Retry-After"] == "1"
     assert (await resp.json())["error"] == "too_many_queries"
-    agent.gate.set()
-    for fut in waiting:
+    resp = await client.post("/v1/query", json={"name": "uptime"}, headers=AUTH)
+    assert resp.status == 429  # the limit covers both long routes
+    async with _from("127.0.0.2") as other:  # another client still gets its queries run
+        fut = asyncio.ensure_future(other.get(str(client.make_url("/v1/health"))))
+        await _until(lambda: app[IN_FLIGHT].count == MAX_CLIENT_QUERIES + 1)
+        agent.gate.set()
         assert (await fut).status == 200
+    for w in waiting:
+        assert (await w).status == 200
     assert app[IN_FLIGHT].count == 0
+    assert app[IN_FLIGHT].by_client == {}
+    metrics = await (await client.get("/metrics")).text()
+    assert 'meshd_api_refused_total{reason="queries_per_client"} 2' in metrics
 
 
 async def test_query_needs_the_token(client: TestClient, agent: FakeAgent) -> None:
