@@ -15,9 +15,9 @@ import orjson
 from meshd.core.counters import Counters
 from meshd.errors import AuthError, DecodeError
 from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded
+from meshd.net.peer_auth import AUTH_HEADER, make_token
 from meshd.release.chunker import MAX_SIZE
 from meshd.release.peer import (
-    AUTH_HEADER,
     BITMAP_PATH,
     CHUNKS_PATH,
     MANIFEST_PATH,
@@ -26,7 +26,6 @@ from meshd.release.peer import (
     STORED_OVERHEAD,
     PeerProtocolError,
     decode_piece,
-    make_token,
     max_piece_reply,
 )
 from meshd.wire import Codec
@@ -115,7 +114,10 @@ class PeerFetcher:
         async with self.session().post(
             f"http://{addr}{CHUNKS_PATH}",
             data=body,
-            headers={"Content-Type": OCTETS},
+            headers={
+                "Content-Type": OCTETS,
+                AUTH_HEADER: make_token(self.codec, "POST", CHUNKS_PATH, len(body)),
+            },
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as resp:
             self.stats.sent_bytes += len(body)
