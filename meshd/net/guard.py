@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -211,7 +211,8 @@ class GuardedProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance here.
+        transport = cast(asyncio.Transport, transport)
         if not self._guard.admit(transport):
             transport.abort()  # refused: no request handler, no buffers
             return
@@ -318,7 +319,7 @@ class Guard:
         @web.middleware
         async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
             transport = request.transport
-            if not isinstance(transport, asyncio.Transport):
+            if transport is None:  # the client is gone already
                 return await handler(request)
             self.core.request_started(transport)
             try:

@@ -242,3 +242,42 @@ async def test_a_stream_exchange_succeeds_promptly_under_attack(peer: Peer) -> N
         await client.close()
         for s in socks:
             s.close()
+
+
+def test_the_guard_works_on_uvloop_as_the_daemon_runs_it() -> None:
+    """uvloop's transports are not asyncio.Transport subclasses; the guard must not care."""
+    import uvloop
+
+    async def scenario() -> None:
+        codec = Codec("t", Keyring([KEY]))
+        traffic = PeerTraffic()
+        server = PeerServer(
+            create_peer_app(Echo(), PeerGate(codec, stats=traffic.gate), traffic.served),
+            limits=LIMITS,
+            stats=traffic.guard,
+        )
+        await server.start("127.0.0.1", 0)
+        assert server.bound is not None
+        addr = f"127.0.0.1:{server.bound[1]}"
+        client = PeerClient(codec)
+        try:
+            assert await client.exchange(addr, b"ping", 2.0) == b"re:ping"
+            stranger = PeerClient(Codec("t", Keyring([bytes(32)])))
+            assert await stranger.exchange(addr, b"x", 2.0) is None
+            await stranger.close()
+            socks = [
+                await connect(int(server.bound[1]), "127.0.0.2") for _ in range(LIMITS.max_per_source + 2)
+            ]
+            await asyncio.sleep(LIMITS.idle_timeout + 0.4)
+            assert traffic.guard.refused_per_source == 2
+            assert traffic.gate.auth == 1
+            assert traffic.guard.idle_timeouts == 1  # the client's kept-alive connection
+            assert traffic.guard.open == 0
+            for s in socks:
+                s.close()
+        finally:
+            await client.close()
+            await server.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
