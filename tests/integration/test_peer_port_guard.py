@@ -16,10 +16,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from meshd.core.counters import Counters
 from meshd.crypto import Keyring
 from meshd.net.guard import GuardLimits
 from meshd.net.peer_auth import AUTH_HEADER, PeerGate, make_token
 from meshd.net.peer_http import STREAM_PATH, PeerClient, PeerServer, PeerTraffic, create_peer_app
+from meshd.release.peer import PeerProtocolError, add_peer_routes
+from meshd.release.peer_client import PeerFetcher
+from meshd.release.serve import UploadSlots
 from meshd.wire import Codec
 
 pytestmark = pytest.mark.integration
@@ -281,3 +285,55 @@ def test_the_guard_works_on_uvloop_as_the_daemon_runs_it() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+async def test_uploads_beyond_a_sources_slots_get_503() -> None:
+    """With an upload rate, one peer's queued uploads are bounded: the excess is a counted 503."""
+    codec = Codec("t", Keyring([KEY]))
+    paced = asyncio.Event()
+
+    class Paced:
+        def __init__(self) -> None:
+            self.codec = codec
+            self.counters = Counters()
+            self.slots = UploadSlots(running=1, waiting=1)
+
+        def manifest_document(self, rid: str) -> bytes | None:
+            return b"{}"
+
+        def bitmap(self, rid: str) -> bytes | None:
+            return None
+
+        async def read_stored(self, ids: list[str]) -> list[bytes | None]:
+            return [None] * len(ids)
+
+        async def upload_permit(self, nbytes: int) -> None:
+            await paced.wait()  # the upload cap holds every answer back
+
+        def count_sent(self, nbytes: int) -> None:
+            return None
+
+        def upload_slot(self, source: str) -> contextlib.AbstractAsyncContextManager[None]:
+            return self.slots.slot(source)
+
+    backend = Paced()
+    app = create_peer_app(Echo(), PeerGate(codec))
+    add_peer_routes(app, backend)
+    server = PeerServer(app)
+    await server.start("127.0.0.1", 0)
+    assert server.bound is not None
+    fetcher = PeerFetcher(codec, Counters())
+    addr = f"127.0.0.1:{server.bound[1]}"
+    try:
+        rid = "ab" * 32
+        running = [asyncio.create_task(fetcher.manifest(addr, rid, timeout=5.0)) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        with pytest.raises(PeerProtocolError, match="503"):
+            await fetcher.manifest(addr, rid, timeout=5.0)
+        assert backend.counters["serve.drops.busy"] == 1
+        paced.set()
+        assert await asyncio.gather(*running) == [b"{}", b"{}"]
+        assert backend.slots.held("127.0.0.1") == 0
+    finally:
+        await fetcher.close()
+        await server.stop()
