@@ -32,6 +32,7 @@ from meshd.errors import ConfigError, StateError
 from meshd.health.service import HealthService
 from meshd.logs import setup_logging
 from meshd.metrics import Exposition, MetricsSource, TransferStats
+from meshd.net.peer_auth import PeerGate
 from meshd.net.peer_http import PeerClient, PeerServer, PeerTraffic, create_peer_app
 from meshd.net.udp import UDPEndpoint
 from meshd.netaddr import derive_advertise_host, is_wildcard, resolve_hostport
@@ -313,7 +314,7 @@ class Daemon:
             seen_keyops=core_state.keyops,
         )
         self._restore_queries(node)
-        runtime = NodeRuntime(node, peer_client=PeerClient(self.peer_traffic.started))
+        runtime = NodeRuntime(node, peer_client=PeerClient(codec, self.peer_traffic.started))
         runtime.before_effects = functools.partial(self._persist_core, node)
         self._runtime = runtime
         self._metrics += [runtime, health]
@@ -329,11 +330,12 @@ class Daemon:
         self._exit.callback(udp.close)
         self._metrics.insert(0, udp)
         runtime.udp = udp
-        peer_app = create_peer_app(runtime, self.peer_traffic.served)
+        gate = PeerGate(codec, stats=self.peer_traffic.gate)
+        peer_app = create_peer_app(runtime, gate, self.peer_traffic.served)
         self.release = self._make_release_service(codec)
         self.release.add_routes(peer_app)
         self._metrics.append(self.release)
-        peer_server = PeerServer(peer_app)
+        peer_server = PeerServer(peer_app, stats=self.peer_traffic.guard)
         try:
             await peer_server.start(bind_host, port)
         except OSError as e:

@@ -96,7 +96,8 @@ class NodeRuntime:
     ) -> None:
         self.node = node
         self.udp = udp
-        self.peer_client = peer_client or PeerClient()
+        # The default client seals its request tokens with the node's own codec.
+        self.peer_client = peer_client or PeerClient(getattr(node, "codec", None))
         self.errors = 0  # core exceptions caught at this boundary
         self.events_dropped = 0
         self._loop: asyncio.AbstractEventLoop | None = None

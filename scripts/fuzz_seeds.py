@@ -35,7 +35,6 @@ from tests.fuzz import targets as t  # noqa: E402
 CORPUS = ROOT / "tests" / "fuzz" / "corpus"
 VECTORS = ROOT / "proto" / "vectors"
 SEED_PREFIX = "seed-"
-TOKEN_MS = 1_700_000_000_000  # raw tokens in seeds are stale at replay: they exercise the 403 path
 
 # Test data may name only 127/8 and 198.18/15 (the repository's rule); fuzzer mutations of seed
 # addresses can make others, so those corpus files are dropped.
@@ -95,32 +94,41 @@ def http_seeds() -> dict[str, bytes]:
         "manifest-prefix": enc("GET", f"/peer/v1/manifests/{rid[:16]}", sign_token=True),
         "manifest-unknown": enc("GET", "/peer/v1/manifests/" + "0" * 64, sign_token=True),
         "manifest-bad-id": enc("GET", "/peer/v1/manifests/XYZ", sign_token=True),
-        "manifest-stale-token": enc("GET", manifest_path, auth=t.token_for("GET", manifest_path, TOKEN_MS)),
-        "manifest-other-path-token": enc("GET", manifest_path, auth=t.token_for("GET", "/x", TOKEN_MS)),
+        "manifest-raw-token": enc("GET", manifest_path, auth=t.token_for("GET", manifest_path)),
+        "manifest-other-path-token": enc("GET", manifest_path, auth=t.token_for("GET", "/x")),
         "manifest-junk-token": enc("GET", manifest_path, auth=b"AAAA"),
         "manifest-no-token": enc("GET", manifest_path),
         "bitmap-signed": enc("GET", f"/peer/v1/bitmaps/{rid}", sign_token=True),
-        "chunks": enc("POST", peer.CHUNKS_PATH, orjson.dumps({"ids": ids}), seal_body=True),
-        "chunks-unknown": enc("POST", peer.CHUNKS_PATH, orjson.dumps({"ids": ["a" * 64]}), seal_body=True),
-        "chunks-not-list": enc("POST", peer.CHUNKS_PATH, b'{"ids": "x"}', seal_body=True),
-        "chunks-no-ids": enc("POST", peer.CHUNKS_PATH, b"{}", seal_body=True),
-        "chunks-not-json": enc("POST", peer.CHUNKS_PATH, b"[", seal_body=True),
+        "chunks": enc("POST", peer.CHUNKS_PATH, orjson.dumps({"ids": ids}), seal_body=True, sign_token=True),
+        "chunks-unknown": enc(
+            "POST", peer.CHUNKS_PATH, orjson.dumps({"ids": ["a" * 64]}), seal_body=True, sign_token=True
+        ),
+        "chunks-not-list": enc("POST", peer.CHUNKS_PATH, b'{"ids": "x"}', seal_body=True, sign_token=True),
+        "chunks-no-ids": enc("POST", peer.CHUNKS_PATH, b"{}", seal_body=True, sign_token=True),
+        "chunks-not-json": enc("POST", peer.CHUNKS_PATH, b"[", seal_body=True, sign_token=True),
         "chunks-unsealed": enc("POST", peer.CHUNKS_PATH, orjson.dumps({"ids": ids})),
         "chunks-chunked": enc(
-            "POST", peer.CHUNKS_PATH, orjson.dumps({"ids": ids}), seal_body=True, chunked=True
+            "POST",
+            peer.CHUNKS_PATH,
+            orjson.dumps({"ids": ids}),
+            seal_body=True,
+            sign_token=True,
+            chunked=True,
         ),
-        "stream-push-pull": enc("POST", peer_http.STREAM_PATH, push_pull, seal_body=True),
-        "stream-ping": enc("POST", peer_http.STREAM_PATH, ping, seal_body=True, no_content_type=True),
+        "stream-push-pull": enc("POST", peer_http.STREAM_PATH, push_pull, seal_body=True, sign_token=True),
+        "stream-ping": enc(
+            "POST", peer_http.STREAM_PATH, ping, seal_body=True, sign_token=True, no_content_type=True
+        ),
         "stream-unsealed": enc("POST", peer_http.STREAM_PATH, push_pull),
         # Bodies sealed once, sent as they are: a recorded request replayed.
-        "stream-sealed": enc("POST", peer_http.STREAM_PATH, sealer.seal(push_pull)),
+        "stream-sealed": enc("POST", peer_http.STREAM_PATH, sealer.seal(push_pull), sign_token=True),
         "chunks-sealed": enc("POST", peer.CHUNKS_PATH, sealer.seal(orjson.dumps({"ids": ids}))),
         "stream-get": enc("GET", peer_http.STREAM_PATH),
         "unknown-route": enc("PUT", "/peer/v1/%zz"),
     }
     for v in _vectors("messages", "messages"):
         body = wire.compound([bytes.fromhex(v["hex"])])
-        out[f"stream-{v['name']}"] = enc("POST", peer_http.STREAM_PATH, body, seal_body=True)
+        out[f"stream-{v['name']}"] = enc("POST", peer_http.STREAM_PATH, body, seal_body=True, sign_token=True)
     return out
 
 

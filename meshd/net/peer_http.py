@@ -1,8 +1,10 @@
 """The peer HTTP side of the bind port (TCP): one sealed envelope in, one sealed envelope out.
 
 The server is a plain aiohttp web.Application so later features (chunk transfer) add their
-routes to the same app. The client is one shared aiohttp ClientSession; it carries out the
-core's StreamRequests and reports the reply (or None on any failure).
+routes to the same app; PeerServer runs it behind a connection guard (meshd.net.guard) and every
+route behind the app's PeerGate (meshd.net.peer_auth: the cluster key is checked from a sealed
+header before the body is read). The client is one shared aiohttp ClientSession; it carries out
+the core's StreamRequests, with a token for each, and reports the reply (or None on any failure).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from aiohttp import web
 
 from meshd.metrics import Exposition
 from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded
+from meshd.net.guard import Guard, GuardLimits, GuardStats
 from meshd.net.http_server import HttpServer
+from meshd.net.peer_auth import AUTH_HEADER, PEER_GATE, GateStats, PeerGate, gated, make_token
+from meshd.wire import Codec
 
 log = logging.getLogger("meshd.peer")
 
@@ -47,8 +52,12 @@ class PeerTraffic:
 
     served: TCPStats = field(default_factory=TCPStats)
     started: TCPStats = field(default_factory=TCPStats)
+    guard: GuardStats = field(default_factory=GuardStats)  # connections refused, timed out
+    gate: GateStats = field(default_factory=GateStats)  # requests refused before their body
 
     def collect_metrics(self, out: Exposition) -> None:
+        self.guard.collect_metrics(out)
+        self.gate.collect_metrics(out)
         s, c = self.served, self.started
         out.counter("meshd_tcp_accepted_total", "peer exchanges served", s.accepted)
         out.counter(
@@ -71,9 +80,9 @@ def _peer_addr(request: web.Request) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _stream(request: web.Request) -> web.StreamResponse:
+@gated(MAX_STREAM_BODY)
+async def _stream(request: web.Request, data: bytes) -> web.StreamResponse:
     stats = request.app[TCP_STATS]
-    data = await request.read()  # over client_max_size: aiohttp answers 413
     stats.accepted += 1
     stats.received_bytes += len(data)
     reply = request.app[STREAM_HANDLER].handle_stream(data, _peer_addr(request))
@@ -85,10 +94,15 @@ async def _stream(request: web.Request) -> web.StreamResponse:
 
 
 def create_peer_app(
-    handler: StreamHandler, stats: TCPStats | None = None, max_body: int = MAX_STREAM_BODY
+    handler: StreamHandler, gate: PeerGate | Codec, stats: TCPStats | None = None
 ) -> web.Application:
-    """The peer HTTP application; other modules may add routes before it starts."""
-    app = web.Application(client_max_size=max_body)
+    """The peer HTTP application; other modules may add routes before it starts.
+
+    `gate` authenticates every route (a Codec: a PeerGate with the default bounds).
+    """
+    # aiohttp's own cap only matters for a route that reads without the gate (none should).
+    app = web.Application(client_max_size=MAX_STREAM_BODY)
+    app[PEER_GATE] = gate if isinstance(gate, PeerGate) else PeerGate(gate)
     app[STREAM_HANDLER] = handler
     app[TCP_STATS] = stats or TCPStats()
     app.router.add_post(STREAM_PATH, _stream)
@@ -96,16 +110,21 @@ def create_peer_app(
 
 
 class PeerServer(HttpServer):
-    """Runs a peer app on host:port (the TCP twin of the UDP gossip port)."""
+    """Runs a peer app on host:port (the TCP twin of the UDP gossip port), behind a guard."""
 
-    def __init__(self, app: web.Application) -> None:
-        super().__init__(app, backlog=512)
+    def __init__(
+        self, app: web.Application, limits: GuardLimits | None = None, stats: GuardStats | None = None
+    ) -> None:
+        super().__init__(app, backlog=512, guard=Guard(limits, stats))
 
 
 class PeerClient:
     """One ClientSession for every exchange with peers."""
 
-    def __init__(self, stats: TCPStats | None = None, max_reply: int = MAX_STREAM_BODY) -> None:
+    def __init__(
+        self, codec: Codec | None = None, stats: TCPStats | None = None, max_reply: int = MAX_STREAM_BODY
+    ) -> None:
+        self.codec = codec  # seals the request tokens; without one, peers refuse every exchange
         self.stats = stats or TCPStats()
         self._max_reply = max_reply
         self._session: aiohttp.ClientSession | None = None
@@ -147,10 +166,13 @@ class PeerClient:
         return None
 
     async def _post(self, url: str, data: bytes, timeout: float) -> bytes | None:
+        headers = {"Content-Type": _OCTETS}
+        if self.codec is not None:
+            headers[AUTH_HEADER] = make_token(self.codec, "POST", STREAM_PATH, len(data))
         async with self.session().post(
             url,
             data=data,
-            headers={"Content-Type": _OCTETS},
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as resp:
             if resp.status != 200:

@@ -167,6 +167,7 @@ class Member:
     alive: bool
     entries: dict[str, Announce]  # rid16 -> what it announces (empty unless alive)
     tags: dict[str, str] = field(default_factory=dict)
+    node_id: str = ""  # names it as the receiver of what we seal for it
 
     @classmethod
     def from_view(cls, m: MemberView) -> Member:
@@ -180,4 +181,5 @@ class Member:
             alive,
             parse_announcements(meta) if alive else {},
             tags,
+            m.node_id,
         )

@@ -314,7 +314,7 @@ class FetchDriver:
                     return
                 started = self.now()
                 try:
-                    bitmap = await self.client.bitmap(mem.addr, fetch.rid, len(fetch.sizes))
+                    bitmap = await self.client.bitmap(mem.addr, fetch.rid, len(fetch.sizes), to=mem.node_id)
                 except (PeerProtocolError, aiohttp.ClientError, TimeoutError, OSError) as e:
                     self._count("bitmap.errors")
                     log.debug("bitmap of %s from %s: %s", fetch.rid[:16], peer, e)
@@ -407,7 +407,7 @@ class FetchDriver:
         timeout = max(1.0, req.deadline - self.now()) + 1.0
         try:
             stored = await self.client.chunks(
-                mem.addr, req.chunks, [fetch.sizes[c] for c in req.chunks], timeout
+                mem.addr, req.chunks, [fetch.sizes[c] for c in req.chunks], timeout, to=mem.node_id
             )
         except PeerProtocolError as e:
             log.info("chunk request to %s failed: %s", req.peer, e)

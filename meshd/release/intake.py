@@ -78,7 +78,7 @@ class ManifestIntake:
         rid16 = entry.rid16
         try:
             try:
-                doc = await self.client.manifest(mem.addr, rid16)
+                doc = await self.client.manifest(mem.addr, rid16, to=mem.node_id)
             except (PeerProtocolError, aiohttp.ClientError, TimeoutError, OSError) as e:
                 self.counters.inc("discover.errors")
                 log.debug("manifest %s from %s: %s", rid16, mem.name, e)

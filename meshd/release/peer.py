@@ -10,8 +10,12 @@ Routes, added to the node's peer app (the TCP twin of the gossip port):
     POST /peer/v1/chunks   sealed(orjson {"ids": [chunk id, ...]})   -> sealed(piece)
 
 Authentication is the cluster keyring (wire.Codec): every body both ways is a sealed envelope,
-and a GET carries a sealed token "<METHOD> <path> <unix ms>" in the X-Meshd-Auth header (base64),
-so a node without the key gets 401 (no token) or 403 (token does not open) and learns nothing.
+and every request carries a sealed token stating method, path and body length in the
+X-Meshd-Auth header (meshd.net.peer_auth), checked before a byte of the body is read, so a node
+without the key gets 401 (no token) or 403 (token does not open) and learns nothing.
+
+With an upload rate limit, the work one source address can queue is bounded too: a few uploads
+at a time and a few waiting; more get 503 (`serve.drops.busy`).
 
 A piece: b"MDP1", u32 count, count x u32 stored length (0 = not served: absent or damaged),
 then the stored forms back to back, in the order of the ids asked for. Every size is bounded;
@@ -20,22 +24,19 @@ a body over a bound is a 413 (server) or a counted drop (client), never a crash.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import re
 import struct
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from meshd.core.counters import Counters
 from meshd.errors import AuthError, DecodeError
-from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded
+from meshd.net.peer_auth import PEER_GATE, PeerGate, Refused, gated, requester
 from meshd.release.chunker import MAX_SIZE, is_chunk_id
 from meshd.wire import Codec
 
@@ -44,9 +45,6 @@ log = logging.getLogger("meshd.release.peer")
 MANIFEST_PATH = "/peer/v1/manifests/{rid}"
 BITMAP_PATH = "/peer/v1/bitmaps/{rid}"
 CHUNKS_PATH = "/peer/v1/chunks"
-AUTH_HEADER = "X-Meshd-Auth"
-AUTH_SKEW_MS = 300_000  # tokens older or newer than 5 minutes are refused
-MAX_AUTH_HEADER = 1024
 PIECE_MAGIC = b"MDP1"
 MAX_IDS = 1024  # 16 KiB minimum chunks x 1024 = 16 MiB: far above a 4 MiB piece
 MAX_CHUNKS_REQUEST = 256 * 1024  # sealed id list: 1024 x ~70 bytes of JSON + envelope
@@ -62,37 +60,7 @@ class PeerProtocolError(DecodeError):
     """A peer's answer that does not parse (truncated, oversized, malformed)."""
 
 
-# --- envelope helpers ----------------------------------------------------------------------------
-
-
-def make_token(codec: Codec, method: str, path: str, now_ms: int | None = None) -> str:
-    ts = int(time.time() * 1000) if now_ms is None else now_ms
-    sealed = codec.seal(f"{method} {path} {ts}".encode())
-    return base64.b64encode(sealed).decode("ascii")
-
-
-def check_token(codec: Codec, header: str | None, method: str, path: str, now_ms: int | None = None) -> None:
-    """AuthError unless `header` is a fresh token sealed with our keyring for this request."""
-    if not header:
-        raise AuthError("missing " + AUTH_HEADER)
-    if len(header) > MAX_AUTH_HEADER:
-        raise AuthError("oversized auth token")
-    try:
-        sealed = base64.b64decode(header, validate=True)
-    except (binascii.Error, ValueError):
-        raise AuthError("auth token is not base64") from None
-    try:
-        text = codec.open(sealed, max_size=MAX_AUTH_HEADER).decode("utf-8")
-    except DecodeError as e:
-        raise AuthError(f"auth token does not open: {e}") from None
-    except UnicodeDecodeError:
-        raise AuthError("auth token is not text") from None
-    parts = text.rsplit(" ", 1)
-    if len(parts) != 2 or parts[0] != f"{method} {path}" or not (parts[1].isascii() and parts[1].isdigit()):
-        raise AuthError("auth token is for another request")
-    now = int(time.time() * 1000) if now_ms is None else now_ms
-    if abs(now - int(parts[1])) > AUTH_SKEW_MS:
-        raise AuthError("auth token expired (clock skew over 5 minutes?)")
+# --- pieces --------------------------------------------------------------------------------------
 
 
 def encode_piece(stored: Sequence[bytes | None]) -> bytes:
@@ -148,6 +116,14 @@ class PeerBackend(Protocol):
     async def read_stored(self, ids: list[str]) -> list[bytes | None]: ...
     async def upload_permit(self, nbytes: int) -> None: ...
     def count_sent(self, nbytes: int) -> None: ...
+    def upload_slot(self, source: str) -> AbstractAsyncContextManager[None]:
+        """Held while one answer to `source` is prepared and paced; UploadBusy when it has
+        too many already."""
+        ...
+
+
+class UploadBusy(Exception):
+    """A source has too many uploads running and waiting."""
 
 
 RELEASE_BACKEND = web.AppKey("release_backend", PeerBackend)
@@ -162,21 +138,34 @@ def _refuse(backend: PeerBackend, status: int, key: str) -> web.Response:
     return web.Response(status=status, content_type=OCTETS)
 
 
-def _check_get(request: web.Request) -> web.Response | None:
+_REFUSAL_COUNTERS = {
+    "auth": "serve.drops.auth",
+    "too_big": "serve.drops.too_big",
+    "length": "serve.drops.bad_request",
+    "busy": "serve.drops.busy",
+    "truncated": "serve.drops.truncated",
+    "timeout": "serve.drops.truncated",
+}
+
+
+def _count_refusal(request: web.Request, r: Refused) -> None:
+    _count(request.app[RELEASE_BACKEND], _REFUSAL_COUNTERS.get(r.reason, "serve.drops.bad_request"))
+
+
+async def _upload(
+    request: web.Request, make: Callable[[], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Run `make` in an upload slot of the request's source (503 when it has too many)."""
     backend = request.app[RELEASE_BACKEND]
-    header = request.headers.get(AUTH_HEADER)
-    if not header:
-        return _refuse(backend, 401, "serve.drops.auth")
     try:
-        check_token(backend.codec, header, request.method, request.path)
-    except AuthError as e:
-        log.debug("refused %s from %s: %s", request.path, request.remote, e)
-        return _refuse(backend, 403, "serve.drops.auth")
-    return None
+        async with backend.upload_slot(request.remote or "unknown"):
+            return await make()
+    except UploadBusy:
+        return _refuse(backend, 503, "serve.drops.busy")
 
 
-async def _reply(backend: PeerBackend, body: bytes) -> web.Response:
-    sealed = backend.codec.seal(body)
+async def _reply(backend: PeerBackend, body: bytes, to: str) -> web.Response:
+    sealed = backend.codec.seal(body, to)  # good for the requester only
     await backend.upload_permit(len(sealed))
     backend.count_sent(len(sealed))
     return web.Response(body=sealed, content_type=OCTETS)
@@ -187,9 +176,6 @@ async def _serve_by_release(
 ) -> web.StreamResponse:
     """GET /peer/v1/<what>/<release id>: authenticated, the id checked, the answer sealed."""
     backend = request.app[RELEASE_BACKEND]
-    refused = _check_get(request)
-    if refused is not None:
-        return refused
     rid = request.match_info["rid"]
     if not _HEX_RE.match(rid):
         return _refuse(backend, 400, "serve.drops.bad_request")
@@ -197,31 +183,22 @@ async def _serve_by_release(
     if body is None:
         return _refuse(backend, 404, "serve.not_found")
     _count(backend, f"serve.{what}")
-    return await _reply(backend, body)
+    return await _upload(request, lambda: _reply(backend, body, requester(request)))
 
 
-async def _get_manifest(request: web.Request) -> web.StreamResponse:
+@gated(0, _count_refusal)
+async def _get_manifest(request: web.Request, _: bytes) -> web.StreamResponse:
     return await _serve_by_release(request, lambda b, rid: b.manifest_document(rid), "manifests")
 
 
-async def _get_bitmap(request: web.Request) -> web.StreamResponse:
+@gated(0, _count_refusal)
+async def _get_bitmap(request: web.Request, _: bytes) -> web.StreamResponse:
     return await _serve_by_release(request, lambda b, rid: b.bitmap(rid), "bitmaps")
 
 
-async def _post_chunks(request: web.Request) -> web.StreamResponse:
+@gated(MAX_CHUNKS_REQUEST, _count_refusal)
+async def _post_chunks(request: web.Request, raw: bytes) -> web.StreamResponse:
     backend = request.app[RELEASE_BACKEND]
-    try:
-        raw = await read_bounded(request.content, request.content_length, MAX_CHUNKS_REQUEST)
-    except BodyTooLarge:
-        return _refuse(backend, 413, "serve.drops.too_big")
-    except (
-        BodyTruncated,
-        aiohttp.ClientPayloadError,
-        aiohttp.ClientConnectionError,
-        ConnectionError,
-        web.HTTPException,
-    ):
-        return _refuse(backend, 400, "serve.drops.truncated")
     try:
         body = backend.codec.open(raw, max_size=MAX_CHUNKS_REQUEST)
     except AuthError:
@@ -239,14 +216,21 @@ async def _post_chunks(request: web.Request) -> web.StreamResponse:
         return _refuse(backend, 413, "serve.drops.too_big")
     if not all(is_chunk_id(i) for i in ids):
         return _refuse(backend, 400, "serve.drops.decode")
-    stored = await backend.read_stored(ids)
-    _count(backend, "serve.pieces")
-    return await _reply(backend, encode_piece(stored))
+
+    async def piece() -> web.StreamResponse:
+        stored = await backend.read_stored(ids)
+        _count(backend, "serve.pieces")
+        return await _reply(backend, encode_piece(stored), requester(request))
+
+    return await _upload(request, piece)
 
 
 def add_peer_routes(app: web.Application, backend: PeerBackend) -> None:
-    """Add the distribution routes to a peer app (before it starts)."""
+    """Add the distribution routes to a peer app (before it starts); an app without a PeerGate
+    gets one with the backend's codec."""
     app[RELEASE_BACKEND] = backend
+    if PEER_GATE not in app:
+        app[PEER_GATE] = PeerGate(backend.codec)
     app.router.add_get(MANIFEST_PATH, _get_manifest)
     app.router.add_get(BITMAP_PATH, _get_bitmap)
     app.router.add_post(CHUNKS_PATH, _post_chunks)

@@ -15,9 +15,9 @@ import orjson
 from meshd.core.counters import Counters
 from meshd.errors import AuthError, DecodeError
 from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded
+from meshd.net.peer_auth import AUTH_HEADER, make_token
 from meshd.release.chunker import MAX_SIZE
 from meshd.release.peer import (
-    AUTH_HEADER,
     BITMAP_PATH,
     CHUNKS_PATH,
     MANIFEST_PATH,
@@ -26,7 +26,6 @@ from meshd.release.peer import (
     STORED_OVERHEAD,
     PeerProtocolError,
     decode_piece,
-    make_token,
     max_piece_reply,
 )
 from meshd.wire import Codec
@@ -86,9 +85,9 @@ class PeerFetcher:
             self._count("fetch.drops.decode")
             raise PeerProtocolError(f"bad answer envelope: {e}") from None
 
-    async def _get(self, addr: str, path: str, limit: int, timeout: float) -> bytes | None:
-        """Sealed GET; the opened body, None on 404. PeerProtocolError / aiohttp errors."""
-        headers = {AUTH_HEADER: make_token(self.codec, "GET", path)}
+    async def _get(self, addr: str, path: str, limit: int, timeout: float, to: str) -> bytes | None:
+        """Sealed GET to node `to`; the opened body, None on 404. PeerProtocolError / aiohttp errors."""
+        headers = {AUTH_HEADER: make_token(self.codec, "GET", path, to=to)}
         async with self.session().get(
             f"http://{addr}{path}", headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
         ) as resp:
@@ -100,22 +99,29 @@ class PeerFetcher:
             data = await self._read(resp, limit + self.codec.overhead)
         return self._open(data, limit)
 
-    async def manifest(self, addr: str, rid: str, timeout: float = 10.0) -> bytes | None:
-        return await self._get(addr, MANIFEST_PATH.format(rid=rid), MAX_MANIFEST, timeout)
+    # `to` is the peer's node id: what is sealed for it is good at that node only.
 
-    async def bitmap(self, addr: str, rid: str, n_chunks: int, timeout: float = 5.0) -> bytes | None:
-        return await self._get(addr, BITMAP_PATH.format(rid=rid), (n_chunks + 7) // 8, timeout)
+    async def manifest(self, addr: str, rid: str, timeout: float = 10.0, *, to: str = "") -> bytes | None:
+        return await self._get(addr, MANIFEST_PATH.format(rid=rid), MAX_MANIFEST, timeout, to)
+
+    async def bitmap(
+        self, addr: str, rid: str, n_chunks: int, timeout: float = 5.0, *, to: str = ""
+    ) -> bytes | None:
+        return await self._get(addr, BITMAP_PATH.format(rid=rid), (n_chunks + 7) // 8, timeout, to)
 
     async def chunks(
-        self, addr: str, ids: Sequence[str], sizes: Sequence[int], timeout: float
+        self, addr: str, ids: Sequence[str], sizes: Sequence[int], timeout: float, *, to: str = ""
     ) -> list[bytes | None]:
         """Stored forms of `ids` from a peer (None where it did not serve one)."""
-        body = self.codec.seal(orjson.dumps({"ids": list(ids)}))
+        body = self.codec.seal(orjson.dumps({"ids": list(ids)}), to)
         limit = max_piece_reply(sizes, self.codec)
         async with self.session().post(
             f"http://{addr}{CHUNKS_PATH}",
             data=body,
-            headers={"Content-Type": OCTETS},
+            headers={
+                "Content-Type": OCTETS,
+                AUTH_HEADER: make_token(self.codec, "POST", CHUNKS_PATH, len(body), to=to),
+            },
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as resp:
             self.stats.sent_bytes += len(body)

@@ -1,8 +1,9 @@
 """Serving peers: what the peer HTTP routes (meshd.release.peer) call on this node.
 
 PeerUploads answers with the manifest documents and have-bitmaps of the releases this node holds
-and the stored forms of chunks, paced by the upload cap (a TokenBucket). A chunk found rotten
-while being read is dropped by the store and reported, so that the service fetches it again.
+and the stored forms of chunks, paced by the upload cap (a TokenBucket; with a cap, UploadSlots
+bound the uploads queued per peer). A chunk found rotten while being read is dropped by the store
+and reported, so that the service fetches it again.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Protocol
 
 from aiohttp import web
@@ -18,7 +20,7 @@ from aiohttp import web
 from meshd.core.counters import Counters
 from meshd.errors import IntegrityError
 from meshd.metrics import TransferStats
-from meshd.release.peer import MAX_PIECE_STORED, add_peer_routes
+from meshd.release.peer import MAX_PIECE_STORED, UploadBusy, add_peer_routes
 from meshd.release.store import ChunkStore, StoreError
 from meshd.wire import Codec
 
@@ -41,18 +43,57 @@ class TokenBucket:
         self._clock = clock
         self._sleep = sleep
         self._at = clock()
-        self._lock = asyncio.Lock()
+
+    def reserve(self, n: int) -> float:
+        """Take `n` bytes now (the balance may go negative); seconds until they may go.
+
+        No lock and no await: on one event loop this runs whole, and the reservations made in
+        turn are served first come, first served, each sleeping only for its own debt.
+        """
+        if not self.rate:
+            return 0.0
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= n
+        return max(0.0, -self._tokens / self.rate)
 
     async def take(self, n: int) -> None:
-        if not self.rate:
-            return
-        async with self._lock:  # first come, first served
-            now = self._clock()
-            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-            self._at = now
-            self._tokens -= n
-            if self._tokens < 0:
-                await self._sleep(-self._tokens / self.rate)
+        wait = self.reserve(n)
+        if wait > 0:
+            await self._sleep(wait)  # outside any lock: other takers reserve meanwhile
+
+
+class UploadSlots:
+    """Per source address: `running` uploads at a time and `waiting` more queued; beyond that
+    UploadBusy, so one peer cannot pile up work (and the memory of prepared answers)."""
+
+    def __init__(self, running: int = 2, waiting: int = 4) -> None:
+        self.running = running
+        self.waiting = waiting
+        self._held: dict[str, int] = {}  # running + waiting, per source
+        self._sems: dict[str, asyncio.Semaphore] = {}
+
+    def held(self, source: str) -> int:
+        return self._held.get(source, 0)
+
+    @asynccontextmanager
+    async def slot(self, source: str) -> AsyncIterator[None]:
+        n = self._held.get(source, 0)
+        if n >= self.running + self.waiting:
+            raise UploadBusy(f"{source} has {n} uploads running or waiting")
+        self._held[source] = n + 1
+        sem = self._sems.setdefault(source, asyncio.Semaphore(self.running))
+        try:
+            async with sem:
+                yield
+        finally:
+            left = self._held[source] - 1
+            if left:
+                self._held[source] = left
+            else:  # nothing kept for sources that went away
+                del self._held[source]
+                self._sems.pop(source, None)
 
 
 class Holdings(Protocol):
@@ -82,6 +123,7 @@ class PeerUploads:
         transfer: TransferStats,
         upload_rate: float | None,
         on_damaged: Callable[[list[str]], None],
+        slots: UploadSlots | None = None,
     ) -> None:
         self.holdings = holdings
         self.codec = codec
@@ -89,6 +131,8 @@ class PeerUploads:
         self.store = store
         self.transfer = transfer
         self.upload_bucket = TokenBucket(upload_rate)
+        # Only a paced node queues uploads; unpaced, an answer goes out as fast as it is read.
+        self.slots = (slots or UploadSlots()) if upload_rate else None
         self._on_damaged = on_damaged
 
     def add_routes(self, app: web.Application) -> None:
@@ -130,6 +174,9 @@ class PeerUploads:
                 total += len(data)
             out.append(data)
         return out, damaged
+
+    def upload_slot(self, source: str) -> AbstractAsyncContextManager[None]:
+        return self.slots.slot(source) if self.slots is not None else nullcontext()
 
     async def upload_permit(self, nbytes: int) -> None:
         await self.upload_bucket.take(nbytes)

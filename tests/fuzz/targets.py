@@ -47,7 +47,7 @@ from meshd.core.config import LAN
 from meshd.core.counters import Counters
 from meshd.core.node import Node
 from meshd.errors import DecodeError, IntegrityError
-from meshd.net import peer_http
+from meshd.net import peer_auth, peer_http
 from meshd.release import chunker, peer
 from meshd.release.chunker import ChunkedTree, FileChunks
 from meshd.release.manifest import Manifest
@@ -168,6 +168,9 @@ class MemoryBackend:
     async def read_stored(self, ids: list[str]) -> list[bytes | None]:
         return [self.stored.get(i) for i in ids]
 
+    def upload_slot(self, source: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()
+
     async def upload_permit(self, nbytes: int) -> None:
         return None
 
@@ -195,7 +198,7 @@ def make_peer_app() -> tuple[web.Application, MemoryBackend, CoreStream]:
     """The node's peer app: the push-pull route over a core node, plus the release routes."""
     codec = secure_codec()
     stream = CoreStream(codec)
-    app = peer_http.create_peer_app(stream)
+    app = peer_http.create_peer_app(stream, codec)
     backend = MemoryBackend(codec)
     peer.add_peer_routes(app, backend)
     app.freeze()
@@ -257,12 +260,12 @@ async def _serve(app: web.Application, data: bytes) -> int:
     body = data[pos + 2 + n_auth :]
     codec = app[peer.RELEASE_BACKEND].codec
     headers: dict[str, str] = {}
-    if flags & 1:
-        headers[peer.AUTH_HEADER] = peer.make_token(codec, method, path)
-    elif auth:
-        headers[peer.AUTH_HEADER] = _header_text(auth)
     if flags & 2:
         body = codec.seal(body)
+    if flags & 1:  # a valid token for the body as sent
+        headers[peer_auth.AUTH_HEADER] = peer_auth.make_token(codec, method, path, len(body))
+    elif auth:
+        headers[peer_auth.AUTH_HEADER] = _header_text(auth)
     if flags & 4:
         headers["Transfer-Encoding"] = "chunked"
     else:
@@ -357,9 +360,9 @@ def piece_target(data: bytes) -> None:
             chunker.decode_chunk(stored)
 
 
-def token_for(method: str, path: str, now_ms: int) -> bytes:
+def token_for(method: str, path: str, length: int = 0) -> bytes:
     """A sealed X-Meshd-Auth token as raw header bytes (seed material)."""
-    return peer.make_token(secure_codec(fixed_nonce=True), method, path, now_ms).encode("ascii")
+    return peer_auth.make_token(secure_codec(fixed_nonce=True), method, path, length).encode("ascii")
 
 
 TARGETS: dict[str, Callable[[], Target]] = {

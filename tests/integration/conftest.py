@@ -61,7 +61,7 @@ async def in_process_node() -> AsyncIterator[InProcessStarter]:
         udp = UDPEndpoint(rt.on_datagram)
         await udp.open("127.0.0.1", port)
         rt.udp = udp
-        server = PeerServer(create_peer_app(rt))
+        server = PeerServer(create_peer_app(rt, node.codec))
         await server.start("127.0.0.1", port)
         rt.start()
         started.append((rt, server))

@@ -8,6 +8,7 @@ import pytest
 
 from meshd.core.messages import MemberState
 from meshd.net.peer_http import PeerClient, PeerServer, create_peer_app
+from meshd.wire import Codec
 from tests.processes import InProcessStarter
 
 pytestmark = pytest.mark.integration
@@ -23,9 +24,10 @@ class Echo:
 
 async def test_a_multi_megabyte_reply_arrives_whole(port_factory: Callable[[], int]) -> None:
     port = port_factory()
-    server = PeerServer(create_peer_app(Echo(3 << 20)))
+    codec = Codec("t", None)
+    server = PeerServer(create_peer_app(Echo(3 << 20), codec))
     await server.start("127.0.0.1", port)
-    client = PeerClient()
+    client = PeerClient(codec)
     try:
         reply = await client.exchange(f"127.0.0.1:{port}", b"hello", 10.0)
         assert reply is not None

@@ -8,9 +8,10 @@ every other node on the next loop turn, the way gossip would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,18 +25,17 @@ from meshd.core.messages import MemberState
 from meshd.core.node import MemberView
 from meshd.core.swarm import SwarmConfig, make_bitmap
 from meshd.crypto import Keyring, PublisherKey, generate_publisher_keypair
+from meshd.net.peer_auth import AUTH_HEADER, make_token
 from meshd.release.announce import Announce, parse_announcements
 from meshd.release.chunker import chunk_tree
 from meshd.release.config import DistConfig
 from meshd.release.manifest import Manifest
 from meshd.release.peer import (
-    AUTH_HEADER,
     CHUNKS_PATH,
     MAX_CHUNKS_REQUEST,
     PeerProtocolError,
     add_peer_routes,
     encode_piece,
-    make_token,
 )
 from meshd.release.peer_client import PeerFetcher
 from meshd.release.serve import PeerUploads
@@ -301,22 +301,39 @@ async def test_node_without_the_cluster_key_is_refused(mesh: Mesh, tmp_path: Pat
 
 async def test_oversized_and_garbage_requests(mesh: Mesh) -> None:
     n0 = await mesh.add("n0")
-    sess = PeerFetcher(n0.service.codec, Counters()).session()
+    codec = n0.service.codec
+    sess = PeerFetcher(codec, Counters()).session()
     url = f"http://{n0.addr}{CHUNKS_PATH}"
-    async with sess.post(url, data=b"\x01" * (MAX_CHUNKS_REQUEST + 10)) as resp:
+
+    def auth(body: bytes) -> dict[str, str]:
+        return {AUTH_HEADER: make_token(codec, "POST", CHUNKS_PATH, len(body))}
+
+    big = b"\x01" * (MAX_CHUNKS_REQUEST + 10)
+    async with sess.post(url, data=big, headers=auth(big)) as resp:
         assert resp.status == 413
-    async with sess.post(url, data=b"garbage") as resp:
+    async with sess.post(url, data=b"garbage", headers=auth(b"garbage")) as resp:
         assert resp.status == 400
-    too_many = n0.service.codec.seal(orjson.dumps({"ids": ["a" * 64] * 2000}))
-    async with sess.post(url, data=too_many) as resp:
+    too_many = codec.seal(orjson.dumps({"ids": ["a" * 64] * 2000}))
+    async with sess.post(url, data=too_many, headers=auth(too_many)) as resp:
         assert resp.status == 413
-    bad_ids = n0.service.codec.seal(orjson.dumps({"ids": ["../etc/passwd"]}))
-    async with sess.post(url, data=bad_ids) as resp:
+    bad_ids = codec.seal(orjson.dumps({"ids": ["../etc/passwd"]}))
+    async with sess.post(url, data=bad_ids, headers=auth(bad_ids)) as resp:
         assert resp.status == 400
+    # A token for another length, or a chunked body, is refused before the body is read.
+    async with sess.post(url, data=bad_ids, headers=auth(bad_ids + b"x")) as resp:
+        assert resp.status == 403
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield bad_ids
+
+    async with sess.post(url, data=chunked(), headers=auth(bad_ids)) as resp:
+        assert resp.status == 411
     await sess.close()
     c = n0.service.counters
     assert c["serve.drops.too_big"] == 2
     assert c["serve.drops.decode"] == 2
+    assert c["serve.drops.auth"] == 1
+    assert c["serve.drops.bad_request"] == 1
 
 
 async def test_far_site_gets_about_one_copy_over_the_site_link(mesh: Mesh, tmp_path: Path) -> None:
@@ -481,6 +498,9 @@ async def test_untrusted_and_unsigned_manifests_are_refused(mesh: Mesh, tmp_path
 
         def count_sent(self, nbytes: int) -> None:
             return None
+
+        def upload_slot(self, source: str) -> contextlib.nullcontext[None]:
+            return contextlib.nullcontext()
 
     app = web.Application()
     add_peer_routes(app, Fake())

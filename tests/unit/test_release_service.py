@@ -82,12 +82,12 @@ class StoreBackedFetcher:
         self.manifests = manifests
         self.asked: list[str] = []
 
-    async def manifest(self, addr: str, rid: str, timeout: float = 10.0) -> bytes | None:
+    async def manifest(self, addr: str, rid: str, timeout: float = 10.0, *, to: str = "") -> bytes | None:
         self.asked.append(rid)
         return next((doc for full, doc in self.manifests.items() if full.startswith(rid)), None)
 
     async def chunks(
-        self, addr: str, ids: Sequence[str], sizes: Sequence[int], timeout: float
+        self, addr: str, ids: Sequence[str], sizes: Sequence[int], timeout: float, *, to: str = ""
     ) -> list[bytes | None]:
         return [self.store.get_stored(c) for c in ids]
 
