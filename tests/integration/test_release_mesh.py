@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -40,6 +41,7 @@ from meshd.release.peer import (
 from meshd.release.peer_client import PeerFetcher
 from meshd.release.serve import PeerUploads
 from meshd.release.service import ReleaseService
+from meshd.replay import ReplayGuard
 from meshd.wire import Codec
 from tests.fakes import member
 
@@ -136,7 +138,9 @@ class Mesh:
         server_cls: type[PeerUploads] = PeerUploads,
     ) -> TNode:
         root = root or self.tmp / name
-        codec = Codec(CLUSTER, Keyring([cluster_key]) if cluster_key else None)
+        # A real node's codec: it names itself (node id = name here) and refuses replays.
+        ring = Keyring([cluster_key]) if cluster_key else None
+        codec = Codec(CLUSTER, ring, node_id=name, guard=ReplayGuard())
         cfg = config or DistConfig(fsync=False, announce_interval=0.2, origin_delay=1.0)
         node: TNode
         service = ReleaseService(
@@ -284,7 +288,7 @@ async def test_node_without_the_cluster_key_is_refused(mesh: Mesh, tmp_path: Pat
             await fetcher.manifest(n0.addr, rid)
         await fetcher.close()
     # A GET with no token at all is a 401; a token for another path a 403.
-    fetcher = PeerFetcher(Codec(CLUSTER, Keyring([KEY])), Counters())
+    fetcher = PeerFetcher(Codec(CLUSTER, Keyring([KEY]), node_id="n9"), Counters())
     sess = fetcher.session()
     async with sess.get(f"http://{n0.addr}/peer/v1/manifests/{rid}") as resp:
         assert resp.status == 401
@@ -334,6 +338,37 @@ async def test_oversized_and_garbage_requests(mesh: Mesh) -> None:
     assert c["serve.drops.decode"] == 2
     assert c["serve.drops.auth"] == 1
     assert c["serve.drops.bad_request"] == 1
+
+
+async def test_a_recorded_chunk_request_is_served_once_and_only_where_it_was_sent(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    # Issue 9: one sealed chunk request replayed 200 times by a host without the key served
+    # 838 MB. Now the token and the body are envelopes with a stamp, a sender and a receiver.
+    n0 = await mesh.add("n0")
+    n2 = await mesh.add("n2")
+    rid = await publish(n0, write_file(tmp_path / "src" / "app.bin", data_blob(7, 2_000_000)), "1.0")
+    ids = Manifest.from_bytes(n0.service.manifest_bytes(rid)).unique_chunks()[:8]
+    sender = Codec(CLUSTER, Keyring([KEY]), node_id="n1")  # what n1 sent n0, recorded on the wire
+    body = sender.seal(orjson.dumps({"ids": ids}), "n0")
+    headers = {AUTH_HEADER: make_token(sender, "POST", CHUNKS_PATH, len(body), to="n0")}
+    async with aiohttp.ClientSession() as sess:  # the replayer: no key, just the bytes
+        url = f"http://{n0.addr}{CHUNKS_PATH}"
+        async with sess.post(url, data=body, headers=headers) as resp:
+            assert resp.status == 200
+            first = len(await resp.read())
+        assert first > 100_000
+        statuses, replayed_bytes = [], 0
+        for _ in range(200):
+            async with sess.post(url, data=body, headers=headers) as resp:
+                statuses.append(resp.status)
+                replayed_bytes += len(await resp.read())
+        async with sess.post(f"http://{n2.addr}{CHUNKS_PATH}", data=body, headers=headers) as resp:
+            elsewhere = resp.status
+    assert set(statuses) == {403}
+    assert replayed_bytes == 0  # one answer, not 201
+    assert elsewhere == 403  # sealed for n0: good at n0 only
+    assert n0.service.counters["serve.drops.auth"] == 200
 
 
 async def test_far_site_gets_about_one_copy_over_the_site_link(mesh: Mesh, tmp_path: Path) -> None:
@@ -481,7 +516,7 @@ async def test_untrusted_and_unsigned_manifests_are_refused(mesh: Mesh, tmp_path
     unsigned = Manifest.build("app", "7.0", tree, created=0)
 
     class Fake:
-        codec = Codec(CLUSTER, Keyring([KEY]))
+        codec = Codec(CLUSTER, Keyring([KEY]), node_id="fake")
         counters = Counters()
 
         def manifest_document(self, rid: str) -> bytes | None:
