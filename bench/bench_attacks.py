@@ -238,6 +238,7 @@ class IdleConnections(Attack):
             s.settimeout(1.0)
             try:
                 s.connect(target.peer_addr)
+                s.setblocking(False)  # the peek below must not wait
                 self.socks.append(s)
             except OSError as e:
                 self.failed[type(e).__name__] += 1
@@ -245,7 +246,7 @@ class IdleConnections(Attack):
         stop.wait()
         for s in self.socks:  # a connection the node closed reads as EOF (or a reset)
             try:
-                if s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b"":
+                if s.recv(1, socket.MSG_PEEK) == b"":
                     self.closed_by_node += 1
             except BlockingIOError:
                 pass
