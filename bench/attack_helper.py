@@ -4,7 +4,7 @@ bench_attacks.py measures any meshd tree (before and after a change), so whateve
 cluster key and that tree's wire format runs here, as `PYTHONPATH=TREE python attack_helper.py`,
 and talks to the bench through JSON on standard output:
 
-    probe --key-file F --cluster C --addr HOST:PORT --target NAME --duration S
+    probe --key-file F --cluster C --addr HOST:PORT --target NAME --target-id ID --duration S
         time direct SWIM probes (Ping -> Ack, what a peer's probe costs) every --interval;
         one JSON line per probe: {"rtt_ms": x} or {"lost": true}
     seal-chunks --key-file F --cluster C --addr HOST:PORT --data-dir DIR
@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import inspect
 import json
+import secrets
 import socket
 import sys
 import time
@@ -35,7 +37,16 @@ def _codec(args: argparse.Namespace) -> Any:
     from meshd.crypto import Keyring, read_key_file
     from meshd.wire import Codec
 
-    return Codec(args.cluster, Keyring([read_key_file(args.key_file)]))
+    # A tree whose envelope names its sender gets a sender id of the helper's own (a key holder).
+    kw: dict[str, Any] = (
+        {"node_id": secrets.token_hex(16)} if "node_id" in inspect.signature(Codec).parameters else {}
+    )
+    return Codec(args.cluster, Keyring([read_key_file(args.key_file)]), **kw)
+
+
+def _to(codec: Any, args: argparse.Namespace) -> dict[str, str]:
+    """pack()'s receiver argument, for a tree whose envelope names its receiver."""
+    return {"to": args.target_id} if "to" in inspect.signature(codec.pack).parameters else {}
 
 
 def _split(addr: str) -> tuple[str, int]:
@@ -58,7 +69,8 @@ def probe(args: argparse.Namespace) -> None:
         while time.monotonic() < end:
             seq += 1
             started = time.monotonic()
-            sock.sendto(codec.pack([wire.encode_message(Ping(seq, args.target, "bench-prober", me))]), target)
+            ping = wire.encode_message(Ping(seq, args.target, "bench-prober", me))
+            sock.sendto(codec.pack([ping], **_to(codec, args)), target)
             line: dict[str, Any] = {"lost": True}
             deadline = started + args.timeout
             while (left := deadline - time.monotonic()) > 0:
@@ -133,6 +145,7 @@ def main() -> int:
     p.add_argument("--cluster", required=True)
     p.add_argument("--addr", required=True, help="the target's gossip/peer HOST:PORT")
     p.add_argument("--target", default="", help="probe: the target's node name")
+    p.add_argument("--target-id", default="", help="the target's node id (GET /v1/status)")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--interval", type=float, default=0.2)
     p.add_argument("--timeout", type=float, default=1.0)

@@ -492,12 +492,15 @@ class MeshdTarget(Target):
         self.api_port = self.cluster.api_ports[0]
         self.env = {**os.environ, "PYTHONPATH": str(tree)}
         self._sealed: dict[str, Any] | None = None
+        self._target_id = ""
 
     def start(self) -> None:
         # bench_queries starts nodes from its own REPO: point it at the tree under test for this call.
+        # `python -m` puts the working directory first on sys.path: start from the tree, or the
+        # nodes would run whatever meshd/ the bench was started next to.
         saved, bq.REPO = bq.REPO, self.tree
         try:
-            with nofile_limit(self.args.node_nofile):
+            with nofile_limit(self.args.node_nofile), contextlib.chdir(self.tree):
                 self.cluster.start()
         finally:
             bq.REPO = saved
@@ -529,7 +532,17 @@ class MeshdTarget(Target):
         ]  # fmt: skip
 
     def start_probe(self, duration: float) -> subprocess.Popen[bytes] | None:
-        argv = self._helper("probe", "--target", self.cluster.name(0), "--duration", str(duration))
+        if not self._target_id:
+            self._target_id = str(bq.http_json(self.cluster.api(0) + "/v1/status", API_TIMEOUT)["id"])
+        argv = self._helper(
+            "probe",
+            "--target",
+            self.cluster.name(0),
+            "--target-id",
+            self._target_id,
+            "--duration",
+            str(duration),
+        )
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env)
 
     def slow_preamble(self) -> bytes:
@@ -540,8 +553,9 @@ class MeshdTarget(Target):
 
     def _tree_cmd(self, module: str, *argv: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", module, *argv], env=self.env, capture_output=True, timeout=120, check=False
-        )
+            [sys.executable, "-m", module, *argv],
+            env=self.env, cwd=self.tree, capture_output=True, timeout=120, check=False,
+        )  # fmt: skip
         if out.returncode:
             raise RuntimeError(f"{module} {argv[:3]} failed: {(out.stdout + out.stderr).decode()[-400:]}")
         return out.stdout.decode()

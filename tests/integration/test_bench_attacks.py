@@ -4,6 +4,7 @@ plain sockets, so the table measures what it says."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -14,7 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.bench_attacks import HELPER, DatagramFlood, IdleConnections, Replay, SlowBodies, Target
+import pytest
+
+from bench.bench_attacks import (
+    HELPER,
+    DatagramFlood,
+    IdleConnections,
+    MeshdTarget,
+    Replay,
+    SlowBodies,
+    Target,
+)
 from tests.processes import Mesh, clean_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,3 +188,35 @@ def test_slow_bodies_trickle_at_their_rate_and_reconnect_when_dropped() -> None:
     assert slow.dropped >= 1  # noticed the close
     assert accepts[0] > 2  # and came back: two clients, more connections
     assert 0 < slow.sent <= 2 * 8192 * 2.0 + 8192  # at most the rate, per client
+
+
+FAKE_MESHD = """import sys
+from pathlib import Path
+args = sys.argv[1:]
+if "--data-dir" in args:  # `meshd run`: say where this code lives, then exit
+    d = Path(args[args.index("--data-dir") + 1])
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "ran-from").write_text(__file__)
+else:
+    print(__file__)
+"""
+
+
+def test_nodes_and_tree_commands_run_the_trees_code_even_from_another_checkout(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    tree = tmp_path / "tree"
+    for pkg in ("meshd", "meshd/cli"):
+        (tree / pkg).mkdir(parents=True)
+        (tree / pkg / "__init__.py").write_text("")
+    (tree / "meshd/cli/meshd.py").write_text(FAKE_MESHD)
+    monkeypatch.chdir(REPO)  # a checkout with its own meshd/ in the working directory
+    target = MeshdTarget("t", tree, tmp_path / "work", "a2V5", set(), argparse.Namespace(node_nofile=0))
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            target.start()
+    finally:
+        target.stop()
+    ran = (tmp_path / "work" / "m00" / "ran-from").read_text()
+    assert ran == str(tree / "meshd/cli/meshd.py")
+    assert target._tree_cmd("meshd.cli.meshd", "keygen").strip() == str(tree / "meshd/cli/meshd.py")
