@@ -1,8 +1,9 @@
 """A node under attack, against the same node at rest: meshd (any tree, before and after) and serf.
 
 Issue 9 (hostile site network), Performance. A 3-node mesh with a cluster key on 127.0.0.1; the
-target is node 0. Each scenario runs on a fresh mesh, --repeats times (--slow-repeats for the three
-floods), each run bounded by --period seconds of attack plus --settle seconds of quiet:
+target is node 0. Each scenario runs on a fresh mesh, --repeats times at rest and --slow-repeats
+times per attack, each run bounded by --period seconds of attack plus --settle seconds of quiet
+(defaults: about 7 minutes per tree; --before doubles that, serf adds 4 or 5):
 
 - rest: no attack.
 - idle_connections: --connections TCP connections to the peer port, opened and held.
@@ -69,7 +70,7 @@ from bench import membership as mb  # noqa: E402
 HOST = bq.HOST
 HELPER = Path(__file__).resolve().parent / "attack_helper.py"
 SCENARIOS = ("rest", "rebinding", "replay", "datagram_flood", "idle_connections", "slow_bodies")
-FLOODS = ("datagram_flood", "idle_connections", "slow_bodies")  # the slow ones: --slow-repeats
+FLOODS = ("datagram_flood", "idle_connections", "slow_bodies")
 SERF_SCENARIOS = ("rest", *FLOODS)  # the others need meshd's HTTP API or chunk store
 SLOW_BODY_LENGTH = 16 * 1024 * 1024
 RELEASE_SIZE = 4 * 1024 * 1024
@@ -692,7 +693,7 @@ def measure(target: Target, attack: Attack, period: float, settle: float, rss_ca
 
 
 def run_scenario(make_target: Callable[[], Target], scenario: str, args: argparse.Namespace) -> list[Run]:
-    repeats = args.slow_repeats if scenario in FLOODS else args.repeats
+    repeats = args.repeats if scenario == "rest" else args.slow_repeats
     target = make_target()
     runs: list[Run] = []
     try:
@@ -715,6 +716,21 @@ def run_scenario(make_target: Callable[[], Target], scenario: str, args: argpars
 
 
 # --- the whole bench ----------------------------------------------------------------------------
+
+
+MESH_START_S = 6.0  # a fresh 3-node mesh until every node sees every other alive and healthy
+
+
+def estimate_s(args: argparse.Namespace, scenarios: Sequence[str], makers: Sequence[Any]) -> float:
+    """Rough length of the whole bench, to print before starting it."""
+    total = 0.0
+    for _label, _make, supported in makers:
+        for s in scenarios:
+            if s in supported:
+                repeats = args.repeats if s == "rest" else args.slow_repeats
+                settle = 0.0 if s == "rest" else args.settle
+                total += MESH_START_S + repeats * (args.period + settle + 1.0)
+    return total
 
 
 def git(tree: Path, *argv: str) -> str:
@@ -795,6 +811,7 @@ def run(args: argparse.Namespace) -> int:
                     SERF_SCENARIOS,
                 )
             )
+        log(f"about {estimate_s(args, scenarios, makers) / 60:.0f} minutes")
         for scenario in scenarios:
             for label, make_target, supported in makers:
                 if scenario not in supported:
@@ -824,8 +841,9 @@ def run(args: argparse.Namespace) -> int:
         "```",
     ]
     notes += [
-        f"Runs: {args.repeats} per scenario, {args.slow_repeats} for {', '.join(FLOODS)} (the slow ones); "
-        "cells give the median over runs and (min-max) when there are several.",
+        f"Runs: {args.repeats} at rest, {args.slow_repeats} per attack (each costs --period + --settle; "
+        "fewer than 5 keeps one tree under 10 minutes); cells give the median over runs and "
+        "(min-max) when there are several.",
         f"Nodes started with open-file limit {args.node_nofile or 'inherited'} (soft); "
         f"the bench's own: {own}.",
         "probe rtt: direct Ping -> Ack to the target with the tree's codec every 200 ms, 1 s timeout "
@@ -855,8 +873,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", metavar="REF", help="also measure this git ref of --tree, side by side")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ", ".join(SCENARIOS))
     p.add_argument("--systems", default="meshd,serf", help="comma list: meshd, serf")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--slow-repeats", type=int, default=3, help="runs of the three floods")
+    p.add_argument("--repeats", type=int, default=5, help="runs at rest")
+    p.add_argument("--slow-repeats", type=int, default=3, help="runs of each attack scenario")
     p.add_argument("--period", type=float, default=10.0, help="seconds of attack per run")
     p.add_argument("--settle", type=float, default=10.0, help="seconds after the attack for RSS/fds 'after'")
     p.add_argument("--connections", type=int, default=1000)
