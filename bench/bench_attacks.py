@@ -170,7 +170,7 @@ def row_cells(runs: Sequence[Run]) -> list[str]:
     if errors:
         probe += f" (error: {errors[0]})"
     api = spread([percentile(r.api_ms, 0.5) for r in runs], _ms)
-    api += f" ({spread([percentile(r.api_ms, 0.95) for r in runs], _ms)})"
+    api += f" / p95 {spread([percentile(r.api_ms, 0.95) for r in runs], _ms)}"
     failed = sum(r.api_failed for r in runs)
     if failed:
         api += f", {failed}/{failed + sum(len(r.api_ms) for r in runs)} failed"
@@ -186,7 +186,7 @@ def row_cells(runs: Sequence[Run]) -> list[str]:
 
 
 TABLE_HEAD = [
-    "| scenario | system/tree | runs | probe rtt median | API ms median (p95) | RSS MiB max / after "
+    "| scenario | system/tree | runs | probe rtt median | API ms: median / p95 | RSS MiB max / after "
     "| fds max / after | seen alive by the others | attack |",
     "|---|---|---|---|---|---|---|---|---|",
 ]
@@ -841,9 +841,9 @@ def run(args: argparse.Namespace) -> int:
         "```",
     ]
     notes += [
-        f"Runs: {args.repeats} at rest, {args.slow_repeats} per attack (each costs --period + --settle; "
-        "fewer than 5 keeps one tree under 10 minutes); cells give the median over runs and "
-        "(min-max) when there are several.",
+        f"Runs: {args.repeats} at rest, {args.slow_repeats} per attack (defaults 5 and 3: an attack run "
+        "costs --period + --settle, and 5 of each would take one tree past 10 minutes); cells give the "
+        "median over runs and (min-max) when there are several.",
         f"Nodes started with open-file limit {args.node_nofile or 'inherited'} (soft); "
         f"the bench's own: {own}.",
         "probe rtt: direct Ping -> Ack to the target with the tree's codec every 200 ms, 1 s timeout "

@@ -71,7 +71,7 @@ def _run(**kw: object) -> Run:
 def test_row_cells_for_one_healthy_run() -> None:
     probe, api, rss, fds, alive, attack = row_cells([_run()])
     assert probe == "2.0 ms"
-    assert api == "11 (19)"  # q50 and q95 of 1..20 ms by nearest rank (index round(q x 19))
+    assert api == "11 / p95 19"  # q50 and q95 of 1..20 ms by nearest rank (index round(q x 19))
     assert rss == "50 / 40"  # MiB
     assert fds == "1018 / 16"
     assert alive == "yes"
