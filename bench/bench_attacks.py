@@ -792,11 +792,11 @@ def run(args: argparse.Namespace) -> int:
         trees.append((tree_label(tree, None), tree))
         makers: list[tuple[str, Callable[[str], Target], tuple[str, ...]]] = []
         if "meshd" in systems:
-            for label, path in trees:
+            for k, (label, path) in enumerate(trees):
 
-                def make(s: str, label: str = label, path: Path = path) -> Target:
-                    wd = workdir / f"{label.split()[1].replace('/', '_')}-{s}"
-                    return MeshdTarget(label, path, wd, key_b64, taken, args)
+                def make(s: str, label: str = label, path: Path = path, k: int = k) -> Target:
+                    # by position: `--tree /work/main --before main` gives two trees called "main"
+                    return MeshdTarget(label, path, workdir / f"tree{k}-{s}", key_b64, taken, args)
 
                 makers.append((label, make, SCENARIOS))
         serf_bin = shutil.which(args.serf) if "serf" in systems else None
