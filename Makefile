@@ -77,6 +77,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_discovery.py
 	$(BIN)/python bench/bench_distribution.py
 	$(BIN)/python bench/bench_chunk_pipeline.py
+	$(BIN)/python bench/bench_attacks.py
 
 # The many-node simulator against Serf's epidemic model (virtual time).
 sim: $(STAMP)
