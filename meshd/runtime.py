@@ -413,7 +413,7 @@ class NodeRuntime:
         self._offer(ev)
 
     async def _run_stream(self, req: OpenStream) -> None:
-        reply = await self.peer_client.exchange(req.addr, req.data, req.timeout)
+        reply = await self.peer_client.exchange(req.addr, req.data, req.timeout, req.to)
         if self._closed:
             return
         self._call(self.node.stream_done, req.id, reply, self.now())

@@ -75,6 +75,7 @@ class OpenStream:
     data: bytes
     timeout: float
     kind: StreamKind
+    to: str = ""  # the peer's node id when known: the request token is good at that node only
 
     def apply(self, handler: EffectHandler) -> None:
         handler.open_stream(self)

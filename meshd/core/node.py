@@ -706,7 +706,9 @@ class Node:
         ping = wire.encode_message(Ping(p.seq, target.name, self.name, self.addr))
         data = self.codec.pack([ping], target.node_id)
         sid = self._new_stream(_Stream("tcp_ping", target.name, p.seq))
-        self._outbox.put(OpenStream(sid, target.addr, data, max(0.01, p.end - now), "tcp_ping"))
+        self._outbox.put(
+            OpenStream(sid, target.addr, data, max(0.01, p.end - now), "tcp_ping", target.node_id)
+        )
 
     def _handle_ack(self, msg: Ack, now: float) -> None:
         p = self._probe
@@ -1013,7 +1015,12 @@ class Node:
                 sid = self._new_stream(_Stream("gossip", m.name))
                 self._outbox.put(
                     OpenStream(
-                        sid, m.addr, self.codec.pack(big, m.node_id), self.config.tcp_timeout, "gossip"
+                        sid,
+                        m.addr,
+                        self.codec.pack(big, m.node_id),
+                        self.config.tcp_timeout,
+                        "gossip",
+                        m.node_id,
                     )
                 )
             msgs = self.broadcasts.get(n, 0, room)
@@ -1046,13 +1053,14 @@ class Node:
 
     def _open_push_pull(self, addr: str, kind: StreamKind, now: float, target: str = "") -> int:
         push = wire.encode_message(self._push_pull(kind == "join", False))
-        data = self.codec.pack([push], self._node_id_of(target))
+        to = self._node_id_of(target)
+        data = self.codec.pack([push], to)
         sid = self._new_stream(_Stream(kind, target))
         timeout = self.config.tcp_timeout
         if kind == "join":
             # A join is a one-off and often meets a seed still starting up: be patient.
             timeout = max(timeout, JOIN_TIMEOUT_MIN)
-        self._outbox.put(OpenStream(sid, addr, data, timeout, kind))
+        self._outbox.put(OpenStream(sid, addr, data, timeout, kind, to))
         return sid
 
     def _periodic_push_pull(self, now: float) -> None:

@@ -139,15 +139,15 @@ class PeerClient:
             )
         return self._session
 
-    async def exchange(self, addr: str, data: bytes, timeout: float) -> bytes | None:
-        """POST one envelope to a peer; its reply, or None on any failure or timeout."""
+    async def exchange(self, addr: str, data: bytes, timeout: float, to: str = "") -> bytes | None:
+        """POST one envelope to a peer (node id `to`, if known); its reply, or None on failure."""
         url = f"http://{addr}{STREAM_PATH}"
         self.stats.connects += 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout, 0.05)
         for attempt in (1, 2):
             try:
-                reply = await self._post(url, data, max(deadline - loop.time(), 0.01))
+                reply = await self._post(url, data, max(deadline - loop.time(), 0.01), to)
             except aiohttp.ServerDisconnectedError as e:
                 # A kept-alive connection to a peer that restarted: try once on a fresh one.
                 if attempt == 1 and loop.time() < deadline:
@@ -165,10 +165,10 @@ class PeerClient:
             return reply
         return None
 
-    async def _post(self, url: str, data: bytes, timeout: float) -> bytes | None:
+    async def _post(self, url: str, data: bytes, timeout: float, to: str) -> bytes | None:
         headers = {"Content-Type": _OCTETS}
         if self.codec is not None:
-            headers[AUTH_HEADER] = make_token(self.codec, "POST", STREAM_PATH, len(data))
+            headers[AUTH_HEADER] = make_token(self.codec, "POST", STREAM_PATH, len(data), to=to)
         async with self.session().post(
             url,
             data=data,

@@ -274,7 +274,7 @@ async def test_a_join_with_a_timeout_bounds_the_exchange_itself() -> None:
     class Client:
         timeouts: list[float] = []
 
-        async def exchange(self, addr: str, data: bytes, timeout: float) -> bytes | None:
+        async def exchange(self, addr: str, data: bytes, timeout: float, to: str = "") -> bytes | None:
             self.timeouts.append(timeout)
             return None  # as a blackholed address, only sooner
 

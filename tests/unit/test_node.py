@@ -8,7 +8,18 @@ import pytest
 
 from meshd.core.config import LAN, LOCAL
 from meshd.core.effects import AnswerQuery, MemberEvent, OpenStream, QueryDone
-from meshd.core.messages import Alive, Dead, IndirectPing, MemberState, Message, Ping, QueryFilter, Suspect
+from meshd.core.messages import (
+    Alive,
+    Dead,
+    IndirectPing,
+    MemberState,
+    Message,
+    Ping,
+    PushNodeState,
+    PushPull,
+    QueryFilter,
+    Suspect,
+)
 from meshd.core.node import Node
 from meshd.crypto import Keyring
 from meshd.net.memory import MemoryNetwork
@@ -401,3 +412,30 @@ def test_the_memory_network_records_each_nodes_events_in_order() -> None:
     net.run_until_true(lambda: state_of(a, b.name) == MemberState.DEAD, 30.0)
     kinds = [(ev.kind, ev.member.name) for _, name, ev in net.events if name == a.name]
     assert kinds.index(("suspect", b.name)) < kinds.index(("dead", b.name))
+
+
+def test_streams_name_the_peer_they_are_for_once_it_is_known() -> None:
+    # A join goes to an address (no receiver named); later exchanges name the member's node id,
+    # so the envelope and the request token are good at that node only.
+    a = Node(
+        "a", "aa" * 16, "198.18.0.1:7788", LOCAL, Codec("c", None, node_id="aa" * 16), random.Random(1), 0.0
+    )
+    b_codec = Codec("c", None, node_id="bb" * 16)
+    [sid] = a.join(["198.18.0.2:7788"], 0.0)
+    [join] = [e for e in a.take_effects() if isinstance(e, OpenStream)]
+    assert (join.kind, join.to) == ("join", "")
+    assert a.codec.open_envelope(join.data).receiver == bytes(8)
+    b_state = PushNodeState("b", "bb" * 16, "198.18.0.2:7788", 1, MemberState.ALIVE)
+    a.stream_done(sid, b_codec.pack([encode_message(PushPull(True, [b_state], True))], "aa" * 16), 0.1)
+    assert view(a, "b").state == MemberState.ALIVE
+    now = 0.1
+    streams: list[OpenStream] = []
+    while now < 4 * LOCAL.push_pull_interval and len({s.kind for s in streams}) < 2:
+        now = max(now + 0.01, a.get_timer())
+        a.handle_timer(now)
+        streams += [e for e in a.take_effects() if isinstance(e, OpenStream)]
+    # b never answers: a TCP ping during its probe, then a push-pull to reconnect the dead.
+    assert {s.kind for s in streams} == {"reconnect", "tcp_ping"}
+    for s in streams:
+        assert s.to == "bb" * 16
+        assert b_codec.open_envelope(s.data).receiver == bytes.fromhex("bb" * 8)
