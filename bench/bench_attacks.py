@@ -47,7 +47,6 @@ import random
 import resource
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import struct
@@ -854,17 +853,7 @@ def run(args: argparse.Namespace) -> int:
         f"one sealed chunk request for a {RELEASE_SIZE // 2**20} MiB release replayed {args.replays} times; "
         "Host: evil.example on the API.",
     ]
-    text = render(rows, header, notes)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        log(f"wrote {args.out}")
-    if ok and not args.keep:
-        shutil.rmtree(workdir, ignore_errors=True)
-    else:
-        log(f"work dir kept: {workdir}")
-    return 0 if ok else 1
+    return bq.finish(render(rows, header, notes), args.out, workdir, ok, args.keep)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -888,17 +877,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "attacks.md"))
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = p.parse_args(argv)
-
-    def on_signal(signum: int, frame: Any) -> None:
-        bq.kill_all()
-        sys.exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        return run(args)
-    finally:
-        bq.kill_all()
+    return bq.run_killing_all(run, args)
 
 
 if __name__ == "__main__":

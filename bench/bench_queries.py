@@ -473,13 +473,17 @@ def run(args: argparse.Namespace) -> int:
         finally:
             cluster.stop()
     kill_all()
-    text = render(args, results, notes)
+    return finish(render(args, results, notes), args.out, workdir, ok, args.keep)
+
+
+def finish(text: str, out: str | None, workdir: Path, ok: bool, keep: bool) -> int:
+    """Print and write the results; remove the work dir unless kept or something failed."""
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        log(f"wrote {args.out}")
-    if ok and not args.keep:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+        log(f"wrote {out}")
+    if ok and not keep:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         log(f"work dir kept: {workdir}")
@@ -498,6 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.nodes < 2:
         p.error("--nodes: at least 2")
+    return run_killing_all(run, args)
+
+
+def run_killing_all(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """run(args); every process spawned is killed at the end, on SIGTERM/SIGINT too."""
 
     def on_signal(signum: int, frame: Any) -> None:
         kill_all()

@@ -154,14 +154,7 @@ class DiscoveryConfig(Table, frozen=True):
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any] | None, where: str = "[discovery]") -> DiscoveryConfig:
-        """The table as written (max-dials or max_dials); errors name `where` and the key."""
-        if not table:
-            return cls()
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"{where}: expected a table")
-        spelled = {canonical_key(k): str(k) for k in table}
-        values = {canonical_key(k): v for k, v in table.items()}
-        return decode(values, cls, lambda key: f"{where} {spelled.get(key, key)}")
+        return super().from_table(table, where)
 
 
 def discovery_config(cfg: NodeConfig) -> DiscoveryConfig:

@@ -31,6 +31,20 @@ Label = Callable[[str], str]
 class Table(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Base of the configuration tables: read-only values."""
 
+    @classmethod
+    def from_table(cls: type[TableT], table: Mapping[str, Any] | None, where: str) -> TableT:
+        """The table as written (max-dials or max_dials); errors name `where` and the key."""
+        if not table:
+            return cls()
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: expected a table")
+        spelled = {canonical_key(k): str(k) for k in table}
+        values = {canonical_key(k): v for k, v in table.items()}
+        return decode(values, cls, lambda key: f"{where} {spelled.get(key, key)}")
+
+
+TableT = TypeVar("TableT", bound=Table)
+
 
 @dataclass(frozen=True)
 class Parsed:

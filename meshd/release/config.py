@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from meshd.config_tables import Parsed, Table, canonical_key, decode
+from meshd.config_tables import Parsed, Table
 from meshd.core.swarm import SwarmConfig
 from meshd.errors import ConfigError
 from meshd.units import parse_duration, parse_rate
@@ -40,14 +40,7 @@ class DistConfig(Table, frozen=True):
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any] | None, where: str = "[dist]") -> DistConfig:
-        """The table as written (keys like hook-timeout or hook_timeout); errors name `where` and the key."""
-        if not table:
-            return cls()
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"{where}: expected a table")
-        spelled = {canonical_key(k): str(k) for k in table}
-        values = {canonical_key(k): v for k, v in table.items()}
-        return decode(values, cls, lambda key: f"{where} {spelled.get(key, key)}")
+        return super().from_table(table, where)
 
     def swarm_config(self) -> SwarmConfig:
         return SwarmConfig(origin_delay=self.origin_delay, rate_limit=self.download_rate)
