@@ -290,3 +290,19 @@ def test_own_metadata_over_what_peers_accept_is_refused_not_gossiped() -> None:
     assert a.incarnation == incarnation
     a.set_meta({"site": "plant-2"}, net.now)
     assert a.incarnation == incarnation + 1
+
+
+def test_ten_thousand_random_datagrams_are_counted_drops_and_the_node_carries_on() -> None:
+    net, nodes = make_cluster(3, config=LOCAL)
+    victim = nodes[0]
+    rnd = random.Random(9)
+    before = sum(v for k, v in victim.counters.items() if k.startswith("drops."))
+    for i in range(10_000):
+        junk = rnd.randbytes(rnd.randrange(0, 1500))
+        if i % 2:  # half look like a current envelope from the outside
+            junk = bytes((2,)) + junk[1:]
+        victim.receive_datagram(junk, "198.18.66.6:7788", net.now)
+    drops = sum(v for k, v in victim.counters.items() if k.startswith("drops.")) - before
+    assert drops == 10_000
+    net.run_for(10.0)
+    assert all(state_of(n, victim.name) == MemberState.ALIVE for n in nodes)
