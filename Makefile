@@ -70,7 +70,7 @@ fuzz: $(STAMP)
 	exit $$status
 
 # Side-by-side benchmarks (root; Debian serf, aria2, opentracker, mktorrent, casync): results
-# land in bench/results/*.md. About 12 minutes in all.
+# land in bench/results/*.md. About 20 minutes in all (bench_attacks alone about 7; with --before about 14).
 bench: $(STAMP)
 	$(BIN)/python bench/membership.py
 	$(BIN)/python bench/bench_queries.py
