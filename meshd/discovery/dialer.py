@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from meshd import units
 from meshd.config import DiscoveryConfig
+from meshd.core.bucket import TokenBucket
 from meshd.core.counters import Counters
 from meshd.units import format_hostport
 
@@ -68,8 +69,8 @@ class Dialer:
         self.counters = Counters(dict.fromkeys(COUNTERS, 0))
         self.offers: dict[str, str] = {}  # service name -> "ip:port"
         self.addresses: dict[str, _Address] = {}
-        self._tokens = float(config.dial_burst)
-        self._refilled: float | None = None
+        # Full at the start: a clock that starts late only fills it up to the burst anyway.
+        self._new_addresses = TokenBucket(config.dial_rate, config.dial_burst, 0.0)
 
     # ---- inputs ----------------------------------------------------------------------------
 
@@ -112,7 +113,6 @@ class Dialer:
 
         `alive`: the addresses of live members, which are never dialed again.
         """
-        self._refill(now)
         in_flight = sum(1 for e in self.addresses.values() if e.dialing)
         out: list[str] = []
         for addr, entry in sorted(self._waiting(), key=lambda item: item[1].due):
@@ -125,12 +125,11 @@ class Dialer:
             if in_flight >= self.config.max_dials:
                 break
             if not entry.dialed:
-                if self._tokens < 1.0:
+                if not self._new_addresses.take(now):
                     if not entry.held:
                         entry.held = True
                         self.counters.inc("discovery.rate_limited")
                     continue
-                self._tokens -= 1.0
                 entry.dialed = True
             entry.dialing = True
             in_flight += 1
@@ -171,9 +170,10 @@ class Dialer:
         due = min(e.due for e in waiting)
         if due > now:
             return due
-        if any(not e.dialed and e.due <= now for e in waiting) and self._tokens < 1.0:
-            self._refill(now)
-            return now + (1.0 - self._tokens) / self.config.dial_rate
+        if any(not e.dialed and e.due <= now for e in waiting):
+            ready = self._new_addresses.ready_at(now)
+            if ready > now:
+                return ready
         return None  # due, but every slot is taken: a `done` frees one
 
     def retry_delay(self, addr: str, now: float) -> float:
@@ -197,12 +197,3 @@ class Dialer:
         if not entry.names and not entry.dialing:  # a dialing one goes when its dial ends
             del self.addresses[addr]
             self.counters.inc("discovery.forgotten")
-
-    def _refill(self, now: float) -> None:
-        if self._refilled is not None and now > self._refilled:
-            self._tokens = min(
-                float(self.config.dial_burst),
-                self._tokens + (now - self._refilled) * self.config.dial_rate,
-            )
-        if self._refilled is None or now > self._refilled:
-            self._refilled = now
