@@ -360,8 +360,8 @@ class Node:
         """StateError when peers would drop it (over max_meta_entries / max_meta_bytes)."""
         if meta == self._me.meta:
             return
-        size = sum(len(k) + len(v) for k, v in meta.items())
-        if len(meta) > self.config.max_meta_entries or size > self.config.max_meta_bytes:
+        if not self._meta_fits(meta):
+            size = sum(len(k) + len(v) for k, v in meta.items())
             raise StateError(
                 f"node metadata of {len(meta)} entries, {size} bytes is over the limit "
                 f"({self.config.max_meta_entries} entries, {self.config.max_meta_bytes} bytes)"
@@ -609,12 +609,16 @@ class Node:
         cfg = self.config
         if not 0 < len(name) <= cfg.max_name_len or len(node_id) > cfg.max_name_len:
             return self._drop("name", name[:64])
-        if (
-            len(meta) > cfg.max_meta_entries
-            or sum(len(k) + len(v) for k, v in meta.items()) > cfg.max_meta_bytes
-        ):
+        if not self._meta_fits(meta):
             return self._drop("meta", name)
         return self._addr_ok(addr)
+
+    def _meta_fits(self, meta: dict[str, str]) -> bool:
+        """Within max_meta_entries and max_meta_bytes (keys and values): what peers accept."""
+        cfg = self.config
+        if len(meta) > cfg.max_meta_entries:
+            return False
+        return sum(len(k) + len(v) for k, v in meta.items()) <= cfg.max_meta_bytes
 
     def _incarnation_ok(self, incarnation: int, known: int | None, name: str) -> bool:
         """Within [0, max_incarnation], and at most one jump above what we know (if we do)."""
