@@ -97,7 +97,7 @@ class NodeRuntime:
         self.node = node
         self.udp = udp
         # The default client seals its request tokens with the node's own codec.
-        self.peer_client = peer_client or PeerClient(getattr(node, "codec", None))
+        self.peer_client = peer_client or PeerClient(node.codec)
         self.errors = 0  # core exceptions caught at this boundary
         self.events_dropped = 0
         self._loop: asyncio.AbstractEventLoop | None = None

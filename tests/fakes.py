@@ -19,6 +19,7 @@ from meshd.core.node import MemberView
 from meshd.core.query import QueryAnswer, QueryResult
 from meshd.errors import StateError
 from meshd.metrics import Exposition, TransferStats
+from meshd.wire import Codec
 
 TOKEN = "s3cret-token-value-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -186,6 +187,7 @@ class StandInCore:
     `fail_timers`: the first N handle_timer calls raise after queuing them."""
 
     config = LOCAL
+    codec = Codec("stand-in", None)
 
     def __init__(
         self,

@@ -121,10 +121,8 @@ class PeerServer(HttpServer):
 class PeerClient:
     """One ClientSession for every exchange with peers."""
 
-    def __init__(
-        self, codec: Codec | None = None, stats: TCPStats | None = None, max_reply: int = MAX_STREAM_BODY
-    ) -> None:
-        self.codec = codec  # seals the request tokens; without one, peers refuse every exchange
+    def __init__(self, codec: Codec, stats: TCPStats | None = None, max_reply: int = MAX_STREAM_BODY) -> None:
+        self.codec = codec  # seals the request tokens (the node's own codec)
         self.stats = stats or TCPStats()
         self._max_reply = max_reply
         self._session: aiohttp.ClientSession | None = None
@@ -166,9 +164,10 @@ class PeerClient:
         return None
 
     async def _post(self, url: str, data: bytes, timeout: float, to: str) -> bytes | None:
-        headers = {"Content-Type": _OCTETS}
-        if self.codec is not None:
-            headers[AUTH_HEADER] = make_token(self.codec, "POST", STREAM_PATH, len(data), to=to)
+        headers = {
+            "Content-Type": _OCTETS,
+            AUTH_HEADER: make_token(self.codec, "POST", STREAM_PATH, len(data), to=to),
+        }
         async with self.session().post(
             url,
             data=data,
