@@ -203,6 +203,8 @@ class Daemon:
 
     def _persist_core(self, node: Node) -> None:
         """Before a core call's effects go out: its incarnation and KeyOp ids are on disk."""
+        if not self._core_keeper.behind(node.incarnation, node.last_keyop):
+            return  # the usual case, after every datagram: no copy, no write
         keyops = node.seen_keyops()
         if self._core_keeper.keyops_changed(keyops):
             state.save_keyring(self.data_dir, self.keyring)  # the key change first, then its id

@@ -290,8 +290,16 @@ class CoreStateKeeper:
         self.failures = 0
 
     def keyops_changed(self, keyops: list[int]) -> bool:
-        last = self.saved.keyops[-1] if self.saved.keyops else None
-        return bool(keyops) and keyops[-1] != last
+        return bool(keyops) and self._new_keyop(keyops[-1])
+
+    def behind(self, incarnation: int, last_keyop: int | None) -> bool:
+        """Whether `sync` would write: cheap enough to ask after every core call."""
+        return incarnation > self.saved.incarnation_reserved or (
+            last_keyop is not None and self._new_keyop(last_keyop)
+        )
+
+    def _new_keyop(self, op_id: int) -> bool:
+        return not self.saved.keyops or self.saved.keyops[-1] != op_id
 
     def sync(self, incarnation: int, keyops: list[int]) -> bool:
         """Write if needed; True when the state on disk covers (incarnation, keyops)."""

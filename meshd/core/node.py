@@ -304,6 +304,11 @@ class Node:
         """Keyring operations already applied or passed on, oldest first (for the shell to persist)."""
         return list(self._seen_keyops)
 
+    @property
+    def last_keyop(self) -> int | None:
+        """The newest of seen_keyops(), without copying them (checked after every core call)."""
+        return self._seen_keyops[-1] if self._seen_keyops else None
+
     def stats(self) -> NodeStats:
         counters = dict(self.counters)
         counters.update({f"queries.{k}": v for k, v in self.queries.counters.items()})

@@ -264,6 +264,9 @@ def test_own_incarnation_survives_a_restart_and_is_leased(tmp_path: Path) -> Non
     assert node.incarnation == 5
     mtime = (tmp_path / state.CORE_STATE_FILE).stat().st_mtime_ns
     written = (tmp_path / state.CORE_STATE_FILE).read_bytes()
+    assert not keeper.behind(6, None)  # inside the lease, no new KeyOp: nothing to copy or write
+    assert keeper.behind(keeper.saved.incarnation_reserved + 1, None)
+    assert keeper.behind(6, 99)
     keeper.sync(6, [])  # inside the lease: no write
     assert (tmp_path / state.CORE_STATE_FILE).read_bytes() == written
     assert (tmp_path / state.CORE_STATE_FILE).stat().st_mtime_ns == mtime
