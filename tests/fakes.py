@@ -9,6 +9,7 @@ daemon as mDNS discovery sees it (`meshd.discovery.DiscoveryHost`); `StandInCore
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,13 @@ from meshd.core.query import QueryAnswer, QueryResult
 from meshd.errors import StateError
 from meshd.metrics import Exposition, TransferStats
 from meshd.wire import Codec
+
+class Midpoint(random.Random):
+    """A random source without jitter: uniform(a, b) is the middle, so back-offs are nominal."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return (a + b) / 2
+
 
 TOKEN = "s3cret-token-value-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -1,41 +1,57 @@
 """Sans-IO release adoption policy: which announced release to look at, adopt, or leave alone.
 
-The shell (meshd.release.service) tells it what members announce, what became of each manifest
-fetch, and the verdict of parsing and signature checks (those need msgspec and nacl and stay in
-the shell). The policy answers with decisions and keeps the retry timers. `now` is passed to
-every entry point that reads the clock; nothing here does I/O.
+The shell (meshd.release.intake and .service) tells it what members offer, what became of each
+manifest fetch, and the verdict of parsing and signature checks (those need msgspec and nacl and
+stay in the shell). The policy answers with decisions and keeps the retry timers. `now` and the
+random source are passed in; nothing here does I/O or reads a clock.
+
+Order. Releases of one name are ordered by `release_order`: the signed manifest's `seq` (the
+publisher takes one above every seq it has seen for that name), then the natural order of the
+version, then the release id. No wall clock takes part: a gateway whose clock is years off
+publishes releases that order exactly like anyone else's.
 
 Rules (each has a test in tests/unit/test_adoption.py):
 
 | rule            | when                                       | decision                          |
 |-----------------|--------------------------------------------|-----------------------------------|
+| newest only     | another offer of the name orders after it, | not considered (pick() skips it)  |
+|                 | or we hold a release of the name that does |                                   |
 | one at a time   | the manifest is being fetched already      | BUSY                              |
 | ignored         | judged not for us before (targeting,       | IGNORED, for good                 |
 |                 | older, conflicting version)                |                                   |
 | known           | a release id we hold starts with the rid16 | KNOWN                             |
-| back off        | its fetch failed (DISCOVER_RETRY) or it    | BACKING_OFF until the retry time  |
-|                 | was refused (REJECT_RETRY) recently        |                                   |
+| back off        | its fetch failed or was refused recently:  | BACKING_OFF until the retry time  |
+|                 | exponential, jittered, capped              |                                   |
 | nothing yet     | the announcer has no chunk of it           | NOTHING_YET (its next update has) |
 | discover        | otherwise                                  | FETCH_MANIFEST                    |
 | targeting       | manifest.matches(site, tags) is false      | NOT_TARGETED (ignored)            |
-| newer only      | not published after the current release    | OLDER (ignored)                   |
+| newer only      | not after the current or a held release    | OLDER (ignored)                   |
 | one content per | another held release has the same name and | CONFLICT (ignored)                |
 | version         | version                                    |                                   |
 
-A failed fetch is not retried by the policy itself: today the shell asks again on the next
-member event that announces the release. `next_deadline()` says when the earliest back-off ends,
-so that a timer can drive the retry instead.
+A newest offer whose manifest nobody serves (FALLBACK_AFTER failures in a row) no longer holds
+back the next one: a key holder announcing a release that does not exist cannot freeze a name.
+`next_deadline()` says when the earliest back-off ends; the shell arms a timer on it, so a
+failed first attempt converges in a quiet mesh too.
 """
 
 from __future__ import annotations
 
 import enum
+import random
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
+DISCOVER_RETRY = 2.0  # first back-off after a manifest fetch failed, doubled per failure
+DISCOVER_RETRY_MAX = 60.0
 REJECT_RETRY = 30.0  # a manifest that failed to verify (or to be stored) is asked for again after this
-DISCOVER_RETRY = 3.0  # ... or this, when the peer simply did not answer
+JITTER = 0.2  # back-offs are spread by +-20%, so nodes that failed together do not retry together
+FALLBACK_AFTER = 3  # failures of the newest offer before the next newest may be fetched
+
+Version = tuple[tuple[int, int | str], ...]
+OrderKey = tuple[int, Version, str]
 
 
 class Release(Protocol):
@@ -48,8 +64,23 @@ class Release(Protocol):
     @property
     def version(self) -> str: ...
     @property
-    def created(self) -> str: ...  # ISO 8601 UTC ("2026-01-31T12:00:00Z"): sorts as text
+    def seq(self) -> int: ...
     def matches(self, site: str, tags: Mapping[str, str]) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A release some member announces: enough to order it before its manifest is fetched."""
+
+    name: str
+    version: str
+    seq: int
+    rid16: str
+    have: int  # the most chunks any announcer holds
+
+    @property
+    def order(self) -> OrderKey:
+        return (self.seq, natural_key(self.version), self.rid16)
 
 
 class Discovery(enum.Enum):
@@ -72,33 +103,59 @@ class Verdict(enum.Enum):
     CONFLICT = "conflict"
 
 
-def natural_key(version: str) -> tuple[tuple[int, int | str], ...]:
+def natural_key(version: str) -> Version:
     """Natural version order: digit runs compare as numbers ("1.10" after "1.9")."""
     parts = re.split(r"(\d+)", version, flags=re.ASCII)
     return tuple((0, int(p)) if p.isascii() and p.isdigit() else (1, p) for p in parts if p)
 
 
-def publish_order(r: Release) -> tuple[str, tuple[tuple[int, int | str], ...]]:
-    """Sort key of releases of one name: creation time, then natural version order."""
-    return (r.created, natural_key(r.version))
+def release_order(r: Release) -> OrderKey:
+    """Sort key of releases of one name: seq, then natural version order, then release id."""
+    return (r.seq, natural_key(r.version), r.release_id[:16])
 
 
 def newer(a: Release, b: Release) -> bool:
-    """Whether `a` was published after `b` (creation time, then natural version order)."""
-    return publish_order(a) > publish_order(b)
+    """Whether `a` orders after `b` (a release is not newer than itself)."""
+    return release_order(a) > release_order(b)
+
+
+def newest(releases: Iterable[Release]) -> Release | None:
+    return max(releases, key=release_order, default=None)
 
 
 class AdoptionPolicy:
     """Decides, for one node, which announced releases to fetch and which to adopt."""
 
-    def __init__(self, site: str, tags: Mapping[str, str]) -> None:
+    def __init__(self, site: str, tags: Mapping[str, str], rng: random.Random | None = None) -> None:
         self.site = site
         self.tags = dict(tags)
+        self.rng = rng or random.Random()
         self.discovering: set[str] = set()  # rid16 whose manifest is being fetched
         self.ignored: dict[str, str] = {}  # rid16 -> why (not targeted, older, conflict)
         self.retry_at: dict[str, float] = {}  # rid16 -> not asked for again before this
+        self.failures: dict[str, int] = {}  # rid16 -> manifest fetches failed in a row
 
     # --- discovery ---------------------------------------------------------------------------
+
+    def pick(self, offers: Iterable[Offer], held: OrderKey | None, now: float) -> Offer | None:
+        """Of the offers of one name, the one to look at now (None: wait).
+
+        `held` orders the newest release of that name this node holds (current, installed or
+        being fetched). Only an offer after it counts, and of those the newest, unless that one
+        has failed FALLBACK_AFTER times in a row: then the next is tried while it backs off."""
+        for offer in sorted(offers, key=lambda o: o.order, reverse=True):
+            if held is not None and offer.order <= held:
+                return None
+            if offer.rid16 in self.ignored:
+                continue
+            if offer.rid16 in self.discovering:
+                return None
+            if self.retry_at.get(offer.rid16, 0.0) > now:
+                if self.failures.get(offer.rid16, 0) >= FALLBACK_AFTER:
+                    continue
+                return None
+            return offer if offer.have > 0 else None
+        return None
 
     def announced(self, rid16: str, have: int, now: float, *, known: bool) -> Discovery:
         """A member announces `rid16` holding `have` chunks; `known`: we hold a release with
@@ -116,13 +173,18 @@ class AdoptionPolicy:
         self.discovering.add(rid16)
         return Discovery.FETCH_MANIFEST
 
+    def _back_off(self, rid16: str, now: float, delay: float) -> None:
+        self.retry_at[rid16] = now + delay * self.rng.uniform(1.0 - JITTER, 1.0 + JITTER)
+
     def unanswered(self, rid16: str, now: float) -> None:
         """The peer did not serve the manifest (error, timeout, 404)."""
-        self.retry_at[rid16] = now + DISCOVER_RETRY
+        n = self.failures[rid16] = self.failures.get(rid16, 0) + 1
+        self._back_off(rid16, now, min(DISCOVER_RETRY_MAX, DISCOVER_RETRY * 2 ** (n - 1)))
 
     def refused(self, rid16: str, now: float) -> None:
         """The manifest was malformed, for another release, badly signed, or not storable."""
-        self.retry_at[rid16] = now + REJECT_RETRY
+        self.failures[rid16] = max(self.failures.get(rid16, 0) + 1, FALLBACK_AFTER)
+        self._back_off(rid16, now, REJECT_RETRY)
 
     def discovered(self, rid16: str) -> None:
         """The discovery of `rid16` is over, whatever came of it."""
@@ -136,7 +198,11 @@ class AdoptionPolicy:
         """A verified manifest: adopt it, or ignore `rid16` for good (with the reason kept).
 
         `current` is the installed current release of its name, `held` every release we hold."""
+        self.failures.pop(rid16, None)
+        self.retry_at.pop(rid16, None)
+        held = list(held)
         verdict = self.activation(manifest, current)
+        ahead = newest(m for m in held if m.name == manifest.name and m.release_id != manifest.release_id)
         if verdict is Verdict.NOT_TARGETED:
             self.ignored[rid16] = "not targeted at this node"
         elif verdict is Verdict.OLDER:
@@ -148,6 +214,9 @@ class AdoptionPolicy:
         ):
             verdict = Verdict.CONFLICT
             self.ignored[rid16] = "version already installed with other content"
+        elif ahead is not None and newer(ahead, manifest):
+            verdict = Verdict.OLDER
+            self.ignored[rid16] = f"not newer than held {ahead.version}"
         return verdict
 
     def activation(self, manifest: Release, current: Release | None) -> Verdict:

@@ -2,10 +2,13 @@
 
 Gossip carries small facts only. Each node sets, one key per release name,
 
-    rel:<name> = "<version> <release id[:16]> <have>/<total>[ current]"[;...]
+    rel:<name> = "<version> <release id[:16]> <have>/<total> #<seq>[ current]"[;...]
 
 one entry per release of that name it holds or is fetching (the newest MAX_ENTRIES_PER_NAME),
-refreshed at most every `announce_interval` while downloading (Announcer).
+refreshed at most every `announce_interval` while downloading (Announcer). `seq` is the signed
+manifest's (core/adoption.py orders releases by it), so a node can tell which release of a name
+is the newest before it fetches any manifest; an entry without it (meshd before seq) reads as 0.
+OfferIndex gathers every member's entries by name for the intake to pick from.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import re
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from meshd.core.adoption import publish_order
+from meshd.core.adoption import Offer, release_order
 from meshd.core.messages import MemberState
 from meshd.core.node import MemberView
 from meshd.release.manifest import Manifest
@@ -38,16 +41,18 @@ class Announce:
     have: int
     total: int
     current: bool = False
+    seq: int = 0
 
     @property
     def complete(self) -> bool:
         return self.total > 0 and self.have >= self.total
 
     def text(self) -> str:
-        return f"{self.version} {self.rid16} {self.have}/{self.total}" + (" current" if self.current else "")
+        head = f"{self.version} {self.rid16} {self.have}/{self.total} #{self.seq}"
+        return head + (" current" if self.current else "")
 
 
-_ANN_RE = re.compile(r"^(\S{1,128}) ([0-9a-f]{16}) ([0-9]{1,9})/([0-9]{1,9})( current)?$")
+_ANN_RE = re.compile(r"^(\S{1,128}) ([0-9a-f]{16}) ([0-9]{1,9})/([0-9]{1,9})(?: #([0-9]{1,16}))?( current)?$")
 
 
 def parse_announcements(meta: Mapping[str, str]) -> dict[str, Announce]:
@@ -64,7 +69,8 @@ def parse_announcements(meta: Mapping[str, str]) -> dict[str, Announce]:
             have, total = int(m.group(3)), int(m.group(4))
             if have > total:
                 continue
-            out[m.group(2)] = Announce(name, m.group(1), m.group(2), have, total, bool(m.group(5)))
+            seq = int(m.group(5) or 0)
+            out[m.group(2)] = Announce(name, m.group(1), m.group(2), have, total, bool(m.group(6)), seq)
     return out
 
 
@@ -82,7 +88,7 @@ def format_announcements(
     out: dict[str, str] = {}
     for name, ms in by_name.items():
         current = current_version(name)
-        ms.sort(key=publish_order)
+        ms.sort(key=release_order)
         entries = [
             Announce(
                 name,
@@ -91,6 +97,7 @@ def format_announcements(
                 have(m.release_id),
                 len(m.chunks),
                 m.version == current and m.release_id in complete,
+                m.seq,
             ).text()
             for m in ms[-MAX_ENTRIES_PER_NAME:]
         ]
@@ -150,6 +157,59 @@ class Announcer:
         self.running = False
         if self._handle is not None:
             self._handle.cancel()
+
+
+class OfferIndex:
+    """Every release the members announce, by name: the intake picks the newest from it.
+
+    Kept up to date member by member, so one member's update costs its own entries only."""
+
+    def __init__(self) -> None:
+        self._by_member: dict[str, dict[str, Announce]] = {}
+        self._by_name: dict[str, dict[str, dict[str, Announce]]] = {}  # name -> rid16 -> member -> entry
+
+    def update(self, member: str, entries: Mapping[str, Announce]) -> set[str]:
+        """Replace what `member` announces; returns the release names whose offers changed."""
+        old = self._by_member.pop(member, {})
+        touched: set[str] = set()
+        for rid16, entry in old.items():
+            if entries.get(rid16) == entry:
+                continue
+            touched.add(entry.name)
+            holders = self._by_name[entry.name][rid16]
+            del holders[member]
+            if not holders:
+                del self._by_name[entry.name][rid16]
+                if not self._by_name[entry.name]:
+                    del self._by_name[entry.name]
+        for rid16, entry in entries.items():
+            if old.get(rid16) != entry:
+                touched.add(entry.name)
+                self._by_name.setdefault(entry.name, {}).setdefault(rid16, {})[member] = entry
+        if entries:
+            self._by_member[member] = dict(entries)
+        return touched
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def offers(self, name: str) -> list[Offer]:
+        """One offer per release of `name`: its version and seq as announced (the manifest
+        decides in the end), and the most chunks any member holds."""
+        out = []
+        for rid16, holders in self._by_name.get(name, {}).items():
+            first = next(iter(holders.values()))
+            have = max(e.have for e in holders.values())
+            out.append(Offer(name, first.version, max(e.seq for e in holders.values()), rid16, have))
+        return out
+
+    def holders(self, name: str, rid16: str) -> list[str]:
+        """Members announcing chunks of `rid16`, most chunks first."""
+        holders = self._by_name.get(name, {}).get(rid16, {})
+        return [m for m, e in sorted(holders.items(), key=lambda kv: (-kv[1].have, kv[0])) if e.have > 0]
+
+    def max_seq(self, name: str) -> int:
+        return max((e.seq for hs in self._by_name.get(name, {}).values() for e in hs.values()), default=0)
 
 
 def member_meta_keys(meta: Mapping[str, str]) -> list[str]:

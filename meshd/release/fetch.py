@@ -178,6 +178,12 @@ class FetchDriver:
         for fetch in list(self.fetches.values()):
             self._refresh_peer(fetch, mem)
 
+    def cancel(self, rid: str) -> None:
+        """Stop fetching `rid` (a newer release of its name superseded it); stored chunks stay."""
+        fetch = self.fetches.get(rid)
+        if fetch is not None:
+            self._close_fetch(fetch)
+
     def lost(self, fetch: ReleaseFetch, ids: Iterable[str]) -> None:
         """Chunks of a release being fetched were dropped from the store: get them again."""
         fetch.swarm.lost(ids, self.now())

@@ -1,11 +1,13 @@
 """Manifest intake: an announced release becomes a verified manifest the policy has judged.
 
-When a member announces a release id this node does not hold, and the adoption policy
-(meshd.core.adoption) says to look at it, the intake GETs the manifest from that member, checks
+Members' announcements are gathered by name (OfferIndex). For each name the adoption policy
+(meshd.core.adoption) picks the newest release on offer that orders after what this node holds;
+the intake GETs its manifest from a member holding it (another one on each retry), checks
 that it is well formed and for the announced id, verifies its signature against the trusted
 publisher keys (here, in the shell: nacl), and lets the policy judge it (targeting, newer than
 the current release of its name, version taken). What passes is handed to `adopt`; what does
-not is counted, logged and remembered by the policy (ignored for good, or backed off).
+not is counted, logged and remembered by the policy (ignored for good, or backed off). A
+back-off ends on a timer (`_arm`), not on the next member event: a quiet mesh converges too.
 """
 
 from __future__ import annotations
@@ -17,10 +19,18 @@ from typing import Any
 
 import aiohttp
 
-from meshd.core.adoption import AdoptionPolicy, Discovery, Verdict
+from meshd.core.adoption import (
+    AdoptionPolicy,
+    Discovery,
+    Offer,
+    OrderKey,
+    Verdict,
+    newest,
+    release_order,
+)
 from meshd.core.counters import Counters
 from meshd.errors import DecodeError, IntegrityError
-from meshd.release.announce import Announce, Member
+from meshd.release.announce import Member, OfferIndex
 from meshd.release.manifest import Manifest
 from meshd.release.peer import PeerProtocolError
 from meshd.release.peer_client import PeerFetcher
@@ -42,6 +52,7 @@ class ManifestIntake:
         policy: AdoptionPolicy,
         client: PeerFetcher,
         counters: Counters,
+        members: Mapping[str, Member],
         held: Callable[[], Mapping[str, Manifest]],
         current: Callable[[str], Manifest | None],
         adopt: Callable[[Manifest], Awaitable[None]],
@@ -55,6 +66,10 @@ class ManifestIntake:
         self.policy = policy
         self.client = client
         self.counters = counters
+        self._members = members
+        self.offers = OfferIndex()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._held = held
         self._current = current
         self._adopt = adopt
@@ -66,22 +81,73 @@ class ManifestIntake:
     def _known(self, rid16: str) -> bool:
         return any(rid.startswith(rid16) for rid in self._held())
 
-    def announced(self, entry: Announce, mem: Member) -> None:
-        """A member announces a release: fetch its manifest when the policy says so."""
-        # A failed discovery is asked for again only here, on a member event after its back-off
-        # (policy.next_deadline() says when that is, for a timer to drive it one day).
-        decision = self.policy.announced(entry.rid16, entry.have, self.now(), known=self._known(entry.rid16))
-        if decision is Discovery.FETCH_MANIFEST:
-            self._spawn(self._discover(entry, mem))
+    def _held_order(self, name: str) -> OrderKey | None:
+        top = newest(m for m in self._held().values() if m.name == name)
+        return release_order(top) if top is not None else None
 
-    async def _discover(self, entry: Announce, mem: Member) -> None:
-        rid16 = entry.rid16
+    def member_changed(self, mem: Member) -> None:
+        """A member's announcements changed: look at the names whose offers did."""
+        for name in self.offers.update(mem.name, mem.entries if mem.alive else {}):
+            self.consider(name)
+
+    def reconsider(self) -> None:
+        """Look at every offered name again (the retry timer, or a release finished here)."""
+        for name in self.offers.names():
+            self.consider(name)
+
+    def consider(self, name: str) -> None:
+        """Fetch the manifest of the newest release of `name` on offer, when the policy says so."""
+        if self._closed():
+            return
+        now = self.now()
+        offer = self.policy.pick(self.offers.offers(name), self._held_order(name), now)
+        if offer is None:
+            self._arm(now)
+            return
+        decision = self.policy.announced(offer.rid16, offer.have, now, known=self._known(offer.rid16))
+        if decision is not Discovery.FETCH_MANIFEST:
+            return
+        holders = self.offers.holders(name, offer.rid16)
+        if not holders:
+            self.policy.discovered(offer.rid16)
+            return
+        # Another holder on each retry: one that cannot serve it does not hold it back.
+        source = self._members.get(holders[self.policy.failures.get(offer.rid16, 0) % len(holders)])
+        if source is None:
+            self.policy.discovered(offer.rid16)
+            return
+        self._spawn(self._discover(offer, source))
+
+    def _arm(self, now: float) -> None:
+        """Keep a timer on the policy's earliest back-off: every retry runs on a timer."""
+        at = self.policy.next_deadline(now)
+        if at is None:
+            return
+        if self._timer is not None:
+            if self._timer_at <= at and not self._timer.cancelled():
+                return
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = at
+        self._timer = loop.call_at(loop.time() + max(0.0, at - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.reconsider()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _discover(self, offer: Offer, mem: Member) -> None:
+        rid16 = offer.rid16
         try:
             try:
                 doc = await self.client.manifest(mem.addr, rid16, to=mem.node_id)
             except (PeerProtocolError, aiohttp.ClientError, TimeoutError, OSError) as e:
                 self.counters.inc("discover.errors")
-                log.debug("manifest %s from %s: %s", rid16, mem.name, e)
+                log.info("manifest %s of %s from %s: %s; retrying on a timer", rid16, offer.name, mem.name, e)
                 self.policy.unanswered(rid16, self.now())
                 return
             if doc is None:
@@ -90,9 +156,14 @@ class ManifestIntake:
             manifest = self.check(doc, rid16, mem.name)
             if manifest is None or self._closed() or manifest.release_id in self._held():
                 return
+            if (manifest.seq, manifest.version) != (offer.seq, offer.version):
+                self.counters.inc("announce.mismatch")  # the signed manifest decides
             await self._adopt(manifest)
         finally:
             self.policy.discovered(rid16)
+            if not self._closed():
+                self._arm(self.now())
+                self.consider(offer.name)
 
     def check(self, doc: bytes, rid16: str, source: str) -> Manifest | None:
         """Parse and verify a manifest a peer served, then let the policy judge it; None

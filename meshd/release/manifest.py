@@ -5,7 +5,7 @@ Document (JSON, keys sorted):
     {"manifest": {"format": 1, "name", "version", "target": {"site": str|null, "tags": {k: v}},
                   "files": [{"path", "mode", "size", "chunks": [id, ...]}],
                   "chunks": {id: size}, "total_size", "hash": "blake3", "origins": [url],
-                  "created": "YYYY-MM-DDTHH:MM:SSZ"},
+                  "created": "YYYY-MM-DDTHH:MM:SSZ", "seq": int (absent: 0)},
      "signature": {"key": base64 Ed25519 public key, "sig": base64 signature} | null}
 
 The canonical bytes are the `manifest` object encoded by orjson with sorted keys; the publisher
@@ -45,6 +45,7 @@ SIG_SIZE = 64
 # (temp names start with "."), and never the "current" link's name.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 RESERVED_VERSIONS = frozenset({"current"})
+MAX_SEQ = 2**53  # exact in every JSON reader; a publisher takes one above the highest it has seen
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class _Body(msgspec.Struct, frozen=True):
     created: str
     target: _Target = _Target()
     origins: list[str] = []
+    seq: int = 0  # release order of its name (core/adoption.py); 0 in manifests from before it
 
 
 class _Signature(msgspec.Struct, frozen=True):
@@ -203,6 +205,7 @@ class Manifest:
         "name",
         "origins",
         "release_id",
+        "seq",
         "signature",
         "target",
         "total_size",
@@ -228,7 +231,8 @@ class Manifest:
         self.total_size = parsed.total_size
         self.hash_alg = parsed.hash
         self.origins: tuple[str, ...] = tuple(parsed.origins)
-        self.created = parsed.created
+        self.created = parsed.created  # informational only: never used to order releases
+        self.seq = parsed.seq
         self.signature = signature  # (public key, signature)
 
     # --- building and encoding ---------------------------------------------------------------
@@ -241,6 +245,7 @@ class Manifest:
         tree: ChunkedTree,
         *,
         created: float,
+        seq: int = 0,
         site: str | None = None,
         tags: Mapping[str, str] | None = None,
         origins: Sequence[str] = (),
@@ -259,6 +264,8 @@ class Manifest:
             "origins": list(origins),
             "created": _iso(created),
         }
+        if seq:
+            body["seq"] = seq
         return cls(body)
 
     def canonical_bytes(self) -> bytes:
@@ -332,6 +339,8 @@ class Manifest:
             raise IntegrityError(f"{where}: {len(self.chunks)} chunks, limit {limits.max_chunks}")
         if not self.files:
             raise IntegrityError(f"{where}: no files")
+        if not 0 <= self.seq <= MAX_SEQ:
+            raise IntegrityError(f"{where}: seq {self.seq} outside 0..{MAX_SEQ}")
         self._check_target(where, limits)
         self._check_files(where, limits)
 

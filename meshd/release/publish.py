@@ -75,6 +75,7 @@ def publish_tree(
     origins: Sequence[str] = (),
     origin_dir: str | os.PathLike[str] | None = None,
     created: float | None = None,
+    seq: int = 0,
     progress: ProgressFn | None = None,
 ) -> PublishResult:
     """Chunk `path` into the store, sign the manifest with `signer` (or a key file), store it.
@@ -110,6 +111,7 @@ def publish_tree(
         version,
         tree,
         created=time.time() if created is None else created,
+        seq=seq,
         site=site,
         tags=tags,
         origins=list(origins),

@@ -35,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
-from meshd.core.adoption import AdoptionPolicy, Verdict
+from meshd.core.adoption import AdoptionPolicy, Verdict, newer, newest, release_order
 from meshd.core.counters import Counters
 from meshd.core.node import MemberEvent, MemberView
 from meshd.core.swarm import SwarmConfig, make_bitmap
@@ -132,6 +132,7 @@ class ReleaseService:
             policy=self.policy,
             client=self.fetcher,
             counters=self.counters,
+            members=self._members,
             held=lambda: self._manifests,
             current=self._current_manifest,
             adopt=self._adopt,
@@ -155,6 +156,7 @@ class ReleaseService:
         self._complete: set[str] = set()
         self._fetches = self.driver.fetches  # rid -> the release being fetched
         self._activating: set[str] = set()
+        self._activation_locks: dict[str, asyncio.Lock] = {}  # name -> one activation at a time
         self._failed: dict[str, str] = {}
         self._publishing: dict[str, _Publishing] = {}
         self._gc_lock = asyncio.Lock()
@@ -194,7 +196,7 @@ class ReleaseService:
                     len(missing),
                     len(manifest.chunks),
                 )
-            self.driver.start(manifest, missing)
+            self.driver.start(manifest, missing)  # complete ones finish at once (and may activate)
         for m in members:
             self.member_update(m)
         self._announce(force=True)
@@ -217,11 +219,36 @@ class ReleaseService:
                 self.store.delete_manifest(rid)
                 continue
             found.append((manifest, self.store.missing(manifest.unique_chunks())))
-        return found
+        return self._drop_superseded(found)
+
+    def _drop_superseded(self, found: list[tuple[Manifest, list[str]]]) -> list[tuple[Manifest, list[str]]]:
+        """Of the stored releases, an unfinished one that a newer stored release of its name
+        supersedes is dropped (thread): a node that was down while 2.0 and 3.0 were published
+        resumes 3.0 only."""
+        tops: dict[str, Manifest] = {}
+        for manifest, _ in found:
+            top = tops.get(manifest.name)
+            if top is None or newer(manifest, top):
+                tops[manifest.name] = manifest
+        kept = []
+        for manifest, missing in found:
+            installed = self.releases_dir.release_id(manifest.name, manifest.version) == manifest.release_id
+            if missing and not installed and manifest is not tops[manifest.name]:
+                log.info(
+                    "dropping unfinished %s %s: %s supersedes it",
+                    manifest.name,
+                    manifest.version,
+                    tops[manifest.name].version,
+                )
+                self.store.delete_manifest(manifest.release_id)
+                continue
+            kept.append((manifest, missing))
+        return kept
 
     async def stop(self) -> None:
         self._closed = True
         self.announcer.close()
+        self.intake.close()
         self.driver.close()
         tasks = list(self._tasks)
         for t in tasks:
@@ -277,8 +304,7 @@ class ReleaseService:
         if not self._started:
             return
         self.driver.member_changed(mem)
-        for entry in mem.entries.values():
-            self.intake.announced(entry, mem)
+        self.intake.member_changed(mem)
 
     async def _adopt(self, manifest: Manifest) -> None:
         """Store a verified manifest and start fetching what the store lacks."""
@@ -296,7 +322,14 @@ class ReleaseService:
             return
         if self._closed or rid in self._manifests:
             return
+        top = newest(m for m in self._manifests.values() if m.name == manifest.name)
+        if top is not None and newer(top, manifest):
+            self._count("releases.older")  # a newer one arrived while this manifest was stored
+            self.store.delete_manifest(rid)
+            return
         self._manifests[rid] = manifest
+        if await self._supersede(manifest):  # they may have stored chunks meanwhile
+            missing = await asyncio.to_thread(self.store.missing, missing)
         log.info(
             "fetching %s %s (%s): %d of %d chunks, %d bytes",
             manifest.name,
@@ -308,6 +341,35 @@ class ReleaseService:
         )
         self._emit(manifest, "downloading")
         self.driver.start(manifest, missing)
+
+    async def _supersede(self, manifest: Manifest) -> int:
+        """A newer release of its name is held: stop fetching the older ones and forget those
+        not installed, so one name has one download at a time and no older one completes later.
+        Chunks they share with `manifest` stay in the store and count for it."""
+        doomed = [
+            m
+            for m in self._manifests.values()
+            if m.name == manifest.name
+            and newer(manifest, m)
+            and m.release_id not in self._installed_rids(m.name)
+            and m.release_id not in self._activating
+        ]
+        for old in doomed:
+            rid = old.release_id
+            self.driver.cancel(rid)
+            self._manifests.pop(rid, None)
+            self._complete.discard(rid)
+            self._count("releases.superseded")
+            log.info("%s %s superseded by %s: no longer fetched", old.name, old.version, manifest.version)
+            self._emit(old, "superseded", f"by {manifest.version}")
+        if doomed:
+
+            def forget() -> None:
+                for m in doomed:
+                    self.store.delete_manifest(m.release_id)
+
+            await asyncio.to_thread(forget)
+        return len(doomed)
 
     # --- completion ----------------------------------------------------------------------------
 
@@ -341,12 +403,24 @@ class ReleaseService:
         self._announce(force=True)
 
     async def _maybe_activate(self, manifest: Manifest) -> None:
+        """Make a complete release current if it is the newest of its name this node holds and
+        newer than the current one; one activation per name at a time, so two releases that
+        complete together are judged one after the other and an older one never follows."""
+        lock = self._activation_locks.setdefault(manifest.name, asyncio.Lock())
+        async with lock:
+            await self._activate_locked(manifest)
+
+    async def _activate_locked(self, manifest: Manifest) -> None:
         rid = manifest.release_id
         name = manifest.name
-        if rid in self._installed_rids(name) or rid in self._failed:
+        if rid not in self._manifests or rid in self._installed_rids(name) or rid in self._failed:
             return
         if manifest.signature is None or manifest.signature[0] not in self.trusted:
             return  # held for others (published here with a key this node does not trust)
+        top = newest(m for m in self._manifests.values() if m.name == name)
+        if top is not None and newer(top, manifest):
+            self._count("releases.superseded")  # the newer one activates when it completes
+            return
         verdict = self.policy.activation(manifest, self._current_manifest(name))
         if verdict is Verdict.OLDER:
             self._count("releases.older")
@@ -428,6 +502,7 @@ class ReleaseService:
         if key in self._publishing:
             raise StateError(f"release {name} {version} is being published already")
         progress = self._publishing[key] = _Publishing(name, version)
+        seq = self.next_seq(name)
 
         def on_progress(done: int, total: int) -> None:
             progress.done, progress.total = done, total
@@ -445,6 +520,7 @@ class ReleaseService:
                     tags=tags,
                     origins=origins,
                     origin_dir=origin_dir,
+                    seq=seq,
                     progress=on_progress,
                 )
         finally:
@@ -464,12 +540,14 @@ class ReleaseService:
         )
         if rid not in self._manifests:
             self._manifests[rid] = manifest
+            await self._supersede(manifest)
             self._emit(manifest, "published")
             self.driver.start(manifest, [])  # complete at once: activates here when targeted
         return {
             "id": rid,
             "name": name,
             "version": version,
+            "seq": manifest.seq,
             "size": manifest.total_size,
             "files": len(manifest.files),
             "chunks": len(manifest.chunks),
@@ -479,6 +557,12 @@ class ReleaseService:
             "origins": list(manifest.origins),
             "target": {"site": manifest.target.site, "tags": dict(manifest.target.tags or {})},
         }
+
+    def next_seq(self, name: str) -> int:
+        """The seq a release of `name` published here takes: one above every seq this node has
+        seen for that name (held manifests, and what members announce)."""
+        held = max((m.seq for m in self._manifests.values() if m.name == name), default=0)
+        return max(held, self.intake.offers.max_seq(name)) + 1
 
     # --- announcing --------------------------------------------------------------------------
 
@@ -550,7 +634,7 @@ class ReleaseService:
         """Rows of GET /v1/releases, plus who holds each release (from members' metadata)."""
         rows = []
         alive = [m for m in self._members.values() if m.alive]
-        ordered = sorted(self._manifests.items(), key=lambda kv: (kv[1].name, kv[1].created, kv[1].version))
+        ordered = sorted(self._manifests.items(), key=lambda kv: (kv[1].name, release_order(kv[1])))
         for rid, m in ordered:
             cur_version = self.releases_dir.current(m.name)
             current = cur_version == m.version and self.releases_dir.release_id(m.name, m.version) == rid
@@ -581,6 +665,7 @@ class ReleaseService:
                 "current": current,
                 "progress": round(progress, 4),
                 "created": m.created,
+                "seq": m.seq,
                 "target": {"site": m.target.site, "tags": dict(m.target.tags or {})},
                 "nodes_complete": len(complete_on),
                 "complete_on": sorted(complete_on),

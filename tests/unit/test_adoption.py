@@ -5,18 +5,25 @@ Each test is a transcript: inputs with an explicit `now`, and the decisions in o
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from meshd.core.adoption import (
     DISCOVER_RETRY,
+    DISCOVER_RETRY_MAX,
+    FALLBACK_AFTER,
+    JITTER,
     REJECT_RETRY,
     AdoptionPolicy,
     Discovery,
+    Offer,
     Verdict,
     natural_key,
     newer,
+    release_order,
 )
+from tests.fakes import Midpoint
 
 D = Discovery
 RID = "0123456789abcdef"
@@ -28,7 +35,7 @@ class Rel:
     """A manifest as the policy sees it."""
 
     version: str
-    created: str = "2026-01-01T00:00:00Z"
+    seq: int = 0
     name: str = "app"
     release_id: str = RID + "0" * 48
     site: str | None = None
@@ -40,8 +47,8 @@ class Rel:
         return all(tags.get(k) == v for k, v in self.tags.items())
 
 
-def policy() -> AdoptionPolicy:
-    return AdoptionPolicy("a", {"role": "pos"})
+def policy(rng: random.Random | None = None) -> AdoptionPolicy:
+    return AdoptionPolicy("a", {"role": "pos"}, rng or Midpoint())
 
 
 # --- discovery -----------------------------------------------------------------------------------
@@ -105,6 +112,29 @@ def test_busy_and_ignored_come_before_known_and_back_off() -> None:
     assert p.announced(RID, 1, 0.0, known=True) is D.IGNORED
 
 
+def test_unanswered_backs_off_exponentially_up_to_the_cap() -> None:
+    p = policy()
+    delays = []
+    for _ in range(8):
+        p.unanswered(RID, 0.0)
+        delays.append(p.retry_at[RID])
+    assert delays == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert DISCOVER_RETRY == 2.0 and DISCOVER_RETRY_MAX == 60.0
+    p.judge(RID, Rel("1.0"), None, [])  # an answer ends the back-off and its count
+    assert RID not in p.retry_at and RID not in p.failures
+
+
+def test_back_offs_are_jittered_so_nodes_do_not_retry_together() -> None:
+    seen = set()
+    for seed in range(20):
+        p = policy(random.Random(seed))
+        p.unanswered(RID, 0.0)
+        at = p.retry_at[RID]
+        assert DISCOVER_RETRY * (1 - JITTER) <= at <= DISCOVER_RETRY * (1 + JITTER)
+        seen.add(round(at, 6))
+    assert len(seen) > 10
+
+
 def test_next_deadline_is_the_earliest_running_back_off() -> None:
     p = policy()
     assert p.next_deadline(0.0) is None
@@ -132,15 +162,23 @@ def test_targeting_by_site_and_tags() -> None:
 
 def test_only_newer_than_current_is_adopted() -> None:
     p = policy()
-    current = Rel("1.10", created="2026-02-01T00:00:00Z", release_id="c" * 64)
+    current = Rel("1.10", seq=5, release_id="c" * 64)
     assert [
-        p.judge("1" * 16, Rel("1.9", created="2026-02-01T00:00:00Z"), current, []),
-        p.judge("2" * 16, Rel("1.10", created="2026-02-01T00:00:00Z"), current, []),
-        p.judge("3" * 16, Rel("9.0", created="2026-01-01T00:00:00Z"), current, []),  # created first
-        p.judge("4" * 16, Rel("1.11", created="2026-02-01T00:00:00Z"), current, []),
-        p.judge("5" * 16, Rel("0.1", created="2026-03-01T00:00:00Z"), current, []),
+        p.judge("1" * 16, Rel("1.9", seq=5), current, []),
+        p.judge("2" * 16, Rel("1.10", seq=5, release_id="0" * 64), current, []),  # same: id decides
+        p.judge("3" * 16, Rel("9.0", seq=4), current, []),  # published before it
+        p.judge("4" * 16, Rel("1.11", seq=5), current, []),
+        p.judge("5" * 16, Rel("0.1", seq=6), current, []),  # published after it: wins
     ] == [Verdict.OLDER, Verdict.OLDER, Verdict.OLDER, Verdict.ADOPT, Verdict.ADOPT]
     assert p.ignored["1" * 16] == "not newer than current 1.10"
+
+
+def test_not_newer_than_a_held_release_is_older() -> None:
+    p = policy()
+    held = [Rel("3.0", seq=3, release_id="d" * 64)]  # being fetched, not current yet
+    assert p.judge(RID, Rel("2.0", seq=2), Rel("1.0", seq=1, release_id="e" * 64), held) is Verdict.OLDER
+    assert p.ignored[RID] == "not newer than held 3.0"
+    assert p.judge(OTHER, Rel("4.0", seq=4, release_id=OTHER + "0" * 48), None, held) is Verdict.ADOPT
 
 
 def test_a_version_taken_with_other_content_conflicts() -> None:
@@ -156,7 +194,7 @@ def test_a_version_taken_with_other_content_conflicts() -> None:
 
 def test_targeting_is_judged_before_age_and_conflict() -> None:
     p = policy()
-    current = Rel("5.0", created="2026-05-01T00:00:00Z")
+    current = Rel("5.0", seq=5)
     taken = [Rel("1.0", release_id="x" * 64)]
     assert p.judge(RID, Rel("1.0", site="b"), current, taken) is Verdict.NOT_TARGETED
     assert p.judge(OTHER, Rel("1.0"), current, taken) is Verdict.OLDER
@@ -184,4 +222,57 @@ def test_natural_version_order() -> None:
     assert newer(Rel("1.10"), Rel("1.9"))
     assert not newer(Rel("1.9"), Rel("1.10"))
     assert not newer(Rel("1.0"), Rel("1.0"))
-    assert newer(Rel("0.1", created="2026-01-02T00:00:00Z"), Rel("9.9"))
+    assert newer(Rel("0.1", seq=2), Rel("9.9", seq=1))
+
+
+def test_order_takes_no_clock_only_the_signed_seq_version_and_id() -> None:
+    a = Rel("2.0", seq=7, release_id="a" * 64)
+    b = Rel("2.0", seq=7, release_id="b" * 64)
+    assert release_order(a) == (7, natural_key("2.0"), "a" * 16)
+    assert newer(b, a) and not newer(a, b)  # a tie of two publishers is broken the same everywhere
+    assert not hasattr(Rel, "created")
+
+
+# --- picking the newest offer ----------------------------------------------------------------------
+
+
+def offer(version: str, seq: int, rid16: str, have: int = 4) -> Offer:
+    return Offer("app", version, seq, rid16, have)
+
+
+V1, V2, V3 = "1" * 16, "2" * 16, "3" * 16
+
+
+def test_pick_fetches_only_the_newest_offer() -> None:
+    p = policy()
+    offers = [offer("1.0", 1, V1), offer("2.0", 2, V2)]
+    assert p.pick(offers, None, 0.0) == offers[1]
+    assert p.pick(offers, release_order(Rel("2.0", seq=2, release_id=V2 + "0" * 48)), 0.0) is None
+    assert p.pick([offer("1.0", 1, V1), offer("2.0", 2, V2, have=0)], None, 0.0) is None  # wait for it
+
+
+def test_pick_waits_while_the_newest_is_busy_or_backing_off() -> None:
+    p = policy()
+    offers = [offer("1.0", 1, V1), offer("2.0", 2, V2)]
+    assert p.announced(V2, 4, 0.0, known=False) is D.FETCH_MANIFEST
+    assert p.pick(offers, None, 0.0) is None
+    p.unanswered(V2, 0.0)
+    p.discovered(V2)
+    assert p.pick(offers, None, 1.0) is None  # backing off: the older one is not fetched instead
+    assert p.pick(offers, None, DISCOVER_RETRY) == offers[1]
+
+
+def test_pick_falls_back_when_the_newest_is_never_served() -> None:
+    p = policy()
+    offers = [offer("1.0", 1, V1), offer("9.0", 9, V3)]  # a holder announcing a release it never serves
+    for _ in range(FALLBACK_AFTER):
+        p.unanswered(V3, 0.0)
+    assert p.pick(offers, None, 1.0) == offers[0]
+    assert p.pick(offers, None, 1000.0) == offers[1]  # and it is still retried on its timer
+
+
+def test_pick_skips_ignored_offers() -> None:
+    p = policy()
+    offers = [offer("1.0", 1, V1), offer("2.0", 2, V2)]
+    p.judge(V2, Rel("2.0", seq=2, site="b"), None, [])
+    assert p.pick(offers, None, 0.0) == offers[0]

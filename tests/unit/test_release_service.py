@@ -30,7 +30,7 @@ from meshd.release.service import ReleaseService
 from meshd.release.store import ChunkStore
 from meshd.units import parse_rate
 from meshd.wire import Codec
-from tests.fakes import member
+from tests.fakes import Midpoint, member
 
 CLUSTER = "dtest"
 PUB = PublisherKey(bytes(range(32)))
@@ -149,6 +149,7 @@ async def test_unanswered_manifest_is_asked_again_after_the_back_off(tmp_path: P
     svc.now = svc.intake.now = lambda: clock[0]  # type: ignore[method-assign]
     await svc.start()
     try:
+        svc.policy.rng = Midpoint()
         svc.member_update(announcing("p", m))
         await settle(svc)
         rid16 = m.release_id[:16]
@@ -157,10 +158,15 @@ async def test_unanswered_manifest_is_asked_again_after_the_back_off(tmp_path: P
         clock[0] = 100.0 + DISCOVER_RETRY - 0.1
         svc.member_update(announcing("p", m))  # within the back-off: not asked
         assert fake.asked == [rid16]
+        # No member event comes again (a quiet mesh): the intake's own timer retries.
+        assert svc.intake._timer is not None
+        assert svc.intake._timer_at == 100.0 + DISCOVER_RETRY
         clock[0] = 100.0 + DISCOVER_RETRY
-        svc.member_update(announcing("p", m))  # retried on the first member event after it
+        svc.intake._on_timer()
         await settle(svc)
         assert fake.asked == [rid16, rid16]
+        assert svc.policy.retry_at[rid16] == clock[0] + 2 * DISCOVER_RETRY  # doubled
+        assert svc.intake._timer_at == clock[0] + 2 * DISCOVER_RETRY
     finally:
         await svc.stop()
 
@@ -170,6 +176,7 @@ def test_manifest_judgement_is_counted(tmp_path: Path) -> None:
     svc = make_service(tmp_path / "me", site="a", events=events)
     good = make_release(tmp_path, "2.0", created=1_700_000_100.0)
     svc.intake.now = lambda: 50.0
+    svc.policy.rng = Midpoint()
     assert svc.intake.check(b"not json", "0" * 16, "p") is None
     assert svc.counters["manifests.invalid"] == 1
     assert svc.policy.retry_at["0" * 16] == 50.0 + REJECT_RETRY
