@@ -22,6 +22,7 @@ from meshd.errors import StateError
 from meshd.metrics import Exposition, TransferStats
 from meshd.wire import Codec
 
+
 class Midpoint(random.Random):
     """A random source without jitter: uniform(a, b) is the middle, so back-offs are nominal."""
 

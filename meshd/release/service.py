@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,8 +90,10 @@ class ReleaseService:
         emit: Emit | None = None,
         transfer: TransferStats | None = None,
         swarm_config: SwarmConfig | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config or DistConfig()
+        self.wall = wall  # only for the manifest's informational `created`: never for ordering
         self.name = name
         self.site = site
         self.tags = dict(tags)
@@ -520,6 +523,7 @@ class ReleaseService:
                     tags=tags,
                     origins=origins,
                     origin_dir=origin_dir,
+                    created=self.wall(),
                     seq=seq,
                     progress=on_progress,
                 )

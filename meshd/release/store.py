@@ -175,10 +175,8 @@ class ChunkStore:
             if cid not in keep:
                 self.delete(cid)
                 removed += 1
-        for sub in self.chunk_dir.iterdir():
-            if sub.is_dir():
-                with contextlib.suppress(OSError):
-                    sub.rmdir()  # only when empty
+        # The fan-out folders stay (256 at most): removing an empty one raced with a put in
+        # another thread between its mkdir and its temp file (ENOENT, a failed chunk).
         return removed
 
     def clean_temp(self) -> int:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from meshd.release.peer import (
 from meshd.release.peer_client import PeerFetcher
 from meshd.release.serve import PeerUploads
 from meshd.release.service import ReleaseService
-from meshd.replay import ReplayGuard
+from meshd.replay import ReplayGuard, SenderClock
 from meshd.wire import Codec
 from tests.fakes import member
 
@@ -136,11 +137,13 @@ class Mesh:
         swarm: SwarmConfig | None = None,
         root: Path | None = None,
         server_cls: type[PeerUploads] = PeerUploads,
+        wall: Callable[[], float] = time.time,
     ) -> TNode:
         root = root or self.tmp / name
         # A real node's codec: it names itself (node id = name here) and refuses replays.
         ring = Keyring([cluster_key]) if cluster_key else None
-        codec = Codec(CLUSTER, ring, node_id=name, guard=ReplayGuard())
+        clock = SenderClock(lambda: int(wall() * 1e6))  # its stamps follow its own wall clock
+        codec = Codec(CLUSTER, ring, node_id=name, guard=ReplayGuard(), clock=clock)
         cfg = config or DistConfig(fsync=False, announce_interval=0.2, origin_delay=1.0)
         node: TNode
         service = ReleaseService(
@@ -154,6 +157,7 @@ class Mesh:
             set_meta_keys=lambda u: node.set_meta_keys(u),
             emit=self.events.append,
             swarm_config=swarm or SwarmConfig(origin_delay=cfg.origin_delay, timeout_min=3.0),
+            wall=wall,
         )
         service.server.__class__ = server_cls  # a lying server for some tests
         node = TNode(name, site, tags or {}, root, service, self)

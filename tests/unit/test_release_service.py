@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from meshd.core.adoption import DISCOVER_RETRY, REJECT_RETRY
+from meshd.core.adoption import DISCOVER_RETRY, REJECT_RETRY, Offer
 from meshd.core.node import MemberView
 from meshd.crypto import PublisherKey
 from meshd.errors import ConfigError
 from meshd.metrics import Exposition
-from meshd.release.announce import Announce, Announcer, member_meta_keys, parse_announcements
+from meshd.release.announce import Announce, Announcer, OfferIndex, member_meta_keys, parse_announcements
 from meshd.release.config import DistConfig
 from meshd.release.manifest import Manifest
 from meshd.release.peer import PeerProtocolError, decode_piece, encode_piece
@@ -265,6 +265,55 @@ def test_announcements_parse_and_skip_garbage() -> None:
     assert not b.current
     assert (b.have, b.total) == (3, 12)
     assert parse_announcements({"rel:app": a.text()}) == {a.rid16: a}
+    assert a.seq == 0  # an entry from before seq was announced
+
+
+def test_announcements_carry_the_seq_and_the_index_offers_the_newest() -> None:
+    mine = Announce("app", "2.0", "2" * 16, 3, 10, seq=7)
+    assert mine.text() == "2.0 2222222222222222 3/10 #7"
+    assert parse_announcements({"rel:app": mine.text()}) == {mine.rid16: mine}
+    index = OfferIndex()
+    old = Announce("app", "1.0", "1" * 16, 10, 10, current=True, seq=6)
+    assert index.update("p", {old.rid16: old, mine.rid16: mine}) == {"app"}
+    assert index.update("q", {old.rid16: old}) == {"app"}
+    assert index.update("q", {old.rid16: old}) == set()  # nothing changed: nothing to look at
+    offers = {o.rid16: o for o in index.offers("app")}
+    assert offers[mine.rid16] == Offer("app", "2.0", 7, mine.rid16, 3)
+    assert index.holders("app", old.rid16) == ["p", "q"]
+    assert index.max_seq("app") == 7
+    assert index.update("p", {}) == {"app"}  # p left
+    assert [o.rid16 for o in index.offers("app")] == [old.rid16]
+    assert index.update("q", {}) == {"app"}
+    assert index.names() == []
+
+
+async def test_two_releases_completing_together_activate_one_at_a_time_newest_last(tmp_path: Path) -> None:
+    # Before: both activated in parallel threads and the older one could end current.
+    for first in ("older", "newer"):
+        events: list[dict[str, Any]] = []
+        root = tmp_path / first
+        svc = make_service(root, events=events)
+        svc.releases_dir.hook = ["/bin/sh", "-c", "sleep 0.2"]  # a window for the race
+        await svc.start()
+        try:
+            ms = []
+            for version, seq in (("2.0", 2), ("3.0", 3)):
+                src = tmp_path / f"src-{first}-{version}" / "app.bin"
+                src.parent.mkdir(parents=True, exist_ok=True)
+                src.write_bytes(random.Random(seq).randbytes(100_000))
+                m = publish_tree(svc.store, src, "app", version, PUB, seq=seq).manifest
+                svc._manifests[m.release_id] = m
+                svc._complete.add(m.release_id)
+                ms.append(m)
+            order = ms if first == "older" else ms[::-1]
+            await asyncio.gather(*(svc._maybe_activate(m) for m in order))
+            assert [e["version"] for e in events if e["state"] == "active"] == ["3.0"]
+            assert svc.releases_dir.current("app") == "3.0"
+            assert svc.counters["releases.superseded"] == 1
+            await svc._maybe_activate(ms[0])  # completing later changes nothing
+            assert svc.releases_dir.current("app") == "3.0"
+        finally:
+            await svc.stop()
 
 
 def test_rates_and_dist_config() -> None:
