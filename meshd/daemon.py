@@ -112,6 +112,9 @@ class Daemon:
     def readiness_detail(self) -> str:
         return self._ready_detail
 
+    def clock_skew(self) -> dict[str, Any]:
+        return self.runtime.node.clock_skew()
+
     def members(self) -> list[MemberView]:
         return self.runtime.node.members()
 

@@ -18,6 +18,10 @@ class AuthError(DecodeError):
 class ReplayError(AuthError):
     """An authentic envelope seen before, stale for its sender, or meant for another node."""
 
+    def __init__(self, message: str, sender: bytes = b"") -> None:
+        super().__init__(message)
+        self.sender = sender  # who sealed it (8 bytes; b"": unknown), for rate-limited warnings
+
 
 class ConfigError(MeshError):
     """Bad configuration; the message names the key or flag."""

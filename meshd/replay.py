@@ -76,6 +76,10 @@ class SenderClock:
     def last(self) -> int:
         return self._last
 
+    def wall(self) -> int:
+        """The wall clock stamps start from, in µs (what a receiver compares peers' stamps with)."""
+        return self._wall()
+
 
 class _Sender:
     __slots__ = ("floor", "high", "inserts", "seen")

@@ -310,11 +310,11 @@ class Codec:
         receiver = inner[end - SENDER_ID_SIZE : end]
         # Checked before anything costs work: a misdirected or replayed envelope is not unpacked.
         if receiver != _ANY and self._sender != _ANY and receiver != self._sender:
-            raise ReplayError("envelope meant for another node")
+            raise ReplayError("envelope meant for another node", sender)
         if self.guard is not None:
             refused = self.guard.check(sender, stamp)
             if refused is not None:
-                raise ReplayError(f"{refused} envelope from sender {sender.hex()}")
+                raise ReplayError(f"{refused} envelope from sender {sender.hex()}", sender)
         if not compressed:
             return Opened(inner[end:], sender, stamp, receiver)
         view = memoryview(inner)[end:]

@@ -12,6 +12,7 @@ import asyncio
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshd.core.config import LOCAL
 from meshd.core.effects import MembershipEffect, SendDatagram
@@ -92,6 +93,7 @@ class FakeAgent:
     ring: list[bytes] | None = None  # None: an --insecure node
     subs: list[FakeSubscription] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)  # core counters for /metrics
+    skew: dict[str, Any] = field(default_factory=lambda: {"peers": 0, "max_offset_s": 0.0})
     # run_query
     asked: list[tuple[str, bytes, QueryFilter, float | None, int]] = field(default_factory=list)
     answers: list[QueryAnswer] = field(default_factory=list)
@@ -107,6 +109,9 @@ class FakeAgent:
 
     def readiness_detail(self) -> str:
         return "joined" if self.ready else "joining"
+
+    def clock_skew(self) -> dict[str, Any]:
+        return self.skew
 
     def members(self) -> list[MemberView]:
         return self.people

@@ -201,6 +201,7 @@ async def get_status(request: web.Request) -> web.Response:
             "uptime_s": round(agent.uptime(), 3),
             "ready": agent.is_ready(),
             "members": count_states(agent.members()),
+            "clock_skew": agent.clock_skew(),
             "transfer": {
                 "sent_bytes": t.sent_bytes,
                 "received_bytes": t.received_bytes,

@@ -43,7 +43,7 @@ import random
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from meshd import wire
 from meshd.core.awareness import Awareness
@@ -88,12 +88,18 @@ from meshd.core.query import (
     expected_members,
     split_meta,
 )
+from meshd.core.skew import SkewWatcher, format_offset
 from meshd.core.suspicion import Suspicion, suspicion_timeout
+from meshd.core.warnlimit import WarnLimiter
 from meshd.crypto import Keyring
 from meshd.errors import AuthError, DecodeError, MeshError, ReplayError, StateError
+from meshd.replay import sender_id
 from meshd.units import parse_ip_port
 
 log = logging.getLogger("meshd.node")
+
+REPLAY_WARN_EVERY = 60.0  # refused envelopes: at most one warning per sender per minute
+SKEW_SHOWN = 16  # skewed peers listed by clock_skew()
 
 
 @dataclass
@@ -199,6 +205,7 @@ class MembershipCore(Protocol):
     def num_active(self) -> int: ...
     def leave_pending(self) -> bool: ...
     def stats(self) -> NodeStats: ...
+    def clock_skew(self) -> dict[str, Any]: ...
 
     # --- inputs
     def receive_datagram(self, data: bytes, addr: str, now: float) -> None: ...
@@ -234,6 +241,7 @@ class Node:
         meta: dict[str, str] | None = None,
         incarnation: int = 0,
         seen_keyops: Iterable[int] = (),
+        skew: SkewWatcher | None = None,
     ) -> None:
         self.name = name
         self.node_id = node_id
@@ -245,6 +253,8 @@ class Node:
         self.broadcasts = BroadcastQueue(config.retransmit_mult)
         self.counters = Counters()
         self.leaving = False
+        self.skew = skew or SkewWatcher()
+        self._replay_warnings = WarnLimiter(REPLAY_WARN_EVERY)
 
         self._members: dict[str, _Member] = {}
         self._active: int | None = None  # cached num_active(); every state change clears it
@@ -313,6 +323,17 @@ class Node:
         counters = dict(self.counters)
         counters.update({f"queries.{k}": v for k, v in self.queries.counters.items()})
         return NodeStats(self.awareness.score, len(self.broadcasts), self.queries.in_flight(), counters)
+
+    def clock_skew(self) -> dict[str, Any]:
+        """Peers whose clocks differ from ours beyond the threshold (SkewWatcher.view()), and the
+        most skewed of them: [{"name", "id", "offset_s"}], names when they are members."""
+        view: dict[str, Any] = dict(self.skew.view())
+        worst = sorted(self.skew.skewed().items(), key=lambda kv: -abs(kv[1]))[:SKEW_SHOWN]
+        names = self._names_by_sender({s for s, _ in worst})
+        view["skewed"] = [
+            {"name": names.get(s, ""), "id": s.hex(), "offset_s": round(off, 3)} for s, off in worst
+        ]
+        return view
 
     def num_active(self) -> int:
         """Members that count for the protocol's formulas: alive and suspect, us included."""
@@ -445,10 +466,12 @@ class Node:
 
     def receive_datagram(self, data: bytes, addr: str, now: float) -> None:
         try:
-            msgs = self.codec.unpack(data, max_size=MAX_DATAGRAM_BODY)
+            opened = self.codec.open_envelope(data, max_size=MAX_DATAGRAM_BODY)
+            msgs = wire.decode_body(opened.body)
         except DecodeError as e:
-            self._count_drop(e)
+            self._count_drop(e, now)
             return
+        self._observe_clock(opened, now)
         self.counters.inc("packets.in")
         self.counters.inc("bytes.in", len(data))
         for msg in msgs:
@@ -460,8 +483,9 @@ class Node:
             opened = self.codec.open_envelope(data)
             msgs = wire.decode_body(opened.body)
         except DecodeError as e:
-            self._count_drop(e)
+            self._count_drop(e, now)
             return None
+        self._observe_clock(opened, now)
         self.counters.inc("streams.in")
         reply: list[bytes] = []
         for msg in msgs:
@@ -494,10 +518,12 @@ class Node:
             self.counters.inc(f"streams.failed.{st.kind}")
             return
         try:
-            msgs = self.codec.unpack(reply)
+            opened = self.codec.open_envelope(reply)
+            msgs = wire.decode_body(opened.body)
         except DecodeError as e:
-            self._count_drop(e)
+            self._count_drop(e, now)
             return
+        self._observe_clock(opened, now)
         for msg in msgs:
             if isinstance(msg, PushPull):
                 if not self._push_pull_ok(msg):
@@ -649,10 +675,52 @@ class Node:
             return self._drop("new_member_rate", name)
         return True
 
-    def _count_drop(self, e: MeshError) -> None:
+    def _count_drop(self, e: MeshError, now: float) -> None:
         kind = "replay" if isinstance(e, ReplayError) else "auth" if isinstance(e, AuthError) else "decode"
         self.counters.inc("drops." + kind)
+        if isinstance(e, ReplayError):
+            # Authentic but refused: a replay, or a peer that lost its state. Never silent, but
+            # one line per sender per minute whatever an attacker replays.
+            n = self._replay_warnings.hit(e.sender, now)
+            if n is not None:
+                log.warning(
+                    "refused %d envelope(s) from %s in the last %gs at most (%s): replayed traffic, "
+                    "or a sender that restarted without its state and with its clock behind",
+                    n, self._who(e.sender), REPLAY_WARN_EVERY, e,
+                )  # fmt: skip
+                return
         log.debug("dropped packet: %s", e)
+
+    def _observe_clock(self, opened: wire.Opened, now: float) -> None:
+        notice = self.skew.observe(opened.sender, opened.stamp, self.codec.clock.wall(), now)
+        if notice is None:
+            return
+        who = self._who(notice.sender)
+        if notice.skewed:
+            self.counters["clock.skewed"] = self.skew.became_skewed  # peers that crossed it
+            log.warning(
+                "peer %s's clock is %s ours; distribution and membership are unaffected (stamps "
+                "are compared per sender)",
+                who, format_offset(notice.offset_s),
+            )  # fmt: skip
+        else:
+            log.info("peer %s's clock is back within %gs of ours", who, self.skew.threshold_s)
+
+    def _names_by_sender(self, senders: set[bytes]) -> dict[bytes, str]:
+        found: dict[bytes, str] = {}
+        if senders:
+            for m in self._members.values():
+                sid = sender_id(m.node_id)
+                if sid in senders:
+                    found[sid] = m.name
+        return found
+
+    def _who(self, sender: bytes) -> str:
+        """A member's name and sender id for a log line (just the id when unknown)."""
+        if not sender:
+            return "an unknown sender"
+        name = self._names_by_sender({sender}).get(sender)
+        return f"{name} ({sender.hex()})" if name else sender.hex()
 
     # --- probing -------------------------------------------------------------------------------
 

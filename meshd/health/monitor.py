@@ -4,7 +4,9 @@ built-in `health` query and the custom queries (query handlers)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +55,33 @@ class _CheckState:
     output: str = "not run yet"
     updated: float = 0.0  # unix time of the last run, 0 before the first
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    # The blocking call of the last run (disk: statvfs); a hung one is not started again.
+    blocked: concurrent.futures.Future[CheckResult] | None = field(default=None, repr=False)
+    blocked_since: float = 0.0  # monotonic
+    hung: int = 0  # runs refused because the previous blocking call had not returned
+
+
+def _in_thread(
+    fn: Callable[[CheckSpec], CheckResult], spec: CheckSpec
+) -> concurrent.futures.Future[CheckResult]:
+    """Run fn(spec) on a thread of its own, not the loop's shared default executor.
+
+    The caller starts at most one per check, so a call that never returns (statvfs on a dead
+    NFS mount) holds one thread for good, not one more every interval; a daemon thread, so it
+    does not hold up the process's exit either.
+    """
+    fut: concurrent.futures.Future[CheckResult] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(spec))
+        except BaseException as e:  # handed to the awaiting task, which reports it
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name=f"meshd-check:{spec.name}", daemon=True).start()
+    return fut
 
 
 class HealthMonitor:
@@ -68,6 +97,8 @@ class HealthMonitor:
         handler_concurrency: int = 4,
         lag: LoopLagMonitor | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        disk_check: Callable[[CheckSpec], CheckResult] = check_disk,
     ) -> None:
         self._states = {spec.name: _CheckState(spec) for spec in checks}
         self.handlers = dict(handlers or {})
@@ -75,6 +106,8 @@ class HealthMonitor:
         self.on_check_change = on_check_change
         self.lag = lag or LoopLagMonitor()
         self._clock = clock
+        self._monotonic = monotonic
+        self._disk_check = disk_check
         self._summary: Status = self._compute_summary()
         self._handler_slots = asyncio.Semaphore(handler_concurrency)
         self._session: aiohttp.ClientSession | None = None
@@ -151,7 +184,7 @@ class HealthMonitor:
     async def _run_one(self, state: _CheckState) -> None:
         spec = state.spec
         try:
-            result = await asyncio.wait_for(self._execute(spec), spec.timeout + 1.0)
+            result = await asyncio.wait_for(self._execute(state), spec.timeout + 1.0)
         except TimeoutError:
             result = CheckResult("critical", f"timed out after {spec.timeout:g}s")
         except Exception as e:  # a check must never take the monitor down
@@ -167,7 +200,8 @@ class HealthMonitor:
             if self.on_change is not None:
                 self.on_change(summary)
 
-    async def _execute(self, spec: CheckSpec) -> CheckResult:
+    async def _execute(self, state: _CheckState) -> CheckResult:
+        spec = state.spec
         if spec.kind == COMMAND:
             return await check_command(spec)
         if spec.kind == HTTP:
@@ -180,10 +214,25 @@ class HealthMonitor:
             return check_memory(spec)
         if spec.kind == DISK:
             # statvfs can hang on a dead network mount: keep it off the loop
-            return await asyncio.wait_for(asyncio.to_thread(check_disk, spec), spec.timeout)
+            return await self._blocking(state, self._disk_check)
         if spec.kind == LOOP_LAG:
             return check_loop_lag(spec, self.lag)
         raise AssertionError(f"unknown check kind {spec.kind}")
+
+    async def _blocking(self, state: _CheckState, fn: Callable[[CheckSpec], CheckResult]) -> CheckResult:
+        """fn(spec) off the loop, within the check's timeout; never two calls of one check at once."""
+        previous = state.blocked
+        if previous is not None and not previous.done():
+            state.hung += 1
+            stuck = self._monotonic() - state.blocked_since
+            return CheckResult("critical", f"check hung: previous run still blocked for {stuck:.0f}s")
+        state.blocked, state.blocked_since = _in_thread(fn, state.spec), self._monotonic()
+        # On timeout wait_for gives up waiting; the thread runs on, and the next runs see it.
+        return await asyncio.wait_for(asyncio.wrap_future(state.blocked), state.spec.timeout)
+
+    def hung_runs(self) -> dict[str, int]:
+        """Runs refused because the check's previous blocking call had not returned, by check."""
+        return {name: s.hung for name, s in self._states.items() if s.spec.kind == DISK}
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:

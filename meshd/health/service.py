@@ -72,13 +72,18 @@ class HealthService:
         await self.monitor.stop()
 
     def collect_metrics(self, out: Exposition) -> None:
-        """meshd_health_checks: the local checks by status."""
+        """meshd_health_checks: the local checks by status; meshd_health_checks_hung_total."""
         checks = self.monitor.checks()
         out.labelled(
             "meshd_health_checks",
             "gauge",
             "local checks by status",
             [({"status": s}, sum(1 for c in checks if c["status"] == s)) for s in STATUSES],
+        )
+        out.counter(
+            "meshd_health_checks_hung_total",
+            "check runs refused because the check's previous blocking call (statvfs) had not returned",
+            sum(self.monitor.hung_runs().values()),
         )
 
     async def answer(self, action: QueryAction) -> bytes:

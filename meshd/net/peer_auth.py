@@ -15,6 +15,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from meshd.errors import AuthError, DecodeError
+from meshd.core.warnlimit import WarnLimiter
+from meshd.errors import AuthError, DecodeError, ReplayError
 from meshd.metrics import Exposition
 from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded
 from meshd.wire import Codec, Opened
@@ -34,6 +36,7 @@ MAX_AUTH_HEADER = 1024
 DEFAULT_BODY_BUDGET = 64 * 1024 * 1024  # body bytes of all requests in flight together
 DEFAULT_BODY_TIMEOUT = 30.0  # a 16 MiB push-pull needs >= 0.5 MiB/s
 _OCTETS = "application/octet-stream"
+REPLAY_WARN_EVERY = 60.0  # refused replayed/stale tokens: one warning per sender per minute
 
 
 # --- the token -----------------------------------------------------------------------------------
@@ -69,6 +72,8 @@ def check_token(codec: Codec, header: str | None, method: str, path: str, length
     try:
         opened = codec.open_envelope(sealed, max_size=MAX_AUTH_HEADER)
         text = opened.body.decode("utf-8")
+    except ReplayError as e:  # kept apart: the gate warns about these
+        raise ReplayError(f"auth token refused: {e}", e.sender) from None
     except DecodeError as e:
         raise AuthError(f"auth token does not open: {e}") from None
     except UnicodeDecodeError:
@@ -144,11 +149,14 @@ class PeerGate:
         body_budget: int = DEFAULT_BODY_BUDGET,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
         stats: GateStats | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.codec = codec
         self.budget = BodyBudget(body_budget)
         self.body_timeout = body_timeout
         self.stats = stats or GateStats()
+        self._clock = clock
+        self._replay_warnings = WarnLimiter(REPLAY_WARN_EVERY)
 
     def collect_metrics(self, out: Exposition) -> None:
         self.stats.collect_metrics(out)
@@ -174,10 +182,22 @@ class PeerGate:
         try:
             opened = check_token(self.codec, token, method, path, length)
         except AuthError as e:
+            if isinstance(e, ReplayError):
+                self._warn_replay(e)
             raise Refused(401 if not token else 403, "auth", str(e)) from None
         if length > max_body:
             raise Refused(413, "too_big", f"{length} bytes, limit {max_body}")
         return length, opened.sender.hex()
+
+    def _warn_replay(self, e: ReplayError) -> None:
+        # An authentic token refused (a replay, or a sender that lost its state): never silent,
+        # but one line per sender per minute whatever an attacker replays.
+        n = self._replay_warnings.hit(e.sender, self._clock())
+        if n is not None:
+            who = e.sender.hex() or "an unknown sender"
+            log.warning(
+                "refused %d peer request(s) from %s in the last %gs at most: %s", n, who, REPLAY_WARN_EVERY, e
+            )
 
     @asynccontextmanager
     async def body(self, request: web.Request, max_body: int) -> AsyncIterator[bytes]:

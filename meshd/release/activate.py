@@ -25,10 +25,12 @@ import contextlib
 import errno
 import os
 import secrets
+import selectors
 import shutil
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +45,8 @@ META = ".meta"
 PENDING = "pending.json"
 TEMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
-_HOOK_OUTPUT_TAIL = 400
+_HOOK_OUTPUT_TAIL = 400  # what an error message quotes of the hook's output
+_HOOK_READ = 65536  # one read of the hook's pipe; with the tail, all the memory its output costs
 
 
 class ActivationError(MeshError):
@@ -64,6 +67,36 @@ class ActivationResult:
 def _check_name(value: str, what: str) -> None:
     if not NAME_RE.fullmatch(value) or value == CURRENT:
         raise ActivationError(f"invalid release {what} {value!r}")
+
+
+def _read_tail(
+    fd: int, deadline: float, keep: int, clock: Callable[[], float] = time.monotonic
+) -> tuple[bytes, bool]:
+    """Read `fd` to EOF or until `deadline` (on `clock`); (its last `keep` bytes, whether EOF
+    came in time).
+
+    Incremental, so a hook that writes gigabytes costs one read buffer and the tail, not its
+    whole output (communicate() would keep all of it).
+    """
+    tail = bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while True:
+            left = deadline - clock()
+            if left <= 0:
+                return bytes(tail), False
+            if not sel.select(left):
+                continue  # woke without data: the loop re-checks the deadline
+            chunk = os.read(fd, _HOOK_READ)
+            if not chunk:
+                return bytes(tail), True
+            tail += chunk
+            del tail[:-keep]
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 class Releases:
@@ -309,15 +342,28 @@ class Releases:
             )
         except OSError as e:
             return f"cannot run {self.hook[0]}: {e.strerror or e}"
+        assert proc.stdout is not None
+        deadline = time.monotonic() + self.hook_timeout
         try:
-            out, _ = proc.communicate(timeout=self.hook_timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            out, finished = _read_tail(proc.stdout.fileno(), deadline, _HOOK_OUTPUT_TAIL)
+            if finished:
+                # EOF: the hook (and whatever shared its output) is done writing; it may still
+                # take a moment to exit, within what is left of the timeout.
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    finished = False
+        except BaseException:
+            _kill_group(proc.pid)  # interrupted: leave no hook behind
+            raise
+        finally:
+            proc.stdout.close()
+        if not finished:
+            _kill_group(proc.pid)
+            proc.wait()
             return f"{self.hook[0]} timed out after {self.hook_timeout:g}s"
         if proc.returncode != 0:
-            tail = out[-_HOOK_OUTPUT_TAIL:].decode("utf-8", "replace").strip()
+            tail = out.decode("utf-8", "replace").strip()
             return f"{self.hook[0]} exited with {proc.returncode}" + (f": {tail}" if tail else "")
         return None
 

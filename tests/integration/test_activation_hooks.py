@@ -4,8 +4,11 @@ leaves a complete release current."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -91,3 +94,61 @@ def test_kill_at_every_step_with_a_hook_leaves_a_complete_current(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kill_at_every_step(env, monkeypatch, hook=["true"])
+
+
+def _peak_traced(fn: Callable[[], object]) -> int:
+    """Peak bytes Python allocated while fn ran (the hook's output would show up here)."""
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(ActivationError):
+            fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_hook_output_is_bounded_and_its_tail_quoted(env: Env) -> None:
+    # ~50 MB of output, then the line that says why it failed: only the tail is kept.
+    code = (
+        "import sys; out = sys.stdout.buffer\n"
+        "for _ in range(800): out.write(b'x' * 65535 + b'\\n')\n"
+        "out.write(b'the real reason\\n'); sys.exit(1)"
+    )
+    rel = env.releases(hook=[sys.executable, "-c", code], hook_timeout=60.0)
+    manifest = env.publish("1.0", version_files(1))
+    rel.materialise(manifest)  # so the measure below is the hook's, not the build's
+    errors: list[str] = []
+
+    def activate() -> None:
+        try:
+            rel.activate(manifest)
+        except ActivationError as e:
+            errors.append(str(e))
+            raise
+
+    peak = _peak_traced(activate)
+    assert len(errors) == 1
+    assert "exited with 1" in errors[0]
+    assert errors[0].endswith("xxx\nthe real reason; no version is current")
+    assert peak < 4 * 1024 * 1024, f"peak {peak} bytes while the hook wrote 50 MB"
+
+
+def test_hook_writing_forever_is_killed_at_the_timeout(env: Env) -> None:
+    code = "import sys\nwhile True: sys.stdout.buffer.write(b'y' * 65536)"
+    rel = env.releases(hook=[sys.executable, "-c", code], hook_timeout=1.0)
+    manifest = env.publish("1.0", version_files(1))
+    rel.materialise(manifest)
+    errors: list[str] = []
+
+    def activate() -> None:
+        try:
+            rel.activate(manifest)
+        except ActivationError as e:
+            errors.append(str(e))
+            raise
+
+    peak = _peak_traced(activate)
+    assert len(errors) == 1
+    assert "timed out after 1s" in errors[0]
+    assert peak < 4 * 1024 * 1024
+    assert rel.current(NAME) is None

@@ -70,6 +70,7 @@ async def test_status_fields(client: TestClient) -> None:
     assert doc["name"] == "n1"
     assert doc["cluster"] == "test"
     assert doc["site"] == "factory"
+    assert doc["clock_skew"] == {"peers": 0, "max_offset_s": 0.0}
 
 
 async def test_members_fields_and_filters(client: TestClient) -> None:

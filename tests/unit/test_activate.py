@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from meshd.errors import IntegrityError
-from meshd.release.activate import ActivationError
+from meshd.release.activate import ActivationError, _read_tail
 from meshd.release.chunker import chunk_tree
 from meshd.release.manifest import Manifest
 from tests.activation import (
@@ -213,3 +213,25 @@ def test_kill_during_hook_rolls_back_on_recover(env: Env, monkeypatch: pytest.Mo
     actions = env.releases(hook=["true"]).recover()
     assert any("hook never confirmed" in a for a in actions)
     assert_current_complete(env, rel, {"1.0"})
+
+
+def test_read_tail_keeps_only_the_end_and_honours_the_deadline() -> None:
+    r, w = os.pipe()
+    try:
+        os.write(w, b"a" * 30_000 + b"the end")
+        os.close(w)
+        w = -1
+        assert _read_tail(r, 60.0, 10, clock=lambda: 0.0) == (b"aaathe end", True)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    r, w = os.pipe()
+    try:
+        os.write(w, b"partial")
+        # data, then a select that times out, then the deadline passes with the pipe still open
+        ticks = iter([0.0, 0.999, 5.0])
+        assert _read_tail(r, 1.0, 100, clock=lambda: next(ticks)) == (b"partial", False)
+    finally:
+        os.close(r)
+        os.close(w)

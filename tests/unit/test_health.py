@@ -4,6 +4,8 @@ in tests/integration/test_health_checks.py."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import orjson
 import pytest
 
 from meshd.errors import ConfigError
-from meshd.health.checks import check_disk, check_load, check_memory, threshold_status
+from meshd.health.checks import CheckResult, check_disk, check_load, check_memory, threshold_status
 from meshd.health.config import parse_checks, parse_query_handlers
 from meshd.health.monitor import HealthMonitor
 from meshd.health.spec import CheckSpec, worst
@@ -189,3 +191,47 @@ async def test_monitor_summary_callbacks_and_order_without_processes(tmp_path: P
     assert missing["handlers"] == []
     with pytest.raises(KeyError):
         await full.run_check("unknown")
+
+
+def _threads(prefix: str) -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith(prefix))
+
+
+async def test_a_hung_disk_check_holds_one_thread_of_its_own(tmp_path: Path) -> None:
+    release = threading.Event()
+    calls: list[str] = []
+
+    def statvfs_on_dead_nfs(spec: CheckSpec) -> CheckResult:
+        calls.append(spec.name)
+        if not release.wait(30):
+            raise AssertionError("never released")
+        return check_disk(spec)
+
+    now = [100.0]
+    spec = CheckSpec("disk-nfs", "disk", path=str(tmp_path), timeout=0.05, warning=0.0, critical=0.0)
+    monitor = HealthMonitor([spec], disk_check=statvfs_on_dead_nfs, monotonic=lambda: now[0])
+    default_before = _threads("asyncio_")
+    try:
+        first = await monitor.run_check("disk-nfs")
+        assert (first["status"], first["output"]) == ("critical", "timed out after 0.05s")
+        for _ in range(5):  # five more intervals while statvfs still hangs
+            now[0] += 30.0
+            hung = await monitor.run_check("disk-nfs")
+            assert hung["status"] == "critical"
+            assert hung["output"].startswith("check hung: previous run still blocked for")
+        assert hung["output"] == "check hung: previous run still blocked for 150s"
+        assert calls == ["disk-nfs"]  # one blocked call, one thread: not one more per interval
+        assert _threads("meshd-check:") == 1
+        assert _threads("asyncio_") == default_before  # the loop's shared executor is untouched
+        assert await asyncio.to_thread(lambda: 42) == 42
+        assert monitor.hung_runs() == {"disk-nfs": 5}
+    finally:
+        release.set()
+    for _ in range(500):  # the thread returns at once now; the next run starts a new call
+        result = await monitor.run_check("disk-nfs")
+        if result["status"] == "passing":
+            break
+        await asyncio.sleep(0.01)
+    assert result["status"] == "passing"
+    assert "% free" in result["output"]
+    assert calls == ["disk-nfs", "disk-nfs"]

@@ -61,4 +61,8 @@ async def test_collect_metrics_counts_the_checks_by_status(tmp_path: Any) -> Non
         'meshd_health_checks{status="passing"} 1\n'
         'meshd_health_checks{status="warning"} 0\n'
         'meshd_health_checks{status="critical"} 2\n'
+        "# HELP meshd_health_checks_hung_total check runs refused because the check's previous "
+        "blocking call (statvfs) had not returned\n"
+        "# TYPE meshd_health_checks_hung_total counter\n"
+        "meshd_health_checks_hung_total 0\n"
     )

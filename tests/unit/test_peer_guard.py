@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from typing import Any
 
 import pytest
@@ -234,6 +235,32 @@ def test_a_replayed_or_misdirected_token_is_refused() -> None:
 
 def headers(**kv: str) -> CIMultiDict[str]:
     return CIMultiDict({k.replace("_", "-"): v for k, v in kv.items()})
+
+
+def test_the_gate_warns_about_replayed_tokens_once_a_minute_per_sender(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="meshd.peer")
+    ring = Keyring([KEY])
+    client = Codec("t", ring, node_id="aa" * 16)
+    now = [100.0]
+    gate = PeerGate(Codec("t", ring, node_id="bb" * 16, guard=ReplayGuard()), clock=lambda: now[0])
+    token = make_token(client, "GET", "/x", to="bb" * 16)
+    gate.check("GET", "/x", headers(**{AUTH_HEADER: token}), 0)
+    for _ in range(20):
+        with pytest.raises(Refused) as e:
+            gate.check("GET", "/x", headers(**{AUTH_HEADER: token}), 0)
+        assert (e.value.status, e.value.reason) == (403, "auth")
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 1
+    assert lines[0].startswith("refused 1 peer request(s) from " + "aa" * 8)
+    assert "replay envelope" in lines[0]
+    now[0] += 60.0
+    with pytest.raises(Refused):
+        gate.check("GET", "/x", headers(**{AUTH_HEADER: token}), 0)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 2
+    assert lines[1].startswith("refused 20 peer request(s)")
 
 
 def test_the_gate_judges_a_request_from_its_headers() -> None:
