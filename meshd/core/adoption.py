@@ -193,16 +193,20 @@ class AdoptionPolicy:
     # --- judgement -----------------------------------------------------------------------------
 
     def judge(
-        self, rid16: str, manifest: Release, current: Release | None, held: Iterable[Release]
+        self,
+        rid16: str,
+        manifest: Release,
+        current: Release | None,
+        held: Iterable[Release],
+        ahead: Release | None = None,
     ) -> Verdict:
         """A verified manifest: adopt it, or ignore `rid16` for good (with the reason kept).
 
-        `current` is the installed current release of its name, `held` every release we hold."""
+        `current` is the installed current release of its name, `held` every release we hold,
+        `ahead` the newest of its name we hold and would install (targeted here, trusted)."""
         self.failures.pop(rid16, None)
         self.retry_at.pop(rid16, None)
-        held = list(held)
         verdict = self.activation(manifest, current)
-        ahead = newest(m for m in held if m.name == manifest.name and m.release_id != manifest.release_id)
         if verdict is Verdict.NOT_TARGETED:
             self.ignored[rid16] = "not targeted at this node"
         elif verdict is Verdict.OLDER:
@@ -214,7 +218,7 @@ class AdoptionPolicy:
         ):
             verdict = Verdict.CONFLICT
             self.ignored[rid16] = "version already installed with other content"
-        elif ahead is not None and newer(ahead, manifest):
+        elif ahead is not None and ahead.release_id != manifest.release_id and newer(ahead, manifest):
             verdict = Verdict.OLDER
             self.ignored[rid16] = f"not newer than held {ahead.version}"
         return verdict

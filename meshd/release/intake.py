@@ -25,7 +25,6 @@ from meshd.core.adoption import (
     Offer,
     OrderKey,
     Verdict,
-    newest,
     release_order,
 )
 from meshd.core.counters import Counters
@@ -54,6 +53,7 @@ class ManifestIntake:
         counters: Counters,
         members: Mapping[str, Member],
         held: Callable[[], Mapping[str, Manifest]],
+        newest_held: Callable[[str], Manifest | None],
         current: Callable[[str], Manifest | None],
         adopt: Callable[[Manifest], Awaitable[None]],
         emit: Emit,
@@ -71,6 +71,7 @@ class ManifestIntake:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._held = held
+        self._newest_held = newest_held
         self._current = current
         self._adopt = adopt
         self._emit = emit
@@ -82,7 +83,7 @@ class ManifestIntake:
         return any(rid.startswith(rid16) for rid in self._held())
 
     def _held_order(self, name: str) -> OrderKey | None:
-        top = newest(m for m in self._held().values() if m.name == name)
+        top = self._newest_held(name)
         return release_order(top) if top is not None else None
 
     def member_changed(self, mem: Member) -> None:
@@ -188,7 +189,13 @@ class ManifestIntake:
             self._emit(manifest, "refused", str(e))
             self.policy.refused(rid16, self.now())
             return None
-        verdict = self.policy.judge(rid16, manifest, self._current(manifest.name), self._held().values())
+        verdict = self.policy.judge(
+            rid16,
+            manifest,
+            self._current(manifest.name),
+            self._held().values(),
+            self._newest_held(manifest.name),
+        )
         if verdict is Verdict.NOT_TARGETED:
             self.counters.inc("releases.ignored")
             log.info(

@@ -137,6 +137,7 @@ class ReleaseService:
             counters=self.counters,
             members=self._members,
             held=lambda: self._manifests,
+            newest_held=self._newest_here,
             current=self._current_manifest,
             adopt=self._adopt,
             emit=self._emit,
@@ -230,18 +231,27 @@ class ReleaseService:
         resumes 3.0 only."""
         tops: dict[str, Manifest] = {}
         for manifest, _ in found:
+            if not self._installs_here(manifest):
+                continue
             top = tops.get(manifest.name)
             if top is None or newer(manifest, top):
                 tops[manifest.name] = manifest
         kept = []
         for manifest, missing in found:
             installed = self.releases_dir.release_id(manifest.name, manifest.version) == manifest.release_id
-            if missing and not installed and manifest is not tops[manifest.name]:
+            top = tops.get(manifest.name)
+            if (
+                missing
+                and not installed
+                and top is not None
+                and newer(top, manifest)
+                and self._installs_here(manifest)
+            ):
                 log.info(
                     "dropping unfinished %s %s: %s supersedes it",
                     manifest.name,
                     manifest.version,
-                    tops[manifest.name].version,
+                    top.version,
                 )
                 self.store.delete_manifest(manifest.release_id)
                 continue
@@ -325,7 +335,7 @@ class ReleaseService:
             return
         if self._closed or rid in self._manifests:
             return
-        top = newest(m for m in self._manifests.values() if m.name == manifest.name)
+        top = self._newest_here(manifest.name)
         if top is not None and newer(top, manifest):
             self._count("releases.older")  # a newer one arrived while this manifest was stored
             self.store.delete_manifest(rid)
@@ -348,11 +358,15 @@ class ReleaseService:
     async def _supersede(self, manifest: Manifest) -> int:
         """A newer release of its name is held: stop fetching the older ones and forget those
         not installed, so one name has one download at a time and no older one completes later.
-        Chunks they share with `manifest` stay in the store and count for it."""
+        Chunks they share with `manifest` stay in the store and count for it. Releases this node
+        holds for others (not targeted here) are never superseded: they may be a site's seed."""
+        if not self._installs_here(manifest):
+            return 0
         doomed = [
             m
             for m in self._manifests.values()
             if m.name == manifest.name
+            and self._installs_here(m)
             and newer(manifest, m)
             and m.release_id not in self._installed_rids(m.name)
             and m.release_id not in self._activating
@@ -373,6 +387,16 @@ class ReleaseService:
 
             await asyncio.to_thread(forget)
         return len(doomed)
+
+    def _installs_here(self, m: Manifest) -> bool:
+        """Whether this node would make `m` current: targeted here and signed by a trusted key
+        (a node also holds releases it published for others)."""
+        return m.matches(self.site, self.tags) and m.signature is not None and m.signature[0] in self.trusted
+
+    def _newest_here(self, name: str) -> Manifest | None:
+        """The newest release of `name` this node holds and would install: what an offer or a
+        completed release must order after."""
+        return newest(m for m in self._manifests.values() if m.name == name and self._installs_here(m))
 
     # --- completion ----------------------------------------------------------------------------
 
@@ -420,7 +444,7 @@ class ReleaseService:
             return
         if manifest.signature is None or manifest.signature[0] not in self.trusted:
             return  # held for others (published here with a key this node does not trust)
-        top = newest(m for m in self._manifests.values() if m.name == name)
+        top = self._newest_here(name)
         if top is not None and newer(top, manifest):
             self._count("releases.superseded")  # the newer one activates when it completes
             return

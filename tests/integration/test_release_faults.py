@@ -198,3 +198,22 @@ async def test_a_failed_first_manifest_fetch_converges_in_a_quiet_mesh(mesh: Mes
     # No member event follows: nothing in this mesh changes until the retry timer fires.
     await all_current([new], rid, timeout=15.0)
     assert new.service.policy.failures == {}
+
+
+async def test_a_newer_release_for_another_site_does_not_hide_the_one_for_this_site(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    hq = await mesh.add("hq", site="hq")
+    a1 = await mesh.add("a1", site="a")
+    b1 = await mesh.add("b1", site="b")
+    r5 = await publish(hq, tree(tmp_path, "v5", 5), "5", site="a")
+    r6 = await publish(hq, tree(tmp_path, "v6", 6), "6", site="b")
+    await all_current([a1], r5)
+    await all_current([b1], r6)
+    assert hq.row(r5) is not None  # the publisher keeps seeding both
+    a2 = await mesh.add("a2", site="a")  # offered 6 (not for it) and 5: takes 5
+    await all_current([a2], r5)
+    assert a2.row(r6) is None
+    r7 = await publish(hq, tree(tmp_path, "v7", 7), "7", site="a")
+    await all_current([a1, a2], r7)
+    assert b1.state_of(r6) == "active"

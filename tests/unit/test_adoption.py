@@ -177,10 +177,15 @@ def test_only_newer_than_current_is_adopted() -> None:
 
 def test_not_newer_than_a_held_release_is_older() -> None:
     p = policy()
-    held = [Rel("3.0", seq=3, release_id="d" * 64)]  # being fetched, not current yet
-    assert p.judge(RID, Rel("2.0", seq=2), Rel("1.0", seq=1, release_id="e" * 64), held) is Verdict.OLDER
+    ahead = Rel("3.0", seq=3, release_id="d" * 64)  # being fetched, not current yet
+    current = Rel("1.0", seq=1, release_id="e" * 64)
+    assert p.judge(RID, Rel("2.0", seq=2), current, [ahead], ahead) is Verdict.OLDER
     assert p.ignored[RID] == "not newer than held 3.0"
-    assert p.judge(OTHER, Rel("4.0", seq=4, release_id=OTHER + "0" * 48), None, held) is Verdict.ADOPT
+    assert (
+        p.judge(OTHER, Rel("4.0", seq=4, release_id=OTHER + "0" * 48), None, [ahead], ahead) is Verdict.ADOPT
+    )
+    # Held for others (the shell passes no `ahead`): it does not hide an older one for us.
+    assert p.judge("5" * 16, Rel("2.5", seq=2, release_id="5" * 64), current, [ahead]) is Verdict.ADOPT
 
 
 def test_a_version_taken_with_other_content_conflicts() -> None:
