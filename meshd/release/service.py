@@ -7,6 +7,7 @@ and wires the parts that do the work:
     release/announce.py      the `rel:` entries of member metadata, both ways
     release/intake.py        announced release -> manifest fetched, signature checked, judged
     release/fetch.py         the Swarm driver: one sans-IO Swarm per release being fetched
+    release/space.py         free space: a release is fetched when it fits, else waits for room
     release/serve.py         what peers are served (manifests, bitmaps, chunk pieces)
     release/peer.py          the peer HTTP protocol itself: routes, auth tokens, pieces
     release/peer_client.py   its client (PeerFetcher)
@@ -56,6 +57,7 @@ from meshd.release.manifest import Manifest
 from meshd.release.peer_client import PeerFetcher
 from meshd.release.publish import publish_tree
 from meshd.release.serve import PeerUploads
+from meshd.release.space import FreeSpace, SpaceGate
 from meshd.release.store import ChunkStore, StoreError
 from meshd.wire import Codec
 
@@ -89,6 +91,7 @@ class ReleaseService:
         emit: Emit | None = None,
         transfer: TransferStats | None = None,
         swarm_config: SwarmConfig | None = None,
+        free_space: FreeSpace | None = None,
     ) -> None:
         self.config = config or DistConfig()
         self.name = name
@@ -125,6 +128,16 @@ class ReleaseService:
             now=self.now,
             on_complete=self._on_fetch_complete,
             on_progress=self._announce,
+            on_disk_full=lambda fetch: self.space.stalled(fetch),
+        )
+        self.space = SpaceGate(
+            data_dir,
+            driver=self.driver,
+            margin=self.config.min_free,
+            counters=self.counters,
+            emit=self._emit,
+            spawn=self._spawn,
+            free_space=free_space,
         )
         self.intake = ManifestIntake(
             site=site,
@@ -194,7 +207,7 @@ class ReleaseService:
                     len(missing),
                     len(manifest.chunks),
                 )
-            self.driver.start(manifest, missing)
+            await self.space.start(manifest, missing)
         for m in members:
             self.member_update(m)
         self._announce(force=True)
@@ -306,8 +319,8 @@ class ReleaseService:
             len(manifest.chunks),
             manifest.total_size,
         )
-        self._emit(manifest, "downloading")
-        self.driver.start(manifest, missing)
+        if await self.space.start(manifest, missing):  # else it waits for room (release/space.py)
+            self._emit(manifest, "downloading")
 
     # --- completion ----------------------------------------------------------------------------
 
@@ -533,6 +546,8 @@ class ReleaseService:
     # --- views ---------------------------------------------------------------------------------
 
     def _state(self, rid: str, current: bool) -> str:
+        if self.space.waiting(rid):
+            return "waiting"
         if rid in self._fetches:
             return "downloading"
         if rid in self._activating:
@@ -587,7 +602,7 @@ class ReleaseService:
                 "current_on": sorted(current_on),
                 "nodes": dict(sorted(nodes.items())),
             }
-            error = self._failed.get(rid) or (fetch.error if fetch else None)
+            error = self._failed.get(rid) or self.space.error(rid) or (fetch.error if fetch else None)
             if error:
                 row["error"] = error
             rows.append(row)

@@ -372,7 +372,12 @@ def test_error_backoff_doubles_then_resets() -> None:
 
 
 def test_retry_now_clears_the_named_cool_downs_at_once() -> None:
-    s = mk(10, **one_chunk_pieces(max_requests_per_peer=1, backoff_base=30.0, origin_enabled=False, endgame_chunks=0))
+    s = mk(
+        10,
+        **one_chunk_pieces(
+            max_requests_per_peer=1, backoff_base=30.0, origin_enabled=False, endgame_chunks=0
+        ),
+    )
     s.peer_update("a", 0.0, complete=True)
     s.peer_update("b", 0.0, complete=True)
     reqs = {r.peer: r for r in s.requests_to_send()}
