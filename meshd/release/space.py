@@ -213,6 +213,7 @@ class SpaceGate:
         if fetch.closed or self.driver.closed:
             return
         self._stalled[fetch.rid] = fetch
+        self.waits.free = None  # what was read before is stale now: unknown until the next poll
         need = space_needed(fetch.manifest, fetch.swarm.missing_ids())
         self._hold(fetch.manifest, need, started=True, progress=fetch.swarm.progress().have_chunks)
 
