@@ -116,7 +116,8 @@ class NodeConfig:
         return meta
 
     def dist_config(self) -> DistConfig:
-        """The [dist] table (keep, hook, hook_timeout, upload_rate, download_rate, origin_delay)."""
+        """The [dist] table (keep, hook, hook_timeout, upload_rate, download_rate, origin_delay,
+        min_free)."""
 
         source = f"{self.source}: [dist]" if self.source else "[dist]"
         return DistConfig.from_table(self.extra.get("dist"), source)

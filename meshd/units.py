@@ -18,10 +18,12 @@ __all__ = [
     "parse_hostport",
     "parse_ip_port",
     "parse_rate",
+    "parse_size",
 ]
 
 _DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgt]?)(i?)(b|byte|bytes)?\s*$", re.I)
 _RATE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([kmg]?)(i?)(b|bit|byte|bytes)?(?:/s)?\s*$", re.I)
 
 
@@ -47,6 +49,26 @@ def parse_rate(value: object, where: str) -> float | None:
     if rate < 0 or rate != rate or rate == float("inf"):
         raise ConfigError(f"{where}: rate must be finite and not negative")
     return rate or None
+
+
+def parse_size(value: object, where: str) -> int:
+    """Bytes: a number, or text like '32MiB', '1.5GB', '500k' (k/M/G/T: 1000s, Ki/Mi/Gi/Ti: 1024s)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a size like 32MiB or 1GB, got {value!r}")
+    if isinstance(value, int | float):
+        size = float(value)
+    elif isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if not m:
+            raise ConfigError(f"{where}: expected a size like 32MiB or 1GB, got {value!r}")
+        num, prefix, binary, _ = m.groups()
+        base = 1024 if binary else 1000
+        size = float(num) * base ** " kmgt".index(prefix.lower() or " ")
+    else:
+        raise ConfigError(f"{where}: expected a size like 32MiB or 1GB, got {value!r}")
+    if size < 0 or size != size or size == float("inf"):
+        raise ConfigError(f"{where}: size must be finite and not negative")
+    return int(size)
 
 
 def parse_duration(value: object, where: str = "duration") -> float:

@@ -42,7 +42,7 @@ import random
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 DISCOVER_RETRY = 2.0  # first back-off after a manifest fetch failed, doubled per failure
 DISCOVER_RETRY_MAX = 60.0
@@ -94,6 +94,9 @@ class Discovery(enum.Enum):
     NOTHING_YET = "nothing_yet"
 
 
+R = TypeVar("R", bound=Release)
+
+
 class Verdict(enum.Enum):
     """The judgement of a verified manifest."""
 
@@ -119,7 +122,7 @@ def newer(a: Release, b: Release) -> bool:
     return release_order(a) > release_order(b)
 
 
-def newest(releases: Iterable[Release]) -> Release | None:
+def newest(releases: Iterable[R]) -> R | None:
     return max(releases, key=release_order, default=None)
 
 

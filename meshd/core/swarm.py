@@ -33,6 +33,8 @@ Rules (each has a test in tests/unit/test_swarm.py):
 |                 | origin_delay seconds                  | origin_max_requests; bytes counted    |
 |                 |                                       | apart (counters["bytes.origin"])      |
 | late result     | answer to a cancelled request         | its verified chunks still count       |
+| retry now       | retry_now(): the cause of failures is | the named peers' cool-downs and       |
+|                 | gone (disk space came back)           | failure counts are cleared at once    |
 | complete        | every chunk had                       | "complete" event once, no requests    |
 """
 
@@ -241,6 +243,7 @@ class Swarm:
                 "chunks.duplicate": 0,
                 "results.late": 0,
                 "drops.bitmap": 0,
+                "retries.now": 0,
             }
         )
         self._schedule(now)
@@ -339,6 +342,24 @@ class Swarm:
                 self._complete_announced = False
         self._schedule(now)
 
+    def retry_now(self, now: float, peers: Iterable[str] | None = None) -> int:
+        """The cause of the failures was local and is gone (the disk had no room, now it has):
+        clear the cool-downs and failure counts of `peers` (ORIGIN for the origin; None: every
+        peer and the origin) so they are asked again at once instead of after their back-off.
+        Banned peers stay banned. Returns how many were cooling down."""
+        chosen = self._all_peers() if peers is None else [self._peer_or_origin(p) for p in peers]
+        cleared = 0
+        for p in chosen:
+            if p is None:
+                continue
+            if p.cooldown_until > now:
+                cleared += 1
+            p.cooldown_until = 0.0
+            p.failures = 0
+        self.counters["retries.now"] += cleared
+        self._schedule(now)
+        return cleared
+
     def handle_timer(self, now: float) -> None:
         for rid, req in list(self._requests.items()):
             if req.deadline <= now:
@@ -423,6 +444,9 @@ class Swarm:
 
     def _all_peers(self) -> list[_Peer]:
         return [*self._peers.values(), self._origin]
+
+    def _peer_or_origin(self, peer_id: str) -> _Peer | None:
+        return self._origin if peer_id == ORIGIN else self._peers.get(peer_id)
 
     def _unlink(self, idx: int, rid: int) -> None:
         rids = self._inflight.get(idx)

@@ -10,7 +10,7 @@ import msgspec
 from meshd.config_tables import Parsed, Table
 from meshd.core.swarm import SwarmConfig
 from meshd.errors import ConfigError
-from meshd.units import parse_duration, parse_rate
+from meshd.units import parse_duration, parse_rate, parse_size
 
 
 def parse_hook(value: object, where: str) -> tuple[str, ...] | None:
@@ -24,6 +24,9 @@ def parse_hook(value: object, where: str) -> tuple[str, ...] | None:
 
 Duration = Annotated[float, Parsed(parse_duration)]
 Rate = Annotated[float | None, Parsed(parse_rate)]  # bytes per second; None: unlimited
+Size = Annotated[int, Parsed(parse_size)]  # bytes
+
+MiB = 1024 * 1024
 
 
 class DistConfig(Table, frozen=True):
@@ -37,6 +40,9 @@ class DistConfig(Table, frozen=True):
     origin_delay: Duration = 30.0
     fsync: bool = True
     announce_interval: Duration = 1.0
+    # Free space left on the data dir's file system after a release is stored and materialised:
+    # a release that would leave less is not fetched until there is room (release/space.py).
+    min_free: Size = 32 * MiB
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any] | None, where: str = "[dist]") -> DistConfig:

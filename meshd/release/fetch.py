@@ -6,6 +6,10 @@ holders), runs its requests (POST of chunk ids to a peer, or GETs against the ma
 URLs), verifies and stores every chunk (ChunkStore.put), reports the outcomes back, and keeps
 its timer armed. Its effects are drained by meshd.core.pump, as the membership core's are.
 
+A chunk that cannot be stored because the disk is full (DiskFullError) is reported to
+`on_disk_full` (release/space.py watches free space then) and its source cools down as after
+any failure; retry_now() ends those cool-downs once there is room again.
+
 Scarce sources are shared out between the nodes of a site (see `_register_all`), so that about
 one copy of a release crosses a site link and leaves a lone seed.
 """
@@ -38,7 +42,7 @@ from meshd.release.announce import RID_PREFIX, Member
 from meshd.release.manifest import Manifest
 from meshd.release.peer import PeerProtocolError
 from meshd.release.peer_client import PeerFetcher
-from meshd.release.store import ChunkStore, StoreError
+from meshd.release.store import ChunkStore, DiskFullError, StoreError
 
 log = logging.getLogger("meshd.release")
 
@@ -72,6 +76,7 @@ class ReleaseFetch:
     timer_at: float = 0.0
     closed: bool = False
     error: str | None = None
+    disk_failed: set[str] = field(default_factory=set)  # sources whose chunks found no room
 
     @property
     def rid(self) -> str:
@@ -128,6 +133,7 @@ class FetchDriver:
         now: Callable[[], float],
         on_complete: Callable[[ReleaseFetch], None],
         on_progress: Callable[[], None],
+        on_disk_full: Callable[[ReleaseFetch], None] | None = None,
     ) -> None:
         self.name = name
         self.site = site
@@ -141,6 +147,7 @@ class FetchDriver:
         self.now = now
         self._on_complete = on_complete
         self._on_progress = on_progress
+        self._on_disk_full = on_disk_full
         self.fetches: dict[str, ReleaseFetch] = {}
         self.closed = False
 
@@ -187,6 +194,16 @@ class FetchDriver:
     def lost(self, fetch: ReleaseFetch, ids: Iterable[str]) -> None:
         """Chunks of a release being fetched were dropped from the store: get them again."""
         fetch.swarm.lost(ids, self.now())
+        self._pump(fetch)
+
+    def retry_now(self, fetch: ReleaseFetch) -> None:
+        """The disk has room again: ask the sources that failed for lack of it at once, not
+        after their back-off."""
+        if fetch.closed or self.closed:
+            return
+        fetch.error = None
+        fetch.swarm.retry_now(self.now(), sorted(fetch.disk_failed))
+        fetch.disk_failed.clear()
         self._pump(fetch)
 
     def close(self) -> None:
@@ -431,9 +448,11 @@ class FetchDriver:
         self.transfer.received_bytes += got
         self._count("fetch.bytes.same_site" if mem.site == self.site else "fetch.bytes.other_site", got)
         pairs = list(zip(req.chunks, stored, strict=True))
-        received, bad, err = await asyncio.to_thread(self._store_piece, pairs)
+        received, bad, err, full = await asyncio.to_thread(self._store_piece, pairs)
         if err:
             fetch.error = err
+        if full:
+            self._disk_full(fetch, req.peer)
         if bad:
             self._count("fetch.bad_hash", bad)
             log.warning(
@@ -448,11 +467,17 @@ class FetchDriver:
             self._count("fetch.short")
         return Outcome.OK, received
 
-    def _store_piece(self, pairs: list[tuple[str, bytes | None]]) -> tuple[list[str], int, str | None]:
-        """Verify and store (thread). (stored ids, bad hashes, store error)."""
+    def _disk_full(self, fetch: ReleaseFetch, source: str) -> None:
+        fetch.disk_failed.add(source)
+        if self._on_disk_full is not None and not fetch.closed:
+            self._on_disk_full(fetch)
+
+    def _store_piece(self, pairs: list[tuple[str, bytes | None]]) -> tuple[list[str], int, str | None, bool]:
+        """Verify and store (thread). (stored ids, bad hashes, store error, the disk is full)."""
         received: list[str] = []
         bad = 0
         err: str | None = None
+        full = False
         for cid, stored in pairs:
             if stored is None:
                 continue
@@ -463,11 +488,13 @@ class FetchDriver:
                 continue
             except StoreError as e:
                 err = str(e)
+                full = isinstance(e, DiskFullError)
                 self._count("store.errors")
-                log.error("%s", e)
+                # A full disk is reported once by whoever watches free space, not per request.
+                log.log(logging.DEBUG if full and self._on_disk_full else logging.ERROR, "%s", e)
                 break
             received.append(cid)
-        return received, bad, err
+        return received, bad, err, full
 
     async def _origin_request(self, fetch: ReleaseFetch, req: FetchRequest) -> tuple[Outcome, list[str]]:
         received: list[str] = []
@@ -496,8 +523,11 @@ class FetchDriver:
                 continue
             except StoreError as e:
                 fetch.error = str(e)
-                log.error("%s", e)
+                full = isinstance(e, DiskFullError)
+                log.log(logging.DEBUG if full and self._on_disk_full else logging.ERROR, "%s", e)
                 failed = True
+                if full:
+                    self._disk_full(fetch, ORIGIN)
                 break
             self.transfer.origin_bytes += len(data)
             received.append(cid)

@@ -7,6 +7,7 @@ and wires the parts that do the work:
     release/announce.py      the `rel:` entries of member metadata, both ways
     release/intake.py        announced release -> manifest fetched, signature checked, judged
     release/fetch.py         the Swarm driver: one sans-IO Swarm per release being fetched
+    release/space.py         free space: a release is fetched when it fits, else waits for room
     release/serve.py         what peers are served (manifests, bitmaps, chunk pieces)
     release/peer.py          the peer HTTP protocol itself: routes, auth tokens, pieces
     release/peer_client.py   its client (PeerFetcher)
@@ -57,6 +58,7 @@ from meshd.release.manifest import Manifest
 from meshd.release.peer_client import PeerFetcher
 from meshd.release.publish import publish_tree
 from meshd.release.serve import PeerUploads
+from meshd.release.space import FreeSpace, SpaceGate
 from meshd.release.store import ChunkStore, StoreError
 from meshd.wire import Codec
 
@@ -91,6 +93,7 @@ class ReleaseService:
         transfer: TransferStats | None = None,
         swarm_config: SwarmConfig | None = None,
         wall: Callable[[], float] = time.time,
+        free_space: FreeSpace | None = None,
     ) -> None:
         self.config = config or DistConfig()
         self.wall = wall  # only for the manifest's informational `created`: never for ordering
@@ -128,6 +131,16 @@ class ReleaseService:
             now=self.now,
             on_complete=self._on_fetch_complete,
             on_progress=self._announce,
+            on_disk_full=lambda fetch: self.space.stalled(fetch),
+        )
+        self.space = SpaceGate(
+            data_dir,
+            driver=self.driver,
+            margin=self.config.min_free,
+            counters=self.counters,
+            emit=self._emit,
+            spawn=self._spawn,
+            free_space=free_space,
         )
         self.intake = ManifestIntake(
             site=site,
@@ -200,7 +213,7 @@ class ReleaseService:
                     len(missing),
                     len(manifest.chunks),
                 )
-            self.driver.start(manifest, missing)  # complete ones finish at once (and may activate)
+            await self.space.start(manifest, missing)  # complete ones finish at once (and may activate)
         for m in members:
             self.member_update(m)
         self._announce(force=True)
@@ -341,8 +354,9 @@ class ReleaseService:
             self.store.delete_manifest(rid)
             return
         self._manifests[rid] = manifest
-        if await self._supersede(manifest):  # they may have stored chunks meanwhile
-            missing = await asyncio.to_thread(self.store.missing, missing)
+        if await self._supersede(manifest):
+            await self.collect_garbage()  # room for this one: their own chunks go
+            missing = await asyncio.to_thread(self.store.missing, missing)  # they stored some meanwhile
         log.info(
             "fetching %s %s (%s): %d of %d chunks, %d bytes",
             manifest.name,
@@ -352,8 +366,8 @@ class ReleaseService:
             len(manifest.chunks),
             manifest.total_size,
         )
-        self._emit(manifest, "downloading")
-        self.driver.start(manifest, missing)
+        if await self.space.start(manifest, missing):  # else it waits for room (release/space.py)
+            self._emit(manifest, "downloading")
 
     async def _supersede(self, manifest: Manifest) -> int:
         """A newer release of its name is held: stop fetching the older ones and forget those
@@ -374,6 +388,7 @@ class ReleaseService:
         for old in doomed:
             rid = old.release_id
             self.driver.cancel(rid)
+            self.space.cancel(rid)
             self._manifests.pop(rid, None)
             self._complete.discard(rid)
             self._count("releases.superseded")
@@ -645,6 +660,8 @@ class ReleaseService:
     # --- views ---------------------------------------------------------------------------------
 
     def _state(self, rid: str, current: bool) -> str:
+        if self.space.waiting(rid):
+            return "waiting"
         if rid in self._fetches:
             return "downloading"
         if rid in self._activating:
@@ -700,7 +717,7 @@ class ReleaseService:
                 "current_on": sorted(current_on),
                 "nodes": dict(sorted(nodes.items())),
             }
-            error = self._failed.get(rid) or (fetch.error if fetch else None)
+            error = self._failed.get(rid) or self.space.error(rid) or (fetch.error if fetch else None)
             if error:
                 row["error"] = error
             rows.append(row)

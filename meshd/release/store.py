@@ -11,8 +11,9 @@ Rules:
 - put() decodes and hashes before anything is written: wrong bytes never reach the disk.
 - get() verifies on every read; a damaged chunk is deleted and IntegrityError raised, so the
   caller fetches it again (has() is then False).
-- A full disk (or any write error) raises StoreError with a clear message; the temp file is
-  removed and the chunk is simply absent, so the store stays consistent.
+- A full disk raises DiskFullError (a StoreError), any other write error StoreError, each with
+  a clear message; the temp file is removed and the chunk is simply absent, so the store stays
+  consistent.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ TEMP_PREFIX = ".tmp-"
 
 class StoreError(MeshError):
     """The store could not write or read (disk full, permissions, I/O error)."""
+
+
+class DiskFullError(StoreError):
+    """A write found no room (ENOSPC, EDQUOT): a state that passes when space is freed, so the
+    fetch waits for free space (release/space.py) rather than treating it as a fault."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -69,7 +75,7 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True, what: str = "fi
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreError(f"disk full: cannot store {what} in {folder} ({e.strerror})") from e
+            raise DiskFullError(f"disk full: cannot store {what} in {folder} ({e.strerror})") from e
         raise StoreError(f"cannot store {what} in {folder}: {e.strerror or e}") from e
 
 

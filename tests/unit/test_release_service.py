@@ -28,7 +28,7 @@ from meshd.release.publish import publish_tree
 from meshd.release.serve import TokenBucket
 from meshd.release.service import ReleaseService
 from meshd.release.store import ChunkStore
-from meshd.units import parse_rate
+from meshd.units import parse_rate, parse_size
 from meshd.wire import Codec
 from tests.fakes import Midpoint, member
 
@@ -332,8 +332,18 @@ def test_rates_and_dist_config() -> None:
             "hook-timeout": "30s",
             "upload_rate": "1MB",
             "origin_delay": "500ms",
+            "min-free": "1GiB",
         }
     )
+    assert cfg.min_free == 1024**3
+    assert DistConfig().min_free == 32 * 1024 * 1024
+    assert parse_size("32MiB", "x") == 32 * 1024 * 1024
+    assert parse_size("1.5GB", "x") == 1_500_000_000
+    assert parse_size("500k", "x") == 500_000
+    assert parse_size(0, "x") == 0
+    for bad_size in ("lots", "-1MB", True, "10mbit"):
+        with pytest.raises(ConfigError, match="size"):
+            parse_size(bad_size, "x")
     assert cfg.keep == 2
     assert cfg.hook == ("/bin/true", "x")
     assert cfg.hook_timeout == 30.0
@@ -341,7 +351,7 @@ def test_rates_and_dist_config() -> None:
     assert cfg.origin_delay == 0.5
     assert cfg.download_rate is None
     assert cfg.swarm_config().origin_delay == 0.5
-    for bad in ({"keep": 0}, {"hook": 3}, {"nope": 1}, {"fsync": "yes"}):
+    for bad in ({"keep": 0}, {"hook": 3}, {"nope": 1}, {"fsync": "yes"}, {"min_free": "much"}):
         with pytest.raises(ConfigError):
             DistConfig.from_table(bad)
 

@@ -12,7 +12,7 @@ import pytest
 from meshd.errors import IntegrityError, MeshError
 from meshd.release import store as store_mod
 from meshd.release.chunker import FLAG_LZ4, chunk_id, encode_chunk
-from meshd.release.store import ChunkStore, StoreError
+from meshd.release.store import ChunkStore, DiskFullError, StoreError
 
 TEXT = b"the gateway chunk store " * 400
 NOISE = random.Random(7).randbytes(40_000)
@@ -109,6 +109,7 @@ def test_full_disk_gives_store_error_and_leaves_no_temp(
     with pytest.raises(StoreError, match="disk full") as info:
         store.put(cid, encode_chunk(NOISE))
     assert isinstance(info.value, MeshError)
+    assert isinstance(info.value, DiskFullError)  # told apart from other write errors
     monkeypatch.undo()
     assert not store.has(cid)
     files = tree_files(store.root / "chunks")
@@ -122,8 +123,9 @@ def test_failed_rename_cleans_temp(store: ChunkStore, monkeypatch: pytest.Monkey
         raise OSError(errno.EIO, "I/O error")
 
     monkeypatch.setattr(store_mod.os, "replace", broken)
-    with pytest.raises(StoreError, match="I/O error"):
+    with pytest.raises(StoreError, match="I/O error") as info:
         store.put_data(TEXT)
+    assert not isinstance(info.value, DiskFullError)
     monkeypatch.undo()
     assert tree_files(store.root / "chunks") == []
 

@@ -371,6 +371,48 @@ def test_error_backoff_doubles_then_resets() -> None:
     assert s.get_timer() == pytest.approx(9.0)  # success reset the backoff
 
 
+def test_retry_now_clears_the_named_cool_downs_at_once() -> None:
+    s = mk(
+        10,
+        **one_chunk_pieces(
+            max_requests_per_peer=1, backoff_base=30.0, origin_enabled=False, endgame_chunks=0
+        ),
+    )
+    s.peer_update("a", 0.0, complete=True)
+    s.peer_update("b", 0.0, complete=True)
+    reqs = {r.peer: r for r in s.requests_to_send()}
+    assert set(reqs) == {"a", "b"}
+    for r in reqs.values():  # both answers could not be stored (the disk was full): 30 s cool-down
+        s.fetch_done(r.request_id, Outcome.OK, 1.0, received=[])
+    assert s.requests_to_send() == []
+    assert s.get_timer() == pytest.approx(31.0)
+    # Space came back; "a" failed because of it, "b" for another reason: only "a" is asked now.
+    assert s.retry_now(2.0, ["a", "gone"]) == 1
+    assert [r.peer for r in s.requests_to_send()] == ["a"]
+    assert s.counters["retries.now"] == 1
+    (r,) = s.in_flight()
+    complete(s, r, 2.5)
+    assert [r.peer for r in s.requests_to_send()] == ["a"]  # b's cool-down is untouched
+    # The failure count was reset too: a new failure backs off from the base (30 s) again.
+    (r,) = s.in_flight()
+    s.fetch_done(r.request_id, Outcome.ERROR, 3.0)
+    s.handle_timer(32.0)
+    assert {r.peer for r in s.requests_to_send()} == {"b"}  # a cools until 33, not 63
+    s.handle_timer(33.0)
+    assert {r.peer for r in s.requests_to_send()} == {"a"}
+    assert s.retry_now(34.0) == 0  # nobody cooling down
+
+
+def test_retry_now_clears_the_origin_cool_down() -> None:
+    s = mk(4, origin_delay=0.0, backoff_base=30.0)
+    (r,) = s.requests_to_send()
+    s.fetch_done(r.request_id, Outcome.OK, 1.0, received=[])
+    s.handle_timer(5.0)
+    assert s.requests_to_send() == []  # cooling down until 31
+    assert s.retry_now(6.0, [ORIGIN]) == 1
+    assert [x.peer for x in s.requests_to_send()] == [ORIGIN]
+
+
 def test_bad_hash_bans_the_peer_for_this_release() -> None:
     n = 40
     s = mk(n, **one_chunk_pieces(max_requests_per_peer=2))
