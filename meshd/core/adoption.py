@@ -40,7 +40,7 @@ from __future__ import annotations
 import enum
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -140,16 +140,20 @@ class AdoptionPolicy:
 
     # --- discovery ---------------------------------------------------------------------------
 
-    def pick(self, offers: Iterable[Offer], held: OrderKey | None, now: float) -> Offer | None:
+    def pick(
+        self, offers: Iterable[Offer], held: OrderKey | None, now: float, known: Container[str] = ()
+    ) -> Offer | None:
         """Of the offers of one name, the one to look at now (None: wait).
 
         `held` orders the newest release of that name this node holds (current, installed or
-        being fetched). Only an offer after it counts, and of those the newest, unless that one
-        has failed FALLBACK_AFTER times in a row: then the next is tried while it backs off."""
+        being fetched), `known` the rid16 of every release it holds. Only an offer after `held`
+        counts, and of those the newest, unless that one has failed FALLBACK_AFTER times in a
+        row: then the next is tried while it backs off. An offer already held is passed over:
+        its announced seq was not its manifest's (a liar, or a stale entry)."""
         for offer in sorted(offers, key=lambda o: o.order, reverse=True):
             if held is not None and offer.order <= held:
                 return None
-            if offer.rid16 in self.ignored:
+            if offer.rid16 in self.ignored or offer.rid16 in known:
                 continue
             if offer.rid16 in self.discovering:
                 return None

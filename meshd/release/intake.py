@@ -29,7 +29,7 @@ from meshd.core.adoption import (
 )
 from meshd.core.counters import Counters
 from meshd.errors import DecodeError, IntegrityError
-from meshd.release.announce import Member, OfferIndex
+from meshd.release.announce import RID_PREFIX, Member, OfferIndex
 from meshd.release.manifest import Manifest
 from meshd.release.peer import PeerProtocolError
 from meshd.release.peer_client import PeerFetcher
@@ -101,7 +101,8 @@ class ManifestIntake:
         if self._closed():
             return
         now = self.now()
-        offer = self.policy.pick(self.offers.offers(name), self._held_order(name), now)
+        known = {rid[:RID_PREFIX] for rid in self._held()}
+        offer = self.policy.pick(self.offers.offers(name), self._held_order(name), now, known)
         if offer is None:
             self._arm(now)
             return

@@ -278,6 +278,14 @@ def test_pick_falls_back_when_the_newest_is_never_served() -> None:
     assert p.pick(offers, None, 1000.0) == offers[1]  # and it is still retried on its timer
 
 
+def test_pick_passes_over_an_offer_held_under_a_false_seq() -> None:
+    p = policy()
+    liar = offer("1.0", 10**12, V1)  # announced far above the seq its manifest carries
+    real = offer("2.0", 2, V2)
+    held = release_order(Rel("1.0", seq=1, release_id=V1 + "0" * 48))
+    assert p.pick([liar, real], held, 0.0, known={V1}) == real
+
+
 def test_pick_skips_ignored_offers() -> None:
     p = policy()
     offers = [offer("1.0", 1, V1), offer("2.0", 2, V2)]
