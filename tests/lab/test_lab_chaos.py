@@ -514,11 +514,22 @@ def test_newest_release_wins_under_chaos(clean_lab: Any, lab_module: ModuleType)
             if node.peak_hwm_kb > RSS_BOUND_MB * 1024:
                 problems.append(f"{name}: peak RSS {node.peak_hwm_kb // 1024} MB > {RSS_BOUND_MB} MB")
 
+        # What the faults did, as the daemons saw them (a fault that did nothing shows here).
+        logs = {n: node.log.read_text(errors="replace") for n, node in chaos.nodes.items()}
+        seen = {
+            "disk full": sum(text.count("disk full") for text in logs.values()),
+            "damaged chunks": sum(text.count("damaged") for text in logs.values()),
+        }
+        created = {
+            r["version"]: r.get("created")
+            for r in (lab.api_get(publishers[newest], "/v1/releases") or {}).get("releases", [])
+        }
         summary = [
             f"chaos seed {seed}: skewed clock {skewed if env else 'none'}, small disk "
             f"{small if mounted else 'none'}, publishers {publishers}",
             "faults:",
             *(f"  {line}" for line in chaos.faults),
+            f"log lines: {seen}; manifests' created: {created}",
             "converged: " + (f"in {took:.1f}s after the faults stopped" if took is not None else "NO"),
             "per node: final current | versions made current (log) | starts | peak RSS",
             *(
@@ -562,8 +573,19 @@ def test_newest_release_wins_under_chaos(clean_lab: Any, lab_module: ModuleType)
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def test_regressions_are_found_in_the_log_order() -> None:
+def test_regressions_are_found_in_the_log_order(tmp_path: Path) -> None:
     """The log check itself: an older version made current after a newer one is reported."""
+    log = tmp_path / "meshd.log"
+    log.write_text(
+        "12:00:01.000 INFO  meshd.release: app 3.0 is current (was 1.0); retired 0.9\n"
+        "=== chaos: start #2 of s1h1 at 9.0s\n"
+        "12:00:02.000 WARNING meshd.release: release recovery: app: hook never confirmed; current -> 2.0\n"
+        "12:00:03.000 INFO  meshd.release: app 2.0 is current (was none)\n"
+        "12:00:04.000 INFO  meshd.release: other 1.0 is current (was none)\n"
+    )
+    events = _made_current(log)
+    assert [v for v, _ in events] == ["3.0", "2.0", "2.0"]
+    assert _regressions(events) == ["2.0 (recovery rollback) after 3.0", "2.0 (was none) after 3.0"]
     assert _regressions([("1.0", "1.0"), ("3.0", "3.0")]) == []
     assert _regressions([("2.0", "2.0"), ("1.0", "1.0 (was 2.0)")]) == ["1.0 (was 2.0) after 2.0"]
     assert _regressions([("3.0", "3.0"), ("2.0", "2.0 (recovery rollback)")]) == [
