@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit integration venv clean bench sim fuzz
+.PHONY: run test lint typecheck unit integration venv clean bench sim fuzz chaos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
+
+# The lab chaos test (tests/lab/test_lab_chaos.py, root) RUNS times in a row, a new seed each
+# time; stops at the first failure and prints its seed (MESHD_CHAOS_SEED replays it). `make test`
+# runs it once, with the other lab tests.
+RUNS ?= 20
+
+chaos: $(STAMP)
+	$(BIN)/python scripts/chaos_runs.py --runs $(RUNS)
 
 # Coverage-guided fuzzing (atheris) of the wire decoder, the peer HTTP routes and the manifest
 # parser, FUZZ_SECONDS each, one at a time; new inputs that add coverage are merged (-merge=1) into

@@ -389,14 +389,18 @@ class Lab:
         joins: Sequence[str] = (),
         profile: str = "local",
         extra: Sequence[str] = (),
+        data_dir: Path | None = None,
     ) -> list[str]:
-        """`meshd run` for a host: bound to its lab address, API on the host's own loopback."""
+        """`meshd run` for a host: bound to its lab address, API on the host's own loopback.
+
+        data_dir defaults to <host dir>/meshd."""
         h = host if isinstance(host, Host) else self.host(host)
+        data_dir = data_dir or self.host_dir(h) / "meshd"
         argv = [
             self.python, "-c", "import sys; from meshd.cli.meshd import main; sys.exit(main())",
             "run", "--name", h.name, "--cluster", cluster, "--site", h.site_name,
             "--bind", f"{h.ip}:{MESHD_PORT}", "--api", f"127.0.0.1:{API_PORT}",
-            "--data-dir", str(self.host_dir(h) / "meshd"), "--profile", profile,
+            "--data-dir", str(data_dir), "--profile", profile,
             "--cluster-key-file", str(self.cluster_key_file()),
         ]  # fmt: skip
         argv += ["--mdns-interface", h.ip] if mdns else ["--no-mdns"]
@@ -413,15 +417,21 @@ class Lab:
         profile: str = "local",
         extra: Sequence[str] = (),
         fresh: bool = False,
+        data_dir: Path | None = None,
+        log: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start `meshd run` in a host; `fresh` wipes its data dir (identity, snapshot) first."""
+        """Start `meshd run` in a host; `fresh` wipes its data dir (identity, snapshot) first.
+
+        data_dir defaults to <host dir>/meshd and log to <host dir>/meshd.log (appended to);
+        env is added to the daemon's environment (e.g. LD_PRELOAD for libfaketime)."""
         h = host if isinstance(host, Host) else self.host(host)
-        data = self.host_dir(h) / "meshd"
+        data = data_dir or self.host_dir(h) / "meshd"
         if fresh:
             shutil.rmtree(data, ignore_errors=True)
         data.mkdir(parents=True, exist_ok=True)
-        argv = self.meshd_argv(h, cluster, mdns, joins, profile, extra)
-        return self.popen(h, argv, log=self.host_dir(h) / "meshd.log")
+        argv = self.meshd_argv(h, cluster, mdns, joins, profile, extra, data_dir=data)
+        return self.popen(h, argv, log=log or self.host_dir(h) / "meshd.log", env=env)
 
     def api_get(self, host: Host | str, path: str, port: int = API_PORT, timeout: float = 3.0) -> Any:
         """GET a JSON document from the operator API of a host (None when it does not answer)."""
