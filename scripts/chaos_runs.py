@@ -19,6 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TEST = "tests/lab/test_lab_chaos.py"
+SUMMARY_LINES = ("converged:", "link:", "peak RSS:")  # the test's summary lines shown per run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         # pytest exits 0 when the lab test is skipped too: a skip is not a pass.
         skipped = "skipped" in proc.stdout.splitlines()[-1] if proc.stdout.strip() else False
         ok = proc.returncode == 0 and not skipped
-        print(f"run {i}/{args.runs}: seed {seed}: {'ok' if ok else 'FAILED'} in {took:.0f}s", flush=True)
+        figures = [ln.strip() for ln in proc.stdout.splitlines() if ln.startswith(SUMMARY_LINES)]
+        verdict = "ok" if ok else "FAILED"
+        print(f"run {i}/{args.runs}: seed {seed}: {verdict} in {took:.0f}s; " + "; ".join(figures), flush=True)
         if not ok:
             sys.stdout.write(proc.stdout[-6000:])
             sys.stderr.write(proc.stderr[-2000:])
