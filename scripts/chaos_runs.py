@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = proc.returncode == 0 and not skipped
         figures = [ln.strip() for ln in proc.stdout.splitlines() if ln.startswith(SUMMARY_LINES)]
         verdict = "ok" if ok else "FAILED"
-        print(f"run {i}/{args.runs}: seed {seed}: {verdict} in {took:.0f}s; " + "; ".join(figures), flush=True)
+        line = f"run {i}/{args.runs}: seed {seed}: {verdict} in {took:.0f}s"
+        print("; ".join([line, *figures]), flush=True)
         if not ok:
             sys.stdout.write(proc.stdout[-6000:])
             sys.stderr.write(proc.stderr[-2000:])
