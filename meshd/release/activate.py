@@ -53,6 +53,10 @@ class ActivationError(MeshError):
     """A release could not be materialised or its activation hook failed (rolled back)."""
 
 
+class ActivationDiskFull(ActivationError):
+    """No room to materialise the release: a state to wait out, not a failed release."""
+
+
 @dataclass(frozen=True)
 class ActivationResult:
     name: str
@@ -229,7 +233,8 @@ class Releases:
             if isinstance(e, OSError):
                 full = e.errno in (errno.ENOSPC, errno.EDQUOT)
                 why = "disk full" if full else (e.strerror or str(e))
-                raise ActivationError(f"cannot materialise {manifest.name} {manifest.version}: {why}") from e
+                error = ActivationDiskFull if full else ActivationError
+                raise error(f"cannot materialise {manifest.name} {manifest.version}: {why}") from e
             raise
         return final
 

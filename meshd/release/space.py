@@ -223,6 +223,11 @@ class SpaceGate:
         self._stalled.pop(rid, None)
         self.waits.drop(rid)
 
+    async def room_for(self, need: int) -> bool | None:
+        """Whether `need` bytes (margin added) fit now; None when free space cannot be read."""
+        free = await self._probe()
+        return None if free is None else self.waits.fits(need, free)
+
     # --- views -------------------------------------------------------------------------------
 
     def waiting(self, rid: str) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from meshd.core.swarm import SwarmConfig
+from meshd.release.activate import ActivationDiskFull
 from meshd.release.config import DistConfig
 from meshd.release.space import space_needed
 from meshd.release.store import DiskFullError
@@ -160,3 +161,39 @@ async def test_a_hung_statvfs_times_out_and_is_never_joined_by_another(space_mes
     await wait_for(lambda: gate._probing is None, timeout=5.0, what="the hung call returned")
     assert await gate._probe() == 123 * MiB
     assert len(calls) == 2
+
+
+async def test_no_room_to_materialise_waits_then_activates_when_space_returns(
+    space_mesh: Mesh, tmp_path: Path
+) -> None:
+    # Before: a disk full while materialising marked the release "failed" for good.
+    mesh = space_mesh
+    n0 = await mesh.add("n0")
+    n1 = await mesh.add("n1")
+    disk = Disk(1000 * MiB)
+    n1.service.space.free_space = disk
+    real = n1.service.releases_dir.materialise
+    full = [True]
+
+    def materialise(manifest: Any) -> Path:
+        if full[0]:
+            raise ActivationDiskFull(f"cannot materialise {manifest.name} {manifest.version}: disk full")
+        return real(manifest)
+
+    n1.service.releases_dir.materialise = materialise  # type: ignore[method-assign]
+    rid = await publish(n0, write_file(tmp_path / "src" / "app.bin", data_blob(8, 1_000_000)), "1.0")
+    await wait_for(lambda: n1.state_of(rid) == "waiting", what="n1 waiting for room to activate")
+    disk.free = 1 * MiB  # what the watch sees while the disk stays full
+    row = n1.row(rid)
+    assert row is not None
+    assert "disk full" in row["error"]
+    assert row["have_chunks"] == row["chunks"]  # fetched; only the release folder lacks room
+    calls = disk.calls
+    await wait_for(lambda: disk.calls >= calls + 2, timeout=10.0, what="free space polled")
+    assert n1.state_of(rid) == "waiting"
+    assert n1.service.counters["activations.failed"] == 0
+    full[0] = False
+    disk.free = 1000 * MiB
+    await wait_for(lambda: n1.state_of(rid) == "active", timeout=10.0, what="n1 activates once there is room")
+    assert states(mesh, "n1", rid).count("disk full") == 1
+    assert n1.service.counters["activations.disk_full"] == 1
