@@ -332,7 +332,8 @@ def cmd_publish(c: Client, args: argparse.Namespace) -> int:
         print_json(doc)
         return 0
     print(
-        f"published {doc['name']} {doc['version']} id {doc['id'][:16]}: {doc['files']} file(s), "
+        f"published {doc['name']} {doc['version']} (seq {doc.get('seq', 0)}) id {doc['id'][:16]}: "
+        f"{doc['files']} file(s), "
         f"{doc['size']} bytes, {doc['chunks']} chunks ({doc['new_chunks']} new, "
         f"{doc['stored_bytes']} bytes stored)"
     )
@@ -390,6 +391,7 @@ def cmd_releases(c: Client, args: argparse.Namespace) -> int:
             [
                 r["name"],
                 r["version"],
+                str(r.get("seq", 0)),
                 r["id"][:12],
                 str(r["size"]),
                 r["state"],
@@ -401,7 +403,19 @@ def cmd_releases(c: Client, args: argparse.Namespace) -> int:
         )
     print(
         table(
-            rows, ["NAME", "VERSION", "ID", "SIZE", "STATE", "CHUNKS", "CURRENT", "COMPLETE ON", "CURRENT ON"]
+            rows,
+            [
+                "NAME",
+                "VERSION",
+                "SEQ",
+                "ID",
+                "SIZE",
+                "STATE",
+                "CHUNKS",
+                "CURRENT",
+                "COMPLETE ON",
+                "CURRENT ON",
+            ],
         )
     )
     return 0
