@@ -27,48 +27,37 @@ _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgt]?)(i?)(b|byte|bytes)?
 _RATE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([kmg]?)(i?)(b|bit|byte|bytes)?(?:/s)?\s*$", re.I)
 
 
+def _amount(value: object, where: str, pattern: re.Pattern[str], prefixes: str, what: str) -> float:
+    """A number, or text `pattern` reads as <number><prefix><i><unit>: k/M/G/T in 1000s, with
+    "i" in 1024s; a unit "bit" counts eighths. `what` names it in errors ("rate like 10MB")."""
+    noun = what.split()[0]
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{where}: expected a {what}, got {value!r}")
+    if isinstance(value, str):
+        m = pattern.match(value)
+        if not m:
+            raise ConfigError(f"{where}: expected a {what}, got {value!r}")
+        num, prefix, binary, unit = m.groups()
+        amount = float(num) * (1024 if binary else 1000) ** prefixes.index(prefix.lower() or " ")
+        if unit and unit.lower() == "bit":
+            amount /= 8
+    else:
+        amount = float(value)
+    if amount < 0 or amount != amount or amount == float("inf"):
+        raise ConfigError(f"{where}: {noun} must be finite and not negative")
+    return amount
+
+
 def parse_rate(value: object, where: str) -> float | None:
     """Bytes per second: a number, or text like '10MB', '5MiB/s', '100mbit'. 0 = unlimited."""
     if value is None or value == "" or value is False:
         return None
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a rate like 10MB or 100mbit, got {value!r}")
-    if isinstance(value, int | float):
-        rate = float(value)
-    elif isinstance(value, str):
-        m = _RATE_RE.match(value)
-        if not m:
-            raise ConfigError(f"{where}: expected a rate like 10MB or 100mbit, got {value!r}")
-        num, prefix, binary, unit = m.groups()
-        base = 1024 if binary else 1000
-        rate = float(num) * base ** " kmg".index(prefix.lower() or " ")
-        if unit and unit.lower() == "bit":
-            rate /= 8
-    else:
-        raise ConfigError(f"{where}: expected a rate like 10MB or 100mbit, got {value!r}")
-    if rate < 0 or rate != rate or rate == float("inf"):
-        raise ConfigError(f"{where}: rate must be finite and not negative")
-    return rate or None
+    return _amount(value, where, _RATE_RE, " kmg", "rate like 10MB or 100mbit") or None
 
 
 def parse_size(value: object, where: str) -> int:
     """Bytes: a number, or text like '32MiB', '1.5GB', '500k' (k/M/G/T: 1000s, Ki/Mi/Gi/Ti: 1024s)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a size like 32MiB or 1GB, got {value!r}")
-    if isinstance(value, int | float):
-        size = float(value)
-    elif isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if not m:
-            raise ConfigError(f"{where}: expected a size like 32MiB or 1GB, got {value!r}")
-        num, prefix, binary, _ = m.groups()
-        base = 1024 if binary else 1000
-        size = float(num) * base ** " kmgt".index(prefix.lower() or " ")
-    else:
-        raise ConfigError(f"{where}: expected a size like 32MiB or 1GB, got {value!r}")
-    if size < 0 or size != size or size == float("inf"):
-        raise ConfigError(f"{where}: size must be finite and not negative")
-    return int(size)
+    return int(_amount(value, where, _SIZE_RE, " kmgt", "size like 32MiB or 1GB"))
 
 
 def parse_duration(value: object, where: str = "duration") -> float:

@@ -544,6 +544,17 @@ class Lab:
 # ---- helpers for tests and benchmarks -----------------------------------------------------------
 
 
+def iface_bytes(ns: str, dev: str, *counters: str) -> int:
+    """The sum of an interface's byte counters in a namespace (e.g. "tx_bytes", "rx_bytes")."""
+    total = 0
+    for counter in counters:
+        out = _run(
+            ["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/statistics/{counter}"], timeout=10
+        )
+        total += int(out.strip())
+    return total
+
+
 def wait_until(cond: Callable[[], Any], timeout: float, interval: float = 0.25, what: str = "") -> Any:
     """Poll `cond` until it returns something truthy; TimeoutError naming `what` after `timeout` s."""
     deadline = time.monotonic() + timeout

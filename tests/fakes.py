@@ -31,6 +31,19 @@ class Midpoint(random.Random):
         return (a + b) / 2
 
 
+class FakeDisk:
+    """An injected free-space function (release/space.py FreeSpace): `free` bytes whatever the
+    path; counts its calls, so a test can see the watch poll."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.calls = 0
+
+    def __call__(self, path: object) -> int:
+        self.calls += 1
+        return self.free
+
+
 TOKEN = "s3cret-token-value-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

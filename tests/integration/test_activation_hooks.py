@@ -4,17 +4,16 @@ leaves a complete release current."""
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
 
-from meshd.release.activate import ActivationError
+from meshd.release.activate import ActivationError, Releases
+from meshd.release.manifest import Manifest
 from tests.activation import NAME, Env, assert_current_complete, kill_at_every_step, version_files
 
 pytestmark = pytest.mark.integration
@@ -96,15 +95,19 @@ def test_kill_at_every_step_with_a_hook_leaves_a_complete_current(
     kill_at_every_step(env, monkeypatch, hook=["true"])
 
 
-def _peak_traced(fn: Callable[[], object]) -> int:
-    """Peak bytes Python allocated while fn ran (the hook's output would show up here)."""
+def _activate_traced(rel: Releases, manifest: Manifest) -> tuple[list[str], int]:
+    """Activate; the activation errors, and the peak bytes Python allocated meanwhile (the
+    hook's output would show up there)."""
+    errors: list[str] = []
     tracemalloc.start()
     try:
-        with contextlib.suppress(ActivationError):
-            fn()
-        return tracemalloc.get_traced_memory()[1]
+        rel.activate(manifest)
+    except ActivationError as e:
+        errors.append(str(e))
     finally:
+        peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
+    return errors, peak
 
 
 def test_hook_output_is_bounded_and_its_tail_quoted(env: Env) -> None:
@@ -117,16 +120,7 @@ def test_hook_output_is_bounded_and_its_tail_quoted(env: Env) -> None:
     rel = env.releases(hook=[sys.executable, "-c", code], hook_timeout=60.0)
     manifest = env.publish("1.0", version_files(1))
     rel.materialise(manifest)  # so the measure below is the hook's, not the build's
-    errors: list[str] = []
-
-    def activate() -> None:
-        try:
-            rel.activate(manifest)
-        except ActivationError as e:
-            errors.append(str(e))
-            raise
-
-    peak = _peak_traced(activate)
+    errors, peak = _activate_traced(rel, manifest)
     assert len(errors) == 1
     assert "exited with 1" in errors[0]
     assert errors[0].endswith("xxx\nthe real reason; no version is current")
@@ -138,16 +132,7 @@ def test_hook_writing_forever_is_killed_at_the_timeout(env: Env) -> None:
     rel = env.releases(hook=[sys.executable, "-c", code], hook_timeout=1.0)
     manifest = env.publish("1.0", version_files(1))
     rel.materialise(manifest)
-    errors: list[str] = []
-
-    def activate() -> None:
-        try:
-            rel.activate(manifest)
-        except ActivationError as e:
-            errors.append(str(e))
-            raise
-
-    peak = _peak_traced(activate)
+    errors, peak = _activate_traced(rel, manifest)
     assert len(errors) == 1
     assert "timed out after 1s" in errors[0]
     assert peak < 4 * 1024 * 1024

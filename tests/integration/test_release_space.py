@@ -23,23 +23,12 @@ from meshd.release.activate import ActivationDiskFull
 from meshd.release.config import DistConfig
 from meshd.release.space import space_needed
 from meshd.release.store import DiskFullError
+from tests.fakes import FakeDisk
 from tests.integration.test_release_mesh import Mesh, data_blob, publish, wait_for, write_file
 
 pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024
-
-
-class Disk:
-    """Injected free space: `free` bytes, whatever the path."""
-
-    def __init__(self, free: int) -> None:
-        self.free = free
-        self.calls = 0
-
-    def __call__(self, path: Path) -> int:
-        self.calls += 1
-        return self.free
 
 
 @pytest.fixture
@@ -59,7 +48,7 @@ async def test_a_release_that_cannot_fit_waits_then_is_fetched_when_the_disk_gro
     mesh = space_mesh
     n0 = await mesh.add("n0")
     n1 = await mesh.add("n1")
-    disk = Disk(20 * MiB)  # the release needs 3 MB + 3 MB + the 32 MiB margin
+    disk = FakeDisk(20 * MiB)  # the release needs 3 MB + 3 MB + the 32 MiB margin
     n1.service.space.free_space = disk
     blob = data_blob(7, 3_000_000)
     rid = await publish(n0, write_file(tmp_path / "src" / "app.bin", blob), "1.0")
@@ -96,7 +85,7 @@ async def test_a_fetch_stalled_by_a_full_disk_resumes_within_seconds_of_space_re
     # A half-minute cool-down after the first failure: waiting it out would take 30 s.
     slow_backoff = SwarmConfig(origin_delay=1.0, timeout_min=3.0, backoff_base=30.0, piece_target=256 * 1024)
     n1 = await mesh.add("n1", swarm=slow_backoff)
-    disk = Disk(1 << 40)
+    disk = FakeDisk(1 << 40)
     n1.service.space.free_space = disk
     store = n1.service.store
     real_put = store.put
@@ -170,7 +159,7 @@ async def test_no_room_to_materialise_waits_then_activates_when_space_returns(
     mesh = space_mesh
     n0 = await mesh.add("n0")
     n1 = await mesh.add("n1")
-    disk = Disk(1000 * MiB)
+    disk = FakeDisk(1000 * MiB)
     n1.service.space.free_space = disk
     real = n1.service.releases_dir.materialise
     full = [True]

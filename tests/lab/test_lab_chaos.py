@@ -129,21 +129,6 @@ def _is_mount(path: Path) -> bool:
     return os.path.ismount(path)
 
 
-def _link_bytes(ns: str, dev: str) -> int:
-    """Bytes through a router interface, both directions (every packet between the sites)."""
-    total = 0
-    for what in ("tx_bytes", "rx_bytes"):
-        out = subprocess.run(
-            ["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/statistics/{what}"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        )
-        total += int(out.stdout.strip())
-    return total
-
-
 def _proc_memory(pid: int) -> tuple[int, int] | None:
     """(VmHWM, VmRSS) in kB of a live process, None when it is gone."""
     try:
@@ -424,7 +409,7 @@ def test_newest_release_wins_under_chaos(clean_lab: Any, lab_module: ModuleType)
         events.sort()
 
         router, link = lab.router_ns, "s2"
-        link_before = _link_bytes(router, link)
+        link_before = lm.iface_bytes(router, link, "tx_bytes", "rx_bytes")
         chaos.t0 = time.monotonic()
         restarts: list[tuple[float, str]] = []
         for t_event, _, kind, args in events:
@@ -498,7 +483,7 @@ def test_newest_release_wins_under_chaos(clean_lab: Any, lab_module: ModuleType)
             took = time.monotonic() - faults_over
         except TimeoutError:
             pass
-        crossed = _link_bytes(router, link) - link_before
+        crossed = lm.iface_bytes(router, link, "tx_bytes", "rx_bytes") - link_before
         chaos.reap()
         dead = [n for n, node in chaos.nodes.items() if not node.up]
         for node in chaos.nodes.values():

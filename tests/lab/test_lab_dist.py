@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import subprocess
 import time
 from collections.abc import Iterator
 from types import ModuleType
@@ -35,17 +34,6 @@ def dist_lab(lab_module: ModuleType) -> Iterator[Any]:
         yield lab
     finally:
         lab.down()
-
-
-def _tx_bytes(ns: str, dev: str) -> int:
-    out = subprocess.run(
-        ["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/statistics/tx_bytes"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=10,
-    )
-    return int(out.stdout.strip())
 
 
 def _rows(lab: Any, host: Any) -> list[dict[str, Any]]:
@@ -90,7 +78,7 @@ def test_far_site_gets_the_release_over_its_lan(dist_lab: Any, lab_module: Modul
         src.write_bytes(blob)
         want = hashlib.sha256(blob).hexdigest()
         router, link = lab.router_ns, "s2"
-        before = _tx_bytes(router, link)
+        before = lab_module.iface_bytes(router, link, "tx_bytes")
         t0 = time.monotonic()
         out = lab.exec(
             hosts[0],
@@ -124,7 +112,7 @@ def test_far_site_gets_the_release_over_its_lan(dist_lab: Any, lab_module: Modul
             assert time.monotonic() < deadline, "release did not reach every host"
             time.sleep(1.0)
         took = time.monotonic() - t0
-        crossed = _tx_bytes(router, link) - before
+        crossed = lab_module.iface_bytes(router, link, "tx_bytes") - before
         for h in hosts:
             path = lab.host_dir(h) / "meshd" / "releases" / "fw" / "current" / "release.bin"
             assert hashlib.sha256(path.read_bytes()).hexdigest() == want, h.name

@@ -26,7 +26,7 @@ from meshd.release.service import ReleaseService
 from meshd.release.space import MiB, SpaceWaits, describe, space_needed
 from meshd.release.store import ChunkStore, DiskFullError
 from meshd.wire import Codec
-from tests.fakes import member
+from tests.fakes import FakeDisk, member
 
 PUB = PublisherKey(bytes(range(32)))
 MARGIN = 1 * MiB
@@ -66,19 +66,7 @@ def announcing(name: str, m: Manifest) -> Any:
     return member(name, node_id=name, addr=f"{name}:1", meta={"site": "a", "rel:app": entry.text()})
 
 
-class Disk:
-    """The injected free-space function: `free` bytes, whatever the path; counts its calls."""
-
-    def __init__(self, free: int) -> None:
-        self.free = free
-        self.calls = 0
-
-    def __call__(self, path: Path) -> int:
-        self.calls += 1
-        return self.free
-
-
-def make_service(root: Path, disk: Disk, events: list[dict[str, Any]]) -> ReleaseService:
+def make_service(root: Path, disk: FakeDisk, events: list[dict[str, Any]]) -> ReleaseService:
     svc = ReleaseService(
         root,
         name="me",
@@ -94,6 +82,13 @@ def make_service(root: Path, disk: Disk, events: list[dict[str, Any]]) -> Releas
     )
     svc.space.interval = 3600.0  # the test polls by itself
     return svc
+
+
+def serve_from(svc: ReleaseService, store: ChunkStore, m: Manifest) -> StoreBackedFetcher:
+    """Every peer of `svc` answers `m` (manifest and chunks) from `store`."""
+    fake = StoreBackedFetcher(store, {m.release_id: m.to_bytes()})
+    svc.fetcher = svc.driver.client = svc.intake.client = fake  # type: ignore[assignment]
+    return fake
 
 
 async def settle(svc: ReleaseService) -> None:
@@ -168,11 +163,10 @@ async def test_a_release_that_does_not_fit_waits_and_starts_when_space_grows(tmp
     peer_store = ChunkStore(tmp_path / "peer", fsync=False)
     m = make_release(tmp_path, "1.0", peer_store)
     need = space_needed(m, m.unique_chunks()) + MARGIN
-    disk = Disk(need - 1)
+    disk = FakeDisk(need - 1)
     events: list[dict[str, Any]] = []
     svc = make_service(tmp_path / "me", disk, events)
-    fake = StoreBackedFetcher(peer_store, {m.release_id: m.to_bytes()})
-    svc.fetcher = svc.driver.client = svc.intake.client = fake  # type: ignore[assignment]
+    fake = serve_from(svc, peer_store, m)
     await svc.start()
     try:
         svc.member_update(announcing("p", m))
@@ -208,11 +202,10 @@ async def test_a_fetch_stalled_by_a_full_disk_resumes_at_once_when_space_returns
 ) -> None:
     peer_store = ChunkStore(tmp_path / "peer", fsync=False)
     m = make_release(tmp_path, "1.0", peer_store, size=1_200_000)
-    disk = Disk(1 << 40)
+    disk = FakeDisk(1 << 40)
     events: list[dict[str, Any]] = []
     svc = make_service(tmp_path / "me", disk, events)
-    fake = StoreBackedFetcher(peer_store, {m.release_id: m.to_bytes()})
-    svc.fetcher = svc.driver.client = svc.intake.client = fake  # type: ignore[assignment]
+    fake = serve_from(svc, peer_store, m)
     real_put = svc.store.put
     stored: list[str] = []
 
@@ -263,10 +256,9 @@ async def test_unknown_free_space_does_not_block_a_release(tmp_path: Path) -> No
         raise OSError(5, "Input/output error")
 
     events: list[dict[str, Any]] = []
-    svc = make_service(tmp_path / "me", Disk(0), events)
+    svc = make_service(tmp_path / "me", FakeDisk(0), events)
     svc.space.free_space = broken
-    fake = StoreBackedFetcher(peer_store, {m.release_id: m.to_bytes()})
-    svc.fetcher = svc.driver.client = svc.intake.client = fake  # type: ignore[assignment]
+    serve_from(svc, peer_store, m)
     await svc.start()
     try:
         svc.member_update(announcing("p", m))
@@ -284,7 +276,7 @@ async def test_a_release_resumed_at_start_is_checked_too(tmp_path: Path) -> None
     root = tmp_path / "me"
     ChunkStore(root, fsync=False).put_manifest(m.release_id, m.to_bytes())  # adopted, no chunk yet
     events: list[dict[str, Any]] = []
-    disk = Disk(0)
+    disk = FakeDisk(0)
     svc = make_service(root, disk, events)
     await svc.start()
     try:
