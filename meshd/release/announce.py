@@ -167,6 +167,7 @@ class OfferIndex:
     def __init__(self) -> None:
         self._by_member: dict[str, dict[str, Announce]] = {}
         self._by_name: dict[str, dict[str, dict[str, Announce]]] = {}  # name -> rid16 -> member -> entry
+        self._top_seq: dict[str, int] = {}  # name -> highest seq ever announced (a member may leave)
 
     def update(self, member: str, entries: Mapping[str, Announce]) -> set[str]:
         """Replace what `member` announces; returns the release names whose offers changed."""
@@ -186,6 +187,7 @@ class OfferIndex:
             if old.get(rid16) != entry:
                 touched.add(entry.name)
                 self._by_name.setdefault(entry.name, {}).setdefault(rid16, {})[member] = entry
+                self._top_seq[entry.name] = max(self._top_seq.get(entry.name, 0), entry.seq)
         if entries:
             self._by_member[member] = dict(entries)
         return touched
@@ -209,7 +211,9 @@ class OfferIndex:
         return [m for m, e in sorted(holders.items(), key=lambda kv: (-kv[1].have, kv[0])) if e.have > 0]
 
     def max_seq(self, name: str) -> int:
-        return max((e.seq for hs in self._by_name.get(name, {}).values() for e in hs.values()), default=0)
+        """The highest seq ever announced for `name`, by members here or gone since: a release
+        published here takes one above it even when every holder of the newest is down."""
+        return self._top_seq.get(name, 0)
 
 
 def member_meta_keys(meta: Mapping[str, str]) -> list[str]:

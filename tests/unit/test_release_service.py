@@ -285,6 +285,7 @@ def test_announcements_carry_the_seq_and_the_index_offers_the_newest() -> None:
     assert [o.rid16 for o in index.offers("app")] == [old.rid16]
     assert index.update("q", {}) == {"app"}
     assert index.names() == []
+    assert index.max_seq("app") == 7  # its holders left; a publisher still goes above it
 
 
 async def test_two_releases_completing_together_activate_one_at_a_time_newest_last(tmp_path: Path) -> None:
