@@ -149,19 +149,19 @@ class AdoptionPolicy:
         being fetched), `known` the rid16 of every release it holds. Only an offer after `held`
         counts, and of those the newest, unless that one has failed FALLBACK_AFTER times in a
         row: then the next is tried while it backs off. An offer already held is passed over:
-        its announced seq was not its manifest's (a liar, or a stale entry)."""
+        its announced seq was not its manifest's (a liar, or a stale entry). The offer returned
+        is marked as being discovered (announced() said FETCH_MANIFEST for it)."""
         for offer in sorted(offers, key=lambda o: o.order, reverse=True):
             if held is not None and offer.order <= held:
                 return None
-            if offer.rid16 in self.ignored or offer.rid16 in known:
+            decision = self.announced(offer.rid16, offer.have, now, known=offer.rid16 in known)
+            if decision is Discovery.FETCH_MANIFEST:
+                return offer
+            if decision in (Discovery.IGNORED, Discovery.KNOWN):
                 continue
-            if offer.rid16 in self.discovering:
-                return None
-            if self.retry_at.get(offer.rid16, 0.0) > now:
-                if self.failures.get(offer.rid16, 0) >= FALLBACK_AFTER:
-                    continue
-                return None
-            return offer if offer.have > 0 else None
+            if decision is Discovery.BACKING_OFF and self.failures.get(offer.rid16, 0) >= FALLBACK_AFTER:
+                continue
+            return None  # busy, backing off, nothing yet: wait for this one
         return None
 
     def announced(self, rid16: str, have: int, now: float, *, known: bool) -> Discovery:

@@ -21,7 +21,6 @@ import aiohttp
 
 from meshd.core.adoption import (
     AdoptionPolicy,
-    Discovery,
     Offer,
     OrderKey,
     Verdict,
@@ -79,9 +78,6 @@ class ManifestIntake:
         self.now = now
         self._closed = closed
 
-    def _known(self, rid16: str) -> bool:
-        return any(rid.startswith(rid16) for rid in self._held())
-
     def _held_order(self, name: str) -> OrderKey | None:
         top = self._newest_held(name)
         return release_order(top) if top is not None else None
@@ -103,11 +99,8 @@ class ManifestIntake:
         now = self.now()
         known = {rid[:RID_PREFIX] for rid in self._held()}
         offer = self.policy.pick(self.offers.offers(name), self._held_order(name), now, known)
-        if offer is None:
+        if offer is None:  # (else it is marked as being discovered until _discover ends)
             self._arm(now)
-            return
-        decision = self.policy.announced(offer.rid16, offer.have, now, known=self._known(offer.rid16))
-        if decision is not Discovery.FETCH_MANIFEST:
             return
         holders = self.offers.holders(name, offer.rid16)
         if not holders:

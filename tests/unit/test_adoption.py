@@ -254,8 +254,12 @@ def test_pick_fetches_only_the_newest_offer() -> None:
     p = policy()
     offers = [offer("1.0", 1, V1), offer("2.0", 2, V2)]
     assert p.pick(offers, None, 0.0) == offers[1]
+    assert p.discovering == {V2}  # until discovered()
+    assert p.pick(offers, None, 0.0) is None  # busy with it: the older one is not fetched meanwhile
     assert p.pick(offers, release_order(Rel("2.0", seq=2, release_id=V2 + "0" * 48)), 0.0) is None
-    assert p.pick([offer("1.0", 1, V1), offer("2.0", 2, V2, have=0)], None, 0.0) is None  # wait for it
+    fresh = policy()
+    assert fresh.pick([offer("1.0", 1, V1), offer("2.0", 2, V2, have=0)], None, 0.0) is None  # wait for it
+    assert not fresh.discovering
 
 
 def test_pick_waits_while_the_newest_is_busy_or_backing_off() -> None:
