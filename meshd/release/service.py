@@ -175,7 +175,6 @@ class ReleaseService:
         self._activating: set[str] = set()
         self._activation_locks: dict[str, asyncio.Lock] = {}  # name -> one activation at a time
         self._failed: dict[str, str] = {}
-        self._no_room: dict[str, str] = {}  # rid -> why: complete, waiting for room to activate
         self._publishing: dict[str, _Publishing] = {}
         self._gc_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -480,13 +479,10 @@ class ReleaseService:
             self.driver.start(manifest, missing)
             return
         except (ActivationDiskFull, DiskFullError) as e:
-            # Materialising needs room the disk lacks now: wait for it, then activate.
-            if rid not in self._no_room:
-                self._no_room[rid] = str(e)
-                self._count("activations.disk_full")
-                log.warning("%s %s: %s; activating once there is room", name, manifest.version, e)
-                self._emit(manifest, "disk full", str(e))
-                self._spawn(self._activate_when_room(manifest))
+            # Materialising needs room the disk lacks now: a wait like a fetch's, then activate.
+            self._count("activations.disk_full")
+            log.info("%s %s: %s", name, manifest.version, e)
+            self.space.materialise_when_room(manifest, lambda: self._spawn(self._maybe_activate(manifest)))
             return
         except (ActivationError, StoreError) as e:
             self._failed[rid] = str(e)
@@ -506,20 +502,6 @@ class ReleaseService:
         )
         self._emit(manifest, "active")
         await self.collect_garbage()
-
-    async def _activate_when_room(self, manifest: Manifest) -> None:
-        """Poll free space (as release/space.py does for fetches) until the release folder fits,
-        then activate: within a poll interval of space returning, not after a long back-off."""
-        rid = manifest.release_id
-        try:
-            while not self._closed and rid in self._manifests:
-                await asyncio.sleep(self.space.interval)
-                if await self.space.room_for(manifest.total_size) is not False:
-                    break
-        finally:
-            self._no_room.pop(rid, None)
-        if not self._closed:
-            await self._maybe_activate(manifest)
 
     async def collect_garbage(self) -> int:
         """Forget retired manifests and delete chunks no stored manifest needs."""
@@ -684,7 +666,7 @@ class ReleaseService:
     # --- views ---------------------------------------------------------------------------------
 
     def _state(self, rid: str, current: bool) -> str:
-        if self.space.waiting(rid) or rid in self._no_room:
+        if self.space.waiting(rid):
             return "waiting"
         if rid in self._fetches:
             return "downloading"
@@ -741,12 +723,7 @@ class ReleaseService:
                 "current_on": sorted(current_on),
                 "nodes": dict(sorted(nodes.items())),
             }
-            error = (
-                self._failed.get(rid)
-                or self.space.error(rid)
-                or self._no_room.get(rid)
-                or (fetch.error if fetch else None)
-            )
+            error = self._failed.get(rid) or self.space.error(rid) or (fetch.error if fetch else None)
             if error:
                 row["error"] = error
             rows.append(row)

@@ -8,6 +8,9 @@ plus the [dist] `min_free` margin. When it does not fit, the release is not star
 in GET /v1/releases shows state "waiting" with `error: "disk full: needs X MiB, Y MiB free"`,
 a "disk full" release event is emitted, `space.full` counted, one WARNING logged.
 
+A complete release that could not be materialised for want of room waits the same way
+(materialise_when_room) and is activated again once its folder fits.
+
 A fetch already running whose chunks cannot be stored (the store raised DiskFullError) is
 reported the same way. Its sources cool down as after any failure (the swarm's back-off: no
 request storm), and the gate watches free space once a second; as soon as the release fits, a
@@ -182,6 +185,7 @@ class SpaceGate:
         self.waits = SpaceWaits(margin, retry_base=interval)
         self._pending: dict[str, tuple[Manifest, list[str]]] = {}  # not started yet
         self._stalled: dict[str, ReleaseFetch] = {}  # started, stalled on a full disk
+        self._unpacking: dict[str, Callable[[], object]] = {}  # complete, no room to materialise
         self._probing: asyncio.Future[Any] | None = None
         self._watcher: asyncio.Task[None] | None = None
 
@@ -217,16 +221,21 @@ class SpaceGate:
         need = space_needed(fetch.manifest, fetch.swarm.missing_ids())
         self._hold(fetch.manifest, need, started=True, progress=fetch.swarm.progress().have_chunks)
 
+    def materialise_when_room(self, manifest: Manifest, then: Callable[[], object]) -> None:
+        """A complete release could not be materialised for want of room: wait (reported like
+        any wait) until its folder fits, then call `then` (the service activates it again)."""
+        if manifest.release_id in self._unpacking:
+            return
+        self._unpacking[manifest.release_id] = then
+        self.waits.free = None  # the disk just said full: unknown until the next poll
+        self._hold(manifest, manifest.total_size, started=False, progress=0)
+
     def cancel(self, rid: str) -> None:
         """The release is no longer wanted (superseded, removed): it waits no more."""
         self._pending.pop(rid, None)
         self._stalled.pop(rid, None)
+        self._unpacking.pop(rid, None)
         self.waits.drop(rid)
-
-    async def room_for(self, need: int) -> bool | None:
-        """Whether `need` bytes (margin added) fit now; None when free space cannot be read."""
-        free = await self._probe()
-        return None if free is None else self.waits.fits(need, free)
 
     # --- views -------------------------------------------------------------------------------
 
@@ -280,9 +289,14 @@ class SpaceGate:
         for rid, fetch in list(self._stalled.items()):
             if fetch.closed or self.driver.fetches.get(rid) is not fetch:
                 self.cancel(rid)
-        self.waits.forget_except([*self.driver.fetches, *self._pending])
+        self.waits.forget_except([*self.driver.fetches, *self._pending, *self._unpacking])
 
     async def _resume(self, w: Wait, free: int) -> None:
+        then = self._unpacking.pop(w.rid, None)
+        if then is not None:
+            self.counters["space.resumed"] += 1
+            then()
+            return
         pending = self._pending.pop(w.rid, None)
         if pending is not None:
             manifest, missing = pending

@@ -166,13 +166,13 @@ async def test_no_room_to_materialise_waits_then_activates_when_space_returns(
 
     def materialise(manifest: Any) -> Path:
         if full[0]:
+            disk.free = 1 * MiB  # the unpacking filled the disk
             raise ActivationDiskFull(f"cannot materialise {manifest.name} {manifest.version}: disk full")
         return real(manifest)
 
     n1.service.releases_dir.materialise = materialise  # type: ignore[method-assign]
     rid = await publish(n0, write_file(tmp_path / "src" / "app.bin", data_blob(8, 1_000_000)), "1.0")
     await wait_for(lambda: n1.state_of(rid) == "waiting", what="n1 waiting for room to activate")
-    disk.free = 1 * MiB  # what the watch sees while the disk stays full
     row = n1.row(rid)
     assert row is not None
     assert "disk full" in row["error"]
