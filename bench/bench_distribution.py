@@ -22,6 +22,7 @@ Usage: bench/bench_distribution.py [--hosts 8] [--size-mib 32] [--rate 100mbit]
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
@@ -44,6 +45,7 @@ HTTP_PORT = 8080
 STEP_TIMEOUT = 180.0
 
 
+@functools.cache
 def load_lab() -> ModuleType:
     spec = importlib.util.spec_from_file_location("meshd_lab", REPO / "scripts" / "lab.py")
     assert spec is not None
@@ -55,14 +57,7 @@ def load_lab() -> ModuleType:
 
 
 def tx_bytes(ns: str, dev: str = "eth0") -> int:
-    out = subprocess.run(
-        ["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/statistics/tx_bytes"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=10,
-    )
-    return int(out.stdout.strip())
+    return int(load_lab().iface_bytes(ns, dev, "tx_bytes"))
 
 
 def wait(what: str, pred: Any, timeout: float = STEP_TIMEOUT, every: float = 0.2) -> None:
