@@ -1,22 +1,40 @@
 #!/usr/bin/env python3
 """Release distribution, side by side in the lab: meshd vs a central HTTP server vs BitTorrent.
 
-Topology (scripts/lab.py, prefix `mdb-`): one site, 1 origin host + N client hosts (default 8)
-on a bridge; the origin's uplink (its eth0 egress) limited by tc tbf (default 100mbit).
-The same incompressible release (default 32 MiB) goes to every client three ways:
+Topologies (scripts/lab.py, prefix `mdb-`), one per `--config SxH` (repeatable; default 1x8,
+1x16 and 2x8): S sites of H client hosts each, plus the origin host in site 1. The origin's
+uplink (its eth0 egress) is limited by tc tbf (`--rate`, default 100mbit). With S > 1 the link
+between the sites is thin: each other site's router link is limited both ways (`--site-rate`,
+default 20mbit). The same incompressible release (`--size-mb`, default 40 MB) goes to every
+client three ways:
 
   http     `python -m http.server` on the origin; every client downloads it with curl at once
   torrent  opentracker + an aria2c seeder on the origin (mktorrent); every client runs aria2c
-  meshd    `meshd run` on every host; `meshctl publish` at the origin; clients fetch from peers
+  meshd    `meshd run --profile lan` on every host; `meshctl publish` at the origin
 
-Reported: time until the last client has the release, and origin egress (tx bytes of the
-origin's eth0, all traffic included) as a multiple of the release size. Then delta efficiency:
-bytes a node must move for a version with 2% changed (4 spots of 0.5%), meshd (new chunks'
-stored bytes + manifest) against casync (new .cacnk chunk files, default settings), on the
-same pair of files. Writes bench/results/distribution.md.
+Clocks, the same for the three (the result file says it again next to the figures):
+  http     start: the curl clients are launched (server already answering);
+           stop:  the last curl has exited 0.
+  torrent  start: the aria2c seeder is launched, with the tracker up and every client already
+                  running and announced (mktorrent and the info hash are made before);
+           stop:  the last client's --on-bt-download-complete hook ran (it writes a timestamp;
+                  aria2c runs it when the last piece is verified, before seeding).
+  meshd    start: `meshctl publish` is launched at the origin (chunking and signing included),
+                  with every daemon up and every member alive in every member list;
+           stop:  the last client's releases/rel/current/<file> exists (the atomic switch that
+                  ends activation), polled every 50 ms; afterwards each client must list the
+                  release as active in /v1/releases and hold it byte for byte.
+Origin egress: tx bytes of the origin's eth0 between start and stop (all traffic). With S > 1,
+also the bytes that crossed the thin link into the other sites (router side, tx).
 
-Needs root (ip netns, tc), opentracker, mktorrent, aria2c, curl, casync. Bounded: a few minutes.
-Usage: bench/bench_distribution.py [--hosts 8] [--size-mib 32] [--rate 100mbit]
+Every figure is repeated `--runs N` times (default 5; the systems' order rotates per run) and
+reported as median (min-max). Raw runs go to distribution.json beside the .md (`--out`), which
+bench/report.py reads. Then delta efficiency: bytes to move for a version with 2% changed
+(4 spots of 0.5%), meshd (new chunks' stored bytes + manifest) against casync.
+
+Needs root (ip netns, tc), opentracker, mktorrent, aria2c, curl, casync. Bounded: every wait has
+a deadline and every lab process is killed after each system's run.
+Usage: bench/bench_distribution.py [--config 1x8 --config 1x16 ...] [--runs 5] [--size-mb 40]
 """
 
 from __future__ import annotations
@@ -27,22 +45,32 @@ import hashlib
 import importlib.util
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.benchstats import DEFAULT_RUNS, cell, environment, json_path, summary, write_json  # noqa: E402
+
 PREFIX = "mdb-"
 RESULTS = REPO / "bench" / "results" / "distribution.md"
 TRACKER_PORT = 6969
 HTTP_PORT = 8080
-STEP_TIMEOUT = 180.0
+STEP_TIMEOUT = 240.0
+SYSTEMS = ("http", "torrent", "meshd")
+DEFAULT_CONFIGS = ("1x8", "1x16", "2x8")
+HOOK = """#!/bin/sh
+# aria2c --on-bt-download-complete: GID, number of files, path. Download verified, seeding next.
+date +%s.%N > "$3.done.tmp" && mv "$3.done.tmp" "$3.done"
+"""
 
 
 @functools.cache
@@ -56,15 +84,84 @@ def load_lab() -> ModuleType:
     return module
 
 
+@dataclass(frozen=True)
+class Config:
+    """S sites x H client hosts; the origin is one more host in site 1."""
+
+    sites: int
+    clients_per_site: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.sites}x{self.clients_per_site}"
+
+    @property
+    def clients(self) -> int:
+        return self.sites * self.clients_per_site
+
+
+def parse_config(text: str) -> Config:
+    m = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+    if not m or not 1 <= int(m.group(1)) <= 8 or not 1 <= int(m.group(2)) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: SITESxHOSTS, 1..8 sites of 1..64 hosts")
+    return Config(int(m.group(1)), int(m.group(2)))
+
+
+@dataclass
+class Topology:
+    """The lab laid out for one config: who is the origin, who are the clients."""
+
+    origin: Any
+    clients: list[Any]
+    thin_links: list[tuple[str, str]]  # (namespace, device) carrying bytes into the other sites
+
+
+def lay_out(lab: Any, config: Config, rate: str, site_rate: str) -> Topology:
+    """Build the lab for a config: origin uplink `rate`; other sites behind `site_rate` both ways."""
+    lab.up(sites=config.sites, hosts=config.clients_per_site + 1)
+    origin = lab.hosts(1)[0]
+    clients = lab.hosts(1)[1:]
+    for site in range(2, config.sites + 1):
+        clients += lab.hosts(site)[: config.clients_per_site]  # the spare last host stays idle
+    lab._limit(origin.ns, "eth0", rate)
+    thin = []
+    for site in range(2, config.sites + 1):
+        lab._limit(lab.router_ns, f"s{site}", site_rate)  # into the site
+        lab._limit(lab.switch_ns(site), "uplink", site_rate)  # out of the site
+        thin.append((lab.router_ns, f"s{site}"))
+    return Topology(origin, clients, thin)
+
+
 def tx_bytes(ns: str, dev: str = "eth0") -> int:
     return int(load_lab().iface_bytes(ns, dev, "tx_bytes"))
+
+
+class Counters:
+    """Origin egress and thin-link bytes between start() and stop()."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        self.origin0 = 0
+        self.thin0 = 0
+
+    def _thin(self) -> int:
+        return sum(tx_bytes(ns, dev) for ns, dev in self.topo.thin_links)
+
+    def start(self) -> None:
+        self.origin0, self.thin0 = tx_bytes(self.topo.origin.ns), self._thin()
+
+    def stop(self) -> dict[str, int]:
+        return {
+            "egress_bytes": tx_bytes(self.topo.origin.ns) - self.origin0,
+            "thin_link_bytes": self._thin() - self.thin0,
+        }
 
 
 def wait(what: str, pred: Any, timeout: float = STEP_TIMEOUT, every: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(every)
 
 
@@ -77,24 +174,24 @@ def has_file(path: Path, size: int, digest: str) -> bool:
     return hashlib.sha256(path.read_bytes()).hexdigest() == digest
 
 
+def finish_times(seen: dict[str, float], t0: float) -> dict[str, float]:
+    """Per-host seconds from the start, and the figures the table shows."""
+    return {h: round(t - t0, 4) for h, t in sorted(seen.items())}
+
+
 # --- the three systems -----------------------------------------------------------------------
 
 
-def run_http(lab: Any, origin: Any, clients: list[Any], src: Path, digest: str) -> dict[str, Any]:
-    server = lab.popen(
-        origin,
-        [
-            sys.executable,
-            "-m",
-            "http.server",
-            str(HTTP_PORT),
-            "--bind",
-            origin.ip,
-            "--directory",
-            str(src.parent),
-        ],
-        log=lab.host_dir(origin) / "http.log",
-    )
+def run_http(lab: Any, topo: Topology, src: Path, digest: str) -> dict[str, Any]:
+    origin, clients = topo.origin, topo.clients
+    procs = [
+        lab.popen(
+            origin,
+            [sys.executable, "-m", "http.server", str(HTTP_PORT), "--bind", origin.ip,
+             "--directory", str(src.parent)],
+            log=lab.host_dir(origin) / "http.log",
+        )
+    ]  # fmt: skip
     try:
         wait(
             "http server",
@@ -105,33 +202,63 @@ def run_http(lab: Any, origin: Any, clients: list[Any], src: Path, digest: str) 
                 == 0
             ),
         )
-        before = tx_bytes(origin.ns)
-        t0 = time.monotonic()
-        procs = []
+        outs = []
         for c in clients:
             out = lab.host_dir(c) / "http" / src.name
             out.parent.mkdir(parents=True, exist_ok=True)
             out.unlink(missing_ok=True)
-            procs.append(
-                lab.popen(c, ["curl", "-sf", "-o", str(out), f"http://{origin.ip}:{HTTP_PORT}/{src.name}"])
+            outs.append(out)
+        counters = Counters(topo)
+        counters.start()
+        t0 = time.monotonic()  # clock start: the clients are launched
+        curls = {
+            c.name: lab.popen(
+                c, ["curl", "-sf", "-o", str(out), f"http://{origin.ip}:{HTTP_PORT}/{src.name}"]
             )
-        for p in procs:
-            p.wait(timeout=STEP_TIMEOUT)
-        took = time.monotonic() - t0
-        egress = tx_bytes(origin.ns) - before
-        ok = all(has_file(lab.host_dir(c) / "http" / src.name, src.stat().st_size, digest) for c in clients)
+            for c, out in zip(clients, outs, strict=True)
+        }
+        procs += curls.values()
+        seen: dict[str, float] = {}
+        deadline = t0 + STEP_TIMEOUT
+        while len(seen) < len(curls):
+            if time.monotonic() > deadline:
+                raise RuntimeError("timed out waiting for the curl clients")
+            for name, p in curls.items():
+                if name not in seen and p.poll() is not None:
+                    if p.returncode != 0:
+                        raise RuntimeError(f"curl on {name} exited {p.returncode}")
+                    seen[name] = time.monotonic()
+            time.sleep(0.02)
+        took = max(seen.values()) - t0  # clock stop: the last curl exited
+        counts = counters.stop()
+        ok = all(has_file(out, src.stat().st_size, digest) for out in outs)
     finally:
-        lab.kill(server)
-    return {"time_s": took, "egress": egress, "ok": ok}
+        for p in reversed(procs):
+            lab.kill(p)
+        lab.kill_all()
+    return {"time_s": took, **counts, "ok": ok, "per_host_s": finish_times(seen, t0)}
 
 
-def run_torrent(lab: Any, origin: Any, clients: list[Any], src: Path, digest: str) -> dict[str, Any]:
+def tracker_peers(lab: Any, topo: Topology) -> int:
+    """Peers opentracker knows for the torrent (its /stats?mode=peer), -1 when it won't say."""
+    out = lab.exec(
+        topo.origin, ["curl", "-sf", f"http://{topo.origin.ip}:{TRACKER_PORT}/stats?mode=peer"], timeout=10
+    )
+    nums = re.findall(r"\d+", out.stdout)
+    return int(nums[0]) if out.returncode == 0 and nums else -1
+
+
+def run_torrent(lab: Any, topo: Topology, src: Path, digest: str) -> dict[str, Any]:
+    origin, clients = topo.origin, topo.clients
     work = lab.host_dir(origin) / "bt"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     seed_dir = work / "seed"
     seed_dir.mkdir()
     shutil.copy(src, seed_dir / src.name)
+    hook = work / "on-complete.sh"
+    hook.write_text(HOOK)
+    hook.chmod(0o755)
     torrent = work / "release.torrent"
     announce = f"http://{origin.ip}:{TRACKER_PORT}/announce"
     subprocess.run(
@@ -149,10 +276,11 @@ def run_torrent(lab: Any, origin: Any, clients: list[Any], src: Path, digest: st
         "--summary-interval=0",
         "--console-log-level=warn",
         "--bt-max-peers=0",
-        "--seed-ratio=0.0",
+        "--seed-ratio=0.0",  # seed on: finished clients keep serving, as in a real swarm
         "--bt-tracker-connect-timeout=5",
         "--bt-tracker-timeout=5",
         "--follow-torrent=mem",
+        "--auto-save-interval=0",  # no control-file writes mid-run (they were the old, wrong signal)
     ]
     shown = subprocess.run(["aria2c", "-S", str(torrent)], capture_output=True, text=True, timeout=60)
     info_hash = next(line.split()[-1] for line in shown.stdout.splitlines() if "Info Hash" in line)
@@ -160,57 +288,59 @@ def run_torrent(lab: Any, origin: Any, clients: list[Any], src: Path, digest: st
     procs = [
         lab.popen(
             origin,
-            [
-                "opentracker",
-                "-i",
-                origin.ip,
-                "-p",
-                str(TRACKER_PORT),
-                "-P",
-                str(TRACKER_PORT),
-                "-d",
-                str(work),
-                "-w",
-                "whitelist",  # Debian's opentracker serves only listed info hashes
-            ],
+            ["opentracker", "-i", origin.ip, "-p", str(TRACKER_PORT), "-P", str(TRACKER_PORT),
+             "-d", str(work), "-w", "whitelist"],  # Debian's opentracker serves only listed hashes
             log=work / "tracker.log",
         )
-    ]
+    ]  # fmt: skip
     try:
-        time.sleep(0.5)
-        procs.append(
-            lab.popen(origin, [*common, "-V", f"--dir={seed_dir}", str(torrent)], log=work / "seeder.log")
+        wait(
+            "opentracker",
+            lambda: lab.exec(origin, ["curl", "-s", "-o", "/dev/null", announce], timeout=5).returncode == 0,
         )
-        time.sleep(2.0)  # the seeder has checked the file and announced
-        before = tx_bytes(origin.ns)
-        t0 = time.monotonic()
-        outs = []
+        outs: dict[str, Path] = {}
         for c in clients:
             d = lab.host_dir(c) / "bt"
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
-            outs.append(d / src.name)
+            outs[c.name] = d / src.name
             procs.append(
-                lab.popen(c, [*common, f"--dir={d}", str(torrent)], log=lab.host_dir(c) / "aria2.log")
+                lab.popen(
+                    c,
+                    [*common, f"--on-bt-download-complete={hook}", f"--dir={d}", str(torrent)],
+                    log=lab.host_dir(c) / "aria2.log",
+                )
             )
+        # Clients up first: each has announced (the tracker lists them all) before seeding starts.
+        if tracker_peers(lab, topo) >= 0:
+            wait("clients announced", lambda: tracker_peers(lab, topo) >= len(clients), timeout=60, every=0.2)
+        else:
+            time.sleep(3.0)  # a tracker without stats: aria2c announces within a second of start
+        counters = Counters(topo)
+        counters.start()
+        t0_wall, t0 = time.time(), time.monotonic()  # clock start: the seeder is launched
+        procs.append(
+            lab.popen(origin, [*common, "-V", f"--dir={seed_dir}", str(torrent)], log=work / "seeder.log")
+        )
+        marks = {name: p.with_name(p.name + ".done") for name, p in outs.items()}
+        wait("torrent clients' completion hooks", lambda: all(m.exists() for m in marks.values()), every=0.05)
+        counts = counters.stop()
+        # Clock stop: the last hook's own timestamp (wall clock, taken when aria2c ran it).
+        seen = {name: t0 + float(m.read_text().strip()) - t0_wall for name, m in marks.items()}
+        took = max(seen.values()) - t0
         size = src.stat().st_size
-
-        def done(p: Path) -> bool:
-            return not p.with_name(p.name + ".aria2").exists() and p.exists() and p.stat().st_size == size
-
-        wait("torrent clients", lambda: all(done(p) for p in outs), every=0.1)
-        took = time.monotonic() - t0
-        egress = tx_bytes(origin.ns) - before
-        ok = all(has_file(p, size, digest) for p in outs)
+        ok = all(has_file(p, size, digest) for p in outs.values())
     finally:
         for p in reversed(procs):
             lab.kill(p)
-    return {"time_s": took, "egress": egress, "ok": ok}
+        lab.kill_all()
+    return {"time_s": took, **counts, "ok": ok, "per_host_s": finish_times(seen, t0)}
 
 
 def run_meshd(
-    lab: Any, lm: ModuleType, origin: Any, clients: list[Any], src: Path, digest: str, pub_key: Path
+    lab: Any, lm: ModuleType, topo: Topology, src: Path, digest: str, pub_key: Path, profile: str
 ) -> dict[str, Any]:
+    origin, clients = topo.origin, topo.clients
     hosts = [origin, *clients]
     seed = f"{origin.ip}:{lm.MESHD_PORT}"
     procs = []
@@ -223,9 +353,11 @@ def run_meshd(
                     mdns=False,
                     fresh=True,
                     joins=[] if h is origin else [seed],
+                    profile=profile,
                     extra=["--trust-publisher", f"{pub_key}.pub", "--log-level", "info"],
                 )
             )
+        # Daemons up and meshed first: every member lists every member alive.
         wait(
             "meshd mesh",
             lambda: all(
@@ -234,58 +366,57 @@ def run_meshd(
             ),
             every=0.5,
         )
-        before = tx_bytes(origin.ns)
-        t_pub = time.monotonic()
-        out = lab.exec(
-            origin,
-            [
-                sys.executable,
-                "-m",
-                "meshd.cli.meshctl",
-                "publish",
-                str(src),
-                "--name",
-                "rel",
-                "--version",
-                "1",
-                "--key",
-                str(pub_key),
-                "--json",
-                "--token-file",
-                str(lab.host_dir(origin) / "meshd" / "api-token"),
-            ],
-            timeout=300,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"meshctl publish: {out.stderr}")
-        rid = json.loads(out.stdout)["id"]
-        t0 = time.monotonic()
-
-        def all_active() -> bool:
-            paths = [lab.host_dir(c) / "meshd" / "releases" / "rel" / "current" / src.name for c in clients]
-            if not all(p.exists() for p in paths):
-                return False
-            for c in clients:
-                doc = lab.api_get(c, "/v1/releases") or {}
-                if not any(r["id"] == rid and r["state"] == "active" for r in doc.get("releases", [])):
-                    return False
-            return True
-
-        wait("meshd clients", all_active, every=0.25)
-        took = time.monotonic() - t0
-        egress = tx_bytes(origin.ns) - before
-        ok = all(
-            has_file(
-                lab.host_dir(c) / "meshd" / "releases" / "rel" / "current" / src.name,
-                src.stat().st_size,
-                digest,
-            )
-            for c in clients
-        )
+        currents = {
+            c.name: lab.host_dir(c) / "meshd" / "releases" / "rel" / "current" / src.name for c in clients
+        }
+        argv = [
+            sys.executable, "-m", "meshd.cli.meshctl", "publish", str(src), "--name", "rel",
+            "--version", "1", "--key", str(pub_key), "--json",
+            "--token-file", str(lab.host_dir(origin) / "meshd" / "api-token"),
+        ]  # fmt: skip
+        counters = Counters(topo)
+        counters.start()
+        t0 = time.monotonic()  # clock start: meshctl publish is launched at the origin
+        pub = lab.popen(origin, argv, stdout=subprocess.PIPE)
+        procs.append(pub)
+        seen: dict[str, float] = {}
+        published: float | None = None
+        deadline = t0 + STEP_TIMEOUT
+        while len(seen) < len(currents):
+            now = time.monotonic()
+            if now > deadline:
+                raise RuntimeError(f"timed out: {len(seen)} of {len(currents)} clients have it")
+            if published is None and pub.poll() is not None:
+                published = now
+                if pub.returncode != 0:
+                    raise RuntimeError(f"meshctl publish exited {pub.returncode}")
+            for name, path in currents.items():
+                if name not in seen and path.exists():
+                    seen[name] = now
+            time.sleep(0.05)
+        took = max(seen.values()) - t0  # clock stop: the last client's `current` switch
+        counts = counters.stop()
+        if published is None:
+            pub.wait(timeout=60)
+            published = time.monotonic()
+        assert pub.stdout is not None
+        rid = json.loads(pub.stdout.read())["id"]
+        for c in clients:
+            doc = lab.api_get(c, "/v1/releases") or {}
+            if not any(r["id"] == rid and r["state"] == "active" for r in doc.get("releases", [])):
+                raise RuntimeError(f"{c.name}: release not active in /v1/releases")
+        ok = all(has_file(p, src.stat().st_size, digest) for p in currents.values())
     finally:
         for p in procs:
             lab.kill(p)
-    return {"time_s": took, "publish_s": t0 - t_pub, "egress": egress, "ok": ok}
+        lab.kill_all()
+    return {
+        "time_s": took,
+        "publish_s": published - t0,
+        **counts,
+        "ok": ok,
+        "per_host_s": finish_times(seen, t0),
+    }
 
 
 # --- delta -----------------------------------------------------------------------------------
@@ -346,115 +477,214 @@ def casync_delta(v1: Path, v2: Path, work: Path) -> dict[str, int]:
 
 # --- main ------------------------------------------------------------------------------------
 
+LABELS = {
+    "http": "central HTTP (http.server + curl)",
+    "torrent": "BitTorrent (opentracker + aria2c, seeding on)",
+    "meshd": "meshd (lan profile, publish at the origin)",
+}
+CLOCKS = {
+    "http": "from launching the curl clients (server answering) to the last curl's exit",
+    "torrent": "from launching the seeder (tracker up, every client running and announced) to the "
+    "last client's --on-bt-download-complete hook",
+    "meshd": "from launching `meshctl publish` at the origin (chunking and signing included; every "
+    "daemon up, every member alive everywhere) to the last client's `current` switch",
+}
+
+
+def summarize_runs(runs: list[dict[str, Any]], size: int) -> dict[str, Any]:
+    """median/min/max of time, egress and thin-link bytes (as multiples of the release size)."""
+
+    def pick(key: str, scale: float = 1.0) -> dict[str, Any]:
+        return summary([r[key] / scale if "error" not in r and key in r else None for r in runs])
+
+    return {
+        "time_s": pick("time_s"),
+        "egress_x": pick("egress_bytes", size),
+        "thin_link_x": pick("thin_link_bytes", size),
+        "publish_s": pick("publish_s"),
+        "byte_exact": all(r.get("ok") for r in runs if "error" not in r),
+        "errors": [r["error"] for r in runs if "error" in r],
+    }
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hosts", type=int, default=8, help="client hosts (default 8)")
-    ap.add_argument("--size-mib", type=int, default=32, help="release size in MiB (default 32)")
+    ap.add_argument(
+        "--config", type=parse_config, action="append",
+        help=f"SITESxHOSTS client hosts, repeatable (default {' '.join(DEFAULT_CONFIGS)}; 1x32 works too)",
+    )  # fmt: skip
+    ap.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="repetitions per figure (default 5)")
+    ap.add_argument("--size-mb", type=float, default=40.0, help="release size in MB (10^6 bytes; default 40)")
     ap.add_argument("--rate", default="100mbit", help="origin uplink limit (tc tbf rate)")
-    ap.add_argument("--only", choices=("http", "torrent", "meshd", "delta"), action="append")
+    ap.add_argument("--site-rate", default="20mbit", help="the thin link into each other site (tc tbf)")
+    ap.add_argument("--profile", choices=("lan", "wan", "local"), default="lan", help="meshd's preset")
+    ap.add_argument("--only", choices=(*SYSTEMS, "delta"), action="append")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="the .md; raw runs go beside it as .json")
     args = ap.parse_args()
-    only = set(args.only or ("http", "torrent", "meshd", "delta"))
+    if args.runs < 1:
+        ap.error("--runs: at least 1")
+    configs: list[Config] = args.config or [parse_config(c) for c in DEFAULT_CONFIGS]
+    only = set(args.only or (*SYSTEMS, "delta"))
+    systems = [s for s in SYSTEMS if s in only]
     lm = load_lab()
     ok, why = lm.available()
-    results: dict[str, Any] = {}
-    size = args.size_mib * 1024 * 1024
+    size = int(args.size_mb * 1_000_000)
+    doc: dict[str, Any] = {
+        "bench": "distribution",
+        "env": environment(),
+        "conditions": {
+            "size_bytes": size,
+            "origin_rate": args.rate,
+            "site_rate": args.site_rate,
+            "meshd_profile": args.profile,
+            "runs": args.runs,
+            "clocks": {s: CLOCKS[s] for s in systems},
+        },
+        "configs": [],
+    }
     work = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     src = work / "src" / "release.bin"
     src.parent.mkdir(parents=True)
     src.write_bytes(random.Random(1).randbytes(size))  # incompressible: no help from lz4
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     try:
-        if only - {"delta"}:
+        if systems:
             if not ok:
                 raise SystemExit(f"lab unavailable: {why}")
-            lab = lm.Lab(PREFIX)
-            lab.up(sites=1, hosts=args.hosts + 1)
-            try:
-                hosts = lab.hosts()
-                origin, clients = hosts[0], hosts[1:]
-                lab._limit(origin.ns, "eth0", args.rate)
-                from meshd.crypto import generate_publisher_keypair
-
-                pub_key = lab.workdir / "publisher.key"
-                if not pub_key.exists():
-                    generate_publisher_keypair(pub_key)
-                for name, fn in (
-                    ("http", lambda: run_http(lab, origin, clients, src, digest)),
-                    ("torrent", lambda: run_torrent(lab, origin, clients, src, digest)),
-                    ("meshd", lambda: run_meshd(lab, lm, origin, clients, src, digest, pub_key)),
-                ):
-                    if name not in only:
-                        continue
-                    print(f"{name}: distributing {args.size_mib} MiB to {len(clients)} hosts ...", flush=True)
-                    try:
-                        results[name] = fn()
-                    except Exception as e:  # report what ran; one failure must not hide the rest
-                        results[name] = {"error": str(e)}
-                    print(f"  {results[name]}", flush=True)
-            finally:
-                lab.down()
+            for config in configs:
+                doc["configs"].append(run_config(lm, config, systems, args, src, digest, size))
+                write_all(doc, args.out, size)  # a long run keeps what it has measured so far
         if "delta" in only:
             v1, v2 = delta_pair(src, work / "delta")
-            results["delta"] = {"meshd": meshd_delta(v1, v2), "casync": casync_delta(v1, v2, work / "delta")}
-            print(f"delta: {results['delta']}", flush=True)
+            doc["delta"] = {"meshd": meshd_delta(v1, v2), "casync": casync_delta(v1, v2, work / "delta")}
+            print(f"delta: {doc['delta']}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_report(results, args, size)
-    print(f"wrote {RESULTS}")
+    write_all(doc, args.out, size)
+    print(f"wrote {args.out} and {json_path(args.out)}")
     return 0
 
 
-def write_report(results: dict[str, Any], args: argparse.Namespace, size: int) -> None:
+def run_config(
+    lm: ModuleType, config: Config, systems: list[str], args: argparse.Namespace, src: Path, digest: str,
+    size: int,
+) -> dict[str, Any]:  # fmt: skip
+    lab = lm.Lab(PREFIX)
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    try:
+        topo = lay_out(lab, config, args.rate, args.site_rate)
+        from meshd.crypto import generate_publisher_keypair
+
+        pub_key = lab.workdir / "publisher.key"
+        if not pub_key.exists():
+            generate_publisher_keypair(pub_key)
+        fns = {
+            "http": lambda: run_http(lab, topo, src, digest),
+            "torrent": lambda: run_torrent(lab, topo, src, digest),
+            "meshd": lambda: run_meshd(lab, lm, topo, src, digest, pub_key, args.profile),
+        }
+        for i in range(args.runs):
+            order = systems[i % len(systems) :] + systems[: i % len(systems)]  # no system always first
+            for name in order:
+                print(f"{config.name} run {i + 1}/{args.runs} {name}: {size / 1e6:.0f} MB to "
+                      f"{len(topo.clients)} hosts ...", flush=True)  # fmt: skip
+                try:
+                    r = fns[name]()
+                except Exception as e:  # one failure must not hide the rest; it is counted
+                    r = {"error": str(e)}
+                runs[name].append(r)
+                shown = {k: v for k, v in r.items() if k != "per_host_s"}
+                print(f"  {shown}", flush=True)
+    finally:
+        lab.down()
+    return {
+        "name": config.name,
+        "sites": config.sites,
+        "clients": config.clients,
+        "clients_per_site": config.clients_per_site,
+        "runs": runs,
+        "summary": {s: summarize_runs(runs[s], size) for s in systems},
+    }
+
+
+def write_all(doc: dict[str, Any], out: Path, size: int) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(doc))
+    write_json(json_path(out), doc)
+
+
+def xfmt(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The Markdown result file, from the raw document alone (bench/report.py reuses it)."""
+    c, env = doc["conditions"], doc["env"]
     lines = [
         "# Release distribution: meshd vs central HTTP vs BitTorrent",
         "",
-        f"Lab (scripts/lab.py): one site, 1 origin + {args.hosts} client hosts on a bridge, origin "
-        f"uplink limited to {args.rate} (tc tbf); release {args.size_mib} MiB of incompressible data. "
-        f"Run {time.strftime('%Y-%m-%d %H:%M')} by bench/bench_distribution.py on one 2-core machine "
-        "(every host is a namespace of it: CPU is shared).",
+        f"`{env['command']}`, {env['date']} on {env['host']} ({env['cpus']} CPUs, load "
+        f"{env['load_1m_at_start']} at start); every host is a network namespace of this one machine "
+        "(CPU is shared). "
+        f"Release {c['size_bytes'] / 1e6:.0f} MB of incompressible data; origin uplink {c['origin_rate']} "
+        f"(tc tbf on its eth0); in multi-site configs each other site sits behind a {c['site_rate']} "
+        f"link (tc tbf both ways). meshd profile `{c['meshd_profile']}`. Each cell: median (min-max) "
+        f"over {c['runs']} run(s), n = runs that finished.",
         "",
-        "| system | time until the last host has it | origin egress (x release) | byte-exact |",
-        "|---|---|---|---|",
+        "Clocks:",
+        "",
+        *[f"- {LABELS[s]}: {how}." for s, how in c["clocks"].items()],
+        "",
     ]
-    labels = {
-        "http": "central HTTP (http.server + curl)",
-        "torrent": "BitTorrent (opentracker + aria2c)",
-        "meshd": "meshd (publish at the origin)",
-    }
-    for key in ("http", "torrent", "meshd"):
-        r = results.get(key)
-        if r is None:
-            continue
-        if "error" in r:
-            lines.append(f"| {labels[key]} | failed: {r['error']} | | |")
-            continue
-        extra = f" (+{r['publish_s']:.1f} s chunking at publish)" if "publish_s" in r else ""
-        lines.append(
-            f"| {labels[key]} | {r['time_s']:.1f} s{extra} | {r['egress'] / size:.2f} | "
-            f"{'yes' if r['ok'] else 'NO'} |"
+    for cfg in doc["configs"]:
+        where = (
+            f"1 site: origin + {cfg['clients']} clients"
+            if cfg["sites"] == 1
+            else f"{cfg['sites']} sites x {cfg['clients_per_site']} clients, origin in site 1, "
+            f"{c['site_rate']} between sites"
         )
-    d = results.get("delta")
-    if d:
-        m, c = d["meshd"], d["casync"]
         lines += [
+            f"## {cfg['name']}: {where}",
             "",
+            "| system | time until the last host has it | origin egress (x release) "
+            + ("| bytes over the thin link (x release) " if cfg["sites"] > 1 else "")
+            + "| byte-exact |",
+            "|---|---|---|" + ("---|" if cfg["sites"] > 1 else "") + "---|",
+        ]
+        for s, sm in cfg["summary"].items():
+            t = cell(sm["time_s"])
+            if s == "meshd" and sm["publish_s"]["median"] is not None:
+                t += f"; publish call returned at {cell(sm['publish_s'])}"
+            row = f"| {LABELS[s]} | {t} | {cell(sm['egress_x'], xfmt)} "
+            if cfg["sites"] > 1:
+                row += f"| {cell(sm['thin_link_x'], xfmt)} "
+            row += f"| {'yes' if sm['byte_exact'] else 'NO'} |"
+            lines.append(row)
+            for e in sorted(set(sm["errors"])):
+                lines.append(f"|  | failed run: {e} | | {'| ' if cfg['sites'] > 1 else ''}|")
+        lines.append("")
+    d = doc.get("delta")
+    if d:
+        m, cs = d["meshd"], d["casync"]
+        lines += [
             "## Delta: a version with 2% changed (4 spots of 0.5%)",
             "",
             "| tool | bytes to move | new chunks / chunks | ratio to casync |",
             "|---|---|---|---|",
             f"| meshd (FastCDC, lz4, manifest incl.) | {m['bytes']} | {m['chunks']} / {m['total_chunks']} | "
-            f"{m['bytes'] / c['bytes']:.2f} |",
-            f"| casync (defaults, index incl.) | {c['bytes']} | {c['chunks']} / {c['total_chunks']} | 1.00 |",
+            f"{m['bytes'] / cs['bytes']:.2f} |",
+            f"| casync (defaults, index incl.) | {cs['bytes']} | {cs['chunks']} / {cs['total_chunks']} "
+            "| 1.00 |",
+            "",
+            "Deterministic (same files every run): one measurement.",
+            "",
         ]
     lines += [
-        "",
-        "Goals (issue 5): origin egress <= 1.5x the release; time no worse than the swarm; "
-        "delta <= 1.5x casync's.",
+        "Goals (issues 5 and 11): origin egress <= 1.1x the release; time no worse than the swarm's at "
+        "every host count; delta <= 1.5x casync's.",
         "",
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
