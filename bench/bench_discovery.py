@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Discovery benchmark in the network-namespace lab: meshd against `serf agent -discover`.
 
-Run as root from the repository:  sudo python bench/bench_discovery.py [--reps 3] [--profile lan]
+Run as root from the repository:  sudo python bench/bench_discovery.py [--runs 5] [--profile lan]
 
 Measured, side by side in one run, with the same timing preset for both systems:
 
@@ -10,7 +10,9 @@ Measured, side by side in one run, with the same timing preset for both systems:
   (meshd `member join: X`, serf `EventMemberJoin: X`; lines are timestamped as they arrive);
 - heal: two sites of three, merged by one seed; the site-2 uplink is cut; time until each side
   lists the other dead (serf: failed), then, after the link returns, time until all six list all
-  six alive, with no operator action.
+  six alive, with no operator action. Both systems reconnect to failed members at the same
+  interval, meshd's for the preset (10 s at lan; serf gets it through `reconnect_interval` in a
+  config file, its default being 30 s). `--runs` (default 5) repetitions of each, median (min-max).
 
 serf runs from Debian's package (`serf agent -discover=<cluster> -iface eth0`, mDNS service
 `_serf_<cluster>._tcp`), meshd as `meshd run --mdns-interface <lab ip>`. Everything stays in
@@ -24,24 +26,24 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.benchstats import DEFAULT_RUNS, cell, environment, json_path, summary, write_json  # noqa: E402
+
 RESULTS = REPO / "bench" / "results" / "discovery.md"
 SERF_PORT = 7946
 SERF_RPC = "127.0.0.1:7373"
@@ -75,6 +77,13 @@ class Proc:
         assert self.popen.stdout is not None
         for raw in self.popen.stdout:
             self.lines.append((time.monotonic(), raw.decode(errors="replace").rstrip()))
+
+
+def reconnect_interval(profile: str) -> float:
+    """meshd's reconnect interval for a preset: both systems get it in the heal test."""
+    from meshd.core.config import PRESETS
+
+    return PRESETS[profile].reconnect_interval
 
 
 class System:
@@ -154,11 +163,18 @@ class Serf(System):
     name = "serf"
     join_re = re.compile(r"EventMemberJoin: (\S+)")
 
+    def config_file(self, host: Any) -> Path:
+        """serf's reconnect interval set to meshd's for the preset (serf's own default is 30 s)."""
+        path = self.lab.host_dir(host) / "serf-config.json"
+        path.write_text(json.dumps({"reconnect_interval": f"{reconnect_interval(self.profile):g}s"}))
+        return path
+
     def argv(self, host: Any, seeds: list[str]) -> list[str]:
         argv = [
             "serf", "agent", "-node", host.name, "-bind", f"{host.ip}:{SERF_PORT}",
             "-rpc-addr", SERF_RPC, "-discover", self.cluster, "-iface", host.ifname,
             "-profile", self.profile, "-log-level", "info",
+            "-config-file", str(self.config_file(host)),
         ]  # fmt: skip
         for seed in seeds:
             argv += ["-retry-join", seed, "-retry-interval", "1s"]
@@ -291,63 +307,56 @@ def _fmt(x: float | None, timeout: float | None = None) -> str:
     return f"{x:.2f} s"
 
 
-def _med(xs: list[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return statistics.median(vals) if len(vals) == len(xs) and vals else None
-
-
-def render(
-    args: argparse.Namespace,
-    formation: dict[str, list[Formation]],
-    heal: dict[str, Heal],
-    leaks: int,
-    env: dict[str, str],
-) -> str:
+def render(doc: dict[str, Any]) -> str:
+    """The Markdown result file, from the raw document alone (bench/report.py reuses it)."""
+    env, c = doc["env"], doc["conditions"]
+    form, heal = doc["formation"], doc["heal"]
     lines = [
         "# Discovery: meshd vs serf in the namespace lab",
         "",
-        f"Run {env['date']} on {env['host']} (kernel {env['kernel']}, {env['cpus']} CPUs), "
-        f"{env['serf']}, Python {env['python']}; profile `{args.profile}` for both systems; "
-        f"{args.reps} repetition(s) of site formation, median shown (all values in brackets).",
+        f"`{env['command']}`, {env['date']} on {env['host']} (kernel {env['kernel']}, {env['cpus']} CPUs, "
+        f"load {env['load_1m_at_start']} at start), {c['serf']}, Python {env['python']}; profile "
+        f"`{c['profile']}` for both systems; reconnect interval {c['reconnect_interval_s']:g} s for both "
+        f"(meshd's `{c['profile']}` preset; serf given it with `reconnect_interval` in its config file, "
+        "its own default being 30 s). Each cell: median (min-max) over the runs, n = runs that finished; "
+        f"{c['runs']} run(s) of site formation and {c['heal_runs']} of the heal test per system.",
         "",
         "Lab: `scripts/lab.py` (network namespaces, a bridge per site, one router, 198.18.0.0/15, "
         "link-local IPv6 on without DAD, as serf's mDNS client fails without IPv6). "
-        "Site formation: 3 fresh processes in one site, mDNS only, no seeds; time from "
-        "the first process start until all three logged the two others' joins (cross-checked "
-        "against the member lists). Heal: 2 sites x 3, one seed; cut the site-2 uplink, then restore.",
+        "Site formation: 3 fresh processes in one site, mDNS only, no seeds; clock from the first "
+        "process start until all three logged the two others' joins (cross-checked "
+        "against the member lists). Heal: 2 sites x 3, one seed, a fresh mesh per run; the clock starts "
+        "when the site-2 uplink is cut and stops when every member lists the other site dead (serf: "
+        "failed); a new clock starts when the link is restored and stops when all six list all six "
+        "alive. Member lists are polled every 0.25 s (meshd `/v1/members`, serf `serf members`).",
         "",
         "| measure | meshd | serf |",
         "|---|---|---|",
     ]
-
-    def row(label: str, pick: Callable[[Formation], float | None]) -> str:
-        m, s = (_fmt(_med([pick(f) for f in formation[n]])) for n in ("meshd", "serf"))
-        return f"| {label} | {m} | {s} |"
-
-    all_c = {s: ", ".join(_fmt(f.complete, args.timeout) for f in formation[s]) for s in formation}
-    lines += [
-        row("first peer seen, from process start (median)", lambda f: f.first),
-        row("**3-host site complete, from process start** (median)", lambda f: f.complete),
-        row("site complete, from the last process's first log line (median)", lambda f: f.after_up),
-        f"| site complete from process start, every run | {all_c['meshd']} | {all_c['serf']} |",
+    rows = [
+        ("first peer seen, from process start", form, "first"),
+        ("**3-host site complete, from process start**", form, "complete"),
+        ("site complete, from the last process's first log line", form, "after_up"),
+        ("2x3 mesh formed through one seed", heal, "formed"),
+        ("cut: each side sees the other dead", heal, "detect"),
+        (
+            f"**restore: whole mesh alive again** (reconnect every {c['reconnect_interval_s']:g} s)",
+            heal,
+            "heal",
+        ),
     ]
-    if heal:
-        m, s = heal["meshd"], heal["serf"]
-        lines += [
-            f"| 2x3 mesh formed through one seed | {_fmt(m.formed)} | {_fmt(s.formed)} |",
-            f"| cut: each side sees the other dead | {_fmt(m.detect, args.heal_timeout)} | "
-            f"{_fmt(s.detect, args.heal_timeout)} |",
-            f"| restore: whole mesh alive again | {_fmt(m.heal, args.heal_timeout)} | "
-            f"{_fmt(s.heal, args.heal_timeout)} |",
-        ]
+    for label, group, key in rows:
+        if not group:
+            continue
+        cells = [cell(summary([r[key] for r in group.get(n, [])])) for n in ("meshd", "serf")]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     lines += [
         "",
-        f"mDNS packets seen on the machine's real interfaces during the run: **{leaks}**.",
+        f"mDNS packets seen on the machine's real interfaces during the run: **{doc['mdns_leaks']}**.",
         "",
         "Notes: meshd's start includes the Python interpreter and imports; serf is a static Go binary. "
-        "meshd polls its operator API, serf `serf members`, every 0.25 s for the heal figures. "
-        "Serf reconnects to failed members every 30 s (its `reconnect_interval`); meshd's heal "
-        "goal is 60 s after the link returns.",
+        "A run that did not finish within its bound counts as failed (shown next to the cell), never as "
+        "the bound. meshd's heal goal is 60 s after the link returns.",
         "",
     ]
     return "\n".join(lines)
@@ -355,7 +364,8 @@ def render(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--runs", "--reps", type=int, default=DEFAULT_RUNS, help="site formations per system")
+    parser.add_argument("--heal-runs", type=int, default=None, help="heal tests per system (default: --runs)")
     parser.add_argument("--profile", choices=["lan", "wan", "local"], default="lan")
     parser.add_argument("--timeout", type=float, default=60.0, help="bound on site formation, s")
     parser.add_argument("--heal-timeout", type=float, default=120.0, help="bound on detect/heal, s")
@@ -375,42 +385,54 @@ def main() -> int:
     lab = lm.Lab("mdb-")
     lab.python = args.python
     serf_version = subprocess.run(["serf", "version"], capture_output=True, text=True).stdout
-    env = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "host": platform.node(),
-        "kernel": platform.release(),
-        "cpus": str(os.cpu_count()),
-        "serf": "serf " + (serf_version.splitlines() or ["?"])[0].strip(),
-        "python": platform.python_version(),
-    }
+    env = environment()
+    serf = "serf " + (serf_version.splitlines() or ["?"])[0].strip()
     formation: dict[str, list[Formation]] = {"meshd": [], "serf": []}
-    heal: dict[str, Heal] = {}
+    heal: dict[str, list[Heal]] = {"meshd": [], "serf": []}
+    heal_runs = args.runs if args.heal_runs is None else args.heal_runs
     sniffer = lm.MdnsSniffer()
     try:
         with sniffer:
             lab.up(sites=2, hosts=3, ipv6=True)  # serf's mDNS client gives up without IPv6
             systems = [Meshd(lab, "bench", args.profile), Serf(lab, "bench", args.profile)]
-            for rep in range(args.reps):
+            for rep in range(args.runs):
                 for system in systems if rep % 2 == 0 else systems[::-1]:
                     f = bench_site_formation(system, args.timeout)
                     formation[system.name].append(f)
                     print(f"formation rep {rep + 1} {system.name:5}: first {_fmt(f.first)}, "
                           f"complete {_fmt(f.complete, args.timeout)}, after up {_fmt(f.after_up)}",
                           flush=True)  # fmt: skip
-            if not args.no_heal:
-                for system in systems:
-                    heal[system.name] = h = bench_heal(system, args.timeout, args.heal_timeout)
-                    print(f"heal {system.name:5}: formed {_fmt(h.formed)}, detect {_fmt(h.detect)}, "
-                          f"heal {_fmt(h.heal)}", flush=True)  # fmt: skip
+            for rep in range(0 if args.no_heal else heal_runs):
+                for system in systems if rep % 2 == 0 else systems[::-1]:
+                    h = bench_heal(system, args.timeout, args.heal_timeout)
+                    heal[system.name].append(h)
+                    print(f"heal rep {rep + 1} {system.name:5}: formed {_fmt(h.formed)}, "
+                          f"detect {_fmt(h.detect)}, heal {_fmt(h.heal)}", flush=True)  # fmt: skip
     finally:
         lab.down()
     leaks = sniffer.result().mdns_total
-    report = render(args, formation, heal, leaks, env)
+    doc = {
+        "bench": "discovery",
+        "env": env,
+        "conditions": {
+            "profile": args.profile,
+            "reconnect_interval_s": reconnect_interval(args.profile),
+            "runs": args.runs,
+            "heal_runs": 0 if args.no_heal else heal_runs,
+            "serf": serf,
+            "poll_s": 0.25,
+        },
+        "formation": {n: [asdict(f) for f in fs] for n, fs in formation.items()},
+        "heal": {n: [asdict(h) for h in hs] for n, hs in heal.items() if hs},
+        "mdns_leaks": leaks,
+    }
+    report = render(doc)
     print()
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
-    print(f"written to {args.out}")
+    write_json(json_path(args.out), doc)
+    print(f"written to {args.out} and {json_path(args.out)}")
     return 0 if leaks == 0 else 1
 
 
