@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit integration venv clean bench sim fuzz chaos
+.PHONY: run test lint typecheck unit integration venv clean bench report sim fuzz chaos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,15 +77,32 @@ fuzz: $(STAMP)
 	$(BIN)/python scripts/fuzz_seeds.py --scrub; \
 	exit $$status
 
-# Side-by-side benchmarks (root; Debian serf, aria2, opentracker, mktorrent, casync): results
-# land in bench/results/*.md. About 20 minutes in all (bench_attacks alone about 7; with --before about 14).
-bench: $(STAMP)
+# Side-by-side benchmarks (root; Debian serf, aria2, opentracker, mktorrent, casync), then the one
+# report: every bench writes bench/results/<name>.md and its raw runs <name>.json; bench/report.py
+# turns them (and the simulator's simulator*.json) into bench/results/README.md with PNG plots.
+# matplotlib is the `bench` extra, installed here only (`make test` never needs it). BENCH_RUNS
+# repetitions per figure (median and min-max); with 5, about 90 minutes on a quiet 2-core machine
+# (distribution: 1x8, 1x16 and 2x8 hosts x 3 systems; add DIST_CONFIGS="... --config 1x32").
+BENCH_RUNS   ?= 5
+DIST_CONFIGS ?= --config 1x8 --config 1x16 --config 2x8
+BENCH_STAMP  := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/membership.py
-	$(BIN)/python bench/bench_queries.py
-	$(BIN)/python bench/bench_discovery.py
-	$(BIN)/python bench/bench_distribution.py
+	$(BIN)/python bench/bench_queries.py --runs $(BENCH_RUNS)
+	$(BIN)/python bench/bench_discovery.py --runs $(BENCH_RUNS)
+	$(BIN)/python bench/bench_distribution.py --runs $(BENCH_RUNS) $(DIST_CONFIGS)
 	$(BIN)/python bench/bench_chunk_pipeline.py
 	$(BIN)/python bench/bench_attacks.py
+	$(BIN)/python bench/report.py
+
+# Only the report, from the result files already there (no lab, no root).
+report: $(BENCH_STAMP)
+	$(BIN)/python bench/report.py
 
 # The many-node simulator against Serf's epidemic model (virtual time).
 sim: $(STAMP)

@@ -862,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", metavar="REF", help="also measure this git ref of --tree, side by side")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ", ".join(SCENARIOS))
     p.add_argument("--systems", default="meshd,serf", help="comma list: meshd, serf")
-    p.add_argument("--repeats", type=int, default=5, help="runs at rest")
+    p.add_argument("--runs", "--repeats", dest="repeats", type=int, default=5, help="runs at rest")
     p.add_argument("--slow-repeats", type=int, default=3, help="runs of each attack scenario")
     p.add_argument("--period", type=float, default=10.0, help="seconds of attack per run")
     p.add_argument("--settle", type=float, default=10.0, help="seconds after the attack for RSS/fds 'after'")
