@@ -179,6 +179,13 @@ def finish_times(seen: dict[str, float], t0: float) -> dict[str, float]:
     return {h: round(t - t0, 4) for h, t in sorted(seen.items())}
 
 
+def hook_times(marks: dict[str, str], t0: float, t0_wall: float) -> dict[str, float]:
+    """Completion per client on the monotonic clock, from the hook's `date +%s.%N` stamps.
+
+    The stamp is taken when aria2c runs the hook, so the poll's own delay is not in the figure."""
+    return {name: t0 + float(text.strip()) - t0_wall for name, text in marks.items()}
+
+
 # --- the three systems -----------------------------------------------------------------------
 
 
@@ -326,7 +333,7 @@ def run_torrent(lab: Any, topo: Topology, src: Path, digest: str) -> dict[str, A
         wait("torrent clients' completion hooks", lambda: all(m.exists() for m in marks.values()), every=0.05)
         counts = counters.stop()
         # Clock stop: the last hook's own timestamp (wall clock, taken when aria2c ran it).
-        seen = {name: t0 + float(m.read_text().strip()) - t0_wall for name, m in marks.items()}
+        seen = hook_times({name: m.read_text() for name, m in marks.items()}, t0, t0_wall)
         took = max(seen.values()) - t0
         size = src.stat().st_size
         ok = all(has_file(p, size, digest) for p in outs.values())
