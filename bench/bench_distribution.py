@@ -296,7 +296,8 @@ def run_torrent(lab: Any, topo: Topology, src: Path, digest: str) -> dict[str, A
         lab.popen(
             origin,
             ["opentracker", "-i", origin.ip, "-p", str(TRACKER_PORT), "-P", str(TRACKER_PORT),
-             "-d", str(work), "-w", "whitelist"],  # Debian's opentracker serves only listed hashes
+             "-d", str(work), "-w", "whitelist",  # Debian's opentracker serves only listed hashes
+             "-A", origin.ip],  # stats (clients announced?) are for admin addresses only
             log=work / "tracker.log",
         )
     ]  # fmt: skip
@@ -323,6 +324,7 @@ def run_torrent(lab: Any, topo: Topology, src: Path, digest: str) -> dict[str, A
             wait("clients announced", lambda: tracker_peers(lab, topo) >= len(clients), timeout=60, every=0.2)
         else:
             time.sleep(3.0)  # a tracker without stats: aria2c announces within a second of start
+        announced = tracker_peers(lab, topo)
         counters = Counters(topo)
         counters.start()
         t0_wall, t0 = time.time(), time.monotonic()  # clock start: the seeder is launched
@@ -341,7 +343,13 @@ def run_torrent(lab: Any, topo: Topology, src: Path, digest: str) -> dict[str, A
         for p in reversed(procs):
             lab.kill(p)
         lab.kill_all()
-    return {"time_s": took, **counts, "ok": ok, "per_host_s": finish_times(seen, t0)}
+    return {
+        "time_s": took,
+        **counts,
+        "ok": ok,
+        "peers_announced_at_start": announced,
+        "per_host_s": finish_times(seen, t0),
+    }
 
 
 def run_meshd(
