@@ -81,9 +81,22 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 import re2
 
+from meshd.core.aggregate import (
+    AGGREGATES,
+    GATHER_FRACTION,
+    Gather,
+    GatherVerdict,
+    OriginSites,
+    Reducer,
+    SiteMember,
+    SiteResult,
+    SummaryVerdict,
+    pick_aggregator,
+    raw_reducer,
+)
 from meshd.core.counters import Counters
 from meshd.core.effects import MembershipEffect, Outbox, QueryDone
-from meshd.core.messages import Query, QueryFilter, QueryResponse, Relay
+from meshd.core.messages import MemberState, Query, QueryFilter, QueryResponse, Relay, SiteSummary
 from meshd.errors import ConfigError, StateError
 
 if TYPE_CHECKING:
@@ -95,6 +108,7 @@ QUERY_TIMEOUT_MULT: Final = 16  # Serf's QueryTimeoutMult
 LTIME_CEILING: Final = 1 << 53  # far inside u64 (msgpack) and exact in a JSON double
 PATTERN_MAX_MEM: Final = 1 << 20  # RE2 budget per compiled pattern (program + DFA cache)
 PATTERN_CACHE_SIZE: Final = 64  # compiled patterns kept: at most 64 x PATTERN_MAX_MEM
+_DOWN_STATES: Final = (MemberState.SUSPECT, MemberState.DEAD)
 _RE2_HINT: Final = "RE2 syntax, linear time: no backreferences, lookaround or \\Z"
 
 
@@ -144,6 +158,8 @@ class QueryLimits:
     max_pending: int = 64  # queries this node has in flight
     ring_size: int = 512  # Serf's QueryBuffer
     max_ids_per_slot: int = 64
+    max_routes: int = 256  # aggregated queries this node routes answers for at once
+    max_site_fan_out: int = 64  # members an aggregator sends the query to directly
 
 
 @dataclass(frozen=True)
@@ -170,7 +186,7 @@ class QueryOutbound:
     """A message to send: to `addr` by UDP, or by a TCP exchange when `via_stream`."""
 
     addr: str
-    message: QueryResponse | Relay
+    message: QueryResponse | Relay | SiteSummary
     via_stream: bool
 
 
@@ -189,6 +205,7 @@ class QueryResult:
     missing: tuple[str, ...]  # expected nodes that did not answer, sorted
     elapsed_ms: float
     timed_out: bool  # False: completed because every expected node answered
+    sites: tuple[SiteResult, ...] = ()  # aggregated queries: each site's summaries (aggregate.py)
 
 
 class LamportClock:
@@ -292,7 +309,7 @@ def filter_problem(filters: QueryFilter, limits: QueryLimits) -> str | None:
     return None
 
 
-def _encoded_size(msg: Query | QueryResponse | Relay) -> int:
+def _encoded_size(msg: Query | QueryResponse | Relay | SiteSummary) -> int:
     # Size of the message body alone (the envelope's overhead is in udp_response_size's margin).
     return len(msgspec.msgpack.encode(msg))
 
@@ -305,11 +322,26 @@ class _Pending:
     expected: set[str] | None
     answers: dict[str, QueryAnswer] = field(default_factory=dict)
     down: set[str] = field(default_factory=set)
+    sites: OriginSites | None = None  # aggregated queries only
 
     def complete(self) -> bool:
         if self.expected is None:
             return False
-        return all(n in self.answers or n in self.down for n in self.expected)
+        sites = self.sites
+        return all(
+            n in self.answers or n in self.down or (sites is not None and sites.covers(n))
+            for n in self.expected
+        )
+
+
+@dataclass
+class _Route:
+    """An aggregated query this node answers or aggregates: where its answers go."""
+
+    query: Query
+    expires: float  # the query's deadline here: forgotten after it
+    aggregator: tuple[str, str] | None  # (name, addr) of our site's aggregator; None: answer the origin
+    gather: Gather | None = None  # set when we are that aggregator
 
 
 class QueryEngine:
@@ -322,9 +354,11 @@ class QueryEngine:
         rng: Random,
         limits: QueryLimits | None = None,
         outbox: Outbox[MembershipEffect] | None = None,
+        reducer: Reducer | None = None,
     ) -> None:
         """`outbox`: where finished queries go (QueryDone); the node passes its own, so they
-        come out in order with everything else it queues."""
+        come out in order with everything else it queues. `reducer`: how an aggregator sums
+        up its site's answers (the shell's, pure; default: no reduction)."""
         self.local_name = local_name
         self.local_addr = local_addr
         self.limits = limits or QueryLimits()
@@ -335,6 +369,8 @@ class QueryEngine:
         self._pending: dict[int, _Pending] = {}
         self._ring: list[tuple[int, list[int]] | None] = [None] * self.limits.ring_size
         self.outbox: Outbox[MembershipEffect] = outbox if outbox is not None else Outbox()
+        self.reducer: Reducer = reducer or raw_reducer
+        self._routes: dict[tuple[int, int], _Route] = {}  # (ltime, id) -> route
 
     # --- asking ---------------------------------------------------------------------------
 
@@ -347,9 +383,15 @@ class QueryEngine:
         relay_factor: int,
         expected: set[str] | None,
         now: float,
+        aggregate: str = "",
+        site_of: Mapping[str, str] | None = None,
     ) -> int:
         """Start a query and return its id; gossip `query_message(id)` and also hand that same
         message to `on_query` so this node answers itself when it matches.
+
+        `aggregate="site"`: answers come back as one summary per site (meshd.core.aggregate);
+        `site_of` then gives the site of every member we know (not left), `expected` must be
+        known, and the answers' relay factor is not used (answers go to the aggregator).
 
         ConfigError for unusable arguments (the message names the field); StateError when
         `max_pending` queries are already in flight.
@@ -364,6 +406,10 @@ class QueryEngine:
         problem = filter_problem(filters, limits)
         if problem:
             raise ConfigError(problem)
+        if aggregate and aggregate not in AGGREGATES:
+            raise ConfigError(f"aggregate: one of {sorted(AGGREGATES)}, or empty")
+        if aggregate and (site_of is None or expected is None):
+            raise ConfigError("aggregate: needs the members' sites and the expected nodes")
         if len(self._pending) >= limits.max_pending:
             raise StateError(f"{limits.max_pending} queries already in flight")
         if self.clock.time() >= limits.max_ltime - 1:
@@ -382,6 +428,7 @@ class QueryEngine:
             filters=filters,
             relay_factor=relay_factor,
             timeout=timeout,
+            aggregate=aggregate,
         )
         size = _encoded_size(query)
         if size > limits.max_query_size:
@@ -390,6 +437,8 @@ class QueryEngine:
             )
         self.clock.increment()
         pending = _Pending(query, now, now + timeout, set(expected) if expected is not None else None)
+        if aggregate and site_of is not None and expected is not None:
+            pending.sites = OriginSites(site_of, expected)
         self._pending[query_id] = pending
         if pending.complete():
             self._finish(pending, now, timed_out=False)
@@ -429,6 +478,24 @@ class QueryEngine:
             self._finish(pending, now, timed_out=False)
         return ResponseVerdict.ACCEPTED
 
+    def on_site_summary(self, msg: SiteSummary, now: float) -> SummaryVerdict:
+        """A site's summary for one of our aggregated queries (bounds in meshd.core.aggregate)."""
+        verdict = self._accept_summary(msg, now) if self._ltime_ok(msg.ltime) else SummaryVerdict.BAD_LTIME
+        self._count(f"summary.{verdict.value}")
+        return verdict
+
+    def _accept_summary(self, msg: SiteSummary, now: float) -> SummaryVerdict:
+        pending = self._pending.get(msg.id)
+        if pending is None or pending.query.ltime != msg.ltime or pending.sites is None:
+            return SummaryVerdict.UNKNOWN
+        if now >= pending.deadline:
+            self._finish(pending, now, timed_out=True)
+            return SummaryVerdict.LATE
+        verdict = pending.sites.accept(msg, self.limits.max_response_size)
+        if verdict is SummaryVerdict.ACCEPTED and pending.complete():
+            self._finish(pending, now, timed_out=False)
+        return verdict
+
     def member_down(self, name: str, now: float) -> None:
         """A member failed or left: stop waiting for it (it is still named as missing)."""
         for pending in list(self._pending.values()):
@@ -436,15 +503,36 @@ class QueryEngine:
                 pending.down.add(name)
                 if pending.complete():
                     self._finish(pending, now, timed_out=False)
+        for route in self._routes.values():
+            gather = route.gather
+            if gather is not None and not gather.sent:
+                gather.member_down(name)
+                if gather.complete():
+                    gather.deadline = min(gather.deadline, now)  # the next timer sends it
 
     def get_timer(self) -> float:
-        """The next deadline (absolute), math.inf when no query is in flight."""
-        return min((p.deadline for p in self._pending.values()), default=math.inf)
+        """The next deadline (absolute), math.inf when no query is in flight or being gathered."""
+        gathers = (
+            r.gather.deadline for r in self._routes.values() if r.gather is not None and not r.gather.sent
+        )
+        return min(
+            min((p.deadline for p in self._pending.values()), default=math.inf),
+            min(gathers, default=math.inf),
+        )
 
-    def handle_timer(self, now: float) -> None:
+    def handle_timer(self, now: float) -> list[QueryOutbound]:
+        """Finish the queries past their deadline; returns the site summaries now due to send."""
         for pending in list(self._pending.values()):
             if now >= pending.deadline:
                 self._finish(pending, now, timed_out=True)
+        out: list[QueryOutbound] = []
+        for key, route in list(self._routes.items()):
+            gather = route.gather
+            if gather is not None and not gather.sent and now >= gather.deadline:
+                out += self._send_summary(gather, now)
+            if now >= route.expires:
+                del self._routes[key]
+        return out
 
     def in_flight(self) -> int:
         return len(self._pending)
@@ -452,15 +540,24 @@ class QueryEngine:
     def _finish(self, pending: _Pending, now: float, *, timed_out: bool) -> None:
         del self._pending[pending.query.id]
         expected = pending.expected or set()
+        missing = expected - pending.answers.keys()
+        sites: tuple[SiteResult, ...] = ()
+        if pending.sites is not None:
+            direct = {n: a.payload for n, a in pending.answers.items()}
+            sites = pending.sites.results(direct, pending.query.name, self.reducer, self.local_name)
+            missing = {n for s in sites for n in s.missing}
+            if pending.sites.stripped:
+                self._count("summary.stripped_names", pending.sites.stripped)
         self.outbox.put(
             QueryDone(
                 QueryResult(
                     id=pending.query.id,
                     name=pending.query.name,
                     responses=tuple(pending.answers.values()),
-                    missing=tuple(sorted(expected - pending.answers.keys())),
+                    missing=tuple(sorted(missing)),
                     elapsed_ms=(now - pending.started) * 1000.0,
                     timed_out=timed_out,
+                    sites=sites,
                 )
             )
         )
@@ -522,6 +619,7 @@ class QueryEngine:
             or not (0 <= msg.relay_factor <= limits.max_relay_factor)
             or _encoded_size(msg) > limits.max_query_size  # first: it bounds the filter's work
             or filter_problem(msg.filters, limits) is not None
+            or (msg.aggregate and msg.aggregate not in AGGREGATES)
         ):
             return Verdict.INVALID
         self.clock.witness(msg.ltime)
@@ -568,6 +666,9 @@ class QueryEngine:
             self._count("respond.late")
             return []
         response = QueryResponse(query.ltime, query.id, self.local_name, payload)
+        route = self._routes.get((query.ltime, query.id)) if query.aggregate else None
+        if route is not None and route.aggregator is not None:
+            return self._answer_aggregator(route, response, now)
         if query.origin == self.local_name:
             self.on_response(response, now)
             return []
@@ -582,17 +683,103 @@ class QueryEngine:
         return out
 
     def on_relay(self, msg: Relay, now: float) -> list[QueryOutbound]:
-        """A Relay arrived: forward the inner answer to its destination (or take it if ours)."""
+        """A Relay arrived: forward the inner answer to its destination (or take it if ours).
+
+        An answer to an aggregated query we gather for our site is kept for the summary
+        instead; one from outside our site, or after the summary went, is forwarded as usual.
+        """
         if msg.dest == self.local_name:
             self.on_response(msg.response, now)
             return []
         if not (0 <= msg.response.ltime < self.limits.max_ltime):
             self._count("relay.bad_ltime")  # a relay passes on nothing we would not accept
             return []
+        route = self._routes.get((msg.response.ltime, msg.response.id))
+        if route is not None and route.gather is not None:
+            out = self._gather(route.gather, msg.response, now)
+            if out is not None:
+                return out
         self._count("relay.forwarded")
         return [self._outbound(msg.dest_addr, msg.response)]
 
-    def _outbound(self, addr: str, message: QueryResponse | Relay) -> QueryOutbound:
+    # --- aggregated queries (meshd.core.aggregate) ------------------------------------------
+
+    def on_aggregated(
+        self, action: QueryAction, local_site: str, site_members: Sequence[SiteMember], now: float
+    ) -> list[tuple[str, str]]:
+        """A new aggregated query (rebroadcast verdict): pick our site's aggregator among
+        `site_members` (our site in our view, us included, every state) and remember where
+        answers go. Returns (name, addr) of the members to send the query to directly: some
+        only when we are the aggregator."""
+        query = action.query
+        if not action.rebroadcast or not query.aggregate:
+            return []
+        key = (query.ltime, query.id)
+        for k in [k for k, r in self._routes.items() if now >= r.expires]:
+            del self._routes[k]
+        if len(self._routes) >= self.limits.max_routes:
+            self._count("aggregate.full")  # our answer goes to the origin directly instead
+            return []
+        alive = {m.name: m.addr for m in site_members if m.state == MemberState.ALIVE}
+        alive.setdefault(self.local_name, self.local_addr)
+        chosen = pick_aggregator(query.id, query.ltime, alive)
+        assert chosen is not None  # we are alive in our own view
+        route = _Route(query, action.deadline, (chosen, alive[chosen]))
+        self._routes[key] = route
+        if chosen != self.local_name:
+            return []
+        alive_tags = [(m.name, local_site, m.tags) for m in site_members if m.state == MemberState.ALIVE]
+        down_tags = [(m.name, local_site, m.tags) for m in site_members if m.state in _DOWN_STATES]
+        route.gather = Gather(
+            query,
+            local_site,
+            members=frozenset(m.name for m in site_members) | {self.local_name},
+            expected=frozenset(expected_members(query.filters, alive_tags)),
+            down=expected_members(query.filters, down_tags),  # missing unless they answer anyway
+            deadline=min(now + GATHER_FRACTION * query.timeout, action.deadline),
+        )
+        self._count("aggregate.gathering")
+        targets = sorted((n, alive[n]) for n in route.gather.expected if n != self.local_name and n in alive)
+        if len(targets) > self.limits.max_site_fan_out:
+            targets = self._rng.sample(targets, self.limits.max_site_fan_out)
+        return targets
+
+    def _answer_aggregator(self, route: _Route, response: QueryResponse, now: float) -> list[QueryOutbound]:
+        """Our answer to an aggregated query: into our gather, or to our site's aggregator."""
+        assert route.aggregator is not None
+        _, addr = route.aggregator
+        if route.gather is not None:
+            out = self._gather(route.gather, response, now)
+            return out if out is not None else []
+        self._count("respond.to_aggregator")
+        query = route.query
+        return [self._outbound(addr, Relay(query.origin, query.origin_addr, response))]
+
+    def _gather(self, gather: Gather, response: QueryResponse, now: float) -> list[QueryOutbound] | None:
+        """Keep an answer for the summary (the summary when that completes it); None: not ours
+        to keep (the caller passes it on to the origin)."""
+        if len(response.payload) > self.limits.max_response_size:
+            self._count("gather.too_big")
+            return []
+        verdict = gather.add(response.source, response.payload)
+        self._count(f"gather.{verdict.value}")
+        if verdict in (GatherVerdict.FOREIGN, GatherVerdict.LATE):
+            return None
+        if verdict is GatherVerdict.ACCEPTED and gather.complete():
+            return self._send_summary(gather, now)
+        return []
+
+    def _send_summary(self, gather: Gather, now: float) -> list[QueryOutbound]:
+        msg, squeezed = gather.summary(self.local_name, self.reducer, self.limits.max_response_size)
+        if squeezed:
+            self._count("gather.summary_too_big")
+        self._count("gather.sent")
+        if gather.query.origin == self.local_name:
+            self.on_site_summary(msg, now)
+            return []
+        return [self._outbound(gather.query.origin_addr, msg)]
+
+    def _outbound(self, addr: str, message: QueryResponse | Relay | SiteSummary) -> QueryOutbound:
         via_stream = _encoded_size(message) > self.limits.udp_response_size
         return QueryOutbound(addr, message, via_stream)
 
