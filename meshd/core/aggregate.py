@@ -156,6 +156,7 @@ class SitePart:
     source: str
     payload: bytes
     answered: tuple[str, ...]  # only names no earlier part covered (a name counts once)
+    elapsed_ms: float = 0.0  # when it arrived, since the query started
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class OriginSites:
     def sites(self) -> set[str]:
         return set(self.expected_by_site)
 
-    def accept(self, msg: SiteSummary, max_payload: int) -> SummaryVerdict:
+    def accept(self, msg: SiteSummary, max_payload: int, elapsed_ms: float = 0.0) -> SummaryVerdict:
         """Judge and keep one summary (the caller checked ltime, id and the deadline)."""
         if len(msg.payload) > max_payload or len(msg.answered) + len(msg.missing) > MAX_SUMMARY_NAMES:
             return SummaryVerdict.TOO_BIG
@@ -202,7 +203,7 @@ class OriginSites:
         fresh = tuple(dict.fromkeys(n for n in msg.answered if n in ours and n not in self.answered))
         for name in fresh:
             self.answered[name] = msg.site
-        self.parts.setdefault(msg.site, []).append(SitePart(msg.source, msg.payload, fresh))
+        self.parts.setdefault(msg.site, []).append(SitePart(msg.source, msg.payload, fresh, elapsed_ms))
         self.reported_missing.setdefault(msg.site, set()).update(n for n in msg.missing if n in ours)
         return SummaryVerdict.ACCEPTED
 
@@ -211,21 +212,26 @@ class OriginSites:
         return name in self.answered or name in self.reported_missing.get(self.site_of.get(name, ""), ())
 
     def results(
-        self, direct: Mapping[str, bytes], query: str, reducer: Reducer, local: str
+        self, direct: Mapping[str, tuple[bytes, float]], query: str, reducer: Reducer, local: str
     ) -> tuple[SiteResult, ...]:
-        """Every site's result; answers that came straight to us (`direct`: views differed, or
-        a node passed its answer on) are reduced here into one more part per site."""
+        """Every site's result; answers that came straight to us (`direct`: name -> (payload,
+        elapsed_ms); views differed, or a node passed its answer on) are reduced here into one
+        more part per site."""
         by_site: dict[str, list[tuple[str, bytes]]] = {}
-        for name, payload in direct.items():
+        arrived: dict[str, float] = {}
+        for name, (payload, elapsed_ms) in direct.items():
             site = self.site_of.get(name)
             if site is not None and name not in self.answered:
                 by_site.setdefault(site, []).append((name, payload))
+                arrived[site] = max(arrived.get(site, 0.0), elapsed_ms)
         out = []
         for site in sorted(set(self.expected_by_site) | set(self.parts) | set(by_site)):
             parts = list(self.parts.get(site, ()))
             extra = sorted(by_site.get(site, ()))
             if extra:
-                parts.append(SitePart(local, reducer(query, extra), tuple(n for n, _ in extra)))
+                parts.append(
+                    SitePart(local, reducer(query, extra), tuple(n for n, _ in extra), arrived[site])
+                )
             answered = {n for p in parts for n in p.answered}
             wanted = self.expected_by_site.get(site, set()) | self.reported_missing.get(site, set())
             out.append(SiteResult(site, tuple(parts), tuple(sorted(wanted - answered))))

@@ -491,7 +491,7 @@ class QueryEngine:
         if now >= pending.deadline:
             self._finish(pending, now, timed_out=True)
             return SummaryVerdict.LATE
-        verdict = pending.sites.accept(msg, self.limits.max_response_size)
+        verdict = pending.sites.accept(msg, self.limits.max_response_size, (now - pending.started) * 1000.0)
         if verdict is SummaryVerdict.ACCEPTED and pending.complete():
             self._finish(pending, now, timed_out=False)
         return verdict
@@ -543,7 +543,7 @@ class QueryEngine:
         missing = expected - pending.answers.keys()
         sites: tuple[SiteResult, ...] = ()
         if pending.sites is not None:
-            direct = {n: a.payload for n, a in pending.answers.items()}
+            direct = {n: (a.payload, a.elapsed_ms) for n, a in pending.answers.items()}
             sites = pending.sites.results(direct, pending.query.name, self.reducer, self.local_name)
             missing = {n for s in sites for n in s.missing}
             if pending.sites.stripped:
