@@ -43,6 +43,7 @@ from meshd.core.messages import MemberState, Query, SiteSummary
 AGGREGATE_SITE: Final = "site"
 AGGREGATES: Final = frozenset({AGGREGATE_SITE})
 GATHER_FRACTION: Final = 0.4  # of the query timeout: the rest carries the summary and slack
+BACKUP_FRACTION: Final = 0.55  # the backup aggregator speaks up after this, if the primary did not
 MAX_SUMMARY_NAMES: Final = 4096  # names one summary may carry (answered + missing)
 
 Reducer = Callable[[str, Sequence[tuple[str, bytes]]], bytes]
@@ -60,14 +61,17 @@ def score(query_id: int, ltime: int, name: str) -> int:
     return int.from_bytes(digest, "big")
 
 
+def pick_aggregators(query_id: int, ltime: int, names: Iterable[str], k: int = 2) -> list[str]:
+    """The `k` best-scored of `names` (the alive members of one site), best first: the
+    aggregator, then its backup."""
+    ranked = sorted(((score(query_id, ltime, n), n) for n in names), reverse=True)
+    return [n for _, n in ranked[:k]]
+
+
 def pick_aggregator(query_id: int, ltime: int, names: Iterable[str]) -> str | None:
     """The aggregator among `names` (the alive members of one site), None when there are none."""
-    best: tuple[int, str] | None = None
-    for name in names:
-        key = (score(query_id, ltime, name), name)
-        if best is None or key > best:
-            best = key
-    return best[1] if best is not None else None
+    best = pick_aggregators(query_id, ltime, names, 1)
+    return best[0] if best else None
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,8 @@ class Gather:
     down: set[str]  # suspect/dead matching members: missing unless they answer anyway
     deadline: float  # the end of the gather window
     answers: dict[str, bytes] = field(default_factory=dict)
-    sent: bool = False
+    sent: bool = False  # or, for a backup, the primary's summary seen: nothing to send
+    primary: str = ""  # set on a backup: the aggregator whose summary makes ours unneeded
 
     def add(self, name: str, payload: bytes) -> GatherVerdict:
         if name not in self.members:

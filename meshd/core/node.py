@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from meshd import wire
-from meshd.core.aggregate import Reducer, SiteMember, pick_aggregator
+from meshd.core.aggregate import Reducer, SiteMember, pick_aggregators
 from meshd.core.awareness import Awareness
 from meshd.core.broadcast import BroadcastQueue
 from meshd.core.bucket import TokenBucket
@@ -459,7 +459,7 @@ class Node:
     def _send_to_aggregators(
         self, msg: Query, expected: set[str], alive: list[tuple[str, str, dict[str, str]]]
     ) -> None:
-        """The query straight to each site's aggregator as we see it: one packet per site."""
+        """The query straight to each site's aggregator and its backup as we see them."""
         by_site: dict[str, list[str]] = {}
         for member, site, _ in alive:
             by_site.setdefault(site, []).append(member)
@@ -467,12 +467,11 @@ class Node:
         data = wire.encode_message(msg)
         sent = 0
         for site in sorted(sites):
-            chosen = pick_aggregator(msg.id, msg.ltime, by_site[site])
-            if chosen is None or chosen == self.name:
-                continue
-            m = self._members[chosen]
-            self._send(m.addr, [data], m.node_id)
-            sent += 1
+            for chosen in pick_aggregators(msg.id, msg.ltime, by_site[site]):
+                if chosen != self.name:
+                    m = self._members[chosen]
+                    self._send(m.addr, [data], m.node_id)
+                    sent += 1
         self.counters.inc("queries.direct", sent)
 
     def respond_query(self, action: QueryAction, payload: bytes, now: float) -> None:

@@ -83,6 +83,7 @@ import re2
 
 from meshd.core.aggregate import (
     AGGREGATES,
+    BACKUP_FRACTION,
     GATHER_FRACTION,
     Gather,
     GatherVerdict,
@@ -91,7 +92,7 @@ from meshd.core.aggregate import (
     SiteMember,
     SiteResult,
     SummaryVerdict,
-    pick_aggregator,
+    pick_aggregators,
     raw_reducer,
 )
 from meshd.core.counters import Counters
@@ -341,7 +342,8 @@ class _Route:
     query: Query
     expires: float  # the query's deadline here: forgotten after it
     aggregator: tuple[str, str] | None  # (name, addr) of our site's aggregator; None: answer the origin
-    gather: Gather | None = None  # set when we are that aggregator
+    backup: tuple[str, str] | None = None  # its backup (the second choice), when the site has one
+    gather: Gather | None = None  # set when we are one of them
 
 
 class QueryEngine:
@@ -479,7 +481,15 @@ class QueryEngine:
         return ResponseVerdict.ACCEPTED
 
     def on_site_summary(self, msg: SiteSummary, now: float) -> SummaryVerdict:
-        """A site's summary for one of our aggregated queries (bounds in meshd.core.aggregate)."""
+        """A site's summary for one of our aggregated queries (bounds in meshd.core.aggregate),
+        or our primary aggregator's copy when we are its backup (ours is then not needed)."""
+        route = self._routes.get((msg.ltime, msg.id))
+        gather = route.gather if route is not None else None
+        if gather is not None and gather.primary and msg.source == gather.primary and msg.site == gather.site:
+            gather.sent = True
+            self._count("gather.backup_stood_down")
+            if msg.id not in self._pending:
+                return SummaryVerdict.ACCEPTED  # (as the origin too, we keep it below)
         verdict = self._accept_summary(msg, now) if self._ltime_ok(msg.ltime) else SummaryVerdict.BAD_LTIME
         self._count(f"summary.{verdict.value}")
         return verdict
@@ -507,7 +517,7 @@ class QueryEngine:
             gather = route.gather
             if gather is not None and not gather.sent:
                 gather.member_down(name)
-                if gather.complete():
+                if gather.complete() and not gather.primary:
                     gather.deadline = min(gather.deadline, now)  # the next timer sends it
 
     def get_timer(self) -> float:
@@ -529,7 +539,9 @@ class QueryEngine:
         for key, route in list(self._routes.items()):
             gather = route.gather
             if gather is not None and not gather.sent and now >= gather.deadline:
-                out += self._send_summary(gather, now)
+                if gather.primary:
+                    self._count("gather.backup_sent")  # the primary stayed silent: dead or cut off
+                out += self._send_summary(route, gather, now)
             if now >= route.expires:
                 del self._routes[key]
         return out
@@ -696,7 +708,7 @@ class QueryEngine:
             return []
         route = self._routes.get((msg.response.ltime, msg.response.id))
         if route is not None and route.gather is not None:
-            out = self._gather(route.gather, msg.response, now)
+            out = self._gather(route, msg.response, now)
             if out is not None:
                 return out
         self._count("relay.forwarded")
@@ -707,10 +719,10 @@ class QueryEngine:
     def on_aggregated(
         self, action: QueryAction, local_site: str, site_members: Sequence[SiteMember], now: float
     ) -> list[tuple[str, str]]:
-        """A new aggregated query (rebroadcast verdict): pick our site's aggregator among
-        `site_members` (our site in our view, us included, every state) and remember where
-        answers go. Returns (name, addr) of the members to send the query to directly: some
-        only when we are the aggregator."""
+        """A new aggregated query (rebroadcast verdict): pick our site's aggregator and its
+        backup among `site_members` (our site in our view, us included, every state) and
+        remember where answers go. Returns (name, addr) of the members to send the query to
+        directly: some only when we are the aggregator or its backup."""
         query = action.query
         if not action.rebroadcast or not query.aggregate:
             return []
@@ -722,12 +734,17 @@ class QueryEngine:
             return []
         alive = {m.name: m.addr for m in site_members if m.state == MemberState.ALIVE}
         alive.setdefault(self.local_name, self.local_addr)
-        chosen = pick_aggregator(query.id, query.ltime, alive)
-        assert chosen is not None  # we are alive in our own view
-        route = _Route(query, action.deadline, (chosen, alive[chosen]))
+        ranked = pick_aggregators(query.id, query.ltime, alive)  # we are alive: never empty
+        chosen, backup = ranked[0], (ranked[1] if len(ranked) > 1 else "")
+        route = _Route(
+            query, action.deadline, (chosen, alive[chosen]), (backup, alive[backup]) if backup else None
+        )
         self._routes[key] = route
-        if chosen != self.local_name:
+        if self.local_name not in (chosen, backup):
             return []
+        # The backup gathers too and sends only if the primary's summary (a copy comes to it)
+        # did not show up: a primary that died before the mesh noticed costs time, not the site.
+        fraction = GATHER_FRACTION if chosen == self.local_name else BACKUP_FRACTION
         alive_tags = [(m.name, local_site, m.tags) for m in site_members if m.state == MemberState.ALIVE]
         down_tags = [(m.name, local_site, m.tags) for m in site_members if m.state in _DOWN_STATES]
         route.gather = Gather(
@@ -736,7 +753,8 @@ class QueryEngine:
             members=frozenset(m.name for m in site_members) | {self.local_name},
             expected=frozenset(expected_members(query.filters, alive_tags)),
             down=expected_members(query.filters, down_tags),  # missing unless they answer anyway
-            deadline=min(now + GATHER_FRACTION * query.timeout, action.deadline),
+            deadline=min(now + fraction * query.timeout, action.deadline),
+            primary="" if chosen == self.local_name else chosen,
         )
         self._count("aggregate.gathering")
         targets = sorted((n, alive[n]) for n in route.gather.expected if n != self.local_name and n in alive)
@@ -745,39 +763,55 @@ class QueryEngine:
         return targets
 
     def _answer_aggregator(self, route: _Route, response: QueryResponse, now: float) -> list[QueryOutbound]:
-        """Our answer to an aggregated query: into our gather, or to our site's aggregator."""
+        """Our answer to an aggregated query: into our gather, and to whichever of our site's
+        aggregator and backup we are not (the primary needs no copy at its backup: should it
+        die, its own answer is missing anyway)."""
         assert route.aggregator is not None
-        _, addr = route.aggregator
+        out: list[QueryOutbound] = []
         if route.gather is not None:
-            out = self._gather(route.gather, response, now)
-            return out if out is not None else []
-        self._count("respond.to_aggregator")
+            out += self._gather(route, response, now) or []
+            if not route.gather.primary:
+                return out
         query = route.query
-        return [self._outbound(addr, Relay(query.origin, query.origin_addr, response))]
+        for name, addr in [r for r in (route.aggregator, route.backup) if r is not None]:
+            if name != self.local_name:
+                self._count("respond.to_aggregator")
+                out.append(self._outbound(addr, Relay(query.origin, query.origin_addr, response)))
+        return out
 
-    def _gather(self, gather: Gather, response: QueryResponse, now: float) -> list[QueryOutbound] | None:
-        """Keep an answer for the summary (the summary when that completes it); None: not ours
-        to keep (the caller passes it on to the origin)."""
+    def _gather(self, route: _Route, response: QueryResponse, now: float) -> list[QueryOutbound] | None:
+        """Keep an answer for the summary (the summary when that completes it, at a primary);
+        None: not ours to keep (the caller passes it on to the origin)."""
+        gather = route.gather
+        assert gather is not None
         if len(response.payload) > self.limits.max_response_size:
             self._count("gather.too_big")
             return []
         verdict = gather.add(response.source, response.payload)
         self._count(f"gather.{verdict.value}")
-        if verdict in (GatherVerdict.FOREIGN, GatherVerdict.LATE):
+        if verdict is GatherVerdict.FOREIGN or (verdict is GatherVerdict.LATE and not gather.primary):
             return None
-        if verdict is GatherVerdict.ACCEPTED and gather.complete():
-            return self._send_summary(gather, now)
+        if verdict is GatherVerdict.ACCEPTED and gather.complete() and not gather.primary:
+            return self._send_summary(route, gather, now)
         return []
 
-    def _send_summary(self, gather: Gather, now: float) -> list[QueryOutbound]:
+    def _send_summary(self, route: _Route, gather: Gather, now: float) -> list[QueryOutbound]:
         msg, squeezed = gather.summary(self.local_name, self.reducer, self.limits.max_response_size)
         if squeezed:
             self._count("gather.summary_too_big")
         self._count("gather.sent")
+        out: list[QueryOutbound] = []
+        backup = route.backup
+        if (
+            not gather.primary
+            and backup is not None
+            and backup[0] not in (self.local_name, gather.query.origin)
+        ):
+            out.append(self._outbound(backup[1], msg))  # the backup stands down (an origin sees it anyway)
         if gather.query.origin == self.local_name:
             self.on_site_summary(msg, now)
-            return []
-        return [self._outbound(gather.query.origin_addr, msg)]
+            return out
+        return [*out, self._outbound(gather.query.origin_addr, msg)]
 
     def _outbound(self, addr: str, message: QueryResponse | Relay | SiteSummary) -> QueryOutbound:
         via_stream = _encoded_size(message) > self.limits.udp_response_size
