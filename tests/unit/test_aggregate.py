@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from meshd import wire
 from meshd.core.aggregate import (
     AGGREGATE_SITE,
     MAX_SUMMARY_NAMES,
@@ -22,7 +23,7 @@ from meshd.core.aggregate import (
     pick_aggregators,
 )
 from meshd.core.effects import QueryDone
-from meshd.core.messages import MemberState, QueryFilter, QueryResponse, Relay, SiteSummary
+from meshd.core.messages import MemberState, Query, QueryFilter, QueryResponse, Relay, SiteSummary
 from meshd.core.query import QueryEngine, QueryOutbound, QueryResult
 from meshd.errors import ConfigError
 from meshd.health.summary import answer_status, site_doc, summarize
@@ -332,3 +333,14 @@ def test_an_aggregated_query_needs_the_sites_and_a_known_kind() -> None:
         origin.originate("health", b"", QueryFilter(), 4.0, 0, {"a0"}, 0.0, "planet", SITE_OF)
     with pytest.raises(ConfigError, match="aggregate"):
         origin.originate("health", b"", QueryFilter(), 4.0, 0, {"a0"}, 0.0, AGGREGATE_SITE, None)
+
+
+def test_a_query_from_an_older_sender_decodes_as_not_aggregated() -> None:
+    # the `query_defaults` vector as sent before `aggregate` was appended (10 fields, not 11)
+    old = bytes.fromhex(
+        "9a0a01cedeadbeefa66865616c7468c400a467772d61af3139382e31382e312e313a373738389390a08000cb0000000000000000"
+    )
+    [msg] = wire.decode_body(wire.compound([old]))
+    assert isinstance(msg, Query)
+    assert msg.aggregate == ""
+    assert wire.encode_message(msg) == old[:1].replace(b"\x9a", b"\x9b") + old[1:] + b"\xa0"
