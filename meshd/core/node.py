@@ -1048,8 +1048,8 @@ class Node:
         if action.rebroadcast and msg.aggregate:
             # Where our answer goes; as our site's aggregator, the query straight to the site.
             data = wire.encode_message(msg)
-            for _, addr in self.queries.on_aggregated(action, site, self._site_members(site), now):
-                self._send(addr, [data])
+            for name, addr in self.queries.on_aggregated(action, site, self._site_members(site), now):
+                self._send(addr, [data], self._node_id_of(name))
         if action.respond:
             self._outbox.put(AnswerQuery(action))
 
