@@ -137,6 +137,7 @@ class Relay(_Msg, tag=12, frozen=True):
     dest: str  # name of the node the answer is for (the query's origin)
     dest_addr: str
     response: QueryResponse
+    aggregate: str = ""  # "site": an answer to an aggregated query, for the site's aggregator
 
 
 class SiteSummary(_Msg, tag=13, frozen=True):

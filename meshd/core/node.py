@@ -1050,6 +1050,8 @@ class Node:
             data = wire.encode_message(msg)
             for name, addr in self.queries.on_aggregated(action, site, self._site_members(site), now):
                 self._send(addr, [data], self._node_id_of(name))
+        if action.rebroadcast:
+            self._send_query_out(self.queries.release_early(msg, now))  # answers that came first
         if action.respond:
             self._outbox.put(AnswerQuery(action))
 

@@ -161,6 +161,8 @@ class QueryLimits:
     max_ids_per_slot: int = 64
     max_routes: int = 256  # aggregated queries this node routes answers for at once
     max_site_fan_out: int = 64  # members an aggregator sends the query to directly
+    max_early_relays: int = 1024  # answers held for a query not seen yet (see on_relay)
+    early_hold: float = 0.25  # seconds such an answer waits for its query before going on
 
 
 @dataclass(frozen=True)
@@ -373,6 +375,8 @@ class QueryEngine:
         self.outbox: Outbox[MembershipEffect] = outbox if outbox is not None else Outbox()
         self.reducer: Reducer = reducer or raw_reducer
         self._routes: dict[tuple[int, int], _Route] = {}  # (ltime, id) -> route
+        self._early: dict[tuple[int, int], tuple[float, list[Relay]]] = {}  # key -> (until, relays)
+        self._early_count = 0
 
     # --- asking ---------------------------------------------------------------------------
 
@@ -528,6 +532,7 @@ class QueryEngine:
         return min(
             min((p.deadline for p in self._pending.values()), default=math.inf),
             min(gathers, default=math.inf),
+            min((until for until, _ in self._early.values()), default=math.inf),
         )
 
     def handle_timer(self, now: float) -> list[QueryOutbound]:
@@ -535,7 +540,7 @@ class QueryEngine:
         for pending in list(self._pending.values()):
             if now >= pending.deadline:
                 self._finish(pending, now, timed_out=True)
-        out: list[QueryOutbound] = []
+        out = self._release_expired(now)
         for key, route in list(self._routes.items()):
             gather = route.gather
             if gather is not None and not gather.sent and now >= gather.deadline:
@@ -706,7 +711,10 @@ class QueryEngine:
         if not (0 <= msg.response.ltime < self.limits.max_ltime):
             self._count("relay.bad_ltime")  # a relay passes on nothing we would not accept
             return []
-        route = self._routes.get((msg.response.ltime, msg.response.id))
+        key = (msg.response.ltime, msg.response.id)
+        route = self._routes.get(key)
+        if msg.aggregate and route is None and not self._seen(key) and self._hold(key, msg, now):
+            return []
         if route is not None and route.gather is not None:
             out = self._gather(route, msg.response, now)
             if out is not None:
@@ -715,6 +723,45 @@ class QueryEngine:
         return [self._outbound(msg.dest_addr, msg.response)]
 
     # --- aggregated queries (meshd.core.aggregate) ------------------------------------------
+
+    def _seen(self, key: tuple[int, int]) -> bool:
+        slot = self._ring[key[0] % len(self._ring)]
+        return slot is not None and slot[0] == key[0] and key[1] in slot[1]
+
+    def _hold(self, key: tuple[int, int], msg: Relay, now: float) -> bool:
+        """An answer for a query we have not seen yet: a member may hear of an aggregated query
+        (by gossip) before its aggregator does (directly from the origin), and its answer must
+        not then bypass the aggregator. Held until the query comes (`release_early`) or for
+        `early_hold`, then handled as usual; False when the bound is reached (forward now)."""
+        if self._early_count >= self.limits.max_early_relays:
+            self._count("relay.early_full")
+            return False
+        _, held = self._early.setdefault(key, (now + self.limits.early_hold, []))
+        held.append(msg)
+        self._early_count += 1
+        self._count("relay.early_held")
+        return True
+
+    def release_early(self, query: Query, now: float) -> list[QueryOutbound]:
+        """The query of answers we held arrived (call after on_query and on_aggregated): what
+        to do with them now."""
+        entry = self._early.pop((query.ltime, query.id), None)
+        if entry is None:
+            return []
+        self._early_count -= len(entry[1])
+        out: list[QueryOutbound] = []
+        for msg in entry[1]:
+            out += self.on_relay(msg, now)
+        return out
+
+    def _release_expired(self, now: float) -> list[QueryOutbound]:
+        out: list[QueryOutbound] = []
+        for key in [k for k, (until, _) in self._early.items() if now >= until]:
+            _, held = self._early.pop(key)
+            self._early_count -= len(held)
+            self._count("relay.early_expired", len(held))
+            out += [self._outbound(m.dest_addr, m.response) for m in held]
+        return out
 
     def on_aggregated(
         self, action: QueryAction, local_site: str, site_members: Sequence[SiteMember], now: float
@@ -776,7 +823,8 @@ class QueryEngine:
         for name, addr in [r for r in (route.aggregator, route.backup) if r is not None]:
             if name != self.local_name:
                 self._count("respond.to_aggregator")
-                out.append(self._outbound(addr, Relay(query.origin, query.origin_addr, response)))
+                relay = Relay(query.origin, query.origin_addr, response, query.aggregate)
+                out.append(self._outbound(addr, relay))
         return out
 
     def _gather(self, route: _Route, response: QueryResponse, now: float) -> list[QueryOutbound] | None:

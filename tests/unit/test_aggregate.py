@@ -344,3 +344,29 @@ def test_a_query_from_an_older_sender_decodes_as_not_aggregated() -> None:
     assert isinstance(msg, Query)
     assert msg.aggregate == ""
     assert wire.encode_message(msg) == old[:1].replace(b"\x9a", b"\x9b") + old[1:] + b"\xa0"
+
+
+def test_an_answer_that_beats_its_query_to_the_aggregator_waits_for_it() -> None:
+    origin = engine("o")
+    qid = start(origin)
+    query = origin.query_message(qid)
+    assert query is not None
+    ranked = pick_aggregators(query.id, query.ltime, A_NAMES)
+    member = next(n for n in A_NAMES if n not in ranked)
+    answer = Relay("o", addr("o"), QueryResponse(query.ltime, query.id, member, health("passing")), "site")
+    aggregator = engine(ranked[0])
+    assert aggregator.on_relay(answer, 0.001) == []  # held: the query has not arrived here yet
+    action = aggregator.on_query(query, "a", {}, 0.002)
+    aggregator.on_aggregated(action, "a", site_members("a"), 0.002)
+    assert aggregator.release_early(query, 0.002) == []  # gathered, not forwarded
+    assert aggregator._routes[(query.ltime, query.id)].gather.answers.keys() == {member}  # type: ignore[union-attr]
+    # a node that never hears of the query passes the answer on after the hold
+    other = engine(ranked[1])
+    assert other.on_relay(answer, 0.0) == []
+    assert other.get_timer() == pytest.approx(0.25)
+    [out] = other.handle_timer(0.25)
+    assert (out.addr, out.message) == (addr("o"), answer.response)
+    # an ordinary relay (not for an aggregator) is never held
+    plain = Relay("o", addr("o"), answer.response)
+    [out] = engine("a3").on_relay(plain, 0.0)
+    assert out.message == answer.response
