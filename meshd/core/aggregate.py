@@ -6,17 +6,22 @@ A Query with `aggregate="site"` is answered per site (Astrolabe-style hierarchic
 aggregation, one level):
 
 * Each site has one *aggregator*: the rendezvous choice (highest `score(id, ltime, name)`)
-  among the ALIVE members of that site in the chooser's own view. Views mostly agree, so the
-  origin, the aggregator and the members mostly pick the same node; when they do not, two
-  nodes aggregate one site and the origin merges them exactly (answers are named).
-* The origin sends the query straight to each site's aggregator (one packet per site) besides
-  the usual gossip; an aggregator sends it straight to its site's members (one hop).
-* A matching node answers its site's aggregator (a Relay whose `dest` is the origin, so a node
-  that does not aggregate passes it on to the origin unchanged). The aggregator collects its
+  among the ALIVE members of that site in the chooser's own view, and a *backup* (the second
+  highest). Views mostly agree, so the origin, the aggregator and the members mostly pick the
+  same nodes; when they do not, two nodes aggregate one site and the origin merges them
+  exactly (answers are named).
+* The origin sends the query straight to each site's aggregator and backup besides the usual
+  gossip; they send it straight to their site's members (one hop).
+* A matching node answers its site's aggregator and backup (a Relay whose `dest` is the
+  origin, so a node that does not aggregate passes it on to the origin unchanged; one that
+  has not seen the query yet holds it briefly first). The aggregator collects its
   site's answers until every member it expects answered (or is down) or its gather window
   (`GATHER_FRACTION` of the query timeout) ends, and sends ONE SiteSummary to the origin:
   the reducer's output over the answers, the names it covers, and the missing names
   (expected but silent, and the site's SUSPECT/DEAD matches it knows of).
+  It sends a copy to the backup, which then stands down; a backup that saw no summary from
+  the aggregator by `BACKUP_FRACTION` of the timeout sends its own (the aggregator died before
+  the mesh noticed: the site costs time, not its answers).
 * Summarising is application knowledge: the engine takes a pure `Reducer(query name,
   [(name, payload)]) -> bytes` from the shell. For an exact merge the reducer's output must
   say something per name that the answered names complete (health: the non-passing nodes;
