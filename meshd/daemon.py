@@ -30,6 +30,7 @@ from meshd.crypto import Keyring, NodeIdentity, fingerprint, load_publisher_publ
 from meshd.discovery import DaemonDiscovery
 from meshd.errors import ConfigError, StateError
 from meshd.health.service import HealthService
+from meshd.health.summary import summarize as summarize_health
 from meshd.logs import setup_logging
 from meshd.metrics import Exposition, MetricsSource, TransferStats
 from meshd.net.peer_auth import PeerGate
@@ -144,12 +145,14 @@ class Daemon:
         filters: QueryFilter,
         timeout: float | None,
         relay_factor: int,
+        aggregate: str = "",
     ) -> QueryResult:
-        """A gossip query for the API (/v1/health, /v1/query); Serf's default timeout."""
+        """A gossip query for the API (/v1/health, /v1/query); Serf's default timeout.
+        `aggregate="site"`: one summary per site (/v1/health?summary=site)."""
         node = self.runtime.node
         if timeout is None:
             timeout = default_timeout(node.config.gossip_interval, node.num_active())
-        return await self.runtime.ask(name, payload, filters, timeout, relay_factor)
+        return await self.runtime.ask(name, payload, filters, timeout, relay_factor, aggregate)
 
     async def join(self, addrs: list[str], timeout: float | None = None) -> int:
         resolved: list[str] = []
@@ -317,6 +320,7 @@ class Daemon:
             meta=cfg.meta(),
             incarnation=max(self._snapshot.start_incarnation, core_state.start_incarnation),
             seen_keyops=core_state.keyops,
+            reducer=summarize_health,  # an aggregator sums up its site's health answers
         )
         self._restore_queries(node)
         runtime = NodeRuntime(node, peer_client=PeerClient(codec, self.peer_traffic.started))

@@ -233,13 +233,14 @@ class NodeRuntime:
         filters: QueryFilter,
         timeout: float,
         relay_factor: int = 0,
+        aggregate: str = "",
     ) -> QueryResult:
         """Gossip a query and wait for its result: every expected answer, or the timeout.
 
         ConfigError for bad arguments, StateError when too many queries are in flight (both
         from the core). Cancelling the wait forgets the query.
         """
-        qid: int = self.node.ask(name, payload, filters, timeout, relay_factor, self.now())
+        qid: int = self.node.ask(name, payload, filters, timeout, relay_factor, self.now(), aggregate)
         fut: asyncio.Future[QueryResult] = self.loop.create_future()
         self._query_waiters[qid] = fut  # before the flush: the result may already be there
         filters_json = {"nodes": filters.nodes, "site": filters.site, "tags": filters.tags}

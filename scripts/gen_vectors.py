@@ -181,6 +181,19 @@ def message_cases() -> list[tuple[str, m.Message]]:
                 timeout=2.5,
             ),
         ),
+        (
+            "query_aggregate",
+            m.Query(
+                ltime=43,
+                id=8,
+                name="health",
+                payload=b"",
+                origin="gw-a",
+                origin_addr="198.18.1.1:7788",
+                timeout=4.0,
+                aggregate="site",
+            ),
+        ),
         ("query_response", m.QueryResponse(ltime=42, id=7, source="gw-b", payload=b"ok")),
         (
             "relay",
@@ -188,6 +201,18 @@ def message_cases() -> list[tuple[str, m.Message]]:
                 dest="gw-a",
                 dest_addr="198.18.1.1:7788",
                 response=m.QueryResponse(ltime=42, id=7, source="gw-c", payload=b"{}"),
+            ),
+        ),
+        (
+            "site_summary",
+            m.SiteSummary(
+                ltime=43,
+                id=8,
+                site="plant-2",
+                source="gw-c",
+                payload=b'{"failing":[]}',
+                answered=["gw-c", "gw-d"],
+                missing=["gw-e"],
             ),
         ),
     ]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshd.core.aggregate import SiteResult
 from meshd.core.config import LOCAL
 from meshd.core.effects import MembershipEffect, SendDatagram
 from meshd.core.messages import MemberState, QueryFilter
@@ -111,6 +112,8 @@ class FakeAgent:
     asked: list[tuple[str, bytes, QueryFilter, float | None, int]] = field(default_factory=list)
     answers: list[QueryAnswer] = field(default_factory=list)
     missing: tuple[str, ...] = ()
+    sites: tuple[SiteResult, ...] = ()  # the result's, for an aggregated query
+    aggregates: list[str] = field(default_factory=list)  # run_query's aggregate, per call
     raises: Exception | None = None
     gate: asyncio.Event | None = None
 
@@ -171,14 +174,29 @@ class FakeAgent:
         out.core_counters(self.counters)
 
     async def run_query(
-        self, name: str, payload: bytes, filters: QueryFilter, timeout: float | None, relay_factor: int
+        self,
+        name: str,
+        payload: bytes,
+        filters: QueryFilter,
+        timeout: float | None,
+        relay_factor: int,
+        aggregate: str = "",
     ) -> QueryResult:
         self.asked.append((name, payload, filters, timeout, relay_factor))
+        self.aggregates.append(aggregate)
         if self.gate is not None:
             await self.gate.wait()
         if self.raises is not None:
             raise self.raises
-        return QueryResult(7, name, tuple(self.answers), self.missing, 42.25, bool(self.missing))
+        return QueryResult(
+            7,
+            name,
+            tuple(self.answers),
+            self.missing,
+            42.25,
+            bool(self.missing),
+            self.sites if aggregate else (),
+        )
 
 
 @dataclass

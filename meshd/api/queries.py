@@ -1,6 +1,6 @@
 """Operator API routes for gossip queries: GET /v1/health and POST /v1/query (DESIGN.md).
 
-    GET /v1/health?site=S&node=N&tag=K=V&timeout=3s&relay_factor=1       (open, no token)
+    GET /v1/health?site=S&node=N&tag=K=V&timeout=3s&relay_factor=1&summary=site   (open, no token)
         node: repeatable and/or a comma list; tag: repeatable; site and tag values may be
         "re:<pattern>" (a full-match RE2 regular expression, linear time: no backreferences or
         lookaround; only with the API token, as every matching node runs it); timeout: a
@@ -11,7 +11,16 @@
         payload: a string, given to each node's handler on stdin; nodes: a list (or comma
         string); tags: {"k": "v"} or ["k=v", ...]; timeout: "3s" or a number of seconds.
 
-Both answer {"responses": [...], "missing": [names], "elapsed_ms", "timed_out"} as soon as
+With summary=site, each site's answers are gathered inside the site and one summary per site
+comes back (meshd.core.aggregate; the asking node gets about one message per site, not one per
+node), answered as {"sites": {"<site>": {"nodes", "passing", "warning", "critical", "missing":
+[names], "failing": [{"name", "status", "checks": [check names]}]}}, "elapsed_ms", "timed_out"}:
+"nodes" counts the site's nodes the query covered (answered or missing), "critical" includes
+nodes whose answer was unreadable or an error; filters apply as without it; relay_factor is
+not used (answers go to the site's aggregator). A site whose aggregator died before sending
+its summary shows every expected node missing (and timed_out is true).
+
+Without it, both answer {"responses": [...], "missing": [names], "elapsed_ms", "timed_out"} as soon as
 every alive node that matches has answered, or at the timeout. Each response is the node's
 answer object with "name", "site" and "elapsed_ms" (when it arrived) added:
 
@@ -42,11 +51,13 @@ from aiohttp import web
 from meshd.api.agent import AGENT, MemberLike
 from meshd.api.http import ApiError, error_response, json_response, read_json, require_token
 from meshd.api.limits import API_COUNTERS, ClientSlots, client_of
+from meshd.core.aggregate import AGGREGATE_SITE, SitePart
 from meshd.core.counters import Counters
 from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.query import REGEX_PREFIX, QueryLimits, QueryResult, matches, split_meta
 from meshd.errors import ConfigError, StateError
 from meshd.health import HEALTH_QUERY
+from meshd.health.summary import site_doc
 from meshd.units import parse_duration
 
 MAX_API_QUERIES = 32  # queries this API waits on at once
@@ -68,8 +79,10 @@ class QueryAgent(Protocol):
         filters: QueryFilter,
         timeout: float | None,
         relay_factor: int,
+        aggregate: str = "",
     ) -> QueryResult:
-        """ConfigError for bad arguments, StateError when too many queries are in flight."""
+        """ConfigError for bad arguments, StateError when too many queries are in flight;
+        `aggregate="site"`: the result's `sites` holds one summary per site."""
         ...
 
     def members(self) -> Sequence[MemberLike]: ...
@@ -222,6 +235,38 @@ def result_json(
     }
 
 
+def _summary(value: object) -> str:
+    if value is None or value == "":
+        return ""
+    if value != AGGREGATE_SITE:
+        raise ApiError(400, "bad_request", f"summary: only {AGGREGATE_SITE!r} is known, got {value!r}")
+    return AGGREGATE_SITE
+
+
+def summary_json(result: QueryResult, filters: QueryFilter, members: Sequence[MemberLike]) -> dict[str, Any]:
+    """`GET /v1/health?summary=site`: each site's counts, failing and missing nodes."""
+    parts: dict[str, list[SitePart]] = {}
+    missing: dict[str, set[str]] = {}
+    for s in result.sites:
+        site = s.site or "default"
+        parts.setdefault(site, []).extend(s.parts)
+        missing.setdefault(site, set()).update(s.missing)
+    sites = _member_sites(members)
+    # What the node knows is down, and named nodes that never answered, as without summary.
+    answered = {n for s in result.sites for n in s.answered()}
+    for name in missing_nodes(result, filters, members):
+        if name not in answered:
+            missing.setdefault(sites.get(name) or "default", set()).add(name)
+    return {
+        "sites": {
+            site: site_doc(parts.get(site, ()), missing.get(site, ()))
+            for site in sorted(parts.keys() | missing.keys())
+        },
+        "elapsed_ms": round(result.elapsed_ms, 1),
+        "timed_out": result.timed_out,
+    }
+
+
 def _retry_later(status: int, error: str, detail: str) -> web.Response:
     resp = error_response(status, error, detail)
     resp.headers["Retry-After"] = "1"
@@ -235,6 +280,7 @@ async def _run(
     filters: QueryFilter,
     timeout: float | None,
     relay_factor: int,
+    aggregate: str = "",
 ) -> web.Response:
     agent = request.app[AGENT]
     if not isinstance(agent, QueryAgent):
@@ -251,13 +297,18 @@ async def _run(
         )
         return _retry_later(429, "too_many_queries", detail)
     try:
-        result = await agent.run_query(name, payload, filters, timeout, relay_factor)
+        if aggregate:
+            result = await agent.run_query(name, payload, filters, timeout, relay_factor, aggregate)
+        else:
+            result = await agent.run_query(name, payload, filters, timeout, relay_factor)
     except ConfigError as e:
         raise ApiError(400, "bad_query", str(e)) from None
     except StateError as e:
         return _retry_later(503, "busy", str(e))
     finally:
         in_flight.release(client)
+    if aggregate:
+        return json_response(summary_json(result, filters, agent.members()))
     doc = result_json(result, filters, agent.members(), health=name == HEALTH_QUERY)
     return json_response(doc)
 
@@ -277,7 +328,13 @@ async def get_health(request: web.Request) -> web.Response:
         # on every node), so only an operator with the token may send one.
         require_token(request, "a regular-expression filter")
     return await _run(
-        request, HEALTH_QUERY, b"", filters, _timeout(q.get("timeout")), _relay_factor(q.get("relay_factor"))
+        request,
+        HEALTH_QUERY,
+        b"",
+        filters,
+        _timeout(q.get("timeout")),
+        _relay_factor(q.get("relay_factor")),
+        _summary(q.get("summary")),
     )
 
 

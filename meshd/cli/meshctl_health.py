@@ -4,6 +4,9 @@ POST /v1/query). Registered by meshctl.build_parser (`register`).
     meshctl health [--site S] [--node N]... [--tag K=V]... [--timeout 3s] [--all-checks] [--json]
         a table grouped by site: nodes worst first, each with its failing checks (worst first);
         exit 2 when a node is critical or did not answer, 0 otherwise (warnings included).
+    meshctl health --summary [same filters] [--json]
+        one row per site (GET /v1/health?summary=site: each site's answers gathered inside the
+        site, one summary each), then the failing and missing nodes; the same exit codes.
     meshctl query NAME [PAYLOAD | -] [same filters] [--relay-factor N] [--json]
         each node's answer (a handler's output, or why there is none); exit 2 when a node did
         not answer. PAYLOAD "-" reads it from standard input. Needs the API token.
@@ -67,6 +70,8 @@ def _filters(args: argparse.Namespace) -> tuple[list[tuple[str, str]], str | Non
         query.append(("timeout", args.query_timeout))
     if args.relay_factor:
         query.append(("relay_factor", str(args.relay_factor)))
+    if getattr(args, "summary", False):
+        query.append(("summary", "site"))
     return query, None
 
 
@@ -147,11 +152,69 @@ def health_summary(doc: dict[str, Any]) -> str:
     )
 
 
+def _count(site: dict[str, Any], key: str) -> int:
+    value = site.get(key)
+    return value if isinstance(value, int) else 0
+
+
+def site_rows(doc: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
+    """(SITE, NODES, PASSING, WARNING, CRITICAL, MISSING rows; SITE, NODE, STATUS, CHECKS rows
+    of the failing nodes, worst first, then the missing ones) of a summary=site answer."""
+    totals: list[list[str]] = []
+    nodes: list[list[str]] = []
+    sites = doc.get("sites") or {}
+    for name in sorted(sites):
+        site = sites[name] if isinstance(sites[name], dict) else {}
+        missing = [str(m) for m in site.get("missing") or ()]
+        counts = [_count(site, k) for k in ("nodes", "passing", "warning", "critical")]
+        totals.append([name, *map(str, counts), str(len(missing))])
+        for f in site.get("failing") or ():
+            if isinstance(f, dict):
+                checks = ", ".join(str(c) for c in f.get("checks") or ())
+                nodes.append([name, str(f.get("name")), str(f.get("status", "critical")), _one_line(checks)])
+        nodes += [[name, m, "missing", "did not answer"] for m in missing]
+    return totals, nodes
+
+
+def site_exit_code(doc: dict[str, Any]) -> int:
+    sites = [s for s in (doc.get("sites") or {}).values() if isinstance(s, dict)]
+    bad = any(_count(s, "critical") or s.get("missing") for s in sites)
+    return EXIT_BAD_ANSWER if bad else EXIT_OK
+
+
+def site_summary_line(doc: dict[str, Any]) -> str:
+    sites = [s for s in (doc.get("sites") or {}).values() if isinstance(s, dict)]
+    parts = [f"{sum(_count(s, k) for s in sites)} {k}" for k in ("passing", "warning", "critical")]
+    parts.append(f"{sum(len(s.get('missing') or ()) for s in sites)} missing")
+    how = "timed out" if doc.get("timed_out") else "every site in"
+    return (
+        f"{sum(_count(s, 'nodes') for s in sites)} node(s) in {len(sites)} site(s): {', '.join(parts)} "
+        f"({how} {float(doc.get('elapsed_ms', 0)):.0f} ms)"
+    )
+
+
+def _cmd_health_summary(c: ApiClient, args: argparse.Namespace, query: list[tuple[str, str]]) -> int:
+    doc = c.get("/v1/health", query)
+    if args.json:
+        print_json(doc)
+        return site_exit_code(doc)
+    totals, nodes = site_rows(doc)
+    if totals:
+        print(table(totals, ["SITE", "NODES", "PASSING", "WARNING", "CRITICAL", "MISSING"]))
+    if nodes:
+        print()
+        print(table(nodes, ["SITE", "NODE", "STATUS", "CHECKS"]))
+    print(site_summary_line(doc))
+    return site_exit_code(doc)
+
+
 def cmd_health(c: ApiClient, args: argparse.Namespace) -> int:
     query, problem = _filters(args)
     if problem:
         return _usage(problem)
     _wait_longer(c, args)
+    if args.summary:
+        return _cmd_health_summary(c, args, query)
     doc = c.get("/v1/health", query)
     if args.json:
         print_json(doc)
@@ -271,6 +334,11 @@ def register(sub: Any, commands: MutableMapping[str, Any]) -> None:
     p = sub.add_parser("health", parents=[common], help="ask the matching nodes how healthy they are")
     _add_filters(p)
     p.add_argument("--all-checks", action="store_true", help="list every check, not only the failing ones")
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="one summary per site, gathered inside each site (for big meshes)",
+    )
     p = sub.add_parser("query", parents=[common], help="run a named query on the matching nodes")
     p.add_argument("name", metavar="NAME", help="query name (a [[query_handler]] of the nodes)")
     p.add_argument("payload", nargs="?", metavar="PAYLOAD", help="given to the handlers ('-': stdin)")

@@ -119,6 +119,7 @@ class Query(_Msg, tag=10, frozen=True):
     filters: QueryFilter = QueryFilter()
     relay_factor: int = 0  # each answer also goes through this many random members
     timeout: float = 0.0  # seconds; answers after this are not wanted (no absolute deadline)
+    aggregate: str = ""  # "site": answers are gathered per site, one SiteSummary each (aggregate.py)
 
 
 class QueryResponse(_Msg, tag=11, frozen=True):
@@ -136,6 +137,19 @@ class Relay(_Msg, tag=12, frozen=True):
     dest: str  # name of the node the answer is for (the query's origin)
     dest_addr: str
     response: QueryResponse
+    aggregate: str = ""  # "site": an answer to an aggregated query, for the site's aggregator
+
+
+class SiteSummary(_Msg, tag=13, frozen=True):
+    """One site's answers to an aggregated Query, reduced by its aggregator, sent to the origin."""
+
+    ltime: int
+    id: int
+    site: str
+    source: str  # name of the aggregating node (a member of `site`)
+    payload: bytes  # the reducer's output over the answers of `answered`
+    answered: list[str] = []  # names whose answers the payload covers
+    missing: list[str] = []  # expected members of the site that did not answer, or are down
 
 
 Message = (
@@ -151,4 +165,5 @@ Message = (
     | Query
     | QueryResponse
     | Relay
+    | SiteSummary
 )

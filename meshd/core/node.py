@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from meshd import wire
+from meshd.core.aggregate import Reducer, SiteMember, pick_aggregators
 from meshd.core.awareness import Awareness
 from meshd.core.broadcast import BroadcastQueue
 from meshd.core.bucket import TokenBucket
@@ -78,6 +79,7 @@ from meshd.core.messages import (
     QueryFilter,
     QueryResponse,
     Relay,
+    SiteSummary,
     Suspect,
 )
 from meshd.core.query import (
@@ -218,7 +220,14 @@ class MembershipCore(Protocol):
     def set_addr(self, addr: str, now: float) -> None: ...
     def key_op(self, op: str, key: bytes, now: float) -> None: ...
     def ask(
-        self, name: str, payload: bytes, filters: QueryFilter, timeout: float, relay_factor: int, now: float
+        self,
+        name: str,
+        payload: bytes,
+        filters: QueryFilter,
+        timeout: float,
+        relay_factor: int,
+        now: float,
+        aggregate: str = "",
     ) -> int: ...
     def respond_query(self, action: QueryAction, payload: bytes, now: float) -> None: ...
     def cancel_query(self, query_id: int) -> None: ...
@@ -242,7 +251,10 @@ class Node:
         incarnation: int = 0,
         seen_keyops: Iterable[int] = (),
         skew: SkewWatcher | None = None,
+        reducer: Reducer | None = None,
     ) -> None:
+        """`reducer`: how this node sums up its site's answers to an aggregated query when it
+        aggregates them (meshd.core.aggregate; the shell's, pure)."""
         self.name = name
         self.node_id = node_id
         self.addr = addr
@@ -278,6 +290,7 @@ class Node:
             rng,
             QueryLimits(udp_response_size=config.packet_budget - codec.overhead - COMPOUND_HEADER_MAX - 64),
             outbox=self._outbox,
+            reducer=reducer,
         )  # finished queries join the same ordered outbox
 
         incarnation = min(max(incarnation, 0), config.max_incarnation)
@@ -407,17 +420,30 @@ class Node:
         timeout: float,
         relay_factor: int,
         now: float,
+        aggregate: str = "",
     ) -> int:
-        """Start a gossip query; its QueryResult comes out as a QueryDone effect."""
+        """Start a gossip query; its QueryResult comes out as a QueryDone effect.
+
+        `aggregate="site"`: one summary per site comes back (meshd.core.aggregate)."""
         alive = [
             (m.name, *split_meta(m.meta)) for m in self._members.values() if m.state == MemberState.ALIVE
         ]
         expected = expected_members(filters, alive)
-        qid = self.queries.originate(name, payload, filters, timeout, relay_factor, expected, now)
+        site_of = None
+        if aggregate:
+            site_of = {
+                m.name: split_meta(m.meta)[0] for m in self._members.values() if m.state != MemberState.LEFT
+            }
+        qid = self.queries.originate(
+            name, payload, filters, timeout, relay_factor, expected, now, aggregate=aggregate, site_of=site_of
+        )
         msg = self.queries.query_message(qid)
         if msg is None:
             return qid  # nobody to wait for
         self._handle_query(msg, now)
+        if aggregate:
+            self._send_to_aggregators(msg, expected, alive)
+            return qid
         # Gossip reaches everyone only with high probability (a small mesh's retransmit limit
         # misses a node now and then, and the query then waits out its timeout): send it
         # straight to the members expected to answer too; receivers de-duplicate the copies.
@@ -429,6 +455,24 @@ class Node:
             self._send(m.addr, [data], m.node_id)
         self.counters.inc("queries.direct", len(targets))
         return qid
+
+    def _send_to_aggregators(
+        self, msg: Query, expected: set[str], alive: list[tuple[str, str, dict[str, str]]]
+    ) -> None:
+        """The query straight to each site's aggregator and its backup as we see them."""
+        by_site: dict[str, list[str]] = {}
+        for member, site, _ in alive:
+            by_site.setdefault(site, []).append(member)
+        sites = {site for member, site, _ in alive if member in expected}
+        data = wire.encode_message(msg)
+        sent = 0
+        for site in sorted(sites):
+            for chosen in pick_aggregators(msg.id, msg.ltime, by_site[site]):
+                if chosen != self.name:
+                    m = self._members[chosen]
+                    self._send(m.addr, [data], m.node_id)
+                    sent += 1
+        self.counters.inc("queries.direct", sent)
 
     def respond_query(self, action: QueryAction, payload: bytes, now: float) -> None:
         relays = [
@@ -560,7 +604,7 @@ class Node:
                 self._send(r.origin_addr, [wire.encode_message(Nack(r.origin_seq))])
         for name in [n for n, s in self._suspicions.items() if now >= s.deadline]:
             self._suspicion_expired(name, now)
-        self.queries.handle_timer(now)
+        self._send_query_out(self.queries.handle_timer(now))
         if now >= t.probe:
             self._start_probe(now)
         if now >= t.gossip:
@@ -610,6 +654,8 @@ class Node:
             self.queries.on_response(msg, now)
         elif isinstance(msg, Relay):
             self._send_query_out(self.queries.on_relay(msg, now))
+        elif isinstance(msg, SiteSummary):
+            self.queries.on_site_summary(msg, now)
 
     # --- bounds on what peers claim (see the module docstring) --------------------------------
 
@@ -999,8 +1045,23 @@ class Node:
         action = self.queries.on_query(msg, site, tags, now)
         if action.rebroadcast:
             self.broadcasts.queue(f"q:{msg.ltime}:{msg.id}", wire.encode_message(msg))
+        if action.rebroadcast and msg.aggregate:
+            # Where our answer goes; as our site's aggregator, the query straight to the site.
+            data = wire.encode_message(msg)
+            for name, addr in self.queries.on_aggregated(action, site, self._site_members(site), now):
+                self._send(addr, [data], self._node_id_of(name))
+        if action.rebroadcast:
+            self._send_query_out(self.queries.release_early(msg, now))  # answers that came first
         if action.respond:
             self._outbox.put(AnswerQuery(action))
+
+    def _site_members(self, site: str) -> list[SiteMember]:
+        """Members of `site` in our view, us included, any state but left (aggregated queries)."""
+        out = []
+        for m in self._members.values():
+            if m.state != MemberState.LEFT and m.meta.get("site", "") == site:
+                out.append(SiteMember(m.name, m.addr, m.state, split_meta(m.meta)[1]))
+        return out
 
     def _send_query_out(self, out: list[QueryOutbound]) -> None:
         for o in out:

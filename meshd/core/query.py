@@ -81,9 +81,23 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 import re2
 
+from meshd.core.aggregate import (
+    AGGREGATES,
+    BACKUP_FRACTION,
+    GATHER_FRACTION,
+    Gather,
+    GatherVerdict,
+    OriginSites,
+    Reducer,
+    SiteMember,
+    SiteResult,
+    SummaryVerdict,
+    pick_aggregators,
+    raw_reducer,
+)
 from meshd.core.counters import Counters
 from meshd.core.effects import MembershipEffect, Outbox, QueryDone
-from meshd.core.messages import Query, QueryFilter, QueryResponse, Relay
+from meshd.core.messages import MemberState, Query, QueryFilter, QueryResponse, Relay, SiteSummary
 from meshd.errors import ConfigError, StateError
 
 if TYPE_CHECKING:
@@ -95,6 +109,7 @@ QUERY_TIMEOUT_MULT: Final = 16  # Serf's QueryTimeoutMult
 LTIME_CEILING: Final = 1 << 53  # far inside u64 (msgpack) and exact in a JSON double
 PATTERN_MAX_MEM: Final = 1 << 20  # RE2 budget per compiled pattern (program + DFA cache)
 PATTERN_CACHE_SIZE: Final = 64  # compiled patterns kept: at most 64 x PATTERN_MAX_MEM
+_DOWN_STATES: Final = (MemberState.SUSPECT, MemberState.DEAD)
 _RE2_HINT: Final = "RE2 syntax, linear time: no backreferences, lookaround or \\Z"
 
 
@@ -144,6 +159,10 @@ class QueryLimits:
     max_pending: int = 64  # queries this node has in flight
     ring_size: int = 512  # Serf's QueryBuffer
     max_ids_per_slot: int = 64
+    max_routes: int = 256  # aggregated queries this node routes answers for at once
+    max_site_fan_out: int = 64  # members an aggregator sends the query to directly
+    max_early_relays: int = 1024  # answers held for a query not seen yet (see on_relay)
+    early_hold: float = 0.25  # seconds such an answer waits for its query before going on
 
 
 @dataclass(frozen=True)
@@ -170,7 +189,7 @@ class QueryOutbound:
     """A message to send: to `addr` by UDP, or by a TCP exchange when `via_stream`."""
 
     addr: str
-    message: QueryResponse | Relay
+    message: QueryResponse | Relay | SiteSummary
     via_stream: bool
 
 
@@ -189,6 +208,7 @@ class QueryResult:
     missing: tuple[str, ...]  # expected nodes that did not answer, sorted
     elapsed_ms: float
     timed_out: bool  # False: completed because every expected node answered
+    sites: tuple[SiteResult, ...] = ()  # aggregated queries: each site's summaries (aggregate.py)
 
 
 class LamportClock:
@@ -292,7 +312,7 @@ def filter_problem(filters: QueryFilter, limits: QueryLimits) -> str | None:
     return None
 
 
-def _encoded_size(msg: Query | QueryResponse | Relay) -> int:
+def _encoded_size(msg: Query | QueryResponse | Relay | SiteSummary) -> int:
     # Size of the message body alone (the envelope's overhead is in udp_response_size's margin).
     return len(msgspec.msgpack.encode(msg))
 
@@ -305,11 +325,27 @@ class _Pending:
     expected: set[str] | None
     answers: dict[str, QueryAnswer] = field(default_factory=dict)
     down: set[str] = field(default_factory=set)
+    sites: OriginSites | None = None  # aggregated queries only
 
     def complete(self) -> bool:
         if self.expected is None:
             return False
-        return all(n in self.answers or n in self.down for n in self.expected)
+        sites = self.sites
+        return all(
+            n in self.answers or n in self.down or (sites is not None and sites.covers(n))
+            for n in self.expected
+        )
+
+
+@dataclass
+class _Route:
+    """An aggregated query this node answers or aggregates: where its answers go."""
+
+    query: Query
+    expires: float  # the query's deadline here: forgotten after it
+    aggregator: tuple[str, str] | None  # (name, addr) of our site's aggregator; None: answer the origin
+    backup: tuple[str, str] | None = None  # its backup (the second choice), when the site has one
+    gather: Gather | None = None  # set when we are one of them
 
 
 class QueryEngine:
@@ -322,9 +358,11 @@ class QueryEngine:
         rng: Random,
         limits: QueryLimits | None = None,
         outbox: Outbox[MembershipEffect] | None = None,
+        reducer: Reducer | None = None,
     ) -> None:
         """`outbox`: where finished queries go (QueryDone); the node passes its own, so they
-        come out in order with everything else it queues."""
+        come out in order with everything else it queues. `reducer`: how an aggregator sums
+        up its site's answers (the shell's, pure; default: no reduction)."""
         self.local_name = local_name
         self.local_addr = local_addr
         self.limits = limits or QueryLimits()
@@ -335,6 +373,10 @@ class QueryEngine:
         self._pending: dict[int, _Pending] = {}
         self._ring: list[tuple[int, list[int]] | None] = [None] * self.limits.ring_size
         self.outbox: Outbox[MembershipEffect] = outbox if outbox is not None else Outbox()
+        self.reducer: Reducer = reducer or raw_reducer
+        self._routes: dict[tuple[int, int], _Route] = {}  # (ltime, id) -> route
+        self._early: dict[tuple[int, int], tuple[float, list[Relay]]] = {}  # key -> (until, relays)
+        self._early_count = 0
 
     # --- asking ---------------------------------------------------------------------------
 
@@ -347,9 +389,15 @@ class QueryEngine:
         relay_factor: int,
         expected: set[str] | None,
         now: float,
+        aggregate: str = "",
+        site_of: Mapping[str, str] | None = None,
     ) -> int:
         """Start a query and return its id; gossip `query_message(id)` and also hand that same
         message to `on_query` so this node answers itself when it matches.
+
+        `aggregate="site"`: answers come back as one summary per site (meshd.core.aggregate);
+        `site_of` then gives the site of every member we know (not left), `expected` must be
+        known, and the answers' relay factor is not used (answers go to the aggregator).
 
         ConfigError for unusable arguments (the message names the field); StateError when
         `max_pending` queries are already in flight.
@@ -364,6 +412,10 @@ class QueryEngine:
         problem = filter_problem(filters, limits)
         if problem:
             raise ConfigError(problem)
+        if aggregate and aggregate not in AGGREGATES:
+            raise ConfigError(f"aggregate: one of {sorted(AGGREGATES)}, or empty")
+        if aggregate and (site_of is None or expected is None):
+            raise ConfigError("aggregate: needs the members' sites and the expected nodes")
         if len(self._pending) >= limits.max_pending:
             raise StateError(f"{limits.max_pending} queries already in flight")
         if self.clock.time() >= limits.max_ltime - 1:
@@ -382,6 +434,7 @@ class QueryEngine:
             filters=filters,
             relay_factor=relay_factor,
             timeout=timeout,
+            aggregate=aggregate,
         )
         size = _encoded_size(query)
         if size > limits.max_query_size:
@@ -390,6 +443,8 @@ class QueryEngine:
             )
         self.clock.increment()
         pending = _Pending(query, now, now + timeout, set(expected) if expected is not None else None)
+        if aggregate and site_of is not None and expected is not None:
+            pending.sites = OriginSites(site_of, expected)
         self._pending[query_id] = pending
         if pending.complete():
             self._finish(pending, now, timed_out=False)
@@ -429,6 +484,32 @@ class QueryEngine:
             self._finish(pending, now, timed_out=False)
         return ResponseVerdict.ACCEPTED
 
+    def on_site_summary(self, msg: SiteSummary, now: float) -> SummaryVerdict:
+        """A site's summary for one of our aggregated queries (bounds in meshd.core.aggregate),
+        or our primary aggregator's copy when we are its backup (ours is then not needed)."""
+        route = self._routes.get((msg.ltime, msg.id))
+        gather = route.gather if route is not None else None
+        if gather is not None and gather.primary and msg.source == gather.primary and msg.site == gather.site:
+            gather.sent = True
+            self._count("gather.backup_stood_down")
+            if msg.id not in self._pending:
+                return SummaryVerdict.ACCEPTED  # (as the origin too, we keep it below)
+        verdict = self._accept_summary(msg, now) if self._ltime_ok(msg.ltime) else SummaryVerdict.BAD_LTIME
+        self._count(f"summary.{verdict.value}")
+        return verdict
+
+    def _accept_summary(self, msg: SiteSummary, now: float) -> SummaryVerdict:
+        pending = self._pending.get(msg.id)
+        if pending is None or pending.query.ltime != msg.ltime or pending.sites is None:
+            return SummaryVerdict.UNKNOWN
+        if now >= pending.deadline:
+            self._finish(pending, now, timed_out=True)
+            return SummaryVerdict.LATE
+        verdict = pending.sites.accept(msg, self.limits.max_response_size, (now - pending.started) * 1000.0)
+        if verdict is SummaryVerdict.ACCEPTED and pending.complete():
+            self._finish(pending, now, timed_out=False)
+        return verdict
+
     def member_down(self, name: str, now: float) -> None:
         """A member failed or left: stop waiting for it (it is still named as missing)."""
         for pending in list(self._pending.values()):
@@ -436,15 +517,39 @@ class QueryEngine:
                 pending.down.add(name)
                 if pending.complete():
                     self._finish(pending, now, timed_out=False)
+        for route in self._routes.values():
+            gather = route.gather
+            if gather is not None and not gather.sent:
+                gather.member_down(name)
+                if gather.complete() and not gather.primary:
+                    gather.deadline = min(gather.deadline, now)  # the next timer sends it
 
     def get_timer(self) -> float:
-        """The next deadline (absolute), math.inf when no query is in flight."""
-        return min((p.deadline for p in self._pending.values()), default=math.inf)
+        """The next deadline (absolute), math.inf when no query is in flight or being gathered."""
+        gathers = (
+            r.gather.deadline for r in self._routes.values() if r.gather is not None and not r.gather.sent
+        )
+        return min(
+            min((p.deadline for p in self._pending.values()), default=math.inf),
+            min(gathers, default=math.inf),
+            min((until for until, _ in self._early.values()), default=math.inf),
+        )
 
-    def handle_timer(self, now: float) -> None:
+    def handle_timer(self, now: float) -> list[QueryOutbound]:
+        """Finish the queries past their deadline; returns the site summaries now due to send."""
         for pending in list(self._pending.values()):
             if now >= pending.deadline:
                 self._finish(pending, now, timed_out=True)
+        out = self._release_expired(now)
+        for key, route in list(self._routes.items()):
+            gather = route.gather
+            if gather is not None and not gather.sent and now >= gather.deadline:
+                if gather.primary:
+                    self._count("gather.backup_sent")  # the primary stayed silent: dead or cut off
+                out += self._send_summary(route, gather, now)
+            if now >= route.expires:
+                del self._routes[key]
+        return out
 
     def in_flight(self) -> int:
         return len(self._pending)
@@ -452,15 +557,24 @@ class QueryEngine:
     def _finish(self, pending: _Pending, now: float, *, timed_out: bool) -> None:
         del self._pending[pending.query.id]
         expected = pending.expected or set()
+        missing = expected - pending.answers.keys()
+        sites: tuple[SiteResult, ...] = ()
+        if pending.sites is not None:
+            direct = {n: (a.payload, a.elapsed_ms) for n, a in pending.answers.items()}
+            sites = pending.sites.results(direct, pending.query.name, self.reducer, self.local_name)
+            missing = {n for s in sites for n in s.missing}
+            if pending.sites.stripped:
+                self._count("summary.stripped_names", pending.sites.stripped)
         self.outbox.put(
             QueryDone(
                 QueryResult(
                     id=pending.query.id,
                     name=pending.query.name,
                     responses=tuple(pending.answers.values()),
-                    missing=tuple(sorted(expected - pending.answers.keys())),
+                    missing=tuple(sorted(missing)),
                     elapsed_ms=(now - pending.started) * 1000.0,
                     timed_out=timed_out,
+                    sites=sites,
                 )
             )
         )
@@ -522,6 +636,7 @@ class QueryEngine:
             or not (0 <= msg.relay_factor <= limits.max_relay_factor)
             or _encoded_size(msg) > limits.max_query_size  # first: it bounds the filter's work
             or filter_problem(msg.filters, limits) is not None
+            or (msg.aggregate and msg.aggregate not in AGGREGATES)
         ):
             return Verdict.INVALID
         self.clock.witness(msg.ltime)
@@ -568,6 +683,9 @@ class QueryEngine:
             self._count("respond.late")
             return []
         response = QueryResponse(query.ltime, query.id, self.local_name, payload)
+        route = self._routes.get((query.ltime, query.id)) if query.aggregate else None
+        if route is not None and route.aggregator is not None:
+            return self._answer_aggregator(route, response, now)
         if query.origin == self.local_name:
             self.on_response(response, now)
             return []
@@ -582,17 +700,168 @@ class QueryEngine:
         return out
 
     def on_relay(self, msg: Relay, now: float) -> list[QueryOutbound]:
-        """A Relay arrived: forward the inner answer to its destination (or take it if ours)."""
+        """A Relay arrived: forward the inner answer to its destination (or take it if ours).
+
+        An answer to an aggregated query we gather for our site is kept for the summary
+        instead; one from outside our site, or after the summary went, is forwarded as usual.
+        """
         if msg.dest == self.local_name:
             self.on_response(msg.response, now)
             return []
         if not (0 <= msg.response.ltime < self.limits.max_ltime):
             self._count("relay.bad_ltime")  # a relay passes on nothing we would not accept
             return []
+        key = (msg.response.ltime, msg.response.id)
+        route = self._routes.get(key)
+        if msg.aggregate and route is None and not self._seen(key) and self._hold(key, msg, now):
+            return []
+        if route is not None and route.gather is not None:
+            out = self._gather(route, msg.response, now)
+            if out is not None:
+                return out
         self._count("relay.forwarded")
         return [self._outbound(msg.dest_addr, msg.response)]
 
-    def _outbound(self, addr: str, message: QueryResponse | Relay) -> QueryOutbound:
+    # --- aggregated queries (meshd.core.aggregate) ------------------------------------------
+
+    def _seen(self, key: tuple[int, int]) -> bool:
+        slot = self._ring[key[0] % len(self._ring)]
+        return slot is not None and slot[0] == key[0] and key[1] in slot[1]
+
+    def _hold(self, key: tuple[int, int], msg: Relay, now: float) -> bool:
+        """An answer for a query we have not seen yet: a member may hear of an aggregated query
+        (by gossip) before its aggregator does (directly from the origin), and its answer must
+        not then bypass the aggregator. Held until the query comes (`release_early`) or for
+        `early_hold`, then handled as usual; False when the bound is reached (forward now)."""
+        if self._early_count >= self.limits.max_early_relays:
+            self._count("relay.early_full")
+            return False
+        _, held = self._early.setdefault(key, (now + self.limits.early_hold, []))
+        held.append(msg)
+        self._early_count += 1
+        self._count("relay.early_held")
+        return True
+
+    def release_early(self, query: Query, now: float) -> list[QueryOutbound]:
+        """The query of answers we held arrived (call after on_query and on_aggregated): what
+        to do with them now."""
+        entry = self._early.pop((query.ltime, query.id), None)
+        if entry is None:
+            return []
+        self._early_count -= len(entry[1])
+        out: list[QueryOutbound] = []
+        for msg in entry[1]:
+            out += self.on_relay(msg, now)
+        return out
+
+    def _release_expired(self, now: float) -> list[QueryOutbound]:
+        out: list[QueryOutbound] = []
+        for key in [k for k, (until, _) in self._early.items() if now >= until]:
+            _, held = self._early.pop(key)
+            self._early_count -= len(held)
+            self._count("relay.early_expired", len(held))
+            out += [self._outbound(m.dest_addr, m.response) for m in held]
+        return out
+
+    def on_aggregated(
+        self, action: QueryAction, local_site: str, site_members: Sequence[SiteMember], now: float
+    ) -> list[tuple[str, str]]:
+        """A new aggregated query (rebroadcast verdict): pick our site's aggregator and its
+        backup among `site_members` (our site in our view, us included, every state) and
+        remember where answers go. Returns (name, addr) of the members to send the query to
+        directly: some only when we are the aggregator or its backup."""
+        query = action.query
+        if not action.rebroadcast or not query.aggregate:
+            return []
+        key = (query.ltime, query.id)
+        for k in [k for k, r in self._routes.items() if now >= r.expires]:
+            del self._routes[k]
+        if len(self._routes) >= self.limits.max_routes:
+            self._count("aggregate.full")  # our answer goes to the origin directly instead
+            return []
+        alive = {m.name: m.addr for m in site_members if m.state == MemberState.ALIVE}
+        alive.setdefault(self.local_name, self.local_addr)
+        ranked = pick_aggregators(query.id, query.ltime, alive)  # we are alive: never empty
+        chosen, backup = ranked[0], (ranked[1] if len(ranked) > 1 else "")
+        route = _Route(
+            query, action.deadline, (chosen, alive[chosen]), (backup, alive[backup]) if backup else None
+        )
+        self._routes[key] = route
+        if self.local_name not in (chosen, backup):
+            return []
+        # The backup gathers too and sends only if the primary's summary (a copy comes to it)
+        # did not show up: a primary that died before the mesh noticed costs time, not the site.
+        fraction = GATHER_FRACTION if chosen == self.local_name else BACKUP_FRACTION
+        alive_tags = [(m.name, local_site, m.tags) for m in site_members if m.state == MemberState.ALIVE]
+        down_tags = [(m.name, local_site, m.tags) for m in site_members if m.state in _DOWN_STATES]
+        route.gather = Gather(
+            query,
+            local_site,
+            members=frozenset(m.name for m in site_members) | {self.local_name},
+            expected=frozenset(expected_members(query.filters, alive_tags)),
+            down=expected_members(query.filters, down_tags),  # missing unless they answer anyway
+            deadline=min(now + fraction * query.timeout, action.deadline),
+            primary="" if chosen == self.local_name else chosen,
+        )
+        self._count("aggregate.gathering")
+        targets = sorted((n, alive[n]) for n in route.gather.expected if n != self.local_name and n in alive)
+        if len(targets) > self.limits.max_site_fan_out:
+            targets = self._rng.sample(targets, self.limits.max_site_fan_out)
+        return targets
+
+    def _answer_aggregator(self, route: _Route, response: QueryResponse, now: float) -> list[QueryOutbound]:
+        """Our answer to an aggregated query: into our gather, and to whichever of our site's
+        aggregator and backup we are not (the primary needs no copy at its backup: should it
+        die, its own answer is missing anyway)."""
+        assert route.aggregator is not None
+        out: list[QueryOutbound] = []
+        if route.gather is not None:
+            out += self._gather(route, response, now) or []
+            if not route.gather.primary:
+                return out
+        query = route.query
+        for name, addr in [r for r in (route.aggregator, route.backup) if r is not None]:
+            if name != self.local_name:
+                self._count("respond.to_aggregator")
+                relay = Relay(query.origin, query.origin_addr, response, query.aggregate)
+                out.append(self._outbound(addr, relay))
+        return out
+
+    def _gather(self, route: _Route, response: QueryResponse, now: float) -> list[QueryOutbound] | None:
+        """Keep an answer for the summary (the summary when that completes it, at a primary);
+        None: not ours to keep (the caller passes it on to the origin)."""
+        gather = route.gather
+        assert gather is not None
+        if len(response.payload) > self.limits.max_response_size:
+            self._count("gather.too_big")
+            return []
+        verdict = gather.add(response.source, response.payload)
+        self._count(f"gather.{verdict.value}")
+        if verdict is GatherVerdict.FOREIGN or (verdict is GatherVerdict.LATE and not gather.primary):
+            return None
+        if verdict is GatherVerdict.ACCEPTED and gather.complete() and not gather.primary:
+            return self._send_summary(route, gather, now)
+        return []
+
+    def _send_summary(self, route: _Route, gather: Gather, now: float) -> list[QueryOutbound]:
+        msg, squeezed = gather.summary(self.local_name, self.reducer, self.limits.max_response_size)
+        if squeezed:
+            self._count("gather.summary_too_big")
+        self._count("gather.sent")
+        out: list[QueryOutbound] = []
+        backup = route.backup
+        if (
+            not gather.primary
+            and backup is not None
+            and backup[0] not in (self.local_name, gather.query.origin)
+        ):
+            out.append(self._outbound(backup[1], msg))  # the backup stands down (an origin sees it anyway)
+        if gather.query.origin == self.local_name:
+            self.on_site_summary(msg, now)
+            return out
+        return [*out, self._outbound(gather.query.origin_addr, msg)]
+
+    def _outbound(self, addr: str, message: QueryResponse | Relay | SiteSummary) -> QueryOutbound:
         via_stream = _encoded_size(message) > self.limits.udp_response_size
         return QueryOutbound(addr, message, via_stream)
 

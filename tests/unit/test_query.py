@@ -431,6 +431,7 @@ def test_mesh_with_loss_relays_bring_every_answer_that_has_a_path() -> None:
                     continue
                 origin.on_response(fwd.message, now)  # type: ignore[arg-type]
             else:
+                assert isinstance(out.message, QueryResponse)
                 origin.on_response(out.message, now)
             arrived = True
         if not arrived:

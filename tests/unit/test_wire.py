@@ -47,6 +47,7 @@ SAMPLES: list[m.Message] = [
     m.Query(ltime=1, id=2, name="q", payload=b"\x00", origin="a", origin_addr="127.0.0.1:1"),
     m.QueryResponse(ltime=1, id=2, source="b", payload=b"r"),
     m.Relay(dest="a", dest_addr="127.0.0.1:1", response=m.QueryResponse(1, 2, "b", b"")),
+    m.SiteSummary(1, 2, "s1", "b", b"{}", ["b"], ["c"]),
 ]
 
 
