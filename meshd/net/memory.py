@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from meshd import wire
 from meshd.core.config import ProtocolConfig
 from meshd.core.effects import MemberEvent, OpenStream
+from meshd.core.members import RecordPool
 from meshd.core.node import Node
 from meshd.core.pump import pump
 from meshd.core.query import QueryAction, QueryResult
@@ -62,6 +63,8 @@ class MemoryNetwork:
         self.stats = NetStats()
         self.events: list[tuple[float, str, MemberEvent]] = []
         self.record_events = True
+        self.on_event: Callable[[str, MemberEvent], None] | None = None  # (node name, event)
+        self.pool: RecordPool | None = None  # one record pool for every node added (None: their own)
         self.query_handler: QueryHandler | None = None  # plays the shell's handler runner
         self.query_results: list[tuple[str, QueryResult]] = []  # (asking node's name, result)
         self._heap: list[_Event] = []
@@ -92,6 +95,7 @@ class MemoryNetwork:
             self.now,
             meta,
             incarnation,
+            pool=self.pool,
         )
         self.nodes[addr] = node
         self.down.discard(addr)
@@ -258,6 +262,8 @@ class _Port:
     def member_event(self, ev: MemberEvent) -> None:
         if self.net.record_events:
             self.net.events.append((self.net.now, self.node.name, ev))
+        if self.net.on_event is not None:
+            self.net.on_event(self.node.name, ev)
 
     def answer_query(self, action: QueryAction) -> None:
         handler = self.net.query_handler
