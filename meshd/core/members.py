@@ -56,6 +56,7 @@ class RecordPool:
             weakref.WeakValueDictionary()
         )
         self._metas: dict[tuple[tuple[str, str], ...], FrozenMeta] = {}
+        self._owned: weakref.WeakSet[MemberRecord] = weakref.WeakSet()  # adopt()'s fast path
 
     def meta(self, meta: Mapping[str, str]) -> FrozenMeta:
         key = _meta_key(meta)
@@ -74,10 +75,13 @@ class RecordPool:
         if rec is None:
             rec = MemberRecord(name, node_id, addr, incarnation, self.meta(meta))
             self._records[key] = rec
+            self._owned.add(rec)
         return rec
 
     def adopt(self, rec: MemberRecord) -> MemberRecord:
         """The pool's record equal to `rec` (itself when it came from this pool)."""
+        if rec in self._owned:
+            return rec
         return self.record(rec.name, rec.node_id, rec.addr, rec.incarnation, rec.meta)
 
     def with_incarnation(self, rec: MemberRecord, incarnation: int) -> MemberRecord:

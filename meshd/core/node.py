@@ -697,6 +697,11 @@ class Node:
 
     def _record_ok(self, name: str, node_id: str, addr: str, meta: dict[str, str]) -> bool:
         """A member record (Alive, push-pull state) within the name, meta and address bounds."""
+        known = self._members.get(name)
+        if known is not None:
+            r = known.rec
+            if r.addr == addr and r.node_id == node_id and r.meta == meta:
+                return True  # what we hold passed these checks (push-pull repeats every record)
         cfg = self.config
         if not 0 < len(name) <= cfg.max_name_len or len(node_id) > cfg.max_name_len:
             return self._drop("name", name[:64])

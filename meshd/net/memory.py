@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from meshd import wire
 from meshd.core.config import ProtocolConfig
@@ -42,11 +42,8 @@ class NetStats:
     stream_bytes: int = 0
 
 
-@dataclass(order=True)
-class _Event:
-    at: float
-    seq: int
-    action: Callable[[], None] = field(compare=False)
+# (at, seq, action): a plain tuple, so the heap compares in C (seq is unique: never the action).
+_Event = tuple[float, int, Callable[[], None]]
 
 
 class MemoryNetwork:
@@ -139,14 +136,14 @@ class MemoryNetwork:
 
     def call_at(self, at: float, action: Callable[[], None]) -> None:
         self._seq += 1
-        heapq.heappush(self._heap, _Event(at, self._seq, action))
+        heapq.heappush(self._heap, (at, self._seq, action))
 
     def run_until(self, t: float) -> None:
         heap = self._heap
-        while heap and heap[0].at <= t:
-            ev = heapq.heappop(heap)
-            self.now = max(self.now, ev.at)
-            ev.action()
+        while heap and heap[0][0] <= t:
+            at, _, action = heapq.heappop(heap)
+            self.now = max(self.now, at)
+            action()
         self.now = max(self.now, t)
 
     def run_for(self, seconds: float) -> None:
