@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 MAX_CACHED_METAS = 4096  # distinct metadata dicts kept for sharing; a cache, cleared when full
@@ -42,6 +42,7 @@ class MemberRecord:
     addr: str
     incarnation: int
     meta: FrozenMeta
+    pool: object = field(default=None, repr=False)  # the pool's token: adopt()'s fast path
 
 
 def _meta_key(meta: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -56,7 +57,7 @@ class RecordPool:
             weakref.WeakValueDictionary()
         )
         self._metas: dict[tuple[tuple[str, str], ...], FrozenMeta] = {}
-        self._owned: weakref.WeakSet[MemberRecord] = weakref.WeakSet()  # adopt()'s fast path
+        self._token = object()  # marks the records made here (8 bytes per record, not per member)
 
     def meta(self, meta: Mapping[str, str]) -> FrozenMeta:
         key = _meta_key(meta)
@@ -73,14 +74,13 @@ class RecordPool:
         key = (name, node_id, addr, incarnation, _meta_key(meta))
         rec = self._records.get(key)
         if rec is None:
-            rec = MemberRecord(name, node_id, addr, incarnation, self.meta(meta))
+            rec = MemberRecord(name, node_id, addr, incarnation, self.meta(meta), self._token)
             self._records[key] = rec
-            self._owned.add(rec)
         return rec
 
     def adopt(self, rec: MemberRecord) -> MemberRecord:
         """The pool's record equal to `rec` (itself when it came from this pool)."""
-        if rec in self._owned:
+        if rec.pool is self._token:
             return rec
         return self.record(rec.name, rec.node_id, rec.addr, rec.incarnation, rec.meta)
 
