@@ -365,6 +365,10 @@ class Node:
         # Not yet probed this round: after the current position, in random order.
         self._ring[self._probe_index : self._probe_index] = added
         self._active += len(added)
+        if added:
+            # Anti-entropy paced for the table we now hold, not the empty one we started with
+            # (else every node of a loaded mesh pushes its whole table within the base interval).
+            self._timers.push_pull = now + self._push_pull_interval() * (0.5 + self.rng.random() / 2)
         return len(added)
 
     def seen_keyops(self) -> list[int]:

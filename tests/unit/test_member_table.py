@@ -144,3 +144,11 @@ def test_reap_heap_reaps_the_dead_once_and_skips_the_revived() -> None:
     assert n.member("m2") is not None
     assert len(n._ring) == 9
     assert "m1" not in n._down
+
+
+def test_load_members_paces_push_pull_for_the_loaded_table() -> None:
+    pool = RecordPool()
+    n = node(pool)
+    n.load_members(recs(pool, 999), 0.0)
+    # 1,000 members: memberlist's scale gives 30 s * (ceil(log2(1000) - 5) + 1) = 180 s.
+    assert 90.0 <= n._timers.push_pull <= 180.0
