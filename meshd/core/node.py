@@ -37,11 +37,12 @@ system) so it can refute at once.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,6 +64,7 @@ from meshd.core.effects import (  # MemberEvent, MemberView: shells import them 
     SendDatagram,
     StreamKind,
 )
+from meshd.core.members import MemberRecord, RecordPool
 from meshd.core.messages import (
     Ack,
     Alive,
@@ -104,25 +106,44 @@ REPLAY_WARN_EVERY = 60.0  # refused envelopes: at most one warning per sender pe
 SKEW_SHOWN = 16  # skewed peers listed by clock_skew()
 
 
-@dataclass
 class _Member:
-    name: str
-    node_id: str
-    addr: str
-    incarnation: int
-    state: MemberState
-    meta: dict[str, str]
-    state_change: float
+    """One member in this node's table: a shared record plus this node's view of its state.
+
+    Three references per member (the record is interned, see meshd.core.members): at 10,000
+    members this table is what a node's memory is made of.
+    """
+
+    __slots__ = ("rec", "state", "state_change")
+
+    def __init__(self, rec: MemberRecord, state: MemberState, state_change: float) -> None:
+        self.rec = rec
+        self.state = state
+        self.state_change = state_change
+
+    @property
+    def name(self) -> str:
+        return self.rec.name
+
+    @property
+    def node_id(self) -> str:
+        return self.rec.node_id
+
+    @property
+    def addr(self) -> str:
+        return self.rec.addr
+
+    @property
+    def incarnation(self) -> int:
+        return self.rec.incarnation
+
+    @property
+    def meta(self) -> Mapping[str, str]:
+        return self.rec.meta
 
     def view(self) -> MemberView:
+        r = self.rec  # meta copied: consumers may edit their view, never the shared record
         return MemberView(
-            self.name,
-            self.node_id,
-            self.addr,
-            self.state,
-            self.incarnation,
-            self.meta,
-            self.state_change,
+            r.name, r.node_id, r.addr, self.state, r.incarnation, dict(r.meta), self.state_change
         )
 
 
@@ -174,6 +195,9 @@ MAX_SEEN_KEYOPS = 256
 MAX_DATAGRAM_BODY = 1 << 20
 JOIN_TIMEOUT_MIN = 5.0
 QUERY_DIRECT_FAN_OUT = 64  # members a query is also sent to directly; gossip covers the rest
+# Random picks tried before a sample falls back to scanning the table (few members qualify).
+SAMPLE_TRIES_PER_PICK = 4
+SAMPLE_TRIES_EXTRA = 16
 
 
 @dataclass(frozen=True)
@@ -252,6 +276,7 @@ class Node:
         seen_keyops: Iterable[int] = (),
         skew: SkewWatcher | None = None,
         reducer: Reducer | None = None,
+        pool: RecordPool | None = None,
     ) -> None:
         """`reducer`: how this node sums up its site's answers to an aggregated query when it
         aggregates them (meshd.core.aggregate; the shell's, pure)."""
@@ -268,10 +293,17 @@ class Node:
         self.skew = skew or SkewWatcher()
         self._replay_warnings = WarnLimiter(REPLAY_WARN_EVERY)
 
+        # Records are interned here; the simulator passes one pool to every node it runs.
+        self._pool = pool if pool is not None else RecordPool()
         self._members: dict[str, _Member] = {}
-        self._active: int | None = None  # cached num_active(); every state change clears it
-        self._probe_order: list[str] = []
+        self._active = 0  # num_active(), kept by _set_state
+        # Every other member in probe order (round-robin, reshuffled on wrap); random samples
+        # for gossip, relays and push-pull are drawn from it too (see _sample).
+        self._ring: list[_Member] = []
         self._probe_index = 0
+        self._down: dict[str, _Member] = {}  # dead and left members (reconnect picks from these)
+        self._reap_heap: list[tuple[float, int, _Member]] = []  # (state_change, seq, member), lazy
+        self._reap_seq = 0
         self._probe: _Probe | None = None
         self._nack_waits: dict[int, _Probe] = {}  # failed probes still collecting nacks
         self._relays: dict[int, _Relay] = {}
@@ -294,8 +326,14 @@ class Node:
         )  # finished queries join the same ordered outbox
 
         incarnation = min(max(incarnation, 0), config.max_incarnation)
-        self._me = _Member(name, node_id, addr, incarnation, MemberState.ALIVE, dict(meta or {}), now)
+        self._me = _Member(
+            self._pool.record(name, node_id, addr, incarnation, meta or {}), MemberState.ALIVE, now
+        )
         self._members[name] = self._me
+        # Members of our own site (us included), kept as records change: an aggregated query
+        # asks every node for its site's members, which must not cost a scan of the table.
+        self._site_mates: dict[str, _Member] = {name: self._me}
+        self._active = 1
         # Spread the timers so nodes started together do not probe in lockstep.
         self._timers = _Timers(
             probe=now + rng.random() * config.probe_interval,
@@ -322,6 +360,33 @@ class Node:
     @property
     def meta(self) -> dict[str, str]:
         return dict(self._me.meta)
+
+    def load_members(self, records: Iterable[MemberRecord], now: float) -> int:
+        """Take in members known alive (a snapshot, a converged mesh): no events, no news.
+
+        Names already listed (us included) are skipped; at most max_members are held. Returns
+        how many were added. Their probe order is shuffled once here.
+        """
+        added: list[_Member] = []
+        room = self.config.max_members - len(self._members)
+        for rec in records:
+            if len(added) >= room:
+                break
+            if rec.name in self._members:
+                continue
+            m = _Member(self._pool.adopt(rec), MemberState.ALIVE, now)
+            self._members[rec.name] = m
+            self._track_site(m)
+            added.append(m)
+        self.rng.shuffle(added)
+        # Not yet probed this round: after the current position, in random order.
+        self._ring[self._probe_index : self._probe_index] = added
+        self._active += len(added)
+        if added:
+            # Anti-entropy paced for the table we now hold, not the empty one we started with
+            # (else every node of a loaded mesh pushes its whole table within the base interval).
+            self._timers.push_pull = now + self._push_pull_interval() * (0.5 + self.rng.random() / 2)
+        return len(added)
 
     def seen_keyops(self) -> list[int]:
         """Keyring operations already applied or passed on, oldest first (for the shell to persist)."""
@@ -350,8 +415,6 @@ class Node:
 
     def num_active(self) -> int:
         """Members that count for the protocol's formulas: alive and suspect, us included."""
-        if self._active is None:
-            self._active = sum(1 for m in self._members.values() if m.state not in DEAD_STATES)
         return self._active
 
     # --- outputs -------------------------------------------------------------------------------
@@ -386,9 +449,7 @@ class Node:
             return
         self.leaving = True
         me = self._me
-        me.state = MemberState.LEFT
-        me.state_change = now
-        self._active = None
+        self._set_state(me, MemberState.LEFT, now)
         self.broadcasts.queue("m:" + me.name, wire.encode_message(Dead(me.incarnation, me.name, me.name)))
         # Do not wait for the next gossip tick: the process is about to exit.
         self._gossip(now)
@@ -407,7 +468,12 @@ class Node:
                 f"node metadata of {len(meta)} entries, {size} bytes is over the limit "
                 f"({self.config.max_meta_entries} entries, {self.config.max_meta_bytes} bytes)"
             )
-        self._me.meta = dict(meta)
+        old_site = self._me.meta.get("site", "")
+        self._me.rec = self._rec(self._me.rec, meta=meta)
+        if meta.get("site", "") != old_site:  # we moved: rebuild our site's index (rare, O(N))
+            self._site_mates = {
+                m.name: m for m in self._members.values() if m.meta.get("site", "") == meta.get("site", "")
+            }
         self._bump_own()
         self._queue_alive(self._me)
         self._emit("update", self._me, now)
@@ -475,10 +541,14 @@ class Node:
         self.counters.inc("queries.direct", sent)
 
     def respond_query(self, action: QueryAction, payload: bytes, now: float) -> None:
+        # Only as many alive members as the query relays through (never the origin): a random
+        # sample of the table is a random sample of what the engine would have picked from.
+        origin = action.query.origin
         relays = [
             (m.name, m.addr)
-            for m in self._members.values()
-            if m.state == MemberState.ALIVE and m is not self._me
+            for m in self._sample(
+                action.query.relay_factor, lambda m: m.state == MemberState.ALIVE and m.name != origin
+            )
         ]
         self._send_query_out(self.queries.respond(action, payload, relays, now))
 
@@ -490,7 +560,8 @@ class Node:
         """Our address changed (DHCP, a new uplink): a new incarnation tells the mesh."""
         if addr == self.addr:
             return
-        self.addr = self._me.addr = self.queries.local_addr = addr
+        self.addr = self.queries.local_addr = addr
+        self._me.rec = self._rec(self._me.rec, addr=addr)
         self._bump_own()
         self._queue_alive(self._me)
         self._emit("update", self._me, now)
@@ -685,6 +756,11 @@ class Node:
 
     def _record_ok(self, name: str, node_id: str, addr: str, meta: dict[str, str]) -> bool:
         """A member record (Alive, push-pull state) within the name, meta and address bounds."""
+        known = self._members.get(name)
+        if known is not None:
+            r = known.rec
+            if r.addr == addr and r.node_id == node_id and r.meta == meta:
+                return True  # what we hold passed these checks (push-pull repeats every record)
         cfg = self.config
         if not 0 < len(name) <= cfg.max_name_len or len(node_id) > cfg.max_name_len:
             return self._drop("name", name[:64])
@@ -775,20 +851,45 @@ class Node:
         return self._seq
 
     def _next_target(self) -> _Member | None:
+        ring = self._ring
         for _ in range(2):
-            while self._probe_index < len(self._probe_order):
-                name = self._probe_order[self._probe_index]
+            while self._probe_index < len(ring):
+                m = ring[self._probe_index]
                 self._probe_index += 1
-                m = self._members.get(name)
-                if m is not None and m.state not in DEAD_STATES and name != self.name:
+                if m.state not in DEAD_STATES:
                     return m
-            # Wrapped around: reshuffle (memberlist resetNodes).
-            self._probe_order = [
-                n for n, m in self._members.items() if n != self.name and m.state not in DEAD_STATES
-            ]
-            self.rng.shuffle(self._probe_order)
+            # Wrapped around: reshuffle (memberlist resetNodes), O(N) once per N probes.
+            self.rng.shuffle(ring)
             self._probe_index = 0
         return None
+
+    def _sample(self, k: int, ok: Callable[[_Member], bool]) -> list[_Member]:
+        """Up to k distinct random members that pass `ok`, uniformly.
+
+        Random picks from the ring until k pass: constant time while most members qualify
+        (alive ones, in a healthy mesh). Only when many picks miss (few qualify, or fewer
+        than k exist) does one scan of the table decide.
+        """
+        ring = self._ring
+        n = len(ring)
+        if k <= 0 or n == 0:
+            return []
+        picked: list[_Member] = []
+        if k * SAMPLE_TRIES_PER_PICK < n:
+            tried: set[int] = set()
+            rand = self.rng.randrange
+            for _ in range(k * SAMPLE_TRIES_PER_PICK + SAMPLE_TRIES_EXTRA):
+                i = rand(n)
+                if i in tried:
+                    continue
+                tried.add(i)
+                m = ring[i]
+                if ok(m):
+                    picked.append(m)
+                    if len(picked) == k:
+                        return picked
+        candidates = [m for m in ring if ok(m)]
+        return self.rng.sample(candidates, min(k, len(candidates)))
 
     def _start_probe(self, now: float) -> None:
         interval = self.awareness.scale(self.config.probe_interval)
@@ -817,12 +918,9 @@ class Node:
         target = self._members.get(p.target)
         if target is None:
             return
-        candidates = [
-            m
-            for m in self._members.values()
-            if m.state == MemberState.ALIVE and m.name not in (self.name, p.target)
-        ]
-        relays = self.rng.sample(candidates, min(self.config.indirect_checks, len(candidates)))
+        relays = self._sample(
+            self.config.indirect_checks, lambda m: m.state == MemberState.ALIVE and m is not target
+        )
         p.expected_nacks = len(relays)
         req = wire.encode_message(IndirectPing(p.seq, target.name, target.addr, self.name, self.addr, True))
         for r in relays:
@@ -904,10 +1002,14 @@ class Node:
             if not self._admit_new_member(msg.name, now):
                 return
             m = _Member(
-                msg.name, msg.node_id, msg.addr, msg.incarnation, MemberState.ALIVE, dict(msg.meta), now
+                self._pool.record(msg.name, msg.node_id, msg.addr, msg.incarnation, msg.meta),
+                MemberState.ALIVE,
+                now,
             )
             self._members[msg.name] = m
-            self._insert_probe_target(msg.name)
+            self._track_site(m)
+            self._active += 1
+            self._insert_probe_target(m)
             self._queue_alive(m)
             self._emit("join", m, now)
             return
@@ -933,14 +1035,14 @@ class Node:
         ):
             return
         old_state, old_meta, old_addr = m.state, m.meta, m.addr
-        m.node_id, m.addr, m.incarnation, m.meta = msg.node_id, msg.addr, msg.incarnation, dict(msg.meta)
+        m.rec = self._pool.record(msg.name, msg.node_id, msg.addr, msg.incarnation, msg.meta)
+        self._track_site(m)
         self._suspicions.pop(m.name, None)
         if old_state != MemberState.ALIVE:
-            m.state = MemberState.ALIVE
-            m.state_change = now
+            self._set_state(m, MemberState.ALIVE, now)
         self._queue_alive(m)
         if old_state in DEAD_STATES:
-            self._insert_probe_target(m.name)
+            # Still in the probe ring (dead ones are skipped there until reaped).
             self._emit("join", m, now)
         elif old_state == MemberState.SUSPECT:
             self._emit("alive", m, now)
@@ -964,9 +1066,8 @@ class Node:
             return
         if m.state in DEAD_STATES:
             return
-        m.incarnation = msg.incarnation
-        m.state = MemberState.SUSPECT
-        m.state_change = now
+        m.rec = self._pool.with_incarnation(m.rec, msg.incarnation)
+        self._set_state(m, MemberState.SUSPECT, now)
         n = self.num_active()
         k = self.config.suspicion_mult - 2
         if n - 2 < k:
@@ -1003,9 +1104,8 @@ class Node:
         if m.state in DEAD_STATES and not (msg.source == msg.name and m.state == MemberState.DEAD):
             return
         self._suspicions.pop(m.name, None)
-        m.incarnation = msg.incarnation
-        m.state = MemberState.LEFT if msg.source == msg.name else MemberState.DEAD
-        m.state_change = now
+        m.rec = self._pool.with_incarnation(m.rec, msg.incarnation)
+        self._set_state(m, MemberState.LEFT if msg.source == msg.name else MemberState.DEAD, now)
         self.broadcasts.queue("m:" + m.name, wire.encode_message(msg))
         self._emit("left" if m.state == MemberState.LEFT else "dead", m, now)
 
@@ -1015,25 +1115,54 @@ class Node:
             # Only reachable by walking us up a jump at a time, ~9e9 messages; never overflow.
             self._drop("incarnation", (me.name, accused, me.incarnation))
             return
-        me.incarnation = max(me.incarnation, accused) + 1
+        me.rec = self._pool.with_incarnation(me.rec, max(me.incarnation, accused) + 1)
         self.awareness.apply_delta(1)
         self.counters.inc("refutes")
         self._queue_alive(me)
 
     def _bump_own(self) -> None:
-        self._me.incarnation = min(self._me.incarnation + 1, self.config.max_incarnation)
+        me = self._me
+        me.rec = self._pool.with_incarnation(me.rec, min(me.incarnation + 1, self.config.max_incarnation))
 
-    def _queue_alive(self, m: _Member) -> None:
-        self.broadcasts.queue(
-            "m:" + m.name, wire.encode_message(Alive(m.incarnation, m.name, m.node_id, m.addr, m.meta))
+    def _rec(
+        self, rec: MemberRecord, addr: str | None = None, meta: Mapping[str, str] | None = None
+    ) -> MemberRecord:
+        return self._pool.record(
+            rec.name,
+            rec.node_id,
+            rec.addr if addr is None else addr,
+            rec.incarnation,
+            rec.meta if meta is None else meta,
         )
 
-    def _insert_probe_target(self, name: str) -> None:
+    def _set_state(self, m: _Member, state: MemberState, now: float) -> None:
+        """Every state change goes through here: it keeps the active count, the dead index and
+        the reap heap in step (O(1) or O(log dead) each)."""
+        was_down, is_down = m.state in DEAD_STATES, state in DEAD_STATES
+        m.state = state
+        m.state_change = now
+        if was_down != is_down:
+            self._active += -1 if is_down else 1
+        if m is self._me:
+            return
+        if is_down:
+            self._down[m.name] = m
+            self._reap_seq += 1
+            heapq.heappush(self._reap_heap, (now, self._reap_seq, m))
+        elif was_down:
+            del self._down[m.name]
+
+    def _queue_alive(self, m: _Member) -> None:
+        r = m.rec
+        self.broadcasts.queue(
+            "m:" + r.name, wire.encode_message(Alive(r.incarnation, r.name, r.node_id, r.addr, r.meta))
+        )
+
+    def _insert_probe_target(self, m: _Member) -> None:
         # Random position, so a new member is not always probed last (memberlist).
-        self._probe_order.insert(self.rng.randint(0, len(self._probe_order)), name)
+        self._ring.insert(self.rng.randint(0, len(self._ring)), m)
 
     def _emit(self, kind: EventKind, m: _Member, now: float) -> None:
-        self._active = None  # every membership change comes through here
         if kind in ("dead", "left"):
             self.queries.member_down(m.name, now)
         self._outbox.put(MemberEvent(kind, m.view()))
@@ -1057,11 +1186,19 @@ class Node:
 
     def _site_members(self, site: str) -> list[SiteMember]:
         """Members of `site` in our view, us included, any state but left (aggregated queries)."""
-        out = []
-        for m in self._members.values():
-            if m.state != MemberState.LEFT and m.meta.get("site", "") == site:
-                out.append(SiteMember(m.name, m.addr, m.state, split_meta(m.meta)[1]))
-        return out
+        mates = self._site_mates.values() if site == self._me.meta.get("site", "") else self._members.values()
+        return [
+            SiteMember(m.name, m.addr, m.state, split_meta(m.meta)[1])
+            for m in mates
+            if m.state != MemberState.LEFT and m.meta.get("site", "") == site
+        ]
+
+    def _track_site(self, m: _Member) -> None:
+        """Keep _site_mates current after `m`'s record changed (or it was added)."""
+        if m.meta.get("site", "") == self._me.meta.get("site", ""):
+            self._site_mates[m.name] = m
+        else:
+            self._site_mates.pop(m.name, None)
 
     def _send_query_out(self, out: list[QueryOutbound]) -> None:
         for o in out:
@@ -1132,16 +1269,13 @@ class Node:
 
     def _gossip_targets(self, now: float) -> list[_Member]:
         dead_horizon = now - self.config.gossip_to_the_dead_time
-        candidates = [
-            m
-            for m in self._members.values()
-            if m is not self._me
-            and (
+        return self._sample(
+            self.config.gossip_nodes,
+            lambda m: (
                 m.state in (MemberState.ALIVE, MemberState.SUSPECT)
                 or (m.state == MemberState.DEAD and m.state_change >= dead_horizon)
-            )
-        ]
-        return self.rng.sample(candidates, min(self.config.gossip_nodes, len(candidates)))
+            ),
+        )
 
     def _gossip(self, now: float) -> None:
         if not len(self.broadcasts):
@@ -1178,8 +1312,9 @@ class Node:
 
     def _local_state(self) -> list[PushNodeState]:
         return [
-            PushNodeState(m.name, m.node_id, m.addr, m.incarnation, m.state, m.meta)
+            PushNodeState(r.name, r.node_id, r.addr, r.incarnation, m.state, r.meta)
             for m in self._members.values()
+            for r in (m.rec,)
         ]
 
     def _push_pull(self, join: bool, reply: bool) -> PushPull:
@@ -1204,17 +1339,15 @@ class Node:
         return sid
 
     def _periodic_push_pull(self, now: float) -> None:
-        alive = [m for m in self._members.values() if m is not self._me and m.state == MemberState.ALIVE]
-        if alive and not self.leaving:
-            m = self.rng.choice(alive)
+        if self.leaving:
+            return
+        for m in self._sample(1, lambda m: m.state == MemberState.ALIVE):
             self._open_push_pull(m.addr, "push_pull", now, m.name)
 
     def _reconnect(self, now: float) -> None:
         """Serf's reconnect: try one failed member, so healed partitions merge again."""
         horizon = now - self.config.reconnect_timeout
-        dead = [
-            m for m in self._members.values() if m.state == MemberState.DEAD and m.state_change >= horizon
-        ]
+        dead = [m for m in self._down.values() if m.state == MemberState.DEAD and m.state_change >= horizon]
         if dead and not self.leaving:
             m = self.rng.choice(dead)
             self.counters.inc("reconnects")
@@ -1222,12 +1355,19 @@ class Node:
 
     def _reap(self, now: float) -> None:
         horizon = now - self.config.reap_interval
-        for name in [
-            n
-            for n, m in self._members.items()
-            if m.state in DEAD_STATES and m.state_change < horizon and n != self.name
-        ]:
-            m = self._members.pop(name)
+        heap = self._reap_heap
+        while heap and heap[0][0] < horizon:
+            at, _, m = heapq.heappop(heap)
+            if m.state not in DEAD_STATES or m.state_change != at or self._members.get(m.name) is not m:
+                continue  # revived (or died again later) since: a stale entry
+            del self._members[m.name]
+            del self._down[m.name]
+            self._site_mates.pop(m.name, None)
+            # O(N), once per reaped member (a day after it went): the ring keeps no positions.
+            i = self._ring.index(m)
+            del self._ring[i]
+            if i < self._probe_index:
+                self._probe_index -= 1
             self._emit("reap", m, now)
 
     def _merge(self, states: list[PushNodeState], now: float) -> None:

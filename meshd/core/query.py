@@ -824,7 +824,7 @@ class QueryEngine:
             if name != self.local_name:
                 self._count("respond.to_aggregator")
                 relay = Relay(query.origin, query.origin_addr, response, query.aggregate)
-                out.append(self._outbound(addr, relay))
+                out.append(self._outbound(addr, relay, reliable=True))
         return out
 
     def _gather(self, route: _Route, response: QueryResponse, now: float) -> list[QueryOutbound] | None:
@@ -855,14 +855,20 @@ class QueryEngine:
             and backup is not None
             and backup[0] not in (self.local_name, gather.query.origin)
         ):
-            out.append(self._outbound(backup[1], msg))  # the backup stands down (an origin sees it anyway)
+            # The backup stands down (an origin sees it anyway).
+            out.append(self._outbound(backup[1], msg, reliable=True))
         if gather.query.origin == self.local_name:
             self.on_site_summary(msg, now)
             return out
-        return [*out, self._outbound(gather.query.origin_addr, msg)]
+        return [*out, self._outbound(gather.query.origin_addr, msg, reliable=True)]
 
-    def _outbound(self, addr: str, message: QueryResponse | Relay | SiteSummary) -> QueryOutbound:
-        via_stream = _encoded_size(message) > self.limits.udp_response_size
+    def _outbound(
+        self, addr: str, message: QueryResponse | Relay | SiteSummary, reliable: bool = False
+    ) -> QueryOutbound:
+        """`reliable`: over TCP whatever its size. An aggregated query's answers and summaries
+        go this way: each one stands for a whole site (or its one member in it), and a lost
+        datagram would show live nodes as missing; it is one connection per member and site."""
+        via_stream = reliable or _encoded_size(message) > self.limits.udp_response_size
         return QueryOutbound(addr, message, via_stream)
 
     def _count(self, key: str, n: int = 1) -> None:

@@ -30,7 +30,7 @@ def remaining_suspicion_time(
 class Suspicion:
     """One member's suspicion: who confirmed it and when it fires."""
 
-    __slots__ = ("confirmations", "k", "max_timeout", "min_timeout", "start")
+    __slots__ = ("confirmations", "deadline", "k", "max_timeout", "min_timeout", "start")
 
     def __init__(self, accuser: str, k: int, min_timeout: float, max_timeout: float, now: float) -> None:
         self.k = k
@@ -39,16 +39,17 @@ class Suspicion:
         self.max_timeout = max_timeout if k >= 1 else min_timeout
         self.start = now
         self.confirmations: set[str] = {accuser}
+        self.deadline = self._deadline()  # kept: every timer re-arm reads it
 
     def confirm(self, accuser: str) -> bool:
         """Record an independent accuser; True when it is new information."""
         if len(self.confirmations) - 1 >= self.k or accuser in self.confirmations:
             return False
         self.confirmations.add(accuser)
+        self.deadline = self._deadline()
         return True
 
-    @property
-    def deadline(self) -> float:
+    def _deadline(self) -> float:
         left = remaining_suspicion_time(
             len(self.confirmations) - 1, self.k, 0.0, self.min_timeout, self.max_timeout
         )

@@ -10,12 +10,13 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from meshd import wire
 from meshd.core.aggregate import Reducer
 from meshd.core.config import ProtocolConfig
 from meshd.core.effects import MemberEvent, OpenStream
+from meshd.core.members import RecordPool
 from meshd.core.node import Node
 from meshd.core.pump import pump
 from meshd.core.query import QueryAction, QueryResult
@@ -42,11 +43,8 @@ class NetStats:
     stream_bytes: int = 0
 
 
-@dataclass(order=True)
-class _Event:
-    at: float
-    seq: int
-    action: Callable[[], None] = field(compare=False)
+# (at, seq, action): a plain tuple, so the heap compares in C (seq is unique: never the action).
+_Event = tuple[float, int, Callable[[], None]]
 
 
 class MemoryNetwork:
@@ -63,6 +61,8 @@ class MemoryNetwork:
         self.stats = NetStats()
         self.events: list[tuple[float, str, MemberEvent]] = []
         self.record_events = True
+        self.on_event: Callable[[str, MemberEvent], None] | None = None  # (node name, event)
+        self.pool: RecordPool | None = None  # one record pool for every node added (None: their own)
         self.query_handler: QueryHandler | None = None  # plays the shell's handler runner
         self.answer_delay: Callable[[Node], float] | None = None  # a slow handler: seconds per node
         self.reducer: Reducer | None = None  # given to nodes added from now on (aggregated queries)
@@ -96,6 +96,7 @@ class MemoryNetwork:
             meta,
             incarnation,
             reducer=self.reducer,
+            pool=self.pool,
         )
         self.nodes[addr] = node
         self.down.discard(addr)
@@ -139,14 +140,14 @@ class MemoryNetwork:
 
     def call_at(self, at: float, action: Callable[[], None]) -> None:
         self._seq += 1
-        heapq.heappush(self._heap, _Event(at, self._seq, action))
+        heapq.heappush(self._heap, (at, self._seq, action))
 
     def run_until(self, t: float) -> None:
         heap = self._heap
-        while heap and heap[0].at <= t:
-            ev = heapq.heappop(heap)
-            self.now = max(self.now, ev.at)
-            ev.action()
+        while heap and heap[0][0] <= t:
+            at, _, action = heapq.heappop(heap)
+            self.now = max(self.now, at)
+            action()
         self.now = max(self.now, t)
 
     def run_for(self, seconds: float) -> None:
@@ -262,6 +263,8 @@ class _Port:
     def member_event(self, ev: MemberEvent) -> None:
         if self.net.record_events:
             self.net.events.append((self.net.now, self.node.name, ev))
+        if self.net.on_event is not None:
+            self.net.on_event(self.node.name, ev)
 
     def answer_query(self, action: QueryAction) -> None:
         net, node, handler = self.net, self.node, self.net.query_handler
