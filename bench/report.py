@@ -65,7 +65,12 @@ def load_sim_runs(results: Path) -> list[dict[str, Any]]:
         for item in items if isinstance(items, list) else [items]:
             if isinstance(item, dict) and "nodes" in item:
                 runs.append(item)
-    return sorted(runs, key=lambda r: (float(r.get("loss", 0)), float(r.get("churn", 0)), int(r["nodes"])))
+    return sorted(runs, key=lambda r: (float(r.get("loss", 0)), churn_of(r), int(r["nodes"])))
+
+
+def churn_of(run: dict[str, Any]) -> float:
+    """Fraction of nodes restarting per minute (the sim writes churn_per_min)."""
+    return float(run.get("churn_per_min", run.get("churn", 0)) or 0)
 
 
 # --- headlines ---------------------------------------------------------------------------------
@@ -143,8 +148,9 @@ def sim_table(sims: list[dict[str, Any]]) -> list[str]:
         return []
     lines = [
         "| nodes | loss | churn | spread 50/99/99.9% | model with 0.5 factor | model without | "
-        "kill seen by all | false deaths | bytes per member | CPU s per virtual s | peak RSS | wall |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "kill seen by all | false deaths | site summary in (msgs to asker / sites) | bytes per member | "
+        "B per node per s | CPU s per virtual s | peak RSS | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def q(d: dict[str, Any] | None) -> str:
@@ -154,15 +160,25 @@ def sim_table(sims: list[dict[str, Any]]) -> list[str]:
     for r in sims:
         model = r.get("model_spread_s") or {}
         lines.append(
-            f"| {r['nodes']} | {r.get('loss', 0)} | {r.get('churn', 0)} | {q(r.get('spread_s'))} | "
+            f"| {r['nodes']} | {r.get('loss', 0)} | {churn_of(r):g}/min | {q(r.get('spread_s'))} | "
             f"{q(model.get('with_half'))} | {q(model.get('without_half'))} | "
-            f"{_opt(r.get('detect_all_s'), secs)} | {r.get('false_dead', '-')} | "
+            f"{_opt(r.get('detect_all_s'), secs)} | {r.get('false_dead', '-')} | {_summary_cell(r)} | "
             f"{_opt(r.get('bytes_per_member'), lambda x: f'{x:.0f}')} | "
+            f"{_opt(r.get('bytes_per_node_s'), lambda x: f'{x:.0f}')} | "
             f"{_opt(r.get('cpu_s_per_virtual_s'), lambda x: f'{x:.3f}')} | "
             f"{_opt(r.get('peak_rss_bytes'), lambda x: f'{x / 2**20:.0f} MiB')} | "
             f"{_opt(r.get('wall_s'), secs)} |"
         )
     return lines
+
+
+def _summary_cell(r: dict[str, Any]) -> str:
+    """The aggregated health query after the run: time, messages into the asker, sites in."""
+    if r.get("summary_s") is None:
+        return "-"
+    late = ", timed out" if r.get("summary_timed_out") else ""
+    msgs, sites = r.get("messages_to_asker", "-"), r.get("summary_sites", "-")
+    return f"{secs(float(r['summary_s']))} ({msgs} / {sites}{late})"
 
 
 def _opt(x: Any, fmt: Callable[[float], str]) -> str:
@@ -234,7 +250,7 @@ def plot_sim_dissemination(sims: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(SIM_QUANTILES), figsize=(12, 4), sharey=True)
     groups: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
     for r in sims:
-        groups.setdefault((r.get("loss", 0), r.get("churn", 0)), []).append(r)
+        groups.setdefault((r.get("loss", 0), churn_of(r)), []).append(r)
     for ax, qk in zip(axes, SIM_QUANTILES, strict=True):
         model_done = False
         for (loss, churn), runs in sorted(groups.items()):
@@ -267,27 +283,31 @@ def plot_sim_cost(sims: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # (key, title, divide by N): the sim reports whole-process CPU and RSS, so those are split.
+    # (key, title, divide by N): the sim reports whole-process CPU, so that one is split.
     metrics = (
         ("bytes_per_member", "memory: bytes per node-member pair", False),
-        ("cpu_s_per_virtual_s", "CPU s per virtual s, per node", True),
-        ("peak_rss_bytes", "peak RSS per node (bytes)", True),
+        ("cpu_s_per_virtual_s", "CPU ms per virtual s, per node", True),
+        ("bytes_per_node_s", "network: bytes per node per s", False),
     )
     fig, axes = plt.subplots(1, len(metrics), figsize=(12, 4))
-    base = [r for r in sims if not r.get("loss") and not r.get("churn")] or sims
+    groups: dict[tuple[float, float], list[dict[str, Any]]] = {}
+    for r in sims:
+        groups.setdefault((float(r.get("loss", 0)), churn_of(r)), []).append(r)
     for ax, (key, label, per_node) in zip(axes, metrics, strict=True):
-        pts = []
-        for r in base:
-            v = r.get(key)
-            if v is None:
-                continue
-            n = int(r["nodes"])
-            pts.append((n, float(v) / n if per_node else float(v)))
-        if pts:
-            ax.plot(*zip(*sorted(pts), strict=True), "-o")
+        for (loss, churn), runs in sorted(groups.items()):
+            pts = []
+            for r in runs:
+                v = r.get(key)
+                if v is None:
+                    continue
+                n = int(r["nodes"])
+                pts.append((n, float(v) * 1000 / n if per_node else float(v)))
+            if pts:
+                ax.plot(*zip(*sorted(pts), strict=True), "-o", label=f"loss {loss:g}, churn {churn:g}/min")
         ax.set(xscale="log", xlabel="nodes", title=label)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -71,9 +71,20 @@ STRATEGIES: dict[type, st.SearchStrategy[typing.Any]] = {
         filters=st.builds(m.QueryFilter, nodes=st.lists(text, max_size=3), site=text, tags=meta),
         relay_factor=st.integers(0, 10),
         timeout=st.floats(allow_nan=False),
+        aggregate=text,
     ),
     m.QueryResponse: response,
-    m.Relay: st.builds(m.Relay, dest=text, dest_addr=text, response=response),
+    m.Relay: st.builds(m.Relay, dest=text, dest_addr=text, response=response, aggregate=text),
+    m.SiteSummary: st.builds(
+        m.SiteSummary,
+        ltime=u64,
+        id=u64,
+        site=text,
+        source=text,
+        payload=st.binary(max_size=40),
+        answered=st.lists(text, max_size=3),
+        missing=st.lists(text, max_size=3),
+    ),
 }
 messages = st.one_of(*STRATEGIES.values())
 
