@@ -77,8 +77,8 @@ fuzz: $(STAMP)
 	$(BIN)/python scripts/fuzz_seeds.py --scrub; \
 	exit $$status
 
-# Side-by-side benchmarks (root; Debian serf, aria2, opentracker, mktorrent, casync), then the one
-# report: every bench writes bench/results/<name>.md and its raw runs <name>.json; bench/report.py
+# Side-by-side benchmarks (root; Debian serf, aria2, opentracker, mktorrent, casync: installed when
+# missing), then the one report: every bench writes bench/results/<name>.md and its raw runs <name>.json; bench/report.py
 # turns them (and the simulator's simulator*.json) into bench/results/README.md with PNG plots.
 # matplotlib is the `bench` extra (the venv has it: tests check the plots too). BENCH_RUNS
 # repetitions per figure (median and min-max); with 5, about 90 minutes on a quiet 2-core machine
@@ -86,7 +86,12 @@ fuzz: $(STAMP)
 BENCH_RUNS   ?= 5
 DIST_CONFIGS ?= --config 1x8 --config 1x16 --config 2x8
 
+BENCH_TOOLS := serf aria2c opentracker mktorrent casync
+
 bench: $(STAMP)
+	@missing=""; for t in $(BENCH_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then echo "installing the side-by-side tools (missing:$$missing)"; \
+	    apt-get update -qq && apt-get install -y -qq serf aria2 opentracker mktorrent casync; fi
 	$(BIN)/python bench/membership.py
 	$(BIN)/python bench/bench_queries.py --runs $(BENCH_RUNS)
 	$(BIN)/python bench/bench_discovery.py --runs $(BENCH_RUNS)
