@@ -198,6 +198,7 @@ QUERY_DIRECT_FAN_OUT = 64  # members a query is also sent to directly; gossip co
 # Random picks tried before a sample falls back to scanning the table (few members qualify).
 SAMPLE_TRIES_PER_PICK = 4
 SAMPLE_TRIES_EXTRA = 16
+REAP_HEAP_SLACK = 64  # stale reap entries tolerated beyond twice the members down
 
 
 @dataclass(frozen=True)
@@ -1149,6 +1150,11 @@ class Node:
             self._down[m.name] = m
             self._reap_seq += 1
             heapq.heappush(self._reap_heap, (now, self._reap_seq, m))
+            if len(self._reap_heap) > 2 * len(self._down) + REAP_HEAP_SLACK:
+                # A flapping member leaves a stale entry per death, for a day: keep the heap
+                # to the members down now (plus slack), whatever the churn.
+                self._reap_heap = [(d.state_change, i, d) for i, d in enumerate(self._down.values())]
+                heapq.heapify(self._reap_heap)
         elif was_down:
             del self._down[m.name]
 

@@ -146,6 +146,25 @@ def test_reap_heap_reaps_the_dead_once_and_skips_the_revived() -> None:
     assert "m1" not in n._down
 
 
+def test_a_flapping_member_does_not_grow_the_reap_heap() -> None:
+    pool = RecordPool()
+    n = node(pool, reap_interval=10.0)
+    n.load_members(recs(pool, 10), 0.0)
+    t = 1.0
+    for inc in range(0, 1000, 2):  # m4 dies and comes back 500 times: a stale entry each time
+        n.receive_datagram(n.codec.pack([encode_message(Dead(inc, "m4", "m1"))]), "198.18.9.9:1", t)
+        alive = Alive(inc + 1, "m4", "id-m4", "198.18.1.5:7004", {"site": "a"})
+        n.receive_datagram(n.codec.pack([encode_message(alive)]), "198.18.9.9:1", t + 0.001)
+        t += 0.002
+    n.receive_datagram(n.codec.pack([encode_message(Dead(0, "m7", "m1"))]), "198.18.9.9:1", t)
+    assert len(n._reap_heap) <= 2 * len(n._down) + 64
+    n.take_effects()
+    n._reap(t + 20.0)
+    reaped = [e.member.name for e in n.take_effects() if isinstance(e, MemberEvent) and e.kind == "reap"]
+    assert reaped == ["m7"]  # the compaction kept who is down now, and only them
+    assert n.member("m4") is not None
+
+
 def test_load_members_paces_push_pull_for_the_loaded_table() -> None:
     pool = RecordPool()
     n = node(pool)
