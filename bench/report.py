@@ -177,6 +177,8 @@ def _summary_cell(r: dict[str, Any]) -> str:
     if r.get("summary_s") is None:
         return "-"
     late = ", timed out" if r.get("summary_timed_out") else ""
+    if r.get("summary_missing_but_up"):
+        late += f", {r['summary_missing_but_up']} live nodes shown missing"
     msgs, sites = r.get("messages_to_asker", "-"), r.get("summary_sites", "-")
     return f"{secs(float(r['summary_s']))} ({msgs} / {sites}{late})"
 
