@@ -34,15 +34,20 @@ SIM_QUANTILES = ("50", "99", "99.9")
 # --- loading -----------------------------------------------------------------------------------
 
 
+def _read_json(path: Path) -> Any:
+    """The parsed file, or None (said on stderr) when it cannot be read: one bad file skips itself."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"report: skipping {path.name}: {e}", file=sys.stderr)
+        return None
+
+
 def load_results(results: Path) -> dict[str, dict[str, Any]]:
     """bench name -> raw document, for every *.json with a "bench" key (the sim's are apart)."""
     docs: dict[str, dict[str, Any]] = {}
     for path in sorted(results.glob("*.json")):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            print(f"report: skipping {path.name}: {e}", file=sys.stderr)
-            continue
+        doc = _read_json(path)
         if isinstance(doc, dict) and isinstance(doc.get("bench"), str):
             docs[doc["bench"]] = doc
     return docs
@@ -56,11 +61,7 @@ def load_sim_runs(results: Path) -> list[dict[str, Any]]:
     bytes_per_member, cpu_s_per_virtual_s, summary_s, messages_to_asker; loss/churn when given)."""
     runs: list[dict[str, Any]] = []
     for path in sorted(results.glob("simulator*.json")):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            print(f"report: skipping {path.name}: {e}", file=sys.stderr)
-            continue
+        doc = _read_json(path)
         items = doc.get("runs", []) if isinstance(doc, dict) and "runs" in doc else doc
         for item in items if isinstance(items, list) else [items]:
             if isinstance(item, dict) and "nodes" in item:

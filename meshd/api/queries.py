@@ -297,10 +297,7 @@ async def _run(
         )
         return _retry_later(429, "too_many_queries", detail)
     try:
-        if aggregate:
-            result = await agent.run_query(name, payload, filters, timeout, relay_factor, aggregate)
-        else:
-            result = await agent.run_query(name, payload, filters, timeout, relay_factor)
+        result = await agent.run_query(name, payload, filters, timeout, relay_factor, aggregate)
     except ConfigError as e:
         raise ApiError(400, "bad_query", str(e)) from None
     except StateError as e:

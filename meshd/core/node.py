@@ -1183,20 +1183,19 @@ class Node:
         if action.rebroadcast and msg.aggregate:
             # Where our answer goes; as our site's aggregator, the query straight to the site.
             data = wire.encode_message(msg)
-            for name, addr in self.queries.on_aggregated(action, site, self._site_members(site), now):
+            for name, addr in self.queries.on_aggregated(action, site, self._site_members(), now):
                 self._send(addr, [data], self._node_id_of(name))
         if action.rebroadcast:
             self._send_query_out(self.queries.release_early(msg, now))  # answers that came first
         if action.respond:
             self._outbox.put(AnswerQuery(action))
 
-    def _site_members(self, site: str) -> list[SiteMember]:
-        """Members of `site` in our view, us included, any state but left (aggregated queries)."""
-        mates = self._site_mates.values() if site == self._me.meta.get("site", "") else self._members.values()
+    def _site_members(self) -> list[SiteMember]:
+        """Members of our site in our view, us included, any state but left (aggregated queries)."""
         return [
             SiteMember(m.name, m.addr, m.state, split_meta(m.meta)[1])
-            for m in mates
-            if m.state != MemberState.LEFT and m.meta.get("site", "") == site
+            for m in self._site_mates.values()
+            if m.state != MemberState.LEFT
         ]
 
     def _track_site(self, m: _Member) -> None:
