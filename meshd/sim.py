@@ -262,8 +262,10 @@ def run_scale(
     # Churn: crashes at random times in the window, each back RESTART_AFTER_S later.
     restarts = round(churn * n * duration / 60.0)
     spare = [nd for nd in nodes if nd is not origin and nd is not victim]
+    back_at: dict[str, float] = {}  # churned name -> when it came back
     for nd in rng.sample(spare, min(restarts, len(spare))):
         at = t0 + rng.random() * max(0.0, duration - RESTART_AFTER_S)
+        back_at[nd.name] = at + RESTART_AFTER_S
         net.call_at(at, functools.partial(_crash, net, nd, killed, churned))
         net.call_at(at + RESTART_AFTER_S, functools.partial(_restart, net, nd, nodes, config, rng))
 
@@ -287,7 +289,7 @@ def run_scale(
         }
         for key, half in (("with_half", True), ("without_half", False))
     }
-    summary = _site_summary(net, nodes, victim) if sites > 0 else {}
+    summary = _site_summary(net, nodes, victim, back_at) if sites > 0 else {}
     peak = _rss_bytes()
     return {
         "nodes": n,
@@ -319,10 +321,13 @@ def run_scale(
     }
 
 
-def _site_summary(net: MemoryNetwork, nodes: list[Node], victim: Node) -> dict[str, Any]:
+def _site_summary(
+    net: MemoryNetwork, nodes: list[Node], victim: Node, back_at: dict[str, float]
+) -> dict[str, Any]:
     """After the window: `GET /v1/health?summary=site`'s query from a live node, the killed
-    node's site checked to list it as missing."""
+    node's site checked to list it as missing. `back_at`: when each churned node restarted."""
     asker = next(nd for nd in nodes[1:] if nd is not victim and net.nodes.get(nd.addr) is nd)
+    asked_at = net.now
     run = run_site_summary(net, asker, SUMMARY_TIMEOUT_S)
     victim_site = victim.meta.get("site", "")
     victim_missing = any(victim.name in s.missing for s in run.result.sites if s.site == victim_site)
@@ -336,6 +341,12 @@ def _site_summary(net: MemoryNetwork, nodes: list[Node], victim: Node) -> dict[s
         "summary_dead_missing": victim_missing,
         "summary_missing": len(missing),
         "summary_missing_but_up": len(missing & up),  # live nodes the summary lost
+        # ... of which had restarted within RESTART_AFTER_S before the query: their site may
+        # not have heard them back yet (a just-restarted node is suspect there, or ranks itself
+        # its site's aggregator before the others know it is back)
+        "summary_missing_but_up_recent": sum(
+            1 for name in missing & up if asked_at - back_at.get(name, -math.inf) <= RESTART_AFTER_S
+        ),
     }
 
 

@@ -106,8 +106,8 @@ class Gather:
     query: Query
     site: str
     members: frozenset[str]  # every member of the site in our view: who may answer here
-    expected: frozenset[str]  # alive matching members: whom we wait for
-    down: set[str]  # suspect/dead matching members: missing unless they answer anyway
+    expected: frozenset[str]  # alive and suspect matching members: whom we wait for
+    down: set[str]  # dead matching members (or gone dead since): missing unless they answer anyway
     deadline: float  # the end of the gather window
     answers: dict[str, bytes] = field(default_factory=dict)
     sent: bool = False  # or, for a backup, the primary's summary seen: nothing to send
@@ -182,12 +182,16 @@ class SiteResult:
 class OriginSites:
     """What the origin of an aggregated query knows of the sites and the summaries they sent."""
 
-    def __init__(self, site_of: Mapping[str, str], expected: Iterable[str]) -> None:
-        """`site_of`: site of every member we know (not left); `expected`: the alive matches."""
+    def __init__(self, site_of: Mapping[str, str], expected: Iterable[str], down: Iterable[str] = ()) -> None:
+        """`site_of`: site of every member we know (not left); `expected`: the alive matches;
+        `down`: the suspect and dead matches, missing unless some summary has their answer."""
         self.site_of = dict(site_of)
         self.expected_by_site: dict[str, set[str]] = {}
         for name in expected:
             self.expected_by_site.setdefault(self.site_of.get(name, ""), set()).add(name)
+        self.down_by_site: dict[str, set[str]] = {}
+        for name in down:
+            self.down_by_site.setdefault(self.site_of.get(name, ""), set()).add(name)
         self.parts: dict[str, list[SitePart]] = {}
         self.answered: dict[str, str] = {}  # name -> site, over every part
         self.reported_missing: dict[str, set[str]] = {}
@@ -208,7 +212,12 @@ class OriginSites:
         if msg.source in self.sources:
             return SummaryVerdict.DUPLICATE
         self.sources.add(msg.source)
-        ours = {n for n in (*msg.answered, *msg.missing) if self.site_of.get(n) == msg.site}
+        ours = {n for n in msg.answered if self.site_of.get(n) == msg.site}
+        # A missing name we do not know is taken as this site's: a node that joined after a
+        # member died never learns of it (push-pull does not carry the dead to a newcomer), and
+        # the site is what still knows it is missing. A site can add to what is missing, never
+        # claim an answer from a node we do not know in that site.
+        ours |= {n for n in msg.missing if self.site_of.get(n, msg.site) == msg.site}
         self.stripped += len(set(msg.answered) | set(msg.missing)) - len(ours)
         fresh = tuple(dict.fromkeys(n for n in msg.answered if n in ours and n not in self.answered))
         for name in fresh:
@@ -235,7 +244,7 @@ class OriginSites:
                 by_site.setdefault(site, []).append((name, payload))
                 arrived[site] = max(arrived.get(site, 0.0), elapsed_ms)
         out = []
-        for site in sorted(set(self.expected_by_site) | set(self.parts) | set(by_site)):
+        for site in sorted({*self.expected_by_site, *self.down_by_site, *self.parts, *by_site}):
             parts = list(self.parts.get(site, ()))
             extra = sorted(by_site.get(site, ()))
             if extra:
@@ -243,6 +252,10 @@ class OriginSites:
                     SitePart(local, reducer(query, extra), tuple(n for n, _ in extra), arrived[site])
                 )
             answered = {n for p in parts for n in p.answered}
-            wanted = self.expected_by_site.get(site, set()) | self.reported_missing.get(site, set())
+            wanted = (
+                self.expected_by_site.get(site, set())
+                | self.reported_missing.get(site, set())
+                | self.down_by_site.get(site, set())
+            )
             out.append(SiteResult(site, tuple(parts), tuple(sorted(wanted - answered))))
         return tuple(out)

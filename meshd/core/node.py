@@ -497,12 +497,27 @@ class Node:
         ]
         expected = expected_members(filters, alive)
         site_of = None
+        down: set[str] = set()
         if aggregate:
             site_of = {
                 m.name: split_meta(m.meta)[0] for m in self._members.values() if m.state != MemberState.LEFT
             }
+            down_states = (MemberState.SUSPECT, MemberState.DEAD)
+            held_down = [
+                (m.name, *split_meta(m.meta)) for m in self._members.values() if m.state in down_states
+            ]
+            down = expected_members(filters, held_down)
         qid = self.queries.originate(
-            name, payload, filters, timeout, relay_factor, expected, now, aggregate=aggregate, site_of=site_of
+            name,
+            payload,
+            filters,
+            timeout,
+            relay_factor,
+            expected,
+            now,
+            aggregate=aggregate,
+            site_of=site_of,
+            down=down,
         )
         msg = self.queries.query_message(qid)
         if msg is None:

@@ -109,7 +109,7 @@ QUERY_TIMEOUT_MULT: Final = 16  # Serf's QueryTimeoutMult
 LTIME_CEILING: Final = 1 << 53  # far inside u64 (msgpack) and exact in a JSON double
 PATTERN_MAX_MEM: Final = 1 << 20  # RE2 budget per compiled pattern (program + DFA cache)
 PATTERN_CACHE_SIZE: Final = 64  # compiled patterns kept: at most 64 x PATTERN_MAX_MEM
-_DOWN_STATES: Final = (MemberState.SUSPECT, MemberState.DEAD)
+_ASKED_STATES: Final = (MemberState.ALIVE, MemberState.SUSPECT)  # an aggregator asks and waits for these
 _RE2_HINT: Final = "RE2 syntax, linear time: no backreferences, lookaround or \\Z"
 
 
@@ -391,13 +391,15 @@ class QueryEngine:
         now: float,
         aggregate: str = "",
         site_of: Mapping[str, str] | None = None,
+        down: Iterable[str] = (),
     ) -> int:
         """Start a query and return its id; gossip `query_message(id)` and also hand that same
         message to `on_query` so this node answers itself when it matches.
 
         `aggregate="site"`: answers come back as one summary per site (meshd.core.aggregate);
         `site_of` then gives the site of every member we know (not left), `expected` must be
-        known, and the answers' relay factor is not used (answers go to the aggregator).
+        known, `down` names the suspect and dead matches (missing unless a summary has their
+        answer), and the answers' relay factor is not used (answers go to the aggregator).
 
         ConfigError for unusable arguments (the message names the field); StateError when
         `max_pending` queries are already in flight.
@@ -444,7 +446,7 @@ class QueryEngine:
         self.clock.increment()
         pending = _Pending(query, now, now + timeout, set(expected) if expected is not None else None)
         if aggregate and site_of is not None and expected is not None:
-            pending.sites = OriginSites(site_of, expected)
+            pending.sites = OriginSites(site_of, expected, down)
         self._pending[query_id] = pending
         if pending.complete():
             self._finish(pending, now, timed_out=False)
@@ -792,8 +794,12 @@ class QueryEngine:
         # The backup gathers too and sends only if the primary's summary (a copy comes to it)
         # did not show up: a primary that died before the mesh noticed costs time, not the site.
         fraction = GATHER_FRACTION if chosen == self.local_name else BACKUP_FRACTION
-        alive_tags = [(m.name, local_site, m.tags) for m in site_members if m.state == MemberState.ALIVE]
-        down_tags = [(m.name, local_site, m.tags) for m in site_members if m.state in _DOWN_STATES]
+        # A suspect is usually alive (a lost ack, or just restarted and not yet refuted): ask it
+        # and wait for it within the window like an alive member. Only the dead are not waited for.
+        asked = {m.name: m.addr for m in site_members if m.state in _ASKED_STATES}
+        asked.setdefault(self.local_name, self.local_addr)
+        alive_tags = [(m.name, local_site, m.tags) for m in site_members if m.state in _ASKED_STATES]
+        down_tags = [(m.name, local_site, m.tags) for m in site_members if m.state == MemberState.DEAD]
         route.gather = Gather(
             query,
             local_site,
@@ -804,7 +810,7 @@ class QueryEngine:
             primary="" if chosen == self.local_name else chosen,
         )
         self._count("aggregate.gathering")
-        targets = sorted((n, alive[n]) for n in route.gather.expected if n != self.local_name and n in alive)
+        targets = sorted((n, asked[n]) for n in route.gather.expected if n != self.local_name and n in asked)
         if len(targets) > self.limits.max_site_fan_out:
             targets = self._rng.sample(targets, self.limits.max_site_fan_out)
         return targets

@@ -133,3 +133,26 @@ def test_fresh_kills_are_missing_and_a_dead_aggregator_costs_time_not_its_site()
     on_time = [p.elapsed_ms for s in r.sites if s.site not in (no_primary, no_aggregators) for p in s.parts]
     assert len(on_time) >= SITES - 2
     assert max(on_time) < 2000
+
+
+def test_a_node_that_joined_after_a_death_still_sees_the_dead_node_missing() -> None:
+    # Push-pull does not hand a newcomer the dead members (memberlist ignores a dead record for
+    # a name it does not know), so only the dead node's site can still name it.
+    net, nodes = sited_cluster(seed=33)
+    victim = nodes[40]
+    net.kill(victim)
+    alive = [n for n in nodes if n is not victim]
+    assert net.run_until_true(
+        lambda: all(state_of(x, victim.name) == MemberState.DEAD for x in alive), 60.0, step=0.5
+    )
+    late = net.add_node("late", LAN, Codec("test", None), meta={"site": site_of(7)})
+    late.join([nodes[1].addr], net.now)
+    net.poke(late)
+    names = {x.name for x in alive} | {"late"}
+    assert net.run_until_true(lambda: alive_names(late) == names, 30.0, step=0.5)
+    assert late.member(victim.name) is None  # the case under test: the asker never heard of it
+    run = run_site_summary(net, late, timeout=4.0)
+    assert not run.result.timed_out
+    [site] = [s for s in run.result.sites if s.site == site_of(40)]
+    assert site.missing == (victim.name,)
+    assert run.result.missing == (victim.name,)

@@ -49,12 +49,13 @@ def results(e: QueryEngine) -> list[QueryResult]:
     return [eff.result for eff in e.outbox.take() if isinstance(eff, QueryDone)]
 
 
-def site_members(site: str, down: Collection[str] = ()) -> list[SiteMember]:
-    return [
-        SiteMember(n, addr(n), MemberState.DEAD if n in down else MemberState.ALIVE, {})
-        for n in sorted(SITE_OF)
-        if SITE_OF[n] == site
-    ]
+def site_members(site: str, down: Collection[str] = (), suspect: Collection[str] = ()) -> list[SiteMember]:
+    def state(n: str) -> MemberState:
+        if n in down:
+            return MemberState.DEAD
+        return MemberState.SUSPECT if n in suspect else MemberState.ALIVE
+
+    return [SiteMember(n, addr(n), state(n), {}) for n in sorted(SITE_OF) if SITE_OF[n] == site]
 
 
 def start(origin: QueryEngine, timeout: float = 4.0, expected: set[str] | None = None) -> int:
@@ -139,18 +140,27 @@ def test_rendezvous_choice_is_the_same_everywhere_and_moves_with_the_query() -> 
 A_NAMES = ["a0", "a1", "a2", "a3"]
 
 
-def run_site(silent: Collection[str] = (), down: Collection[str] = (), timeout: float = 4.0):
+def run_site(
+    silent: Collection[str] = (),
+    down: Collection[str] = (),
+    timeout: float = 4.0,
+    suspect: Collection[str] = (),
+):
     """Site "a" answers an aggregated query from "o" (answers at t=0.01); returns (origin,
-    ranked aggregators, the site's engines, what they sent the origin)."""
+    ranked aggregators, the site's engines, what they sent the origin). `suspect`: members
+    every other member of the site holds suspect (they are up and answer unless silent)."""
     origin = engine("o")
     qid = start(origin, timeout)
     query = origin.query_message(qid)
     assert query is not None
     engines = {n: engine(n) for n in A_NAMES if n not in down}
     actions = {}
+    asked: dict[str, list[str]] = {}
     for name, e in engines.items():
         actions[name] = e.on_query(query, "a", {}, 0.0)
-        e.on_aggregated(actions[name], "a", site_members("a", down), 0.0)
+        view = site_members("a", down, [n for n in suspect if n != name])
+        asked[name] = [n for n, _ in e.on_aggregated(actions[name], "a", view, 0.0)]
+    run_site.asked = asked  # type: ignore[attr-defined]
     by_addr = {addr(n): e for n, e in engines.items()}
     to_origin: list[QueryOutbound] = []
     pending: list[QueryOutbound] = []
@@ -167,7 +177,8 @@ def run_site(silent: Collection[str] = (), down: Collection[str] = (), timeout: 
             pending += target.on_relay(out.message, 0.02)
         elif isinstance(out.message, SiteSummary):
             target.on_site_summary(out.message, 0.02)
-    ranked = pick_aggregators(query.id, query.ltime, [n for n in A_NAMES if n not in down])
+    alive = [n for n in A_NAMES if n not in down and n not in suspect]
+    ranked = pick_aggregators(query.id, query.ltime, alive)
     return origin, ranked, engines, to_origin
 
 
@@ -223,7 +234,58 @@ def test_a_member_the_aggregator_knows_dead_is_missing_without_waiting() -> None
     assert out.message.missing == ["a3"]
 
 
+def test_a_suspect_member_is_asked_and_its_answer_counts() -> None:
+    # Just restarted, or one lost ack: the site still holds it suspect, yet it is up.
+    _, ranked, _, _ = run_site()
+    suspect = next(n for n in A_NAMES if n not in ranked)
+    _, ranked, _, to_origin = run_site(suspect={suspect})
+    assert suspect in run_site.asked[ranked[0]]  # type: ignore[attr-defined]
+    [out] = to_origin
+    assert isinstance(out.message, SiteSummary)
+    assert out.message.answered == A_NAMES
+    assert out.message.missing == []
+
+
+def test_a_silent_suspect_is_waited_for_then_missing() -> None:
+    _, ranked, _, _ = run_site()
+    suspect = next(n for n in A_NAMES if n not in ranked)
+    _, ranked, engines, to_origin = run_site(suspect={suspect}, silent={suspect})
+    assert to_origin == []  # a suspect may be up: it gets the gather window like anyone
+    [out] = [o for o in engines[ranked[0]].handle_timer(1.6) if o.addr == addr("o")]
+    assert isinstance(out.message, SiteSummary)
+    assert out.message.missing == [suspect]
+
+
 # --- the origin: merge, missing, bounds -----------------------------------------------------------
+
+
+def test_a_member_the_origin_holds_dead_is_missing_though_no_site_names_it() -> None:
+    # The site's aggregator joined after b2 died and never heard of it; the origin did.
+    origin = engine("o")
+    alive = set(SITE_OF) - {"b2"}
+    qid = origin.originate(
+        "health", b"", QueryFilter(), 4.0, 0, alive, 0.0, AGGREGATE_SITE, SITE_OF, down={"b2"}
+    )
+    ok = SummaryVerdict.ACCEPTED
+    assert origin.on_site_summary(summary(origin, qid, answered=["a0", "a1", "a2", "a3"]), 0.1) is ok
+    b = summary(origin, qid, site="b", source="b1", answered=["b0", "b1", "o"])
+    assert origin.on_site_summary(b, 0.2) is ok
+    [r] = results(origin)  # not waited for: complete as soon as every alive match is covered
+    assert not r.timed_out
+    assert r.missing == ("b2",)
+    [site_b] = [s for s in r.sites if s.site == "b"]
+    assert site_b.missing == ("b2",)
+
+
+def test_a_down_member_that_answers_after_all_is_not_missing() -> None:
+    origin = engine("o")
+    qid = origin.originate(
+        "health", b"", QueryFilter(), 4.0, 0, set(SITE_OF) - {"b2"}, 0.0, AGGREGATE_SITE, SITE_OF, down={"b2"}
+    )
+    origin.on_site_summary(summary(origin, qid, answered=["a0", "a1", "a2", "a3"]), 0.1)
+    origin.on_site_summary(summary(origin, qid, site="b", source="b1", answered=["b0", "b1", "b2", "o"]), 0.2)
+    [r] = results(origin)
+    assert r.missing == ()
 
 
 def test_the_origin_completes_when_every_site_reported_and_names_the_missing() -> None:
@@ -299,15 +361,15 @@ def test_unknown_queries_replays_and_bad_ltimes_are_dropped() -> None:
 
 def test_a_summary_cannot_claim_another_sites_nodes_or_count_a_node_twice() -> None:
     sites = OriginSites(SITE_OF, set(SITE_OF))
-    first = SiteSummary(1, 1, "a", "a0", b"{}", ["a0", "a1", "b0", "ghost"], ["b1"])
+    first = SiteSummary(1, 1, "a", "a0", b"{}", ["a0", "a1", "b0", "ghost"], ["b1", "gone"])
     assert sites.accept(first, 1024) is SummaryVerdict.ACCEPTED
     assert sites.parts["a"][0].answered == ("a0", "a1")  # b0 is site b's, ghost unknown here
-    assert sites.stripped == 3
+    assert sites.stripped == 3  # b0, ghost and b1; "gone" (unknown here) is taken as missing
     second = SiteSummary(1, 1, "a", "a2", b"{}", ["a1", "a2"], [])  # a second aggregator of site a
     assert sites.accept(second, 1024) is SummaryVerdict.ACCEPTED
     assert sites.parts["a"][1].answered == ("a2",)
     [site_a] = [s for s in sites.results({}, "health", summarize, "o") if s.site == "a"]
-    assert site_a.missing == ("a3",)
+    assert site_a.missing == ("a3", "gone")
     assert "b1" not in sites.reported_missing.get("a", set())
 
 
