@@ -1025,6 +1025,13 @@ def _max(xs: Sequence[float]) -> float | None:
     return max(xs) if xs else None
 
 
+def _spread(median: float | None, xs: Sequence[float], digits: int) -> str:
+    """The median and the range of the runs behind it: 1.23 (1.10-1.40)."""
+    if median is None:
+        return "n/a"
+    return f"{median:.{digits}f} ({min(xs):.{digits}f}-{max(xs):.{digits}f})"
+
+
 def _list(xs: Sequence[float], digits: int) -> str:
     return ", ".join(f"{x:.{digits}f}" for x in xs) if xs else "n/a"
 
@@ -1121,17 +1128,17 @@ def _profile_section(m: Result, s: Result, args: argparse.Namespace) -> list[str
         "| metric | meshd | serf | ratio (meshd/serf) | goal | verdict |",
         "|---|---:|---:|---:|---|---|",
         row(
-            f"join seen by every member, median of {n_joins} (s)",
-            fmt_num(jm, "", 3),
-            fmt_num(js, "", 3),
+            f"join seen by every member, median (min-max) of {n_joins} (s)",
+            _spread(jm, m.joins, 3),
+            _spread(js, s.joins, 3),
             ratio(jm, js),
             "no slower than serf",
             no_slower(m.joins, s.joins, slack),
         ),
         row(
-            f"kill -9 seen as dead by every survivor, median of {n_kills} (s)",
-            fmt_num(km),
-            fmt_num(ks),
+            f"kill -9 seen as dead by every survivor, median (min-max) of {n_kills} (s)",
+            _spread(km, m.kills, 2),
+            _spread(ks, s.kills, 2),
             ratio(km, ks),
             "no slower than serf",
             no_slower(m.kills, s.kills, slack),
@@ -1250,7 +1257,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 join and 1 kill per system, 10 s bandwidth window")
     p.add_argument("--systems", default="meshd,serf", help="comma list of meshd,serf (default both)")
     p.add_argument("--joins", type=int, help="joins measured per system (default 5, quick 1)")
-    p.add_argument("--kills", type=int, help="kill -9 detections measured per system (default 3, quick 1)")
+    p.add_argument("--kills", type=int, help="kill -9 detections measured per system (default 5, quick 1)")
     p.add_argument(
         "--bw-seconds",
         type=float,
@@ -1270,7 +1277,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.profile = args.profile or ["lan"]
     args.joins = args.joins or (1 if args.quick else 5)
-    args.kills = args.kills or (1 if args.quick else 3)
+    args.kills = args.kills or (1 if args.quick else 5)
     args.start_timeout = 60.0
     # Detection at LAN settings can take the full Lifeguard suspicion max (6x the minimum).
     args.event_timeout = 90.0 if "wan" not in args.profile else 400.0

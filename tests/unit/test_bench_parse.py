@@ -174,3 +174,8 @@ def test_no_slower_verdict() -> None:
     assert bench.no_slower([7.4, 7.3], [6.8, 7.2, 8.9], 0.05) == "within serf's range"
     assert bench.no_slower([9.5, 9.6], [6.8, 7.2, 8.9], 0.05) is False
     assert bench.no_slower([], [1.0], 0.05) is None
+
+
+def test_the_table_gives_each_figure_with_its_spread() -> None:
+    assert bench._spread(1.234, [1.1, 1.234, 1.5], 2) == "1.23 (1.10-1.50)"
+    assert bench._spread(None, [], 2) == "n/a"
