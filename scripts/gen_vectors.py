@@ -155,6 +155,23 @@ def message_cases() -> list[tuple[str, m.Message]]:
                 reply=True,
             ),
         ),
+        (
+            "push_pull_buckets",
+            m.PushPull(
+                join=False,
+                states=[state],
+                reply=True,
+                query_ltime=12,
+                buckets=[1, 6],
+                bucket_count=8,
+            ),
+        ),
+        (
+            "push_pull_digest",
+            m.PushPullDigest(
+                buckets=bytes.fromhex("0123456789abcdef" + "fedcba9876543210"), query_ltime=12
+            ),
+        ),
         ("key_op", m.KeyOp(op_id=123456789, op="install", key=KEY_B)),
         (
             "query_defaults",
