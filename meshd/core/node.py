@@ -405,6 +405,10 @@ class Node:
             self._timers.push_pull = now + self._push_pull_interval() * (0.5 + self.rng.random() / 2)
         return len(added)
 
+    def table_digest(self) -> bytes:
+        """Our member table's per-bucket digest as PushPullDigest carries it (meshd.core.digest)."""
+        return digest.to_bytes(self._digest.values)
+
     def seen_keyops(self) -> list[int]:
         """Keyring operations already applied or passed on, oldest first (for the shell to persist)."""
         return list(self._seen_keyops)
@@ -1459,7 +1463,7 @@ class Node:
 
     def _open_digest(self, m: _Member) -> None:
         self.counters.inc("push_pull.digest.out")
-        msg = PushPullDigest(digest.to_bytes(self._digest.values), self.queries.clock.time())
+        msg = PushPullDigest(self.table_digest(), self.queries.clock.time())
         data = self.codec.pack([wire.encode_message(msg)], m.node_id)
         sid = self._new_stream(_Stream("digest", m.name))
         self._outbox.put(OpenStream(sid, m.addr, data, self.config.tcp_timeout, "digest", m.node_id))
