@@ -686,6 +686,18 @@ class Node:
                     self._repair(st.target, msg, now)
             elif (
                 isinstance(msg, Ack)
+                and st.kind == "reconnect"
+                and st.probe_seq
+                and msg.seq == st.probe_seq
+                and msg.source == st.target
+            ):
+                # The dead member answers (a partition healed, it came back): now the push-pull.
+                m = self._members.get(st.target)
+                if m is not None and m.state == MemberState.DEAD and not self.leaving:
+                    self.counters.inc("reconnects.answered")
+                    self._open_push_pull(m.addr, "reconnect", now, m.name)
+            elif (
+                isinstance(msg, Ack)
                 and st.kind == "tcp_ping"
                 and msg.seq == st.probe_seq
                 and msg.source == st.target
@@ -1507,13 +1519,21 @@ class Node:
             self._full_next = st.target
 
     def _reconnect(self, now: float) -> None:
-        """Serf's reconnect: try one failed member, so healed partitions merge again."""
+        """Serf's reconnect: try one failed member, so healed partitions merge again.
+
+        A TCP ping first, the full push-pull only once the member answers it: most reconnect
+        targets are simply dead, and a push-pull sent to every one of them every interval made
+        each node send its whole table (O(N) bytes) per reconnect_interval for nothing."""
         horizon = now - self.config.reconnect_timeout
         dead = [m for m in self._down.values() if m.state == MemberState.DEAD and m.state_change >= horizon]
         if dead and not self.leaving:
             m = self.rng.choice(dead)
             self.counters.inc("reconnects")
-            self._open_push_pull(m.addr, "reconnect", now, m.name)
+            seq = self._next_seq()
+            ping = wire.encode_message(Ping(seq, m.name, self.name, self.addr))
+            sid = self._new_stream(_Stream("reconnect", m.name, seq))
+            data = self.codec.pack([ping], m.node_id)
+            self._outbox.put(OpenStream(sid, m.addr, data, self.config.tcp_timeout, "reconnect", m.node_id))
 
     def _reap(self, now: float) -> None:
         horizon = now - self.config.reap_interval

@@ -18,6 +18,7 @@ from meshd.core.messages import (
     Dead,
     MemberState,
     Message,
+    Ping,
     PushNodeState,
     PushPull,
     PushPullDigest,
@@ -398,3 +399,41 @@ def test_old_push_pull_bytes_still_decode_with_the_new_defaults() -> None:
     assert isinstance(msg, PushPull)
     assert [s.protocol for s in msg.states] == [1, 1]
     assert (msg.buckets, msg.bucket_count) == ([], 0)
+
+
+# --- reconnect: the sim's bytes were full tables sent to dead members --------------------------
+
+
+def test_reconnect_pings_a_dead_member_first_and_pushes_the_table_only_when_it_answers() -> None:
+    a, _, names = two_nodes(100)
+    deliver(a, Dead(0, "m7", "m1"))
+
+    def reconnect_streams(now: float) -> list[OpenStream]:
+        a.handle_timer(now)
+        return [e for e in a.take_effects() if isinstance(e, OpenStream) and e.kind == "reconnect"]
+
+    (first,) = reconnect_streams(1000.0)
+    (ping,) = body(first.data)
+    assert isinstance(ping, Ping)
+    assert ping.target == "m7"
+    assert len(first.data) < 200  # not the table (~100 records)
+    a.stream_done(first.id, None, 1000.0)  # dead indeed: nothing more
+    assert reconnect_streams(1000.5) == []
+
+    (second,) = reconnect_streams(2000.0)
+    (ping,) = body(second.data)
+    assert isinstance(ping, Ping)
+    a.stream_done(second.id, CODEC.pack([wire.encode_message(Ack(ping.seq, "m7"))]), 2000.0)
+    (push,) = [e for e in a.take_effects() if isinstance(e, OpenStream)]
+    assert push.kind == "reconnect"
+    assert push.addr == second.addr
+    (pp,) = body(push.data)
+    assert isinstance(pp, PushPull)
+    assert len(pp.states) == len(names)
+    assert a.counters["reconnects.answered"] == 1
+    # An ack from someone else at that address does not count.
+    (third,) = reconnect_streams(3000.0)
+    (ping,) = body(third.data)
+    assert isinstance(ping, Ping)
+    a.stream_done(third.id, CODEC.pack([wire.encode_message(Ack(ping.seq, "m8"))]), 3000.0)
+    assert [e for e in a.take_effects() if isinstance(e, OpenStream)] == []
