@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from meshd.core.digest import name_hash
+from meshd.core.digest import entry, name_hash
 
 MAX_CACHED_METAS = 4096  # distinct metadata dicts kept for sharing; a cache, cleared when full
 
@@ -46,11 +46,15 @@ class MemberRecord:
     meta: FrozenMeta
     pool: object = field(default=None, repr=False)  # the pool's token: adopt()'s fast path
     protocol: int = 1  # the highest protocol version the member announced (Alive.protocol)
-    # Stable 64-bit hash of the name (meshd.core.digest): computed once per record, not per table.
+    # Digest inputs (meshd.core.digest), computed once per record rather than once per table:
+    # the stable hash of the name, and the member's digest value when alive (the usual state).
     name_hash: int = field(init=False, repr=False, default=0)
+    alive_mix: int = field(init=False, repr=False, default=0)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "name_hash", name_hash(self.name))
+        h = name_hash(self.name)
+        object.__setattr__(self, "name_hash", h)
+        object.__setattr__(self, "alive_mix", entry(h, self.incarnation, 0))
 
 
 def _meta_key(meta: Mapping[str, str]) -> tuple[tuple[str, str], ...]:

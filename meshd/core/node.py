@@ -391,13 +391,13 @@ class Node:
                 continue
             m = _Member(self._pool.adopt(rec), MemberState.ALIVE, now)
             self._members[rec.name] = m
-            self._digest_add(m)
             self._track_site(m)
             added.append(m)
         self.rng.shuffle(added)
         # Not yet probed this round: after the current position, in random order.
         self._ring[self._probe_index : self._probe_index] = added
-        self._digest_fit()
+        if added:
+            self._digest_fit(force=True)  # one pass at the final size, not a rebuild per doubling
         self._active += len(added)
         if added:
             # Anti-entropy paced for the table we now hold, not the empty one we started with
@@ -1198,25 +1198,25 @@ class Node:
             rec.meta if meta is None else meta,
         )
 
+    @staticmethod
+    def _mix(rec: MemberRecord, state: MemberState) -> int:
+        """A member's digest value; the alive one is cached on the shared record."""
+        if state == MemberState.ALIVE:
+            return rec.alive_mix
+        return digest.entry(rec.name_hash, rec.incarnation, state)
+
     def _digest_add(self, m: _Member) -> None:
-        r = m.rec
-        self._digest.add(r.name_hash, digest.entry(r.name_hash, r.incarnation, m.state))
+        self._digest.add(m.rec.name_hash, self._mix(m.rec, m.state))
 
     def _digest_remove(self, m: _Member) -> None:
-        r = m.rec
-        self._digest.remove(r.name_hash, digest.entry(r.name_hash, r.incarnation, m.state))
+        self._digest.remove(m.rec.name_hash, self._mix(m.rec, m.state))
 
-    def _digest_fit(self) -> None:
+    def _digest_fit(self, force: bool = False) -> None:
         """Re-bucket when the table outgrew (or shrank far below) its bucket count: O(N), rare."""
         n = len(self._members)
-        if self._digest.needs_resize(n):
-            self._digest.rebuild(
-                n,
-                (
-                    (m.rec.name_hash, digest.entry(m.rec.name_hash, m.rec.incarnation, m.state))
-                    for m in self._members.values()
-                ),
-            )
+        if force or self._digest.needs_resize(n):
+            mix = self._mix
+            self._digest.rebuild(n, ((m.rec.name_hash, mix(m.rec, m.state)) for m in self._members.values()))
 
     def _set_rec(self, m: _Member, rec: MemberRecord) -> None:
         """Every record change goes through here: the digest follows the incarnation."""
@@ -1232,9 +1232,9 @@ class Node:
         the reap heap in step (O(1) or O(log dead) each)."""
         was_down, is_down = m.state in DEAD_STATES, state in DEAD_STATES
         rec = m.rec
-        self._digest.remove(rec.name_hash, digest.entry(rec.name_hash, rec.incarnation, m.state))
+        self._digest.remove(rec.name_hash, self._mix(rec, m.state))
         m.state = state
-        self._digest.add(rec.name_hash, digest.entry(rec.name_hash, rec.incarnation, state))
+        self._digest.add(rec.name_hash, self._mix(rec, state))
         m.state_change = now
         if was_down != is_down:
             self._active += -1 if is_down else 1
