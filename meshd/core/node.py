@@ -203,9 +203,12 @@ SAMPLE_TRIES_EXTRA = 16
 REAP_HEAP_SLACK = 64  # stale reap entries tolerated beyond twice the members down
 MAX_PROTOCOL = 255  # a member's announced protocol is clamped to this (stored per record)
 DIGEST_PROTOCOL = 2  # peers announcing at least this get the digest exchange (PushPullDigest)
-# Every this many periodic exchanges one is a full push-pull anyway: a digest collision (or a
-# difference the buckets cannot show) cannot hide for long.
+# Every so many periodic exchanges one is a full push-pull anyway, so a digest collision (or a
+# difference the buckets cannot show) cannot hide for long: every 8th, or every N/128-th in a
+# bigger table, so its cost amortized per round stays ~128 records (~8 KB, about one digest)
+# instead of growing with N.
 FULL_PUSH_PULL_EVERY = 8
+FULL_PUSH_PULL_MEMBERS = 128
 
 
 @dataclass(frozen=True)
@@ -343,7 +346,7 @@ class Node:
         # Per-bucket sums of the table, kept on every change (digest anti-entropy, digest.py).
         self._digest = digest.TableDigest()
         self._digest_add(self._me)
-        self._push_pulls = 0  # periodic exchanges started: every FULL_PUSH_PULL_EVERY-th is full
+        self._digests_left = FULL_PUSH_PULL_EVERY  # periodic rounds until a full push-pull is due
         self._full_next = ""  # a peer whose digest exchange failed: full push-pull with it next
         # Members of our own site (us included), kept as records change: an aggregated query
         # asks every node for its site's members, which must not cost a scan of the table.
@@ -1454,11 +1457,11 @@ class Node:
 
     def _periodic_push_pull(self, now: float) -> None:
         """Anti-entropy with one random alive member: by digest (cost ~ the difference) with
-        peers that speak it, a full push-pull with older ones, every FULL_PUSH_PULL_EVERY-th
-        round, and with a peer whose digest exchange failed last time."""
+        peers that speak it; a full push-pull with older ones, when the safety net is due, and
+        with a peer whose digest exchange failed last time."""
         if self.leaving:
             return
-        self._push_pulls += 1
+        self._digests_left -= 1
         m = self._members.get(self._full_next) if self._full_next else None
         self._full_next = ""
         if m is not None and m.state == MemberState.ALIVE and m is not self._me:
@@ -1468,9 +1471,11 @@ class Node:
             if not picked:
                 return
             m = picked[0]
-            if m.rec.protocol >= DIGEST_PROTOCOL and self._push_pulls % FULL_PUSH_PULL_EVERY:
+            if m.rec.protocol >= DIGEST_PROTOCOL and self._digests_left > 0:
                 self._open_digest(m)
                 return
+        if self._digests_left <= 0:
+            self._digests_left = max(FULL_PUSH_PULL_EVERY, len(self._members) // FULL_PUSH_PULL_MEMBERS)
         self._open_push_pull(m.addr, "push_pull", now, m.name)
 
     def _open_digest(self, m: _Member) -> None:

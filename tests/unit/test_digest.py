@@ -24,7 +24,7 @@ from meshd.core.messages import (
     PushPullDigest,
     Suspect,
 )
-from meshd.core.node import FULL_PUSH_PULL_EVERY, Node
+from meshd.core.node import FULL_PUSH_PULL_EVERY, FULL_PUSH_PULL_MEMBERS, Node
 
 CODEC = wire.Codec("test", None)
 # No probes in these tests (a probe of a member that is not there would change the tables).
@@ -342,6 +342,16 @@ def test_every_so_often_the_exchange_is_full_anyway() -> None:
     kinds = [Exchange(a, b, 1000.0 * (k + 1)).kinds[0] for k in range(2 * FULL_PUSH_PULL_EVERY)]
     assert kinds.count("push_pull") == 2
     assert kinds.count("digest") == 2 * FULL_PUSH_PULL_EVERY - 2
+    assert kinds[FULL_PUSH_PULL_EVERY - 1] == "push_pull"
+
+
+def test_the_full_safety_net_gets_rarer_as_the_table_grows() -> None:
+    # Its cost per round amortized stays ~FULL_PUSH_PULL_MEMBERS records, not a share of N.
+    a, b, _ = two_nodes(3000)
+    every = 3000 // FULL_PUSH_PULL_MEMBERS
+    kinds = [Exchange(a, b, 1000.0 * (k + 1)).kinds[0] for k in range(FULL_PUSH_PULL_EVERY + every)]
+    fulls = [i for i, k in enumerate(kinds) if k == "push_pull"]
+    assert fulls == [FULL_PUSH_PULL_EVERY - 1, FULL_PUSH_PULL_EVERY + every - 1]
 
 
 def test_a_failed_digest_falls_back_to_a_full_push_pull_with_that_peer() -> None:
