@@ -118,6 +118,8 @@ class TableDigest:
     def rebuild(self, n: int, entries: Iterable[tuple[int, int]]) -> None:
         """Recompute from scratch for n members: (name hash, entry value) of each."""
         self.bits = bits_for(n)
-        self.values = array("Q", bytes(8 << self.bits))
+        shift = 64 - self.bits
+        acc = [0] * (1 << self.bits)  # plain ints, masked once at the end: a bulk load's hot loop
         for h, value in entries:
-            self.add(h, value)
+            acc[h >> shift] += value
+        self.values = array("Q", [v & MASK for v in acc])

@@ -1218,8 +1218,15 @@ class Node:
         """Re-bucket when the table outgrew (or shrank far below) its bucket count: O(N), rare."""
         n = len(self._members)
         if force or self._digest.needs_resize(n):
-            mix = self._mix
-            self._digest.rebuild(n, ((m.rec.name_hash, mix(m.rec, m.state)) for m in self._members.values()))
+            alive, mix = MemberState.ALIVE, self._mix
+            self._digest.rebuild(
+                n,
+                (
+                    (r.name_hash, r.alive_mix if m.state is alive else mix(r, m.state))
+                    for m in self._members.values()
+                    for r in (m.rec,)
+                ),
+            )
 
     def _set_rec(self, m: _Member, rec: MemberRecord) -> None:
         """Every record change goes through here: the digest follows the incarnation."""
