@@ -1,4 +1,4 @@
 """meshd: a peer-to-peer coordinator for edge sites."""
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from meshd import PROTOCOL_VERSION
 from meshd.core.config import PRESETS, ProtocolConfig
 from meshd.core.effects import MemberEvent
 from meshd.core.members import RecordPool
@@ -175,7 +176,10 @@ def build_warm(
     codec = Codec("sim", None)
     nodes = [net.add_node(f"n{i}", config, codec, meta=_site(i, sites)) for i in range(n)]
     shared = pool if pool is not None else RecordPool()
-    records = [shared.record(nd.name, nd.node_id, nd.addr, nd.incarnation, nd.meta) for nd in nodes]
+    # Every simulated node runs this code: each announces PROTOCOL_VERSION (digest anti-entropy).
+    records = [
+        shared.record(nd.name, nd.node_id, nd.addr, nd.incarnation, nd.meta, PROTOCOL_VERSION) for nd in nodes
+    ]
     for nd in nodes:
         nd.load_members(records, net.now)
     return net, nodes

@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from meshd import wire  # noqa: E402
+from meshd.core import digest  # noqa: E402
 from meshd.core import messages as m  # noqa: E402
 from meshd.crypto import Keyring, key_id  # noqa: E402
 from meshd.errors import AuthError, DecodeError, ReplayError  # noqa: E402
@@ -155,6 +156,21 @@ def message_cases() -> list[tuple[str, m.Message]]:
                 reply=True,
             ),
         ),
+        (
+            "push_pull_buckets",
+            m.PushPull(
+                join=False,
+                states=[state],
+                reply=True,
+                query_ltime=12,
+                buckets=[1, 6],
+                bucket_count=8,
+            ),
+        ),
+        (
+            "push_pull_digest",
+            m.PushPullDigest(buckets=bytes.fromhex("0123456789abcdef" + "fedcba9876543210"), query_ltime=12),
+        ),
         ("key_op", m.KeyOp(op_id=123456789, op="install", key=KEY_B)),
         (
             "query_defaults",
@@ -255,6 +271,49 @@ def _compressible_body() -> bytes:
         for i in range(20)
     ]
     return wire.encode_body([m.PushPull(join=False, states=states)])
+
+
+# (name, incarnation, state) of the digest vectors' table: non-ASCII, an empty-ish name, big numbers.
+DIGEST_TABLE = [
+    ("gw-a", 0, m.MemberState.ALIVE),
+    ("gw-b", 7, m.MemberState.SUSPECT),
+    ("gw-c", 2**53, m.MemberState.DEAD),
+    ("gw-d", 1, m.MemberState.LEFT),
+    ("wärme-7", 3, m.MemberState.ALIVE),
+    ("x", 12345, m.MemberState.ALIVE),
+]
+
+
+def digest_vectors() -> dict[str, Any]:
+    """The digest of section 4.5 for a fixed table, per member and whole."""
+    members = []
+    for name, incarnation, state in DIGEST_TABLE:
+        h = digest.name_hash(name)
+        members.append(
+            {
+                "name": name,
+                "incarnation": incarnation,
+                "state": int(state),
+                "hash": f"{h:016x}",
+                "mix": f"{digest.entry(h, incarnation, state):016x}",
+                "bucket_of_4": digest.bucket(h, 2),
+            }
+        )
+    digests = {}
+    for bits in (0, 1, 2):
+        d = digest.TableDigest(bits)
+        for name, incarnation, state in DIGEST_TABLE:
+            h = digest.name_hash(name)
+            d.add(h, digest.entry(h, incarnation, state))
+        digests[str(d.count)] = digest.to_bytes(d.values).hex()
+    return {
+        "description": (
+            "Digest anti-entropy (PROTOCOL.md 4.5): hash = BLAKE2b-64 of the name, mix of "
+            "(hash, incarnation, state), and the whole table's digest by bucket count"
+        ),
+        "members": members,
+        "digests": digests,
+    }
 
 
 def build() -> dict[str, Any]:
@@ -416,6 +475,7 @@ def build() -> dict[str, Any]:
             ),
             "invalid": invalid,
         },
+        "digest.json": digest_vectors(),
     }
 
 

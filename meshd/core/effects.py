@@ -40,7 +40,8 @@ __all__ = [
 ]
 
 EventKind = Literal["join", "update", "suspect", "alive", "dead", "left", "reap", "keyring"]
-StreamKind = Literal["join", "push_pull", "reconnect", "tcp_ping", "gossip", "query"]
+# "digest" and "repair": the two streams of a digest anti-entropy exchange (node.py).
+StreamKind = Literal["join", "push_pull", "reconnect", "tcp_ping", "gossip", "query", "digest", "repair"]
 
 
 class EffectHandler(Protocol):

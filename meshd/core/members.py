@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from meshd.core.digest import entry, name_hash
+
 MAX_CACHED_METAS = 4096  # distinct metadata dicts kept for sharing; a cache, cleared when full
 
 
@@ -43,6 +45,16 @@ class MemberRecord:
     incarnation: int
     meta: FrozenMeta
     pool: object = field(default=None, repr=False)  # the pool's token: adopt()'s fast path
+    protocol: int = 1  # the highest protocol version the member announced (Alive.protocol)
+    # Digest inputs (meshd.core.digest), computed once per record rather than once per table:
+    # the stable hash of the name, and the member's digest value when alive (the usual state).
+    name_hash: int = field(init=False, repr=False, default=0)
+    alive_mix: int = field(init=False, repr=False, default=0)
+
+    def __post_init__(self) -> None:
+        h = name_hash(self.name)
+        object.__setattr__(self, "name_hash", h)
+        object.__setattr__(self, "alive_mix", entry(h, self.incarnation, 0))
 
 
 def _meta_key(meta: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -69,12 +81,18 @@ class RecordPool:
         return found
 
     def record(
-        self, name: str, node_id: str, addr: str, incarnation: int, meta: Mapping[str, str]
+        self,
+        name: str,
+        node_id: str,
+        addr: str,
+        incarnation: int,
+        meta: Mapping[str, str],
+        protocol: int = 1,
     ) -> MemberRecord:
-        key = (name, node_id, addr, incarnation, _meta_key(meta))
+        key = (name, node_id, addr, incarnation, _meta_key(meta), protocol)
         rec = self._records.get(key)
         if rec is None:
-            rec = MemberRecord(name, node_id, addr, incarnation, self.meta(meta), self._token)
+            rec = MemberRecord(name, node_id, addr, incarnation, self.meta(meta), self._token, protocol)
             self._records[key] = rec
         return rec
 
@@ -82,12 +100,12 @@ class RecordPool:
         """The pool's record equal to `rec` (itself when it came from this pool)."""
         if rec.pool is self._token:
             return rec
-        return self.record(rec.name, rec.node_id, rec.addr, rec.incarnation, rec.meta)
+        return self.record(rec.name, rec.node_id, rec.addr, rec.incarnation, rec.meta, rec.protocol)
 
     def with_incarnation(self, rec: MemberRecord, incarnation: int) -> MemberRecord:
         if rec.incarnation == incarnation:
             return rec
-        return self.record(rec.name, rec.node_id, rec.addr, incarnation, rec.meta)
+        return self.record(rec.name, rec.node_id, rec.addr, incarnation, rec.meta, rec.protocol)
 
     def __len__(self) -> int:
         return len(self._records)

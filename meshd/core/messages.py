@@ -79,6 +79,7 @@ class PushNodeState(msgspec.Struct, array_like=True, frozen=True):
     incarnation: int
     state: MemberState
     meta: dict[str, str] = {}
+    protocol: int = 1  # the member's announced protocol (its Alive.protocol), for the version gate
 
 
 class PushPull(_Msg, tag=8, frozen=True):
@@ -86,6 +87,10 @@ class PushPull(_Msg, tag=8, frozen=True):
     states: list[PushNodeState]
     reply: bool = False
     query_ltime: int = 0  # the sender's query Lamport clock (Serf exchanges it the same way)
+    # Digest exchange (PushPullDigest): bucket_count > 0 means `states` holds only the sender's
+    # records in `buckets` (indices at that resolution), not its whole table.
+    buckets: list[int] = []
+    bucket_count: int = 0
 
 
 class KeyOp(_Msg, tag=9, frozen=True):
@@ -94,6 +99,13 @@ class KeyOp(_Msg, tag=9, frozen=True):
     op_id: int  # random, for de-duplication
     op: str
     key: bytes
+
+
+class PushPullDigest(_Msg, tag=30, frozen=True):
+    """Periodic anti-entropy, protocol 2: the sender's per-bucket table digest (digest.py)."""
+
+    buckets: bytes  # 2^k big-endian u64 bucket sums, 1 <= 2^k <= 4096
+    query_ltime: int = 0
 
 
 # --- queries (Serf's design, completing early; tags 10..19 are reserved for queries) ----------
@@ -166,4 +178,5 @@ Message = (
     | QueryResponse
     | Relay
     | SiteSummary
+    | PushPullDigest
 )

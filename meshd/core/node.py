@@ -46,7 +46,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from meshd import wire
+from meshd import PROTOCOL_VERSION, wire
+from meshd.core import digest
 from meshd.core.aggregate import Reducer, SiteMember, pick_aggregators
 from meshd.core.awareness import Awareness
 from meshd.core.broadcast import BroadcastQueue
@@ -77,6 +78,7 @@ from meshd.core.messages import (
     Ping,
     PushNodeState,
     PushPull,
+    PushPullDigest,
     Query,
     QueryFilter,
     QueryResponse,
@@ -199,6 +201,14 @@ QUERY_DIRECT_FAN_OUT = 64  # members a query is also sent to directly; gossip co
 SAMPLE_TRIES_PER_PICK = 4
 SAMPLE_TRIES_EXTRA = 16
 REAP_HEAP_SLACK = 64  # stale reap entries tolerated beyond twice the members down
+MAX_PROTOCOL = 255  # a member's announced protocol is clamped to this (stored per record)
+DIGEST_PROTOCOL = 2  # peers announcing at least this get the digest exchange (PushPullDigest)
+# Every so many periodic exchanges one is a full push-pull anyway, so a digest collision (or a
+# difference the buckets cannot show) cannot hide for long: every 8th, or every N/128-th in a
+# bigger table, so its cost amortized per round stays ~128 records (~8 KB, about one digest)
+# instead of growing with N.
+FULL_PUSH_PULL_EVERY = 8
+FULL_PUSH_PULL_MEMBERS = 128
 
 
 @dataclass(frozen=True)
@@ -328,9 +338,16 @@ class Node:
 
         incarnation = min(max(incarnation, 0), config.max_incarnation)
         self._me = _Member(
-            self._pool.record(name, node_id, addr, incarnation, meta or {}), MemberState.ALIVE, now
+            self._pool.record(name, node_id, addr, incarnation, meta or {}, PROTOCOL_VERSION),
+            MemberState.ALIVE,
+            now,
         )
         self._members[name] = self._me
+        # Per-bucket sums of the table, kept on every change (digest anti-entropy, digest.py).
+        self._digest = digest.TableDigest()
+        self._digest_add(self._me)
+        self._digests_left = FULL_PUSH_PULL_EVERY  # periodic rounds until a full push-pull is due
+        self._full_next = ""  # a peer whose digest exchange failed: full push-pull with it next
         # Members of our own site (us included), kept as records change: an aggregated query
         # asks every node for its site's members, which must not cost a scan of the table.
         self._site_mates: dict[str, _Member] = {name: self._me}
@@ -382,12 +399,18 @@ class Node:
         self.rng.shuffle(added)
         # Not yet probed this round: after the current position, in random order.
         self._ring[self._probe_index : self._probe_index] = added
+        if added:
+            self._digest_fit(force=True)  # one pass at the final size, not a rebuild per doubling
         self._active += len(added)
         if added:
             # Anti-entropy paced for the table we now hold, not the empty one we started with
             # (else every node of a loaded mesh pushes its whole table within the base interval).
             self._timers.push_pull = now + self._push_pull_interval() * (0.5 + self.rng.random() / 2)
         return len(added)
+
+    def table_digest(self) -> bytes:
+        """Our member table's per-bucket digest as PushPullDigest carries it (meshd.core.digest)."""
+        return digest.to_bytes(self._digest.values)
 
     def seen_keyops(self) -> list[int]:
         """Keyring operations already applied or passed on, oldest first (for the shell to persist)."""
@@ -470,7 +493,7 @@ class Node:
                 f"({self.config.max_meta_entries} entries, {self.config.max_meta_bytes} bytes)"
             )
         old_site = self._me.meta.get("site", "")
-        self._me.rec = self._rec(self._me.rec, meta=meta)
+        self._set_rec(self._me, self._rec(self._me.rec, meta=meta))
         if meta.get("site", "") != old_site:  # we moved: rebuild our site's index (rare, O(N))
             self._site_mates = {
                 m.name: m for m in self._members.values() if m.meta.get("site", "") == meta.get("site", "")
@@ -577,7 +600,7 @@ class Node:
         if addr == self.addr:
             return
         self.addr = self.queries.local_addr = addr
-        self._me.rec = self._rec(self._me.rec, addr=addr)
+        self._set_rec(self._me, self._rec(self._me.rec, addr=addr))
         self._bump_own()
         self._queue_alive(self._me)
         self._emit("update", self._me, now)
@@ -627,7 +650,17 @@ class Node:
                 # Merge first: a refutation of what they say about us goes into our reply.
                 self._merge(msg.states, now)
                 self.queries.witness_push_pull(msg.query_ltime)
+                if msg.bucket_count:
+                    # A digest exchange's second half (their records of the differing buckets):
+                    # nothing to send back, the Ack(0) below answers it.
+                    self.counters.inc("push_pull.repair.in")
+                    continue
                 reply.append(wire.encode_message(self._push_pull(False, True)))
+            elif isinstance(msg, PushPullDigest):
+                self.counters.inc("push_pull.digest.in")
+                answer = self._answer_digest(msg)
+                if answer is not None:
+                    reply.append(wire.encode_message(answer))
             elif isinstance(msg, Ping):
                 if msg.target and msg.target != self.name:
                     self.counters.inc("drops.misdirected")
@@ -647,14 +680,17 @@ class Node:
             return
         if reply is None:
             self.counters.inc(f"streams.failed.{st.kind}")
+            self._digest_failed(st)
             return
         try:
             opened = self.codec.open_envelope(reply)
             msgs = wire.decode_body(opened.body)
         except DecodeError as e:
             self._count_drop(e, now)
+            self._digest_failed(st)
             return
         self._observe_clock(opened, now)
+        answered = False
         for msg in msgs:
             if isinstance(msg, PushPull):
                 if not self._push_pull_ok(msg):
@@ -663,6 +699,21 @@ class Node:
                 self.queries.witness_push_pull(msg.query_ltime)
                 if st.kind == "join":
                     self.counters.inc("join.ok")
+                elif st.kind == "digest" and msg.reply and msg.bucket_count and not answered:
+                    answered = True
+                    self._repair(st.target, msg, now)
+            elif (
+                isinstance(msg, Ack)
+                and st.kind == "reconnect"
+                and st.probe_seq
+                and msg.seq == st.probe_seq
+                and msg.source == st.target
+            ):
+                # The dead member answers (a partition healed, it came back): now the push-pull.
+                m = self._members.get(st.target)
+                if m is not None and m.state == MemberState.DEAD and not self.leaving:
+                    self.counters.inc("reconnects.answered")
+                    self._open_push_pull(m.addr, "reconnect", now, m.name)
             elif (
                 isinstance(msg, Ack)
                 and st.kind == "tcp_ping"
@@ -674,6 +725,8 @@ class Node:
                 p = self._probe
                 if p is not None and p.seq == st.probe_seq:
                     p.tcp_acked = True
+        if st.kind == "digest" and not answered:
+            self._digest_failed(st)  # an Ack or garbage instead of the bucket reply
 
     def handle_timer(self, now: float) -> None:
         t = self._timers
@@ -803,6 +856,14 @@ class Node:
     def _push_pull_ok(self, msg: PushPull) -> bool:
         if len(msg.states) > self.config.max_members:
             return self._drop("push_pull_size", len(msg.states))
+        if msg.bucket_count or msg.buckets:
+            count = msg.bucket_count
+            if (
+                digest.bits_of(count) is None
+                or len(msg.buckets) > count
+                or not all(0 <= b < count for b in msg.buckets)
+            ):
+                return self._drop("push_pull_buckets", (count, len(msg.buckets)))
         return True
 
     def _admit_new_member(self, name: str, now: float) -> bool:
@@ -999,6 +1060,7 @@ class Node:
     def _alive(self, msg: Alive, now: float) -> None:
         if not self._record_ok(msg.name, msg.node_id, msg.addr, msg.meta):
             return
+        proto = min(max(msg.protocol, 1), MAX_PROTOCOL)  # stored per record: keep it a small int
         m = self._members.get(msg.name)
         if not self._incarnation_ok(msg.incarnation, None, msg.name):
             return
@@ -1018,13 +1080,15 @@ class Node:
             if not self._admit_new_member(msg.name, now):
                 return
             m = _Member(
-                self._pool.record(msg.name, msg.node_id, msg.addr, msg.incarnation, msg.meta),
+                self._pool.record(msg.name, msg.node_id, msg.addr, msg.incarnation, msg.meta, proto),
                 MemberState.ALIVE,
                 now,
             )
             self._members[msg.name] = m
+            self._digest_add(m)
             self._track_site(m)
             self._active += 1
+            self._digest_fit()
             self._insert_probe_target(m)
             self._queue_alive(m)
             self._emit("join", m, now)
@@ -1051,7 +1115,7 @@ class Node:
         ):
             return
         old_state, old_meta, old_addr = m.state, m.meta, m.addr
-        m.rec = self._pool.record(msg.name, msg.node_id, msg.addr, msg.incarnation, msg.meta)
+        self._set_rec(m, self._pool.record(msg.name, msg.node_id, msg.addr, msg.incarnation, msg.meta, proto))
         self._track_site(m)
         self._suspicions.pop(m.name, None)
         if old_state != MemberState.ALIVE:
@@ -1082,7 +1146,7 @@ class Node:
             return
         if m.state in DEAD_STATES:
             return
-        m.rec = self._pool.with_incarnation(m.rec, msg.incarnation)
+        self._set_rec(m, self._pool.with_incarnation(m.rec, msg.incarnation))
         self._set_state(m, MemberState.SUSPECT, now)
         n = self.num_active()
         k = self.config.suspicion_mult - 2
@@ -1120,7 +1184,7 @@ class Node:
         if m.state in DEAD_STATES and not (msg.source == msg.name and m.state == MemberState.DEAD):
             return
         self._suspicions.pop(m.name, None)
-        m.rec = self._pool.with_incarnation(m.rec, msg.incarnation)
+        self._set_rec(m, self._pool.with_incarnation(m.rec, msg.incarnation))
         self._set_state(m, MemberState.LEFT if msg.source == msg.name else MemberState.DEAD, now)
         self.broadcasts.queue("m:" + m.name, wire.encode_message(msg))
         self._emit("left" if m.state == MemberState.LEFT else "dead", m, now)
@@ -1131,14 +1195,15 @@ class Node:
             # Only reachable by walking us up a jump at a time, ~9e9 messages; never overflow.
             self._drop("incarnation", (me.name, accused, me.incarnation))
             return
-        me.rec = self._pool.with_incarnation(me.rec, max(me.incarnation, accused) + 1)
+        self._set_rec(me, self._pool.with_incarnation(me.rec, max(me.incarnation, accused) + 1))
         self.awareness.apply_delta(1)
         self.counters.inc("refutes")
         self._queue_alive(me)
 
     def _bump_own(self) -> None:
         me = self._me
-        me.rec = self._pool.with_incarnation(me.rec, min(me.incarnation + 1, self.config.max_incarnation))
+        bumped = min(me.incarnation + 1, self.config.max_incarnation)
+        self._set_rec(me, self._pool.with_incarnation(me.rec, bumped))
 
     def _rec(
         self, rec: MemberRecord, addr: str | None = None, meta: Mapping[str, str] | None = None
@@ -1151,11 +1216,50 @@ class Node:
             rec.meta if meta is None else meta,
         )
 
+    @staticmethod
+    def _mix(rec: MemberRecord, state: MemberState) -> int:
+        """A member's digest value; the alive one is cached on the shared record."""
+        if state == MemberState.ALIVE:
+            return rec.alive_mix
+        return digest.entry(rec.name_hash, rec.incarnation, state)
+
+    def _digest_add(self, m: _Member) -> None:
+        self._digest.add(m.rec.name_hash, self._mix(m.rec, m.state))
+
+    def _digest_remove(self, m: _Member) -> None:
+        self._digest.remove(m.rec.name_hash, self._mix(m.rec, m.state))
+
+    def _digest_fit(self, force: bool = False) -> None:
+        """Re-bucket when the table outgrew (or shrank far below) its bucket count: O(N), rare."""
+        n = len(self._members)
+        if force or self._digest.needs_resize(n):
+            alive, mix = MemberState.ALIVE, self._mix
+            self._digest.rebuild(
+                n,
+                (
+                    (r.name_hash, r.alive_mix if m.state is alive else mix(r, m.state))
+                    for m in self._members.values()
+                    for r in (m.rec,)
+                ),
+            )
+
+    def _set_rec(self, m: _Member, rec: MemberRecord) -> None:
+        """Every record change goes through here: the digest follows the incarnation."""
+        if rec.incarnation != m.rec.incarnation:
+            self._digest_remove(m)
+            m.rec = rec
+            self._digest_add(m)
+        else:
+            m.rec = rec
+
     def _set_state(self, m: _Member, state: MemberState, now: float) -> None:
         """Every state change goes through here: it keeps the active count, the dead index and
         the reap heap in step (O(1) or O(log dead) each)."""
         was_down, is_down = m.state in DEAD_STATES, state in DEAD_STATES
+        rec = m.rec
+        self._digest.remove(rec.name_hash, self._mix(rec, m.state))
         m.state = state
+        self._digest.add(rec.name_hash, self._mix(rec, state))
         m.state_change = now
         if was_down != is_down:
             self._active += -1 if is_down else 1
@@ -1176,7 +1280,8 @@ class Node:
     def _queue_alive(self, m: _Member) -> None:
         r = m.rec
         self.broadcasts.queue(
-            "m:" + r.name, wire.encode_message(Alive(r.incarnation, r.name, r.node_id, r.addr, r.meta))
+            "m:" + r.name,
+            wire.encode_message(Alive(r.incarnation, r.name, r.node_id, r.addr, r.meta, r.protocol)),
         )
 
     def _insert_probe_target(self, m: _Member) -> None:
@@ -1332,9 +1437,23 @@ class Node:
 
     def _local_state(self) -> list[PushNodeState]:
         return [
-            PushNodeState(r.name, r.node_id, r.addr, r.incarnation, m.state, r.meta)
+            PushNodeState(r.name, r.node_id, r.addr, r.incarnation, m.state, r.meta, r.protocol)
             for m in self._members.values()
             for r in (m.rec,)
+        ]
+
+    def _bucket_state(self, buckets: list[int], count: int) -> list[PushNodeState]:
+        """Our records in `buckets` of `count`: one pass over the table (no per-member index, so
+        no memory per member), taken only when some bucket differs."""
+        if not buckets:
+            return []
+        shift = 64 - (count.bit_length() - 1)
+        want = set(buckets)
+        return [
+            PushNodeState(r.name, r.node_id, r.addr, r.incarnation, m.state, r.meta, r.protocol)
+            for m in self._members.values()
+            for r in (m.rec,)
+            if r.name_hash >> shift in want
         ]
 
     def _push_pull(self, join: bool, reply: bool) -> PushPull:
@@ -1359,19 +1478,89 @@ class Node:
         return sid
 
     def _periodic_push_pull(self, now: float) -> None:
+        """Anti-entropy with one random alive member: by digest (cost ~ the difference) with
+        peers that speak it; a full push-pull with older ones, when the safety net is due, and
+        with a peer whose digest exchange failed last time."""
         if self.leaving:
             return
-        for m in self._sample(1, lambda m: m.state == MemberState.ALIVE):
-            self._open_push_pull(m.addr, "push_pull", now, m.name)
+        self._digests_left -= 1
+        m = self._members.get(self._full_next) if self._full_next else None
+        self._full_next = ""
+        if m is not None and m.state == MemberState.ALIVE and m is not self._me:
+            self.counters.inc("push_pull.fallback")
+        else:
+            picked = self._sample(1, lambda m: m.state == MemberState.ALIVE)
+            if not picked:
+                return
+            m = picked[0]
+            if m.rec.protocol >= DIGEST_PROTOCOL and self._digests_left > 0:
+                self._open_digest(m)
+                return
+        if self._digests_left <= 0:
+            self._digests_left = max(FULL_PUSH_PULL_EVERY, len(self._members) // FULL_PUSH_PULL_MEMBERS)
+        self._open_push_pull(m.addr, "push_pull", now, m.name)
+
+    def _open_digest(self, m: _Member) -> None:
+        self.counters.inc("push_pull.digest.out")
+        msg = PushPullDigest(self.table_digest(), self.queries.clock.time())
+        data = self.codec.pack([wire.encode_message(msg)], m.node_id)
+        sid = self._new_stream(_Stream("digest", m.name))
+        self._outbox.put(OpenStream(sid, m.addr, data, self.config.tcp_timeout, "digest", m.node_id))
+
+    def _answer_digest(self, msg: PushPullDigest) -> PushPull | None:
+        """Our records of the buckets where their digest and ours differ, at the coarser of the
+        two resolutions (O(buckets), plus one pass over the table when any differ)."""
+        theirs = digest.from_bytes(msg.buckets)
+        if theirs is None:
+            self._drop("digest", len(msg.buckets))
+            return None
+        self.queries.witness_push_pull(msg.query_ltime)
+        count = min(len(theirs), self._digest.count)
+        diff = digest.differing(self._digest.values, theirs)
+        self.counters.inc("push_pull.digest.buckets", len(diff))
+        states = self._bucket_state(diff, count)
+        return PushPull(False, states, True, self.queries.clock.time(), diff, count)
+
+    def _repair(self, target: str, msg: PushPull, now: float) -> None:
+        """The digest reply merged: send the responder our records of the differing buckets
+        (those it does not already hold as we do), so repair goes both ways."""
+        m = self._members.get(target)
+        if not msg.buckets or m is None or m is self._me:
+            return
+        sent = {(s.name, s.incarnation, s.state) for s in msg.states}
+        states = [
+            s
+            for s in self._bucket_state(msg.buckets, msg.bucket_count)
+            if (s.name, s.incarnation, s.state) not in sent
+        ]
+        if not states:
+            return
+        push = PushPull(False, states, False, self.queries.clock.time(), msg.buckets, msg.bucket_count)
+        data = self.codec.pack([wire.encode_message(push)], m.node_id)
+        sid = self._new_stream(_Stream("repair", m.name))
+        self._outbox.put(OpenStream(sid, m.addr, data, self.config.tcp_timeout, "repair", m.node_id))
+
+    def _digest_failed(self, st: _Stream) -> None:
+        if st.kind == "digest":
+            self.counters.inc("push_pull.digest.failed")
+            self._full_next = st.target
 
     def _reconnect(self, now: float) -> None:
-        """Serf's reconnect: try one failed member, so healed partitions merge again."""
+        """Serf's reconnect: try one failed member, so healed partitions merge again.
+
+        A TCP ping first, the full push-pull only once the member answers it: most reconnect
+        targets are simply dead, and a push-pull sent to every one of them every interval made
+        each node send its whole table (O(N) bytes) per reconnect_interval for nothing."""
         horizon = now - self.config.reconnect_timeout
         dead = [m for m in self._down.values() if m.state == MemberState.DEAD and m.state_change >= horizon]
         if dead and not self.leaving:
             m = self.rng.choice(dead)
             self.counters.inc("reconnects")
-            self._open_push_pull(m.addr, "reconnect", now, m.name)
+            seq = self._next_seq()
+            ping = wire.encode_message(Ping(seq, m.name, self.name, self.addr))
+            sid = self._new_stream(_Stream("reconnect", m.name, seq))
+            data = self.codec.pack([ping], m.node_id)
+            self._outbox.put(OpenStream(sid, m.addr, data, self.config.tcp_timeout, "reconnect", m.node_id))
 
     def _reap(self, now: float) -> None:
         horizon = now - self.config.reap_interval
@@ -1382,6 +1571,7 @@ class Node:
                 continue  # revived (or died again later) since: a stale entry
             del self._members[m.name]
             del self._down[m.name]
+            self._digest_remove(m)
             self._site_mates.pop(m.name, None)
             # O(N), once per reaped member (a day after it went): the ring keeps no positions.
             i = self._ring.index(m)
@@ -1389,13 +1579,14 @@ class Node:
             if i < self._probe_index:
                 self._probe_index -= 1
             self._emit("reap", m, now)
+        self._digest_fit()
 
     def _merge(self, states: list[PushNodeState], now: float) -> None:
         for s in states:
             if not self._record_ok(s.name, s.node_id, s.addr, s.meta):
                 continue  # only this state; the rest of the exchange may be fine
             if s.state == MemberState.ALIVE:
-                self._alive(Alive(s.incarnation, s.name, s.node_id, s.addr, s.meta), now)
+                self._alive(Alive(s.incarnation, s.name, s.node_id, s.addr, s.meta, s.protocol), now)
             elif s.state == MemberState.LEFT:
                 if s.name not in self._members:
                     continue  # no point learning about a member only to list it as left

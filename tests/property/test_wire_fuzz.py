@@ -29,6 +29,7 @@ states = st.builds(
     incarnation=u64,
     state=st.sampled_from(m.MemberState),
     meta=meta,
+    protocol=u64,
 )
 response = st.builds(m.QueryResponse, ltime=u64, id=u64, source=text, payload=st.binary(max_size=40))
 
@@ -57,7 +58,13 @@ STRATEGIES: dict[type, st.SearchStrategy[typing.Any]] = {
     m.Suspect: st.builds(m.Suspect, incarnation=u64, name=text, source=text),
     m.Dead: st.builds(m.Dead, incarnation=u64, name=text, source=text),
     m.PushPull: st.builds(
-        m.PushPull, join=st.booleans(), states=st.lists(states, max_size=4), reply=st.booleans()
+        m.PushPull,
+        join=st.booleans(),
+        states=st.lists(states, max_size=4),
+        reply=st.booleans(),
+        query_ltime=u64,
+        buckets=st.lists(u64, max_size=4),
+        bucket_count=u64,
     ),
     m.KeyOp: st.builds(m.KeyOp, op_id=u64, op=text, key=st.binary(max_size=32)),
     m.Query: st.builds(
@@ -85,6 +92,7 @@ STRATEGIES: dict[type, st.SearchStrategy[typing.Any]] = {
         answered=st.lists(text, max_size=3),
         missing=st.lists(text, max_size=3),
     ),
+    m.PushPullDigest: st.builds(m.PushPullDigest, buckets=st.binary(max_size=64), query_ltime=u64),
 }
 messages = st.one_of(*STRATEGIES.values())
 

@@ -48,6 +48,7 @@ SAMPLES: list[m.Message] = [
     m.QueryResponse(ltime=1, id=2, source="b", payload=b"r"),
     m.Relay(dest="a", dest_addr="127.0.0.1:1", response=m.QueryResponse(1, 2, "b", b"")),
     m.SiteSummary(1, 2, "s1", "b", b"{}", ["b"], ["c"]),
+    m.PushPullDigest(buckets=bytes(16), query_ltime=5),
 ]
 
 
