@@ -38,6 +38,7 @@ from meshd.api.guard import AllowedHost, parse_allow_host
 from meshd.config_tables import Label, Parsed, Table, canonical_key, decode, table_keys
 from meshd.core.config import PRESETS, ProtocolConfig
 from meshd.errors import ConfigError
+from meshd.logs import LOG_FORMATS
 from meshd.release.config import DistConfig
 from meshd.units import (
     format_hostport,
@@ -91,6 +92,7 @@ class NodeConfig:
     profile: str = "lan"
     trust_publisher: list[str] = field(default_factory=list)
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line (meshd.logs)
     # Names the operator API answers to besides loopback names and its own address (a reverse
     # proxy, a DNS name of the gateway): "NAME" (the API's port) or "NAME:PORT".
     api_allow_hosts: list[str] = field(default_factory=list)
@@ -242,6 +244,13 @@ def _as_log_level(value: object, where: str) -> str:
     return text
 
 
+def _as_log_format(value: object, where: str) -> str:
+    text = _as_str(value, where).lower()
+    if text not in LOG_FORMATS:
+        raise ConfigError(f"{where}: unknown log format {text!r} (one of {', '.join(LOG_FORMATS)})")
+    return text
+
+
 def _as_path(value: object, where: str) -> str:
     return os.path.expanduser(_as_str(value, where))
 
@@ -333,6 +342,7 @@ class NodeTable(Table, frozen=True):
     profile: Annotated[str | _Unset, Parsed(_as_profile)] = _UNSET
     trust_publisher: Annotated[list[str] | _Unset, Parsed(_list_of(_as_path))] = _UNSET
     log_level: Annotated[str | _Unset, Parsed(_as_log_level)] = _UNSET
+    log_format: Annotated[str | _Unset, Parsed(_as_log_format)] = _UNSET
     api_allow_hosts: Annotated[list[str] | _Unset, Parsed(_list_of(_as_allow_host))] = _UNSET
     # Tables (file only). [protocol] is decoded by ProtocolTable; the others are kept as written
     # for their owners: [[check]], [[query_handler]] (meshd.health.config), [dist], [health],
@@ -578,6 +588,7 @@ FLAG_KEYS: dict[str, str] = {
     "profile": "profile",
     "trust_publisher": "trust_publisher",
     "log_level": "log_level",
+    "log_format": "log_format",
     "api_allow_host": "api_allow_host",
 }
 

@@ -76,6 +76,11 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     )
     a("--log-level", choices=("debug", "info", "warning", "error"), help="default: info")
     a(
+        "--log-format",
+        choices=("text", "json"),
+        help="text lines, or one JSON object per line (time, level, logger, message, fields); default: text",
+    )
+    a(
         "--api-allow-host",
         metavar="NAME[:PORT]",
         action="append",
