@@ -47,6 +47,7 @@ def test_the_unit_runs_meshd_as_the_readme_says() -> None:
     assert EXEC in (ROOT / "README.md").read_text()
     assert d["Type"] == ["notify"]
     assert d["Restart"] == ["on-failure"]
+    assert d["RestartPreventExitStatus"] == ["2"]  # meshd's exit code for a bad configuration
     assert d["WatchdogSec"] == ["30s"]
     assert d["MemoryMax"] == ["512M"]
     assert d["StateDirectory"] == ["meshd"]
