@@ -114,7 +114,7 @@ def test_checks_across_keys_run_on_the_merged_files(tmp_path: Path) -> None:
     # Each file is valid alone; bind from a later drop-in is refused with insecure from the main file.
     path, folder = setup(tmp_path, 'insecure = true\nname = "gw1"\n', a='bind = "127.0.0.1:7788"\n')
     assert load_config({"config": path}, env={}).bind == "127.0.0.1:7788"
-    (folder / "b.toml").write_text('bind = "0.0.0.0:7788"\n')
+    (folder / "b.toml").write_text('bind = "[::]:7788"\n')
     with pytest.raises(ConfigError, match="refuses to start unless bound to loopback"):
         load_config({"config": path}, env={})
 
