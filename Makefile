@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit integration venv clean bench report sim fuzz chaos
+.PHONY: run test lint typecheck unit integration venv clean bench report sim fuzz chaos dist
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -111,5 +111,12 @@ sim: $(STAMP)
 	$(BIN)/python bench/sim_grid.py $(SIM_ARGS)
 	$(BIN)/python bench/report.py
 
+# The wheel and the sdist for a gateway install (README, "Run on a gateway"), into dist/.
+# `build` (the dev extra) builds both in isolated environments: setuptools comes from the registry.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	@ls -l dist
+
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache dist

@@ -10,6 +10,13 @@ Struct (meshd.config_tables), so a value is checked alike wherever it comes from
 then applied in order onto a NodeConfig. The [[check]], [[query_handler]], [dist], [health] and
 [discovery] tables are kept as written and decoded by their owners (NodeConfig.dist_config(),
 meshd.health.config).
+
+The file is read with its drop-ins: `--config /etc/meshd/meshd.toml` also reads
+`/etc/meshd/meshd.d/*.toml` in lexical order of their names (systemd's and Consul's habit, so a
+package or a fleet tool can add a file without editing the operator's). A later file wins key by
+key: tables ([protocol], [dist], tags, ...) are merged key by key, [[check]] and [[query_handler]]
+entries add up, any other value is replaced whole. Each file is checked on its own before the
+merge, so an error names the file and key that caused it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from meshd.api.guard import AllowedHost, parse_allow_host
 from meshd.config_tables import Label, Parsed, Table, canonical_key, decode, table_keys
 from meshd.core.config import PRESETS, ProtocolConfig
 from meshd.errors import ConfigError
+from meshd.logs import LOG_FORMATS
 from meshd.release.config import DistConfig
 from meshd.units import (
     format_hostport,
@@ -48,6 +56,7 @@ __all__ = [
     "DiscoveryConfig",
     "NodeConfig",
     "discovery_config",
+    "drop_in_files",
     "load_config",
 ]
 
@@ -83,6 +92,7 @@ class NodeConfig:
     profile: str = "lan"
     trust_publisher: list[str] = field(default_factory=list)
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line (meshd.logs)
     # Names the operator API answers to besides loopback names and its own address (a reverse
     # proxy, a DNS name of the gateway): "NAME" (the API's port) or "NAME:PORT".
     api_allow_hosts: list[str] = field(default_factory=list)
@@ -92,6 +102,7 @@ class NodeConfig:
     query_handlers: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # config file path, for messages
+    sources: list[str] = field(default_factory=list)  # that file and its drop-ins, in the order read
 
     @property
     def bind_hostport(self) -> tuple[str, int]:
@@ -233,6 +244,13 @@ def _as_log_level(value: object, where: str) -> str:
     return text
 
 
+def _as_log_format(value: object, where: str) -> str:
+    text = _as_str(value, where).lower()
+    if text not in LOG_FORMATS:
+        raise ConfigError(f"{where}: unknown log format {text!r} (one of {', '.join(LOG_FORMATS)})")
+    return text
+
+
 def _as_path(value: object, where: str) -> str:
     return os.path.expanduser(_as_str(value, where))
 
@@ -324,6 +342,7 @@ class NodeTable(Table, frozen=True):
     profile: Annotated[str | _Unset, Parsed(_as_profile)] = _UNSET
     trust_publisher: Annotated[list[str] | _Unset, Parsed(_list_of(_as_path))] = _UNSET
     log_level: Annotated[str | _Unset, Parsed(_as_log_level)] = _UNSET
+    log_format: Annotated[str | _Unset, Parsed(_as_log_format)] = _UNSET
     api_allow_hosts: Annotated[list[str] | _Unset, Parsed(_list_of(_as_allow_host))] = _UNSET
     # Tables (file only). [protocol] is decoded by ProtocolTable; the others are kept as written
     # for their owners: [[check]], [[query_handler]] (meshd.health.config), [dist], [health],
@@ -339,6 +358,8 @@ class NodeTable(Table, frozen=True):
 _ALIASES = {"tag": "tags", "mdns_interface": "mdns_interfaces", "api_allow_host": "api_allow_hosts"}
 _TABLES = ("protocol", "check", "query_handler", "dist", "health", "discovery")
 _PASSTHROUGH = ("dist", "health", "discovery")
+# Tables whose keys are spelled either way (max-dials, max_dials): merged on the canonical key.
+_CANONICAL_TABLES = ("dist", "health", "discovery")
 # Keys the environment and flags may set (all but no_mdns are NodeConfig attributes).
 _SCALAR_KEYS = tuple(k for k in table_keys(NodeTable) if k not in _TABLES)
 
@@ -402,8 +423,7 @@ def _layer(
     return table, _Layer(settings, overrides)
 
 
-def _file_layer(path: str) -> tuple[_Layer, NodeConfig]:
-    """Parse a TOML file into a layer; the NodeConfig carries the passthrough tables."""
+def _read_toml(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             data = f.read(_MAX_CONFIG_FILE + 1)
@@ -412,26 +432,110 @@ def _file_layer(path: str) -> tuple[_Layer, NodeConfig]:
     if len(data) > _MAX_CONFIG_FILE:
         raise ConfigError(f"config file {path}: larger than {_MAX_CONFIG_FILE} bytes")
     try:
-        doc = tomllib.loads(data.decode("utf-8"))
+        return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: {e}") from None
-    spelled: dict[str, str] = {}
-    values: dict[str, Any] = {}
-    for raw_key, value in doc.items():
+
+
+def drop_in_files(path: str) -> list[str]:
+    """FILE's drop-ins: `<dir>/<stem>.d/*.toml` (meshd.toml -> meshd.d/), in lexical order of
+    their names; none when the directory is absent."""
+    main = Path(path)
+    folder = main.with_name(f"{main.stem}.d")
+    try:
+        names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".toml") and e.is_file())
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise ConfigError(f"config directory {folder}: {e.strerror or e}") from None
+    return [str(folder / n) for n in names if not n.startswith(".")]
+
+
+@dataclass
+class _Doc:
+    """One file's keys, canonical, with where each was last set (for error messages)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    protocol: dict[str, Any] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)  # key or "protocol.key" -> "FILE: key 'k'"
+
+
+def _doc(path: str) -> _Doc:
+    doc = _Doc()
+    for raw_key, value in _read_toml(path).items():
         key = canonical_key(raw_key)
         key = _ALIASES.get(key, key)
-        spelled[key], values[key] = raw_key, value
-    protocol = values.pop("protocol", {})
-    if not isinstance(protocol, dict):
-        raise ConfigError(f"{path}: key '{spelled['protocol']}': expected a [protocol] table")
-    protocol_spelled = {canonical_key(k): str(k) for k in protocol}
+        if key == "protocol":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: key '{raw_key}': expected a [protocol] table")
+            for pk, pv in value.items():
+                doc.protocol[canonical_key(pk)] = pv
+                doc.origin[f"protocol.{canonical_key(pk)}"] = f"{path}: key 'protocol.{pk}'"
+            continue
+        doc.values[key] = value
+        doc.origin[key] = f"{path}: key '{raw_key}'"
+    return doc
+
+
+def _check_alone(path: str, doc: _Doc) -> None:
+    """A file is checked on its own first, so a bad drop-in is named, not the merged result."""
+    _layer(doc.values, doc.protocol, lambda k: doc.origin.get(k, f"{path}: key '{k}'"), _protocol_label(doc))
+    DistConfig.from_table(doc.values.get("dist"), f"{path}: [dist]")
+    DiscoveryConfig.from_table(doc.values.get("discovery"), f"{path}: [discovery]")
+
+
+def _protocol_label(doc: _Doc) -> Label:
+    return lambda k: doc.origin.get(f"protocol.{k}", f"key 'protocol.{k}'")
+
+
+def _merge(base: _Doc, over: _Doc) -> None:
+    """Later keys win; tables are merged key by key; [[check]] and [[query_handler]] add up."""
+    for key, value in over.values.items():
+        old = base.values.get(key)
+        if key in ("check", "query_handler") and old is not None:
+            base.values[key] = _as_tables(old) + _as_tables(value)
+        elif isinstance(old, dict) and isinstance(value, dict):
+            base.values[key] = _merged_tables(old, value, canonical=key in _CANONICAL_TABLES)
+        else:
+            base.values[key] = value
+    base.protocol.update(over.protocol)
+    base.origin.update(over.origin)
+
+
+def _as_tables(value: object) -> list[Any]:
+    return [value] if isinstance(value, dict) else list(value) if isinstance(value, list) else [value]
+
+
+def _merged_tables(old: dict[str, Any], new: dict[str, Any], canonical: bool) -> dict[str, Any]:
+    """`new` over `old`; with `canonical`, max-dials replaces max_dials (the later spelling stays,
+    for messages)."""
+    out = dict(old)
+    for k, v in new.items():
+        if canonical:
+            same = [o for o in out if canonical_key(o) == canonical_key(k)]
+            prev = out.pop(same[0]) if same else None
+        else:
+            prev = out.get(k)
+        out[k] = _merged_tables(prev, v, canonical) if isinstance(prev, dict) and isinstance(v, dict) else v
+    return out
+
+
+def _file_layer(path: str) -> tuple[_Layer, NodeConfig]:
+    """FILE then its drop-ins, merged into one layer; the NodeConfig carries the passthrough
+    tables and the list of files read."""
+    merged = _Doc()
+    sources = [path, *drop_in_files(path)]
+    for source in sources:
+        doc = _doc(source)
+        _check_alone(source, doc)
+        _merge(merged, doc)
     table, layer = _layer(
-        values,
-        {canonical_key(k): v for k, v in protocol.items()},
-        lambda key: f"{path}: key '{spelled.get(key, key)}'",
-        lambda key: f"{path}: key 'protocol.{protocol_spelled.get(key, key)}'",
+        merged.values,
+        merged.protocol,
+        lambda key: merged.origin.get(key, f"{path}: key '{key}'"),
+        _protocol_label(merged),
     )
     holder = NodeConfig(name="meshd")
     if table.check is not _UNSET:
@@ -439,6 +543,7 @@ def _file_layer(path: str) -> tuple[_Layer, NodeConfig]:
     if table.query_handler is not _UNSET:
         holder.query_handlers = table.query_handler
     holder.extra = {k: v for k in _PASSTHROUGH if (v := getattr(table, k)) is not _UNSET}
+    holder.sources = sources
     return layer, holder
 
 
@@ -483,6 +588,7 @@ FLAG_KEYS: dict[str, str] = {
     "profile": "profile",
     "trust_publisher": "trust_publisher",
     "log_level": "log_level",
+    "log_format": "log_format",
     "api_allow_host": "api_allow_host",
 }
 
@@ -531,6 +637,7 @@ def load_config(
         cfg.checks, cfg.query_handlers = holder.checks, holder.query_handlers
         cfg.extra = holder.extra
         cfg.source = str(path)
+        cfg.sources = holder.sources
     layers.append(_env_layer(env))
     layers.append(_flag_layer(flags))
     for layer in layers:

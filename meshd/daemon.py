@@ -549,9 +549,13 @@ class Daemon:
             log.error("SIGHUP: configuration not reloaded: %s", e)
             return
         sd_notify(reloading_message())
-        logging.getLogger().setLevel(new.log_level.upper())
-        self.cfg.log_level = new.log_level
-        log.info("SIGHUP: log level is %s; other settings take effect on restart", new.log_level)
+        setup_logging(new.log_level, new.log_format)
+        self.cfg.log_level, self.cfg.log_format = new.log_level, new.log_format
+        log.info(
+            "SIGHUP: log level is %s, log format %s; other settings take effect on restart",
+            new.log_level,
+            new.log_format,
+        )
         sd_notify("READY=1")
 
 
@@ -564,7 +568,7 @@ def run_daemon(cfg: NodeConfig, reload: Callable[[], NodeConfig] | None = None) 
     """Run a node under uvloop until it stops; returns the exit code."""
     import uvloop
 
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     daemon = Daemon(cfg, reload)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(daemon.run())

@@ -404,7 +404,13 @@ class NodeRuntime:
 
     def member_event(self, ev: MemberEvent) -> None:
         if ev.kind not in ("keyring",):
-            log.info("member %s: %s (%s)", ev.kind, ev.member.name, ev.member.addr)
+            log.info(
+                "member %s: %s (%s)",
+                ev.kind,
+                ev.member.name,
+                ev.member.addr,
+                extra={"member": ev.member.name, "event": ev.kind, "addr": str(ev.member.addr)},
+            )
         for listener in self._listeners:
             try:
                 listener(ev)

@@ -25,7 +25,11 @@ class _Parser(argparse.ArgumentParser):
 def _run_flags(p: argparse.ArgumentParser) -> None:
     # Every default is None: "not given", so the environment and the file can fill it in.
     a = p.add_argument
-    a("--config", metavar="FILE", help="TOML configuration file (env MESHD_CONFIG)")
+    a(
+        "--config",
+        metavar="FILE",
+        help="TOML configuration file, then its drop-ins <stem>.d/*.toml in name order (env MESHD_CONFIG)",
+    )
     a("--name", help="node name, unique in the mesh (default: host name)")
     a("--cluster", help="mesh name; nodes of another mesh are ignored (default: default)")
     a("--bind", metavar="HOST:PORT", help="gossip UDP and peer TCP port (default: 0.0.0.0:7788)")
@@ -72,6 +76,11 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     )
     a("--log-level", choices=("debug", "info", "warning", "error"), help="default: info")
     a(
+        "--log-format",
+        choices=("text", "json"),
+        help="text lines, or one JSON object per line (time, level, logger, message, fields); default: text",
+    )
+    a(
         "--api-allow-host",
         metavar="NAME[:PORT]",
         action="append",
@@ -83,6 +92,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="meshd", description="meshd: peer-to-peer coordinator for edge sites")
+    parser.add_argument("--version", action="version", version=_version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     run = sub.add_parser("run", help="run a node in the foreground")
@@ -132,6 +142,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from meshd.health.service import parse_health_config
 
     parse_health_config(cfg.checks, cfg.query_handlers, cfg.data_dir)  # names a bad check
+    for drop_in in cfg.sources[1:]:
+        print(f"{drop_in}: read after {cfg.source}")
     print(
         f"{cfg.source}: ok (node {cfg.name}, cluster {cfg.cluster}, bind {cfg.bind}, profile {cfg.profile})"
     )
@@ -159,8 +171,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version_line() -> str:
+    return f"meshd {__version__} (protocol {PROTOCOL_VERSION})"
+
+
 def cmd_version(args: argparse.Namespace) -> int:
-    print(f"meshd {__version__} (protocol {PROTOCOL_VERSION})")
+    print(_version_line())
     return 0
 
 

@@ -108,7 +108,14 @@ class _SwarmEffects:
             self.complete = True
         elif ev.kind == "peer_banned":
             self.driver._count("fetch.bans")
-            log.warning("%s %s: peer %s banned: %s", m.name, m.version, ev.peer, ev.detail)
+            log.warning(
+                "%s %s: peer %s banned: %s",
+                m.name,
+                m.version,
+                ev.peer,
+                ev.detail,
+                extra={"release": f"{m.name} {m.version}", "peer": ev.peer},
+            )
         elif ev.kind == "origin_fallback":
             log.info("%s %s: falling back to the origin (%s)", m.name, m.version, ev.detail)
         else:
@@ -433,7 +440,7 @@ class FetchDriver:
                 mem.addr, req.chunks, [fetch.sizes[c] for c in req.chunks], timeout, to=mem.node_id
             )
         except PeerProtocolError as e:
-            log.info("chunk request to %s failed: %s", req.peer, e)
+            log.info("chunk request to %s failed: %s", req.peer, e, extra={"peer": req.peer})
             return Outcome.ERROR, []
         except TimeoutError:
             self._count("fetch.timeouts")

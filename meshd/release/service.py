@@ -64,6 +64,12 @@ from meshd.wire import Codec
 
 log = logging.getLogger("meshd.release")
 
+
+def _fields(manifest: Manifest) -> dict[str, str]:
+    """The fields of a release's log lines (`--log-format json`)."""
+    return {"release": f"{manifest.name} {manifest.version}", "release_id": manifest.release_id}
+
+
 Emit = Callable[[dict[str, Any]], None]
 
 
@@ -365,6 +371,7 @@ class ReleaseService:
             len(missing),
             len(manifest.chunks),
             manifest.total_size,
+            extra=_fields(manifest),
         )
         if await self.space.start(manifest, missing):  # else it waits for room (release/space.py)
             self._emit(manifest, "downloading")
@@ -438,7 +445,14 @@ class ReleaseService:
         rid = manifest.release_id
         self._complete.add(rid)
         took = self.now() - fetch.started
-        log.info("%s %s (%s) complete in %.1fs", manifest.name, manifest.version, rid[:16], took)
+        log.info(
+            "%s %s (%s) complete in %.1fs",
+            manifest.name,
+            manifest.version,
+            rid[:16],
+            took,
+            extra=_fields(manifest),
+        )
         self._emit(manifest, "complete")
         self._announce(force=True)
         await self._maybe_activate(manifest)
@@ -487,7 +501,7 @@ class ReleaseService:
         except (ActivationError, StoreError) as e:
             self._failed[rid] = str(e)
             self._count("activations.failed")
-            log.error("activation of %s %s failed: %s", name, manifest.version, e)
+            log.error("activation of %s %s failed: %s", name, manifest.version, e, extra=_fields(manifest))
             self._emit(manifest, "failed", str(e))
             return
         finally:
@@ -499,6 +513,7 @@ class ReleaseService:
             manifest.version,
             result.previous or "none",
             f"; retired {', '.join(result.retired)}" if result.retired else "",
+            extra=_fields(manifest),
         )
         self._emit(manifest, "active")
         await self.collect_garbage()
@@ -586,6 +601,7 @@ class ReleaseService:
             manifest.total_size,
             len(manifest.chunks),
             result.new_chunks,
+            extra=_fields(manifest),
         )
         if rid not in self._manifests:
             self._manifests[rid] = manifest

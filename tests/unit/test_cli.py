@@ -122,6 +122,10 @@ def test_validate_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert meshd_cli.main(["version"]) == 0
     assert capsys.readouterr().out.startswith("meshd 0.")
+    with pytest.raises(SystemExit) as e:  # `meshd --version`, as operators try first
+        meshd_cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("meshd 0.")
 
 
 # --- meshctl -----------------------------------------------------------------------------------
