@@ -228,17 +228,19 @@ class Codec:
         """Largest body that always fits in a packet of `packet_size` bytes."""
         return packet_size - self.overhead
 
-    def seal(self, body: bytes, to: str = "") -> bytes:
+    def seal(self, body: bytes, to: str = "", *, compress: bool = True) -> bytes:
         """Wrap a body into an envelope (compressed when that is smaller, then encrypted).
 
         `to` is the node id of the receiver (or the hex sender of an envelope being answered);
-        empty when any node may take it (a join to an address).
+        empty when any node may take it (a join to an address). compress=False skips the lz4
+        attempt for a body known not to shrink (release chunks are compressed already: the
+        attempt cost more CPU than the encryption).
         """
         stamp = self.clock.stamp().to_bytes(_STAMP_SIZE, "little")
         ids = self._sender + (sender_id(to) if to else _ANY)
         n = len(body)
         inner: bytes | None = None
-        if self._compress and n >= COMPRESS_MIN:
+        if compress and self._compress and n >= COMPRESS_MIN:
             packed = _lz4_compress(body)  # stores the size as u32 LE in front
             if len(packed) < n:
                 inner = b"".join((self._prefix_lz4, stamp, ids, packed))

@@ -473,28 +473,19 @@ class FetchDriver:
             self._on_disk_full(fetch)
 
     def _store_piece(self, pairs: list[tuple[str, bytes | None]]) -> tuple[list[str], int, str | None, bool]:
-        """Verify and store (thread). (stored ids, bad hashes, store error, the disk is full)."""
-        received: list[str] = []
-        bad = 0
+        """Verify and store (thread), one durability barrier per piece (ChunkStore.put_many).
+        (stored ids, bad hashes, store error, the disk is full)."""
+        res = self.store.put_many([(cid, stored) for cid, stored in pairs if stored is not None])
         err: str | None = None
         full = False
-        for cid, stored in pairs:
-            if stored is None:
-                continue
-            try:
-                self.store.put(cid, stored)
-            except IntegrityError:
-                bad += 1
-                continue
-            except StoreError as e:
-                err = str(e)
-                full = isinstance(e, DiskFullError)
-                self._count("store.errors")
-                # A full disk is reported once by whoever watches free space, not per request.
-                log.log(logging.DEBUG if full and self._on_disk_full else logging.ERROR, "%s", e)
-                break
-            received.append(cid)
-        return received, bad, err, full
+        if res.error is not None:
+            e = res.error
+            err = str(e)
+            full = isinstance(e, DiskFullError)
+            self._count("store.errors")
+            # A full disk is reported once by whoever watches free space, not per request.
+            log.log(logging.DEBUG if full and self._on_disk_full else logging.ERROR, "%s", e)
+        return res.stored, len(res.bad), err, full
 
     async def _origin_request(self, fetch: ReleaseFetch, req: FetchRequest) -> tuple[Outcome, list[str]]:
         received: list[str] = []

@@ -164,8 +164,8 @@ async def _upload(
         return _refuse(backend, 503, "serve.drops.busy")
 
 
-async def _reply(backend: PeerBackend, body: bytes, to: str) -> web.Response:
-    sealed = backend.codec.seal(body, to)  # good for the requester only
+async def _reply(backend: PeerBackend, body: bytes, to: str, *, compress: bool = True) -> web.Response:
+    sealed = backend.codec.seal(body, to, compress=compress)  # good for the requester only
     await backend.upload_permit(len(sealed))
     backend.count_sent(len(sealed))
     return web.Response(body=sealed, content_type=OCTETS)
@@ -220,7 +220,8 @@ async def _post_chunks(request: web.Request, raw: bytes) -> web.StreamResponse:
     async def piece() -> web.StreamResponse:
         stored = await backend.read_stored(ids)
         _count(backend, "serve.pieces")
-        return await _reply(backend, encode_piece(stored), requester(request))
+        # Stored forms are lz4 already where that pays: no second attempt on the whole piece.
+        return await _reply(backend, encode_piece(stored), requester(request), compress=False)
 
     return await _upload(request, piece)
 
