@@ -201,6 +201,8 @@ class Swarm:
         self._tiebreak = [rng.random() for _ in self._ids]
         held = {self._index[c] for c in have if c in self._index}
         self._missing: set[int] = set(range(len(self._ids))) - held
+        # Our have-bitmap, kept bit by bit: peers ask for it every second while we fetch.
+        self._bits = bytearray(make_bitmap(held, len(self._ids)))
         self._have_bytes = sum(self._sizes[i] for i in held)
         self._total_bytes = sum(self._sizes)
         self._peers: dict[str, _Peer] = {}
@@ -273,10 +275,26 @@ class Swarm:
         p = self._peers.get(peer)
         if p is None:
             p = self._peers[peer] = _Peer(peer, site, same_site, have)
+            self._count(p, +1)
+        elif p.site == site and p.same_site == same_site and p.have is not None and have is not None:
+            # A partial peer's bitmap again (every second while it fetches): only the chunks
+            # it gained or lost change the counts and the rarest-first order.
+            gained, lost = have - p.have, p.have - have
+            if gained or lost:
+                self._order = None
+            for i in gained:
+                self._avail[i] += 1
+                if same_site:
+                    self._site_avail[i] += 1
+            for i in lost:
+                self._avail[i] -= 1
+                if same_site:
+                    self._site_avail[i] -= 1
+            p.have = have
         else:
             self._count(p, -1)
             p.site, p.same_site, p.have = site, same_site, have
-        self._count(p, +1)
+            self._count(p, +1)
         self._schedule(now)
         return True
 
@@ -337,6 +355,7 @@ class Swarm:
             idx = self._index.get(cid)
             if idx is not None and idx not in self._missing:
                 self._missing.add(idx)
+                self._bits[idx >> 3] &= ~(0x80 >> (idx & 7)) & 0xFF
                 self._order = None
                 self._have_bytes -= self._sizes[idx]
                 self._complete_announced = False
@@ -428,8 +447,7 @@ class Swarm:
 
     def local_bitmap(self) -> bytes:
         """Our own have-bitmap, to serve to peers."""
-        n = len(self._ids)
-        return make_bitmap((i for i in range(n) if i not in self._missing), n)
+        return bytes(self._bits)
 
     def is_banned(self, peer: str) -> bool:
         return peer in self._banned
@@ -463,6 +481,7 @@ class Swarm:
                 self.counters["chunks.duplicate"] += 1
             return
         self._missing.discard(idx)
+        self._bits[idx >> 3] |= 0x80 >> (idx & 7)
         self._unavailable_since.pop(idx, None)
         self._have_bytes += self._sizes[idx]
         if count_bytes:

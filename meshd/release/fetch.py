@@ -280,7 +280,6 @@ class FetchDriver:
             p for p in fetch.peers if fetch.raw.get(p, b"") is None and self.members[p].site == self.site
         ]
         now = self.now()
-        n = len(fetch.sizes)
         for peer in sorted(fetch.peers, key=lambda p: (self.members[p].site != self.site, p)):
             if peer not in fetch.raw:
                 continue  # partial peer whose bitmap has not come yet
@@ -291,8 +290,12 @@ class FetchDriver:
             view: bytes | None = raw
             if scarce and k > 1 and not fetch.widened:
                 mask = self._mask(fetch, k, rank)
-                full = raw if raw is not None else make_bitmap(range(n), n)
-                view = bytes(a & b for a, b in zip(full, mask, strict=True))
+                if raw is None:
+                    view = mask
+                else:  # one big-int AND, not a Python loop per byte (this runs per update)
+                    view = (int.from_bytes(raw, "big") & int.from_bytes(mask, "big")).to_bytes(
+                        len(mask), "big"
+                    )
             if peer in fetch.registered and fetch.registered[peer] == view:
                 continue
             fetch.registered[peer] = view

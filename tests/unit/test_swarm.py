@@ -80,6 +80,44 @@ def test_local_bitmap() -> None:
     assert bitmap_indices(s.local_bitmap(), 10) == {1, 2}
 
 
+def test_local_bitmap_follows_chunks_received_and_lost() -> None:
+    # Kept bit by bit (peers ask for it every second), never rebuilt: it must track both ways.
+    s = mk(12, have=(0,), **one_chunk_pieces())
+    s.peer_update("p", 0.0, complete=True)
+    for r in s.requests_to_send():
+        if idx(r.chunks[0]) in (3, 11):
+            complete(s, r, 1.0)
+    assert bitmap_indices(s.local_bitmap(), 12) == {0, 3, 11}
+    s.lost([cid(3)], 2.0)
+    s.add_have([cid(5)], 2.0)
+    assert bitmap_indices(s.local_bitmap(), 12) == {0, 5, 11}
+
+
+def test_bitmap_updates_count_like_a_fresh_swarm() -> None:
+    # A partial peer's bitmap arrives again and again; its holder counts change only by what it
+    # gained or lost, and must end where a swarm told the final bitmaps at once ends.
+    n = 64
+    cfg = one_chunk_pieces(max_requests_total=64, max_requests_per_peer=64)
+    final = {"a": range(0, 40), "b": range(20, 64, 2), "c": [1, 2, 3, 50]}
+    step = mk(n, seed=5, **cfg)
+    step.peer_update("b", 0.0, site="s1", same_site=True, bitmap=bm(range(20, 30), n))
+    step.peer_update("a", 0.0, site="s1", same_site=True, bitmap=bm(range(10), n))
+    step.peer_update("c", 0.0, site="s2", bitmap=bm(range(60), n))
+    step.requests_to_send()
+    for rid in list(step._requests):  # nothing answered: those requests go back
+        step.fetch_done(rid, Outcome.ERROR, 0.0)
+    step.retry_now(0.0)
+    step.peer_update("a", 0.0, site="s1", same_site=True, bitmap=bm(final["a"], n))  # grew
+    step.peer_update("b", 0.0, site="s1", same_site=True, bitmap=bm(final["b"], n))  # grew
+    step.peer_update("c", 0.0, site="s2", bitmap=bm(final["c"], n))  # shrank (it dropped chunks)
+    fresh = mk(n, seed=5, **cfg)
+    for peer, site, same in (("b", "s1", True), ("a", "s1", True), ("c", "s2", False)):
+        fresh.peer_update(peer, 0.0, site=site, same_site=same, bitmap=bm(final[peer], n))
+    assert step._avail == fresh._avail
+    assert step._site_avail == fresh._site_avail
+    assert step._ordered() == fresh._ordered()
+
+
 # --- rules ---------------------------------------------------------------------------------
 
 
