@@ -475,7 +475,9 @@ class FetchDriver:
         if self._on_disk_full is not None and not fetch.closed:
             self._on_disk_full(fetch)
 
-    def _store_piece(self, pairs: list[tuple[str, bytes | None]]) -> tuple[list[str], int, str | None, bool]:
+    def _store_piece(
+        self, pairs: list[tuple[str, memoryview | None]]
+    ) -> tuple[list[str], int, str | None, bool]:
         """Verify and store (thread), one durability barrier per piece (ChunkStore.put_many).
         (stored ids, bad hashes, store error, the disk is full)."""
         res = self.store.put_many([(cid, stored) for cid, stored in pairs if stored is not None])

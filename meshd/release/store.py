@@ -164,7 +164,7 @@ class ChunkStore:
             atomic_write(path, bytes(stored), fsync=self.fsync, what=f"chunk {cid[:16]}")
         return len(data)
 
-    def put_many(self, items: Sequence[tuple[str, bytes]], *, verify: bool = True) -> PutResult:
+    def put_many(self, items: Sequence[tuple[str, bytes | memoryview]], *, verify: bool = True) -> PutResult:
         """Store chunks received in stored form, each verified first, with two durability
         barriers for the whole batch instead of two fsyncs per chunk.
 
@@ -218,7 +218,7 @@ class ChunkStore:
         return out
 
     @staticmethod
-    def _write_temp(folder: Path, data: bytes, *, fsync: bool) -> str:
+    def _write_temp(folder: Path, data: bytes | memoryview, *, fsync: bool) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
         try:
