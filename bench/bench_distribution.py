@@ -158,6 +158,9 @@ class Counters:
         }
 
 
+IDLE_WINDOW = 2.0  # seconds of a meshed, idle cluster measured before each meshd run
+
+
 def cpu_s(procs: list[subprocess.Popen[Any]]) -> float:
     """CPU seconds (user + system, every thread) the lab processes used so far: on a 2-core box
     with every host a namespace, CPU per MB is what a swarm of many hosts runs out of first."""
@@ -407,6 +410,11 @@ def run_meshd(
             "--version", "1", "--key", str(pub_key), "--json",
             "--token-file", str(lab.host_dir(origin) / "meshd" / "api-token"),
         ]  # fmt: skip
+        # The mesh's own upkeep (gossip, probes) while nothing is distributed: CPU per second,
+        # so that the run's CPU can be split into upkeep and distribution.
+        idle0, idle_t0 = cpu_s(procs), time.monotonic()
+        time.sleep(IDLE_WINDOW)
+        idle_rate = (cpu_s(procs) - idle0) / (time.monotonic() - idle_t0)
         counters = Counters(topo)
         counters.start()
         cpu0 = cpu_s(procs)
@@ -449,6 +457,7 @@ def run_meshd(
         "time_s": took,
         "publish_s": published - t0,
         "cpu_s": cpu,
+        "idle_cpu_per_s": idle_rate,
         **counts,
         "ok": ok,
         "per_host_s": finish_times(seen, t0),

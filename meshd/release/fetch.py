@@ -238,7 +238,11 @@ class FetchDriver:
             fetch.raw[mem.name] = None
         else:
             fetch.peers.add(mem.name)
-            self._want_bitmap(fetch, mem.name)
+            gossiped = mem.bitmaps.get(fetch.rid[:RID_PREFIX])
+            if gossiped is not None and len(gossiped) == (n + 7) // 8:
+                fetch.raw[mem.name] = gossiped  # it came with the announcement: no GET
+            else:
+                self._want_bitmap(fetch, mem.name)
         # Who shares the scarce sources changes with any member: re-judge every peer.
         self._register_all(fetch)
         if pump:
