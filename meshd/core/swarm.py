@@ -14,6 +14,10 @@ Rules (each has a test in tests/unit/test_swarm.py):
 | delta           | chunk already in the local store      | never requested                       |
 | rarest first    | picking chunks to request             | fewest holders first; rng breaks ties |
 | same site first | a ready same-site peer has the chunk  | only same-site peers are asked for it |
+| seeds last      | a ready partial peer has the chunk    | complete holders are not asked for it |
+|                 |                                       | (even while that peer is busy): the   |
+|                 |                                       | publisher's uplink serves each chunk  |
+|                 |                                       | about once; the peers do the rest     |
 | batching        | building one peer's request           | chunks added until >= piece_target,   |
 |                 |                                       | never over piece_max (1-4 MiB)        |
 | per-peer bound  | max_requests_per_peer in flight       | nothing more is sent to that peer     |
@@ -147,6 +151,7 @@ class _Peer:
     same_site: bool
     have: set[int] | None  # None: has every chunk
     outstanding: set[int] = field(default_factory=set)
+    seed: bool = False  # holds every chunk (its `have` may be cut to our share of it)
     cooldown_until: float = 0.0
     failures: int = 0
 
@@ -261,9 +266,12 @@ class Swarm:
         same_site: bool = False,
         bitmap: bytes | None = None,
         complete: bool = False,
+        seed: bool = False,
     ) -> bool:
         """What a peer has: complete, or a bitmap. False (counted) for a banned peer or a bad
-        bitmap, which are ignored."""
+        bitmap, which are ignored. seed: the peer holds everything but we may ask it only for
+        `bitmap` (our share of a scarce source); it is asked after partial holders, as a
+        complete one is."""
         if peer in self._banned or peer == ORIGIN:
             return False
         have: set[int] | None = None
@@ -295,6 +303,7 @@ class Swarm:
             self._count(p, -1)
             p.site, p.same_site, p.have = site, same_site, have
             self._count(p, +1)
+        p.seed = complete or seed
         self._schedule(now)
         return True
 
@@ -644,6 +653,7 @@ class Swarm:
         if not live or total_free <= 0:
             return False
         cooling_site = [q for q in cooling if q.same_site]
+        partial = [q for q in ready if not q.seed]  # busy ones too: a seed is no overflow valve
         open_: dict[str, list[int]] = {}
         open_size: dict[str, int] = {}
         rank = {p.id: self._rng.random() for p in live}
@@ -664,6 +674,10 @@ class Swarm:
             if site_ready and cooling_site:
                 site_ready -= sum(1 for q in cooling_site if q.has(idx))
             holders = [p for p in live if p.has(idx) and (p.same_site or site_ready <= 0)]
+            if any(p.seed for p in holders) and any(
+                q.has(idx) and (q.same_site or site_ready <= 0) for q in partial
+            ):
+                holders = [p for p in holders if not p.seed]
             if not holders:
                 continue
             size = self._sizes[idx]
@@ -676,7 +690,7 @@ class Swarm:
                 able = [p for p in holders if slots[p.id] > 0] if total_free > 0 else []
                 if not able:
                     continue
-                best = min(able, key=lambda p: (len(p.outstanding), rank[p.id]))
+                best = min(able, key=lambda p: (p.seed, len(p.outstanding), rank[p.id]))
                 if best.id in open_ and not close(best):  # its open piece is full
                     return True
                 open_[best.id] = []
@@ -756,6 +770,7 @@ class Swarm:
                 and len(self._inflight.get(i, ())) < cfg.endgame_copies
                 # same site first holds in the endgame too: no WAN copy of a LAN chunk
                 and (p.same_site or not any(q.same_site and q.has(i) for q in ready))
+                and not (p.seed and any(not q.seed and q.has(i) for q in ready))  # seeds last
             ]
             if not cands:
                 continue

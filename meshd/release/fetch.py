@@ -306,7 +306,8 @@ class FetchDriver:
             if view is None:
                 fetch.swarm.peer_update(peer, now, site=mem.site, same_site=same, complete=True)
             else:
-                fetch.swarm.peer_update(peer, now, site=mem.site, same_site=same, bitmap=view)
+                seed = raw is None  # complete, cut to our share
+                fetch.swarm.peer_update(peer, now, site=mem.site, same_site=same, bitmap=view, seed=seed)
 
     def _on_tick(self, fetch: ReleaseFetch) -> None:
         """Once a second while fetching: lift the share cut when nothing arrives."""

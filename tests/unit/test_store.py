@@ -292,3 +292,19 @@ def test_put_many_without_syncfs_fsyncs_each_chunk(
     assert len(res.stored) == len(pairs)
     assert synced[0] >= len(pairs)  # each temp file, then each folder
     assert all(store.get(cid) for cid, _ in pairs)
+
+
+def test_get_view_is_get_without_copying_a_raw_chunk(store: ChunkStore) -> None:
+    raw = store.put_data(NOISE)  # incompressible: stored raw
+    packed = store.put_data(TEXT)  # stored lz4
+    view = store.get_view(raw)
+    assert isinstance(view, memoryview)
+    assert view == NOISE
+    assert store.get_view(packed) == TEXT
+    path = store.path_for(raw)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        store.get_view(raw)
+    assert not store.has(raw)  # dropped, to be fetched again, as get() does
