@@ -79,6 +79,7 @@ class ReleaseFetch:
     disk_failed: set[str] = field(default_factory=set)  # sources whose chunks found no room
     sharers: set[str] = field(default_factory=set)  # site nodes seen needing it (see _share)
     lone_seeds: set[str] = field(default_factory=set)  # site holders once judged the lone seed
+    judged: tuple[object, ...] = ()  # what the last full _register_all pass depended on
 
     @property
     def rid(self) -> str:
@@ -245,8 +246,9 @@ class FetchDriver:
                 fetch.raw[mem.name] = gossiped  # it came with the announcement: no GET
             else:
                 self._want_bitmap(fetch, mem.name)
-        # Who shares the scarce sources changes with any member: re-judge every peer.
-        self._register_all(fetch)
+        # Who shares the scarce sources may change with any member: every peer is judged
+        # again when it did, this one only otherwise.
+        self._register_all(fetch, only=mem.name)
         if pump:
             self._pump(fetch)
 
@@ -278,7 +280,7 @@ class FetchDriver:
             mask = fetch.masks[key] = make_bitmap(range(rank, n, k), n)
         return mask
 
-    def _register_all(self, fetch: ReleaseFetch) -> None:
+    def _register_all(self, fetch: ReleaseFetch, only: str | None = None) -> None:
         """Tell the swarm what each peer may serve us.
 
         Scarce sources are shared out: the chunks a peer of another site (the WAN) or the only
@@ -286,13 +288,23 @@ class FetchDriver:
         modulo the number of same-site nodes fetching the release; the others' shares then
         come over the LAN from them. About one copy crosses a site link and leaves a seed.
         When nothing arrives for `WAN_STALL` seconds, the cut is lifted for this release.
+
+        `only`: the one peer whose news this is; the others are judged again only when what
+        their views depend on (share, seeds, widening) changed. Every member's announcement
+        changes every second while it fetches: judging every peer on each made the cost grow
+        with the square of the site's size.
         """
         k, rank = self._share(fetch)
         local_seeds = [
             p for p in fetch.peers if fetch.raw.get(p, b"") is None and self.members[p].site == self.site
         ]
         now = self.now()
-        for peer in sorted(fetch.peers, key=lambda p: (self.members[p].site != self.site, p)):
+        judged = (k, rank, frozenset(local_seeds), frozenset(fetch.lone_seeds), fetch.widened)
+        peers: Iterable[str] = fetch.peers
+        if only is not None and judged == fetch.judged:
+            peers = [only] if only in fetch.peers else []
+        fetch.judged = judged
+        for peer in sorted(peers, key=lambda p: (self.members[p].site != self.site, p)):
             if peer not in fetch.raw:
                 continue  # partial peer whose bitmap has not come yet
             mem = self.members[peer]
@@ -364,7 +376,7 @@ class FetchDriver:
                     bitmap = None
                 if bitmap is not None and not fetch.closed and peer in fetch.peers:
                     fetch.raw[peer] = bitmap
-                    self._register_all(fetch)
+                    self._register_all(fetch, only=peer)
                     self._pump(fetch)
                 if peer not in fetch.bitmap_dirty:
                     return

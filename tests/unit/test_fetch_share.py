@@ -79,3 +79,23 @@ def test_the_lone_seed_stays_cut_to_our_share_when_other_nodes_complete(tmp_path
     fetch.peers.discard("a")
     fetch.raw.pop("a")
     assert d._share(fetch) == (2, 1)
+
+
+def test_news_of_one_peer_re_judges_all_only_when_the_share_changed(tmp_path: Path) -> None:
+    m = release(tmp_path)
+    ids = m.unique_chunks()
+    n = len(ids)
+    members = {"origin": node("origin", m, n), "a": node("a", m, 1), "b": node("b", m, 0)}
+    d = driver(members)
+    swarm = Swarm([(c, m.chunks[c]) for c in ids], [], random.Random(1), 0.0, SwarmConfig())
+    fetch = ReleaseFetch(m, swarm, dict(m.chunks), 0.0)
+    fetch.peers |= {"origin", "a"}
+    fetch.raw.update({"origin": None, "a": make_bitmap([1], n)})
+    d._register_all(fetch)
+    assert fetch.registered["origin"] == make_bitmap(range(2, n, 3), n)  # a, b, me: third share
+    fetch.raw["a"] = make_bitmap([1, 4], n)
+    d._register_all(fetch, only="a")  # a's progress: only a is judged again
+    assert fetch.registered["a"] == make_bitmap([1, 4], n)
+    members["b"] = Member("b", "b:1", "s1", False, {})  # b died: the share changed
+    d._register_all(fetch, only="b")
+    assert fetch.registered["origin"] == make_bitmap(range(1, n, 2), n)  # a, me: half each
