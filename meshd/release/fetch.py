@@ -338,7 +338,12 @@ class FetchDriver:
         fetch.tick = None
         if fetch.closed or self.closed:
             return
-        if not fetch.widened and self.now() - fetch.last_progress > WAN_STALL:
+        # A stall, not a wait: nothing on the network either. Requests still in flight (a
+        # busy publisher sharing its uplink between many nodes' first pieces) are waited for;
+        # widening then sent every node to the publisher for everything (3.5x its egress at
+        # 32 hosts). A hung request ends at its deadline, and the stall is judged then.
+        stalled = not fetch.net_phase and self.now() - fetch.last_progress > WAN_STALL
+        if not fetch.widened and stalled:
             fetch.widened = True
             self._count("fetch.widened")
             log.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 from typing import Any
@@ -99,3 +100,23 @@ def test_news_of_one_peer_re_judges_all_only_when_the_share_changed(tmp_path: Pa
     members["b"] = Member("b", "b:1", "s1", False, {})  # b died: the share changed
     d._register_all(fetch, only="b")
     assert fetch.registered["origin"] == make_bitmap(range(1, n, 2), n)  # a, me: half each
+
+
+async def test_the_share_cut_is_lifted_on_a_stall_not_while_requests_are_in_flight(tmp_path: Path) -> None:
+    m = release(tmp_path)
+    ids = m.unique_chunks()
+    d = driver({"origin": node("origin", m, len(ids)), "a": node("a", m, 0)})
+    d.now = lambda: 100.0
+    d._on_progress = lambda: None
+    swarm = Swarm([(c, m.chunks[c]) for c in ids], [], random.Random(1), 0.0, SwarmConfig())
+    fetch = ReleaseFetch(m, swarm, dict(m.chunks), 0.0, last_progress=90.0)  # 10 s without a chunk
+    d.fetches[m.release_id] = fetch
+    waiting = asyncio.get_running_loop().create_future()
+    fetch.net_phase[1] = waiting  # type: ignore[assignment]  # a first piece still coming
+    d._on_tick(fetch)
+    assert not fetch.widened
+    fetch.net_phase.clear()  # it ended (at its deadline at the latest) and nothing came
+    d._on_tick(fetch)
+    assert fetch.widened
+    d._close_fetch(fetch)
+    waiting.cancel()
