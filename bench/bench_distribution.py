@@ -44,6 +44,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import os
 import random
 import re
 import shutil
@@ -155,6 +156,23 @@ class Counters:
             "egress_bytes": tx_bytes(self.topo.origin.ns) - self.origin0,
             "thin_link_bytes": self._thin() - self.thin0,
         }
+
+
+IDLE_WINDOW = 2.0  # seconds of a meshed, idle cluster measured before each meshd run
+
+
+def cpu_s(procs: list[subprocess.Popen[Any]]) -> float:
+    """CPU seconds (user + system, every thread) the lab processes used so far: on a 2-core box
+    with every host a namespace, CPU per MB is what a swarm of many hosts runs out of first."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in procs:
+        try:
+            fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
 
 
 def wait(what: str, pred: Any, timeout: float = STEP_TIMEOUT, every: float = 0.2) -> None:
@@ -327,6 +345,7 @@ def run_torrent(lab: Any, topo: Topology, src: Path, digest: str) -> dict[str, A
         announced = tracker_peers(lab, topo)
         counters = Counters(topo)
         counters.start()
+        cpu0 = cpu_s(procs)
         t0_wall, t0 = time.time(), time.monotonic()  # clock start: the seeder is launched
         procs.append(
             lab.popen(origin, [*common, "-V", f"--dir={seed_dir}", str(torrent)], log=work / "seeder.log")
@@ -334,6 +353,7 @@ def run_torrent(lab: Any, topo: Topology, src: Path, digest: str) -> dict[str, A
         marks = {name: p.with_name(p.name + ".done") for name, p in outs.items()}
         wait("torrent clients' completion hooks", lambda: all(m.exists() for m in marks.values()), every=0.05)
         counts = counters.stop()
+        cpu = cpu_s(procs) - cpu0
         # Clock stop: the last hook's own timestamp (wall clock, taken when aria2c ran it).
         seen = hook_times({name: m.read_text() for name, m in marks.items()}, t0, t0_wall)
         took = max(seen.values()) - t0
@@ -348,6 +368,7 @@ def run_torrent(lab: Any, topo: Topology, src: Path, digest: str) -> dict[str, A
         **counts,
         "ok": ok,
         "peers_announced_at_start": announced,
+        "cpu_s": cpu,
         "per_host_s": finish_times(seen, t0),
     }
 
@@ -389,8 +410,14 @@ def run_meshd(
             "--version", "1", "--key", str(pub_key), "--json",
             "--token-file", str(lab.host_dir(origin) / "meshd" / "api-token"),
         ]  # fmt: skip
+        # The mesh's own upkeep (gossip, probes) while nothing is distributed: CPU per second,
+        # so that the run's CPU can be split into upkeep and distribution.
+        idle0, idle_t0 = cpu_s(procs), time.monotonic()
+        time.sleep(IDLE_WINDOW)
+        idle_rate = (cpu_s(procs) - idle0) / (time.monotonic() - idle_t0)
         counters = Counters(topo)
         counters.start()
+        cpu0 = cpu_s(procs)
         t0 = time.monotonic()  # clock start: meshctl publish is launched at the origin
         pub = lab.popen(origin, argv, stdout=subprocess.PIPE)
         procs.append(pub)
@@ -411,6 +438,7 @@ def run_meshd(
             time.sleep(0.05)
         took = max(seen.values()) - t0  # clock stop: the last client's `current` switch
         counts = counters.stop()
+        cpu = cpu_s(procs[: len(hosts)]) - cpu0
         if published is None:
             pub.wait(timeout=60)
             published = time.monotonic()
@@ -428,6 +456,8 @@ def run_meshd(
     return {
         "time_s": took,
         "publish_s": published - t0,
+        "cpu_s": cpu,
+        "idle_cpu_per_s": idle_rate,
         **counts,
         "ok": ok,
         "per_host_s": finish_times(seen, t0),
@@ -517,6 +547,7 @@ def summarize_runs(runs: list[dict[str, Any]], size: int) -> dict[str, Any]:
         "egress_x": pick("egress_bytes", size),
         "thin_link_x": pick("thin_link_bytes", size),
         "publish_s": pick("publish_s"),
+        "cpu_s": pick("cpu_s"),
         "byte_exact": all(r.get("ok") for r in runs if "error" not in r),
         "errors": [r["error"] for r in runs if "error" in r],
     }
@@ -663,8 +694,8 @@ def render(doc: dict[str, Any]) -> str:
             "",
             "| system | time until the last host has it | origin egress (x release) "
             + ("| bytes over the thin link (x release) " if cfg["sites"] > 1 else "")
-            + "| byte-exact |",
-            "|---|---|---|" + ("---|" if cfg["sites"] > 1 else "") + "---|",
+            + "| CPU s, every host's processes | byte-exact |",
+            "|---|---|---|" + ("---|" if cfg["sites"] > 1 else "") + "---|---|",
         ]
         for s, sm in cfg["summary"].items():
             t = cell(sm["time_s"])
@@ -673,10 +704,11 @@ def render(doc: dict[str, Any]) -> str:
             row = f"| {LABELS[s]} | {t} | {cell(sm['egress_x'], xfmt)} "
             if cfg["sites"] > 1:
                 row += f"| {cell(sm['thin_link_x'], xfmt)} "
-            row += f"| {'yes' if sm['byte_exact'] else 'NO'} |"
+            cpu = sm.get("cpu_s")
+            row += f"| {cell(cpu) if cpu else '-'} | {'yes' if sm['byte_exact'] else 'NO'} |"
             lines.append(row)
             for e in sorted(set(sm["errors"])):
-                lines.append(f"|  | failed run: {e} | | {'| ' if cfg['sites'] > 1 else ''}|")
+                lines.append(f"|  | failed run: {e} | | {'| ' if cfg['sites'] > 1 else ''}| |")
         lines.append("")
     d = doc.get("delta")
     if d:

@@ -21,6 +21,8 @@ import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 import orjson
+from nacl._sodium import ffi as _ffi
+from nacl._sodium import lib as _lib
 
 from meshd.errors import ConfigError, IntegrityError, StateError
 
@@ -367,3 +369,31 @@ secretbox_seal = nacl.bindings.crypto_secretbox_easy
 secretbox_open = nacl.bindings.crypto_secretbox_open_easy
 SECRETBOX_NONCE_SIZE: int = nacl.bindings.crypto_secretbox_NONCEBYTES
 SECRETBOX_MAC_SIZE: int = nacl.bindings.crypto_secretbox_MACBYTES
+
+
+def secretbox_seal_in_place(buf: bytearray, box_at: int, nonce: bytes, key: bytes) -> None:
+    """Encrypt buf[box_at + MAC:] in place into the box buf[box_at:] (MAC first), the bytes
+    secretbox_seal would return. For large bodies (release pieces): no copy of the message
+    and none of the box, which the Python binding makes twice (libsodium allows the overlap)."""
+    if len(nonce) != SECRETBOX_NONCE_SIZE or len(key) != nacl.bindings.crypto_secretbox_KEYBYTES:
+        raise ValueError("bad nonce or key size")
+    mlen = len(buf) - box_at - SECRETBOX_MAC_SIZE
+    if box_at < 0 or mlen < 0:
+        raise ValueError("buffer too small for the box")
+    p = _ffi.from_buffer(buf, require_writable=True)
+    if _lib.crypto_secretbox_easy(p + box_at, p + box_at + SECRETBOX_MAC_SIZE, mlen, nonce, key) != 0:
+        raise ValueError("secretbox failed")
+
+
+def secretbox_open_view(box: memoryview, nonce: bytes, key: bytes) -> bytearray | None:
+    """secretbox_open into one new buffer, reading the box where it lies (no copy of it).
+    None when it does not authenticate."""
+    if len(nonce) != SECRETBOX_NONCE_SIZE or len(key) != nacl.bindings.crypto_secretbox_KEYBYTES:
+        return None
+    if len(box) < SECRETBOX_MAC_SIZE:
+        return None
+    out = bytearray(len(box) - SECRETBOX_MAC_SIZE)
+    rc = _lib.crypto_secretbox_open_easy(
+        _ffi.from_buffer(out, require_writable=True), _ffi.from_buffer(box), len(box), nonce, key
+    )
+    return out if rc == 0 else None

@@ -82,6 +82,9 @@ class Daemon:
         self._leave_on_stop = True
         self._stopping = False
         self._snapshot_dirty = asyncio.Event()
+        # What the snapshot records of each member: a metadata-only update (a release's
+        # progress, every second while fetching) changes none of it and costs no write.
+        self._snapshot_seen: dict[str, tuple[str, str, MemberState]] = {}
         self._exit = contextlib.AsyncExitStack()  # what start() did, undone in reverse by shutdown()
         self._metrics: list[MetricsSource] = [self.peer_traffic, self.transfer]
         self._discovery: DaemonDiscovery | None = None
@@ -250,7 +253,14 @@ class Daemon:
         if ev.kind == "keyring":
             state.save_keyring(self.data_dir, self.keyring)
             return
-        self._snapshot_dirty.set()
+        m = ev.member
+        seen = (m.node_id, m.addr, m.state)
+        if self._snapshot_seen.get(m.name) != seen:
+            self._snapshot_seen[m.name] = seen
+            self._snapshot_dirty.set()
+        if ev.kind == "reap":
+            self._snapshot_seen.pop(m.name, None)
+            self._snapshot_dirty.set()
         if (
             ev.kind in ("join", "alive")
             and ev.member.name != self.name

@@ -22,7 +22,7 @@ ReplayError: an envelope seen before, stale for its sender, or meant for another
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import lz4.block
@@ -37,7 +37,9 @@ from meshd.crypto import (
     Keyring,
     key_id,
     secretbox_open,
+    secretbox_open_view,
     secretbox_seal,
+    secretbox_seal_in_place,
 )
 from meshd.errors import AuthError, DecodeError, ReplayError
 from meshd.replay import SENDER_ID_SIZE, ReplayGuard, SenderClock, sender_id
@@ -228,17 +230,19 @@ class Codec:
         """Largest body that always fits in a packet of `packet_size` bytes."""
         return packet_size - self.overhead
 
-    def seal(self, body: bytes, to: str = "") -> bytes:
+    def seal(self, body: bytes, to: str = "", *, compress: bool = True) -> bytes:
         """Wrap a body into an envelope (compressed when that is smaller, then encrypted).
 
         `to` is the node id of the receiver (or the hex sender of an envelope being answered);
-        empty when any node may take it (a join to an address).
+        empty when any node may take it (a join to an address). compress=False skips the lz4
+        attempt for a body known not to shrink (release chunks are compressed already: the
+        attempt cost more CPU than the encryption).
         """
         stamp = self.clock.stamp().to_bytes(_STAMP_SIZE, "little")
         ids = self._sender + (sender_id(to) if to else _ANY)
         n = len(body)
         inner: bytes | None = None
-        if self._compress and n >= COMPRESS_MIN:
+        if compress and self._compress and n >= COMPRESS_MIN:
             packed = _lz4_compress(body)  # stores the size as u32 LE in front
             if len(packed) < n:
                 inner = b"".join((self._prefix_lz4, stamp, ids, packed))
@@ -291,6 +295,14 @@ class Codec:
         return self._unwrap(inner, max_size)
 
     def _unwrap(self, inner: bytes, max_size: int) -> Opened:
+        end, compressed, sender, stamp, receiver = self._check_inner(inner)
+        if not compressed:
+            return Opened(inner[end:], sender, stamp, receiver)
+        return Opened(self._decompress(memoryview(inner)[end:], max_size), sender, stamp, receiver)
+
+    def _check_inner(self, inner: bytes | bytearray) -> tuple[int, bool, bytes, int, bytes]:
+        """(where the body starts, lz4, sender, stamp, receiver) of an opened inner envelope,
+        refused (DecodeError / AuthError / ReplayError) before its body costs any work."""
         if inner.startswith(self._prefix_plain):
             compressed = False
         elif inner.startswith(self._prefix_lz4):
@@ -306,8 +318,8 @@ class Codec:
         if len(inner) < end:
             raise DecodeError("truncated envelope")
         stamp = int.from_bytes(inner[pos : pos + _STAMP_SIZE], "little")
-        sender = inner[pos + _STAMP_SIZE : pos + _STAMP_SIZE + SENDER_ID_SIZE]
-        receiver = inner[end - SENDER_ID_SIZE : end]
+        sender = bytes(inner[pos + _STAMP_SIZE : pos + _STAMP_SIZE + SENDER_ID_SIZE])
+        receiver = bytes(inner[end - SENDER_ID_SIZE : end])
         # Checked before anything costs work: a misdirected or replayed envelope is not unpacked.
         if receiver != _ANY and self._sender != _ANY and receiver != self._sender:
             raise ReplayError("envelope meant for another node", sender)
@@ -315,9 +327,10 @@ class Codec:
             refused = self.guard.check(sender, stamp)
             if refused is not None:
                 raise ReplayError(f"{refused} envelope from sender {sender.hex()}", sender)
-        if not compressed:
-            return Opened(inner[end:], sender, stamp, receiver)
-        view = memoryview(inner)[end:]
+        return end, compressed, sender, stamp, receiver
+
+    @staticmethod
+    def _decompress(view: memoryview, max_size: int) -> bytes:
         if len(view) < _LZ4_SIZE:
             raise DecodeError("truncated compressed payload")
         size = int.from_bytes(view[:_LZ4_SIZE], "little")
@@ -332,7 +345,61 @@ class Codec:
             raise DecodeError("bad lz4 payload") from None
         if len(body) != size:
             raise DecodeError("lz4 payload size mismatch")
-        return Opened(body, sender, stamp, receiver)
+        return body
+
+    # --- large bodies (release pieces): one copy each way instead of four or five ------------
+
+    def seal_parts(self, parts: Sequence[bytes | memoryview], to: str = "") -> bytearray:
+        """The envelope seal(b"".join(parts), to, compress=False) makes, built in one buffer and
+        encrypted in place: each part is copied once."""
+        stamp = self.clock.stamp().to_bytes(_STAMP_SIZE, "little")
+        ids = self._sender + (sender_id(to) if to else _ANY)
+        head = self._prefix_plain + stamp + ids
+        keyring = self.keyring
+        if keyring is None:
+            buf = bytearray(self._header + head)
+            for part in parts:
+                buf += part
+            return buf
+        key = keyring.primary
+        if key is not self._hdr_key:
+            self._header = bytes((VERSION,)) + key_id(key)
+            self._hdr_key = key
+        nonce = self._nonce_fn()
+        box_at = HEADER_SIZE + SECRETBOX_NONCE_SIZE
+        pos = box_at + SECRETBOX_MAC_SIZE
+        buf = bytearray(pos + len(head) + sum(len(p) for p in parts))
+        buf[:HEADER_SIZE] = self._header
+        buf[HEADER_SIZE:box_at] = nonce
+        for part in (head, *parts):
+            buf[pos : pos + len(part)] = part
+            pos += len(part)
+        secretbox_seal_in_place(buf, box_at, nonce, key)
+        return buf
+
+    def open_view(self, data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> memoryview:
+        """open() for large bodies: decrypted into one buffer, the body a view of it. The same
+        checks and errors (AuthError / DecodeError / ReplayError)."""
+        keyring = self.keyring
+        n = len(data)
+        if keyring is None or n < HEADER_SIZE + _BOX_OVERHEAD or data[0] != VERSION:
+            return memoryview(self.open(data, max_size))  # insecure or malformed: the plain path
+        if n > max_size + self.overhead:
+            raise DecodeError("envelope too large")
+        kid = bytes(data[1:HEADER_SIZE])
+        if kid == _NO_KEY:
+            raise AuthError("unencrypted packet but this node requires encryption")
+        key = keyring.by_id(kid)
+        if key is None:
+            raise AuthError(f"unknown key id {kid.hex()}")
+        nonce_end = HEADER_SIZE + SECRETBOX_NONCE_SIZE
+        inner = secretbox_open_view(memoryview(data)[nonce_end:], bytes(data[HEADER_SIZE:nonce_end]), key)
+        if inner is None:
+            raise AuthError("envelope does not authenticate")
+        end, compressed, _, _, _ = self._check_inner(inner)
+        if compressed:
+            return memoryview(self._decompress(memoryview(inner)[end:], max_size))
+        return memoryview(inner)[end:]
 
     def pack(self, parts: list[bytes], to: str = "") -> bytes:
         """seal(compound(parts), to)."""

@@ -14,6 +14,10 @@ Rules (each has a test in tests/unit/test_swarm.py):
 | delta           | chunk already in the local store      | never requested                       |
 | rarest first    | picking chunks to request             | fewest holders first; rng breaks ties |
 | same site first | a ready same-site peer has the chunk  | only same-site peers are asked for it |
+| seeds last      | a ready partial peer has the chunk    | complete holders are not asked for it |
+|                 |                                       | (even while that peer is busy): the   |
+|                 |                                       | publisher's uplink serves each chunk  |
+|                 |                                       | about once; the peers do the rest     |
 | batching        | building one peer's request           | chunks added until >= piece_target,   |
 |                 |                                       | never over piece_max (1-4 MiB)        |
 | per-peer bound  | max_requests_per_peer in flight       | nothing more is sent to that peer     |
@@ -147,6 +151,7 @@ class _Peer:
     same_site: bool
     have: set[int] | None  # None: has every chunk
     outstanding: set[int] = field(default_factory=set)
+    seed: bool = False  # holds every chunk (its `have` may be cut to our share of it)
     cooldown_until: float = 0.0
     failures: int = 0
 
@@ -201,6 +206,8 @@ class Swarm:
         self._tiebreak = [rng.random() for _ in self._ids]
         held = {self._index[c] for c in have if c in self._index}
         self._missing: set[int] = set(range(len(self._ids))) - held
+        # Our have-bitmap, kept bit by bit: peers ask for it every second while we fetch.
+        self._bits = bytearray(make_bitmap(held, len(self._ids)))
         self._have_bytes = sum(self._sizes[i] for i in held)
         self._total_bytes = sum(self._sizes)
         self._peers: dict[str, _Peer] = {}
@@ -259,9 +266,12 @@ class Swarm:
         same_site: bool = False,
         bitmap: bytes | None = None,
         complete: bool = False,
+        seed: bool = False,
     ) -> bool:
         """What a peer has: complete, or a bitmap. False (counted) for a banned peer or a bad
-        bitmap, which are ignored."""
+        bitmap, which are ignored. seed: the peer holds everything but we may ask it only for
+        `bitmap` (our share of a scarce source); it is asked after partial holders, as a
+        complete one is."""
         if peer in self._banned or peer == ORIGIN:
             return False
         have: set[int] | None = None
@@ -273,10 +283,27 @@ class Swarm:
         p = self._peers.get(peer)
         if p is None:
             p = self._peers[peer] = _Peer(peer, site, same_site, have)
+            self._count(p, +1)
+        elif p.site == site and p.same_site == same_site and p.have is not None and have is not None:
+            # A partial peer's bitmap again (every second while it fetches): only the chunks
+            # it gained or lost change the counts and the rarest-first order.
+            gained, lost = have - p.have, p.have - have
+            if gained or lost:
+                self._order = None
+            for i in gained:
+                self._avail[i] += 1
+                if same_site:
+                    self._site_avail[i] += 1
+            for i in lost:
+                self._avail[i] -= 1
+                if same_site:
+                    self._site_avail[i] -= 1
+            p.have = have
         else:
             self._count(p, -1)
             p.site, p.same_site, p.have = site, same_site, have
-        self._count(p, +1)
+            self._count(p, +1)
+        p.seed = complete or seed
         self._schedule(now)
         return True
 
@@ -337,6 +364,7 @@ class Swarm:
             idx = self._index.get(cid)
             if idx is not None and idx not in self._missing:
                 self._missing.add(idx)
+                self._bits[idx >> 3] &= ~(0x80 >> (idx & 7)) & 0xFF
                 self._order = None
                 self._have_bytes -= self._sizes[idx]
                 self._complete_announced = False
@@ -428,8 +456,7 @@ class Swarm:
 
     def local_bitmap(self) -> bytes:
         """Our own have-bitmap, to serve to peers."""
-        n = len(self._ids)
-        return make_bitmap((i for i in range(n) if i not in self._missing), n)
+        return bytes(self._bits)
 
     def is_banned(self, peer: str) -> bool:
         return peer in self._banned
@@ -463,6 +490,7 @@ class Swarm:
                 self.counters["chunks.duplicate"] += 1
             return
         self._missing.discard(idx)
+        self._bits[idx >> 3] |= 0x80 >> (idx & 7)
         self._unavailable_since.pop(idx, None)
         self._have_bytes += self._sizes[idx]
         if count_bytes:
@@ -625,9 +653,17 @@ class Swarm:
         if not live or total_free <= 0:
             return False
         cooling_site = [q for q in cooling if q.same_site]
+        partial = [q for q in ready if not q.seed]  # busy ones too: a seed is no overflow valve
         open_: dict[str, list[int]] = {}
         open_size: dict[str, int] = {}
         rank = {p.id: self._rng.random() for p in live}
+
+        # Chunks some live peer holds: the pass skips the others with one set lookup instead of
+        # asking every peer (a pass ran per input, over every missing chunk times every peer:
+        # at 32 hosts that was most of a node's CPU).
+        cand: set[int] | None = None
+        if all(p.have is not None for p in live):
+            cand = set().union(*(p.have for p in live if p.have is not None))
 
         def close(p: _Peer) -> bool:
             chunks = open_.pop(p.id)
@@ -639,12 +675,18 @@ class Swarm:
                 break
             if idx in self._inflight or idx not in self._missing:
                 continue
+            if cand is not None and idx not in cand:
+                continue  # no live peer has it
             if self._avail[idx] + self._n_complete == 0:
                 continue  # nobody has it: the origin's business
             site_ready = self._n_site_complete + self._site_avail[idx]
             if site_ready and cooling_site:
                 site_ready -= sum(1 for q in cooling_site if q.has(idx))
             holders = [p for p in live if p.has(idx) and (p.same_site or site_ready <= 0)]
+            if any(p.seed for p in holders) and any(
+                q.has(idx) and (q.same_site or site_ready <= 0) for q in partial
+            ):
+                holders = [p for p in holders if not p.seed]
             if not holders:
                 continue
             size = self._sizes[idx]
@@ -657,7 +699,7 @@ class Swarm:
                 able = [p for p in holders if slots[p.id] > 0] if total_free > 0 else []
                 if not able:
                     continue
-                best = min(able, key=lambda p: (len(p.outstanding), rank[p.id]))
+                best = min(able, key=lambda p: (p.seed, len(p.outstanding), rank[p.id]))
                 if best.id in open_ and not close(best):  # its open piece is full
                     return True
                 open_[best.id] = []
@@ -737,6 +779,7 @@ class Swarm:
                 and len(self._inflight.get(i, ())) < cfg.endgame_copies
                 # same site first holds in the endgame too: no WAN copy of a LAN chunk
                 and (p.same_site or not any(q.same_site and q.has(i) for q in ready))
+                and not (p.seed and any(not q.seed and q.has(i) for q in ready))  # seeds last
             ]
             if not cands:
                 continue

@@ -255,7 +255,7 @@ class Releases:
             try:
                 for cid in entry.chunks:
                     try:
-                        data = self.store.get(cid)
+                        data = self.store.get_view(cid)
                     except KeyError as e:
                         raise ActivationError(
                             f"cannot materialise {manifest.name} {manifest.version}: "

@@ -14,6 +14,8 @@ OfferIndex gathers every member's entries by name for the intake to pick from.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import re
 from collections.abc import Callable, Container, Iterable, Mapping
@@ -27,8 +29,14 @@ from meshd.release.manifest import Manifest
 log = logging.getLogger("meshd.release")
 
 META_PREFIX = "rel:"
+BITMAP_PREFIX = "relbm:"  # relbm:<release id[:16]> = base64 have-bitmap, while fetching
 RID_PREFIX = 16
 MAX_ENTRIES_PER_NAME = 16
+# A have-bitmap rides the gossip for releases of up to this many chunks (256 bytes, 344 base64
+# characters): peers then learn what we hold with the announcement itself, instead of polling
+# every partial holder over HTTP each second (at 16 hosts, nine requests in ten were those
+# polls). Larger releases are still polled.
+MAX_GOSSIP_BITMAP_CHUNKS = 2048
 
 SetMetaKeys = Callable[[dict[str, str | None]], None]  # key -> value, None: remove the key
 
@@ -52,6 +60,7 @@ class Announce:
         return head + (" current" if self.current else "")
 
 
+_RID16_RE = re.compile(r"^[0-9a-f]{16}$")
 _ANN_RE = re.compile(r"^(\S{1,128}) ([0-9a-f]{16}) ([0-9]{1,9})/([0-9]{1,9})(?: #([0-9]{1,16}))?( current)?$")
 
 
@@ -102,6 +111,33 @@ def format_announcements(
             for m in ms[-MAX_ENTRIES_PER_NAME:]
         ]
         out[META_PREFIX + name] = ";".join(entries)
+    return out
+
+
+def format_bitmaps(bitmaps: Mapping[str, bytes]) -> dict[str, str]:
+    """The `relbm:` keys for {release id: have-bitmap} (releases too large are left out)."""
+    return {
+        BITMAP_PREFIX + rid[:RID_PREFIX]: base64.b64encode(bm).decode("ascii")
+        for rid, bm in bitmaps.items()
+        if len(bm) <= (MAX_GOSSIP_BITMAP_CHUNKS + 7) // 8
+    }
+
+
+def parse_bitmaps(meta: Mapping[str, str]) -> dict[str, bytes]:
+    """rid16 -> have-bitmap from a member's metadata; malformed or oversized ones are skipped
+    (the swarm checks each bitmap's length and padding against the manifest again)."""
+    out: dict[str, bytes] = {}
+    limit = 4 * ((MAX_GOSSIP_BITMAP_CHUNKS + 7) // 8 + 2) // 3
+    for key, value in meta.items():
+        if not key.startswith(BITMAP_PREFIX) or not isinstance(value, str) or len(value) > limit:
+            continue
+        rid16 = key[len(BITMAP_PREFIX) :]
+        if not _RID16_RE.match(rid16):
+            continue
+        try:
+            out[rid16] = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            continue
     return out
 
 
@@ -232,6 +268,7 @@ class Member:
     entries: dict[str, Announce]  # rid16 -> what it announces (empty unless alive)
     tags: dict[str, str] = field(default_factory=dict)
     node_id: str = ""  # names it as the receiver of what we seal for it
+    bitmaps: dict[str, bytes] = field(default_factory=dict)  # rid16 -> have-bitmap it gossips
 
     @classmethod
     def from_view(cls, m: MemberView) -> Member:
@@ -246,4 +283,5 @@ class Member:
             parse_announcements(meta) if alive else {},
             tags,
             m.node_id,
+            parse_bitmaps(meta) if alive else {},
         )

@@ -128,6 +128,20 @@ def decode_chunk(stored: bytes | bytearray | memoryview, max_size: int = MAX_SIZ
     raise IntegrityError(f"unknown chunk encoding flag {flag}")
 
 
+def verify_stored(cid: str, stored: bytes | bytearray | memoryview) -> None:
+    """decode_and_verify without keeping the bytes: a raw chunk (most of a compressed or
+    media release) is hashed in place, not copied first. IntegrityError when wrong."""
+    view = memoryview(stored)
+    if len(view) > HEADER_SIZE and view[0] == FLAG_RAW:
+        if len(view) - HEADER_SIZE > MAX_SIZE:
+            raise IntegrityError(f"chunk larger than {MAX_SIZE} bytes")
+        got = chunk_id(view[HEADER_SIZE:])
+        if got != cid:
+            raise IntegrityError(f"chunk {cid[:16]}... hashes to {got[:16]}... (wrong bytes)")
+        return
+    decode_and_verify(cid, view)
+
+
 def decode_and_verify(cid: str, stored: bytes | bytearray | memoryview) -> bytes:
     """Decode a stored form and check it hashes to `cid`; IntegrityError otherwise."""
     data = decode_chunk(stored)

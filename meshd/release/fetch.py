@@ -77,6 +77,9 @@ class ReleaseFetch:
     closed: bool = False
     error: str | None = None
     disk_failed: set[str] = field(default_factory=set)  # sources whose chunks found no room
+    sharers: set[str] = field(default_factory=set)  # site nodes seen needing it (see _share)
+    lone_seeds: set[str] = field(default_factory=set)  # site holders once judged the lone seed
+    judged: tuple[object, ...] = ()  # what the last full _register_all pass depended on
 
     @property
     def rid(self) -> str:
@@ -245,22 +248,33 @@ class FetchDriver:
             fetch.raw[mem.name] = None
         else:
             fetch.peers.add(mem.name)
-            self._want_bitmap(fetch, mem.name)
-        # Who shares the scarce sources changes with any member: re-judge every peer.
-        self._register_all(fetch)
+            gossiped = mem.bitmaps.get(fetch.rid[:RID_PREFIX])
+            if gossiped is not None and len(gossiped) == (n + 7) // 8:
+                fetch.raw[mem.name] = gossiped  # it came with the announcement: no GET
+            else:
+                self._want_bitmap(fetch, mem.name)
+        # Who shares the scarce sources may change with any member: every peer is judged
+        # again when it did, this one only otherwise.
+        self._register_all(fetch, only=mem.name)
         if pump:
             self._pump(fetch)
 
     def _share(self, fetch: ReleaseFetch) -> tuple[int, int]:
-        """(k, rank): same-site nodes that need this release (targeted, not complete), and our
-        place among them. Judged from membership and the manifest's target, not from their
-        announcements, so that every node of the site agrees before the first request."""
+        """(k, rank): same-site nodes that need this release (targeted, not complete when first
+        seen), and our place among them. Judged from membership and the manifest's target, not
+        from their announcements, so that every node of the site agrees before the first
+        request. A node that completes stays in the group while it is alive: were it dropped,
+        every share would be dealt again and the scarce source asked again for chunks another
+        node is still getting from it (origin egress 1.15x instead of about 1.0x)."""
         rid16 = fetch.rid[:RID_PREFIX]
         group = [self.name]
         for m in self.members.values():
             if m.alive and m.site == self.site and fetch.manifest.matches(m.site, m.tags):
                 e = m.entries.get(rid16)
                 if e is None or not e.complete:
+                    fetch.sharers.add(m.name)
+                    group.append(m.name)
+                elif m.name in fetch.sharers:
                     group.append(m.name)
         group.sort()
         return len(group), group.index(self.name)
@@ -273,7 +287,7 @@ class FetchDriver:
             mask = fetch.masks[key] = make_bitmap(range(rank, n, k), n)
         return mask
 
-    def _register_all(self, fetch: ReleaseFetch) -> None:
+    def _register_all(self, fetch: ReleaseFetch, only: str | None = None) -> None:
         """Tell the swarm what each peer may serve us.
 
         Scarce sources are shared out: the chunks a peer of another site (the WAN) or the only
@@ -281,39 +295,62 @@ class FetchDriver:
         modulo the number of same-site nodes fetching the release; the others' shares then
         come over the LAN from them. About one copy crosses a site link and leaves a seed.
         When nothing arrives for `WAN_STALL` seconds, the cut is lifted for this release.
+
+        `only`: the one peer whose news this is; the others are judged again only when what
+        their views depend on (share, seeds, widening) changed. Every member's announcement
+        changes every second while it fetches: judging every peer on each made the cost grow
+        with the square of the site's size.
         """
         k, rank = self._share(fetch)
         local_seeds = [
             p for p in fetch.peers if fetch.raw.get(p, b"") is None and self.members[p].site == self.site
         ]
         now = self.now()
-        n = len(fetch.sizes)
-        for peer in sorted(fetch.peers, key=lambda p: (self.members[p].site != self.site, p)):
+        judged = (k, rank, frozenset(local_seeds), frozenset(fetch.lone_seeds), fetch.widened)
+        peers: Iterable[str] = fetch.peers
+        if only is not None and judged == fetch.judged:
+            peers = [only] if only in fetch.peers else []
+        fetch.judged = judged
+        for peer in sorted(peers, key=lambda p: (self.members[p].site != self.site, p)):
             if peer not in fetch.raw:
                 continue  # partial peer whose bitmap has not come yet
             mem = self.members[peer]
             raw = fetch.raw[peer]
             same = mem.site == self.site
-            scarce = not same or (raw is None and len(local_seeds) == 1)
+            # The lone seed (the publisher) stays scarce when others complete: its uplink is
+            # what the site shares; the nodes that completed serve the rest.
+            if raw is None and same and len(local_seeds) == 1:
+                fetch.lone_seeds.add(peer)
+            scarce = not same or (raw is None and peer in fetch.lone_seeds)
             view: bytes | None = raw
             if scarce and k > 1 and not fetch.widened:
                 mask = self._mask(fetch, k, rank)
-                full = raw if raw is not None else make_bitmap(range(n), n)
-                view = bytes(a & b for a, b in zip(full, mask, strict=True))
+                if raw is None:
+                    view = mask
+                else:  # one big-int AND, not a Python loop per byte (this runs per update)
+                    view = (int.from_bytes(raw, "big") & int.from_bytes(mask, "big")).to_bytes(
+                        len(mask), "big"
+                    )
             if peer in fetch.registered and fetch.registered[peer] == view:
                 continue
             fetch.registered[peer] = view
             if view is None:
                 fetch.swarm.peer_update(peer, now, site=mem.site, same_site=same, complete=True)
             else:
-                fetch.swarm.peer_update(peer, now, site=mem.site, same_site=same, bitmap=view)
+                seed = raw is None  # complete, cut to our share
+                fetch.swarm.peer_update(peer, now, site=mem.site, same_site=same, bitmap=view, seed=seed)
 
     def _on_tick(self, fetch: ReleaseFetch) -> None:
         """Once a second while fetching: lift the share cut when nothing arrives."""
         fetch.tick = None
         if fetch.closed or self.closed:
             return
-        if not fetch.widened and self.now() - fetch.last_progress > WAN_STALL:
+        # A stall, not a wait: nothing on the network either. Requests still in flight (a
+        # busy publisher sharing its uplink between many nodes' first pieces) are waited for;
+        # widening then sent every node to the publisher for everything (3.5x its egress at
+        # 32 hosts). A hung request ends at its deadline, and the stall is judged then.
+        stalled = not fetch.net_phase and self.now() - fetch.last_progress > WAN_STALL
+        if not fetch.widened and stalled:
             fetch.widened = True
             self._count("fetch.widened")
             log.info(
@@ -351,7 +388,7 @@ class FetchDriver:
                     bitmap = None
                 if bitmap is not None and not fetch.closed and peer in fetch.peers:
                     fetch.raw[peer] = bitmap
-                    self._register_all(fetch)
+                    self._register_all(fetch, only=peer)
                     self._pump(fetch)
                 if peer not in fetch.bitmap_dirty:
                     return
@@ -479,29 +516,22 @@ class FetchDriver:
         if self._on_disk_full is not None and not fetch.closed:
             self._on_disk_full(fetch)
 
-    def _store_piece(self, pairs: list[tuple[str, bytes | None]]) -> tuple[list[str], int, str | None, bool]:
-        """Verify and store (thread). (stored ids, bad hashes, store error, the disk is full)."""
-        received: list[str] = []
-        bad = 0
+    def _store_piece(
+        self, pairs: list[tuple[str, memoryview | None]]
+    ) -> tuple[list[str], int, str | None, bool]:
+        """Verify and store (thread), one durability barrier per piece (ChunkStore.put_many).
+        (stored ids, bad hashes, store error, the disk is full)."""
+        res = self.store.put_many([(cid, stored) for cid, stored in pairs if stored is not None])
         err: str | None = None
         full = False
-        for cid, stored in pairs:
-            if stored is None:
-                continue
-            try:
-                self.store.put(cid, stored)
-            except IntegrityError:
-                bad += 1
-                continue
-            except StoreError as e:
-                err = str(e)
-                full = isinstance(e, DiskFullError)
-                self._count("store.errors")
-                # A full disk is reported once by whoever watches free space, not per request.
-                log.log(logging.DEBUG if full and self._on_disk_full else logging.ERROR, "%s", e)
-                break
-            received.append(cid)
-        return received, bad, err, full
+        if res.error is not None:
+            e = res.error
+            err = str(e)
+            full = isinstance(e, DiskFullError)
+            self._count("store.errors")
+            # A full disk is reported once by whoever watches free space, not per request.
+            log.log(logging.DEBUG if full and self._on_disk_full else logging.ERROR, "%s", e)
+        return res.stored, len(res.bad), err, full
 
     async def _origin_request(self, fetch: ReleaseFetch, req: FetchRequest) -> tuple[Outcome, list[str]]:
         received: list[str] = []

@@ -63,36 +63,42 @@ class PeerProtocolError(DecodeError):
 # --- pieces --------------------------------------------------------------------------------------
 
 
-def encode_piece(stored: Sequence[bytes | None]) -> bytes:
-    out = [PIECE_MAGIC, _U32.pack(len(stored))]
-    out.extend(_U32.pack(len(s) if s else 0) for s in stored)
-    out.extend(s for s in stored if s)
-    return b"".join(out)
+def piece_parts(stored: Sequence[bytes | memoryview | None]) -> list[bytes | memoryview]:
+    """A piece as the parts to send back to back: its header and table, then the stored forms
+    (sealed with Codec.seal_parts, they are copied once, not joined first)."""
+    head = [PIECE_MAGIC, _U32.pack(len(stored))]
+    head.extend(_U32.pack(len(s) if s else 0) for s in stored)
+    return [b"".join(head), *(s for s in stored if s)]
 
 
-def decode_piece(body: bytes, expected: int) -> list[bytes | None]:
-    """Split a piece into `expected` stored forms (None: not served). PeerProtocolError."""
+def encode_piece(stored: Sequence[bytes | memoryview | None]) -> bytes:
+    return b"".join(piece_parts(stored))
+
+
+def decode_piece(body: bytes | memoryview, expected: int) -> list[memoryview | None]:
+    """Split a piece into `expected` stored forms (None: not served), as views of `body` (no
+    copies: a piece is megabytes). PeerProtocolError."""
+    view = memoryview(body)
     n_head = len(PIECE_MAGIC) + 4
-    if len(body) < n_head or body[:4] != PIECE_MAGIC:
+    if len(view) < n_head or view[:4] != PIECE_MAGIC:
         raise PeerProtocolError("piece has no MDP1 header")
-    (count,) = _U32.unpack_from(body, 4)
+    (count,) = _U32.unpack_from(view, 4)
     if count != expected:
         raise PeerProtocolError(f"piece holds {count} entries, asked for {expected}")
     table_end = n_head + 4 * count
-    if len(body) < table_end:
+    if len(view) < table_end:
         raise PeerProtocolError("truncated piece length table")
-    lengths = [_U32.unpack_from(body, n_head + 4 * i)[0] for i in range(count)]
+    lengths = [_U32.unpack_from(view, n_head + 4 * i)[0] for i in range(count)]
     if any(n > MAX_SIZE + STORED_OVERHEAD for n in lengths):
         raise PeerProtocolError("piece entry larger than a chunk can be")
     total = table_end + sum(lengths)
-    if len(body) != total:
-        what = "truncated" if len(body) < total else "oversized"
-        raise PeerProtocolError(f"{what} piece: {len(body)} bytes, table says {total}")
-    out: list[bytes | None] = []
+    if len(view) != total:
+        what = "truncated" if len(view) < total else "oversized"
+        raise PeerProtocolError(f"{what} piece: {len(view)} bytes, table says {total}")
+    out: list[memoryview | None] = []
     pos = table_end
-    view = memoryview(body)
     for n in lengths:
-        out.append(bytes(view[pos : pos + n]) if n else None)
+        out.append(view[pos : pos + n] if n else None)
         pos += n
     return out
 
@@ -165,7 +171,10 @@ async def _upload(
 
 
 async def _reply(backend: PeerBackend, body: bytes, to: str) -> web.Response:
-    sealed = backend.codec.seal(body, to)  # good for the requester only
+    return await _send(backend, backend.codec.seal(body, to))  # good for the requester only
+
+
+async def _send(backend: PeerBackend, sealed: bytes | bytearray) -> web.Response:
     await backend.upload_permit(len(sealed))
     backend.count_sent(len(sealed))
     return web.Response(body=sealed, content_type=OCTETS)
@@ -220,7 +229,9 @@ async def _post_chunks(request: web.Request, raw: bytes) -> web.StreamResponse:
     async def piece() -> web.StreamResponse:
         stored = await backend.read_stored(ids)
         _count(backend, "serve.pieces")
-        return await _reply(backend, encode_piece(stored), requester(request))
+        # Sealed in one buffer, without a second lz4 attempt: stored forms are lz4 already
+        # where that pays, and a piece is megabytes (each copy of it costs).
+        return await _send(backend, backend.codec.seal_parts(piece_parts(stored), requester(request)))
 
     return await _upload(request, piece)
 

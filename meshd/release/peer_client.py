@@ -6,8 +6,9 @@ cluster keyring, and every refusal is a counted drop (`fetch.drops.*`), never a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aiohttp
 import orjson
@@ -29,6 +30,8 @@ from meshd.release.peer import (
     max_piece_reply,
 )
 from meshd.wire import Codec
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -76,8 +79,14 @@ class PeerFetcher:
         return data
 
     def _open(self, data: bytes, max_size: int) -> bytes:
+        return self._opening(self.codec.open, data, max_size)
+
+    def _open_view(self, data: bytes, max_size: int) -> memoryview:
+        return self._opening(self.codec.open_view, data, max_size)
+
+    def _opening(self, how: Callable[[bytes, int], T], data: bytes, max_size: int) -> T:
         try:
-            return self.codec.open(data, max_size=max_size)
+            return how(data, max_size)
         except AuthError as e:
             self._count("fetch.drops.auth")
             raise PeerProtocolError(f"answer does not authenticate: {e}") from None
@@ -111,8 +120,9 @@ class PeerFetcher:
 
     async def chunks(
         self, addr: str, ids: Sequence[str], sizes: Sequence[int], timeout: float, *, to: str = ""
-    ) -> list[bytes | None]:
-        """Stored forms of `ids` from a peer (None where it did not serve one)."""
+    ) -> list[memoryview | None]:
+        """Stored forms of `ids` from a peer (None where it did not serve one), as views of
+        one decrypted buffer."""
         body = self.codec.seal(orjson.dumps({"ids": list(ids)}), to)
         limit = max_piece_reply(sizes, self.codec)
         async with self.session().post(
@@ -129,7 +139,7 @@ class PeerFetcher:
                 self._count("fetch.drops.status")
                 raise PeerProtocolError(f"{addr} answered {resp.status} to a chunk request")
             data = await self._read(resp, limit)
-        piece = self._open(data, limit)
+        piece = self._open_view(data, limit)
         try:
             return decode_piece(piece, len(ids))
         except PeerProtocolError:

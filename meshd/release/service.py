@@ -50,6 +50,7 @@ from meshd.release.announce import (
     Member,
     SetMetaKeys,
     format_announcements,
+    format_bitmaps,
 )
 from meshd.release.config import DistConfig
 from meshd.release.fetch import FetchDriver, ReleaseFetch
@@ -638,9 +639,13 @@ class ReleaseService:
         return len(self._manifests[rid].chunks) if rid in self._complete else 0
 
     def announcements(self) -> dict[str, str]:
-        return format_announcements(
+        out = format_announcements(
             self._manifests.values(), self._have, self.releases_dir.current, self._complete
         )
+        # What we hold of each release being fetched, for peers to schedule from (no polling).
+        held = {rid: f.swarm.local_bitmap() for rid, f in self._fetches.items() if self._have(rid)}
+        out.update(format_bitmaps(held))
+        return out
 
     def _announce(self, force: bool = False) -> None:
         self.announcer.announce(force)

@@ -19,15 +19,25 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshd.core.counters import Counters
 from meshd.errors import IntegrityError, MeshError
-from meshd.release.chunker import ID_LEN, decode_and_verify, encode_chunk, is_chunk_id
+from meshd.release.chunker import (
+    FLAG_RAW,
+    HEADER_SIZE,
+    ID_LEN,
+    decode_and_verify,
+    encode_chunk,
+    is_chunk_id,
+    verify_stored,
+)
 from meshd.release.chunker import chunk_id as hash_chunk
 
 TEMP_PREFIX = ".tmp-"
@@ -48,6 +58,47 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _find_syncfs() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _find_syncfs()
+
+
+def sync_filesystem(folder: Path) -> bool:
+    """One barrier for everything written to `folder`'s filesystem (Linux syncfs); False when
+    the platform has none (the caller then fsyncs file by file). OSError when it fails."""
+    if _SYNCFS is None:
+        return False
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+    return True
+
+
+def _store_error(e: OSError, what: str, folder: Path) -> StoreError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"disk full: cannot store {what} in {folder} ({e.strerror})")
+    return StoreError(f"cannot store {what} in {folder}: {e.strerror or e}")
+
+
+@dataclass
+class PutResult:
+    """What put_many did: chunks now in the store, chunks refused (wrong hash), the first
+    write error (the chunks after it were not written)."""
+
+    stored: list[str] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)
+    error: StoreError | None = None
 
 
 def atomic_write(path: Path, data: bytes, *, fsync: bool = True, what: str = "file") -> None:
@@ -121,6 +172,77 @@ class ChunkStore:
             atomic_write(path, bytes(stored), fsync=self.fsync, what=f"chunk {cid[:16]}")
         return len(data)
 
+    def put_many(self, items: Sequence[tuple[str, bytes | memoryview]], *, verify: bool = True) -> PutResult:
+        """Store chunks received in stored form, each verified first, with two durability
+        barriers for the whole batch instead of two fsyncs per chunk.
+
+        The same guarantee as put() one by one: a chunk reaches its name only after its bytes
+        are on disk (temp files written, barrier, renames, barrier), so a crash leaves whole
+        chunks or none, and every chunk in `stored` is durable when this returns. Per-chunk
+        fsyncs were most of a fetching node's time on a busy disk (about 40 ms per 2 MiB piece
+        idle, far more with many writers). verify=False only for what the chunker just made
+        (its id is computed from the same bytes), as put_stored_unchecked."""
+        out = PutResult()
+        pending: list[tuple[str, str, Path]] = []  # (cid, temp file, final path)
+        done: list[tuple[str, Path]] = []
+        try:
+            for cid, stored in items:
+                path = self.path_for(cid)
+                try:
+                    if verify:
+                        verify_stored(cid, stored)
+                except IntegrityError:
+                    self.counters["chunks.rejected"] += 1
+                    out.bad.append(cid)
+                    continue
+                if path.is_file():
+                    out.stored.append(cid)
+                    continue
+                try:
+                    tmp = self._write_temp(path.parent, stored, fsync=self.fsync and _SYNCFS is None)
+                except OSError as e:
+                    out.error = _store_error(e, f"chunk {cid[:16]}", path.parent)
+                    break
+                pending.append((cid, tmp, path))
+            if pending and self.fsync:
+                sync_filesystem(self.chunk_dir)  # the temp files' bytes
+            while pending:
+                cid, tmp, path = pending[0]
+                os.replace(tmp, path)
+                pending.pop(0)
+                done.append((cid, path))
+            if done and self.fsync and not sync_filesystem(self.chunk_dir):  # the new names
+                for folder in {p.parent for _, p in done}:
+                    fsync_dir(folder)
+            out.stored.extend(cid for cid, _ in done)
+        except OSError as e:
+            out.error = out.error or _store_error(e, "chunks", self.chunk_dir)
+            # Renamed but not known durable: those stay (whole, verified bytes); temps go.
+            out.stored.extend(cid for cid, _ in done if cid not in out.stored)
+        finally:
+            for _, tmp, _ in pending:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        return out
+
+    @staticmethod
+    def _write_temp(folder: Path, data: bytes | memoryview, *, fsync: bool) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
     def put_data(self, data: bytes) -> str:
         """Store uncompressed bytes (publishing); returns the chunk id."""
         cid = hash_chunk(data)
@@ -157,9 +279,24 @@ class ChunkStore:
         (the chunk is deleted so that it is fetched again)."""
         return self._verified(cid)[1]
 
+    def get_view(self, cid: str) -> bytes | memoryview:
+        """get() without copying a raw chunk out of its stored form (verified in place):
+        activation writes 40 MB this way on every node at the same moment."""
+        stored = self.get_stored(cid)
+        if len(stored) > HEADER_SIZE and stored[0] == FLAG_RAW:
+            return memoryview(stored)[HEADER_SIZE:]
+        return decode_and_verify(cid, stored)  # lz4: decoded (and hashed) once more
+
     def get_stored(self, cid: str) -> bytes:
-        """The stored form (what peers are sent), verified like get()."""
-        return self._verified(cid)[0]
+        """The stored form (what peers are sent), verified like get() (hashed in place)."""
+        stored = self._read(cid)
+        try:
+            verify_stored(cid, stored)
+        except IntegrityError as e:
+            self.counters["chunks.damaged"] += 1
+            self.delete(cid)
+            raise IntegrityError(f"damaged chunk {cid[:16]} removed from the store: {e}") from e
+        return stored
 
     def delete(self, cid: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -23,7 +23,7 @@ from meshd.release.activate import ActivationDiskFull
 from meshd.release.config import DistConfig
 from meshd.release.space import space_needed
 from meshd.release.store import DiskFullError
-from tests.fakes import FakeDisk
+from tests.fakes import FakeDisk, put_many_through
 from tests.integration.test_release_mesh import Mesh, data_blob, publish, wait_for, write_file
 
 pytestmark = pytest.mark.integration
@@ -99,6 +99,8 @@ async def test_a_fetch_stalled_by_a_full_disk_resumes_within_seconds_of_space_re
         return real_put(cid, data)
 
     monkeypatch.setattr(store, "put", put)
+    real_many = store.put_many
+    monkeypatch.setattr(store, "put_many", put_many_through(put))
     blob = data_blob(8, 4_000_000)
     rid = await publish(n0, write_file(tmp_path / "src" / "app.bin", blob), "1.0")
     await wait_for(lambda: n1.state_of(rid) == "waiting", what="n1 stalled on a full disk")
@@ -116,6 +118,7 @@ async def test_a_fetch_stalled_by_a_full_disk_resumes_within_seconds_of_space_re
     assert states(mesh, "n1", rid) == ["downloading", "disk full"]
     # Space returns: chunks flow again within a poll, not after the 30 s cool-down.
     monkeypatch.setattr(store, "put", real_put)
+    monkeypatch.setattr(store, "put_many", real_many)
     disk.free = 1 << 40
     loop = asyncio.get_running_loop()
     back = loop.time()

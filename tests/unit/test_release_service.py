@@ -17,10 +17,20 @@ import pytest
 
 from meshd.core.adoption import DISCOVER_RETRY, REJECT_RETRY, Offer
 from meshd.core.node import MemberView
+from meshd.core.swarm import bitmap_indices, make_bitmap
 from meshd.crypto import PublisherKey
 from meshd.errors import ConfigError
 from meshd.metrics import Exposition
-from meshd.release.announce import Announce, Announcer, OfferIndex, member_meta_keys, parse_announcements
+from meshd.release.announce import (
+    MAX_GOSSIP_BITMAP_CHUNKS,
+    Announce,
+    Announcer,
+    OfferIndex,
+    format_bitmaps,
+    member_meta_keys,
+    parse_announcements,
+    parse_bitmaps,
+)
 from meshd.release.config import DistConfig
 from meshd.release.manifest import Manifest
 from meshd.release.peer import PeerProtocolError, decode_piece, encode_piece
@@ -266,6 +276,72 @@ def test_announcements_parse_and_skip_garbage() -> None:
     assert (b.have, b.total) == (3, 12)
     assert parse_announcements({"rel:app": a.text()}) == {a.rid16: a}
     assert a.seq == 0  # an entry from before seq was announced
+
+
+def test_gossiped_bitmaps_round_trip_and_skip_garbage() -> None:
+    bm = make_bitmap([0, 5, 9], 10)
+    keys = format_bitmaps(
+        {"0123456789abcdef" + "0" * 48: bm, "f" * 64: bytes(MAX_GOSSIP_BITMAP_CHUNKS // 8 + 1)}
+    )
+    assert list(keys) == ["relbm:0123456789abcdef"]  # too large a release: polled instead
+    meta = {
+        **keys,
+        "relbm:0123456789abcdeX": keys["relbm:0123456789abcdef"],  # not a release id
+        "relbm:00000000000000aa": "not base64!",
+        "relbm:00000000000000bb": "A" * 4000,  # over the bound
+        "rel:app": "1.0 0123456789abcdef 3/10",
+    }
+    assert parse_bitmaps(meta) == {"0123456789abcdef": bm}
+
+
+class GossipOnlyFetcher(StoreBackedFetcher):
+    """A peer that is never polled for its bitmap (what it holds comes with its metadata)."""
+
+    def __init__(self, store: ChunkStore, manifests: dict[str, bytes]) -> None:
+        super().__init__(store, manifests)
+        self.bitmap_gets = 0
+        self.chunks_asked: list[str] = []
+
+    async def bitmap(
+        self, addr: str, rid: str, n: int, timeout: float = 5.0, *, to: str = ""
+    ) -> bytes | None:
+        self.bitmap_gets += 1
+        return None
+
+    async def chunks(
+        self, addr: str, ids: Sequence[str], sizes: Sequence[int], timeout: float, *, to: str = ""
+    ) -> list[bytes | None]:
+        self.chunks_asked.extend(ids)
+        return await super().chunks(addr, ids, sizes, timeout, to=to)
+
+
+async def test_a_partial_holder_is_fetched_from_by_its_gossiped_bitmap_without_polling(
+    tmp_path: Path,
+) -> None:
+    peer_store = ChunkStore(tmp_path / "peer", fsync=False)
+    m = make_release(tmp_path, "1.0", store=peer_store)
+    ids = m.unique_chunks()
+    n = len(ids)
+    held = [0, 2, 3]
+    svc = make_service(tmp_path / "me")
+    fake = GossipOnlyFetcher(peer_store, {m.release_id: m.to_bytes()})
+    svc.fetcher = svc.driver.client = svc.intake.client = fake  # type: ignore[assignment]
+    await svc.start()
+    try:
+        view = announcing("p", m, have=len(held))
+        view.meta.update(format_bitmaps({m.release_id: make_bitmap(held, n)}))
+        svc.member_update(view)
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if svc.releases() and svc.releases()[0]["have_chunks"] == len(held):
+                break
+        assert fake.bitmap_gets == 0
+        assert sorted(fake.chunks_asked) == sorted(ids[i] for i in held)
+        # And we gossip ours while fetching: what we now hold, for our peers to fetch from.
+        mine = parse_bitmaps(svc.announcements())[m.release_id[:16]]
+        assert bitmap_indices(mine, n) == set(held)
+    finally:
+        await svc.stop()
 
 
 def test_announcements_carry_the_seq_and_the_index_offers_the_newest() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import random
@@ -181,3 +182,129 @@ def test_reopen_sees_the_same_chunks(tmp_path: Path) -> None:
     assert b.has(cid)
     assert b.get(cid) == NOISE
     assert b.size_bytes() == len(encode_chunk(NOISE))
+
+
+# --- put_many: a fetched piece stored with one pair of barriers --------------------------------
+
+CHUNKS = [random.Random(i).randbytes(20_000 + i) for i in range(6)]
+
+
+def stored_pairs() -> list[tuple[str, bytes]]:
+    return [(chunk_id(c), encode_chunk(c)) for c in CHUNKS]
+
+
+class Barriers:
+    """A fake syncfs: counts calls and what the chunk tree held at each."""
+
+    def __init__(self, root: Path, fail_at: int | None = None) -> None:
+        self.root = root
+        self.seen: list[list[str]] = []
+        self.fail_at = fail_at
+
+    def __call__(self, fd: int) -> int:
+        self.seen.append(tree_files(self.root))
+        if self.fail_at is not None and len(self.seen) == self.fail_at:
+            ctypes.set_errno(errno.EIO)  # what the caller reads, as after a real failed syscall
+            return -1
+        return 0
+
+
+def test_put_many_stores_a_piece_with_two_barriers_and_no_fsync(
+    store: ChunkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pairs = stored_pairs()
+    first = store.put_data(CHUNKS[0])  # already held: counted as stored, not rewritten
+    wrong = chunk_id(b"something else")
+    barriers = Barriers(store.chunk_dir)
+    monkeypatch.setattr(store_mod, "_SYNCFS", barriers)
+
+    def no_fsync(fd: int) -> None:
+        raise AssertionError("per-chunk fsync")
+
+    monkeypatch.setattr(store_mod.os, "fsync", no_fsync)
+    res = store.put_many([*pairs, (wrong, encode_chunk(CHUNKS[1]))])
+    assert res.error is None
+    assert res.bad == [wrong]
+    assert sorted(res.stored) == sorted(cid for cid, _ in pairs)
+    assert len(barriers.seen) == 2  # for 5 new chunks, not 10 fsyncs
+    # Barrier 1: the new chunks' bytes, still under temp names (only the old chunk is named).
+    named = [f for f in barriers.seen[0] if "/.tmp-" not in f]
+    assert named == [f"{first[:2]}/{first[2:]}"]
+    assert sum("/.tmp-" in f for f in barriers.seen[0]) == 5
+    # Barrier 2: every chunk under its name, no temp left.
+    assert all("/.tmp-" not in f for f in barriers.seen[1])
+    monkeypatch.undo()
+    for cid, c in zip((cid for cid, _ in pairs), CHUNKS, strict=True):
+        assert store.get(cid) == c
+    assert not store.has(wrong)
+    assert store.counters["chunks.rejected"] == 1
+
+
+def test_put_many_full_disk_keeps_the_chunks_before_it(
+    store: ChunkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pairs = stored_pairs()
+    monkeypatch.setattr(store_mod, "_SYNCFS", Barriers(store.chunk_dir))
+    real_write = os.write
+    writes = [0]
+
+    def full_after_two(fd: int, data: bytes | memoryview) -> int:
+        writes[0] += 1
+        if writes[0] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(store_mod.os, "write", full_after_two)
+    res = store.put_many(pairs)
+    monkeypatch.undo()
+    assert isinstance(res.error, DiskFullError)
+    assert res.stored == [cid for cid, _ in pairs[:2]]
+    files = tree_files(store.chunk_dir)
+    assert files == sorted(f"{cid[:2]}/{cid[2:]}" for cid in res.stored)  # no temp file left
+
+
+def test_put_many_failed_barrier_names_nothing(store: ChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "_SYNCFS", Barriers(store.chunk_dir, fail_at=1))
+    res = store.put_many(stored_pairs())
+    monkeypatch.undo()
+    assert isinstance(res.error, StoreError)
+    assert not isinstance(res.error, DiskFullError)
+    assert res.stored == []
+    assert tree_files(store.chunk_dir) == []  # bytes not known durable: no chunk, no temp
+
+
+def test_put_many_without_syncfs_fsyncs_each_chunk(
+    store: ChunkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_mod, "_SYNCFS", None)
+    synced = [0]
+    real_fsync = os.fsync
+
+    def count(fd: int) -> None:
+        synced[0] += 1
+        real_fsync(fd)
+
+    monkeypatch.setattr(store_mod.os, "fsync", count)
+    pairs = stored_pairs()
+    res = store.put_many(pairs)
+    monkeypatch.undo()
+    assert res.error is None
+    assert len(res.stored) == len(pairs)
+    assert synced[0] >= len(pairs)  # each temp file, then each folder
+    assert all(store.get(cid) for cid, _ in pairs)
+
+
+def test_get_view_is_get_without_copying_a_raw_chunk(store: ChunkStore) -> None:
+    raw = store.put_data(NOISE)  # incompressible: stored raw
+    packed = store.put_data(TEXT)  # stored lz4
+    view = store.get_view(raw)
+    assert isinstance(view, memoryview)
+    assert view == NOISE
+    assert store.get_view(packed) == TEXT
+    path = store.path_for(raw)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        store.get_view(raw)
+    assert not store.has(raw)  # dropped, to be fetched again, as get() does

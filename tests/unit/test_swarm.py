@@ -80,6 +80,44 @@ def test_local_bitmap() -> None:
     assert bitmap_indices(s.local_bitmap(), 10) == {1, 2}
 
 
+def test_local_bitmap_follows_chunks_received_and_lost() -> None:
+    # Kept bit by bit (peers ask for it every second), never rebuilt: it must track both ways.
+    s = mk(12, have=(0,), **one_chunk_pieces())
+    s.peer_update("p", 0.0, complete=True)
+    for r in s.requests_to_send():
+        if idx(r.chunks[0]) in (3, 11):
+            complete(s, r, 1.0)
+    assert bitmap_indices(s.local_bitmap(), 12) == {0, 3, 11}
+    s.lost([cid(3)], 2.0)
+    s.add_have([cid(5)], 2.0)
+    assert bitmap_indices(s.local_bitmap(), 12) == {0, 5, 11}
+
+
+def test_bitmap_updates_count_like_a_fresh_swarm() -> None:
+    # A partial peer's bitmap arrives again and again; its holder counts change only by what it
+    # gained or lost, and must end where a swarm told the final bitmaps at once ends.
+    n = 64
+    cfg = one_chunk_pieces(max_requests_total=64, max_requests_per_peer=64)
+    final = {"a": range(0, 40), "b": range(20, 64, 2), "c": [1, 2, 3, 50]}
+    step = mk(n, seed=5, **cfg)
+    step.peer_update("b", 0.0, site="s1", same_site=True, bitmap=bm(range(20, 30), n))
+    step.peer_update("a", 0.0, site="s1", same_site=True, bitmap=bm(range(10), n))
+    step.peer_update("c", 0.0, site="s2", bitmap=bm(range(60), n))
+    step.requests_to_send()
+    for rid in list(step._requests):  # nothing answered: those requests go back
+        step.fetch_done(rid, Outcome.ERROR, 0.0)
+    step.retry_now(0.0)
+    step.peer_update("a", 0.0, site="s1", same_site=True, bitmap=bm(final["a"], n))  # grew
+    step.peer_update("b", 0.0, site="s1", same_site=True, bitmap=bm(final["b"], n))  # grew
+    step.peer_update("c", 0.0, site="s2", bitmap=bm(final["c"], n))  # shrank (it dropped chunks)
+    fresh = mk(n, seed=5, **cfg)
+    for peer, site, same in (("b", "s1", True), ("a", "s1", True), ("c", "s2", False)):
+        fresh.peer_update(peer, 0.0, site=site, same_site=same, bitmap=bm(final[peer], n))
+    assert step._avail == fresh._avail
+    assert step._site_avail == fresh._site_avail
+    assert step._ordered() == fresh._ordered()
+
+
 # --- rules ---------------------------------------------------------------------------------
 
 
@@ -110,6 +148,57 @@ def test_rarest_first() -> None:
     assert set(order[10:15]) == set(range(5, 10))
     assert set(order[15:]) == set(range(5))
     assert s.complete
+
+
+def held_back(n: int, seed: int, **cfg: Any) -> Swarm:
+    """A swarm whose rate cap holds every request back until one_pass(): its peers can all be
+    told first, so that one scheduling pass sees them together."""
+    s = mk(n, seed=seed, rate_limit=1.0, **cfg)
+    s._tokens = 0.0
+    return s
+
+
+def one_pass(s: Swarm) -> dict[str, list[int]]:
+    assert s.requests_to_send() == []
+    s._tokens = float(1 << 40)
+    s.retry_now(0.0)  # an input: one scheduling pass
+    by_peer: dict[str, list[int]] = {}
+    for r in s.requests_to_send():
+        by_peer.setdefault(r.peer, []).extend(chunks_of([r]))
+    return by_peer
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_seeds_last_partial_holders_are_asked_first(seed: int) -> None:
+    # The complete holder (the publisher, whose uplink is the scarce one) is asked only for
+    # what no ready partial holder has, even while that holder's slots are all taken.
+    n = 20
+    s = held_back(n, seed, **one_chunk_pieces(max_requests_per_peer=2, max_requests_total=16))
+    s.peer_update("origin", 0.0, complete=True)
+    s.peer_update("p1", 0.0, bitmap=bm(range(n - 1), n))  # chunk 19: the origin's alone
+    by_peer = one_pass(s)
+    assert len(by_peer["p1"]) == 2  # its slots full: the rest waits for it, not the origin
+    assert by_peer["origin"] == [19]
+    # When p1 fails and cools down, the origin is the only ready holder: it serves the rest.
+    for rid, req in list(s._requests.items()):
+        s.fetch_done(rid, Outcome.OK if req.peer == "origin" else Outcome.ERROR, 0.0)
+    assert {r.peer for r in s.requests_to_send()} == {"origin"}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_seed_cut_to_our_share_is_still_asked_last(seed: int) -> None:
+    n = 16
+    s = held_back(n, seed, **one_chunk_pieces(max_requests_per_peer=1, max_requests_total=16))
+    s.peer_update("origin", 0.0, bitmap=bm(range(0, n, 2), n), seed=True)  # our share of it
+    s.peer_update("p1", 0.0, bitmap=bm([0, 2, 4], n))
+    s.peer_update("p2", 0.0, bitmap=bm([0, 2, 4], n))
+    by_peer = one_pass(s)
+    # Chunks 0, 2, 4 are held by three, the rest of the share by the seed alone: the seed gets
+    # one of those, the partial peers two of theirs.
+    assert len(by_peer["origin"]) == 1
+    assert by_peer["origin"][0] in range(6, n, 2)
+    assert sorted(by_peer["p1"] + by_peer["p2"])[0] in (0, 2, 4)
+    assert len(by_peer["p1"] + by_peer["p2"]) == 2
 
 
 def test_rarity_ties_are_broken_by_the_seeded_rng() -> None:

@@ -439,3 +439,57 @@ def test_variant_shares_clock_guard_and_identity() -> None:
     plain.open(packet)
     with pytest.raises(ReplayError):
         receiver.open(packet)
+
+
+# --- large bodies: seal_parts / open_view (release pieces) --------------------------------------
+
+
+@pytest.mark.parametrize("keys", [[KEY_A], None])
+def test_seal_parts_is_the_uncompressed_envelope_of_the_joined_parts(keys: list[bytes] | None) -> None:
+    # Same layout as seal(compress=False): with a fixed nonce and stamp, byte for byte.
+    parts = [b"MDP1", os.urandom(3000), memoryview(b"\x00" * 5000)[100:], b""]
+    joined = b"".join(parts)
+
+    def twin() -> wire.Codec:
+        clock = SenderClock(lambda: 5_000_000)
+        return _codec(keys, node_id="aa" * 8, nonce_fn=lambda: b"\x07" * 24, clock=clock)
+
+    assert bytes(twin().seal_parts(parts, "bb" * 8)) == twin().seal(joined, "bb" * 8, compress=False)
+    receiver = _codec(keys, node_id="bb" * 8)
+    assert receiver.open(bytes(twin().seal_parts(parts, "bb" * 8))) == joined
+
+
+@pytest.mark.parametrize("keys", [[KEY_A], None])
+def test_open_view_opens_what_seal_makes(keys: list[bytes] | None) -> None:
+    body = os.urandom(200_000)
+    for compress in (True, False):
+        sealed = _codec(keys, compress=compress).seal(body + bytes(5000))
+        view = _codec(keys).open_view(sealed)
+        assert isinstance(view, memoryview)
+        assert view == body + bytes(5000)
+
+
+def test_open_view_refuses_like_open() -> None:
+    good = _codec([KEY_A]).seal(os.urandom(10_000), compress=False)
+    tampered = bytearray(good)
+    tampered[-1] ^= 1
+    with pytest.raises(AuthError):
+        _codec([KEY_A]).open_view(bytes(tampered))
+    with pytest.raises(AuthError):
+        _codec([KEY_B]).open_view(good)  # unknown key id
+    with pytest.raises(AuthError):
+        _codec([KEY_A]).open_view(_codec(None).seal(b"x" * 100))  # unencrypted
+    with pytest.raises(AuthError):
+        _codec([KEY_A], cluster="other").open_view(good)
+    with pytest.raises(DecodeError):
+        _codec([KEY_A]).open_view(good, max_size=1000)
+    with pytest.raises(DecodeError):
+        _codec([KEY_A]).open_view(good[:20])
+    guard = ReplayGuard()
+    once = _codec([KEY_A], node_id="aa" * 8).seal(b"y" * 500, "bb" * 8)
+    opener = _codec([KEY_A], node_id="bb" * 8, guard=guard)
+    assert opener.open_view(once) == b"y" * 500
+    with pytest.raises(ReplayError):
+        opener.open_view(once)
+    with pytest.raises(ReplayError):
+        _codec([KEY_A], node_id="cc" * 8).open_view(once)  # meant for another node

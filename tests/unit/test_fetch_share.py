@@ -1,0 +1,122 @@
+"""Scarce sources shared out between a site's nodes (meshd.release.fetch._register_all)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from typing import Any
+
+from meshd.core.counters import Counters
+from meshd.core.swarm import Swarm, SwarmConfig, make_bitmap
+from meshd.crypto import PublisherKey
+from meshd.metrics import TransferStats
+from meshd.release.announce import Announce, Member
+from meshd.release.fetch import FetchDriver, ReleaseFetch
+from meshd.release.manifest import Manifest
+from meshd.release.publish import publish_tree
+from meshd.release.store import ChunkStore
+
+
+def release(tmp: Path) -> Manifest:
+    src = tmp / "src" / "app.bin"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(random.Random(3).randbytes(1_500_000))
+    store = ChunkStore(tmp / "pub", fsync=False)
+    return publish_tree(store, src, "app", "1.0", PublisherKey(bytes(range(32)))).manifest
+
+
+def node(name: str, m: Manifest, have: int | None) -> Member:
+    n = len(m.chunks)
+    entries = {} if have is None else {m.release_id[:16]: Announce("app", "1.0", m.release_id[:16], have, n)}
+    return Member(name, f"{name}:1", "s1", True, entries)
+
+
+def driver(members: dict[str, Member]) -> FetchDriver:
+    def unused(*_: Any) -> Any:
+        raise AssertionError("no I/O in this test")
+
+    return FetchDriver(
+        name="me",
+        site="s1",
+        members=members,
+        client=unused,  # type: ignore[arg-type]
+        store=unused,  # type: ignore[arg-type]
+        transfer=TransferStats(),
+        counters=Counters(),
+        swarm_config=SwarmConfig(),
+        spawn=unused,
+        now=lambda: 0.0,
+        on_complete=unused,
+        on_progress=unused,
+    )
+
+
+def test_the_lone_seed_stays_cut_to_our_share_when_other_nodes_complete(tmp_path: Path) -> None:
+    m = release(tmp_path)
+    ids = m.unique_chunks()
+    n = len(ids)
+    members = {"origin": node("origin", m, n), "a": node("a", m, 0), "b": node("b", m, 0)}
+    d = driver(members)
+    swarm = Swarm([(c, m.chunks[c]) for c in ids], [], random.Random(1), 0.0, SwarmConfig())
+    fetch = ReleaseFetch(m, swarm, dict(m.chunks), 0.0)
+    fetch.peers.add("origin")
+    fetch.raw["origin"] = None
+    d._register_all(fetch)
+    ours = make_bitmap(range(d._share(fetch)[1], n, 3), n)  # me, a, b: every third chunk
+    assert d._share(fetch) == (3, 2)
+    assert fetch.registered["origin"] == ours
+    # a completes: it joins the complete holders; the publisher's uplink is still shared out as
+    # before (same k, same share), and a serves the rest.
+    members["a"] = node("a", m, n)
+    fetch.peers.add("a")
+    fetch.raw["a"] = None
+    d._register_all(fetch)
+    assert d._share(fetch) == (3, 2)
+    assert fetch.registered["origin"] == ours
+    assert fetch.registered["a"] is None  # all of it
+    # a leaves: the group shrinks (its share must be fetched by someone).
+    members["a"] = Member("a", "a:1", "s1", False, {})
+    fetch.peers.discard("a")
+    fetch.raw.pop("a")
+    assert d._share(fetch) == (2, 1)
+
+
+def test_news_of_one_peer_re_judges_all_only_when_the_share_changed(tmp_path: Path) -> None:
+    m = release(tmp_path)
+    ids = m.unique_chunks()
+    n = len(ids)
+    members = {"origin": node("origin", m, n), "a": node("a", m, 1), "b": node("b", m, 0)}
+    d = driver(members)
+    swarm = Swarm([(c, m.chunks[c]) for c in ids], [], random.Random(1), 0.0, SwarmConfig())
+    fetch = ReleaseFetch(m, swarm, dict(m.chunks), 0.0)
+    fetch.peers |= {"origin", "a"}
+    fetch.raw.update({"origin": None, "a": make_bitmap([1], n)})
+    d._register_all(fetch)
+    assert fetch.registered["origin"] == make_bitmap(range(2, n, 3), n)  # a, b, me: third share
+    fetch.raw["a"] = make_bitmap([1, 4], n)
+    d._register_all(fetch, only="a")  # a's progress: only a is judged again
+    assert fetch.registered["a"] == make_bitmap([1, 4], n)
+    members["b"] = Member("b", "b:1", "s1", False, {})  # b died: the share changed
+    d._register_all(fetch, only="b")
+    assert fetch.registered["origin"] == make_bitmap(range(1, n, 2), n)  # a, me: half each
+
+
+async def test_the_share_cut_is_lifted_on_a_stall_not_while_requests_are_in_flight(tmp_path: Path) -> None:
+    m = release(tmp_path)
+    ids = m.unique_chunks()
+    d = driver({"origin": node("origin", m, len(ids)), "a": node("a", m, 0)})
+    d.now = lambda: 100.0
+    d._on_progress = lambda: None
+    swarm = Swarm([(c, m.chunks[c]) for c in ids], [], random.Random(1), 0.0, SwarmConfig())
+    fetch = ReleaseFetch(m, swarm, dict(m.chunks), 0.0, last_progress=90.0)  # 10 s without a chunk
+    d.fetches[m.release_id] = fetch
+    waiting = asyncio.get_running_loop().create_future()
+    fetch.net_phase[1] = waiting  # type: ignore[assignment]  # a first piece still coming
+    d._on_tick(fetch)
+    assert not fetch.widened
+    fetch.net_phase.clear()  # it ended (at its deadline at the latest) and nothing came
+    d._on_tick(fetch)
+    assert fetch.widened
+    d._close_fetch(fetch)
+    waiting.cancel()
