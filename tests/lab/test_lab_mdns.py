@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from meshd import PROTOCOL_VERSION
+
 WAIT = 20.0
 
 
@@ -47,7 +49,7 @@ def test_avahi_browse_resolves_meshd_service(clean_lab: Any, lab_module: ModuleT
         assert rec[7] == lab.host("s1h2").ip
         assert rec[8] == "7788"
         txt = dict(item.strip('"').split("=", 1) for item in rec[9].split())
-        assert txt == {"id": "id-s1h2", "cluster": "lab-avahi", "site": "s1", "v": "1"}
+        assert txt == {"id": "id-s1h2", "cluster": "lab-avahi", "site": "s1", "v": str(PROTOCOL_VERSION)}
     finally:
         agent.stop()
         for p in reversed(procs):  # avahi before its bus
