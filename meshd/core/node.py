@@ -695,7 +695,12 @@ class Node:
             if isinstance(msg, PushPull):
                 if not self._push_pull_ok(msg):
                     continue
-                self._merge(msg.states, now)
+                # A node that knew nobody learns the whole table here, and none of it is news
+                # to anyone: announcing each member again would fill its gossip for minutes
+                # (every member x the retransmit limit). It still announces itself, and a node
+                # that knew others (two meshes merging) passes on what is new to it.
+                fresh = st.kind == "join" and len(self._members) == 1
+                self._merge(msg.states, now, announce_new=not fresh)
                 self.queries.witness_push_pull(msg.query_ltime)
                 if st.kind == "join":
                     self.counters.inc("join.ok")
@@ -1057,7 +1062,8 @@ class Node:
 
     # --- state transitions ---------------------------------------------------------------------
 
-    def _alive(self, msg: Alive, now: float) -> None:
+    def _alive(self, msg: Alive, now: float, announce_new: bool = True) -> None:
+        """`announce_new=False`: a member we did not know is added without gossiping it on."""
         if not self._record_ok(msg.name, msg.node_id, msg.addr, msg.meta):
             return
         proto = min(max(msg.protocol, 1), MAX_PROTOCOL)  # stored per record: keep it a small int
@@ -1090,7 +1096,8 @@ class Node:
             self._active += 1
             self._digest_fit()
             self._insert_probe_target(m)
-            self._queue_alive(m)
+            if announce_new:
+                self._queue_alive(m)
             self._emit("join", m, now)
             return
         if msg.node_id != m.node_id:
@@ -1581,12 +1588,13 @@ class Node:
             self._emit("reap", m, now)
         self._digest_fit()
 
-    def _merge(self, states: list[PushNodeState], now: float) -> None:
+    def _merge(self, states: list[PushNodeState], now: float, announce_new: bool = True) -> None:
         for s in states:
             if not self._record_ok(s.name, s.node_id, s.addr, s.meta):
                 continue  # only this state; the rest of the exchange may be fine
             if s.state == MemberState.ALIVE:
-                self._alive(Alive(s.incarnation, s.name, s.node_id, s.addr, s.meta, s.protocol), now)
+                alive = Alive(s.incarnation, s.name, s.node_id, s.addr, s.meta, s.protocol)
+                self._alive(alive, now, announce_new)
             elif s.state == MemberState.LEFT:
                 if s.name not in self._members:
                     continue  # no point learning about a member only to list it as left

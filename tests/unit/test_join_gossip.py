@@ -1,0 +1,47 @@
+"""What a join puts in the gossip: the newcomer is news, the table it learns is not."""
+
+from __future__ import annotations
+
+from meshd.core.config import LAN
+from meshd.net.memory import MemoryNetwork
+from meshd.wire import Codec
+
+
+def mesh(n: int, prefix: str) -> tuple[MemoryNetwork, list]:
+    net = MemoryNetwork(seed=5)
+    codec = Codec("test", None)
+    nodes = [net.add_node(f"{prefix}{i}", LAN, codec) for i in range(n)]
+    for nd in nodes[1:]:
+        nd.join([nodes[0].addr], net.now)
+        net.poke(nd)
+    names = {nd.name for nd in nodes}
+    assert net.run_until_true(lambda: all({m.name for m in x.members()} == names for x in nodes), 60.0)
+    net.run_for(30.0)  # every join's gossip has run out
+    return net, nodes
+
+
+def test_a_fresh_node_learns_the_table_without_announcing_it_again() -> None:
+    net, nodes = mesh(12, "n")
+    fresh = net.add_node("fresh", LAN, Codec("test", None))
+    fresh.join([nodes[3].addr], net.now)
+    net.poke(fresh)
+    net.run_for(0.05)  # the join's exchange is done; no gossip round has run yet
+    assert {m.name for m in fresh.members()} == {nd.name for nd in nodes} | {"fresh"}
+    assert [nd.name for nd in nodes if fresh.broadcasts.pending("m:" + nd.name)] == []
+    assert fresh.broadcasts.pending("m:fresh")  # it still announces itself
+    assert nodes[3].broadcasts.pending("m:fresh")  # and the member it joined through passes it on
+
+
+def test_a_node_that_knew_others_passes_on_what_a_merge_taught_it() -> None:
+    # Two meshes joined by one node (serf join): the other side is news to its own mesh.
+    net, left = mesh(6, "a")
+    codec = Codec("test", None)
+    right = [net.add_node(f"b{i}", LAN, codec) for i in range(6)]
+    for nd in right[1:]:
+        nd.join([right[0].addr], net.now)
+        net.poke(nd)
+    assert net.run_until_true(lambda: len(right[0].members()) == 6, 60.0)
+    left[1].join([right[0].addr], net.now)
+    net.poke(left[1])
+    net.run_for(0.05)
+    assert all(left[1].broadcasts.pending("m:" + nd.name) for nd in right)
