@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Container, Iterable, Mapping
@@ -206,13 +207,20 @@ class OfferIndex:
         self._top_seq: dict[str, int] = {}  # name -> highest seq ever announced (a member may leave)
 
     def update(self, member: str, entries: Mapping[str, Announce]) -> set[str]:
-        """Replace what `member` announces; returns the release names whose offers changed."""
+        """Replace what `member` announces; returns the release names whose offers changed.
+
+        Progress alone (more chunks held, some held before) changes no offer: the intake
+        tells only "nothing yet" from "some" (core/adoption.py). Every fetching member
+        announces progress each second, and judging its names again on each cost every node
+        a pass over all holders per announcement."""
         old = self._by_member.pop(member, {})
         touched: set[str] = set()
         for rid16, entry in old.items():
-            if entries.get(rid16) == entry:
+            new = entries.get(rid16)
+            if new == entry:
                 continue
-            touched.add(entry.name)
+            if not _progress_only(entry, new):
+                touched.add(entry.name)
             holders = self._by_name[entry.name][rid16]
             del holders[member]
             if not holders:
@@ -220,8 +228,10 @@ class OfferIndex:
                 if not self._by_name[entry.name]:
                     del self._by_name[entry.name]
         for rid16, entry in entries.items():
-            if old.get(rid16) != entry:
-                touched.add(entry.name)
+            before = old.get(rid16)
+            if before != entry:
+                if not _progress_only(before, entry):
+                    touched.add(entry.name)
                 self._by_name.setdefault(entry.name, {}).setdefault(rid16, {})[member] = entry
                 self._top_seq[entry.name] = max(self._top_seq.get(entry.name, 0), entry.seq)
         if entries:
@@ -250,6 +260,13 @@ class OfferIndex:
         """The highest seq ever announced for `name`, by members here or gone since: a release
         published here takes one above it even when every holder of the newest is down."""
         return self._top_seq.get(name, 0)
+
+
+def _progress_only(old: Announce | None, new: Announce | None) -> bool:
+    """The entry changed in the chunks held only, and held some before and after."""
+    if old is None or new is None or old.have == 0 or new.have == 0:
+        return False
+    return dataclasses.replace(old, have=new.have) == new
 
 
 def member_meta_keys(meta: Mapping[str, str]) -> list[str]:

@@ -364,6 +364,23 @@ def test_announcements_carry_the_seq_and_the_index_offers_the_newest() -> None:
     assert index.max_seq("app") == 7  # its holders left; a publisher still goes above it
 
 
+def test_progress_alone_changes_no_offer_but_the_holders_order() -> None:
+    index = OfferIndex()
+    rid = "3" * 16
+    assert index.update("p", {rid: Announce("app", "3.0", rid, 0, 10, seq=8)}) == {"app"}
+    # Nothing yet to some: the intake may fetch the manifest now.
+    assert index.update("p", {rid: Announce("app", "3.0", rid, 2, 10, seq=8)}) == {"app"}
+    assert index.update("q", {rid: Announce("app", "3.0", rid, 3, 10, seq=8)}) == {"app"}
+    # More chunks (each fetching member, every second): nothing to judge again...
+    assert index.update("p", {rid: Announce("app", "3.0", rid, 9, 10, seq=8)}) == set()
+    # ...but what is held is kept, for the manifest's source and the offer.
+    assert index.holders("app", rid) == ["p", "q"]
+    assert index.offers("app") == [Offer("app", "3.0", 8, rid, 9)]
+    # Done and current, or dropped to nothing: judged again.
+    assert index.update("p", {rid: Announce("app", "3.0", rid, 10, 10, current=True, seq=8)}) == {"app"}
+    assert index.update("q", {rid: Announce("app", "3.0", rid, 0, 10, seq=8)}) == {"app"}
+
+
 async def test_two_releases_completing_together_activate_one_at_a_time_newest_last(tmp_path: Path) -> None:
     # Before: both activated in parallel threads and the older one could end current.
     for first in ("older", "newer"):
