@@ -39,6 +39,12 @@ MAX_ENTRIES_PER_NAME = 16
 # polls). Larger releases are still polled.
 MAX_GOSSIP_BITMAP_CHUNKS = 2048
 
+# Progress announcements the mesh carries per second, at most, over all fetching nodes: each
+# one is gossiped to and handled by every node, so a fixed per-node interval made every node's
+# cost grow with the square of the number fetching. With more fetching than this, each one
+# announces less often (32 fetching: every 2 s).
+PROGRESS_RATE = 16.0
+
 SetMetaKeys = Callable[[dict[str, str | None]], None]  # key -> value, None: remove the key
 
 
@@ -149,7 +155,7 @@ class Announcer:
     def __init__(
         self,
         set_meta_keys: SetMetaKeys | None,
-        interval: float,
+        interval: float | Callable[[], float],
         wanted: Callable[[], dict[str, str]],
         now: Callable[[], float],
     ) -> None:
@@ -169,7 +175,8 @@ class Announcer:
         if wanted == self._announced:
             return
         now = self._now()
-        wait = self._at + self.interval - now
+        interval = self.interval() if callable(self.interval) else self.interval
+        wait = self._at + interval - now
         if not force and wait > 0:
             if self._handle is None:
                 self._handle = asyncio.get_running_loop().call_later(wait, self._later)
@@ -194,6 +201,12 @@ class Announcer:
         self.running = False
         if self._handle is not None:
             self._handle.cancel()
+
+
+def progress_interval(base: float, fetching: int) -> float:
+    """How often a fetching node announces its progress when `fetching` nodes (itself
+    included) do: `base`, or less often, so that all of them make PROGRESS_RATE per second."""
+    return max(base, fetching / PROGRESS_RATE)
 
 
 class OfferIndex:
