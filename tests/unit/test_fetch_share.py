@@ -152,7 +152,7 @@ async def test_members_news_is_judged_in_one_pass_on_a_timer(tmp_path: Path) -> 
         return real_share(f)
 
     fetch.swarm._schedule = counting_schedule  # type: ignore[method-assign]
-    d._share = counting_share  # type: ignore[method-assign]
+    d._share = counting_share  # type: ignore[method-assign,assignment]
     flushed: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
     real_flush = d.flush
 
@@ -162,7 +162,7 @@ async def test_members_news_is_judged_in_one_pass_on_a_timer(tmp_path: Path) -> 
         real_flush(f)
         flushed.set_result((len(passes), len(shares)))
 
-    d.flush = counting_flush  # type: ignore[method-assign]
+    d.flush = counting_flush  # type: ignore[method-assign,assignment]
     before = len(sent)
     # Every fetching member announces progress (its bitmap rides along): nothing is judged yet.
     for i in range(8):
