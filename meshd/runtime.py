@@ -404,7 +404,10 @@ class NodeRuntime:
 
     def member_event(self, ev: MemberEvent) -> None:
         if ev.kind not in ("keyring",):
-            log.info(
+            # An update (new metadata: release progress each second per fetching member) is
+            # routine; at info it was a log line per member per second on every node.
+            log.log(
+                logging.DEBUG if ev.kind == "update" else logging.INFO,
                 "member %s: %s (%s)",
                 ev.kind,
                 ev.member.name,

@@ -267,11 +267,14 @@ class Swarm:
         bitmap: bytes | None = None,
         complete: bool = False,
         seed: bool = False,
+        schedule: bool = True,
     ) -> bool:
         """What a peer has: complete, or a bitmap. False (counted) for a banned peer or a bad
         bitmap, which are ignored. seed: the peer holds everything but we may ask it only for
         `bitmap` (our share of a scarce source); it is asked after partial holders, as a
-        complete one is."""
+        complete one is. schedule=False: only record it; the caller batches several updates
+        and calls reschedule() once (a scheduling pass per update made each member's news
+        cost a pass over every missing chunk)."""
         if peer in self._banned or peer == ORIGIN:
             return False
         have: set[int] | None = None
@@ -304,15 +307,22 @@ class Swarm:
             p.site, p.same_site, p.have = site, same_site, have
             self._count(p, +1)
         p.seed = complete or seed
-        self._schedule(now)
+        if schedule:
+            self._schedule(now)
         return True
 
-    def peer_gone(self, peer: str, now: float) -> None:
-        """A peer left or died: forget it, requeue what it was serving."""
+    def peer_gone(self, peer: str, now: float, *, schedule: bool = True) -> None:
+        """A peer left or died: forget it, requeue what it was serving (schedule: as in
+        peer_update)."""
         p = self._peers.pop(peer, None)
         if p is not None:
             self._count(p, -1)
             self._drop_requests(p)
+        if schedule:
+            self._schedule(now)
+
+    def reschedule(self, now: float) -> None:
+        """One scheduling pass after updates recorded with schedule=False."""
         self._schedule(now)
 
     def fetch_done(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Container, Iterable, Mapping
@@ -37,6 +38,12 @@ MAX_ENTRIES_PER_NAME = 16
 # every partial holder over HTTP each second (at 16 hosts, nine requests in ten were those
 # polls). Larger releases are still polled.
 MAX_GOSSIP_BITMAP_CHUNKS = 2048
+
+# Progress announcements the mesh carries per second, at most, over all fetching nodes: each
+# one is gossiped to and handled by every node, so a fixed per-node interval made every node's
+# cost grow with the square of the number fetching. With more fetching than this, each one
+# announces less often (32 fetching: every 2 s).
+PROGRESS_RATE = 16.0
 
 SetMetaKeys = Callable[[dict[str, str | None]], None]  # key -> value, None: remove the key
 
@@ -148,7 +155,7 @@ class Announcer:
     def __init__(
         self,
         set_meta_keys: SetMetaKeys | None,
-        interval: float,
+        interval: float | Callable[[], float],
         wanted: Callable[[], dict[str, str]],
         now: Callable[[], float],
     ) -> None:
@@ -168,7 +175,8 @@ class Announcer:
         if wanted == self._announced:
             return
         now = self._now()
-        wait = self._at + self.interval - now
+        interval = self.interval() if callable(self.interval) else self.interval
+        wait = self._at + interval - now
         if not force and wait > 0:
             if self._handle is None:
                 self._handle = asyncio.get_running_loop().call_later(wait, self._later)
@@ -195,6 +203,12 @@ class Announcer:
             self._handle.cancel()
 
 
+def progress_interval(base: float, fetching: int) -> float:
+    """How often a fetching node announces its progress when `fetching` nodes (itself
+    included) do: `base`, or less often, so that all of them make PROGRESS_RATE per second."""
+    return max(base, fetching / PROGRESS_RATE)
+
+
 class OfferIndex:
     """Every release the members announce, by name: the intake picks the newest from it.
 
@@ -206,13 +220,20 @@ class OfferIndex:
         self._top_seq: dict[str, int] = {}  # name -> highest seq ever announced (a member may leave)
 
     def update(self, member: str, entries: Mapping[str, Announce]) -> set[str]:
-        """Replace what `member` announces; returns the release names whose offers changed."""
+        """Replace what `member` announces; returns the release names whose offers changed.
+
+        Progress alone (more chunks held, some held before) changes no offer: the intake
+        tells only "nothing yet" from "some" (core/adoption.py). Every fetching member
+        announces progress each second, and judging its names again on each cost every node
+        a pass over all holders per announcement."""
         old = self._by_member.pop(member, {})
         touched: set[str] = set()
         for rid16, entry in old.items():
-            if entries.get(rid16) == entry:
+            new = entries.get(rid16)
+            if new == entry:
                 continue
-            touched.add(entry.name)
+            if not _progress_only(entry, new):
+                touched.add(entry.name)
             holders = self._by_name[entry.name][rid16]
             del holders[member]
             if not holders:
@@ -220,8 +241,10 @@ class OfferIndex:
                 if not self._by_name[entry.name]:
                     del self._by_name[entry.name]
         for rid16, entry in entries.items():
-            if old.get(rid16) != entry:
-                touched.add(entry.name)
+            before = old.get(rid16)
+            if before != entry:
+                if not _progress_only(before, entry):
+                    touched.add(entry.name)
                 self._by_name.setdefault(entry.name, {}).setdefault(rid16, {})[member] = entry
                 self._top_seq[entry.name] = max(self._top_seq.get(entry.name, 0), entry.seq)
         if entries:
@@ -250,6 +273,13 @@ class OfferIndex:
         """The highest seq ever announced for `name`, by members here or gone since: a release
         published here takes one above it even when every holder of the newest is down."""
         return self._top_seq.get(name, 0)
+
+
+def _progress_only(old: Announce | None, new: Announce | None) -> bool:
+    """The entry changed in the chunks held only, and held some before and after."""
+    if old is None or new is None or old.have == 0 or new.have == 0:
+        return False
+    return dataclasses.replace(old, have=new.have) == new
 
 
 def member_meta_keys(meta: Mapping[str, str]) -> list[str]:

@@ -51,6 +51,7 @@ from meshd.release.announce import (
     SetMetaKeys,
     format_announcements,
     format_bitmaps,
+    progress_interval,
 )
 from meshd.release.config import DistConfig
 from meshd.release.fetch import FetchDriver, ReleaseFetch
@@ -174,7 +175,13 @@ class ReleaseService:
             upload_rate=self.config.upload_rate,
             on_damaged=self._on_damaged,
         )
-        self.announcer = Announcer(set_meta_keys, self.config.announce_interval, self.announcements, self.now)
+        self._fetching_members: set[str] = set()  # members announcing a partial release
+        self.announcer = Announcer(
+            set_meta_keys,
+            lambda: progress_interval(self.config.announce_interval, len(self._fetching_members) + 1),
+            self.announcements,
+            self.now,
+        )
         self._emit_cb = emit
         self._manifests: dict[str, Manifest] = {}
         self._complete: set[str] = set()
@@ -334,6 +341,10 @@ class ReleaseService:
         if m.name == self.name or self._closed:
             return
         mem = self._members[m.name] = Member.from_view(m)
+        if any(not e.complete for e in mem.entries.values()):
+            self._fetching_members.add(mem.name)
+        else:
+            self._fetching_members.discard(mem.name)
         if not self._started:
             return
         self.driver.member_changed(mem)

@@ -120,3 +120,70 @@ async def test_the_share_cut_is_lifted_on_a_stall_not_while_requests_are_in_flig
     assert fetch.widened
     d._close_fetch(fetch)
     waiting.cancel()
+
+
+async def test_members_news_is_judged_in_one_pass_on_a_timer(tmp_path: Path) -> None:
+    m = release(tmp_path)
+    ids = m.unique_chunks()
+    n = len(ids)
+    members = {"origin": node("origin", m, n), **{f"p{i}": node(f"p{i}", m, 0) for i in range(8)}}
+    d = driver(members)
+    sent: list[Any] = []
+
+    def spawn(coro: Any) -> Any:
+        coro.close()  # no I/O here: the requests are what is checked
+        sent.append(coro)
+        return asyncio.get_running_loop().create_future()
+
+    d._spawn = spawn
+    d._on_progress = lambda: None
+    d.start(m, ids)
+    fetch = d.fetches[m.release_id]
+    passes: list[float] = []
+    shares: list[int] = []
+    real_schedule, real_share = fetch.swarm._schedule, d._share
+
+    def counting_schedule(now: float) -> None:
+        passes.append(now)
+        real_schedule(now)
+
+    def counting_share(f: ReleaseFetch) -> tuple[int, int]:
+        shares.append(1)
+        return real_share(f)
+
+    fetch.swarm._schedule = counting_schedule  # type: ignore[method-assign]
+    d._share = counting_share  # type: ignore[method-assign,assignment]
+    flushed: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+    real_flush = d.flush
+
+    def counting_flush(f: ReleaseFetch) -> None:
+        passes.clear()
+        shares.clear()
+        real_flush(f)
+        flushed.set_result((len(passes), len(shares)))
+
+    d.flush = counting_flush  # type: ignore[method-assign,assignment]
+    before = len(sent)
+    # Every fetching member announces progress (its bitmap rides along): nothing is judged yet.
+    for i in range(8):
+        have = [i, i + 8]
+        entry = Announce("app", "1.0", m.release_id[:16], len(have), n)
+        members[f"p{i}"] = Member(
+            f"p{i}",
+            f"p{i}:1",
+            "s1",
+            True,
+            {m.release_id[:16]: entry},
+            bitmaps={m.release_id[:16]: make_bitmap(have, n)},
+        )
+        d.member_changed(members[f"p{i}"])
+    assert passes == []
+    assert shares == []
+    assert fetch.flush is not None
+    # No further event comes: the timer alone judges the eight, with one pass of each kind.
+    assert await asyncio.wait_for(flushed, 5.0) == (1, 1)
+    assert fetch.flush is None
+    assert not fetch.news
+    assert all(fetch.registered[f"p{i}"] == make_bitmap([i, i + 8], n) for i in range(8))
+    assert len(sent) > before  # the partial holders were asked at once in that pass
+    d._close_fetch(fetch)

@@ -23,6 +23,7 @@ from meshd.errors import ConfigError
 from meshd.metrics import Exposition
 from meshd.release.announce import (
     MAX_GOSSIP_BITMAP_CHUNKS,
+    PROGRESS_RATE,
     Announce,
     Announcer,
     OfferIndex,
@@ -30,6 +31,7 @@ from meshd.release.announce import (
     member_meta_keys,
     parse_announcements,
     parse_bitmaps,
+    progress_interval,
 )
 from meshd.release.config import DistConfig
 from meshd.release.manifest import Manifest
@@ -364,6 +366,23 @@ def test_announcements_carry_the_seq_and_the_index_offers_the_newest() -> None:
     assert index.max_seq("app") == 7  # its holders left; a publisher still goes above it
 
 
+def test_progress_alone_changes_no_offer_but_the_holders_order() -> None:
+    index = OfferIndex()
+    rid = "3" * 16
+    assert index.update("p", {rid: Announce("app", "3.0", rid, 0, 10, seq=8)}) == {"app"}
+    # Nothing yet to some: the intake may fetch the manifest now.
+    assert index.update("p", {rid: Announce("app", "3.0", rid, 2, 10, seq=8)}) == {"app"}
+    assert index.update("q", {rid: Announce("app", "3.0", rid, 3, 10, seq=8)}) == {"app"}
+    # More chunks (each fetching member, every second): nothing to judge again...
+    assert index.update("p", {rid: Announce("app", "3.0", rid, 9, 10, seq=8)}) == set()
+    # ...but what is held is kept, for the manifest's source and the offer.
+    assert index.holders("app", rid) == ["p", "q"]
+    assert index.offers("app") == [Offer("app", "3.0", 8, rid, 9)]
+    # Done and current, or dropped to nothing: judged again.
+    assert index.update("p", {rid: Announce("app", "3.0", rid, 10, 10, current=True, seq=8)}) == {"app"}
+    assert index.update("q", {rid: Announce("app", "3.0", rid, 0, 10, seq=8)}) == {"app"}
+
+
 async def test_two_releases_completing_together_activate_one_at_a_time_newest_last(tmp_path: Path) -> None:
     # Before: both activated in parallel threads and the older one could end current.
     for first in ("older", "newer"):
@@ -477,6 +496,23 @@ async def test_announcer_sends_changes_at_once_when_forced_else_once_per_interva
     ann.announce(force=True)
     assert len(sent) == 2  # nothing changed
     ann.close()
+
+
+def test_progress_is_announced_less_often_when_many_nodes_fetch(tmp_path: Path) -> None:
+    m = make_release(tmp_path, "1.0", store=ChunkStore(tmp_path / "peer", fsync=False))
+    svc = make_service(tmp_path / "me")
+    interval = svc.announcer.interval
+    assert callable(interval)
+    assert interval() == 1.0  # alone: the configured interval
+    for i in range(31):  # 31 members fetching, and we: 32 announcing progress
+        svc.member_update(announcing(f"p{i}", m, have=i % 3))
+    assert interval() == pytest.approx(32 / PROGRESS_RATE)
+    assert interval() > 1.0
+    for i in range(31):  # they completed: holders announce no progress
+        svc.member_update(announcing(f"p{i}", m))
+    assert interval() == 1.0
+    assert progress_interval(1.0, 8) == 1.0
+    assert progress_interval(0.5, 64) == 4.0
 
 
 def test_member_meta_keys() -> None:

@@ -129,6 +129,25 @@ def test_delta_chunks_already_had_are_never_requested() -> None:
     assert sorted(asked) == list(range(1, 20, 2))
 
 
+def test_updates_recorded_without_a_pass_are_scheduled_by_one_reschedule() -> None:
+    # The driver batches members' news: several updates, then one pass that sees them all.
+    s = mk(20, **one_chunk_pieces(max_requests_per_peer=20, max_requests_total=40))
+    s.peer_update("a", 0.0, bitmap=bm(range(10), 20), schedule=False)
+    s.peer_update("b", 0.0, bitmap=bm([], 20), schedule=False)
+    assert s.requests_to_send() == []
+    s.reschedule(0.0)
+    assert sorted(chunks_of(s.requests_to_send())) == list(range(10))  # all of a's, from a
+    # b gets everything and a goes, without a pass: nothing moves until the next one, which
+    # gives a's chunks (back in the queue) and the rest to b.
+    s.peer_update("b", 0.0, bitmap=bm(range(20), 20), schedule=False)
+    s.peer_gone("a", 0.0, schedule=False)
+    assert s.requests_to_send() == []
+    s.reschedule(0.0)
+    again = s.requests_to_send()
+    assert {r.peer for r in again} == {"b"}
+    assert sorted(chunks_of(again)) == list(range(20))
+
+
 def test_rarest_first() -> None:
     n = 20
     s = mk(n, **one_chunk_pieces(max_requests_total=1, max_requests_per_peer=1))
