@@ -98,7 +98,7 @@ def test_bitmap_updates_count_like_a_fresh_swarm() -> None:
     # gained or lost, and must end where a swarm told the final bitmaps at once ends.
     n = 64
     cfg = one_chunk_pieces(max_requests_total=64, max_requests_per_peer=64)
-    final = {"a": range(0, 40), "b": range(20, 64, 2), "c": [1, 2, 3, 50]}
+    final: dict[str, range | list[int]] = {"a": range(0, 40), "b": range(20, 64, 2), "c": [1, 2, 3, 50]}
     step = mk(n, seed=5, **cfg)
     step.peer_update("b", 0.0, site="s1", same_site=True, bitmap=bm(range(20, 30), n))
     step.peer_update("a", 0.0, site="s1", same_site=True, bitmap=bm(range(10), n))

@@ -447,7 +447,7 @@ def test_variant_shares_clock_guard_and_identity() -> None:
 @pytest.mark.parametrize("keys", [[KEY_A], None])
 def test_seal_parts_is_the_uncompressed_envelope_of_the_joined_parts(keys: list[bytes] | None) -> None:
     # Same layout as seal(compress=False): with a fixed nonce and stamp, byte for byte.
-    parts = [b"MDP1", os.urandom(3000), memoryview(b"\x00" * 5000)[100:], b""]
+    parts: list[bytes | memoryview] = [b"MDP1", os.urandom(3000), memoryview(b"\x00" * 5000)[100:], b""]
     joined = b"".join(parts)
 
     def twin() -> wire.Codec:
