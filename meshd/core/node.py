@@ -695,12 +695,14 @@ class Node:
             if isinstance(msg, PushPull):
                 if not self._push_pull_ok(msg):
                     continue
-                # A node that knew nobody learns the whole table here, and none of it is news
-                # to anyone: announcing each member again would fill its gossip for minutes
-                # (every member x the retransmit limit). It still announces itself, and a node
-                # that knew others (two meshes merging) passes on what is new to it.
-                fresh = st.kind == "join" and len(self._members) == 1
-                self._merge(msg.states, now, announce_new=not fresh)
+                # A node that knew nobody takes the whole table its seed sent (a keyed peer it
+                # asked): the new-member rate is for gossip, and at 10,000 members it would keep
+                # most of the mesh out until the next push-pull, minutes later. None of it is
+                # news to anyone either: announcing each member again would fill its gossip for
+                # minutes. It still announces itself, and a node that knew others (two meshes
+                # merging) passes on what is new to it at the usual rate.
+                bootstrap = st.kind == "join" and len(self._members) == 1
+                self._merge(msg.states, now, bootstrap=bootstrap)
                 self.queries.witness_push_pull(msg.query_ltime)
                 if st.kind == "join":
                     self.counters.inc("join.ok")
@@ -871,11 +873,11 @@ class Node:
                 return self._drop("push_pull_buckets", (count, len(msg.buckets)))
         return True
 
-    def _admit_new_member(self, name: str, now: float) -> bool:
+    def _admit_new_member(self, name: str, now: float, rate_limited: bool = True) -> bool:
         """A never-seen member costs a table slot and dials: both are bounded."""
         if len(self._members) >= self.config.max_members:
             return self._drop("members_full", name)
-        if not self._new_members.take(now):
+        if rate_limited and not self._new_members.take(now):
             return self._drop("new_member_rate", name)
         return True
 
@@ -1062,8 +1064,9 @@ class Node:
 
     # --- state transitions ---------------------------------------------------------------------
 
-    def _alive(self, msg: Alive, now: float, announce_new: bool = True) -> None:
-        """`announce_new=False`: a member we did not know is added without gossiping it on."""
+    def _alive(self, msg: Alive, now: float, bootstrap: bool = False) -> None:
+        """`bootstrap`: from our first join's table; a member we did not know is added without
+        the new-member rate (max_members still holds) and without gossiping it on."""
         if not self._record_ok(msg.name, msg.node_id, msg.addr, msg.meta):
             return
         proto = min(max(msg.protocol, 1), MAX_PROTOCOL)  # stored per record: keep it a small int
@@ -1083,7 +1086,7 @@ class Node:
                 self._refute(msg.incarnation, now)
             return
         if m is None:
-            if not self._admit_new_member(msg.name, now):
+            if not self._admit_new_member(msg.name, now, rate_limited=not bootstrap):
                 return
             m = _Member(
                 self._pool.record(msg.name, msg.node_id, msg.addr, msg.incarnation, msg.meta, proto),
@@ -1096,7 +1099,7 @@ class Node:
             self._active += 1
             self._digest_fit()
             self._insert_probe_target(m)
-            if announce_new:
+            if not bootstrap:
                 self._queue_alive(m)
             self._emit("join", m, now)
             return
@@ -1588,13 +1591,13 @@ class Node:
             self._emit("reap", m, now)
         self._digest_fit()
 
-    def _merge(self, states: list[PushNodeState], now: float, announce_new: bool = True) -> None:
+    def _merge(self, states: list[PushNodeState], now: float, bootstrap: bool = False) -> None:
         for s in states:
             if not self._record_ok(s.name, s.node_id, s.addr, s.meta):
                 continue  # only this state; the rest of the exchange may be fine
             if s.state == MemberState.ALIVE:
                 alive = Alive(s.incarnation, s.name, s.node_id, s.addr, s.meta, s.protocol)
-                self._alive(alive, now, announce_new)
+                self._alive(alive, now, bootstrap)
             elif s.state == MemberState.LEFT:
                 if s.name not in self._members:
                     continue  # no point learning about a member only to list it as left

@@ -45,3 +45,23 @@ def test_a_node_that_knew_others_passes_on_what_a_merge_taught_it() -> None:
     net.poke(left[1])
     net.run_for(0.05)
     assert all(left[1].broadcasts.pending("m:" + nd.name) for nd in right)
+
+
+def test_a_fresh_node_takes_its_seeds_whole_table_past_the_new_member_rate() -> None:
+    # At 10,000 members the rate's burst kept most of the mesh out of a restarted node's table
+    # until its next push-pull, minutes later (its site summary then missed members).
+    net, nodes = mesh(12, "n")
+    cfg = LAN.replace(new_member_rate=0.01, new_member_burst=3)
+    fresh = net.add_node("fresh", cfg, Codec("test", None))
+    fresh.join([nodes[3].addr], net.now)
+    net.poke(fresh)
+    net.run_for(0.05)
+    assert len(fresh.members()) == 13
+    assert fresh.counters.get("drops.new_member_rate", 0) == 0
+    # The table limit still holds: a table larger than it is refused whole.
+    small = net.add_node("small", cfg.replace(max_members=8), Codec("test", None))
+    small.join([nodes[3].addr], net.now)
+    net.poke(small)
+    net.run_for(0.05)
+    assert len(small.members()) <= 8
+    assert small.counters["drops.push_pull_size"] > 0
