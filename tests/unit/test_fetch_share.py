@@ -52,14 +52,20 @@ def driver(members: dict[str, Member]) -> FetchDriver:
     )
 
 
-def test_the_lone_seed_stays_cut_to_our_share_when_other_nodes_complete(tmp_path: Path) -> None:
+def site_of_three(
+    tmp_path: Path, a_has: int
+) -> tuple[Manifest, int, dict[str, Member], FetchDriver, ReleaseFetch]:
+    """The publisher (complete), a (holding its first `a_has` chunks), b (nothing) and us."""
     m = release(tmp_path)
     ids = m.unique_chunks()
     n = len(ids)
-    members = {"origin": node("origin", m, n), "a": node("a", m, 0), "b": node("b", m, 0)}
-    d = driver(members)
+    members = {"origin": node("origin", m, n), "a": node("a", m, a_has), "b": node("b", m, 0)}
     swarm = Swarm([(c, m.chunks[c]) for c in ids], [], random.Random(1), 0.0, SwarmConfig())
-    fetch = ReleaseFetch(m, swarm, dict(m.chunks), 0.0)
+    return m, n, members, driver(members), ReleaseFetch(m, swarm, dict(m.chunks), 0.0)
+
+
+def test_the_lone_seed_stays_cut_to_our_share_when_other_nodes_complete(tmp_path: Path) -> None:
+    m, n, members, d, fetch = site_of_three(tmp_path, 0)
     fetch.peers.add("origin")
     fetch.raw["origin"] = None
     d._register_all(fetch)
@@ -83,13 +89,7 @@ def test_the_lone_seed_stays_cut_to_our_share_when_other_nodes_complete(tmp_path
 
 
 def test_news_of_one_peer_re_judges_all_only_when_the_share_changed(tmp_path: Path) -> None:
-    m = release(tmp_path)
-    ids = m.unique_chunks()
-    n = len(ids)
-    members = {"origin": node("origin", m, n), "a": node("a", m, 1), "b": node("b", m, 0)}
-    d = driver(members)
-    swarm = Swarm([(c, m.chunks[c]) for c in ids], [], random.Random(1), 0.0, SwarmConfig())
-    fetch = ReleaseFetch(m, swarm, dict(m.chunks), 0.0)
+    _, n, members, d, fetch = site_of_three(tmp_path, 1)
     fetch.peers |= {"origin", "a"}
     fetch.raw.update({"origin": None, "a": make_bitmap([1], n)})
     d._register_all(fetch)
