@@ -697,10 +697,10 @@ class Node:
                     continue
                 # A node that knew nobody takes the whole table its seed sent (a keyed peer it
                 # asked): the new-member rate is for gossip, and at 10,000 members it would keep
-                # most of the mesh out until the next push-pull, minutes later. None of it is
-                # news to anyone either: announcing each member again would fill its gossip for
-                # minutes. It still announces itself, and a node that knew others (two meshes
-                # merging) passes on what is new to it at the usual rate.
+                # most of the mesh out until the next push-pull, minutes later. It still passes
+                # each member on (memberlist does too): in a cold start many nodes join at once
+                # and know different parts of the mesh, and those announcements are what
+                # converges them; staying quiet left nodes apart for over a minute.
                 bootstrap = st.kind == "join" and len(self._members) == 1
                 self._merge(msg.states, now, bootstrap=bootstrap)
                 self.queries.witness_push_pull(msg.query_ltime)
@@ -1066,7 +1066,7 @@ class Node:
 
     def _alive(self, msg: Alive, now: float, bootstrap: bool = False) -> None:
         """`bootstrap`: from our first join's table; a member we did not know is added without
-        the new-member rate (max_members still holds) and without gossiping it on."""
+        the new-member rate (max_members still holds)."""
         if not self._record_ok(msg.name, msg.node_id, msg.addr, msg.meta):
             return
         proto = min(max(msg.protocol, 1), MAX_PROTOCOL)  # stored per record: keep it a small int
@@ -1099,8 +1099,7 @@ class Node:
             self._active += 1
             self._digest_fit()
             self._insert_probe_target(m)
-            if not bootstrap:
-                self._queue_alive(m)
+            self._queue_alive(m)
             self._emit("join", m, now)
             return
         if msg.node_id != m.node_id:
