@@ -58,7 +58,8 @@ SSE_CLIENTS = web.AppKey("sse_clients", ClientSlots)
 
 def member_json(m: MemberLike) -> dict[str, Any]:
     meta = m.meta
-    health = meta.get("health", "unknown")
+    # A node's health is what it last announced; once it is not alive that is stale, not known.
+    health = meta.get("health", "unknown") if m.state == MemberState.ALIVE else "unknown"
     return {
         "name": m.name,
         "id": m.node_id,

@@ -59,6 +59,13 @@ def test_member_json_fields() -> None:
     }
 
 
+@pytest.mark.parametrize("state", [MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT])
+def test_a_node_that_is_not_alive_has_unknown_health(state: MemberState) -> None:
+    # Its last announcement said passing; a dead node's "passing" would mislead the operator.
+    assert member_json(member("n1", MemberState.ALIVE, meta={"health": "passing"}))["health"] == "passing"
+    assert member_json(member("n1", state, meta={"health": "passing"}))["health"] == "unknown"
+
+
 def test_filters_and_counts() -> None:
     assert count_states(PEOPLE) == {"alive": 1, "suspect": 0, "dead": 1, "left": 1}
     assert [m.name for m in filter_members(PEOPLE, {}, [])] == ["a", "b", "c"]
