@@ -8,6 +8,7 @@ same service over real aiohttp peers on 127.0.0.1 is tests/integration/test_rele
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from meshd.core.adoption import DISCOVER_RETRY, REJECT_RETRY, Offer
+from meshd.core.messages import MemberState
 from meshd.core.node import MemberView
 from meshd.core.swarm import bitmap_indices, make_bitmap
 from meshd.crypto import PublisherKey
@@ -508,6 +510,9 @@ def test_progress_is_announced_less_often_when_many_nodes_fetch(tmp_path: Path) 
         svc.member_update(announcing(f"p{i}", m, have=i % 3))
     assert interval() == pytest.approx(32 / PROGRESS_RATE)
     assert interval() > 1.0
+    for i in range(16):  # half of them died mid-fetch: their entries stay, they announce nothing
+        svc.member_update(dataclasses.replace(announcing(f"p{i}", m, have=1), state=MemberState.DEAD))
+    assert interval() == pytest.approx(16 / PROGRESS_RATE)
     for i in range(31):  # they completed: holders announce no progress
         svc.member_update(announcing(f"p{i}", m))
     assert interval() == 1.0
