@@ -29,7 +29,7 @@ from meshd.core.query import QueryEngine, QueryResult, default_timeout
 from meshd.crypto import Keyring, NodeIdentity, fingerprint, load_publisher_public
 from meshd.discovery import DaemonDiscovery
 from meshd.errors import ConfigError, StateError
-from meshd.health.service import HealthService
+from meshd.health.service import HealthService, parse_health_config
 from meshd.health.summary import summarize as summarize_health
 from meshd.logs import setup_logging
 from meshd.metrics import Exposition, MetricsSource, TransferStats
@@ -39,6 +39,7 @@ from meshd.net.udp import UDPEndpoint
 from meshd.netaddr import derive_advertise_host, is_wildcard, resolve_hostport
 from meshd.release.api import add_release_routes
 from meshd.release.service import ReleaseService
+from meshd.reload import ReloadCounts, ReloadPlan, effective_config, plan_reload
 from meshd.replay import ReplayGuard, SenderClock
 from meshd.runtime import NodeEvent, NodeRuntime, Subscription
 from meshd.systemd import reloading_message, sd_notify, watchdog_loop
@@ -86,7 +87,8 @@ class Daemon:
         # progress, every second while fetching) changes none of it and costs no write.
         self._snapshot_seen: dict[str, tuple[str, str, MemberState]] = {}
         self._exit = contextlib.AsyncExitStack()  # what start() did, undone in reverse by shutdown()
-        self._metrics: list[MetricsSource] = [self.peer_traffic, self.transfer]
+        self._reload_counts = ReloadCounts()  # meshd_config_reloads_total
+        self._metrics: list[MetricsSource] = [self.peer_traffic, self.transfer, self._reload_counts]
         self._discovery: DaemonDiscovery | None = None
         self._runtime: NodeRuntime | None = None
         self._snapshot = state.PeerSnapshot()
@@ -95,6 +97,8 @@ class Daemon:
         self._queries: QueryEngine | None = None  # its clock and ring are persisted
         self.release: ReleaseService | None = None
         self.health: HealthService | None = None  # checks, health meta and query answers
+        self._reload_lock = asyncio.Lock()  # one reload at a time (SIGHUP and the API)
+        self._reloads_running: set[asyncio.Task[dict[str, Any]]] = set()
 
     # --- Agent protocol (used by the API) and DiscoveryHost (used by mDNS discovery) ------------
 
@@ -550,23 +554,83 @@ class Daemon:
         self.stop(True, sig.name)
 
     def _on_hup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload_config("SIGHUP"))
+        self._reloads_running.add(task)  # a reference, so the task is not collected mid-way
+        task.add_done_callback(self._reloads_running.discard)
+
+    async def reload(self) -> dict[str, Any]:
+        """POST /v1/reload: the same as SIGHUP."""
+        return await self.reload_config("reload")
+
+    async def reload_config(self, via: str) -> dict[str, Any]:
+        """Re-read the configuration and apply what can change while running (meshd.reload).
+
+        All or nothing: the new files are read and every part is parsed (checks, publisher keys)
+        before anything is applied, so a bad file leaves the node as it was. The outcome goes to
+        the log, the event stream (kind "reload") and meshd_config_reloads_total.
+        """
+        async with self._reload_lock:
+            try:
+                plan = await self._reload_once()
+            except (ConfigError, StateError) as e:
+                log.error("%s: configuration not reloaded, the node keeps its settings: %s", via, e)
+                return self._reloaded(False, ReloadPlan(), str(e))
+            if plan.restart_needed:
+                log.warning("%s: %s changed; restart to apply", via, ", ".join(plan.restart_needed))
+            log.info(
+                "%s: configuration reloaded; applied: %s", via, ", ".join(plan.applied) or "nothing changed"
+            )
+            return self._reloaded(True, plan, None)
+
+    async def _reload_once(self) -> ReloadPlan:
         if self._reload is None:
-            log.info("SIGHUP: nothing to reload")
-            return
-        try:
-            new = self._reload()
-        except ConfigError as e:
-            log.error("SIGHUP: configuration not reloaded: %s", e)
-            return
+            raise ConfigError("no configuration to reload (the node was not started by `meshd run`)")
+        new = self._reload()
+        old = self.cfg
+        plan = plan_reload(old, new)
+        # Everything that can fail, before anything is applied. data_dir is the running one.
+        checks, handlers = parse_health_config(new.checks, new.query_handlers, old.data_dir)
+        trusted = [load_publisher_public(path) for path in new.trust_publisher]
+        dist = new.dist_config()
         sd_notify(reloading_message())
-        setup_logging(new.log_level, new.log_format)
-        self.cfg.log_level, self.cfg.log_format = new.log_level, new.log_format
-        log.info(
-            "SIGHUP: log level is %s, log format %s; other settings take effect on restart",
-            new.log_level,
-            new.log_format,
-        )
-        sd_notify("READY=1")
+        try:
+            if plan.applies("tags"):  # the one step that may be refused (metadata over the limit)
+                self._set_tags(old.tags, new.tags)
+            if plan.applies("log_level") or plan.applies("log_format"):
+                setup_logging(new.log_level, new.log_format)
+            if self.health is not None and (plan.applies("checks") or plan.applies("query_handlers")):
+                await self.health.reconfigure(checks, handlers)
+            if self.release is not None:
+                self.release.reconfigure(
+                    trusted=trusted,
+                    tags=new.tags,
+                    upload_rate=dist.upload_rate,
+                    download_rate=dist.download_rate,
+                )
+            self.cfg = effective_config(old, new, plan)
+        finally:
+            sd_notify("READY=1")
+        return plan
+
+    def _set_tags(self, old: dict[str, str], new: dict[str, str]) -> None:
+        """Re-announce the tags (StateError when peers would drop the metadata: nothing changes)."""
+        meta = self.runtime.node.meta
+        for key in old:
+            meta.pop(f"tag:{key}", None)
+        meta.update({f"tag:{k}": v for k, v in new.items()})
+        self.runtime.set_meta(meta)
+
+    def _reloaded(self, ok: bool, plan: ReloadPlan, error: str | None) -> dict[str, Any]:
+        self._reload_counts.count(ok)
+        outcome = {
+            "ok": ok,
+            "applied": list(plan.applied),
+            "restart_needed": list(plan.restart_needed),
+            "error": error,
+        }
+        if self._runtime is not None:
+            self._runtime.publish(NodeEvent("reload", None, outcome))
+        return outcome
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -105,6 +105,10 @@ class FakeAgent:
     join_result: int | None = 1  # None: as many as it was given
     joined_with: list[list[str]] = field(default_factory=list)
     leave_requested: int = 0
+    reloads: int = 0
+    reload_outcome: dict[str, Any] = field(
+        default_factory=lambda: {"ok": True, "applied": ["tags"], "restart_needed": [], "error": None}
+    )
     ring: list[bytes] | None = None  # None: an --insecure node
     subs: list[FakeSubscription] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)  # core counters for /metrics
@@ -144,6 +148,10 @@ class FakeAgent:
 
     def request_leave(self) -> None:
         self.leave_requested += 1
+
+    async def reload(self) -> dict[str, Any]:
+        self.reloads += 1
+        return self.reload_outcome
 
     def keys(self) -> tuple[list[str], str] | None:
         if self.ring is None:

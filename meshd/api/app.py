@@ -240,6 +240,15 @@ async def post_leave(request: web.Request) -> web.Response:
     return json_response({"leaving": True})
 
 
+async def post_reload(request: web.Request) -> web.Response:
+    """Re-read the configuration as SIGHUP does; 409 with the reason when the file is refused
+    (the node keeps its settings)."""
+    outcome = await request.app[AGENT].reload()
+    if not outcome["ok"]:
+        raise ApiError(409, "reload_failed", outcome["error"])
+    return json_response(outcome)
+
+
 def _keys_json(agent: Agent) -> dict[str, Any]:
     keys = agent.keys()
     if keys is None:
@@ -440,6 +449,7 @@ def create_api_app(agent: Agent, allow_hosts: Iterable[AllowedHost] = ()) -> web
     r.add_get("/v1/members", get_members)
     r.add_post("/v1/join", post_join)
     r.add_post("/v1/leave", post_leave)
+    r.add_post("/v1/reload", post_reload)
     r.add_get("/v1/keys", get_keys)
     r.add_post("/v1/keys", post_keys)
     r.add_get("/v1/events", get_events)

@@ -217,6 +217,18 @@ def cmd_leave(c: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(c: Client, args: argparse.Namespace) -> int:
+    doc = c.post("/v1/reload")  # a refused file is a 409 naming the file and key: exit 1
+    if args.json:
+        print_json(doc)
+        return 0
+    applied = doc.get("applied") or []
+    print(f"configuration reloaded; applied: {', '.join(applied) or 'nothing changed'}")
+    if doc.get("restart_needed"):
+        print(f"changed, restart to apply: {', '.join(doc['restart_needed'])}")
+    return 0
+
+
 def _read_key_arg(args: argparse.Namespace) -> str:
     if args.key and args.key_file:
         raise CtlError("give either KEY or --key-file, not both", EXIT_USAGE)
@@ -467,6 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("join", parents=[common], help="join the mesh through these addresses")
     p.add_argument("addrs", nargs="+", metavar="HOST:PORT")
     sub.add_parser("leave", parents=[common], help="leave the mesh gracefully and stop the node")
+    sub.add_parser(
+        "reload",
+        parents=[common],
+        help="re-read the node's configuration files (as SIGHUP); says what needs a restart",
+    )
     p = sub.add_parser("keys", parents=[common], help="list or rotate the cluster keyring")
     p.add_argument("op", choices=("list", "install", "use", "remove"))
     p.add_argument("key", nargs="?", help="base64 key (or --key-file)")
@@ -521,6 +538,7 @@ COMMANDS = {
     "status": cmd_status,
     "join": cmd_join,
     "leave": cmd_leave,
+    "reload": cmd_reload,
     "keys": cmd_keys,
     "monitor": cmd_monitor,
     "publish": cmd_publish,

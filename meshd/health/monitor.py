@@ -181,19 +181,61 @@ class HealthMonitor:
             await asyncio.sleep(state.spec.interval)
             await self._run_one(state)
 
+    async def reconfigure(self, checks: Sequence[CheckSpec], handlers: Mapping[str, HandlerSpec]) -> None:
+        """Take a new set of checks and handlers (a configuration reload).
+
+        A check whose spec is unchanged keeps its state and schedule; a removed one stops; a new
+        or changed one runs once before it counts (so the summary never shows a check that has
+        not run as critical) and then on its interval.
+        """
+        states: dict[str, _CheckState] = {}
+        fresh: list[_CheckState] = []
+        for spec in checks:
+            kept = self._states.get(spec.name)
+            if kept is not None and kept.spec == spec:
+                states[spec.name] = kept
+            else:
+                states[spec.name] = _CheckState(spec)
+                fresh.append(states[spec.name])
+        if self._running:
+            results = await asyncio.gather(*(self._result(s) for s in fresh))
+            for state, result in zip(fresh, results, strict=True):
+                state.status, state.output, state.updated = result.status, result.output, self._clock()
+        gone = [s for name, s in self._states.items() if states.get(name) is not s]
+        # A run of a kept check may have finished during the await: its state object is kept.
+        self._states = states
+        self.handlers = dict(handlers)
+        for state in gone:
+            if state.task is not None:
+                state.task.cancel()
+                state.task = None
+        if self._running:
+            loop = asyncio.get_running_loop()
+            for state in fresh:
+                state.task = loop.create_task(self._loop(state), name=f"check:{state.spec.name}")
+        self._update_summary()
+
     async def _run_one(self, state: _CheckState) -> None:
-        spec = state.spec
-        try:
-            result = await asyncio.wait_for(self._execute(state), spec.timeout + 1.0)
-        except TimeoutError:
-            result = CheckResult("critical", f"timed out after {spec.timeout:g}s")
-        except Exception as e:  # a check must never take the monitor down
-            log.exception("check %s failed to run", spec.name)
-            result = CheckResult("critical", f"check failed to run: {type(e).__name__}: {e}")
+        result = await self._result(state)
+        if self._states.get(state.spec.name) is not state:
+            return  # removed by a reload while it ran
         changed = result.status != state.status
         state.status, state.output, state.updated = result.status, result.output, self._clock()
         if changed and self.on_check_change is not None:
             self.on_check_change(self._view(state))
+        self._update_summary()
+
+    async def _result(self, state: _CheckState) -> CheckResult:
+        spec = state.spec
+        try:
+            return await asyncio.wait_for(self._execute(state), spec.timeout + 1.0)
+        except TimeoutError:
+            return CheckResult("critical", f"timed out after {spec.timeout:g}s")
+        except Exception as e:  # a check must never take the monitor down
+            log.exception("check %s failed to run", spec.name)
+            return CheckResult("critical", f"check failed to run: {type(e).__name__}: {e}")
+
+    def _update_summary(self) -> None:
         summary = self._compute_summary()
         if summary != self._summary:
             self._summary = summary

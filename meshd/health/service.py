@@ -71,6 +71,18 @@ class HealthService:
     async def stop(self) -> None:
         await self.monitor.stop()
 
+    async def reconfigure(self, checks: Sequence[CheckSpec], handlers: Mapping[str, HandlerSpec]) -> None:
+        """New checks and query handlers (a configuration reload, parsed by parse_health_config):
+        unchanged checks keep their state, new ones run once first; the summary is re-gossiped
+        if it changed."""
+        await self.monitor.reconfigure(checks, handlers)
+        log.info(
+            "health checks now (%d): summary %s, query handlers: %s",
+            len(self.monitor.checks()),
+            self.monitor.summary(),
+            ", ".join(sorted(self.monitor.handlers)) or "none",
+        )
+
     def collect_metrics(self, out: Exposition) -> None:
         """meshd_health_checks: the local checks by status; meshd_health_checks_hung_total."""
         checks = self.monitor.checks()

@@ -135,6 +135,14 @@ class PeerUploads:
         self.slots = (slots or UploadSlots()) if upload_rate else None
         self._on_damaged = on_damaged
 
+    def set_upload_rate(self, rate: float | None) -> None:
+        """A new upload cap (a configuration reload); uploads in flight finish at the new pace."""
+        self.upload_bucket = TokenBucket(rate)
+        if rate and self.slots is None:
+            self.slots = UploadSlots()
+        elif not rate:
+            self.slots = None  # a held slot is released on its own (UploadSlots.slot's finally)
+
     def add_routes(self, app: web.Application) -> None:
         add_peer_routes(app, self)
 

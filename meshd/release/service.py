@@ -27,6 +27,7 @@ chunks missing, with what the store has as `have`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from meshd.core.adoption import AdoptionPolicy, Verdict, newer, newest, release_order
@@ -284,6 +286,34 @@ class ReleaseService:
                 continue
             kept.append((manifest, missing))
         return kept
+
+    def reconfigure(
+        self,
+        *,
+        trusted: Iterable[bytes],
+        tags: Mapping[str, str],
+        upload_rate: float | None,
+        download_rate: float | None,
+    ) -> None:
+        """Apply a configuration reload: trusted publisher keys, this node's tags, rate caps.
+
+        A release signed by a key no longer trusted is refused from now on (new manifests, and
+        activation of one still being fetched); what is installed stays. Tags decide which new
+        releases target this node.
+        """
+        keys = [bytes(k) for k in trusted]
+        self.trusted[:] = keys
+        self.intake.trusted[:] = keys
+        self.tags = dict(tags)
+        self.policy.tags = dict(tags)
+        self.config = msgspec.structs.replace(
+            self.config, upload_rate=upload_rate, download_rate=download_rate
+        )
+        self.server.set_upload_rate(upload_rate)
+        self.swarm_config = dataclasses.replace(self.swarm_config, rate_limit=download_rate)
+        self.driver.swarm_config = self.swarm_config
+        for fetch in self.driver.fetches.values():  # fetches under way take the new cap too
+            fetch.swarm.config = dataclasses.replace(fetch.swarm.config, rate_limit=download_rate)
 
     async def stop(self) -> None:
         self._closed = True
