@@ -163,6 +163,19 @@ async def test_leave(client: TestClient, agent: FakeAgent) -> None:
     assert agent.leave_requested == 1
 
 
+async def test_reload_needs_the_token_and_answers_its_outcome(client: TestClient, agent: FakeAgent) -> None:
+    assert (await client.post("/v1/reload")).status == 401
+    assert agent.reloads == 0
+    r = await client.post("/v1/reload", headers=AUTH)
+    assert r.status == 200
+    assert await r.json() == {"ok": True, "applied": ["tags"], "restart_needed": [], "error": None}
+    agent.reload_outcome = {"ok": False, "applied": [], "restart_needed": [], "error": "meshd.toml: bad"}
+    r = await client.post("/v1/reload", headers=AUTH)
+    assert r.status == 409
+    assert await r.json() == {"error": "reload_failed", "detail": "meshd.toml: bad"}
+    assert agent.reloads == 2
+
+
 async def test_keys(client: TestClient, agent: FakeAgent) -> None:
     doc = await (await client.get("/v1/keys")).json()
     assert doc == {
