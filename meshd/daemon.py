@@ -570,11 +570,15 @@ class Daemon:
         the log, the event stream (kind "reload") and meshd_config_reloads_total.
         """
         async with self._reload_lock:
+            # systemd hears of every reload, a refused one too (Type=notify-reload waits for both).
+            sd_notify(reloading_message())
             try:
                 plan = await self._reload_once()
             except (ConfigError, StateError) as e:
                 log.error("%s: configuration not reloaded, the node keeps its settings: %s", via, e)
                 return self._reloaded(False, ReloadPlan(), str(e))
+            finally:
+                sd_notify("READY=1")
             if plan.restart_needed:
                 log.warning("%s: %s changed; restart to apply", via, ", ".join(plan.restart_needed))
             log.info(
@@ -592,24 +596,17 @@ class Daemon:
         checks, handlers = parse_health_config(new.checks, new.query_handlers, old.data_dir)
         trusted = [load_publisher_public(path) for path in new.trust_publisher]
         dist = new.dist_config()
-        sd_notify(reloading_message())
-        try:
-            if plan.applies("tags"):  # the one step that may be refused (metadata over the limit)
-                self._set_tags(old.tags, new.tags)
-            if plan.applies("log_level") or plan.applies("log_format"):
-                setup_logging(new.log_level, new.log_format)
-            if self.health is not None and (plan.applies("checks") or plan.applies("query_handlers")):
-                await self.health.reconfigure(checks, handlers)
-            if self.release is not None:
-                self.release.reconfigure(
-                    trusted=trusted,
-                    tags=new.tags,
-                    upload_rate=dist.upload_rate,
-                    download_rate=dist.download_rate,
-                )
-            self.cfg = effective_config(old, new, plan)
-        finally:
-            sd_notify("READY=1")
+        if plan.applies("tags"):  # the one step that may be refused (metadata over the limit)
+            self._set_tags(old.tags, new.tags)
+        if plan.applies("log_level") or plan.applies("log_format"):
+            setup_logging(new.log_level, new.log_format)
+        if self.health is not None and (plan.applies("checks") or plan.applies("query_handlers")):
+            await self.health.reconfigure(checks, handlers)
+        if self.release is not None:
+            self.release.reconfigure(
+                trusted=trusted, tags=new.tags, upload_rate=dist.upload_rate, download_rate=dist.download_rate
+            )
+        self.cfg = effective_config(old, new, plan)
         return plan
 
     def _set_tags(self, old: dict[str, str], new: dict[str, str]) -> None:
