@@ -38,6 +38,19 @@ ARTIFACTS = Path(os.environ.get("MESHD_TEST_ARTIFACTS") or Path(__file__).parent
 SETTLE_MS = 60_000  # generous: two cores shared with other suites
 
 
+STATS_SCRIPT = """() => {
+  const members = {alive: 3, suspect: 0, dead: 0, left: 0};
+  const at = (t, k) => ({t, gossip_in_bytes: 1000 * k, gossip_out_bytes: 800 * k,
+    transfer_sent_bytes: 5000 * k, transfer_received_bytes: 7000 * k, transfer_origin_bytes: 0,
+    probe_rtt_ms: 0.4 + k / 10, members});
+  for (let k = 0; k < 5; k++) onStats(at(1e9 + 2 * k, k * k));
+  // Read back in the same task: no real stats event can come in between.
+  const count = (id) => document.querySelectorAll(`#${id} polyline`).length;
+  return {gossip: count("chart-gossip"), transfer: count("chart-transfer"), rtt: count("chart-rtt"),
+          caption: document.querySelector("#chart-gossip figcaption").textContent};
+}"""
+
+
 def _chromium() -> str | None:
     return CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium")
 
@@ -113,6 +126,15 @@ def test_dashboard_in_chromium(mesh: Mesh, tmp_path: Path, browser_page: tuple[P
         )
     expect(page.locator('.card[data-site="north"]')).to_contain_text("2 alive")
     expect(page.locator('.card[data-site="south"]')).to_contain_text("1 alive")
+
+    # The charts draw rates from the `stats` events' cumulative counters (fed here by hand: the
+    # page's own handler, with the payload the daemon publishes every 2 s).
+    if not page.locator("#chart-gossip polyline").count():  # until the daemon sends stats
+        expect(page.locator("#chart-gossip .empty")).to_have_text("no data yet")
+    drawn = page.evaluate(STATS_SCRIPT)
+    assert (drawn["gossip"], drawn["transfer"], drawn["rtt"]) == (2, 3, 1), drawn
+    # The last step: (16 - 9) * 1000 bytes in over 2 s.
+    assert "in 3.5 KB/s" in drawn["caption"], drawn
 
     # A release published at gw0 reaches every node: 100% on the page, in both sites.
     src = tmp_path / "src" / "app.bin"

@@ -167,19 +167,23 @@ function renderReleases(rollout, local) {
     const title = el("div", { class: "title" },
       el("b", { text: `${r.name} ${r.version}` }),
       el("span", { class: "muted", text: `${r.id.slice(0, 12)} · seq ${r.seq} · ${r.chunks} chunks` +
-        (mine ? ` · ${fmtBytes(mine.size)} · here: ${mine.state}` : "") }),
-      el("span", { text: `${r.complete}/${r.nodes} nodes complete` }),
-      el("b", { class: "pct", text: `${r.percent.toFixed(1)}%` }));
+        (mine ? ` · ${fmtBytes(mine.size)} · here: ${mine.state}` : "") }));
+    const total = el("div", { class: "siterow total" },
+      el("b", { text: "all sites" }), bar(r.percent),
+      el("b", { class: "pct", text: `${r.percent.toFixed(1)}%` }),
+      el("span", { text: `${r.complete}/${r.nodes} nodes complete` }));
     const sites = Object.entries(r.sites).map(([name, s]) => {
-      let who = `${s.complete}/${s.nodes} complete`;
+      const holders = s.complete + s.fetching;
+      let who = holders ? `${s.complete}/${holders} complete` : "no alive holder";
       if (s.fetching) who += `, ${s.fetching} fetching`;
       if (s.down.length) who += `, down: ${s.down.join(", ")}`;
       return el("div", { class: "siterow", "data-site": name },
-        el("span", { text: name }), bar(s.percent),
-        el("span", { class: "pct", text: `${s.percent.toFixed(1)}%` }),
+        el("span", { text: name }), bar(holders ? s.percent : 0),
+        // No alive node of the site holds it (all down): no percentage to give.
+        el("span", { class: "pct", text: holders ? `${s.percent.toFixed(1)}%` : "–" }),
         el("span", { class: s.down.length ? "dead" : "muted", text: who }));
     });
-    const parts = [title, ...sites];
+    const parts = [title, total, ...sites];
     if (mine && mine.bytes) {
       const b = mine.bytes;
       parts.push(el("div", { class: "bytes", "data-bytes": "" },
@@ -230,14 +234,14 @@ function drawChart(id, series, fmt) {
     svg.append(svgEl("polyline", { points: pts.join(" "), fill: "none", stroke: s.color,
       "stroke-width": 1.5, "vector-effect": "non-scaling-stroke", "stroke-linejoin": "round" }));
   }
-  plot.replaceChildren(svg);
+  plot.replaceChildren(svg, el("span", { class: "ymax", text: fmt(vMax / 1.1) }));
   const key = series.map((s) => {
     const last = s.points.length ? s.points[s.points.length - 1][1] : null;
     const i = el("i");
     i.style.background = s.color;
     return el("span", { class: "key" }, i, `${s.label} `, el("b", { text: fmt(last) }));
   });
-  cap.replaceChildren(el("span", { text: title }), ...key, el("span", { class: "muted", text: `max ${fmt(vMax / 1.1)}` }));
+  cap.replaceChildren(el("span", { text: title }), ...key);
 }
 
 function rates(key) {
@@ -296,7 +300,7 @@ function eventText(name, d) {
 function logEvent(name, d) {
   const [kind, text] = eventText(name, d);
   const li = el("li", { "data-kind": kind },
-    el("time", { text: new Date().toLocaleTimeString() }),
+    el("time", { text: new Date().toLocaleTimeString([], { hour12: false }) }),
     el("span", { class: `kind ${kindClass(kind)}`, text: kind }), el("span", { text }));
   $("events").prepend(li);
   while ($("events").childElementCount > MAX_EVENTS) $("events").lastChild.remove();
