@@ -33,6 +33,7 @@ from meshd.core.messages import MemberState
 from meshd.errors import ConfigError, MeshError, StateError
 from meshd.metrics import CONTENT_TYPE, Exposition
 from meshd.net.http_server import HttpServer
+from meshd.release.rollout import rollout
 from meshd.units import format_hostport, parse_hostport
 
 log = logging.getLogger("meshd.api")
@@ -388,6 +389,11 @@ async def _stream_events(request: web.Request, agent: Agent) -> web.StreamRespon
     return resp
 
 
+async def get_rollout(request: web.Request) -> web.Response:
+    """Rollout progress of every release per site, from the members' gossiped `rel:` entries."""
+    return json_response({"releases": rollout(request.app[AGENT].members())})
+
+
 async def get_metrics(request: web.Request) -> web.Response:
     app = request.app
     out = Exposition()
@@ -407,23 +413,39 @@ async def get_readyz(request: web.Request) -> web.Response:
     return json_response({"ready": False, "detail": agent.readiness_detail()}, 503)
 
 
-def _dashboard_html() -> bytes:
+# The dashboard's files (meshd/api/static/), by the name the page asks for: a fixed list, so no
+# request path ever reaches the file system.
+STATIC_FILES = {
+    "dashboard.css": "text/css",
+    "dashboard.js": "text/javascript",
+}
+_DASHBOARD_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'; img-src 'self' data:",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+def _static_file(name: str) -> bytes | None:
     try:
-        return (importlib.resources.files("meshd.api") / "static" / "index.html").read_bytes()
+        return (importlib.resources.files("meshd.api") / "static" / name).read_bytes()
     except (FileNotFoundError, OSError):
-        return b"<!doctype html><title>meshd</title><p>meshd: see /v1/members</p>"
+        return None
 
 
 async def get_index(request: web.Request) -> web.Response:
-    return web.Response(
-        body=_dashboard_html(),
-        content_type="text/html",
-        headers={
-            "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-            "script-src 'self' 'unsafe-inline'",
-            "X-Content-Type-Options": "nosniff",
-        },
-    )
+    body = _static_file("index.html") or b"<!doctype html><title>meshd</title><p>meshd: see /v1/members</p>"
+    return web.Response(body=body, content_type="text/html", headers=_DASHBOARD_HEADERS)
+
+
+async def get_static(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    content_type = STATIC_FILES.get(name)
+    body = _static_file(name) if content_type else None
+    if content_type is None or body is None:
+        raise ApiError(404, "not_found", f"no dashboard file {name!r}")
+    return web.Response(body=body, content_type=content_type, charset="utf-8", headers=_DASHBOARD_HEADERS)
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -445,6 +467,7 @@ def create_api_app(agent: Agent, allow_hosts: Iterable[AllowedHost] = ()) -> web
     app.on_shutdown.append(_on_shutdown)
     r = app.router
     r.add_get("/", get_index)
+    r.add_get("/static/{name}", get_static)
     r.add_get("/v1/status", get_status)
     r.add_get("/v1/members", get_members)
     r.add_post("/v1/join", post_join)
@@ -453,6 +476,7 @@ def create_api_app(agent: Agent, allow_hosts: Iterable[AllowedHost] = ()) -> web
     r.add_get("/v1/keys", get_keys)
     r.add_post("/v1/keys", post_keys)
     r.add_get("/v1/events", get_events)
+    r.add_get("/v1/rollout", get_rollout)
     r.add_get("/metrics", get_metrics)
     r.add_get("/healthz", get_healthz)
     r.add_get("/readyz", get_readyz)

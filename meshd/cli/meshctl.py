@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from meshd import __version__
-from meshd.cli import meshctl_health
+from meshd.cli import meshctl_health, meshctl_rollout
 from meshd.cli.options import DEFAULT_API, api_options
 from meshd.cli.output import print_json, table
 
@@ -392,6 +392,16 @@ def _wait_release(c: Client, rid: str, timeout: float) -> int:
 
 
 def cmd_releases(c: Client, args: argparse.Namespace) -> int:
+    if args.watch or args.until_done:
+        return meshctl_rollout.watch(
+            lambda: dict(c.get("/v1/rollout")),
+            _write_out,
+            time.sleep,
+            tty=sys.stdout.isatty() and not args.json,
+            until_done=args.until_done,
+            name=args.name,
+            interval=args.interval,
+        )
     doc = c.get("/v1/releases")
     if args.json:
         print_json(doc)
@@ -431,6 +441,11 @@ def cmd_releases(c: Client, args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _write_out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def cmd_version(c: Client, args: argparse.Namespace) -> int:
@@ -523,10 +538,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="then wait (with progress) until the nodes that want it have it",
     )
-    sub.add_parser(
+    p = sub.add_parser(
         "releases",
         parents=[common],
         help="releases: state, progress, nodes that have it, where it is current",
+    )
+    p.add_argument(
+        "--watch", action="store_true", help="rollout progress per site, live (redrawn until Ctrl-C)"
+    )
+    p.add_argument(
+        "--until-done",
+        action="store_true",
+        help="watch until the newest release of each name is at 100%% in every site",
+    )
+    p.add_argument("--name", help="with --watch: only releases of this name")
+    p.add_argument(
+        "--interval", type=float, default=1.0, metavar="SECONDS", help="with --watch: poll interval"
     )
     meshctl_health.register(sub, COMMANDS)
     sub.add_parser("version", parents=[common], help="client and server versions")

@@ -264,3 +264,28 @@ async def test_dashboard(client: TestClient) -> None:
     assert r.headers["Content-Type"].startswith("text/html")
     assert "Content-Security-Policy" in r.headers
     assert "meshd" in await r.text()
+
+
+async def test_dashboard_files_are_served_from_a_fixed_list(client: TestClient) -> None:
+    for name, kind in (("dashboard.js", "text/javascript"), ("dashboard.css", "text/css")):
+        r = await client.get(f"/static/{name}")
+        assert r.status == 200, name
+        assert r.headers["Content-Type"].startswith(kind)
+        assert len(await r.read()) > 100
+    for name in ("index.html", "..%2Fapp.py", "nope.js"):
+        r = await client.get(f"/static/{name}")
+        assert r.status == 404, name
+        assert (await r.json())["error"] == "not_found"
+
+
+async def test_rollout_per_site(client: TestClient, agent: FakeAgent) -> None:
+    agent.people[0].meta["rel:fw"] = "1.0 aaaaaaaaaaaaaaaa 4/4 #1 current"
+    agent.people[2].meta["rel:fw"] = "1.0 aaaaaaaaaaaaaaaa 1/4 #1"  # n3 is dead
+    r = await client.get("/v1/rollout")
+    assert r.status == 200
+    (row,) = (await r.json())["releases"]
+    assert (row["name"], row["version"], row["id"], row["percent"]) == ("fw", "1.0", "a" * 16, 100.0)
+    assert row["sites"]["factory"]["complete"] == 1
+    assert row["sites"]["factory"]["current"] == 1
+    assert row["sites"]["shop"]["down"] == ["n3"]
+    assert row["sites"]["shop"]["percent"] == 0.0

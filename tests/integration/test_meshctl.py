@@ -163,3 +163,26 @@ def test_advertise_derivation() -> None:
     addr, how = derive_advertise_host()
     ipaddress.ip_address(addr)
     assert how  # the log and /v1/status say how it was chosen
+
+
+def test_meshctl_releases_watch_prints_changes_until_done(
+    api: tuple[str, FakeAgent], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, agent = api
+    gw1 = agent.people[0]
+    half = member("gw1", addr=gw1.addr, site="north", meta={"rel:fw": "1.0 abababababababab 2/4 #1"})
+    whole = member("gw1", addr=gw1.addr, site="north", meta={"rel:fw": "1.0 abababababababab 4/4 #1 current"})
+    agent.people[0] = half
+    polls: list[float] = []
+
+    def fake_sleep(seconds: float) -> None:  # the node's progress moves between two polls
+        polls.append(seconds)
+        agent.people[0] = whole
+
+    monkeypatch.setattr(meshctl.time, "sleep", fake_sleep)
+    assert meshctl.main(["--api", url, "releases", "--watch", "--until-done", "--interval", "0.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].endswith("fw 1.0 site north: 50.0% (0/1 complete, 1 fetching)")
+    assert lines[1].endswith("fw 1.0 site north: 100.0% (1/1 complete, 0 fetching)")
+    assert polls == [0.5]
