@@ -14,9 +14,9 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
-def sample(text: str, name: str, **labels: str) -> float | None:
+def sample(text: str, metric: str, /, **labels: str) -> float | None:
     """The value of one sample (None: not in the body)."""
-    return samples(text).get((name, frozenset(labels.items())))
+    return samples(text).get((metric, frozenset(labels.items())))
 
 
 def family_types(text: str) -> dict[str, str]:
