@@ -31,8 +31,9 @@ from meshd.discovery import DaemonDiscovery
 from meshd.errors import ConfigError, StateError
 from meshd.health.service import HealthService, parse_health_config
 from meshd.health.summary import summarize as summarize_health
+from meshd.live_stats import STATS_INTERVAL, RttWindow, stats_payload
 from meshd.logs import setup_logging
-from meshd.metrics import Exposition, MetricsSource, TransferStats
+from meshd.metrics import Exposition, MetricsSource, TransferStats, daemon_registry
 from meshd.net.peer_auth import PeerGate
 from meshd.net.peer_http import PeerClient, PeerServer, PeerTraffic, create_peer_app
 from meshd.net.udp import UDPEndpoint
@@ -73,6 +74,10 @@ class Daemon:
         self.api_token = ""
         self.transfer = TransferStats()
         self.peer_traffic = PeerTraffic()
+        # Private: several daemons share a process in the tests (never prometheus' global one).
+        self.metrics_registry, self.histograms = daemon_registry(self._collect_sources)
+        self._rtt_window = RttWindow()  # probe round trips for the next `stats` event
+        self._udp: UDPEndpoint | None = None
         self.data_dir = Path(cfg.data_dir)
         self.keyring: Keyring | None = None
         self.api_url = ""
@@ -159,7 +164,10 @@ class Daemon:
         node = self.runtime.node
         if timeout is None:
             timeout = default_timeout(node.config.gossip_interval, node.num_active())
-        return await self.runtime.ask(name, payload, filters, timeout, relay_factor, aggregate)
+        started = self.runtime.now()
+        result = await self.runtime.ask(name, payload, filters, timeout, relay_factor, aggregate)
+        self.histograms.query.observe(self.runtime.now() - started)
+        return result
 
     async def join(self, addrs: list[str], timeout: float | None = None) -> int:
         resolved: list[str] = []
@@ -189,6 +197,10 @@ class Daemon:
         log.info("keyring: %s %s (primary now %s)", op, fingerprint(key), fingerprint(ring.primary))
 
     def collect_metrics(self, out: Exposition) -> None:
+        """Everything on this daemon's registry: its components, histograms, process metrics."""
+        out.extend(self.metrics_registry.collect())
+
+    def _collect_sources(self, out: Exposition) -> None:
         out.gauge("meshd_build_info", "meshd version", 1, version=__version__, protocol=str(PROTOCOL_VERSION))
         out.gauge("meshd_uptime_seconds", "seconds since start", self.uptime())
         out.gauge("meshd_ready", "1 once joined or alone by intent", int(self._ready))
@@ -288,6 +300,7 @@ class Daemon:
             set_meta_keys=self.update_meta,
             emit=self._on_release_event,
             transfer=self.transfer,
+            histograms=self.histograms,
         )
 
     # --- run -----------------------------------------------------------------------------------
@@ -339,6 +352,7 @@ class Daemon:
         self._restore_queries(node)
         runtime = NodeRuntime(node, peer_client=PeerClient(codec, self.peer_traffic.started))
         runtime.before_effects = functools.partial(self._persist_core, node)
+        runtime.on_probe_rtt = self._on_probe_rtt
         self._runtime = runtime
         self._metrics += [runtime, health]
         self._exit.push_async_callback(self._close_runtime)
@@ -353,6 +367,7 @@ class Daemon:
         self._exit.callback(udp.close)
         self._metrics.insert(0, udp)
         runtime.udp = udp
+        self._udp = udp
         gate = PeerGate(codec, stats=self.peer_traffic.gate)
         peer_app = create_peer_app(runtime, gate, self.peer_traffic.served)
         self.release = self._make_release_service(codec)
@@ -420,6 +435,7 @@ class Daemon:
         else:
             self._set_ready("alone by intent (no seeds, no peer snapshot)")
         self._spawn(self._snapshot_loop())
+        self._spawn(self._stats_loop())
         if not cfg.advertise and is_wildcard(bind_host):
             self._spawn(self._address_watch_loop(port))
         if cfg.mdns:
@@ -540,6 +556,31 @@ class Daemon:
             self.write_snapshot()
             self.write_query_state()
             last = loop.time()
+
+    def _on_probe_rtt(self, path: str, seconds: float) -> None:
+        self.histograms.probe_rtt.labels(path=path).observe(seconds)
+        self._rtt_window.add(seconds)
+
+    def stats(self) -> dict[str, Any]:
+        """The payload of a `stats` event (meshd.live_stats); starts a new RTT window."""
+        udp = self._udp.stats if self._udp is not None else None
+        return stats_payload(
+            self.runtime.now(),
+            gossip_in_bytes=udp.received_bytes if udp else 0,
+            gossip_out_bytes=udp.sent_bytes if udp else 0,
+            transfer=self.transfer,
+            probe_rtt_ms=self._rtt_window.take_mean_ms(),
+            members=self.members(),
+        )
+
+    async def _stats_loop(self) -> None:
+        """The dashboard's live charts: a `stats` event on the event stream every interval."""
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), STATS_INTERVAL)
+            if self._stop.is_set():
+                return
+            self.runtime.publish(NodeEvent("stats", None, self.stats()))
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -116,6 +116,8 @@ class NodeRuntime:
         # Called before the effects of every core call go out (the daemon persists the
         # incarnation there, so no peer hears one that a restart could go back on).
         self.before_effects: Callable[[], None] | None = None
+        # Gets the probe round trips the core measured: ("direct"|"indirect", seconds).
+        self.on_probe_rtt: Callable[[str, float], None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -370,6 +372,10 @@ class NodeRuntime:
             return
         if self.before_effects is not None:
             self._call(self.before_effects)
+        rtts = self.node.take_probe_rtts()
+        if rtts and self.on_probe_rtt is not None:
+            for path, seconds in rtts:
+                self.on_probe_rtt(path, seconds)
         deadline = pump(self.node, self, self._pump_failed)
         # Whatever happened, the protocol keeps ticking (a failing core: try again in a second).
         self._arm_timer(deadline if deadline is not None else self.now() + 1.0)

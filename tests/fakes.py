@@ -279,6 +279,9 @@ class StandInCore:
     def get_timer(self) -> float:
         return asyncio.get_running_loop().time() + self.timer_in
 
+    def take_probe_rtts(self) -> list[tuple[str, float]]:
+        return []
+
 
 class SentDatagrams:
     """A UDP endpoint that keeps what it was asked to send; sending to `fail_to` raises."""

@@ -262,6 +262,8 @@ def cmd_keys(c: Client, args: argparse.Namespace) -> int:
 def cmd_monitor(c: Client, args: argparse.Namespace) -> int:
     try:
         for event, data in c.stream_events():
+            if event == "stats":
+                continue  # the dashboard's chart feed, every 2 s: not an event for a person
             if args.json:
                 print(data, flush=True)
                 continue

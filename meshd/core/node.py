@@ -96,6 +96,7 @@ from meshd.core.query import (
 )
 from meshd.core.skew import SkewWatcher, format_offset
 from meshd.core.suspicion import Suspicion, suspicion_timeout
+from meshd.core.timings import Timings
 from meshd.core.warnlimit import WarnLimiter
 from meshd.crypto import Keyring
 from meshd.errors import AuthError, DecodeError, MeshError, ReplayError, StateError
@@ -242,6 +243,7 @@ class MembershipCore(Protocol):
     def num_active(self) -> int: ...
     def leave_pending(self) -> bool: ...
     def stats(self) -> NodeStats: ...
+    def take_probe_rtts(self) -> list[tuple[str, float]]: ...
     def clock_skew(self) -> dict[str, Any]: ...
 
     # --- inputs
@@ -300,6 +302,7 @@ class Node:
         self.awareness = Awareness(config.awareness_max_multiplier)
         self.broadcasts = BroadcastQueue(config.retransmit_mult)
         self.counters = Counters()
+        self.probe_rtts = Timings()  # ("direct" | "indirect", seconds), taken by the shell
         self.leaving = False
         self.skew = skew or SkewWatcher()
         self._replay_warnings = WarnLimiter(REPLAY_WARN_EVERY)
@@ -420,6 +423,10 @@ class Node:
     def last_keyop(self) -> int | None:
         """The newest of seen_keyops(), without copying them (checked after every core call)."""
         return self._seen_keyops[-1] if self._seen_keyops else None
+
+    def take_probe_rtts(self) -> list[tuple[str, float]]:
+        """The probe round trips measured since the last call: ("direct"|"indirect", seconds)."""
+        return self.probe_rtts.take()
 
     def stats(self) -> NodeStats:
         counters = dict(self.counters)
@@ -1021,6 +1028,9 @@ class Node:
         p = self._probe
         if p is not None and p.seq == msg.seq and not p.acked:
             p.acked = True
+            # After the probe timeout the ack may have come through a relay (memberlist times
+            # the probe from its ping too).
+            self.probe_rtts.add("indirect" if p.indirect_done else "direct", now - p.start)
             self.awareness.apply_delta(-1)
             return
         r = self._relays.pop(msg.seq, None)

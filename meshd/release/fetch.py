@@ -37,7 +37,7 @@ from meshd.core.swarm import (
     make_bitmap,
 )
 from meshd.errors import IntegrityError
-from meshd.metrics import TransferStats
+from meshd.metrics import Histograms, TransferStats
 from meshd.release.announce import RID_PREFIX, Member
 from meshd.release.manifest import Manifest
 from meshd.release.peer import PeerProtocolError
@@ -152,6 +152,7 @@ class FetchDriver:
         on_complete: Callable[[ReleaseFetch], None],
         on_progress: Callable[[], None],
         on_disk_full: Callable[[ReleaseFetch], None] | None = None,
+        histograms: Histograms | None = None,
     ) -> None:
         self.name = name
         self.site = site
@@ -159,6 +160,7 @@ class FetchDriver:
         self.client = client
         self.store = store
         self.transfer = transfer
+        self.histograms = histograms or Histograms()
         self.counters = counters
         self.swarm_config = swarm_config
         self._spawn = spawn
@@ -508,6 +510,8 @@ class FetchDriver:
         assert task is not None
         fetch.net_phase[req.request_id] = task
         timeout = max(1.0, req.deadline - self.now()) + 1.0
+        source = "site" if mem.site == self.site else "remote_site"
+        started = self.now()
         try:
             stored = await self.client.chunks(
                 mem.addr, req.chunks, [fetch.sizes[c] for c in req.chunks], timeout, to=mem.node_id
@@ -525,10 +529,11 @@ class FetchDriver:
         finally:
             fetch.net_phase.pop(req.request_id, None)
         got = sum(len(s) for s in stored if s)
-        self.transfer.received_bytes += got
+        self.transfer.received(fetch.rid, source, got)
         self._count("fetch.bytes.same_site" if mem.site == self.site else "fetch.bytes.other_site", got)
         pairs = list(zip(req.chunks, stored, strict=True))
         received, bad, err, full = await asyncio.to_thread(self._store_piece, pairs)
+        self.histograms.chunk_fetch.labels(source=source).observe(self.now() - started)
         if err:
             fetch.error = err
         if full:
@@ -574,6 +579,7 @@ class FetchDriver:
         bad = failed = False
         timeout = max(2.0, req.deadline - self.now())
         for cid in req.chunks:
+            started = self.now()
             data: bytes | None = None
             for base in fetch.manifest.origins:
                 url = base.rstrip("/") + f"/chunks/{cid[:2]}/{cid[2:]}"
@@ -602,7 +608,8 @@ class FetchDriver:
                 if full:
                     self._disk_full(fetch, ORIGIN)
                 break
-            self.transfer.origin_bytes += len(data)
+            self.transfer.received(fetch.rid, "origin", len(data))
+            self.histograms.chunk_fetch.labels(source="origin").observe(self.now() - started)
             received.append(cid)
         if bad:
             return Outcome.BAD_HASH, received

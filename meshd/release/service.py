@@ -44,7 +44,7 @@ from meshd.core.counters import Counters
 from meshd.core.node import MemberEvent, MemberView
 from meshd.core.swarm import SwarmConfig, make_bitmap
 from meshd.errors import DecodeError, IntegrityError, StateError
-from meshd.metrics import Exposition, TransferStats
+from meshd.metrics import SOURCES, Exposition, Histograms, TransferStats
 from meshd.release.activate import ActivationDiskFull, ActivationError, Releases
 from meshd.release.announce import (
     RID_PREFIX,
@@ -104,6 +104,7 @@ class ReleaseService:
         swarm_config: SwarmConfig | None = None,
         wall: Callable[[], float] = time.time,
         free_space: FreeSpace | None = None,
+        histograms: Histograms | None = None,
     ) -> None:
         self.config = config or DistConfig()
         self.wall = wall  # only for the manifest's informational `created`: never for ordering
@@ -123,6 +124,7 @@ class ReleaseService:
             fsync=self.config.fsync,
         )
         self.transfer = transfer if transfer is not None else TransferStats()
+        self.histograms = histograms or Histograms()
         self.swarm_config = swarm_config or self.config.swarm_config()
         self.counters = Counters()
         self.fetcher = PeerFetcher(self.codec, self.counters)
@@ -142,6 +144,7 @@ class ReleaseService:
             on_complete=self._on_fetch_complete,
             on_progress=self._announce,
             on_disk_full=lambda fetch: self.space.stalled(fetch),
+            histograms=self.histograms,
         )
         self.space = SpaceGate(
             data_dir,
@@ -525,6 +528,7 @@ class ReleaseService:
         if verdict is not Verdict.ADOPT:
             return
         self._activating.add(rid)
+        started = self.now()
         try:
             result = await asyncio.to_thread(self.releases_dir.activate, manifest)
         except IntegrityError as e:
@@ -548,6 +552,7 @@ class ReleaseService:
             return
         finally:
             self._activating.discard(rid)
+        self.histograms.activation.observe(self.now() - started)
         self._count("activations")
         log.info(
             "%s %s is current (was %s)%s",
@@ -784,6 +789,7 @@ class ReleaseService:
                 "complete_on": sorted(complete_on),
                 "current_on": sorted(current_on),
                 "nodes": dict(sorted(nodes.items())),
+                "bytes": self.transfer.release_bytes(rid),
             }
             error = self._failed.get(rid) or self.space.error(rid) or (fetch.error if fetch else None)
             if error:
@@ -803,6 +809,11 @@ class ReleaseService:
                 "sent_bytes": self.transfer.sent_bytes,
                 "received_bytes": self.transfer.received_bytes,
                 "origin_bytes": self.transfer.origin_bytes,
+                "bytes": {
+                    "site": self.counters["fetch.bytes.same_site"],
+                    "remote_site": self.counters["fetch.bytes.other_site"],
+                    "origin": self.transfer.origin_bytes,
+                },
             },
             "downloading": len(self._fetches),
             "ignored": len(self.policy.ignored),
@@ -814,9 +825,33 @@ class ReleaseService:
         return self.driver.swarm_counters()
 
     def collect_metrics(self, out: Exposition) -> None:
-        """The service's counters and its swarms' (summed), as /metrics has always named them."""
+        """The service's counters and its swarms' (summed), as /metrics has always named them;
+        per release held: its chunks, progress and bytes by source. A release no longer held
+        leaves the metrics (and its byte counts are forgotten)."""
         out.core_counters({f"dist.{k}": v for k, v in self.counters.items()})
         out.core_counters({f"dist.swarm.{k}": v for k, v in self.fetch_counters().items()})
+        self.transfer.keep_only(self._manifests)
+        held = sorted(self._manifests.items(), key=lambda kv: (kv[1].name, release_order(kv[1])))
+        chunks, stored, progress, received = [], [], [], []
+        for rid, m in held:
+            labels = {"release": rid[:RID_PREFIX], "name": m.name, "version": m.version}
+            have, total = self._have(rid), len(m.chunks)
+            chunks.append((labels, total))
+            stored.append((labels, have))
+            progress.append((labels, have / total if total else 1.0))
+            per = self.transfer.release_bytes(rid)
+            received += [({"release": rid[:RID_PREFIX], "source": src}, per[src]) for src in SOURCES]
+        out.labelled("meshd_release_chunks", "gauge", "chunks of each release held", chunks)
+        out.labelled("meshd_release_chunks_stored", "gauge", "chunks of each release this node has", stored)
+        out.labelled(
+            "meshd_release_progress_ratio", "gauge", "share of each release's chunks this node has", progress
+        )
+        out.labelled(
+            "meshd_release_received_bytes_total",
+            "counter",
+            "release bytes received, by source: a peer of this site, of another site, the origin",
+            received,
+        )
 
 
 __all__ = ["ReleaseService"]

@@ -14,6 +14,7 @@ from meshd.health.monitor import HealthMonitor
 from meshd.health.service import HealthService
 from meshd.health.spec import CheckSpec
 from meshd.metrics import Exposition
+from tests.metrics_text import family_types, sample
 
 
 def test_bad_check_config_names_the_check(tmp_path: Any) -> None:
@@ -55,14 +56,9 @@ async def test_collect_metrics_counts_the_checks_by_status(tmp_path: Any) -> Non
     await monitor.run_check("full")
     out = Exposition()
     service.collect_metrics(out)
-    assert out.render() == (
-        "# HELP meshd_health_checks local checks by status\n"
-        "# TYPE meshd_health_checks gauge\n"
-        'meshd_health_checks{status="passing"} 1\n'
-        'meshd_health_checks{status="warning"} 0\n'
-        'meshd_health_checks{status="critical"} 2\n'
-        "# HELP meshd_health_checks_hung_total check runs refused because the check's previous "
-        "blocking call (statvfs) had not returned\n"
-        "# TYPE meshd_health_checks_hung_total counter\n"
-        "meshd_health_checks_hung_total 0\n"
-    )
+    text = out.render()
+    assert family_types(text) == {"meshd_health_checks": "gauge", "meshd_health_checks_hung": "counter"}
+    assert sample(text, "meshd_health_checks", status="passing") == 1
+    assert sample(text, "meshd_health_checks", status="warning") == 0
+    assert sample(text, "meshd_health_checks", status="critical") == 2
+    assert sample(text, "meshd_health_checks_hung_total") == 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from meshd.core.adoption import DISCOVER_RETRY, REJECT_RETRY, Offer
 from meshd.core.messages import MemberState
@@ -22,7 +23,7 @@ from meshd.core.node import MemberView
 from meshd.core.swarm import bitmap_indices, make_bitmap
 from meshd.crypto import PublisherKey
 from meshd.errors import ConfigError
-from meshd.metrics import Exposition
+from meshd.metrics import Exposition, Histograms
 from meshd.release.announce import (
     MAX_GOSSIP_BITMAP_CHUNKS,
     PROGRESS_RATE,
@@ -45,6 +46,7 @@ from meshd.release.store import ChunkStore
 from meshd.units import parse_rate, parse_size
 from meshd.wire import Codec
 from tests.fakes import Midpoint, member
+from tests.metrics_text import sample
 
 CLUSTER = "dtest"
 PUB = PublisherKey(bytes(range(32)))
@@ -241,7 +243,7 @@ def test_collect_metrics_names(tmp_path: Path) -> None:
     out = Exposition()
     svc.collect_metrics(out)
     text = out.render()
-    assert "meshd_dist_manifests_refused_total 1" in text, text
+    assert sample(text, "meshd_dist_manifests_refused_total") == 1, text
 
 
 # --- small pieces ----------------------------------------------------------------------------------
@@ -522,3 +524,58 @@ def test_progress_is_announced_less_often_when_many_nodes_fetch(tmp_path: Path) 
 
 def test_member_meta_keys() -> None:
     assert member_meta_keys({"site": "a", "rel:app": "x", "tag:role": "pos"}) == ["rel:app"]
+
+
+@pytest.mark.parametrize(("my_site", "source"), [("a", "site"), ("b", "remote_site")])
+async def test_release_bytes_are_counted_by_source_and_timed(
+    tmp_path: Path, my_site: str, source: str
+) -> None:
+    peer_store = ChunkStore(tmp_path / "peer", fsync=False)
+    m = make_release(tmp_path, "1.0", store=peer_store)
+    registry = CollectorRegistry()
+    svc = ReleaseService(
+        tmp_path / "me",
+        name="me",
+        site=my_site,
+        tags={},
+        codec=Codec(CLUSTER, None),
+        trusted=[PUB.public_key],
+        config=DistConfig(fsync=False),
+        histograms=Histograms(registry),
+    )
+    fake = StoreBackedFetcher(peer_store, {m.release_id: m.to_bytes()})
+    svc.fetcher = svc.driver.client = svc.intake.client = fake  # type: ignore[assignment]
+    await svc.start()
+    try:
+        svc.member_update(announcing("p", m))  # p is in site "a"
+        await settle(svc)
+        row = svc.releases()[0]
+        assert row["state"] == "active"
+        got = svc.transfer.received_bytes
+        assert got > 0
+        assert row["bytes"] == {"site": 0, "remote_site": 0, "origin": 0} | {source: got}
+        out = Exposition()
+        svc.collect_metrics(out)
+        text = out.render()
+        rid16 = m.release_id[:16]
+        assert sample(text, "meshd_release_received_bytes_total", release=rid16, source=source) == got
+        assert sample(text, "meshd_release_received_bytes_total", release=rid16, source="origin") == 0
+        labels = {"release": rid16, "name": "app", "version": "1.0"}
+        assert sample(text, "meshd_release_chunks", **labels) == len(m.chunks)
+        assert sample(text, "meshd_release_chunks_stored", **labels) == len(m.chunks)
+        assert sample(text, "meshd_release_progress_ratio", **labels) == 1.0
+        timed = generate_latest(registry).decode()
+        assert (sample(timed, "meshd_chunk_fetch_seconds_count", source=source) or 0) >= 1
+        other = "remote_site" if source == "site" else "site"
+        assert sample(timed, "meshd_chunk_fetch_seconds_count", source=other) == 0
+        assert sample(timed, "meshd_activation_seconds_count") == 1
+        # A release no longer held leaves the metric (bounded label values).
+        svc._manifests.clear()
+        out = Exposition()
+        svc.collect_metrics(out)
+        assert (
+            sample(out.render(), "meshd_release_received_bytes_total", release=rid16, source=source) is None
+        )
+        assert svc.transfer.by_release == {}
+    finally:
+        await svc.stop()

@@ -18,6 +18,7 @@ from meshd.metrics import Exposition
 from meshd.runtime import MAX_ANSWERING, NodeRuntime
 from meshd.wire import Codec, encode_message
 from tests.fakes import SentDatagrams, StandInCore
+from tests.metrics_text import sample
 
 CODEC = Codec("t", None)
 
@@ -108,19 +109,19 @@ async def test_collect_metrics_writes_membership_runtime_and_query_counts() -> N
     a.queries.counters.inc("query.match")
     out = Exposition()
     rt.collect_metrics(out)
-    lines = out.render().splitlines()
-    for line in [
-        'meshd_members{state="alive"} 1',
-        'meshd_members{state="dead"} 0',
-        "meshd_health_score 0",
-        "meshd_runtime_errors_total 2",
-        "meshd_events_dropped_total 3",
-        "meshd_event_subscribers 0",
-        "meshd_drops_auth_total 1",
-        "meshd_queries_query_match_total 1",
-        "meshd_queries_in_flight 0",
-        "meshd_queries_busy_total 4",
+    text = out.render()
+    for name, labels, value in [
+        ("meshd_members", {"state": "alive"}, 1),
+        ("meshd_members", {"state": "dead"}, 0),
+        ("meshd_health_score", {}, 0),
+        ("meshd_runtime_errors_total", {}, 2),
+        ("meshd_events_dropped_total", {}, 3),
+        ("meshd_event_subscribers", {}, 0),
+        ("meshd_drops_auth_total", {}, 1),
+        ("meshd_queries_query_match_total", {}, 1),
+        ("meshd_queries_in_flight", {}, 0),
+        ("meshd_queries_busy_total", {}, 4),
     ]:
-        assert line in lines, line
-    assert any(line.startswith("meshd_broadcast_queue ") for line in lines)
+        assert sample(text, name, **labels) == value, name
+    assert sample(text, "meshd_broadcast_queue") is not None
     await rt.close()
