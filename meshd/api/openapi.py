@@ -18,12 +18,14 @@ from meshd import __version__
 from meshd.api.app import HEALTH_VALUES, MAX_BODY, MAX_CLIENT_SSE, MAX_JOIN_ADDRS, STATES
 from meshd.api.queries import MAX_FILTER_NODES, MAX_FILTER_TAGS, MAX_PAYLOAD
 from meshd.release.api import MAX_ORIGINS
+from meshd.release.manifest import NAME_RE, RESERVED_VERSIONS
 
 __all__ = ["OPENAPI_PATH", "add_openapi_route", "openapi_document"]
 
 OPENAPI_PATH = "/v1/openapi.json"
 _JSON = "application/json"
 _DURATION = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)?$"  # units.parse_duration
+_RELEASE_NAME = f"^{NAME_RE.pattern}$"  # release/manifest.py
 _QUERY_STATUSES = ("passing", "warning", "critical", "unknown")
 _RELEASE_STATES = ("waiting", "downloading", "activating", "failed", "active", "installed", "complete")
 
@@ -205,7 +207,8 @@ _SCHEMAS: dict[str, Any] = {
 # --- answers -----------------------------------------------------------------------------------
 
 _ERROR_WHY = {
-    400: "Bad parameters or body",
+    400: "Bad parameters or body (JSON); or, as text/plain from the HTTP server before meshd "
+    "sees the request, a request line or header over 8190 bytes",
     401: "No Authorization header (changes need the API token)",
     403: "Wrong API token, or an Origin that is not this API",
     404: "No such thing",
@@ -225,6 +228,8 @@ def _error(status: int) -> dict[str, Any]:
     out: dict[str, Any] = {"description": _ERROR_WHY[status], "content": {_JSON: {"schema": _ref("Error")}}}
     if status in (429, 503):
         out["headers"] = copy.deepcopy(_RETRY_AFTER)
+    if status == 400:
+        out["content"]["text/plain"] = {"schema": _STR}
     return out
 
 
@@ -233,9 +238,10 @@ def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 
 
 def _responses(ok: dict[int, dict[str, Any]], *errors: int) -> dict[str, Any]:
-    """The route's own answers plus what the middleware can say on any route (421, 403)."""
+    """The route's own answers plus what any route can say: 421 and 403 (the Host and Origin
+    guard), 400 (a request line or header too long for the HTTP server)."""
     out: dict[str, Any] = {str(status): body for status, body in ok.items()}
-    for status in sorted({*errors, 403, 421}):
+    for status in sorted({*errors, 400, 403, 421}):
         out[str(status)] = _error(status)
     return out
 
@@ -304,8 +310,8 @@ _QUERY_BODY = _obj(
 _RELEASE_BODY = _obj(
     {
         "path": {"type": "string", "pattern": "^/", "description": "a file or directory on the node's host"},
-        "name": {"type": "string", "pattern": r"\S"},
-        "version": {"type": "string", "pattern": r"\S"},
+        "name": {"type": "string", "pattern": _RELEASE_NAME},
+        "version": {"type": "string", "pattern": _RELEASE_NAME, "not": {"enum": sorted(RESERVED_VERSIONS)}},
         "key_file": {"type": "string", "pattern": "^/", "description": "the publisher's Ed25519 key file"},
     },
     {
@@ -402,7 +408,7 @@ _PATHS: dict[str, Any] = {
                         "op": {"enum": ["install", "use", "remove"]},
                         "key": {
                             "type": "string",
-                            "contentEncoding": "base64",
+                            "pattern": "^[A-Za-z0-9+/]{43}=$",
                             "description": "32 bytes, base64",
                         },
                     }
