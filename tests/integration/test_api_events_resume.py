@@ -8,10 +8,13 @@ import base64
 import http.client
 import json
 import os
+import queue
 import signal
+import subprocess
+import threading
 from urllib.parse import urlsplit
 
-from tests.processes import Mesh, NodeProc
+from tests.processes import Mesh, NodeProc, clean_env, meshctl_cmd
 
 
 class EventStream:
@@ -99,3 +102,43 @@ def test_a_client_that_comes_back_gets_what_it_missed_and_a_reset_after_a_restar
     assert json.loads(reset["data"])["last_event_id"] == live["id"]
     assert not reset["id"].startswith(boot + "-")
     stream.close()
+
+
+def test_meshctl_monitor_reconnects_after_a_restart_and_says_events_were_missed(mesh: Mesh) -> None:
+    node = mesh.node("ev2").start()
+    proc = subprocess.Popen(
+        meshctl_cmd("monitor", "--json", "--api", node.api_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=clean_env(),
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_pipe, args=(proc, lines), daemon=True).start()
+    try:
+        mesh.wait_until("monitor's stream", lambda: _streams(node) == 1)
+        install_key(node)
+        assert "keyring" in json.loads(lines.get(timeout=15))["kind"]
+        node.signal(signal.SIGTERM)
+        assert node.wait_exit() == 0
+        node.start()
+        # Its last id is of the run before: the new stream starts with a reset, then goes on.
+        assert json.loads(lines.get(timeout=30))["detail"]
+        mesh.wait_until("monitor back", lambda: _streams(node) == 1)
+        install_key(node)
+        assert json.loads(lines.get(timeout=15))["kind"] == "keyring"
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _pipe(proc: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
+    for line in proc.stdout or ():
+        lines.put(line)
+
+
+def _streams(node: NodeProc) -> int:
+    for line in node.text("/metrics").splitlines():
+        if line.startswith("meshd_api_event_streams "):
+            return int(float(line.split()[1]))
+    return 0
