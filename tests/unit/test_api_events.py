@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+from aiohttp.test_utils import make_mocked_request
 
-from meshd.api.app import _opening_frames, reset_frame, sse_frame
+from meshd.api.app import _last_event_id, _opening_frames, reset_frame, sse_frame
 from meshd.api.events import READER_QUEUE, EventHub, EventLog
 from meshd.core.messages import MemberState
 from meshd.runtime import NodeEvent
@@ -134,3 +135,15 @@ async def test_frames_carry_their_ids_and_a_fresh_stream_its_position() -> None:
     assert _opening_frames(opening, None) == [b"retry: 2000\nid: b-0\n: meshd events\n\n"]
     assert reset_frame("b-9", "x", "why").startswith(b"id: b-9\nevent: reset\ndata: ")
     await hub.close()
+
+
+def test_where_a_client_got_to_comes_from_the_header_or_the_query() -> None:
+    def asked(url: str, **headers: str) -> str | None:
+        return _last_event_id(make_mocked_request("GET", url, headers=headers))
+
+    assert asked("/v1/events") is None
+    assert asked("/v1/events", **{"Last-Event-ID": "b-4"}) == "b-4"
+    assert asked("/v1/events?last_event_id=b-2") == "b-2"  # EventSource's first connection
+    assert asked("/v1/events?last_event_id=b-2", **{"Last-Event-ID": "b-5"}) == "b-5"  # a reconnection
+    assert asked("/v1/events", **{"Last-Event-ID": "  "}) is None
+    assert len(asked("/v1/events?last_event_id=" + "9" * 5000) or "") == 200  # bounded
