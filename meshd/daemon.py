@@ -22,6 +22,7 @@ from typing import Any
 
 from meshd import PROTOCOL_VERSION, __version__, discovery, state
 from meshd.api.app import ApiServer, create_api_app
+from meshd.api.openapi import add_openapi_route
 from meshd.config import NodeConfig, discovery_config
 from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.node import MemberEvent, MemberView, Node
@@ -385,6 +386,7 @@ class Daemon:
             log.warning("operator API on %s is reachable from the network; reads need no token", cfg.api)
         api_app = create_api_app(self, cfg.allowed_api_hosts())
         add_release_routes(api_app, self.release)
+        add_openapi_route(api_app)  # last: it describes the routes above
         api = ApiServer(api_app)
         try:
             await api.start(api_host, api_port)

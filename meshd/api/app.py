@@ -15,6 +15,7 @@ import base64
 import binascii
 import importlib.resources
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from aiohttp import web
 
 from meshd import __version__
 from meshd.api.agent import AGENT, Agent, EventLike, MemberLike
+from meshd.api.events import EventHub, Opening
 from meshd.api.guard import AllowedHost, HostPolicy, split_authority, split_origin
 from meshd.api.http import ApiError, error_response, json_response, read_json, require_token
 from meshd.api.limits import API_COUNTERS, SLOW_READER, ClientSlots, client_of, collect_api_metrics
@@ -52,6 +54,7 @@ _MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 SHUTDOWN = web.AppKey("shutdown", asyncio.Event)
 HOST_POLICY = web.AppKey("host_policy", HostPolicy)
 SSE_CLIENTS = web.AppKey("sse_clients", ClientSlots)
+EVENT_HUB = web.AppKey("event_hub", EventHub)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -296,14 +299,21 @@ def event_json(ev: EventLike) -> bytes:
     return orjson.dumps({"kind": ev.kind, "member": member})
 
 
-def sse_frame(ev: EventLike) -> bytes:
+def sse_frame(ev: EventLike, event_id: str | None = None) -> bytes:
     """One SSE frame: member/keyring events, or events that carry their own JSON payload
-    (release events from update distribution)."""
+    (release events from update distribution); with its id (api/events.py) when given."""
+    head = b"id: " + event_id.encode() + b"\n" if event_id is not None else b""
     payload = getattr(ev, "payload", None)
     if isinstance(payload, dict):
-        return b"event: " + ev.kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+        return head + b"event: " + ev.kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
     name = b"keyring" if ev.kind == "keyring" else b"member"
-    return b"event: " + name + b"\ndata: " + event_json(ev) + b"\n\n"
+    return head + b"event: " + name + b"\ndata: " + event_json(ev) + b"\n\n"
+
+
+def reset_frame(event_id: str, last_event_id: str, why: str) -> bytes:
+    """The stream cannot give what came after `last_event_id`: the client reloads its state."""
+    data = orjson.dumps({"last_event_id": last_event_id, "detail": why})
+    return b"id: " + event_id.encode() + b"\nevent: reset\ndata: " + data + b"\n\n"
 
 
 def _too_many_streams(refused: str) -> web.Response:
@@ -336,56 +346,80 @@ def _client_gone(request: web.Request) -> bool:
 
 async def get_events(request: web.Request) -> web.StreamResponse:
     app = request.app
-    agent = app[AGENT]
     slots, client = app[SSE_CLIENTS], client_of(request)
     refused = slots.acquire(client)
     if refused is not None:
         app[API_COUNTERS].inc(f"refused.events_{refused}")
         return _too_many_streams(refused)
     try:
-        return await _stream_events(request, agent)
+        return await _stream_events(request)
     finally:
         slots.release(client)
 
 
-async def _stream_events(request: web.Request, agent: Agent) -> web.StreamResponse:
+def _last_event_id(request: web.Request) -> str | None:
+    """Where a client that comes back got to: the Last-Event-ID header (EventSource sends it
+    when it reconnects), or ?last_event_id= (a first connection cannot set headers)."""
+    value = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    return value.strip()[:200] if value and value.strip() else None
+
+
+def _opening_frames(opening: Opening, last_event_id: str | None) -> list[bytes]:
+    hello = b"retry: 2000\n"
+    if opening.hello_id is not None and opening.reset is None:
+        hello += b"id: " + opening.hello_id.encode() + b"\n"  # a position before any event
+    frames = [hello + b": meshd events\n\n"]
+    if opening.reset is not None and opening.hello_id is not None and last_event_id is not None:
+        frames.append(reset_frame(opening.hello_id, last_event_id, opening.reset))
+    frames.extend(sse_frame(ev, event_id) for event_id, ev in opening.backlog)
+    return frames
+
+
+async def _stream_events(request: web.Request) -> web.StreamResponse:
     app = request.app
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
-    await resp.prepare(request)
-    sub = agent.subscribe()
-    shutdown = app[SHUTDOWN]
-    stop = asyncio.ensure_future(shutdown.wait())
+    last_event_id = _last_event_id(request)
+    reader, opening = app[EVENT_HUB].open(last_event_id)
     getter: asyncio.Future[Any] | None = None
-    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[Any] | None = None
     try:
-        sent = await _send(request, resp, b"retry: 2000\n: meshd events\n\n")
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await resp.prepare(request)
+        shutdown = app[SHUTDOWN]
+        stop = asyncio.ensure_future(shutdown.wait())
+        loop = asyncio.get_running_loop()
+        sent = True
+        for frame in _opening_frames(opening, last_event_id):
+            sent = sent and await _send(request, resp, frame)
         last = loop.time()
         # aiohttp does not cancel a handler whose client left: look at the transport now and
-        # then, so a closed stream gives its per-client slot back within SSE_POLL.
-        while sent and not shutdown.is_set() and not _client_gone(request):
+        # then, so a closed stream gives its per-client slot back within SSE_POLL. A stream
+        # that fell behind ends: its client resumes from the last id it got.
+        while sent and not reader.lost and not shutdown.is_set() and not _client_gone(request):
             if getter is None:
-                getter = asyncio.ensure_future(sub.get())
+                getter = asyncio.ensure_future(reader.queue.get())
             done, _ = await asyncio.wait(
                 {getter, stop}, timeout=SSE_POLL, return_when=asyncio.FIRST_COMPLETED
             )
             if getter in done:
-                sent, last = await _send(request, resp, sse_frame(getter.result())), loop.time()
+                event_id, ev = getter.result()
+                sent, last = await _send(request, resp, sse_frame(ev, event_id)), loop.time()
                 getter = None
             elif stop not in done and loop.time() - last >= SSE_KEEPALIVE:
                 sent, last = await _send(request, resp, b": keepalive\n\n"), loop.time()
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
-        stop.cancel()
+        if stop is not None:
+            stop.cancel()
         if getter is not None:
             getter.cancel()  # a client gone mid-wait must not leave the Queue.get pending
-        sub.close()
+        app[EVENT_HUB].close_reader(reader)
     return resp
 
 
@@ -452,10 +486,17 @@ async def _on_shutdown(app: web.Application) -> None:
     app[SHUTDOWN].set()
 
 
-def create_api_app(agent: Agent, allow_hosts: Iterable[AllowedHost] = ()) -> web.Application:
+async def _on_cleanup(app: web.Application) -> None:
+    await app[EVENT_HUB].close()
+
+
+def create_api_app(
+    agent: Agent, allow_hosts: Iterable[AllowedHost] = (), boot: str | None = None
+) -> web.Application:
     """The operator API; later features (health, query, releases) add their routes to it.
 
-    `allow_hosts`: names the API answers besides loopback names and its own address."""
+    `allow_hosts`: names the API answers besides loopback names and its own address. `boot`:
+    what event ids of this run start with (default: random, new with every run)."""
     app = web.Application(
         client_max_size=MAX_BODY, middlewares=[error_middleware, origin_middleware, auth_middleware]
     )
@@ -464,7 +505,9 @@ def create_api_app(agent: Agent, allow_hosts: Iterable[AllowedHost] = ()) -> web
     app[HOST_POLICY] = HostPolicy(allow_hosts)
     app[API_COUNTERS] = Counters()
     app[SSE_CLIENTS] = ClientSlots(MAX_CLIENT_SSE, MAX_SSE_CLIENTS)
+    app[EVENT_HUB] = EventHub(agent.subscribe, boot if boot is not None else secrets.token_hex(4))
     app.on_shutdown.append(_on_shutdown)
+    app.on_cleanup.append(_on_cleanup)
     r = app.router
     r.add_get("/", get_index)
     r.add_get("/static/{name}", get_static)

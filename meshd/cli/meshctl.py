@@ -59,6 +59,7 @@ class Client:
         self.api = normalize_api(api)
         self.token = token
         self.timeout = timeout
+        self.last_event_id: str | None = None  # of the last event stream_events read
 
     def _request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -106,9 +107,13 @@ class Client:
         return self._request("POST", path, body if body is not None else {}, timeout)
 
     def stream_events(self) -> Iterator[tuple[str, str]]:
-        """Server-sent events as (event, data) pairs until the server closes the stream."""
+        """Server-sent events as (event, data) pairs until the server closes the stream; a
+        second call resumes after the last event this client read (Last-Event-ID)."""
+        headers = {"Accept": "text/event-stream"}
+        if self.last_event_id:
+            headers["Last-Event-ID"] = self.last_event_id
         req = urllib.request.Request(  # noqa: S310 - normalize_api allows http(s) only
-            self.api + "/v1/events", headers={"Accept": "text/event-stream"}
+            self.api + "/v1/events", headers=headers
         )
         try:
             resp = urllib.request.urlopen(req, timeout=60)  # noqa: S310 - normalize_api allows http(s) only
@@ -117,15 +122,19 @@ class Client:
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
             raise CtlError(f"cannot reach meshd at {self.api}: {getattr(e, 'reason', e)}") from None
         with resp:
-            event, data = "message", list[str]()
+            event, data, event_id = "message", list[str](), None
             for raw in resp:
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 if not line:
+                    if event_id is not None:
+                        self.last_event_id = event_id  # a frame's id counts once it is whole
                     if data:
                         yield event, "\n".join(data)
-                    event, data = "message", []
+                    event, data, event_id = "message", [], None
                 elif line.startswith(":"):
                     continue
+                elif line.startswith("id:"):
+                    event_id = line[3:].strip()
                 elif line.startswith("event:"):
                     event = line[6:].strip()
                 elif line.startswith("data:"):
@@ -259,35 +268,55 @@ def cmd_keys(c: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_monitor(c: Client, args: argparse.Namespace) -> int:
+MONITOR_RETRIES = 5  # reconnections in a row that get no event before monitor gives up
+MONITOR_RETRY_S = 2.0
+
+
+def _monitor_line(event: str, data: str) -> str:
     try:
-        for event, data in c.stream_events():
-            if event == "stats":
-                continue  # the dashboard's chart feed, every 2 s: not an event for a person
-            if args.json:
-                print(data, flush=True)
-                continue
-            try:
-                doc = json.loads(data)
-                m = doc.get("member", {})
-                line = (
-                    f"{time.strftime('%H:%M:%S')} {event} {doc.get('kind')}: "
-                    f"{m.get('name')} {m.get('addr')} {m.get('state')}"
-                )
-                if event == "release":
-                    line = (
-                        f"{time.strftime('%H:%M:%S')} release {doc.get('name')} "
-                        f"{doc.get('version')}: {doc.get('state')}"
-                        + (f" ({doc['detail']})" if doc.get("detail") else "")
-                    )
-            except (ValueError, AttributeError):
-                line = f"{time.strftime('%H:%M:%S')} {event}: {data}"
-            print(line, flush=True)
-    except KeyboardInterrupt:
-        return 0
-    except (OSError, TimeoutError) as e:
-        raise CtlError(f"event stream from {c.api} ended: {e}") from None
-    raise CtlError(f"meshd at {c.api} closed the event stream")
+        doc = json.loads(data)
+        if event == "reset":
+            return f"{time.strftime('%H:%M:%S')} reset: events were missed ({doc.get('detail')})"
+        m = doc.get("member", {})
+        line = (
+            f"{time.strftime('%H:%M:%S')} {event} {doc.get('kind')}: "
+            f"{m.get('name')} {m.get('addr')} {m.get('state')}"
+        )
+        if event == "release":
+            line = (
+                f"{time.strftime('%H:%M:%S')} release {doc.get('name')} "
+                f"{doc.get('version')}: {doc.get('state')}"
+                + (f" ({doc['detail']})" if doc.get("detail") else "")
+            )
+    except (ValueError, AttributeError):
+        line = f"{time.strftime('%H:%M:%S')} {event}: {data}"
+    return line
+
+
+def cmd_monitor(c: Client, args: argparse.Namespace) -> int:
+    """Print events as they come; when the stream breaks (the node restarts, the network
+    blinks) reconnect and resume after the last event seen (a `reset` line: some were lost)."""
+    failures = 0
+    while True:
+        try:
+            for event, data in c.stream_events():
+                failures = 0
+                if event == "stats":
+                    continue  # the dashboard's chart feed, every 2 s: not an event for a person
+                print(data if args.json else _monitor_line(event, data), flush=True)
+            why = "the node closed the stream"
+        except KeyboardInterrupt:
+            return 0
+        except (OSError, TimeoutError, CtlError) as e:
+            why = str(e)
+        failures += 1
+        if failures > MONITOR_RETRIES:
+            raise CtlError(f"event stream from {c.api} ended: {why}")
+        print(f"meshctl: {why}; reconnecting", file=sys.stderr, flush=True)
+        try:
+            time.sleep(MONITOR_RETRY_S)
+        except KeyboardInterrupt:
+            return 0
 
 
 def _bar(done: float, total: float, width: int = 30) -> str:

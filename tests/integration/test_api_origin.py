@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from meshd.api import app as api_app
-from meshd.api.app import MAX_CLIENT_SSE, SSE_CLIENTS, ApiServer, create_api_app
+from meshd.api.app import EVENT_HUB, MAX_CLIENT_SSE, SSE_CLIENTS, ApiServer, create_api_app
 from meshd.api.guard import AllowedHost
 from meshd.core.messages import MemberState
 from tests.fakes import AUTH, FakeAgent, FakeEvent, member
@@ -286,11 +286,12 @@ async def test_a_reader_that_never_reads_is_dropped(server: Server, monkeypatch:
         big = "x" * 65536
         for i in range(400):  # 26 MB: far more than the socket buffers hold
             sub.queue.put_nowait(BigEvent("release", payload={"i": str(i), "blob": big}))  # type: ignore[arg-type]
+        hub = server.api.app[EVENT_HUB]
         for _ in range(500):
-            if not server.agent.subs:
+            if not hub.readers:
                 break
             await asyncio.sleep(0.02)
-        assert server.agent.subs == []  # the stream ended, its subscription closed
+        assert hub.readers == set()  # the stream ended (the API's one subscription stays)
         assert server.api.app[SSE_CLIENTS].count == 0
         assert sample(await server.metrics(), "meshd_api_events_slow_reader_total") == 1
     finally:
