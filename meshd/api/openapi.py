@@ -175,7 +175,50 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "node name -> have/total chunks",
             },
         },
-        {"error": _STR},
+        {
+            "error": _STR,
+            "bytes": {
+                **_obj({"site": _INT, "remote_site": _INT, "origin": _INT}),
+                "description": "bytes this node received for it: from peers in its site, in other "
+                "sites, from the origin",
+            },
+        },
+    ),
+    "RolloutSite": _obj(
+        {
+            "nodes": _INT,
+            "complete": _INT,
+            "fetching": _INT,
+            "waiting": _INT,
+            "current": _INT,
+            "have_chunks": _INT,
+            "total_chunks": _INT,
+            "percent": {"type": "number", "minimum": 0, "maximum": 100},
+            "down": _NAMES,
+        }
+    ),
+    "Rollout": _obj(
+        {
+            "releases": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "name": _STR,
+                        "version": _STR,
+                        "id": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                        "seq": _INT,
+                        "chunks": _INT,
+                        "nodes": _INT,
+                        "complete": _INT,
+                        "percent": {"type": "number", "minimum": 0, "maximum": 100},
+                        "sites": {"type": "object", "additionalProperties": _ref("RolloutSite")},
+                    }
+                ),
+            }
+        }
+    ),
+    "Reload": _obj(
+        {"ok": _BOOL, "applied": _NAMES, "restart_needed": _NAMES, "error": {"type": ["string", "null"]}}
     ),
     "Releases": _obj(
         {
@@ -419,7 +462,7 @@ _PATHS: dict[str, Any] = {
     },
     "/v1/events": {
         "get": {
-            "summary": "Server-sent events: member, keyring, health, release, query (and reset)",
+            "summary": "Server-sent events: member, keyring, health, release, query, reload, stats, reset",
             "description": "Every frame has an id (<boot>-<seq>). Reconnect with Last-Event-ID (or "
             "?last_event_id=) to get the events missed first; an id from another run, or older than "
             "the node keeps, starts the stream with `event: reset` (reload the state).",
@@ -493,6 +536,40 @@ _PATHS: dict[str, Any] = {
             "requestBody": _body(_RELEASE_BODY),
             "responses": _responses({201: _ok(_ref("Published"), "published")}, *_CHANGE, 409, 507),
         },
+    },
+    "/v1/rollout": {
+        "get": {
+            "summary": "How far each release has spread, per site, from what members gossip",
+            "description": "Only alive members count; a dead member that announced a release is listed in "
+            "its site's `down`.",
+            "responses": _responses({200: _ok(_ref("Rollout"))}),
+        }
+    },
+    "/v1/reload": {
+        "post": {
+            "summary": "Re-read the configuration file as SIGHUP does (as `consul reload`)",
+            "description": "Applies checks, query handlers, trusted publisher keys, tags, rate caps and "
+            "logging; names the changed settings that need a restart. A refused file changes nothing (409).",
+            "security": _SECURED,
+            "responses": _responses({200: _ok(_ref("Reload"))}, *_CHANGE, 409),
+        }
+    },
+    "/static/{name}": {
+        "get": {
+            "summary": "The dashboard's script and style sheet (a fixed list of names)",
+            "parameters": [
+                _param("name", "path", _STR, "dashboard.js or dashboard.css", required=True),
+            ],
+            "responses": _responses(
+                {
+                    200: {
+                        "description": "the file",
+                        "content": {"text/javascript": {"schema": _STR}, "text/css": {"schema": _STR}},
+                    }
+                },
+                404,
+            ),
+        }
     },
     OPENAPI_PATH: {
         "get": {

@@ -104,6 +104,8 @@ async def call(
 
 def assert_conforms(method: str, url: str, resp: web.Response) -> Any:
     path = url.split("?")[0]
+    if path.startswith("/static/"):
+        path = "/static/{name}"  # the one templated path
     content_type = resp.content_type
     schema = _schema_of(path, method, resp.status, content_type)
     assert isinstance(resp.body, bytes)
@@ -128,9 +130,16 @@ def health(status: str, *checks: str) -> bytes:
 def agent() -> FakeAgent:
     return FakeAgent(
         people=[
-            member("n1", site="factory", meta={"health": "passing"}, role="gw"),
+            member(
+                "n1",
+                site="factory",
+                meta={"health": "passing", "rel:app": "2 0123456789abcdef 3/4 #7"},
+                role="gw",
+            ),
             member("n2", MemberState.SUSPECT, site="factory"),
-            member("n3", MemberState.DEAD, site="shop"),
+            member(
+                "n3", MemberState.DEAD, site="shop", meta={"rel:app": "2 0123456789abcdef 4/4 #7 current"}
+            ),
         ],
         ring=[bytes(range(32))],
         answers=[
@@ -164,6 +173,10 @@ READS = [
     ("/v1/health?timeout=soon", 400),
     ("/v1/health?site=re:fac.*", 401),  # a pattern needs the token
     (OPENAPI_PATH, 200),
+    ("/v1/rollout", 200),
+    ("/static/dashboard.js", 200),
+    ("/static/dashboard.css", 200),
+    ("/static/index.html", 404),  # only the fixed list
 ]
 
 
@@ -180,6 +193,17 @@ async def test_the_host_guard_answer_is_documented(agent: FakeAgent) -> None:
     assert isinstance(resp, web.Response)
     assert resp.status == 421
     assert_conforms("GET", "/v1/status", resp)
+
+
+async def test_rollout_and_a_refused_reload_conform(agent: FakeAgent) -> None:
+    app = full_app(agent)
+    rollout = assert_conforms("GET", "/v1/rollout", await call(app, "GET", "/v1/rollout"))
+    assert [r["id"] for r in rollout["releases"]] == ["0123456789abcdef"]
+    assert rollout["releases"][0]["sites"]["shop"]["down"] == ["n3"]
+    agent.reload_outcome = {"ok": False, "applied": [], "restart_needed": [], "error": "bad toml"}
+    resp = await call(app, "POST", "/v1/reload", None, True)
+    assert resp.status == 409
+    assert assert_conforms("POST", "/v1/reload", resp)["detail"] == "bad toml"
 
 
 async def test_readyz_not_ready_and_an_insecure_keyring_conform(agent: FakeAgent) -> None:
@@ -199,6 +223,8 @@ CHANGES: list[tuple[str, Any, bool, int]] = [
     ("/v1/query", {"name": "uptime", "payload": "x", "nodes": ["n1"], "tags": {"role": "gw"}}, True, 200),
     ("/v1/query", {"name": ""}, True, 400),
     ("/v1/leave", {}, True, 200),
+    ("/v1/reload", None, True, 200),
+    ("/v1/reload", None, False, 401),
 ]
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import generate_latest
 
-from meshd.cli.meshctl import CtlError, cmd_monitor
+from meshd.cli.meshctl import cmd_monitor
 from meshd.core.config import LAN
 from meshd.core.messages import MemberState
 from meshd.core.timings import Timings
@@ -140,19 +140,30 @@ def test_the_stats_payload_has_the_shape_the_dashboard_reads() -> None:
 
 
 class _Stream:
+    """One stream with a stats and a release event; the node then closes it and the person
+    stops `monitor` (Ctrl-C) while it waits to reconnect."""
+
     api = "http://127.0.0.1:1"
 
+    def __init__(self) -> None:
+        self.calls = 0
+
     def stream_events(self) -> Iterator[tuple[str, str]]:
+        self.calls += 1
+        if self.calls > 1:
+            raise KeyboardInterrupt
         yield "stats", json.dumps({"t": 1.0})
         yield "release", json.dumps({"name": "app", "version": "2", "state": "active"})
 
 
 @pytest.mark.parametrize("as_json", [False, True])
 def test_meshctl_monitor_does_not_print_stats_events(
-    as_json: bool, capsys: pytest.CaptureFixture[str]
+    as_json: bool, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with pytest.raises(CtlError):  # the stream ended
-        cmd_monitor(_Stream(), argparse.Namespace(json=as_json))  # type: ignore[arg-type]
+    monkeypatch.setattr("meshd.cli.meshctl.time.sleep", lambda _s: None)
+    stream = _Stream()
+    assert cmd_monitor(stream, argparse.Namespace(json=as_json)) == 0  # type: ignore[arg-type]
+    assert stream.calls == 2  # it reconnected once the stream ended
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1
     assert "app" in lines[0]
