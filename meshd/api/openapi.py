@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from meshd import __version__
-from meshd.api.app import HEALTH_VALUES, MAX_BODY, MAX_CLIENT_SSE, MAX_JOIN_ADDRS, STATES
+from meshd.api.app import HEALTH_VALUES, MAX_BODY, MAX_CLIENT_SSE, MAX_JOIN_ADDRS, STATES, STATIC_FILES
 from meshd.api.queries import MAX_FILTER_NODES, MAX_FILTER_TAGS, MAX_PAYLOAD
 from meshd.release.api import MAX_ORIGINS
 from meshd.release.manifest import NAME_RE, RESERVED_VERSIONS
@@ -558,7 +558,9 @@ _PATHS: dict[str, Any] = {
         "get": {
             "summary": "The dashboard's script and style sheet (a fixed list of names)",
             "parameters": [
-                _param("name", "path", _STR, "dashboard.js or dashboard.css", required=True),
+                _param(
+                    "name", "path", {"enum": sorted(STATIC_FILES)}, "a file of the dashboard", required=True
+                ),
             ],
             "responses": _responses(
                 {

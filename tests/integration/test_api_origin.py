@@ -5,6 +5,7 @@ must misbehave (no Host, never reading)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -200,9 +201,13 @@ async def test_same_origin_passes(server: Server, origin: str) -> None:
 
 async def test_dashboard_page_fetches_only_same_origin_paths(server: Server) -> None:
     html = await (await server.get("/", f"localhost:{server.port}")).text()
-    assert 'fetch("/v1/status")' in html
-    assert 'new EventSource("/v1/events")' in html
-    assert "http://" not in html.split("<script", 1)[1]  # no absolute (cross-origin) URL in the JS
+    assert '<script src="/static/dashboard.js">' in html
+    assert "http://" not in html and "https://" not in html
+    js = await (await server.get("/static/dashboard.js", f"localhost:{server.port}")).text()
+    assert 'getJSON("/v1/status")' in js
+    assert 'new EventSource("/v1/events")' in js
+    # No absolute (cross-origin) URL in the script; the SVG namespace is a name, not a fetch.
+    assert re.findall(r"https?://[^\s\"'`]*", js) == ["http://www.w3.org/2000/svg"]
 
 
 async def _first_frame(resp: aiohttp.ClientResponse) -> bytes:

@@ -138,6 +138,8 @@ def test_sighup_applies_tags_checks_and_log_level_refuses_a_bad_file_and_names_r
         )
         os.kill(node.proc.pid, signal.SIGHUP)
         mesh.wait_until("a failed reload", lambda: reloads(node, "failed") == 1)
+        # The counter is read over HTTP, the event over the stream: either may come first.
+        mesh.wait_until("the second reload event", lambda: len(events.of("reload")) == 2)
         failed = events.of("reload")[-1]
         assert failed["ok"] is False
         assert str(path) in failed["error"]
