@@ -24,6 +24,8 @@ class Timings:
         self._pending.append((label, max(0.0, seconds)))
 
     def take(self) -> list[tuple[str, float]]:
+        if not self._pending:  # the usual case: taken after every core call
+            return []
         out = list(self._pending)
         self._pending.clear()
         return out

@@ -294,6 +294,12 @@ function eventText(name, d) {
     return ["release", `${d.name} ${d.version} ${d.state}${d.node ? ` on ${d.node}` : ""}` +
       `${d.detail ? ` (${d.detail})` : ""}`];
   }
+  if (name === "reload") {
+    if (!d.ok) return ["failed", `reload refused: ${d.error || ""}`];
+    const restart = (d.restart_needed || []).length ? `; restart for ${d.restart_needed.join(", ")}` : "";
+    return ["reload", `applied ${(d.applied || []).join(", ") || "nothing"}${restart}`];
+  }
+  if (name === "reset") return ["reset", "events were missed: views reloaded"];
   return [d.kind || name, d.name || ""];
 }
 
@@ -339,10 +345,16 @@ async function refresh() {
   }
 }
 
-// Failing checks come from a gossip query: asked less often than the gossiped views.
+// Failing checks come from a gossip query to the whole mesh: asked less often than the
+// gossiped views, at most once per HEALTH_MIN_MS however many health events come, and not while
+// the page is hidden (a tab left open in the background costs the fleet nothing).
+const HEALTH_MIN_MS = 5000;
+let healthAskedAt = -Infinity;
+
 async function refreshHealth() {
-  if (healthInFlight) return;
+  if (healthInFlight || document.hidden || performance.now() - healthAskedAt < HEALTH_MIN_MS) return;
   healthInFlight = true;
+  healthAskedAt = performance.now();
   try {
     const doc = await getJSON("/v1/health?summary=site&timeout=3s");
     const failing = {};
@@ -385,6 +397,9 @@ function connect() {
   handle("keyring");
   handle("release", soon);
   handle("health", () => { soon(); refreshHealth(); });
+  handle("reload");
+  // Events were missed (the node restarted, or this page fell too far behind): reload the views.
+  handle("reset", () => { soon(); refreshHealth(); });
   es.addEventListener("stats", (ev) => {
     try { onStats(JSON.parse(ev.data)); } catch (e) { /* a malformed frame: skip it */ }
   });
@@ -396,3 +411,4 @@ refreshHealth();
 connect();
 setInterval(refresh, 5000);
 setInterval(refreshHealth, 15000);
+document.addEventListener("visibilitychange", () => { if (!document.hidden) { refresh(); refreshHealth(); } });
