@@ -16,7 +16,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,16 +135,20 @@ class Daemon:
     def subscribe(self) -> Subscription:
         return self.runtime.subscribe()
 
-    def update_meta(self, updates: dict[str, str | None]) -> None:
-        """Merge keys into this node's gossiped metadata (None deletes a key)."""
+    def _merged_meta(self, updates: Mapping[str, str | None]) -> dict[str, str]:
+        """This node's gossiped metadata with `updates` merged in (None deletes a key)."""
         meta = dict(self.runtime.node.meta)
         for k, v in updates.items():
             if v is None:
                 meta.pop(k, None)
             else:
                 meta[k] = v
+        return meta
+
+    def update_meta(self, updates: dict[str, str | None]) -> None:
+        """Merge keys into this node's gossiped metadata (None deletes a key)."""
         try:
-            self.runtime.set_meta(meta)
+            self.runtime.set_meta(self._merged_meta(updates))
         except StateError as e:  # peers would drop it: keep what they can read, say why
             log.error("metadata not updated: %s", e)
 
@@ -654,11 +658,9 @@ class Daemon:
 
     def _set_tags(self, old: dict[str, str], new: dict[str, str]) -> None:
         """Re-announce the tags (StateError when peers would drop the metadata: nothing changes)."""
-        meta = self.runtime.node.meta
-        for key in old:
-            meta.pop(f"tag:{key}", None)
-        meta.update({f"tag:{k}": v for k, v in new.items()})
-        self.runtime.set_meta(meta)
+        updates: dict[str, str | None] = {f"tag:{k}": None for k in old}
+        updates.update({f"tag:{k}": v for k, v in new.items()})
+        self.runtime.set_meta(self._merged_meta(updates))
 
     def _reloaded(self, ok: bool, plan: ReloadPlan, error: str | None) -> dict[str, Any]:
         self._reload_counts.count(ok)

@@ -210,11 +210,9 @@ class TransferStats:
     def release_bytes(self, rid: str) -> dict[str, int]:
         return dict(self.by_release.get(rid) or dict.fromkeys(SOURCES, 0))
 
-    def keep_only(self, rids: Iterable[str]) -> None:
-        """Forget the releases no longer held: the per-release series stay bounded."""
-        keep = set(rids)
-        for rid in [r for r in self.by_release if r not in keep]:
-            del self.by_release[rid]
+    def forget(self, rid: str) -> None:
+        """A release no longer held: its per-release series go (label values stay bounded)."""
+        self.by_release.pop(rid, None)
 
     def collect_metrics(self, out: Exposition) -> None:
         out.counter("meshd_transfer_sent_bytes_total", "release bytes sent to peers", self.sent_bytes)

@@ -150,9 +150,7 @@ class HealthMonitor:
         self.lag.start()
         await asyncio.gather(*(self._run_one(s) for s in self._states.values()))
         for state in self._states.values():
-            state.task = asyncio.get_running_loop().create_task(
-                self._loop(state), name=f"check:{state.spec.name}"
-            )
+            self._schedule(state)
 
     async def stop(self) -> None:
         self._running = False
@@ -175,6 +173,10 @@ class HealthMonitor:
 
     async def run_all(self) -> None:
         await asyncio.gather(*(self._run_one(s) for s in self._states.values()))
+
+    def _schedule(self, state: _CheckState) -> None:
+        loop = asyncio.get_running_loop()
+        state.task = loop.create_task(self._loop(state), name=f"check:{state.spec.name}")
 
     async def _loop(self, state: _CheckState) -> None:
         while True:
@@ -210,9 +212,8 @@ class HealthMonitor:
                 state.task.cancel()
                 state.task = None
         if self._running:
-            loop = asyncio.get_running_loop()
             for state in fresh:
-                state.task = loop.create_task(self._loop(state), name=f"check:{state.spec.name}")
+                self._schedule(state)
         self._update_summary()
 
     async def _run_one(self, state: _CheckState) -> None:

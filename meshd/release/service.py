@@ -441,8 +441,7 @@ class ReleaseService:
             rid = old.release_id
             self.driver.cancel(rid)
             self.space.cancel(rid)
-            self._manifests.pop(rid, None)
-            self._complete.discard(rid)
+            self._forget(rid)
             self._count("releases.superseded")
             log.info("%s %s superseded by %s: no longer fetched", old.name, old.version, manifest.version)
             self._emit(old, "superseded", f"by {manifest.version}")
@@ -565,6 +564,12 @@ class ReleaseService:
         self._emit(manifest, "active")
         await self.collect_garbage()
 
+    def _forget(self, rid: str) -> None:
+        """A release no longer held (superseded, or its manifest retired): out of every view."""
+        self._manifests.pop(rid, None)
+        self._complete.discard(rid)
+        self.transfer.forget(rid)
+
     async def collect_garbage(self) -> int:
         """Forget retired manifests and delete chunks no stored manifest needs."""
         async with self._gc_lock:
@@ -572,8 +577,7 @@ class ReleaseService:
             def work() -> int:
                 for rid in list(self._manifests):
                     if not self.store.has_manifest(rid) and rid not in self._fetches:
-                        self._manifests.pop(rid, None)
-                        self._complete.discard(rid)
+                        self._forget(rid)
                 keep: set[str] = set()
                 for m in list(self._manifests.values()):
                     keep.update(m.chunks)
@@ -826,11 +830,10 @@ class ReleaseService:
 
     def collect_metrics(self, out: Exposition) -> None:
         """The service's counters and its swarms' (summed), as /metrics has always named them;
-        per release held: its chunks, progress and bytes by source. A release no longer held
-        leaves the metrics (and its byte counts are forgotten)."""
+        per release held: its chunks, progress and bytes by source (a release no longer held is
+        forgotten with its byte counts: `_forget`)."""
         out.core_counters({f"dist.{k}": v for k, v in self.counters.items()})
         out.core_counters({f"dist.swarm.{k}": v for k, v in self.fetch_counters().items()})
-        self.transfer.keep_only(self._manifests)
         held = sorted(self._manifests.items(), key=lambda kv: (kv[1].name, release_order(kv[1])))
         chunks, stored, progress, received = [], [], [], []
         for rid, m in held:

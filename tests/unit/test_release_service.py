@@ -569,8 +569,9 @@ async def test_release_bytes_are_counted_by_source_and_timed(
         other = "remote_site" if source == "site" else "site"
         assert sample(timed, "meshd_chunk_fetch_seconds_count", source=other) == 0
         assert sample(timed, "meshd_activation_seconds_count") == 1
-        # A release no longer held leaves the metric (bounded label values).
-        svc._manifests.clear()
+        # A release no longer held (its manifest retired, then collected) leaves the metric.
+        svc.store.delete_manifest(m.release_id)
+        await svc.collect_garbage()
         out = Exposition()
         svc.collect_metrics(out)
         assert (
