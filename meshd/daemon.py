@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from meshd import PROTOCOL_VERSION, __version__, discovery, state
+from meshd.allocator import keep_large_buffers
 from meshd.api.app import ApiServer, create_api_app
 from meshd.api.openapi import add_openapi_route
 from meshd.config import NodeConfig, discovery_config
@@ -685,6 +686,7 @@ def run_daemon(cfg: NodeConfig, reload: Callable[[], NodeConfig] | None = None) 
     import uvloop
 
     setup_logging(cfg.log_level, cfg.log_format)
+    keep_large_buffers()
     daemon = Daemon(cfg, reload)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(daemon.run())

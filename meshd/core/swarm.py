@@ -30,6 +30,9 @@ Rules (each has a test in tests/unit/test_swarm.py):
 |                 |                                       | requests are cancelled                |
 | timeout         | a request's deadline passes           | cancelled, chunks requeued, peer      |
 |                 |                                       | cools down (exponential backoff)      |
+| still flowing   | answer_flowing(): bytes of its answer | deadline moved to stall_timeout after |
+|                 | arrived                               | them: a slow, moving answer is not    |
+|                 |                                       | cancelled and asked again elsewhere   |
 | error           | ERROR, or OK missing some chunks      | as timeout                            |
 | bad hash        | BAD_HASH                              | peer banned for this release: its     |
 |                 |                                       | requests cancelled, updates ignored   |
@@ -71,6 +74,10 @@ class SwarmConfig:
     max_requests_total: int = 16
     timeout_min: float = 4.0  # Kraken: max(4 s, 4 s/MB x size)
     timeout_per_mib: float = 4.0
+    # An answer whose bytes are still arriving is not timed out until this long after its last
+    # bytes: on a loaded site, fixed deadlines cancelled transfers that were moving, and asking
+    # the same chunks again elsewhere added load (a death spiral at 32 hosts on 2 cores).
+    stall_timeout: float = 4.0
     backoff_base: float = 2.0  # cool-down after a timeout or error, doubled per failure
     backoff_max: float = 60.0
     origin_delay: float = 30.0
@@ -242,6 +249,7 @@ class Swarm:
                 "requests.endgame": 0,
                 "requests.origin": 0,
                 "timeouts": 0,
+                "deadlines.extended": 0,
                 "errors": 0,
                 "bans": 0,
                 "cancels": 0,
@@ -397,6 +405,13 @@ class Swarm:
         self.counters["retries.now"] += cleared
         self._schedule(now)
         return cleared
+
+    def answer_flowing(self, request_id: int, now: float) -> None:
+        """Bytes of the answer to `request_id` arrived at `now` (rule "still flowing")."""
+        req = self._requests.get(request_id)
+        if req is not None and req.deadline < now + self.config.stall_timeout:
+            req.deadline = now + self.config.stall_timeout
+            self.counters["deadlines.extended"] += 1
 
     def handle_timer(self, now: float) -> None:
         for rid, req in list(self._requests.items()):

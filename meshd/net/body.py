@@ -6,6 +6,8 @@ whole body has to loop; this is that loop, for every peer route and client.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import StreamReader
 
 
@@ -17,8 +19,14 @@ class BodyTruncated(Exception):
     """The body ended before its announced Content-Length."""
 
 
-async def read_bounded(content: StreamReader, content_length: int | None, limit: int) -> bytes:
-    """The whole body; BodyTooLarge over `limit`, BodyTruncated when cut short.
+async def read_bounded(
+    content: StreamReader,
+    content_length: int | None,
+    limit: int,
+    on_data: Callable[[], None] | None = None,
+) -> bytes:
+    """The whole body; BodyTooLarge over `limit`, BodyTruncated when cut short. `on_data`
+    is called as bytes arrive (a caller's stall timer).
 
     aiohttp's own payload errors (a connection dropped mid-body) propagate unchanged.
     """
@@ -31,6 +39,8 @@ async def read_bounded(content: StreamReader, content_length: int | None, limit:
         if total > limit:
             raise BodyTooLarge(f"body over {limit} bytes")
         parts.append(data)
+        if on_data is not None:
+            on_data()
     if content_length is not None and total != content_length:
         raise BodyTruncated(f"body of {total} of {content_length} bytes")
     return b"".join(parts)

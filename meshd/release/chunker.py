@@ -89,8 +89,11 @@ def chunk_id(data: bytes | bytearray | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 def is_chunk_id(value: object) -> bool:
-    return isinstance(value, str) and len(value) == ID_LEN and all(c in "0123456789abcdef" for c in value)
+    return isinstance(value, str) and len(value) == ID_LEN and _HEX.issuperset(value)
 
 
 def encode_chunk(data: bytes | bytearray | memoryview) -> bytes:

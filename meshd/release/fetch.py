@@ -54,6 +54,8 @@ TICK = 1.0  # how often a fetch checks for a stall
 # every member, a scheduling pass over every missing chunk) made each node's cost grow with
 # the square of the site's size (28% of a node's time in gossip handling at 32 hosts).
 COALESCE = 0.05
+PROGRESS_EVERY = 0.5  # seconds between "still flowing" reports of one answer
+HARD_CAP_FACTOR = 4.0  # a flowing answer is still cut at this multiple of its first deadline
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
@@ -502,6 +504,18 @@ class FetchDriver:
         fetch.swarm.fetch_done(req.request_id, outcome, self.now(), received=received)
         self._pump(fetch)
 
+    def _progress_reporter(self, fetch: ReleaseFetch, request_id: int) -> Callable[[], None]:
+        """Tells the swarm an answer is still flowing, at most every PROGRESS_EVERY seconds."""
+        last = [-PROGRESS_EVERY]
+
+        def on_data() -> None:
+            now = self.now()
+            if now - last[0] >= PROGRESS_EVERY:
+                last[0] = now
+                fetch.swarm.answer_flowing(request_id, now)
+
+        return on_data
+
     async def _peer_request(self, fetch: ReleaseFetch, req: FetchRequest) -> tuple[Outcome, list[str]] | None:
         mem = self.members.get(req.peer)
         if mem is None or not mem.alive:
@@ -509,12 +523,19 @@ class FetchDriver:
         task = asyncio.current_task()
         assert task is not None
         fetch.net_phase[req.request_id] = task
-        timeout = max(1.0, req.deadline - self.now()) + 1.0
+        # The swarm's deadline moves while the answer flows (Swarm.answer_flowing) and it cancels
+        # this task when that deadline passes; the client's own bounds are only a backstop.
+        timeout = HARD_CAP_FACTOR * (max(1.0, req.deadline - self.now()) + 1.0)
         source = "site" if mem.site == self.site else "remote_site"
         started = self.now()
         try:
             stored = await self.client.chunks(
-                mem.addr, req.chunks, [fetch.sizes[c] for c in req.chunks], timeout, to=mem.node_id
+                mem.addr,
+                req.chunks,
+                [fetch.sizes[c] for c in req.chunks],
+                timeout,
+                to=mem.node_id,
+                on_data=self._progress_reporter(fetch, req.request_id),
             )
         except PeerProtocolError as e:
             log.info("chunk request to %s failed: %s", req.peer, e, extra={"peer": req.peer})

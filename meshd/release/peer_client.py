@@ -65,10 +65,12 @@ class PeerFetcher:
     def _count(self, key: str) -> None:
         self.counters[key] += 1
 
-    async def _read(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    async def _read(
+        self, resp: aiohttp.ClientResponse, limit: int, on_data: Callable[[], None] | None = None
+    ) -> bytes:
         """Whole body, at most `limit` bytes; PeerProtocolError when over it or cut short."""
         try:
-            data = await read_bounded(resp.content, resp.content_length, limit)
+            data = await read_bounded(resp.content, resp.content_length, limit, on_data)
         except BodyTooLarge as e:
             self._count("fetch.drops.oversized")
             raise PeerProtocolError(f"answer too big: {e}") from None
@@ -119,10 +121,18 @@ class PeerFetcher:
         return await self._get(addr, BITMAP_PATH.format(rid=rid), (n_chunks + 7) // 8, timeout, to)
 
     async def chunks(
-        self, addr: str, ids: Sequence[str], sizes: Sequence[int], timeout: float, *, to: str = ""
+        self,
+        addr: str,
+        ids: Sequence[str],
+        sizes: Sequence[int],
+        timeout: float,
+        *,
+        to: str = "",
+        on_data: Callable[[], None] | None = None,
     ) -> list[memoryview | None]:
         """Stored forms of `ids` from a peer (None where it did not serve one), as views of
-        one decrypted buffer."""
+        one decrypted buffer. `timeout` bounds the whole exchange; `on_data` is called as the
+        answer's bytes arrive."""
         body = self.codec.seal(orjson.dumps({"ids": list(ids)}), to)
         limit = max_piece_reply(sizes, self.codec)
         async with self.session().post(
@@ -138,7 +148,7 @@ class PeerFetcher:
             if resp.status != 200:
                 self._count("fetch.drops.status")
                 raise PeerProtocolError(f"{addr} answered {resp.status} to a chunk request")
-            data = await self._read(resp, limit)
+            data = await self._read(resp, limit, on_data)
         piece = self._open_view(data, limit)
         try:
             return decode_piece(piece, len(ids))

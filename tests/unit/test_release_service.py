@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,14 @@ class StoreBackedFetcher:
         return next((doc for full, doc in self.manifests.items() if full.startswith(rid)), None)
 
     async def chunks(
-        self, addr: str, ids: Sequence[str], sizes: Sequence[int], timeout: float, *, to: str = ""
+        self,
+        addr: str,
+        ids: Sequence[str],
+        sizes: Sequence[int],
+        timeout: float,
+        *,
+        to: str = "",
+        on_data: Callable[[], None] | None = None,
     ) -> list[bytes | None]:
         return [self.store.get_stored(c) for c in ids]
 
@@ -315,10 +322,17 @@ class GossipOnlyFetcher(StoreBackedFetcher):
         return None
 
     async def chunks(
-        self, addr: str, ids: Sequence[str], sizes: Sequence[int], timeout: float, *, to: str = ""
+        self,
+        addr: str,
+        ids: Sequence[str],
+        sizes: Sequence[int],
+        timeout: float,
+        *,
+        to: str = "",
+        on_data: Callable[[], None] | None = None,
     ) -> list[bytes | None]:
         self.chunks_asked.extend(ids)
-        return await super().chunks(addr, ids, sizes, timeout, to=to)
+        return await super().chunks(addr, ids, sizes, timeout, to=to, on_data=on_data)
 
 
 async def test_a_partial_holder_is_fetched_from_by_its_gossiped_bitmap_without_polling(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,14 @@ class StoreBackedFetcher:
         return next((doc for full, doc in self.manifests.items() if full.startswith(rid)), None)
 
     async def chunks(
-        self, addr: str, ids: Sequence[str], sizes: Sequence[int], timeout: float, *, to: str = ""
+        self,
+        addr: str,
+        ids: Sequence[str],
+        sizes: Sequence[int],
+        timeout: float,
+        *,
+        to: str = "",
+        on_data: Callable[[], None] | None = None,
     ) -> list[bytes | None]:
         self.chunks_asked += len(ids)
         return [self.store.get_stored(c) for c in ids]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import random
 from pathlib import Path
@@ -308,3 +309,43 @@ def test_get_view_is_get_without_copying_a_raw_chunk(store: ChunkStore) -> None:
     with pytest.raises(IntegrityError):
         store.get_view(raw)
     assert not store.has(raw)  # dropped, to be fetched again, as get() does
+
+
+def test_a_chunk_is_hashed_once_for_peers_and_on_every_use(
+    store: ChunkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fetched = encode_chunk(NOISE)
+    cid = chunk_id(NOISE)
+    published = store.put_data(TEXT)  # not hashed by the store: the chunker just made its id
+    hashed: list[str] = []
+    real = store_mod.verify_stored
+
+    def counting(c: str, stored: bytes | bytearray | memoryview) -> None:
+        hashed.append(c)
+        real(c, stored)
+
+    monkeypatch.setattr(store_mod, "verify_stored", counting)
+    assert store.put_many([(cid, fetched)]).stored == [cid]
+    assert hashed == [cid]  # on the way in
+    for _ in range(3):
+        assert store.get_stored(cid) == fetched  # served to three peers: not hashed again
+        assert store.get_stored(published) == encode_chunk(TEXT)
+    assert hashed == [cid, published]  # the published one on its first read only
+    assert store.get_view(cid) == NOISE  # activation hashes every time
+    assert hashed == [cid, published, cid]
+    store.delete(cid)  # a chunk stored again is hashed again
+    assert store.put_many([(cid, fetched)]).stored == [cid]
+    assert hashed == [cid, published, cid, cid]
+
+
+def test_a_stale_temp_name_is_skipped(store: ChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    cid = chunk_id(NOISE)
+    folder = store.chunk_dir / cid[:2]
+    folder.mkdir(parents=True)
+    stale = folder / f"{store_mod.TEMP_PREFIX}{os.getpid()}-7"
+    stale.write_bytes(b"left by a crashed process with our pid")
+    monkeypatch.setattr(store_mod, "_temp_names", itertools.count(7))
+    assert store.put_many([(cid, encode_chunk(NOISE))]).stored == [cid]
+    assert store.get(cid) == NOISE
+    assert stale.read_bytes().startswith(b"left")  # not overwritten; clean_temp removes it
+    assert store.clean_temp() == 1

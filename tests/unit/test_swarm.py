@@ -400,6 +400,26 @@ def test_timeout_requeues_elsewhere_and_cools_the_peer() -> None:
     assert s.counters["timeouts"] == 1
 
 
+def test_an_answer_still_flowing_is_not_timed_out_until_it_stalls() -> None:
+    s = mk(4, **one_chunk_pieces(max_requests_per_peer=1, endgame_chunks=0, stall_timeout=2.0))
+    s.peer_update("slow", 0.0, complete=True)
+    (r,) = s.requests_to_send()
+    assert r.deadline == pytest.approx(4.0)
+    s.answer_flowing(r.request_id, 3.5)  # bytes at 3.5 s: the deadline moves to 5.5 s
+    s.handle_timer(4.0)
+    assert s.requests_to_cancel() == []
+    assert s.get_timer() == pytest.approx(5.5)
+    s.answer_flowing(r.request_id, 1.0)  # an older report never pulls the deadline back
+    s.handle_timer(5.0)
+    assert s.requests_to_cancel() == []
+    s.handle_timer(5.5)  # no bytes for stall_timeout: timed out as before
+    assert s.requests_to_cancel() == [r.request_id]
+    assert [e.kind for e in s.events()] == ["request_timeout"]
+    assert s.counters["deadlines.extended"] == 1
+    s.answer_flowing(r.request_id, 6.0)  # a report after the cancel changes nothing
+    assert s.counters["deadlines.extended"] == 1
+
+
 def test_take_effects_drains_requests_then_cancels_then_events() -> None:
     s = mk(4, **one_chunk_pieces(max_requests_per_peer=1, endgame_chunks=0))
     s.peer_update("slow", 0.0, complete=True)

@@ -1,0 +1,43 @@
+"""read_bounded: a whole body within its bound, with a callback as its bytes arrive."""
+
+from __future__ import annotations
+
+import asyncio
+from unittest import mock
+
+import pytest
+from aiohttp import StreamReader
+
+from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded
+
+
+def reader(parts: list[bytes], *, eof: bool = True) -> StreamReader:
+    loop = asyncio.get_running_loop()
+    s = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=loop)
+    for p in parts:
+        s.feed_data(p)
+    if eof:
+        s.feed_eof()
+    return s
+
+
+async def test_on_data_is_called_for_every_part_that_arrives() -> None:
+    calls: list[int] = []
+    s = reader([], eof=False)  # parts arrive one by one below
+    task = asyncio.create_task(read_bounded(s, 5, 10, lambda: calls.append(1)))
+    for part in (b"ab", b"cd", b"e"):
+        await asyncio.sleep(0)
+        s.feed_data(part)
+        await asyncio.sleep(0)
+    s.feed_eof()
+    assert await task == b"abcde"
+    assert len(calls) == 3
+
+
+async def test_bounds_still_hold() -> None:
+    with pytest.raises(BodyTooLarge):
+        await read_bounded(reader([b"x" * 11]), None, 10)
+    with pytest.raises(BodyTruncated):
+        await read_bounded(reader([b"abc"]), 5, 10)
+    with pytest.raises(BodyTooLarge):
+        await read_bounded(reader([]), 11, 10)
