@@ -81,6 +81,7 @@ class NodeConfig:
     bind: str = DEFAULT_BIND
     advertise: str | None = None
     api: str = DEFAULT_API
+    registry: str | None = None  # OCI registry read endpoint for containerd mirrors (off: None)
     data_dir: str = DEFAULT_DATA_DIR
     join: list[str] = field(default_factory=list)
     site: str = "default"
@@ -111,6 +112,10 @@ class NodeConfig:
     @property
     def api_hostport(self) -> tuple[str, int]:
         return parse_hostport(self.api, "api", allow_zero=True)
+
+    @property
+    def registry_hostport(self) -> tuple[str, int] | None:
+        return parse_hostport(self.registry, "registry", allow_zero=True) if self.registry else None
 
     def allowed_api_hosts(self) -> list[AllowedHost]:
         return [parse_allow_host(h, "api_allow_hosts") for h in self.api_allow_hosts]
@@ -330,6 +335,7 @@ class NodeTable(Table, frozen=True):
     bind: _HostPort = _UNSET
     advertise: _HostPort = _UNSET
     api: Annotated[str | _Unset, Parsed(_as_api)] = _UNSET
+    registry: Annotated[str | _Unset, Parsed(_as_api)] = _UNSET
     data_dir: _Path = _UNSET
     join: Annotated[list[str] | _Unset, Parsed(_list_of(_as_join))] = _UNSET
     site: _Name = _UNSET
@@ -579,6 +585,7 @@ FLAG_KEYS: dict[str, str] = {
     "bind": "bind",
     "advertise": "advertise",
     "api": "api",
+    "registry": "registry",
     "data_dir": "data_dir",
     "join": "join",
     "site": "site",

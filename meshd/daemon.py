@@ -39,6 +39,9 @@ from meshd.net.peer_auth import PeerGate
 from meshd.net.peer_http import PeerClient, PeerServer, PeerTraffic, create_peer_app
 from meshd.net.udp import UDPEndpoint
 from meshd.netaddr import derive_advertise_host, is_wildcard, resolve_hostport
+from meshd.registry.api import add_image_routes
+from meshd.registry.catalog import HeldRelease, ReleaseImages
+from meshd.registry.server import Registry, RegistryServer
 from meshd.release.api import add_release_routes
 from meshd.release.service import ReleaseService
 from meshd.reload import ReloadCounts, ReloadPlan, effective_config, plan_reload
@@ -82,6 +85,9 @@ class Daemon:
         self.data_dir = Path(cfg.data_dir)
         self.keyring: Keyring | None = None
         self.api_url = ""
+        self.registry_url = ""  # --registry's bound address, once started
+        self.registry: Registry | None = None
+        self.images: ReleaseImages | None = None
         self._started = time.monotonic()
         self._ready = False
         self._ready_detail = "starting"
@@ -390,6 +396,11 @@ class Daemon:
             log.warning("operator API on %s is reachable from the network; reads need no token", cfg.api)
         api_app = create_api_app(self, cfg.allowed_api_hosts())
         add_release_routes(api_app, self.release)
+        release = self.release
+        images = self.images = ReleaseImages(
+            lambda: [HeldRelease(m, p) for m, p in release.installed_releases()]
+        )
+        add_image_routes(api_app, images)
         add_openapi_route(api_app)  # last: it describes the routes above
         api = ApiServer(api_app)
         try:
@@ -399,6 +410,7 @@ class Daemon:
         self._exit.push_async_callback(api.stop)
         bound = api.bound or (api_host, api_port)
         self.api_url = f"http://{format_hostport(str(bound[0]), int(bound[1]))}"
+        await self._start_registry(cfg)
 
         runtime.start()
         # Listen first: a member announcing a release while the store recovers must not be
@@ -451,6 +463,24 @@ class Daemon:
         self._install_signals()  # not undone: a second signal during shutdown still exits at once
         sd_notify(f"READY=1\nSTATUS=node {cfg.name} at {self.addr}")
         self._spawn(watchdog_loop())
+
+    async def _start_registry(self, cfg: NodeConfig) -> None:
+        """The OCI registry read endpoint (--registry), off by default."""
+        where = cfg.registry_hostport
+        if where is None:
+            return
+        assert self.images is not None
+        registry = self.registry = Registry(self.images)
+        server = RegistryServer(registry)
+        try:
+            await server.start(*where)
+        except OSError as e:
+            raise ConfigError(f"--registry {cfg.registry}: cannot listen: {e.strerror or e}") from None
+        self._exit.push_async_callback(server.stop)
+        self._metrics.append(registry)
+        bound = server.bound or where
+        self.registry_url = f"http://{format_hostport(str(bound[0]), int(bound[1]))}"
+        log.info("OCI registry (read-only mirror of image releases) on %s", self.registry_url)
 
     async def run(self) -> int:
         """Start, serve until a signal or an API leave, then leave gracefully. Exit code."""

@@ -45,6 +45,7 @@ RESTART_FIELDS: Final = frozenset(
         "bind",
         "advertise",
         "api",
+        "registry",
         "data_dir",
         "join",
         "site",

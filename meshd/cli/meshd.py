@@ -36,6 +36,11 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     a("--advertise", metavar="HOST:PORT", help="address other nodes use (default: derived)")
     a("--api", metavar="HOST:PORT", help="operator HTTP API (default: 127.0.0.1:7789)")
     a(
+        "--registry",
+        metavar="HOST:PORT",
+        help="OCI registry read endpoint for containerd mirrors, e.g. 127.0.0.1:5000 (default: off)",
+    )
+    a(
         "--data-dir",
         metavar="DIR",
         help="node key, keyring, peer snapshot, API token (default: /var/lib/meshd)",
