@@ -136,3 +136,6 @@ def corrupt(path: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     os.utime(path)
+
+
+DOCKER_MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"

@@ -42,21 +42,32 @@ OCTET_STREAM = "application/octet-stream"
 
 
 class ErrorCode(Enum):
-    """Distribution error codes used here, with their HTTP status."""
+    """Distribution error codes used here (the value is the code's name in error bodies)."""
 
-    BLOB_UNKNOWN = 404
-    MANIFEST_UNKNOWN = 404
-    MANIFEST_INVALID = 400
-    NAME_INVALID = 400
-    NAME_UNKNOWN = 404
-    DIGEST_INVALID = 400
-    UNSUPPORTED = 405
-    RANGE_INVALID = 416  # not in the spec's table; the status is what matters to clients
-    UNKNOWN = 500  # stored content that fails its digest: never served
+    BLOB_UNKNOWN = "BLOB_UNKNOWN"
+    MANIFEST_UNKNOWN = "MANIFEST_UNKNOWN"
+    MANIFEST_INVALID = "MANIFEST_INVALID"
+    NAME_INVALID = "NAME_INVALID"
+    NAME_UNKNOWN = "NAME_UNKNOWN"
+    DIGEST_INVALID = "DIGEST_INVALID"
+    UNSUPPORTED = "UNSUPPORTED"
+    RANGE_INVALID = "RANGE_INVALID"  # not in the spec's table; the status is what clients read
 
     @property
     def status(self) -> int:
-        return self.value
+        return _STATUS[self]
+
+
+_STATUS = {
+    ErrorCode.BLOB_UNKNOWN: 404,
+    ErrorCode.MANIFEST_UNKNOWN: 404,
+    ErrorCode.MANIFEST_INVALID: 400,
+    ErrorCode.NAME_INVALID: 400,
+    ErrorCode.NAME_UNKNOWN: 404,
+    ErrorCode.DIGEST_INVALID: 400,
+    ErrorCode.UNSUPPORTED: 405,
+    ErrorCode.RANGE_INVALID: 416,
+}
 
 
 class RegistryError(MeshError):

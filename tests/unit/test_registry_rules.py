@@ -170,3 +170,8 @@ def test_error_body_is_the_oci_shape() -> None:
     }
     assert ErrorCode.UNSUPPORTED.status == 405
     assert ErrorCode.MANIFEST_UNKNOWN.status == 404
+
+
+def test_every_code_is_its_own_and_has_a_status() -> None:
+    assert len({c.name for c in ErrorCode}) == len(ErrorCode.__members__)  # no aliases
+    assert {c.status for c in ErrorCode} <= {400, 404, 405, 416}
