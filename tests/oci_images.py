@@ -32,7 +32,7 @@ def layer_tar(files: dict[str, bytes]) -> bytes:
 
 
 @dataclass
-class TestImage:
+class OciImage:
     manifest: bytes
     config: bytes
     layers: list[bytes]  # as stored (gzipped tars)
@@ -49,7 +49,7 @@ class TestImage:
         return out
 
 
-def make_image(seed: int = 1, layer_sizes: tuple[int, ...] = (3000, 70_000), tag: str = "v1") -> TestImage:
+def make_image(seed: int = 1, layer_sizes: tuple[int, ...] = (3000, 70_000), tag: str = "v1") -> OciImage:
     """A runnable-shaped OCI image: gzipped layer tars of random files and a config naming them."""
     rnd = __import__("random").Random(seed)
     raw_layers = [layer_tar({f"data/file{i}.bin": rnd.randbytes(n)}) for i, n in enumerate(layer_sizes)]
@@ -79,10 +79,10 @@ def make_image(seed: int = 1, layer_sizes: tuple[int, ...] = (3000, 70_000), tag
         },
         sort_keys=True,
     ).encode()
-    return TestImage(manifest, config, layers, tag)
+    return OciImage(manifest, config, layers, tag)
 
 
-def write_layout(root: Path, image: TestImage, *, skip: tuple[str, ...] = ()) -> Path:
+def write_layout(root: Path, image: OciImage, *, skip: tuple[str, ...] = ()) -> Path:
     """An OCI image layout of `image` (blobs whose digest is in `skip` left out)."""
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def tar_dir(src: Path, out: Path) -> Path:
     return out
 
 
-def write_docker_archive(out: Path, image: TestImage, repo_tag: str) -> Path:
+def write_docker_archive(out: Path, image: OciImage, repo_tag: str) -> Path:
     """A `docker save` archive (Docker before 25): manifest.json, the config, layer tars."""
     work = out.with_suffix(".d")
     work.mkdir()

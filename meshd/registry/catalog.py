@@ -127,6 +127,12 @@ class ReleaseImages:
         _, _, img = max(hits, key=lambda h: (h[0], h[1]))
         return Resolved(img.index.tags[tag], img)
 
+    def tags(self, repository: str) -> list[str]:
+        """Every tag a signed image release held here names for `repository`."""
+        return sorted(
+            {t for img in self.images() if img.index.repository == repository for t in img.index.tags}
+        )
+
     def open(self, digest: str) -> BlobFile | None:
         """The release file of `digest`, in the newest release holding it (BlobSource)."""
         rel_path = blob_path(digest)

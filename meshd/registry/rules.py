@@ -5,7 +5,8 @@ Rules (distribution-spec v1.1, what containerd 1.6 and skopeo send):
     at most 255 characters: "..", "%2e", a leading "/", backslashes never match (NAME_INVALID).
   * A reference is a tag `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}` or a digest `sha256:<64 lowercase hex>`;
     other algorithms are refused (DIGEST_INVALID), a bad tag is MANIFEST_INVALID.
-  * Routes: GET /v2/, GET|HEAD /v2/<name>/manifests/<reference>, GET|HEAD /v2/<name>/blobs/<digest>.
+  * Routes: GET /v2/, GET|HEAD /v2/<name>/manifests/<reference>, GET|HEAD /v2/<name>/blobs/<digest>,
+    GET /v2/<name>/tags/list (skopeo inspect lists tags; no pagination: tags are few).
     The name may contain "/", so the path tail is split at the last "/manifests/" or "/blobs/".
   * Range: one range of bytes ("bytes=a-b", "bytes=a-", "bytes=-n"); several ranges or another
     unit are ignored (a full 200 answer, as RFC 9110 allows); unsatisfiable ones are 416.
@@ -132,6 +133,7 @@ class Kind(Enum):
     BASE = "base"
     MANIFEST = "manifest"
     BLOB = "blob"
+    TAGS = "tags"
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,8 @@ def parse_path(path: str) -> Route:
     if not path.startswith("/v2/"):
         raise RegistryError(ErrorCode.NAME_UNKNOWN, "not a registry path")
     tail = path[len("/v2/") :]
+    if tail.endswith("/tags/list"):
+        return Route(Kind.TAGS, check_name(tail.removesuffix("/tags/list")))
     for marker, kind in (("/manifests/", Kind.MANIFEST), ("/blobs/", Kind.BLOB)):
         at = tail.rfind(marker)
         if at > 0:

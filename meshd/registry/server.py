@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import IO
 
+import orjson
 from aiohttp import web
 
 from meshd.metrics import Exposition
@@ -114,11 +115,13 @@ class Registry:
         kind = ""
         try:
             route = parse_path(request.raw_path.split("?", 1)[0])
-            kind = route.kind.value if route.kind is not Kind.BASE else ""
+            kind = route.kind.value if route.kind in (Kind.MANIFEST, Kind.BLOB) else ""
             if request.method not in ("GET", "HEAD"):
                 raise RegistryError(ErrorCode.UNSUPPORTED, "this registry is read-only")
             if route.kind is Kind.BASE:
                 return web.Response(body=b"{}", content_type="application/json", headers=[API_VERSION_HEADER])
+            if route.kind is Kind.TAGS:
+                return self._tags(route.name)
             if route.kind is Kind.MANIFEST:
                 resp = await self._manifest(request, route.name, route.reference)
             else:
@@ -143,6 +146,13 @@ class Registry:
 
     def _count(self, kind: str, result: str) -> None:
         self.requests[(kind, result)] += 1
+
+    def _tags(self, name: str) -> web.Response:
+        tags = self.images.tags(name)
+        if not tags:
+            raise RegistryError(ErrorCode.NAME_UNKNOWN, "no signed image release names this repository", name)
+        body = orjson.dumps({"name": name, "tags": tags})
+        return web.Response(body=body, content_type="application/json", headers=[API_VERSION_HEADER])
 
     async def _manifest(self, request: web.Request, name: str, reference: str) -> web.StreamResponse:
         ref = parse_reference(reference)

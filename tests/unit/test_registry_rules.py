@@ -93,6 +93,8 @@ def test_routes_split_the_name_at_the_last_marker() -> None:
     assert (r.kind, r.name, r.reference) == (Kind.BLOB, "a/blobs/b", DIGEST)
     r = parse_path(f"/v2/x/manifests/{DIGEST}")
     assert r.reference == DIGEST
+    r = parse_path("/v2/org/app/tags/list")
+    assert (r.kind, r.name) == (Kind.TAGS, "org/app")
 
 
 @pytest.mark.parametrize(
@@ -106,7 +108,8 @@ def test_routes_split_the_name_at_the_last_marker() -> None:
         ("/v2/a/blobs/sha256:zz", ErrorCode.DIGEST_INVALID),
         ("/v2/a/blobs/v1", ErrorCode.DIGEST_INVALID),
         ("/v2/a/manifests/-t", ErrorCode.MANIFEST_INVALID),
-        ("/v2/a/tags/list", ErrorCode.NAME_UNKNOWN),
+        ("/v2/../tags/list", ErrorCode.NAME_INVALID),
+        ("/v2/a/tags", ErrorCode.NAME_UNKNOWN),
         ("/v2/a/blobs/uploads/", ErrorCode.DIGEST_INVALID),
         ("/v3/a/manifests/t", ErrorCode.NAME_UNKNOWN),
         ("/etc/passwd", ErrorCode.NAME_UNKNOWN),
