@@ -278,3 +278,15 @@ def test_dist_table_errors_name_the_file_the_table_and_the_key(tmp_path: Path) -
     assert load_config({"config": path}, env={}).dist_config() == DistConfig(
         keep=2, hook=("/bin/true",), upload_rate=1000.0, origin_delay=0.5
     )
+
+
+def test_registry_is_off_by_default_and_set_by_file_env_or_flag(tmp_path: Path) -> None:
+    assert load_config(env={}).registry is None
+    assert load_config(env={}).registry_hostport is None
+    f = tmp_path / "meshd.toml"
+    f.write_text('registry = "127.0.0.1:5000"\n')
+    assert load_config(env={}, config_file=str(f)).registry_hostport == ("127.0.0.1", 5000)
+    assert load_config(env={"MESHD_REGISTRY": "127.0.0.1:5001"}).registry == "127.0.0.1:5001"
+    assert load_config({"registry": "127.0.0.1:5002"}, env={}).registry == "127.0.0.1:5002"
+    with pytest.raises(ConfigError, match="--registry"):
+        load_config({"registry": "nope"}, env={})

@@ -32,6 +32,7 @@ CHANGED: dict[str, tuple[Any, str]] = {
     "bind": ("127.0.0.1:9000", "restart"),
     "advertise": ("127.0.0.1:9001", "restart"),
     "api": ("127.0.0.1:9002", "restart"),
+    "registry": ("127.0.0.1:5000", "restart"),
     "data_dir": ("/tmp/elsewhere", "restart"),
     "join": (["127.0.0.1:7788"], "restart"),
     "site": ("other-site", "restart"),
