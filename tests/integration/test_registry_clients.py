@@ -105,6 +105,19 @@ def test_the_second_node_serves_the_image_it_got_through_the_mesh(served: Served
     assert "default:2" in out.stdout
 
 
+def test_publish_image_refuses_an_image_with_a_missing_blob(served: Served, tmp_path: Path) -> None:
+    image = make_image(seed=12)
+    missing = sha(image.layers[1])
+    layout = write_layout(tmp_path / "layout", image, skip=(missing,))
+    key = served.mesh.root / "publisher.key"
+    out = served.a.meshctl(
+        "publish-image", str(layout), "--name", "broken", "--version", "1", "--key", str(key), token=True
+    )
+    assert out.returncode == 1
+    assert f"references blob {missing}, which the image lacks" in out.stderr
+    assert all(r["name"] != "broken" for r in served.a.get("/v1/releases")["releases"])
+
+
 def test_raw_http_errors_head_range_and_path_tricks(served: Served) -> None:
     status, headers, body = served.raw("GET", "/v2/")
     assert (status, body, headers["docker-distribution-api-version"]) == (200, b"{}", "registry/2.0")
