@@ -21,6 +21,7 @@ from typing import IO
 import orjson
 from aiohttp import web
 
+from meshd.errors import IntegrityError
 from meshd.metrics import Exposition
 from meshd.net.guard import Guard, GuardLimits
 from meshd.net.http_server import HttpServer
@@ -175,12 +176,12 @@ class Registry:
                 ErrorCode.MANIFEST_UNKNOWN, "manifest unknown", {"name": name, "digest": digest}
             )
         with found.file:
-            if found.size > MAX_MANIFEST_BYTES:
-                raise RegistryError(ErrorCode.MANIFEST_INVALID, "manifest too big", {"digest": digest})
+            if found.size > MAX_MANIFEST_BYTES:  # a layer asked for as a manifest: not one
+                raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, "not a manifest", {"digest": digest})
             data = await asyncio.to_thread(found.file.read, found.size)
         try:
             doc = parse_manifest(data, f"manifest {digest}", media_type)
-        except Exception as e:  # a blob asked for as a manifest: not one
+        except IntegrityError as e:  # a config or layer asked for as a manifest: not one
             raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, "not a manifest", {"digest": digest}) from e
         if not accepts(request.headers.getall("Accept", []), doc.media_type):
             raise RegistryError(

@@ -127,6 +127,9 @@ async def test_misses_refusals_and_accept(held: list[HeldRelease]) -> None:
     assert (resp.status, errors(resp)) == (404, ["BLOB_UNKNOWN"])
     resp = await call(registry, "GET", "/v2/org/app/manifests/v1", {"Accept": DOCKER_MANIFEST_TYPE})
     assert (resp.status, errors(resp)) == (404, ["MANIFEST_UNKNOWN"])  # the client falls back
+    layer = sha(make_image(seed=2).layers[0])
+    resp = await call(registry, "GET", f"/v2/org/app/manifests/{layer}")  # a layer is no manifest
+    assert (resp.status, errors(resp)) == (404, ["MANIFEST_UNKNOWN"])
     resp = await call(registry, "GET", "/v2/%2e%2e/org/manifests/v1")
     assert (resp.status, errors(resp)) == (400, ["NAME_INVALID"])
     for method in ("PUT", "POST", "DELETE", "PATCH"):
@@ -134,7 +137,7 @@ async def test_misses_refusals_and_accept(held: list[HeldRelease]) -> None:
         assert (resp.status, errors(resp)) == (405, ["UNSUPPORTED"])
     resp = await call(registry, "POST", "/v2/org/app/blobs/uploads/")
     assert resp.status == 405
-    assert registry.requests[("manifest", "miss")] == 2
+    assert registry.requests[("manifest", "miss")] == 3
     assert registry.requests[("blob", "miss")] == 1
     assert registry.requests[("manifest", "error")] == 4  # the writes (a bad name has no kind yet)
 
