@@ -27,6 +27,7 @@ import os
 import re
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from meshd.units import (
     is_loopback_host,
     parse_duration,
     parse_hostport,
+    parse_size,
 )
 
 __all__ = [
@@ -82,6 +84,11 @@ class NodeConfig:
     advertise: str | None = None
     api: str = DEFAULT_API
     registry: str | None = None  # OCI registry read endpoint for containerd mirrors (off: None)
+    # Pull-through (meshd/registry/pullthrough.py): upstream registry base URLs (none: off), the
+    # site cache's size cap, and whether unsigned tags from upstream are passed through.
+    registry_upstream: list[str] = field(default_factory=list)
+    registry_cache_max: int = 10 * 1024**3
+    registry_pass_tags: bool = False
     data_dir: str = DEFAULT_DATA_DIR
     join: list[str] = field(default_factory=list)
     site: str = "default"
@@ -223,6 +230,30 @@ def _as_allow_host(value: object, where: str) -> str:
     return host if allowed.port is None else f"{host}:{allowed.port}"
 
 
+def _as_upstream_url(value: object, where: str) -> str:
+    """An upstream registry's base URL: http(s)://host[:port][/path], no query or credentials."""
+    text = _as_str(value, where).rstrip("/")
+    try:
+        url = urllib.parse.urlsplit(text)
+        port = url.port
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not a URL") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"{where}: expected an http:// or https:// URL, got {text!r}")
+    if url.query or url.fragment or url.username or url.password:
+        raise ConfigError(f"{where}: {text!r}: no query, fragment or credentials in an upstream URL")
+    if port == 0:
+        raise ConfigError(f"{where}: {text!r}: port 0")
+    return text
+
+
+def _as_cache_size(value: object, where: str) -> int:
+    size = parse_size(value, where)
+    if size < 1024 * 1024:
+        raise ConfigError(f"{where}: at least 1MiB, got {value!r}")
+    return size
+
+
 def _as_bool(value: object, where: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -336,6 +367,9 @@ class NodeTable(Table, frozen=True):
     advertise: _HostPort = _UNSET
     api: Annotated[str | _Unset, Parsed(_as_api)] = _UNSET
     registry: Annotated[str | _Unset, Parsed(_as_api)] = _UNSET
+    registry_upstream: Annotated[list[str] | _Unset, Parsed(_list_of(_as_upstream_url))] = _UNSET
+    registry_cache_max: Annotated[int | _Unset, Parsed(_as_cache_size)] = _UNSET
+    registry_pass_tags: _Switch = _UNSET
     data_dir: _Path = _UNSET
     join: Annotated[list[str] | _Unset, Parsed(_list_of(_as_join))] = _UNSET
     site: _Name = _UNSET
@@ -586,6 +620,8 @@ FLAG_KEYS: dict[str, str] = {
     "advertise": "advertise",
     "api": "api",
     "registry": "registry",
+    "registry_upstream": "registry_upstream",
+    "registry_cache_max": "registry_cache_max",
     "data_dir": "data_dir",
     "join": "join",
     "site": "site",
@@ -610,7 +646,11 @@ def _flag_layer(flags: Mapping[str, Any]) -> _Layer:
             continue
         key = _ALIASES.get(key, key)
         flag_names[key], values[key] = f"--{dest.replace('_', '-')}", value
-    for switch in ("no_mdns", "insecure"):  # store_true flags: only "given" says something
+    for switch in (
+        "no_mdns",
+        "insecure",
+        "registry_pass_tags",
+    ):  # store_true flags: only "given" says something
         if flags.get(switch):
             flag_names[switch], values[switch] = f"--{switch.replace('_', '-')}", True
     protocol_names: dict[str, str] = {}

@@ -41,7 +41,10 @@ from meshd.net.udp import UDPEndpoint
 from meshd.netaddr import derive_advertise_host, is_wildcard, resolve_hostport
 from meshd.registry.api import add_image_routes
 from meshd.registry.catalog import HeldRelease, ReleaseImages
+from meshd.registry.peer_blobs import add_blob_routes
+from meshd.registry.pullthrough import BlobCache, PullThrough
 from meshd.registry.server import Registry, RegistryServer
+from meshd.registry.site_cache import SiteMember
 from meshd.release.api import add_release_routes
 from meshd.release.service import ReleaseService
 from meshd.reload import ReloadCounts, ReloadPlan, effective_config, plan_reload
@@ -88,6 +91,7 @@ class Daemon:
         self.registry_url = ""  # --registry's bound address, once started
         self.registry: Registry | None = None
         self.images: ReleaseImages | None = None
+        self.pull: PullThrough | None = None  # --registry-upstream's site cache
         self._started = time.monotonic()
         self._ready = False
         self._ready_detail = "starting"
@@ -383,6 +387,9 @@ class Daemon:
         peer_app = create_peer_app(runtime, gate, self.peer_traffic.served)
         self.release = self._make_release_service(codec)
         self.release.add_routes(peer_app)
+        if cfg.registry and cfg.registry_upstream:
+            self.pull = self._make_pull_through(codec)
+            add_blob_routes(peer_app, self.pull)
         self._metrics.append(self.release)
         peer_server = PeerServer(peer_app, stats=self.peer_traffic.guard)
         try:
@@ -400,7 +407,7 @@ class Daemon:
         images = self.images = ReleaseImages(
             lambda: [HeldRelease(m, p) for m, p in release.installed_releases()]
         )
-        add_image_routes(api_app, images)
+        add_image_routes(api_app, images, self.pull)
         add_openapi_route(api_app)  # last: it describes the routes above
         api = ApiServer(api_app)
         try:
@@ -470,7 +477,11 @@ class Daemon:
         if where is None:
             return
         assert self.images is not None
-        registry = self.registry = Registry(self.images)
+        if self.pull is not None:
+            self.pull.start()
+            self._exit.push_async_callback(self.pull.close)
+            self._metrics.append(self.pull)
+        registry = self.registry = Registry(self.images, pull=self.pull)
         server = RegistryServer(registry)
         try:
             await server.start(*where)
@@ -481,6 +492,27 @@ class Daemon:
         bound = server.bound or where
         self.registry_url = f"http://{format_hostport(str(bound[0]), int(bound[1]))}"
         log.info("OCI registry (read-only mirror of image releases) on %s", self.registry_url)
+
+    def _make_pull_through(self, codec: Codec) -> PullThrough:
+        cfg = self.cfg
+        cache = BlobCache(self.data_dir / "registry", cfg.registry_cache_max)
+        return PullThrough(
+            cache,
+            me=cfg.name,
+            codec=codec,
+            upstreams=cfg.registry_upstream,
+            pass_tags=cfg.registry_pass_tags,
+            site_members=self._site_members,
+            set_meta_keys=self.update_meta,
+        )
+
+    def _site_members(self) -> list[SiteMember]:
+        """The other members of this node's site, as the pull-through plans with them."""
+        return [
+            SiteMember.from_meta(m.name, m.addr, m.node_id, m.state == MemberState.ALIVE, m.meta or {})
+            for m in self.runtime.node.members()
+            if m.name != self.name and (m.meta or {}).get("site", "default") == self.site
+        ]
 
     async def run(self) -> int:
         """Start, serve until a signal or an API leave, then leave gracefully. Exit code."""

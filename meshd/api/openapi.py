@@ -242,7 +242,19 @@ _SCHEMAS: dict[str, Any] = {
                     }
                 ),
             },
-        }
+        },
+        {
+            "cache": {
+                **_obj({"blobs": _INT, "bytes": _INT, "cap": _INT}),
+                "description": "this node's pull-through cache (only with --registry-upstream)",
+            },
+            "caches": {
+                "type": "array",
+                "description": "pull-through caches of this node's and the other alive members, from "
+                "what they gossip (`ocicache`)",
+                "items": _obj({"node": _STR, "site": _STR, "blobs": _INT, "bytes": _INT}),
+            },
+        },
     ),
     "Reload": _obj(
         {"ok": _BOOL, "applied": _NAMES, "restart_needed": _NAMES, "error": {"type": ["string", "null"]}}

@@ -102,6 +102,11 @@ def cmd_images(c: ApiClient, args: argparse.Namespace) -> int:
         )
     print(f"node {doc.get('node', '?')} (site {doc.get('site', '?')})")
     print(table(rows, ["IMAGE", "DIGEST", "SIZE", "RELEASE", "SERVED", "COMPLETE ON (SITE:NODES)"]))
+    caches = doc.get("caches", [])
+    if caches:
+        print("\npull-through caches:")
+        cache_rows = [[c["site"], c["node"], str(c["blobs"]), str(c["bytes"])] for c in caches]
+        print(table(cache_rows, ["SITE", "NODE", "BLOBS", "BYTES"]))
     return 0
 
 

@@ -10,10 +10,14 @@ from aiohttp import web
 
 from meshd.api.agent import AGENT
 from meshd.api.http import json_response
+from meshd.core.messages import MemberState
 from meshd.registry.catalog import ImageRelease, ReleaseImages
+from meshd.registry.pullthrough import PullThrough
+from meshd.registry.site_cache import SUMMARY_KEY, decode_summary
 from meshd.release.api import RELEASE_SERVICE
 
 IMAGES = web.AppKey("images", ReleaseImages)
+PULL = web.AppKey("pull_through", PullThrough)
 
 
 def image_rows(
@@ -60,10 +64,28 @@ async def get_images(request: web.Request) -> web.Response:
     site_of = {m.name: m.meta.get("site", "") for m in agent.members()}
     site_of[agent.name] = agent.site
     rows = image_rows(images.images(), images, request.app[RELEASE_SERVICE].releases(), site_of)
-    return json_response({"node": agent.name, "site": agent.site, "images": rows})
+    doc: dict[str, Any] = {"node": agent.name, "site": agent.site, "images": rows}
+    pull = request.app.get(PULL)
+    caches = []
+    if pull is not None:
+        mine = doc["cache"] = pull.summary()
+        caches.append(
+            {"node": agent.name, "site": agent.site, "blobs": mine["blobs"], "bytes": mine["bytes"]}
+        )
+    for m in agent.members():
+        held = decode_summary(m.meta.get(SUMMARY_KEY))
+        if held is not None and m.name != agent.name and m.state == MemberState.ALIVE:
+            site = m.meta.get("site", "default")
+            caches.append({"node": m.name, "site": site, "blobs": held[0], "bytes": held[1]})
+    if caches:
+        doc["caches"] = sorted(caches, key=lambda c: (c["site"], c["node"]))
+    return json_response(doc)
 
 
-def add_image_routes(app: web.Application, images: ReleaseImages) -> None:
-    """After add_release_routes (it reads the release service's rows)."""
+def add_image_routes(app: web.Application, images: ReleaseImages, pull: PullThrough | None = None) -> None:
+    """After add_release_routes (it reads the release service's rows). With a pull-through, the
+    answer says what its cache holds ("cache": blobs, bytes, cap)."""
     app[IMAGES] = images
+    if pull is not None:
+        app[PULL] = pull
     app.router.add_get("/v1/images", get_images)

@@ -7,6 +7,13 @@ connections and header time; aiohttp's own limits bound header sizes. A miss ans
 Every manifest and blob is checked against its digest before a byte of it is sent (once per
 file version: VerifiedFiles); a file that fails is counted, never served, and the next source
 is tried.
+
+With a pull-through (meshd/registry/pullthrough.py), a digest no source holds is fetched into
+the site cache first (from a site peer or upstream), then served like any other. A tag that no
+signed release covers is still a quick 404 (containerd 1.6 then resolves it at the next host of
+its hosts.toml, the upstream, and asks this mirror again for the blobs by digest), unless
+registry_pass_tags is set: then the upstream's answer is passed through (its bytes cached by
+digest, the tag never).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from meshd.net.guard import Guard, GuardLimits
 from meshd.net.http_server import HttpServer
 from meshd.registry.catalog import BlobFile, BlobSource, ReleaseImages, VerifiedFiles
 from meshd.registry.image import parse_manifest
+from meshd.registry.pullthrough import SOURCES, PullThrough
 from meshd.registry.rules import (
     API_VERSION_HEADER,
     MAX_MANIFEST_BYTES,
@@ -56,28 +64,38 @@ class CorruptContent(RegistryError):
 class _Found:
     """An open, verified file of a blob (the one served: checked by descriptor, not by path)."""
 
-    def __init__(self, f: IO[bytes], size: int) -> None:
-        self.file, self.size = f, size
+    def __init__(self, f: IO[bytes], size: int, source: str = "release") -> None:
+        self.file, self.size, self.source = f, size, source
 
 
 class Registry:
     """The registry's state: where blobs come from, what was verified, what was served."""
 
-    def __init__(self, images: ReleaseImages, extra_sources: Sequence[BlobSource] = ()) -> None:
+    def __init__(
+        self,
+        images: ReleaseImages,
+        extra_sources: Sequence[BlobSource] = (),
+        pull: PullThrough | None = None,
+    ) -> None:
         self.images = images
-        self.sources: list[BlobSource] = [images, *extra_sources]
+        self.pull = pull
+        self.sources: list[tuple[str, BlobSource]] = [("release", images)]
+        self.sources += [("cache", s) for s in extra_sources]
+        if pull is not None:
+            self.sources.append(("cache", pull.cache))
         self.verified = VerifiedFiles()
         self.requests: Counter[tuple[str, str]] = Counter()
+        self.hits: Counter[tuple[str, str]] = Counter()  # (kind, source) of what was served
         self.served_bytes = 0
 
     # --- lookups (blocking parts in a thread) -----------------------------------------------
 
-    def _candidates(self, digest: str) -> list[BlobFile]:
-        return [bf for s in self.sources if (bf := s.open(digest)) is not None]
+    def _candidates(self, digest: str) -> list[tuple[str, BlobFile]]:
+        return [(label, bf) for label, s in self.sources if (bf := s.open(digest)) is not None]
 
-    def _open_verified(self, digest: str, candidates: list[BlobFile]) -> _Found | None:
+    def _open_verified(self, digest: str, candidates: list[tuple[str, BlobFile]]) -> _Found | None:
         """The first candidate whose content is `digest` (blocking: hashes a new file)."""
-        for bf in candidates:
+        for label, bf in candidates:
             try:
                 f = bf.path.open("rb")
             except OSError as e:
@@ -89,7 +107,7 @@ class Registry:
                 if st.st_size == bf.size and (
                     self.verified.known(key, digest) or self.verified.check(key, digest, f)
                 ):
-                    return _Found(f, st.st_size)
+                    return _Found(f, st.st_size, label)
                 if st.st_size != bf.size:
                     self.verified.mismatches += 1
                 log.warning("blob %s: %s does not match its digest; not served", digest[:19], bf.path)
@@ -98,8 +116,13 @@ class Registry:
             f.close()
         return None
 
-    async def find(self, digest: str) -> _Found | None:
+    async def find(self, digest: str, name: str = "", ns: str = "", kind: str = "blobs") -> _Found | None:
+        """A verified file of `digest`; on a miss, the pull-through (if any) fetches it first."""
         candidates = self._candidates(digest)
+        fetched = ""
+        if not candidates and self.pull is not None:
+            fetched = await self.pull.fetch(digest, name, ns, kind) or ""
+            candidates = self._candidates(digest)
         if not candidates:
             return None
         before = self.verified.mismatches
@@ -108,6 +131,8 @@ class Registry:
             raise CorruptContent(
                 ErrorCode.BLOB_UNKNOWN, "stored copy failed its digest check", {"digest": digest}
             )
+        if found is not None and fetched in ("peer", "upstream"):
+            found.source = fetched
         return found
 
     # --- handlers ---------------------------------------------------------------------------
@@ -124,10 +149,11 @@ class Registry:
             if route.kind is Kind.TAGS:
                 return self._tags(route.name)
             if route.kind is Kind.MANIFEST:
-                resp = await self._manifest(request, route.name, route.reference)
+                resp, source = await self._manifest(request, route.name, route.reference)
             else:
-                resp = await self._blob(request, route.reference)
+                resp, source = await self._blob(request, route.name, route.reference)
             self._count(kind, "hit")
+            self.hits[(kind, source)] += 1
             return resp
         except RegistryError as e:
             if request.method not in ("GET", "HEAD") and e.code is not ErrorCode.UNSUPPORTED:
@@ -155,11 +181,21 @@ class Registry:
         body = orjson.dumps({"name": name, "tags": tags})
         return web.Response(body=body, content_type="application/json", headers=[API_VERSION_HEADER])
 
-    async def _manifest(self, request: web.Request, name: str, reference: str) -> web.StreamResponse:
+    async def _manifest(
+        self, request: web.Request, name: str, reference: str
+    ) -> tuple[web.StreamResponse, str]:
         ref = parse_reference(reference)
         media_type = ""
+        ns = request.query.get("ns", "")
         if ref.tag is not None:
             resolved = self.images.resolve(name, ref.tag)
+            if resolved is None and self.pull is not None and self.pull.pass_tags:
+                passed = await self.pull.manifest_by_tag(
+                    name, ref.tag, ns, ", ".join(request.headers.getall("Accept", []))
+                )
+                if passed is not None:
+                    reply = await self._manifest_reply(request, passed.digest, passed.media_type, passed.body)
+                    return reply, "upstream"
             if resolved is None:
                 raise RegistryError(
                     ErrorCode.MANIFEST_UNKNOWN,
@@ -170,7 +206,7 @@ class Registry:
         else:
             assert ref.digest is not None
             digest = ref.digest
-        found = await self.find(digest)
+        found = await self.find(digest, name, ns, "manifests")
         if found is None:
             raise RegistryError(
                 ErrorCode.MANIFEST_UNKNOWN, "manifest unknown", {"name": name, "digest": digest}
@@ -189,9 +225,14 @@ class Registry:
                 f"manifest is {doc.media_type}, not an accepted type",
                 {"digest": digest, "mediaType": doc.media_type},
             )
+        return await self._manifest_reply(request, digest, doc.media_type, data), found.source
+
+    async def _manifest_reply(
+        self, request: web.Request, digest: str, media_type: str, data: bytes
+    ) -> web.StreamResponse:
         headers = {
             "Docker-Content-Digest": digest,
-            "Content-Type": doc.media_type,
+            "Content-Type": media_type,
             API_VERSION_HEADER[0]: API_VERSION_HEADER[1],
         }
         if request.method == "HEAD":
@@ -203,8 +244,8 @@ class Registry:
         self.served_bytes += len(data)
         return web.Response(body=data, headers=headers)
 
-    async def _blob(self, request: web.Request, digest: str) -> web.StreamResponse:
-        found = await self.find(digest)
+    async def _blob(self, request: web.Request, name: str, digest: str) -> tuple[web.StreamResponse, str]:
+        found = await self.find(digest, name, request.query.get("ns", ""))
         if found is None:
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, "blob unknown to this node", {"digest": digest})
         with found.file:
@@ -226,7 +267,7 @@ class Registry:
             if request.method == "GET":
                 await self._send(resp, found.file, start, length)
             await resp.write_eof()
-            return resp
+            return resp, found.source
 
     async def _send(self, resp: web.StreamResponse, f: IO[bytes], start: int, length: int) -> None:
         f.seek(start)
@@ -252,6 +293,13 @@ class Registry:
             "counter",
             "registry manifest and blob requests, by result (hit: served; miss: 404; error: refused)",
             [({"kind": k, "result": r}, self.requests[(k, r)]) for k in KINDS for r in RESULTS],
+        )
+        out.labelled(
+            "meshd_registry_hits_total",
+            "counter",
+            "registry manifests and blobs served, by where they came from (release: a signed image "
+            "release; cache: the pull-through cache; peer, upstream: fetched into it for this request)",
+            [({"kind": k, "source": s}, self.hits[(k, s)]) for k in KINDS for s in SOURCES],
         )
         out.counter(
             "meshd_registry_served_bytes_total",
