@@ -492,6 +492,13 @@ class Daemon:
         bound = server.bound or where
         self.registry_url = f"http://{format_hostport(str(bound[0]), int(bound[1]))}"
         log.info("OCI registry (read-only mirror of image releases) on %s", self.registry_url)
+        if self.pull is not None:
+            log.info(
+                "registry pull-through from %s, site cache of %d bytes at most%s",
+                ", ".join(cfg.registry_upstream),
+                cfg.registry_cache_max,
+                "; unsigned tags passed through" if cfg.registry_pass_tags else "",
+            )
 
     def _make_pull_through(self, codec: Codec) -> PullThrough:
         cfg = self.cfg

@@ -274,6 +274,7 @@ class PullThrough:
                 have_upstream=bool(self.upstreams),
                 lease_timeout=self.lease_timeout,
             )
+            log.debug("blob %s: %s %s", ask.digest[:19], step.step.value, step.peer.name if step.peer else "")
             if step.step is Step.UPSTREAM:
                 return await self._upstream_once(ask)
             if step.step is Step.GIVE_UP or step.peer is None:

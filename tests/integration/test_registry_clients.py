@@ -10,18 +10,14 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
-import shutil
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.metrics_text import sample
+from tests.oci_clients import Containerd, containerd_or_skip, tool
 from tests.oci_images import OciImage, make_image, sha, write_layout
 from tests.processes import Mesh, NodeProc, free_port
 
@@ -159,15 +155,8 @@ def test_raw_http_errors_head_range_and_path_tricks(served: Served) -> None:
     assert sample(metrics, "meshd_registry_digest_mismatches_total") == 0
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (Debian package: see .ci/run)")
-    return path
-
-
 def test_skopeo_inspects_and_copies_through_the_registry(served: Served, tmp_path: Path) -> None:
-    skopeo = _tool("skopeo")
+    skopeo = tool("skopeo")
     ref = f"docker://127.0.0.1:{served.reg_b}/{REPO}:{TAG}"
     raw = subprocess.run(
         [skopeo, "inspect", "--tls-verify=false", "--raw", ref], capture_output=True, timeout=60
@@ -200,64 +189,9 @@ def test_skopeo_inspects_and_copies_through_the_registry(served: Served, tmp_pat
     assert "manifest unknown" in run.stderr.lower()
 
 
-class Containerd:
-    """containerd 1.6 with its own root, state and socket, CRI off, pulling only from loopback."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        tmp.mkdir(parents=True)
-        # A short socket path (a Unix socket's path has at most 107 bytes).
-        self.sock_dir = Path(tempfile.mkdtemp(prefix="ctrd-", dir="/tmp"))
-        self.sock = self.sock_dir / "c.sock"
-        config = tmp / "config.toml"
-        config.write_text(
-            "version = 2\n"
-            f'root = "{tmp / "root"}"\n'
-            f'state = "{tmp / "state"}"\n'
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-            f'[grpc]\n  address = "{self.sock}"\n'
-            f'[ttrpc]\n  address = "{self.sock}.ttrpc"\n'
-            '[metrics]\n  address = ""\n'
-        )
-        self.log = (tmp / "containerd.log").open("wb")
-        self.proc = subprocess.Popen(
-            [_tool("containerd"), "--config", str(config), "--address", str(self.sock)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while self.ctr("version").returncode != 0:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError(
-                    "containerd did not start:\n" + (tmp / "containerd.log").read_text()[-3000:]
-                )
-            time.sleep(0.2)
-
-    def ctr(self, *args: str, binary: bool = False) -> subprocess.CompletedProcess[Any]:
-        return subprocess.run(
-            ["ctr", "--address", str(self.sock), "--namespace", "meshd-test", *args],
-            capture_output=True,
-            timeout=120,
-            text=not binary,
-        )
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.log.close()
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
-
-
 @pytest.fixture
 def containerd(tmp_path: Path) -> Iterator[Containerd]:
-    _tool("ctr")
-    if os.geteuid() != 0:
-        pytest.skip("containerd needs root (its snapshotter mounts and chowns)")
-    c = Containerd(tmp_path / "containerd")
+    c = containerd_or_skip(tmp_path / "containerd")
     try:
         yield c
     finally:
