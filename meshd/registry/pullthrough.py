@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 
@@ -143,6 +144,16 @@ class _Digester:
         return "sha256:" + self.hash.hexdigest()
 
 
+OnBlock = Callable[[bytes], Awaitable[None]]
+# Ask a site peer for a blob; every block to `on_block`; False: it does not hold it.
+PeerFetch = Callable[[SiteMember, BlobAsk, OnBlock], Awaitable[bool]]
+
+
+class UpstreamReader(Protocol):
+    async def stream(self, kind: str, repo: str, digest: str, limit: int, on_block: OnBlock) -> int: ...
+    async def manifest_by_tag(self, repo: str, tag: str, accept: str) -> TagAnswer | None: ...
+
+
 class PullThrough:
     """Fills the BlobCache on a miss, once per digest at a time, from the site or upstream."""
 
@@ -159,6 +170,8 @@ class PullThrough:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         lease_timeout: float = 30.0,
+        peer_fetch: PeerFetch | None = None,
+        upstream: Callable[[str], UpstreamReader] | None = None,
     ) -> None:
         self.cache = cache
         self.me = me
@@ -170,7 +183,9 @@ class PullThrough:
         self._sleep = sleep
         self.lease_timeout = lease_timeout
         self._session: aiohttp.ClientSession | None = None
-        self._upstream = {u: Upstream(u, self.session) for u in self.upstreams}
+        make: Callable[[str], UpstreamReader] = upstream or (lambda url: Upstream(url, self.session))
+        self._upstream = {u: make(u) for u in self.upstreams}
+        self._peer_fetch: PeerFetch = peer_fetch or self._fetch_over_peer_port
         # One fetch per digest at a time, in two tables: a peer's ask joins only an upstream
         # fetch (which never waits on peers), so two nodes asking each other cannot deadlock.
         self._site_fetches: dict[str, asyncio.Task[str | None]] = {}
@@ -286,6 +301,9 @@ class PullThrough:
                 return "peer"
             attempt.failed.add(peer.name)
 
+    async def _fetch_over_peer_port(self, peer: SiteMember, ask: BlobAsk, on_block: OnBlock) -> bool:
+        return await fetch_blob(self.session(), self.codec, peer.addr, peer.node_id, ask, on_block)
+
     async def _from_peer(self, peer: SiteMember, ask: BlobAsk) -> bool:
         tmp = self.cache.temp()
         self.cache.in_use[ask.digest] += 1
@@ -293,9 +311,7 @@ class PullThrough:
             with tmp.open("wb") as f:
                 sink = _Digester(f)
                 try:
-                    held = await fetch_blob(
-                        self.session(), self.codec, peer.addr, peer.node_id, ask, sink.block
-                    )
+                    held = await self._peer_fetch(peer, ask, sink.block)
                 except (PeerBlobError, aiohttp.ClientError, TimeoutError, OSError) as e:
                     log.info("blob %s: peer %s: %s", ask.digest[:19], peer.name, e)
                     return False
@@ -347,7 +363,7 @@ class PullThrough:
             self._leases.discard(key)
             self.announcer.announce(force=True)
 
-    async def _upstream_into_cache(self, upstream: Upstream, ask: BlobAsk) -> bool:
+    async def _upstream_into_cache(self, upstream: UpstreamReader, ask: BlobAsk) -> bool:
         tmp = self.cache.temp()
         self.cache.in_use[ask.digest] += 1
         try:
