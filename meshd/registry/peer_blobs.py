@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from aiohttp import web
 
 from meshd.errors import AuthError, DecodeError
 from meshd.net.peer_auth import AUTH_HEADER, PEER_GATE, PeerGate, Refused, gated, make_token, requester
+from meshd.registry.rules import NAME_RE
 from meshd.registry.site_cache import digest_hex
 from meshd.wire import Codec
 
@@ -48,6 +50,7 @@ _HEAD = struct.Struct("<cI")
 DATA, KEEPALIVE, END, FAILED = b"D", b"K", b"E", b"X"
 KINDS = ("blobs", "manifests")
 _MAX_TEXT = 256
+_NS_RE = re.compile(r"[A-Za-z0-9.:\[\]-]*")  # a registry host[:port] (containerd's ?ns=), or none
 
 
 class PeerBlobError(DecodeError):
@@ -82,6 +85,8 @@ class BlobAsk:
             raise DecodeError("blob ask: bad digest")
         if not all(isinstance(t, str) and len(t) <= _MAX_TEXT for t in (repo, ns)):
             raise DecodeError("blob ask: bad repo or ns")
+        if not NAME_RE.fullmatch(str(repo)) or not _NS_RE.fullmatch(str(ns)):
+            raise DecodeError("blob ask: repo or ns is not a registry name")  # it goes into a URL
         if kind not in KINDS or not isinstance(fetch, bool):
             raise DecodeError("blob ask: bad kind or fetch")
         return cls(digest, str(repo), str(ns), kind, fetch)

@@ -361,6 +361,8 @@ def test_blob_ask_round_trip_and_bad_input() -> None:
         orjson.dumps({"digest": "sha256:xyz", "repo": "r"}),
         orjson.dumps({"digest": DIGEST, "repo": 5}),
         orjson.dumps({"digest": DIGEST, "repo": "r" * 300}),
+        orjson.dumps({"digest": DIGEST, "repo": "../../etc"}),
+        orjson.dumps({"digest": DIGEST, "repo": "r", "ns": "host/../x"}),
         orjson.dumps({"digest": DIGEST, "repo": "r", "kind": "uploads"}),
         orjson.dumps({"digest": DIGEST, "repo": "r", "fetch": "yes"}),
     ]
