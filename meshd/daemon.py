@@ -16,7 +16,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -388,7 +388,7 @@ class Daemon:
         self.release = self._make_release_service(codec)
         self.release.add_routes(peer_app)
         if cfg.registry and cfg.registry_upstream:
-            self.pull = self._make_pull_through(codec)
+            self.pull = self._make_pull_through(codec, self.release.server.upload_permit)
             add_blob_routes(peer_app, self.pull)
         self._metrics.append(self.release)
         peer_server = PeerServer(peer_app, stats=self.peer_traffic.guard)
@@ -500,7 +500,7 @@ class Daemon:
                 "; unsigned tags passed through" if cfg.registry_pass_tags else "",
             )
 
-    def _make_pull_through(self, codec: Codec) -> PullThrough:
+    def _make_pull_through(self, codec: Codec, pace: Callable[[int], Awaitable[None]]) -> PullThrough:
         cfg = self.cfg
         cache = BlobCache(self.data_dir / "registry", cfg.registry_cache_max)
         return PullThrough(
@@ -511,6 +511,7 @@ class Daemon:
             pass_tags=cfg.registry_pass_tags,
             site_members=self._site_members,
             set_meta_keys=self.update_meta,
+            pace=pace,
         )
 
     def _site_members(self) -> list[SiteMember]:

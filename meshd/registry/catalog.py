@@ -159,6 +159,16 @@ class VerifiedFiles:
     def known(self, key: tuple[str, int, int, int], digest: str) -> bool:
         return self._ok.get(key) == digest
 
+    def mark(self, path: Path, digest: str) -> None:
+        """`path` was hashed as it was written (a pull-through fetch): no need to hash it again."""
+        try:
+            key = self.key(path, path.stat())
+        except OSError:
+            return
+        if len(self._ok) >= self.max_entries:
+            self._ok.pop(next(iter(self._ok)))
+        self._ok[key] = digest
+
     def check(self, key: tuple[str, int, int, int], digest: str, f: _Readable) -> bool:
         """Hash the open file; remember a match, count a mismatch (blocking: run in a thread)."""
         h = hashlib.sha256()

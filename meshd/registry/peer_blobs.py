@@ -107,6 +107,10 @@ class BlobHolder(Protocol):
     def cached(self, digest: str) -> Path | None: ...
     def can_fetch(self) -> bool: ...
     async def fetch_for_peer(self, ask: BlobAsk) -> Path | None: ...
+    async def upload_permit(self, nbytes: int) -> None:
+        """Waits while this node's upload rate ([dist] upload_rate) is used up."""
+        ...
+
     def count_peer_out(self, nbytes: int) -> None: ...
 
 
@@ -151,6 +155,7 @@ async def _post_blob(request: web.Request, raw: bytes) -> web.StreamResponse:
         return resp
     with f:
         while block := await asyncio.to_thread(f.read, FRAME_BYTES):
+            await holder.upload_permit(len(block))
             await resp.write(frame(DATA, holder.codec.seal(block, to, compress=False)))
             holder.count_peer_out(len(block))
     await resp.write(frame(END))

@@ -172,6 +172,7 @@ class PullThrough:
         lease_timeout: float = 30.0,
         peer_fetch: PeerFetch | None = None,
         upstream: Callable[[str], UpstreamReader] | None = None,
+        pace: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.cache = cache
         self.me = me
@@ -186,6 +187,7 @@ class PullThrough:
         make: Callable[[str], UpstreamReader] = upstream or (lambda url: Upstream(url, self.session))
         self._upstream = {u: make(u) for u in self.upstreams}
         self._peer_fetch: PeerFetch = peer_fetch or self._fetch_over_peer_port
+        self._pace = pace  # the upload rate shared with release chunks
         # One fetch per digest at a time, in two tables: a peer's ask joins only an upstream
         # fetch (which never waits on peers), so two nodes asking each other cannot deadlock.
         self._site_fetches: dict[str, asyncio.Task[str | None]] = {}
@@ -258,6 +260,10 @@ class PullThrough:
         asker tried those)."""
         source = await self._upstream_once(ask)
         return self.cache.cached(ask.digest) if source else None
+
+    async def upload_permit(self, nbytes: int) -> None:
+        if self._pace is not None:
+            await self._pace(nbytes)
 
     def count_peer_out(self, nbytes: int) -> None:
         self.peer_bytes_out += nbytes

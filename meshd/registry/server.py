@@ -122,6 +122,8 @@ class Registry:
         fetched = ""
         if not candidates and self.pull is not None:
             fetched = await self.pull.fetch(digest, name, ns, kind) or ""
+            if fetched in ("peer", "upstream"):
+                self.verified.mark(self.pull.cache.path(digest), digest)  # hashed while written
             candidates = self._candidates(digest)
         if not candidates:
             return None
