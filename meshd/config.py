@@ -27,6 +27,7 @@ import os
 import re
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from meshd.units import (
     is_loopback_host,
     parse_duration,
     parse_hostport,
+    parse_size,
 )
 
 __all__ = [
@@ -81,6 +83,12 @@ class NodeConfig:
     bind: str = DEFAULT_BIND
     advertise: str | None = None
     api: str = DEFAULT_API
+    registry: str | None = None  # OCI registry read endpoint for containerd mirrors (off: None)
+    # Pull-through (meshd/registry/pullthrough.py): upstream registry base URLs (none: off), the
+    # site cache's size cap, and whether unsigned tags from upstream are passed through.
+    registry_upstream: list[str] = field(default_factory=list)
+    registry_cache_max: int = 10 * 1024**3
+    registry_pass_tags: bool = False
     data_dir: str = DEFAULT_DATA_DIR
     join: list[str] = field(default_factory=list)
     site: str = "default"
@@ -111,6 +119,10 @@ class NodeConfig:
     @property
     def api_hostport(self) -> tuple[str, int]:
         return parse_hostport(self.api, "api", allow_zero=True)
+
+    @property
+    def registry_hostport(self) -> tuple[str, int] | None:
+        return parse_hostport(self.registry, "registry", allow_zero=True) if self.registry else None
 
     def allowed_api_hosts(self) -> list[AllowedHost]:
         return [parse_allow_host(h, "api_allow_hosts") for h in self.api_allow_hosts]
@@ -216,6 +228,30 @@ def _as_allow_host(value: object, where: str) -> str:
     allowed = parse_allow_host(value, where)
     host = f"[{allowed.host}]" if ":" in allowed.host else allowed.host
     return host if allowed.port is None else f"{host}:{allowed.port}"
+
+
+def _as_upstream_url(value: object, where: str) -> str:
+    """An upstream registry's base URL: http(s)://host[:port][/path], no query or credentials."""
+    text = _as_str(value, where).rstrip("/")
+    try:
+        url = urllib.parse.urlsplit(text)
+        port = url.port
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not a URL") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"{where}: expected an http:// or https:// URL, got {text!r}")
+    if url.query or url.fragment or url.username or url.password:
+        raise ConfigError(f"{where}: {text!r}: no query, fragment or credentials in an upstream URL")
+    if port == 0:
+        raise ConfigError(f"{where}: {text!r}: port 0")
+    return text
+
+
+def _as_cache_size(value: object, where: str) -> int:
+    size = parse_size(value, where)
+    if size < 1024 * 1024:
+        raise ConfigError(f"{where}: at least 1MiB, got {value!r}")
+    return size
 
 
 def _as_bool(value: object, where: str) -> bool:
@@ -330,6 +366,10 @@ class NodeTable(Table, frozen=True):
     bind: _HostPort = _UNSET
     advertise: _HostPort = _UNSET
     api: Annotated[str | _Unset, Parsed(_as_api)] = _UNSET
+    registry: Annotated[str | _Unset, Parsed(_as_api)] = _UNSET
+    registry_upstream: Annotated[list[str] | _Unset, Parsed(_list_of(_as_upstream_url))] = _UNSET
+    registry_cache_max: Annotated[int | _Unset, Parsed(_as_cache_size)] = _UNSET
+    registry_pass_tags: _Switch = _UNSET
     data_dir: _Path = _UNSET
     join: Annotated[list[str] | _Unset, Parsed(_list_of(_as_join))] = _UNSET
     site: _Name = _UNSET
@@ -579,6 +619,9 @@ FLAG_KEYS: dict[str, str] = {
     "bind": "bind",
     "advertise": "advertise",
     "api": "api",
+    "registry": "registry",
+    "registry_upstream": "registry_upstream",
+    "registry_cache_max": "registry_cache_max",
     "data_dir": "data_dir",
     "join": "join",
     "site": "site",
@@ -603,7 +646,11 @@ def _flag_layer(flags: Mapping[str, Any]) -> _Layer:
             continue
         key = _ALIASES.get(key, key)
         flag_names[key], values[key] = f"--{dest.replace('_', '-')}", value
-    for switch in ("no_mdns", "insecure"):  # store_true flags: only "given" says something
+    for switch in (
+        "no_mdns",
+        "insecure",
+        "registry_pass_tags",
+    ):  # store_true flags: only "given" says something
         if flags.get(switch):
             flag_names[switch], values[switch] = f"--{switch.replace('_', '-')}", True
     protocol_names: dict[str, str] = {}

@@ -16,7 +16,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,12 @@ from meshd.net.peer_auth import PeerGate
 from meshd.net.peer_http import PeerClient, PeerServer, PeerTraffic, create_peer_app
 from meshd.net.udp import UDPEndpoint
 from meshd.netaddr import derive_advertise_host, is_wildcard, resolve_hostport
+from meshd.registry.api import add_image_routes
+from meshd.registry.catalog import HeldRelease, ReleaseImages
+from meshd.registry.peer_blobs import add_blob_routes
+from meshd.registry.pullthrough import BlobCache, PullThrough
+from meshd.registry.server import Registry, RegistryServer
+from meshd.registry.site_cache import SiteMember
 from meshd.release.api import add_release_routes
 from meshd.release.service import ReleaseService
 from meshd.reload import ReloadCounts, ReloadPlan, effective_config, plan_reload
@@ -83,6 +89,10 @@ class Daemon:
         self.data_dir = Path(cfg.data_dir)
         self.keyring: Keyring | None = None
         self.api_url = ""
+        self.registry_url = ""  # --registry's bound address, once started
+        self.registry: Registry | None = None
+        self.images: ReleaseImages | None = None
+        self.pull: PullThrough | None = None  # --registry-upstream's site cache
         self._started = time.monotonic()
         self._ready = False
         self._ready_detail = "starting"
@@ -378,6 +388,9 @@ class Daemon:
         peer_app = create_peer_app(runtime, gate, self.peer_traffic.served)
         self.release = self._make_release_service(codec)
         self.release.add_routes(peer_app)
+        if cfg.registry and cfg.registry_upstream:
+            self.pull = self._make_pull_through(codec, self.release.server.upload_permit)
+            add_blob_routes(peer_app, self.pull)
         self._metrics.append(self.release)
         peer_server = PeerServer(peer_app, stats=self.peer_traffic.guard)
         try:
@@ -391,6 +404,11 @@ class Daemon:
             log.warning("operator API on %s is reachable from the network; reads need no token", cfg.api)
         api_app = create_api_app(self, cfg.allowed_api_hosts())
         add_release_routes(api_app, self.release)
+        release = self.release
+        images = self.images = ReleaseImages(
+            lambda: [HeldRelease(m, p) for m, p in release.installed_releases()]
+        )
+        add_image_routes(api_app, images, self.pull)
         add_openapi_route(api_app)  # last: it describes the routes above
         api = ApiServer(api_app)
         try:
@@ -400,6 +418,7 @@ class Daemon:
         self._exit.push_async_callback(api.stop)
         bound = api.bound or (api_host, api_port)
         self.api_url = f"http://{format_hostport(str(bound[0]), int(bound[1]))}"
+        await self._start_registry(cfg)
 
         runtime.start()
         # Listen first: a member announcing a release while the store recovers must not be
@@ -452,6 +471,57 @@ class Daemon:
         self._install_signals()  # not undone: a second signal during shutdown still exits at once
         sd_notify(f"READY=1\nSTATUS=node {cfg.name} at {self.addr}")
         self._spawn(watchdog_loop())
+
+    async def _start_registry(self, cfg: NodeConfig) -> None:
+        """The OCI registry read endpoint (--registry), off by default."""
+        where = cfg.registry_hostport
+        if where is None:
+            return
+        assert self.images is not None
+        if self.pull is not None:
+            self.pull.start()
+            self._exit.push_async_callback(self.pull.close)
+            self._metrics.append(self.pull)
+        registry = self.registry = Registry(self.images, pull=self.pull)
+        server = RegistryServer(registry)
+        try:
+            await server.start(*where)
+        except OSError as e:
+            raise ConfigError(f"--registry {cfg.registry}: cannot listen: {e.strerror or e}") from None
+        self._exit.push_async_callback(server.stop)
+        self._metrics.append(registry)
+        bound = server.bound or where
+        self.registry_url = f"http://{format_hostport(str(bound[0]), int(bound[1]))}"
+        log.info("OCI registry (read-only mirror of image releases) on %s", self.registry_url)
+        if self.pull is not None:
+            log.info(
+                "registry pull-through from %s, site cache of %d bytes at most%s",
+                ", ".join(cfg.registry_upstream),
+                cfg.registry_cache_max,
+                "; unsigned tags passed through" if cfg.registry_pass_tags else "",
+            )
+
+    def _make_pull_through(self, codec: Codec, pace: Callable[[int], Awaitable[None]]) -> PullThrough:
+        cfg = self.cfg
+        cache = BlobCache(self.data_dir / "registry", cfg.registry_cache_max)
+        return PullThrough(
+            cache,
+            me=cfg.name,
+            codec=codec,
+            upstreams=cfg.registry_upstream,
+            pass_tags=cfg.registry_pass_tags,
+            site_members=self._site_members,
+            set_meta_keys=self.update_meta,
+            pace=pace,
+        )
+
+    def _site_members(self) -> list[SiteMember]:
+        """The other members of this node's site, as the pull-through plans with them."""
+        return [
+            SiteMember.from_meta(m.name, m.addr, m.node_id, m.state == MemberState.ALIVE, m.meta or {})
+            for m in self.runtime.node.members()
+            if m.name != self.name and (m.meta or {}).get("site", "default") == self.site
+        ]
 
     async def run(self) -> int:
         """Start, serve until a signal or an API leave, then leave gracefully. Exit code."""

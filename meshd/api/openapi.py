@@ -217,6 +217,45 @@ _SCHEMAS: dict[str, Any] = {
             }
         }
     ),
+    "Images": _obj(
+        {
+            "node": _STR,
+            "site": _STR,
+            "images": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "repository": _STR,
+                        "tag": _STR,
+                        "digest": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
+                        "media_type": _STR,
+                        "size": _INT,
+                        "release": _STR,
+                        "version": _STR,
+                        "release_id": _STR,
+                        "serving": {
+                            **_BOOL,
+                            "description": "whether the registry answers this tag from this release now",
+                        },
+                        "nodes": {**_NAMES, "description": "alive members that have the release complete"},
+                        "sites": {"type": "object", "additionalProperties": _INT},
+                    }
+                ),
+            },
+        },
+        {
+            "cache": {
+                **_obj({"blobs": _INT, "bytes": _INT, "cap": _INT}),
+                "description": "this node's pull-through cache (only with --registry-upstream)",
+            },
+            "caches": {
+                "type": "array",
+                "description": "pull-through caches of this node's and the other alive members, from "
+                "what they gossip (`ocicache`)",
+                "items": _obj({"node": _STR, "site": _STR, "blobs": _INT, "bytes": _INT}),
+            },
+        },
+    ),
     "Reload": _obj(
         {"ok": _BOOL, "applied": _NAMES, "restart_needed": _NAMES, "error": {"type": ["string", "null"]}}
     ),
@@ -536,6 +575,14 @@ _PATHS: dict[str, Any] = {
             "requestBody": _body(_RELEASE_BODY),
             "responses": _responses({201: _ok(_ref("Published"), "published")}, *_CHANGE, 409, 507),
         },
+    },
+    "/v1/images": {
+        "get": {
+            "summary": "Container images this node serves on --registry (from signed image releases)",
+            "description": "One row per image release and tag; `nodes` and `sites` say where else the "
+            "release is complete, from what members gossip.",
+            "responses": _responses({200: _ok(_ref("Images"))}),
+        }
     },
     "/v1/rollout": {
         "get": {

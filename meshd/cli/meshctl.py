@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from meshd import __version__
-from meshd.cli import meshctl_health, meshctl_rollout
+from meshd.cli import meshctl_health, meshctl_images, meshctl_rollout
 from meshd.cli.options import DEFAULT_API, api_options
 from meshd.cli.output import print_json, table
 
@@ -496,6 +496,30 @@ def cmd_version(c: Client, args: argparse.Namespace) -> int:
 # --- parsing -----------------------------------------------------------------------------------
 
 
+def _publish_options(p: argparse.ArgumentParser) -> None:
+    """What `publish` and `publish-image` share: the release and its targeting."""
+    p.add_argument("--name", required=True, help="release name")
+    p.add_argument("--version", required=True, help="release version")
+    p.add_argument(
+        "--key", required=True, metavar="FILE", help="publisher private key (from `meshd keygen publisher`)"
+    )
+    p.add_argument("--site", help="install only on gateways of this site")
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="install only on gateways with this tag; repeatable",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="then wait (with progress) until the nodes that want it have it",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = api_options(_Parser)
     common.add_argument(
@@ -537,19 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("monitor", parents=[common], help="stream member and release events")
     p = sub.add_parser("publish", parents=[common], help="publish a file or directory as a release")
     p.add_argument("path", metavar="PATH", help="file or directory (on the node's host)")
-    p.add_argument("--name", required=True, help="release name")
-    p.add_argument("--version", required=True, help="release version")
-    p.add_argument(
-        "--key", required=True, metavar="FILE", help="publisher private key (from `meshd keygen publisher`)"
-    )
-    p.add_argument("--site", help="install only on gateways of this site")
-    p.add_argument(
-        "--tag",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="install only on gateways with this tag; repeatable",
-    )
+    _publish_options(p)
     p.add_argument(
         "--origin-dir",
         metavar="DIR",
@@ -562,13 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="origin URL (where --origin-dir will be served) put in the manifest",
     )
-    p.add_argument(
-        "--wait",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="then wait (with progress) until the nodes that want it have it",
+    p = sub.add_parser(
+        "publish-image",
+        parents=[common],
+        help="publish a container image as a signed release served by the nodes' --registry",
     )
+    meshctl_images.add_publish_image_options(p)
+    _publish_options(p)
+    sub.add_parser("images", parents=[common], help="images this node serves, and where they are complete")
     p = sub.add_parser(
         "releases",
         parents=[common],
@@ -600,6 +613,8 @@ COMMANDS = {
     "keys": cmd_keys,
     "monitor": cmd_monitor,
     "publish": cmd_publish,
+    "publish-image": lambda c, args: meshctl_images.cmd_publish_image(c, args, cmd_publish, CtlError),
+    "images": meshctl_images.cmd_images,
     "releases": cmd_releases,
     "version": cmd_version,
 }

@@ -36,6 +36,26 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     a("--advertise", metavar="HOST:PORT", help="address other nodes use (default: derived)")
     a("--api", metavar="HOST:PORT", help="operator HTTP API (default: 127.0.0.1:7789)")
     a(
+        "--registry",
+        metavar="HOST:PORT",
+        help="OCI registry read endpoint for containerd mirrors, e.g. 127.0.0.1:5000 (default: off)",
+    )
+    a(
+        "--registry-upstream",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="upstream registry the registry pulls through (site cache), e.g. https://registry-1.docker.io; "
+        "repeatable: containerd's ?ns= picks one, else the first (default: none, no pull-through)",
+    )
+    a("--registry-cache-max", metavar="SIZE", help="size cap of the pull-through cache (default: 10GiB)")
+    a(
+        "--registry-pass-tags",
+        action="store_true",
+        default=None,
+        help="pass unsigned tags through from upstream (default: only signed image releases resolve tags)",
+    )
+    a(
         "--data-dir",
         metavar="DIR",
         help="node key, keyring, peer snapshot, API token (default: /var/lib/meshd)",

@@ -736,6 +736,20 @@ class ReleaseService:
 
     # --- views ---------------------------------------------------------------------------------
 
+    def installed_releases(self) -> list[tuple[Manifest, Path]]:
+        """Complete releases signed by a trusted key and installed here, with their directories
+        (what the registry serves images from: never a partial or unsigned one)."""
+        out = []
+        for rid, m in list(self._manifests.items()):
+            if rid not in self._complete or m.signature is None or m.signature[0] not in self.trusted:
+                continue
+            if self.releases_dir.release_id(m.name, m.version) != rid:
+                continue
+            path = self.releases_dir.base(m.name) / m.version
+            if path.is_dir():
+                out.append((m, path))
+        return out
+
     def _state(self, rid: str, current: bool) -> str:
         if self.space.waiting(rid):
             return "waiting"

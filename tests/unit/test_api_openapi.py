@@ -25,6 +25,7 @@ from meshd.core.messages import MemberState
 from meshd.core.query import QueryAnswer
 from meshd.errors import StateError
 from meshd.health.summary import summarize
+from meshd.registry.api import add_image_routes
 from meshd.release.api import add_release_routes
 from tests.fakes import AUTH, FakeAgent, member
 
@@ -37,6 +38,7 @@ def full_app(agent: FakeAgent) -> web.Application:
     routes, the document)."""
     app = create_api_app(agent)
     add_release_routes(app, object())  # type: ignore[arg-type]  # the routes only, not called
+    add_image_routes(app, object())  # type: ignore[arg-type]
     add_openapi_route(app)
     app.freeze()  # what the server does: the middleware chain (errors, Host guard, token) is on
     return app

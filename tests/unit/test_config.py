@@ -278,3 +278,56 @@ def test_dist_table_errors_name_the_file_the_table_and_the_key(tmp_path: Path) -
     assert load_config({"config": path}, env={}).dist_config() == DistConfig(
         keep=2, hook=("/bin/true",), upload_rate=1000.0, origin_delay=0.5
     )
+
+
+def test_registry_is_off_by_default_and_set_by_file_env_or_flag(tmp_path: Path) -> None:
+    assert load_config(env={}).registry is None
+    assert load_config(env={}).registry_hostport is None
+    f = tmp_path / "meshd.toml"
+    f.write_text('registry = "127.0.0.1:5000"\n')
+    assert load_config(env={}, config_file=str(f)).registry_hostport == ("127.0.0.1", 5000)
+    assert load_config(env={"MESHD_REGISTRY": "127.0.0.1:5001"}).registry == "127.0.0.1:5001"
+    assert load_config({"registry": "127.0.0.1:5002"}, env={}).registry == "127.0.0.1:5002"
+    with pytest.raises(ConfigError, match="--registry"):
+        load_config({"registry": "nope"}, env={})
+
+
+def test_registry_pull_through_settings_from_file_env_and_flags(tmp_path: Path) -> None:
+    cfg = load_config(env={})
+    assert (cfg.registry_upstream, cfg.registry_cache_max, cfg.registry_pass_tags) == (
+        [],
+        10 * 1024**3,
+        False,
+    )
+    f = tmp_path / "meshd.toml"
+    f.write_text(
+        'registry = "127.0.0.1:5000"\n'
+        'registry-upstream = ["http://127.0.0.1:5001", "https://registry-1.docker.io/"]\n'
+        'registry_cache_max = "2GiB"\nregistry-pass-tags = true\n'
+    )
+    cfg = load_config(env={}, config_file=str(f))
+    assert cfg.registry_upstream == ["http://127.0.0.1:5001", "https://registry-1.docker.io"]
+    assert (cfg.registry_cache_max, cfg.registry_pass_tags) == (2 * 1024**3, True)
+    env = {
+        "MESHD_REGISTRY_UPSTREAM": "http://127.0.0.1:5001,http://127.0.0.1:5002",
+        "MESHD_REGISTRY_CACHE_MAX": "5MB",
+    }
+    cfg = load_config(env=env)
+    assert (cfg.registry_upstream, cfg.registry_cache_max) == (
+        ["http://127.0.0.1:5001", "http://127.0.0.1:5002"],
+        5_000_000,
+    )
+    flags = {"registry_upstream": ["http://127.0.0.1:5003"], "registry_pass_tags": True}
+    cfg = load_config(flags, env=env)
+    assert (cfg.registry_upstream, cfg.registry_pass_tags) == (["http://127.0.0.1:5003"], True)
+    for bad, message in [
+        ("ftp://127.0.0.1/", "http:// or https://"),
+        ("127.0.0.1:5001", "http:// or https://"),
+        ("http://user:pw@127.0.0.1:5001", "credentials"),
+        ("http://127.0.0.1:5001/?x=1", "no query"),
+        ("http://127.0.0.1:99999", "not a URL"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape("--registry-upstream") + ".*" + re.escape(message)):
+            load_config({"registry_upstream": [bad]}, env={})
+    with pytest.raises(ConfigError, match="MESHD_REGISTRY_CACHE_MAX: at least 1MiB"):
+        load_config(env={"MESHD_REGISTRY_CACHE_MAX": "1000"})

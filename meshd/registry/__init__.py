@@ -1,0 +1,1 @@
+"""OCI Distribution read endpoint (a containerd mirror) over signed image releases."""
