@@ -294,24 +294,28 @@ class Member:
     name: str
     addr: str
     site: str
-    alive: bool
-    entries: dict[str, Announce]  # rid16 -> what it announces (empty unless alive)
+    # Alive or suspect: still a member. Lifeguard's suspicion is most often a busy node (32
+    # hosts fetching on 2 cores suspected a few at a time); dropping a suspect from the swarm
+    # and the site's share group dealt every share again and sent the scarce source the same
+    # chunks twice (origin egress 1.76x). Dead or left members are down.
+    up: bool
+    entries: dict[str, Announce]  # rid16 -> what it announces (empty unless up)
     tags: dict[str, str] = field(default_factory=dict)
     node_id: str = ""  # names it as the receiver of what we seal for it
     bitmaps: dict[str, bytes] = field(default_factory=dict)  # rid16 -> have-bitmap it gossips
 
     @classmethod
     def from_view(cls, m: MemberView) -> Member:
-        alive = m.state == MemberState.ALIVE
+        up = m.state in (MemberState.ALIVE, MemberState.SUSPECT)
         meta = m.meta or {}
         tags = {k[4:]: v for k, v in meta.items() if k.startswith("tag:")}
         return cls(
             m.name,
             m.addr,
             meta.get("site", "default"),
-            alive,
-            parse_announcements(meta) if alive else {},
+            up,
+            parse_announcements(meta) if up else {},
             tags,
             m.node_id,
-            parse_bitmaps(meta) if alive else {},
+            parse_bitmaps(meta) if up else {},
         )
