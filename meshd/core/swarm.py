@@ -183,13 +183,18 @@ def make_bitmap(indices: Iterable[int], n: int) -> bytes:
     return bytes(out)
 
 
+# The bits set in each byte value, as offsets from the byte's first chunk (bit 7 = offset 0).
+_BYTE_BITS = tuple(tuple(b for b in range(8) if v & (0x80 >> b)) for v in range(256))
+
+
 def bitmap_indices(bitmap: bytes, n: int) -> set[int] | None:
     """Indices set in a bitmap of n chunks; None when its length or padding is wrong."""
     if len(bitmap) != (n + 7) // 8:
         return None
     if n % 8 and bitmap and bitmap[-1] & (0xFF >> (n % 8)):
         return None  # bits beyond the last chunk
-    return {i for i in range(n) if bitmap[i >> 3] & (0x80 >> (i & 7))}
+    # By byte, not by bit: every fetching peer's bitmap is read again each time it announces.
+    return {base + b for base, v in zip(range(0, n, 8), bitmap, strict=False) if v for b in _BYTE_BITS[v]}
 
 
 class Swarm:

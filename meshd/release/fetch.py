@@ -270,7 +270,7 @@ class FetchDriver:
             return
         entry = mem.entries.get(fetch.rid[:RID_PREFIX])
         n = len(fetch.sizes)
-        if not mem.alive or entry is None or entry.have == 0 or entry.total != n:
+        if not mem.up or entry is None or entry.have == 0 or entry.total != n:
             if mem.name in fetch.peers:
                 fetch.peers.discard(mem.name)
                 fetch.raw.pop(mem.name, None)
@@ -292,13 +292,13 @@ class FetchDriver:
         """(k, rank): same-site nodes that need this release (targeted, not complete when first
         seen), and our place among them. Judged from membership and the manifest's target, not
         from their announcements, so that every node of the site agrees before the first
-        request. A node that completes stays in the group while it is alive: were it dropped,
+        request. A node that completes stays in the group while it is up: were it dropped,
         every share would be dealt again and the scarce source asked again for chunks another
         node is still getting from it (origin egress 1.15x instead of about 1.0x)."""
         rid16 = fetch.rid[:RID_PREFIX]
         group = [self.name]
         for m in self.members.values():
-            if m.alive and m.site == self.site and fetch.manifest.matches(m.site, m.tags):
+            if m.up and m.site == self.site and fetch.manifest.matches(m.site, m.tags):
                 e = m.entries.get(rid16)
                 if e is None or not e.complete:
                     fetch.sharers.add(m.name)
@@ -413,7 +413,7 @@ class FetchDriver:
             while not fetch.closed:
                 fetch.bitmap_dirty.discard(peer)
                 mem = self.members.get(peer)
-                if mem is None or not mem.alive:
+                if mem is None or not mem.up:
                     return
                 started = self.now()
                 try:
@@ -518,7 +518,7 @@ class FetchDriver:
 
     async def _peer_request(self, fetch: ReleaseFetch, req: FetchRequest) -> tuple[Outcome, list[str]] | None:
         mem = self.members.get(req.peer)
-        if mem is None or not mem.alive:
+        if mem is None or not mem.up:
             return Outcome.ERROR, []
         task = asyncio.current_task()
         assert task is not None

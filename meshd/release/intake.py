@@ -84,7 +84,7 @@ class ManifestIntake:
 
     def member_changed(self, mem: Member) -> None:
         """A member's announcements changed: look at the names whose offers did."""
-        for name in self.offers.update(mem.name, mem.entries if mem.alive else {}):
+        for name in self.offers.update(mem.name, mem.entries if mem.up else {}):
             self.consider(name)
 
     def reconsider(self) -> None:

@@ -769,7 +769,7 @@ class ReleaseService:
     def releases(self) -> list[dict[str, Any]]:
         """Rows of GET /v1/releases, plus who holds each release (from members' metadata)."""
         rows = []
-        alive = [m for m in self._members.values() if m.alive]
+        alive = [m for m in self._members.values() if m.up]
         ordered = sorted(self._manifests.items(), key=lambda kv: (kv[1].name, release_order(kv[1])))
         for rid, m in ordered:
             cur_version = self.releases_dir.current(m.name)

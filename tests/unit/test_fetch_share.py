@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import random
 from pathlib import Path
 from typing import Any
 
 from meshd.core.counters import Counters
+from meshd.core.effects import MemberView
+from meshd.core.messages import MemberState
 from meshd.core.swarm import Swarm, SwarmConfig, make_bitmap
 from meshd.crypto import PublisherKey
 from meshd.metrics import TransferStats
@@ -100,6 +104,30 @@ def test_news_of_one_peer_re_judges_all_only_when_the_share_changed(tmp_path: Pa
     members["b"] = Member("b", "b:1", "s1", False, {})  # b died: the share changed
     d._register_all(fetch, only="b")
     assert fetch.registered["origin"] == make_bitmap(range(1, n, 2), n)  # a, me: half each
+
+
+def test_a_suspect_member_keeps_its_share_and_stays_a_peer(tmp_path: Path) -> None:
+    m, n, members, d, fetch = site_of_three(tmp_path, 1)
+    fetch.peers |= {"origin", "a"}
+    fetch.raw.update({"origin": None, "a": make_bitmap([1], n)})
+    d._register_all(fetch)
+    assert d._share(fetch) == (3, 2)
+    rid16 = m.release_id[:16]
+    bitmap = base64.b64encode(make_bitmap([1], n)).decode()
+    meta = {"site": "s1", "rel:app": f"1.0 {rid16} 1/{n} #0", f"relbm:{rid16}": bitmap}
+    view = MemberView("b", "", "b:1", MemberState.SUSPECT, 1, meta, 0.0)
+    members["b"] = Member.from_view(view)  # busy, not dead: Lifeguard may clear it
+    assert members["b"].up
+    assert members["b"].entries  # what it announced still counts
+    d._register_all(fetch, only="b")
+    assert d._share(fetch) == (3, 2)  # nobody's share dealt again
+    assert fetch.registered["origin"] == make_bitmap(range(2, n, 3), n)
+    members["a"] = Member.from_view(dataclasses.replace(view, name="a", addr="a:1"))
+    d._note_peer(fetch, members["a"])
+    assert "a" in fetch.peers  # still asked
+    members["b"] = Member.from_view(dataclasses.replace(view, state=MemberState.DEAD))
+    assert not members["b"].up
+    assert d._share(fetch) == (2, 1)  # dead: its share is dealt again
 
 
 async def test_the_share_cut_is_lifted_on_a_stall_not_while_requests_are_in_flight(tmp_path: Path) -> None:
