@@ -9,10 +9,10 @@ Rules:
   the directory. A crash leaves either no chunk or a whole one; leftover temp files are removed
   by clean_temp() (call it at startup).
 - put() decodes and hashes before anything is written: wrong bytes never reach the disk.
-- A chunk is hashed when it enters the store and on every read for use (get, get_view); a
-  damaged chunk is deleted and IntegrityError raised, so the caller fetches it again (has() is
-  then False). Reads for a peer (get_stored) hash it only the first time in this process: the
-  receiver hashes it anyway.
+- get() verifies on every read; a damaged chunk is deleted and IntegrityError raised, so the
+  caller fetches it again (has() is then False). Reads for a peer too: trusting a chunk once
+  verified saved little (blake3 is a few percent of a fetch) and a node with bit rot then kept
+  serving it, banned by every peer and never repairing it.
 - A full disk raises DiskFullError (a StoreError), any other write error StoreError, each with
   a clear message; the temp file is removed and the chunk is simply absent, so the store stays
   consistent.
@@ -142,7 +142,6 @@ class ChunkStore:
         self.fsync = fsync
         self.counters = Counters({"chunks.damaged": 0, "chunks.rejected": 0})
         self._chunk_prefix = str(self.chunk_dir) + os.sep  # paths as strings: pathlib cost 5% of a fetch
-        self._verified_ids: set[str] = set()  # hashed since this process started
         try:
             self.chunk_dir.mkdir(parents=True, exist_ok=True)
             self.manifest_dir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +224,6 @@ class ChunkStore:
                 for folder in {os.path.dirname(p) for _, p in done}:
                     fsync_dir(Path(folder))
             out.stored.extend(cid for cid, _ in done)
-            self._verified_ids.update(cid for cid, _ in done)
         except OSError as e:
             out.error = out.error or _store_error(e, "chunks", self.chunk_dir)
             # Renamed but not known durable: those stay (whole, verified bytes); temps go.
@@ -300,25 +298,15 @@ class ChunkStore:
         return self._verified(cid)[1]
 
     def get_view(self, cid: str) -> bytes | memoryview:
-        """get() without copying a raw chunk out of its stored form (verified in place, always:
-        activation is the last check before the bytes go live), as activation writes 40 MB this
-        way on every node at the same moment."""
-        stored = self._stored_verified(cid)
+        """get() without copying a raw chunk out of its stored form (verified in place):
+        activation writes 40 MB this way on every node at the same moment."""
+        stored = self.get_stored(cid)
         if len(stored) > HEADER_SIZE and stored[0] == FLAG_RAW:
             return memoryview(stored)[HEADER_SIZE:]
         return decode_and_verify(cid, stored)  # lz4: decoded (and hashed) once more
 
     def get_stored(self, cid: str) -> bytes:
-        """The stored form, for a peer: hashed unless this process already did (when it stored
-        or first read it). Serving hashed every chunk again for every peer it went to, and every
-        receiver hashes what it gets anyway."""
-        if cid in self._verified_ids:
-            return self._read(cid)
-        stored = self._stored_verified(cid)
-        self._verified_ids.add(cid)
-        return stored
-
-    def _stored_verified(self, cid: str) -> bytes:
+        """The stored form (what peers are sent), verified like get() (hashed in place)."""
         stored = self._read(cid)
         try:
             verify_stored(cid, stored)
@@ -329,7 +317,6 @@ class ChunkStore:
         return stored
 
     def delete(self, cid: str) -> None:
-        self._verified_ids.discard(cid)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._chunk_path(cid))
 

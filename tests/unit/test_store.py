@@ -311,33 +311,6 @@ def test_get_view_is_get_without_copying_a_raw_chunk(store: ChunkStore) -> None:
     assert not store.has(raw)  # dropped, to be fetched again, as get() does
 
 
-def test_a_chunk_is_hashed_once_for_peers_and_on_every_use(
-    store: ChunkStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fetched = encode_chunk(NOISE)
-    cid = chunk_id(NOISE)
-    published = store.put_data(TEXT)  # not hashed by the store: the chunker just made its id
-    hashed: list[str] = []
-    real = store_mod.verify_stored
-
-    def counting(c: str, stored: bytes | bytearray | memoryview) -> None:
-        hashed.append(c)
-        real(c, stored)
-
-    monkeypatch.setattr(store_mod, "verify_stored", counting)
-    assert store.put_many([(cid, fetched)]).stored == [cid]
-    assert hashed == [cid]  # on the way in
-    for _ in range(3):
-        assert store.get_stored(cid) == fetched  # served to three peers: not hashed again
-        assert store.get_stored(published) == encode_chunk(TEXT)
-    assert hashed == [cid, published]  # the published one on its first read only
-    assert store.get_view(cid) == NOISE  # activation hashes every time
-    assert hashed == [cid, published, cid]
-    store.delete(cid)  # a chunk stored again is hashed again
-    assert store.put_many([(cid, fetched)]).stored == [cid]
-    assert hashed == [cid, published, cid, cid]
-
-
 def test_a_stale_temp_name_is_skipped(store: ChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
     cid = chunk_id(NOISE)
     folder = store.chunk_dir / cid[:2]
