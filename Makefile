@@ -79,11 +79,12 @@ fuzz: $(STAMP)
 
 # Side-by-side benchmarks (root; Debian serf, aria2, opentracker, mktorrent, casync, containerd,
 # skopeo, docker-registry, curl: installed when missing), then the one report: every bench writes
-# bench/results/<name>.md and its raw runs <name>.json; bench/report.py turns them (and the simulator's simulator*.json) into bench/results/README.md with PNG plots.
-# matplotlib is the `bench` extra (the venv has it: tests check the plots too). BENCH_RUNS
-# repetitions per figure (median and min-max); with 5, about 90 minutes on a quiet 2-core machine
-# (distribution: 1x8, 1x16 and 2x8 hosts x 3 systems; add DIST_CONFIGS="... --config 1x32"), plus
-# about 30 for the registry's (8 hosts pull a 200 MB image 4 ways).
+# bench/results/<name>.md and its raw runs <name>.json; bench/report.py turns them (and the
+# simulator's simulator*.json) into bench/results/README.md with PNG plots. matplotlib is the
+# `bench` extra (the venv has it: tests check the plots too). BENCH_RUNS repetitions per figure
+# (median and min-max); with 5, about 90 minutes on a quiet 2-core machine (distribution: 1x8,
+# 1x16 and 2x8 hosts x 3 systems; add DIST_CONFIGS="... --config 1x32"), plus about 30 for the
+# registry's (8 hosts pull a 200 MB image 4 ways).
 BENCH_RUNS   ?= 5
 DIST_CONFIGS ?= --config 1x8 --config 1x16 --config 2x8
 

@@ -5,7 +5,7 @@ through meshd's pull-through site cache, and from a meshd-published image releas
 Topology (scripts/lab.py, prefix `mdg-`): one site of `--hosts` client hosts (default 8) plus the
 upstream host, whose eth0 egress is limited by tc tbf (`--rate`, default 100mbit): the site's
 uplink as the upstream sees it. The upstream host runs Debian's docker-registry (loaded once by
-skopeo with an image this script writes: `--layers` uncompressed layers of random, incompressible
+skopeo with an image this script writes: `--layers` gzipped layers of random, incompressible
 data, `--size-mb` in all). Every client host runs its own containerd 1.6 (own root, state and
 socket, CRI off, a fresh content store for every pull) and, for the meshd ways, its own meshd with
 `--registry 127.0.0.1:5000` on the host's loopback and a hosts.toml that puts it first. Ways:
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gzip
 import hashlib
 import importlib.util
 import io
@@ -112,13 +113,15 @@ class Image:
 
 
 def write_image(root: Path, size: int, layers: int, seed: int = 1) -> Image:
-    """An OCI layout of `layers` uncompressed layer tars of one random file each (`size` bytes of
-    blobs in all, about): incompressible, and no gunzip CPU in the pull."""
+    """An OCI layout of `layers` gzipped layer tars of one random file each (`size` bytes of blobs
+    in all, about): incompressible data, so gzip stores it (level 1: cheap to write and to unpack).
+    Gzipped, because skopeo would compress plain tars on the way into a registry (new digests)."""
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True)
     rnd = random.Random(seed)
-    per_layer = max(1, size // layers - 3 * 1024)  # tar headers and end blocks take ~3 KB
+    per_layer = max(1, size // layers - 3 * 1024)  # tar headers, end blocks, gzip framing
     descs: list[dict[str, Any]] = []
+    diff_ids = []
     for i in range(layers):
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -126,17 +129,18 @@ def write_image(root: Path, size: int, layers: int, seed: int = 1) -> Image:
             info.size = per_layer
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(rnd.randbytes(per_layer)))
-        data = buf.getvalue()
+        diff_ids.append("sha256:" + hashlib.sha256(buf.getvalue()).hexdigest())
+        data = gzip.compress(buf.getvalue(), compresslevel=1, mtime=0)
         digest = _put(blobs, data)
         descs.append(
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": len(data)}
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": len(data)}
         )
     config = json.dumps(
         {
             "architecture": "amd64",
             "os": "linux",
             "config": {"Cmd": ["/bin/true"]},
-            "rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in descs]},  # uncompressed
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
         },
         sort_keys=True,
     ).encode()
@@ -232,8 +236,8 @@ class Bench:
         self.start_registry()
         push = self.lab.exec(
             self.upstream_host,
-            ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{self.image.layout}:{TAG}",
-             f"docker://{self.upstream}/{REPOSITORY}:{TAG}"],
+            ["skopeo", "copy", "--preserve-digests", "--dest-tls-verify=false",
+             f"oci:{self.image.layout}:{TAG}", f"docker://{self.upstream}/{REPOSITORY}:{TAG}"],
             timeout=600,
         )  # fmt: skip
         self.stop_all()
@@ -423,9 +427,10 @@ def render(doc: dict[str, Any]) -> str:
         f"(CPU is shared). {c['hosts']} client hosts in one site, each with its own containerd "
         f"{c.get('containerd', '1.6')} (`ctr image pull`, native snapshotter, fresh content store); "
         f"the upstream host's egress (its uplink) limited to {c['rate']} by tc tbf; Debian's "
-        f"docker-registry there. Image: {c['image_bytes'] / 1e6:.0f} MB, {c['layers']} uncompressed "
-        f"layers of random data. meshd profile `{c['meshd_profile']}`. Each cell: median (min-max) over "
-        f"{c['runs']} run(s) (the order of the ways rotates per run), n = runs that finished.",
+        f"docker-registry there. Image: {c['image_bytes'] / 1e6:.0f} MB, {c['layers']} layers of "
+        f"random data (gzip stores it as is). meshd profile `{c['meshd_profile']}`. Each cell: "
+        f"median (min-max) over {c['runs']} run(s) (the order of the ways rotates per run), n = runs "
+        "that finished.",
         "",
         "Clocks:",
         "",
