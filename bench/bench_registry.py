@@ -49,6 +49,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -505,6 +506,7 @@ def main() -> int:
     if missing:
         raise SystemExit(f"missing {', '.join(missing)} (Debian packages: see .ci/run)")
     ways = [w for w in WAYS if w in set(args.only or WAYS)]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `finally` tears the lab down
     work = Path(tempfile.mkdtemp(prefix="bench-registry-"))
     bench: Bench | None = None
     try:

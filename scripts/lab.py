@@ -615,12 +615,13 @@ class LabContainerd:
 
     def hosts_dir(self, registry: str, mirror: str | None) -> Path:
         """A containerd hosts dir for `registry` (host:port, plain HTTP), with `mirror` (a URL)
-        first when given; the registry itself is the server."""
+        first when given; the registry itself is the server (listed as a host too when alone:
+        containerd 1.6 would otherwise speak HTTPS to a bare `server`)."""
         d = self.dir / ("certs.d-mirror" if mirror else "certs.d-direct")
         (d / registry).mkdir(parents=True, exist_ok=True)
         text = f'server = "http://{registry}"\n'
-        if mirror:
-            text += f'\n[host."{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+        host = mirror or f"http://{registry}"
+        text += f'\n[host."{host}"]\n  capabilities = ["pull", "resolve"]\n'
         (d / registry / "hosts.toml").write_text(text)
         return d
 
