@@ -62,7 +62,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.benchstats import DEFAULT_RUNS, cell, environment, json_path, summary, write_json  # noqa: E402
+from bench.benchstats import DEFAULT_RUNS, cell, environment, json_path, secs, summary, write_json  # noqa: E402
 
 PREFIX = "mdg-"
 RESULTS = REPO / "bench" / "results" / "registry.md"
@@ -461,6 +461,15 @@ def render(doc: dict[str, Any]) -> str:
             for w in ("direct", "pull", "release")
             if w in sm and sm[w]["time_s"]["median"] is not None
         ) + "."]  # fmt: skip
+    alone_cpu = sm.get("alone", {}).get("cpu_s", {}).get("median")
+    if alone and alone_cpu and env.get("cpus"):
+        floor = alone_cpu * c["hosts"] / env["cpus"]
+        note = (
+            f"This machine's floor for {c['hosts']} pulls at once, whatever the transport: "
+            f"{c['hosts']} x one pull's CPU ({secs(alone_cpu)}) over {env['cpus']} CPUs = "
+            f"{secs(floor)} ({floor / alone:.2f}x one host alone): every host shares the same CPUs."
+        )
+        lines += ["", note]
     lines += [
         "",
         "Goal (issue 13): upstream egress close to 1x the image, the last host no later than 1.5x the "

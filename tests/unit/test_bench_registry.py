@@ -99,6 +99,11 @@ def test_the_result_file_gives_medians_spread_failures_clocks_and_the_ratio_to_o
     # 140 / 18, 25 / 18, 40 / 18
     assert "every host direct from the upstream 7.78x, meshd pull-through (site cache) 1.39x" in md
     assert "meshd-published image release 2.22x" in md
+    # 8 pulls x 9 CPU s over 2 CPUs: 36 s, 2.00x the 18 s alone
+    assert (
+        "floor for 8 pulls at once, whatever the transport: 8 x one pull's CPU (9.00 s) over 2 CPUs = "
+        "36.0 s (2.00x" in md
+    )
 
 
 def test_the_report_headline_names_every_way_against_the_goal(tmp_path: Path) -> None:
