@@ -77,25 +77,29 @@ fuzz: $(STAMP)
 	$(BIN)/python scripts/fuzz_seeds.py --scrub; \
 	exit $$status
 
-# Side-by-side benchmarks (root; Debian serf, aria2, opentracker, mktorrent, casync: installed when
-# missing), then the one report: every bench writes bench/results/<name>.md and its raw runs <name>.json; bench/report.py
-# turns them (and the simulator's simulator*.json) into bench/results/README.md with PNG plots.
-# matplotlib is the `bench` extra (the venv has it: tests check the plots too). BENCH_RUNS
-# repetitions per figure (median and min-max); with 5, about 90 minutes on a quiet 2-core machine
-# (distribution: 1x8, 1x16 and 2x8 hosts x 3 systems; add DIST_CONFIGS="... --config 1x32").
+# Side-by-side benchmarks (root; Debian serf, aria2, opentracker, mktorrent, casync, containerd,
+# skopeo, docker-registry, curl: installed when missing), then the one report: every bench writes
+# bench/results/<name>.md and its raw runs <name>.json; bench/report.py turns them (and the
+# simulator's simulator*.json) into bench/results/README.md with PNG plots. matplotlib is the
+# `bench` extra (the venv has it: tests check the plots too). BENCH_RUNS repetitions per figure
+# (median and min-max); with 5, about 90 minutes on a quiet 2-core machine (distribution: 1x8,
+# 1x16 and 2x8 hosts x 3 systems; add DIST_CONFIGS="... --config 1x32"), plus about 30 for the
+# registry's (8 hosts pull a 200 MB image 4 ways).
 BENCH_RUNS   ?= 5
 DIST_CONFIGS ?= --config 1x8 --config 1x16 --config 2x8
 
-BENCH_TOOLS := serf aria2c opentracker mktorrent casync
+BENCH_TOOLS := serf aria2c opentracker mktorrent casync containerd ctr skopeo docker-registry curl
 
 bench: $(STAMP)
 	@missing=""; for t in $(BENCH_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then echo "installing the side-by-side tools (missing:$$missing)"; \
-	    apt-get update -qq && apt-get install -y -qq serf aria2 opentracker mktorrent casync; fi
+	    apt-get update -qq && apt-get install -y -qq serf aria2 opentracker mktorrent casync \
+	        containerd skopeo docker-registry curl; fi
 	$(BIN)/python bench/membership.py
 	$(BIN)/python bench/bench_queries.py --runs $(BENCH_RUNS)
 	$(BIN)/python bench/bench_discovery.py --runs $(BENCH_RUNS)
 	$(BIN)/python bench/bench_distribution.py --runs $(BENCH_RUNS) $(DIST_CONFIGS)
+	$(BIN)/python bench/bench_registry.py --runs $(BENCH_RUNS)
 	$(BIN)/python bench/bench_chunk_pipeline.py
 	$(BIN)/python bench/bench_attacks.py
 	$(BIN)/python bench/report.py

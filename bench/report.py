@@ -136,10 +136,39 @@ def queries_headlines(doc: dict[str, Any]) -> list[str]:
     ]
 
 
+def registry_headlines(doc: dict[str, Any]) -> list[str]:
+    """Issue 13's figure: N hosts pull an image direct, through the site cache, from a release."""
+    c, sm = doc["conditions"], doc.get("summary", {})
+    names = {"direct": "direct", "pull": "pull-through", "release": "release"}
+
+    def ratio(way: str) -> str:
+        alone = sm.get("alone", {}).get("time_s", {}).get("median")
+        last = sm[way]["time_s"]["median"]
+        return f", {last / alone:.2f}x one host alone" if alone and last is not None else ""
+
+    def egress(way: str) -> str:
+        e = sm[way]["egress_x"]
+        return f"{_x(e['median'])} ({_x(e['min'])}-{_x(e['max'])})" if e["median"] is not None else "-"
+
+    figures = "; ".join(
+        f"{label} {cell(sm[w]['time_s'])}, egress {egress(w)}{ratio(w)}"
+        for w, label in names.items()
+        if w in sm
+    )
+    alone = f"; one host alone {cell(sm['alone']['time_s'])}" if "alone" in sm else ""
+    return [
+        f"- **{c['hosts']} hosts behind {c['rate']} pull a {c['image_bytes'] / 1e6:.0f} MB image** "
+        f"({c['layers']} layers, containerd `ctr image pull`, until the last host has it; upstream "
+        f"egress as a multiple of the image): {figures}{alone}. Goal: egress ~1x, last host <= 1.5x "
+        "one host alone."
+    ]
+
+
 HEADLINES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "distribution": distribution_headlines,
     "discovery": discovery_headlines,
     "queries": queries_headlines,
+    "registry": registry_headlines,
 }
 
 

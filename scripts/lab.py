@@ -461,6 +461,62 @@ class Lab:
             return None
         return {m["name"]: m["state"] for m in doc.get("members", [])}
 
+    # ---- OCI tools inside a host: containerd 1.6 and Debian's docker-registry -------------------
+
+    def start_containerd(self, host: Host | str, name: str = "containerd") -> LabContainerd:
+        """containerd in a host with its own root, state and socket under <host dir>/<name> (wiped
+        first: an empty content store), CRI off. Pulls go through `ctr_argv` run in the host."""
+        h = host if isinstance(host, Host) else self.host(host)
+        d = self.host_dir(h) / name
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        sock = d / "c.sock"  # a Unix socket path has at most 107 bytes: the lab's paths are short
+        config = d / "config.toml"
+        config.write_text(
+            "version = 2\n"
+            f'root = "{d / "root"}"\n'
+            f'state = "{d / "state"}"\n'
+            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+            f'[grpc]\n  address = "{sock}"\n'
+            f'[ttrpc]\n  address = "{sock}.ttrpc"\n'
+            '[metrics]\n  address = ""\n'
+        )
+        proc = self.popen(h, ["containerd", "--config", str(config), "--address", str(sock)], log=d / "log")
+        c = LabContainerd(h, d, sock, proc)
+        deadline = time.monotonic() + 30
+        while self.exec(h, c.ctr_argv("version"), timeout=10).returncode != 0:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                self.kill(proc)
+                raise LabError(f"{h.name}: containerd did not start ({d / 'log'})")
+            time.sleep(0.2)
+        return c
+
+    def start_docker_registry(
+        self, host: Host | str, port: int = 5000
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        """Debian's docker-registry on a host's lab address (storage under <host dir>/registry,
+        kept); returns the process and its log, which has an access-log line per request."""
+        h = host if isinstance(host, Host) else self.host(host)
+        d = self.host_dir(h) / "registry"
+        d.mkdir(parents=True, exist_ok=True)
+        config = d / "config.yml"
+        config.write_text(
+            "version: 0.1\n"
+            "log:\n  level: warn\n  accesslog:\n    disabled: false\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {d / 'storage'}\n"
+            f"http:\n  addr: {h.ip}:{port}\n"
+        )
+        log = d / "registry.log"
+        proc = self.popen(h, ["docker-registry", "serve", str(config)], log=log)
+        probe = f"import urllib.request; urllib.request.urlopen('http://{h.ip}:{port}/v2/', timeout=2)"
+        deadline = time.monotonic() + 30
+        while self.exec(h, [self.python, "-c", probe], timeout=10).returncode != 0:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                self.kill(proc)
+                raise LabError(f"{h.name}: docker-registry did not start ({log})")
+            time.sleep(0.2)
+        return proc, log
+
     # ---- an independent mDNS stack (avahi) inside a host -------------------------------------
 
     def start_avahi(self, host: Host | str) -> tuple[list[subprocess.Popen[bytes]], dict[str, str]]:
@@ -542,6 +598,32 @@ class Lab:
 
 
 # ---- helpers for tests and benchmarks -----------------------------------------------------------
+
+
+@dataclass
+class LabContainerd:
+    """containerd started by Lab.start_containerd: run `ctr_argv(...)` in its host."""
+
+    host: Host
+    dir: Path
+    sock: Path
+    proc: subprocess.Popen[bytes]
+    namespace: str = "meshd-lab"
+
+    def ctr_argv(self, *args: str) -> list[str]:
+        return ["ctr", "--address", str(self.sock), "--namespace", self.namespace, *args]
+
+    def hosts_dir(self, registry: str, mirror: str | None) -> Path:
+        """A containerd hosts dir for `registry` (host:port, plain HTTP), with `mirror` (a URL)
+        first when given; the registry itself is the server (listed as a host too when alone:
+        containerd 1.6 would otherwise speak HTTPS to a bare `server`)."""
+        d = self.dir / ("certs.d-mirror" if mirror else "certs.d-direct")
+        (d / registry).mkdir(parents=True, exist_ok=True)
+        text = f'server = "http://{registry}"\n'
+        host = mirror or f"http://{registry}"
+        text += f'\n[host."{host}"]\n  capabilities = ["pull", "resolve"]\n'
+        (d / registry / "hosts.toml").write_text(text)
+        return d
 
 
 def iface_bytes(ns: str, dev: str, *counters: str) -> int:
