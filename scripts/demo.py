@@ -29,13 +29,14 @@ NODES = [
     ("gw-shop-1", 7792, 7793, "shop", ["role=gateway", "release=4.2"]),
 ]
 READY_TIMEOUT = 20.0
+REGISTRY_PORT = {name: api + 1000 for name, _, api, _, _ in NODES}  # each node's OCI registry mirror
 
 
 def busy_ports() -> list[int]:
     """Demo ports something already listens on (another demo still running, say)."""
     busy = []
-    for _, port, api, _, _ in NODES:
-        for p in (port, api):
+    for name, port, api, _, _ in NODES:
+        for p in (port, api, REGISTRY_PORT[name]):
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", p)) == 0:
                     busy.append(p)
@@ -144,6 +145,8 @@ def main() -> int:
                 "127.0.0.1",
                 "--trust-publisher",
                 f"{publisher}.pub",
+                "--registry",
+                f"127.0.0.1:{REGISTRY_PORT[name]}",
             ]
             for t in tags:
                 args += ["--tag", t]
@@ -163,7 +166,8 @@ meshd demo: {len(NODES)} nodes on loopback (cluster "demo", logs in {os.path.rel
 
   {"node":<14} {"gossip":<16} {"operator API"}""")
         for name, port, api, site, _ in NODES:
-            print(f"  {name:<14} 127.0.0.1:{port:<6} http://127.0.0.1:{api}   site={site}")
+            mirror = f"127.0.0.1:{REGISTRY_PORT[name]}"
+            print(f"  {name:<14} 127.0.0.1:{port:<6} http://127.0.0.1:{api}   site={site}  registry {mirror}")
         print(
             f"""
 Try, in another terminal:
@@ -178,6 +182,10 @@ Try, in another terminal:
   {meshctl} health                      # every node's checks, by gossip query
   {meshctl} --token-file {token} publish README.md --name docs --version 1 \\
       --key {os.path.relpath(publisher, Path.cwd())}        # then: {meshctl} releases
+  {meshctl} --token-file {token} publish-image <OCI layout dir or docker save tar> \
+      --name app-image --version 1 --repo demo/app --key {os.path.relpath(publisher, Path.cwd())}
+  {meshctl} images                      # then pull through any node's mirror, e.g.
+  skopeo inspect --tls-verify=false docker://127.0.0.1:{REGISTRY_PORT[NODES[2][0]]}/demo/app:1
 
 Open: http://127.0.0.1:7789/  (dashboard)   http://127.0.0.1:7789/v1/members
       http://127.0.0.1:7789/metrics           http://127.0.0.1:7789/v1/status
