@@ -24,7 +24,6 @@ bench/results/discovery.md. The lab (prefix `mdb-`) is always torn down.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import shutil
@@ -37,29 +36,19 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.benchstats import DEFAULT_RUNS, cell, environment, json_path, summary, write_json  # noqa: E402
+from bench.lab_module import load_lab  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "discovery.md"
 SERF_PORT = 7946
 SERF_RPC = "127.0.0.1:7373"
 
 
-def _load_lab() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("meshd_lab", REPO / "scripts" / "lab.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["meshd_lab"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-lm = _load_lab()
+lm = load_lab()
 
 
 @dataclass

@@ -40,9 +40,7 @@ Usage: bench/bench_distribution.py [--config 1x8 --config 1x16 ...] [--runs 5] [
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -60,6 +58,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.benchstats import DEFAULT_RUNS, cell, environment, json_path, summary, write_json  # noqa: E402
+from bench.lab_module import load_lab  # noqa: E402
 
 PREFIX = "mdb-"
 RESULTS = REPO / "bench" / "results" / "distribution.md"
@@ -72,17 +71,6 @@ HOOK = """#!/bin/sh
 # aria2c --on-bt-download-complete: GID, number of files, path. Download verified, seeding next.
 date +%s.%N > "$3.done.tmp" && mv "$3.done.tmp" "$3.done"
 """
-
-
-@functools.cache
-def load_lab() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("meshd_lab", REPO / "scripts" / "lab.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["meshd_lab"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass(frozen=True)

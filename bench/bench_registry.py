@@ -39,20 +39,12 @@ Usage: bench/bench_registry.py [--runs 5] [--size-mb 200] [--layers 5] [--hosts 
 from __future__ import annotations
 
 import argparse
-import functools
-import gzip
-import hashlib
-import importlib.util
-import io
-import json
 import os
-import random
 import resource
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -63,6 +55,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.benchstats import DEFAULT_RUNS, cell, environment, json_path, secs, summary, write_json  # noqa: E402
+from bench.lab_module import load_lab  # noqa: E402
+from tests.oci_images import OCI_MANIFEST, make_image, write_layout  # noqa: E402
 
 PREFIX = "mdg-"
 RESULTS = REPO / "bench" / "results" / "registry.md"
@@ -73,8 +67,6 @@ TAG = "v1"
 STEP_TIMEOUT = 420.0
 WAYS = ("alone", "direct", "pull", "release")
 TOOLS = ("containerd", "ctr", "skopeo", "docker-registry", "curl", "tc")
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 LABELS = {
     "alone": "one host alone, direct",
     "direct": "every host direct from the upstream",
@@ -92,17 +84,6 @@ CLOCKS = {
 }
 
 
-@functools.cache
-def load_lab() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("meshd_lab", REPO / "scripts" / "lab.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["meshd_lab"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 # --- the image ----------------------------------------------------------------------------------
 
 
@@ -117,70 +98,10 @@ def write_image(root: Path, size: int, layers: int, seed: int = 1) -> Image:
     """An OCI layout of `layers` gzipped layer tars of one random file each (`size` bytes of blobs
     in all, about): incompressible data, so gzip stores it (level 1: cheap to write and to unpack).
     Gzipped, because skopeo would compress plain tars on the way into a registry (new digests)."""
-    blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    rnd = random.Random(seed)
     per_layer = max(1, size // layers - 3 * 1024)  # tar headers, end blocks, gzip framing
-    descs: list[dict[str, Any]] = []
-    diff_ids = []
-    for i in range(layers):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            info = tarfile.TarInfo(f"data/layer{i}.bin")
-            info.size = per_layer
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(rnd.randbytes(per_layer)))
-        diff_ids.append("sha256:" + hashlib.sha256(buf.getvalue()).hexdigest())
-        data = gzip.compress(buf.getvalue(), compresslevel=1, mtime=0)
-        digest = _put(blobs, data)
-        descs.append(
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": len(data)}
-        )
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Cmd": ["/bin/true"]},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        },
-        sort_keys=True,
-    ).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": _put(blobs, config),
-                "size": len(config),
-            },
-            "layers": descs,
-        },
-        sort_keys=True,
-    ).encode()
-    manifest_digest = _put(blobs, manifest)
-    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    index = {
-        "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
-        "manifests": [
-            {
-                "mediaType": OCI_MANIFEST,
-                "digest": manifest_digest,
-                "size": len(manifest),
-                "annotations": {"org.opencontainers.image.ref.name": TAG},
-            }
-        ],
-    }
-    (root / "index.json").write_text(json.dumps(index))
-    total = len(manifest) + len(config) + sum(int(d["size"]) for d in descs)
-    return Image(root, manifest_digest, total)
-
-
-def _put(blobs: Path, data: bytes) -> str:
-    hexd = hashlib.sha256(data).hexdigest()
-    (blobs / hexd).write_bytes(data)
-    return "sha256:" + hexd
+    image = make_image(seed, (per_layer,) * layers, TAG, compresslevel=1)
+    write_layout(root, image)
+    return Image(root, image.manifest_digest, sum(len(b) for b in image.blobs().values()))
 
 
 # --- measuring ----------------------------------------------------------------------------------

@@ -49,11 +49,14 @@ class OciImage:
         return out
 
 
-def make_image(seed: int = 1, layer_sizes: tuple[int, ...] = (3000, 70_000), tag: str = "v1") -> OciImage:
-    """A runnable-shaped OCI image: gzipped layer tars of random files and a config naming them."""
+def make_image(
+    seed: int = 1, layer_sizes: tuple[int, ...] = (3000, 70_000), tag: str = "v1", compresslevel: int = 9
+) -> OciImage:
+    """A runnable-shaped OCI image: gzipped layer tars of random files and a config naming them
+    (compresslevel 1 for big random layers: gzip stores them as they are, quickly)."""
     rnd = __import__("random").Random(seed)
     raw_layers = [layer_tar({f"data/file{i}.bin": rnd.randbytes(n)}) for i, n in enumerate(layer_sizes)]
-    layers = [gzip.compress(t, mtime=0) for t in raw_layers]
+    layers = [gzip.compress(t, compresslevel=compresslevel, mtime=0) for t in raw_layers]
     config = json.dumps(
         {
             "architecture": "amd64",
