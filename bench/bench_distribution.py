@@ -163,6 +163,30 @@ def cpu_s(procs: list[subprocess.Popen[Any]]) -> float:
     return total / tick
 
 
+# What each meshd host did during a run, from its /metrics (sums of these counter families):
+# where the CPU goes is easier to judge with the packets and requests it took.
+SCRAPED = (
+    "meshd_udp_sent_packets_total",
+    "meshd_udp_received_packets_total",
+    "meshd_tcp_connects_total",
+    "meshd_dist_serve_pieces_total",  # summed over the hosts: the pieces they all asked for
+    "meshd_dist_fetch_timeouts_total",
+    "meshd_dist_fetch_errors_total",
+)
+
+
+def scrape(lab: Any, lm: ModuleType, hosts: list[Any]) -> dict[str, float]:
+    """SCRAPED summed over `hosts` (a family a host does not export counts 0)."""
+    out = dict.fromkeys(SCRAPED, 0.0)
+    for h in hosts:
+        proc = lab.exec(h, ["curl", "-s", "-m", "3", f"http://127.0.0.1:{lm.API_PORT}/metrics"], timeout=8)
+        for line in proc.stdout.splitlines():
+            name, _, value = line.partition(" ")
+            if name in out:
+                out[name] += float(value)
+    return out
+
+
 def wait(what: str, pred: Any, timeout: float = STEP_TIMEOUT, every: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -403,6 +427,7 @@ def run_meshd(
         idle0, idle_t0 = cpu_s(procs), time.monotonic()
         time.sleep(IDLE_WINDOW)
         idle_rate = (cpu_s(procs) - idle0) / (time.monotonic() - idle_t0)
+        scraped0 = scrape(lab, lm, clients)
         counters = Counters(topo)
         counters.start()
         cpu0 = cpu_s(procs)
@@ -437,6 +462,7 @@ def run_meshd(
             if not any(r["id"] == rid and r["state"] == "active" for r in doc.get("releases", [])):
                 raise RuntimeError(f"{c.name}: release not active in /v1/releases")
         ok = all(has_file(p, src.stat().st_size, digest) for p in currents.values())
+        scraped1 = scrape(lab, lm, clients)
     finally:
         for p in procs:
             lab.kill(p)
@@ -446,6 +472,10 @@ def run_meshd(
         "publish_s": published - t0,
         "cpu_s": cpu,
         "idle_cpu_per_s": idle_rate,
+        # per client host, from publish until its counters were read after the last switch
+        "per_host": {
+            k.removeprefix("meshd_"): round((scraped1[k] - scraped0[k]) / len(clients), 1) for k in SCRAPED
+        },
         **counts,
         "ok": ok,
         "per_host_s": finish_times(seen, t0),

@@ -14,6 +14,7 @@ Sans-IO: the wall clock is passed in, the guard needs no clock at all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections import OrderedDict
@@ -35,6 +36,7 @@ _PRUNE_EVERY = 1_024
 _ANONYMOUS = bytes(SENDER_ID_SIZE)
 
 
+@functools.lru_cache(maxsize=65536)  # asked for every envelope sealed; the ids are few
 def sender_id(node_id: str) -> bytes:
     """The envelope's sender/receiver field for a node id (32 hex chars); b"" stays anonymous."""
     if not node_id:

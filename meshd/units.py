@@ -5,6 +5,7 @@ One module so every parser of configuration and requests spells and checks them 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -13,6 +14,7 @@ from meshd.errors import ConfigError
 __all__ = [
     "format_hostport",
     "is_ascii_int",
+    "is_ip_port",
     "is_loopback_host",
     "parse_duration",
     "parse_hostport",
@@ -151,6 +153,17 @@ def parse_ip_port(value: object) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6
     if ip.is_unspecified or ip.is_multicast or ip == _BROADCAST:
         raise ValueError(f"not a peer's address: {value!r}")
     return ip, port
+
+
+@functools.lru_cache(maxsize=65536)
+def is_ip_port(value: str) -> bool:
+    """parse_ip_port accepts `value`. Remembered: the core checks the addresses of every
+    message it handles, and a mesh has few (bounded, so garbage cannot grow it)."""
+    try:
+        parse_ip_port(value)
+    except ValueError:
+        return False
+    return True
 
 
 def format_hostport(host: str, port: int) -> str:

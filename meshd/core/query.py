@@ -528,6 +528,8 @@ class QueryEngine:
 
     def get_timer(self) -> float:
         """The next deadline (absolute), math.inf when no query is in flight or being gathered."""
+        if not (self._pending or self._routes or self._early):
+            return math.inf  # the usual case, and it is asked after every packet
         gathers = (
             r.gather.deadline for r in self._routes.values() if r.gather is not None and not r.gather.sent
         )
@@ -539,6 +541,8 @@ class QueryEngine:
 
     def handle_timer(self, now: float) -> list[QueryOutbound]:
         """Finish the queries past their deadline; returns the site summaries now due to send."""
+        if not (self._pending or self._routes or self._early):
+            return []
         for pending in list(self._pending.values()):
             if now >= pending.deadline:
                 self._finish(pending, now, timed_out=True)

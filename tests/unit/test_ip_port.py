@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from meshd.units import parse_ip_port
+from meshd.units import is_ip_port, parse_ip_port
 
 
 @pytest.mark.parametrize(
@@ -22,6 +22,8 @@ from meshd.units import parse_ip_port
 )
 def test_good(text: str, ip: str, port: int) -> None:
     assert parse_ip_port(text) == (ipaddress.ip_address(ip), port)
+    assert is_ip_port(text)
+    assert is_ip_port(text)  # the remembered answer
 
 
 @pytest.mark.parametrize(
@@ -58,6 +60,8 @@ def test_good(text: str, ip: str, port: int) -> None:
 def test_bad(text: str) -> None:
     with pytest.raises(ValueError, match=r".+"):
         parse_ip_port(text)
+    assert not is_ip_port(text)
+    assert not is_ip_port(text)  # the remembered answer
 
 
 def test_not_a_string() -> None:
