@@ -82,11 +82,11 @@ fuzz: $(STAMP)
 # bench/results/<name>.md and its raw runs <name>.json; bench/report.py turns them (and the
 # simulator's simulator*.json) into bench/results/README.md with PNG plots. matplotlib is the
 # `bench` extra (the venv has it: tests check the plots too). BENCH_RUNS repetitions per figure
-# (median and min-max); with 5, about 90 minutes on a quiet 2-core machine (distribution: 1x8,
-# 1x16 and 2x8 hosts x 3 systems; add DIST_CONFIGS="... --config 1x32"), plus about 30 for the
-# registry's (8 hosts pull a 200 MB image 4 ways).
+# (median and min-max); with 5, about 75 minutes on a quiet 2-core machine (distribution, 56 of
+# them: 1x8, 1x16, 2x8 and 1x32 hosts x 3 systems), plus about 30 for the registry's (8 hosts
+# pull a 200 MB image 4 ways).
 BENCH_RUNS   ?= 5
-DIST_CONFIGS ?= --config 1x8 --config 1x16 --config 2x8
+DIST_CONFIGS ?= --config 1x8 --config 1x16 --config 2x8 --config 1x32
 
 BENCH_TOOLS := serf aria2c opentracker mktorrent casync containerd ctr skopeo docker-registry curl
 

@@ -303,7 +303,8 @@ def render(doc: dict[str, Any]) -> str:
     lines = [
         "# Discovery: meshd vs serf in the namespace lab",
         "",
-        f"`{env['command']}`, {env['date']} on {env['host']} (kernel {env['kernel']}, {env['cpus']} CPUs, "
+        f"`{env['command']}` at commit {env.get('commit') or '?'}, "
+        f"{env['date']} on {env['host']} (kernel {env['kernel']}, {env['cpus']} CPUs, "
         f"load {env['load_1m_at_start']} at start), {c['serf']}, Python {env['python']}; profile "
         f"`{c['profile']}` for both systems; reconnect interval {c['reconnect_interval_s']:g} s for both "
         f"(meshd's `{c['profile']}` preset; serf given it with `reconnect_interval` in its config file, "

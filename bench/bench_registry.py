@@ -344,7 +344,8 @@ def render(doc: dict[str, Any]) -> str:
     lines = [
         "# Container images to a site: direct vs meshd pull-through vs a meshd image release",
         "",
-        f"`{env['command']}`, {env['date']} on {env['host']} ({env['cpus']} CPUs, load "
+        f"`{env['command']}` at commit {env.get('commit') or '?'}, "
+        f"{env['date']} on {env['host']} ({env['cpus']} CPUs, load "
         f"{env['load_1m_at_start']} at start); every host is a network namespace of this one machine "
         f"(CPU is shared). {c['hosts']} client hosts in one site, each with its own containerd "
         f"{c.get('containerd', '1.6')} (`ctr image pull`, native snapshotter, fresh content store); "
