@@ -108,6 +108,22 @@ def test_distribution_table_gives_median_spread_failures_and_the_clocks() -> Non
     assert "bytes over the thin link" in two
 
 
+def test_a_figure_a_system_does_not_have_is_a_dash_not_a_failure() -> None:
+    # Central HTTP has no CPU figure: none of its runs carry one, and none failed.
+    http = [{"time_s": 30.0, "egress_bytes": 8 * 40 * MB, "thin_link_bytes": 0, "ok": True}] * 3
+    assert cell(summarize_runs(http, 40 * MB)["cpu_s"]) == "-"
+    # A system that has the figure and lost it in a failed run still counts the failure.
+    meshd = [{"time_s": 6.0, "cpu_s": 5.0, "ok": True}, {"error": "timed out"}]
+    assert cell(summarize_runs(meshd, 40 * MB)["cpu_s"]) == "5.00 s, n=1, 1 failed"
+
+
+def test_the_table_names_the_commit_it_measured() -> None:
+    doc = _distribution_doc()
+    assert "at commit ?," in render_distribution(doc)  # older result files have none
+    doc["env"] = doc["env"] | {"commit": "d2e686010e82"}
+    assert "at commit d2e686010e82," in render_distribution(doc)
+
+
 def test_discovery_heal_shows_the_shared_reconnect_interval_and_counts_timeouts() -> None:
     heal = {"formed": 1.0, "detect": 17.0}
     doc = {
