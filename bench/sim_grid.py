@@ -25,6 +25,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.benchstats import source_commit  # noqa: E402
 from bench.report import churn_of, sim_table  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -40,6 +41,8 @@ def run_one(nodes: int, loss: float, churn: float, duration: str, seed: int) -> 
     started = time.monotonic()
     out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
     run: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    run["commit"] = source_commit()  # what was measured: the core changes between runs
+    run["date"] = time.strftime("%Y-%m-%d %H:%M")
     print(
         f"{nodes} nodes, loss {loss:g}, churn {churn:g}/min: spread 99% {run['spread_s']['99']} s, "
         f"kill seen by all {run['detect_all_s']} s, false deaths {run['false_dead']}, "
