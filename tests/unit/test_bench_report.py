@@ -113,7 +113,7 @@ def test_a_figure_a_system_does_not_have_is_a_dash_not_a_failure() -> None:
     http = [{"time_s": 30.0, "egress_bytes": 8 * 40 * MB, "thin_link_bytes": 0, "ok": True}] * 3
     assert cell(summarize_runs(http, 40 * MB)["cpu_s"]) == "-"
     # A system that has the figure and lost it in a failed run still counts the failure.
-    meshd = [{"time_s": 6.0, "cpu_s": 5.0, "ok": True}, {"error": "timed out"}]
+    meshd: list[dict[str, Any]] = [{"time_s": 6.0, "cpu_s": 5.0, "ok": True}, {"error": "timed out"}]
     assert cell(summarize_runs(meshd, 40 * MB)["cpu_s"]) == "5.00 s, n=1, 1 failed"
 
 
