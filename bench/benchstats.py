@@ -54,6 +54,9 @@ def cell(s: dict[str, Any], fmt: Callable[[float], str] = secs) -> str:
     return text
 
 
+_NOT_RESULTS = ("--", ".", ":!bench/results")  # the files a run writes are not the code it measured
+
+
 def source_commit() -> str:
     """The commit of the tree measured ("+dirty" with changes not committed; "" outside git)."""
     repo = Path(__file__).resolve().parents[1]
@@ -65,7 +68,7 @@ def source_commit() -> str:
             timeout=10,
         )
         dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", *_NOT_RESULTS],
             capture_output=True,
             text=True,
             timeout=10,
