@@ -190,6 +190,9 @@ class ReleaseService:
         self._emit_cb = emit
         self._manifests: dict[str, Manifest] = {}
         self._complete: set[str] = set()
+        # Chunks held of a release known here but not being fetched (found at start, or waiting
+        # for room): its progress until a fetch reports it, never 0 for chunks on disk.
+        self._held: dict[str, int] = {}
         self._fetches = self.driver.fetches  # rid -> the release being fetched
         self._activating: set[str] = set()
         self._activation_locks: dict[str, asyncio.Lock] = {}  # name -> one activation at a time
@@ -221,8 +224,9 @@ class ReleaseService:
         found = await asyncio.to_thread(self._recover)
         self._started = True
         self.announcer.running = not self._closed
-        for manifest, _ in found:
+        for manifest, missing in found:
             self._manifests[manifest.release_id] = manifest
+            self._held[manifest.release_id] = len(manifest.chunks) - len(missing)
         for manifest, missing in found:
             if missing:
                 log.info(
@@ -568,6 +572,7 @@ class ReleaseService:
         """A release no longer held (superseded, or its manifest retired): out of every view."""
         self._manifests.pop(rid, None)
         self._complete.discard(rid)
+        self._held.pop(rid, None)
         self.transfer.forget(rid)
 
     async def collect_garbage(self) -> int:
@@ -686,7 +691,9 @@ class ReleaseService:
         fetch = self._fetches.get(rid)
         if fetch is not None:
             return fetch.swarm.progress().have_chunks
-        return len(self._manifests[rid].chunks) if rid in self._complete else 0
+        if rid in self._complete:
+            return len(self._manifests[rid].chunks)
+        return self._held.get(rid, 0)
 
     def announcements(self) -> dict[str, str]:
         out = format_announcements(

@@ -209,7 +209,7 @@ class SpaceGate:
             return True
         self.waits.free = free
         self._pending[rid] = (manifest, list(missing))
-        self._hold(manifest, need, started=False, progress=0)
+        self._hold(manifest, need, started=False, progress=len(manifest.chunks) - len(missing))
         return False
 
     def stalled(self, fetch: ReleaseFetch) -> None:

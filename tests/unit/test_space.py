@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -293,5 +294,71 @@ async def test_a_release_resumed_at_start_is_checked_too(tmp_path: Path) -> None
         assert row(svc)["state"] == "waiting"
         assert m.release_id not in svc.driver.fetches
         assert [e["state"] for e in events] == ["disk full"]
+    finally:
+        await svc.stop()
+
+
+class GatedDisk(FakeDisk):
+    """A statvfs that does not answer until the test lets it (a slow disk at start)."""
+
+    def __init__(self, free: int) -> None:
+        super().__init__(free)
+        self.gate = threading.Event()
+
+    def __call__(self, path: object) -> int:
+        self.gate.wait(10.0)
+        return super().__call__(path)
+
+
+def half_held(tmp_path: Path) -> tuple[Manifest, Path, int]:
+    """A node's data dir left by a kill mid-download: the manifest and half of its chunks."""
+    peer_store = ChunkStore(tmp_path / "peer", fsync=False)
+    m = make_release(tmp_path, "1.0", peer_store, size=1_200_000)
+    root = tmp_path / "me"
+    mine = ChunkStore(root, fsync=False)
+    mine.put_manifest(m.release_id, m.to_bytes())
+    ids = m.unique_chunks()
+    held = ids[: len(ids) // 2]
+    for cid in held:
+        mine.put(cid, peer_store.get_stored(cid))
+    assert 0 < len(held) < len(ids)
+    return m, root, len(held)
+
+
+async def test_a_release_resumed_at_start_shows_what_it_holds_before_its_fetch_starts(
+    tmp_path: Path,
+) -> None:
+    # The manifest is listed as soon as it is found; the fetch starts after the free-space
+    # probe. In between, the row said 0 chunks for a node holding half of them.
+    m, root, held = half_held(tmp_path)
+    disk = GatedDisk(1 << 40)
+    svc = make_service(root, disk, [])
+    starting = asyncio.create_task(svc.start())
+    try:
+        for _ in range(500):
+            if svc.releases():
+                break
+            await asyncio.sleep(0.01)
+        assert m.release_id not in svc.driver.fetches  # the probe has not answered yet
+        assert row(svc)["have_chunks"] == held
+        disk.gate.set()
+        await starting
+        assert m.release_id in svc.driver.fetches
+        assert row(svc)["have_chunks"] == held
+    finally:
+        disk.gate.set()
+        await starting
+        await svc.stop()
+
+
+async def test_a_resumed_release_waiting_for_room_shows_what_it_holds(tmp_path: Path) -> None:
+    m, root, held = half_held(tmp_path)
+    svc = make_service(root, FakeDisk(0), [])
+    await svc.start()
+    try:
+        r = row(svc)
+        assert r["state"] == "waiting"
+        assert r["have_chunks"] == held
+        assert m.release_id not in svc.driver.fetches
     finally:
         await svc.stop()
