@@ -385,6 +385,22 @@ def secretbox_seal_in_place(buf: bytearray, box_at: int, nonce: bytes, key: byte
         raise ValueError("secretbox failed")
 
 
+def secretbox_open_in_place(buf: bytearray, box_at: int, nonce: bytes, key: bytes) -> memoryview | None:
+    """Decrypt the box buf[box_at:] (MAC first) where it lies: the message is the view
+    buf[box_at + MAC:], no new buffer (a received piece is megabytes). None when it does not
+    authenticate (then the box is left as it was: libsodium checks the MAC first)."""
+    if len(nonce) != SECRETBOX_NONCE_SIZE or len(key) != nacl.bindings.crypto_secretbox_KEYBYTES:
+        return None
+    clen = len(buf) - box_at
+    if box_at < 0 or clen < SECRETBOX_MAC_SIZE:
+        return None
+    p = _ffi.from_buffer(buf, require_writable=True)
+    # The message lands on the ciphertext itself (m == c + MAC): libsodium allows the overlap.
+    if _lib.crypto_secretbox_open_easy(p + box_at + SECRETBOX_MAC_SIZE, p + box_at, clen, nonce, key) != 0:
+        return None
+    return memoryview(buf)[box_at + SECRETBOX_MAC_SIZE :]
+
+
 def secretbox_open_view(box: memoryview, nonce: bytes, key: bytes) -> bytearray | None:
     """secretbox_open into one new buffer, reading the box where it lies (no copy of it).
     None when it does not authenticate."""

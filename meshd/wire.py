@@ -37,6 +37,7 @@ from meshd.crypto import (
     Keyring,
     key_id,
     secretbox_open,
+    secretbox_open_in_place,
     secretbox_open_view,
     secretbox_seal,
     secretbox_seal_in_place,
@@ -352,14 +353,28 @@ class Codec:
     def seal_parts(self, parts: Sequence[bytes | memoryview], to: str = "") -> bytearray:
         """The envelope seal(b"".join(parts), to, compress=False) makes, built in one buffer and
         encrypted in place: each part is copied once."""
+        room = self.overhead
+        buf = bytearray(room + sum(len(p) for p in parts))
+        pos = room
+        for part in parts:
+            buf[pos : pos + len(part)] = part
+            pos += len(part)
+        return self.seal_in_place(buf, to)
+
+    def seal_in_place(self, buf: bytearray, to: str = "") -> bytearray:
+        """Seal buf[overhead:] where it lies, the envelope seal(that, to, compress=False) makes:
+        the first `overhead` bytes are room for the envelope's header, left there by whoever
+        filled the body (a served piece is read from its files straight into place)."""
+        if len(buf) < self.overhead:
+            raise ValueError("buffer smaller than the envelope's header")
         stamp = self.clock.stamp().to_bytes(_STAMP_SIZE, "little")
         ids = self._sender + (sender_id(to) if to else _ANY)
         head = self._prefix_plain + stamp + ids
         keyring = self.keyring
         if keyring is None:
-            buf = bytearray(self._header + head)
-            for part in parts:
-                buf += part
+            at = len(self._header)
+            buf[:at] = self._header
+            buf[at : at + len(head)] = head
             return buf
         key = keyring.primary
         if key is not self._hdr_key:
@@ -368,22 +383,20 @@ class Codec:
         nonce = self._nonce_fn()
         box_at = HEADER_SIZE + SECRETBOX_NONCE_SIZE
         pos = box_at + SECRETBOX_MAC_SIZE
-        buf = bytearray(pos + len(head) + sum(len(p) for p in parts))
         buf[:HEADER_SIZE] = self._header
         buf[HEADER_SIZE:box_at] = nonce
-        for part in (head, *parts):
-            buf[pos : pos + len(part)] = part
-            pos += len(part)
+        buf[pos : pos + len(head)] = head
         secretbox_seal_in_place(buf, box_at, nonce, key)
         return buf
 
-    def open_view(self, data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> memoryview:
-        """open() for large bodies: decrypted into one buffer, the body a view of it. The same
-        checks and errors (AuthError / DecodeError / ReplayError)."""
+    def open_view(self, data: bytes | bytearray, max_size: int = DEFAULT_MAX_SIZE) -> memoryview:
+        """open() for large bodies: the body as a view, with the same checks and errors
+        (AuthError / DecodeError / ReplayError). A bytearray is decrypted where it lies (its
+        contents are garbage after a failure); bytes into one new buffer."""
         keyring = self.keyring
         n = len(data)
         if keyring is None or n < HEADER_SIZE + _BOX_OVERHEAD or data[0] != VERSION:
-            return memoryview(self.open(data, max_size))  # insecure or malformed: the plain path
+            return memoryview(self.open(bytes(data), max_size))  # insecure or malformed: the plain path
         if n > max_size + self.overhead:
             raise DecodeError("envelope too large")
         kid = bytes(data[1:HEADER_SIZE])
@@ -393,10 +406,16 @@ class Codec:
         if key is None:
             raise AuthError(f"unknown key id {kid.hex()}")
         nonce_end = HEADER_SIZE + SECRETBOX_NONCE_SIZE
-        inner = secretbox_open_view(memoryview(data)[nonce_end:], bytes(data[HEADER_SIZE:nonce_end]), key)
+        nonce = bytes(data[HEADER_SIZE:nonce_end])
+        inner: memoryview | bytearray | None
+        if isinstance(data, bytearray):
+            inner = secretbox_open_in_place(data, nonce_end, nonce, key)
+        else:
+            inner = secretbox_open_view(memoryview(data)[nonce_end:], nonce, key)
         if inner is None:
             raise AuthError("envelope does not authenticate")
-        end, compressed, _, _, _ = self._check_inner(inner)
+        # The header fields are checked on a copy of them: _check_inner reads them as bytes.
+        end, compressed, _, _, _ = self._check_inner(bytes(inner[: self.overhead + MAX_CLUSTER_NAME]))
         if compressed:
             return memoryview(self._decompress(memoryview(inner)[end:], max_size))
         return memoryview(inner)[end:]

@@ -63,16 +63,25 @@ class PeerProtocolError(DecodeError):
 # --- pieces --------------------------------------------------------------------------------------
 
 
+def piece_head(lengths: Sequence[int]) -> bytes:
+    """A piece's header and length table (0: that chunk is not served); its stored forms
+    follow back to back."""
+    return b"".join([PIECE_MAGIC, _U32.pack(len(lengths)), *(_U32.pack(n) for n in lengths)])
+
+
 def piece_parts(stored: Sequence[bytes | memoryview | None]) -> list[bytes | memoryview]:
     """A piece as the parts to send back to back: its header and table, then the stored forms
     (sealed with Codec.seal_parts, they are copied once, not joined first)."""
-    head = [PIECE_MAGIC, _U32.pack(len(stored))]
-    head.extend(_U32.pack(len(s) if s else 0) for s in stored)
-    return [b"".join(head), *(s for s in stored if s)]
+    return [piece_head([len(s) if s else 0 for s in stored]), *(s for s in stored if s)]
 
 
 def encode_piece(stored: Sequence[bytes | memoryview | None]) -> bytes:
     return b"".join(piece_parts(stored))
+
+
+def piece_buffer(stored: Sequence[bytes | memoryview | None], room: int) -> bytearray:
+    """encode_piece after `room` bytes left for the envelope's header (Codec.seal_in_place)."""
+    return bytearray(room) + encode_piece(stored)
 
 
 def decode_piece(body: bytes | memoryview, expected: int) -> list[memoryview | None]:
@@ -119,7 +128,10 @@ class PeerBackend(Protocol):
 
     def manifest_document(self, rid: str) -> bytes | None: ...
     def bitmap(self, rid: str) -> bytes | None: ...
-    async def read_stored(self, ids: list[str]) -> list[bytes | None]: ...
+    async def read_piece(self, ids: list[str], room: int) -> bytearray:
+        """The piece answering `ids`, after `room` bytes left for the envelope's header."""
+        ...
+
     async def upload_permit(self, nbytes: int) -> None: ...
     def count_sent(self, nbytes: int) -> None: ...
     def upload_slot(self, source: str) -> AbstractAsyncContextManager[None]:
@@ -227,11 +239,12 @@ async def _post_chunks(request: web.Request, raw: bytes) -> web.StreamResponse:
         return _refuse(backend, 400, "serve.drops.decode")
 
     async def piece() -> web.StreamResponse:
-        stored = await backend.read_stored(ids)
+        codec = backend.codec
+        body = await backend.read_piece(ids, codec.overhead)
         _count(backend, "serve.pieces")
-        # Sealed in one buffer, without a second lz4 attempt: stored forms are lz4 already
-        # where that pays, and a piece is megabytes (each copy of it costs).
-        return await _send(backend, backend.codec.seal_parts(piece_parts(stored), requester(request)))
+        # Sealed where the files were read into, without a second lz4 attempt: stored forms are
+        # lz4 already where that pays, and a piece is megabytes (each copy of it costs).
+        return await _send(backend, codec.seal_in_place(body, requester(request)))
 
     return await _upload(request, piece)
 

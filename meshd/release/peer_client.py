@@ -6,16 +6,17 @@ cluster keyring, and every refusal is a counted drop (`fetch.drops.*`), never a 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import aiohttp
 import orjson
+from aiohttp import StreamReader
 
 from meshd.core.counters import Counters
 from meshd.errors import AuthError, DecodeError
-from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded
+from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded, read_bounded_into
 from meshd.net.peer_auth import AUTH_HEADER, make_token
 from meshd.release.chunker import MAX_SIZE
 from meshd.release.peer import (
@@ -32,6 +33,7 @@ from meshd.release.peer import (
 from meshd.wire import Codec
 
 T = TypeVar("T")
+B = TypeVar("B", bytes, bytearray)
 
 
 @dataclass
@@ -69,8 +71,23 @@ class PeerFetcher:
         self, resp: aiohttp.ClientResponse, limit: int, on_data: Callable[[], None] | None = None
     ) -> bytes:
         """Whole body, at most `limit` bytes; PeerProtocolError when over it or cut short."""
+        return await self._bounded(read_bounded, resp, limit, on_data)
+
+    async def _read_into(
+        self, resp: aiohttp.ClientResponse, limit: int, on_data: Callable[[], None] | None = None
+    ) -> bytearray:
+        """_read into one writable buffer: a piece, opened where it lies."""
+        return await self._bounded(read_bounded_into, resp, limit, on_data)
+
+    async def _bounded(
+        self,
+        read: Callable[[StreamReader, int | None, int, Callable[[], None] | None], Awaitable[B]],
+        resp: aiohttp.ClientResponse,
+        limit: int,
+        on_data: Callable[[], None] | None,
+    ) -> B:
         try:
-            data = await read_bounded(resp.content, resp.content_length, limit, on_data)
+            data = await read(resp.content, resp.content_length, limit, on_data)
         except BodyTooLarge as e:
             self._count("fetch.drops.oversized")
             raise PeerProtocolError(f"answer too big: {e}") from None
@@ -83,10 +100,10 @@ class PeerFetcher:
     def _open(self, data: bytes, max_size: int) -> bytes:
         return self._opening(self.codec.open, data, max_size)
 
-    def _open_view(self, data: bytes, max_size: int) -> memoryview:
+    def _open_view(self, data: bytearray, max_size: int) -> memoryview:
         return self._opening(self.codec.open_view, data, max_size)
 
-    def _opening(self, how: Callable[[bytes, int], T], data: bytes, max_size: int) -> T:
+    def _opening(self, how: Callable[[B, int], T], data: B, max_size: int) -> T:
         try:
             return how(data, max_size)
         except AuthError as e:
@@ -148,7 +165,7 @@ class PeerFetcher:
             if resp.status != 200:
                 self._count("fetch.drops.status")
                 raise PeerProtocolError(f"{addr} answered {resp.status} to a chunk request")
-            data = await self._read(resp, limit, on_data)
+            data = await self._read_into(resp, limit, on_data)
         piece = self._open_view(data, limit)
         try:
             return decode_piece(piece, len(ids))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
@@ -20,11 +21,21 @@ from aiohttp import web
 from meshd.core.counters import Counters
 from meshd.errors import IntegrityError
 from meshd.metrics import TransferStats
-from meshd.release.peer import MAX_PIECE_STORED, UploadBusy, add_peer_routes
+from meshd.release.chunker import MAX_SIZE
+from meshd.release.peer import (
+    MAX_PIECE_STORED,
+    STORED_OVERHEAD,
+    UploadBusy,
+    add_peer_routes,
+    piece_buffer,
+    piece_head,
+)
 from meshd.release.store import ChunkStore, StoreError
 from meshd.wire import Codec
 
 log = logging.getLogger("meshd.release")
+
+MAX_STORED = MAX_SIZE + STORED_OVERHEAD  # the largest stored form a chunk can have
 
 
 class TokenBucket:
@@ -154,34 +165,85 @@ class PeerUploads:
         full = self.holdings.full_release_id(rid)
         return self.holdings.have_bitmap(full) if full else None
 
-    async def read_stored(self, ids: list[str]) -> list[bytes | None]:
-        stored, damaged = await asyncio.to_thread(self._read_piece, ids)
+    async def read_piece(self, ids: list[str], room: int) -> bytearray:
+        """The piece answering `ids`, read from the chunk files straight into one buffer after
+        `room` bytes left for the envelope's header (a worker thread reads and hashes)."""
+        buf, damaged = await asyncio.to_thread(self._read_piece, ids, room)
         if damaged:
             self._on_damaged(damaged)
-        return stored
+        return buf
 
-    def _read_piece(self, ids: list[str]) -> tuple[list[bytes | None], list[str]]:
-        out: list[bytes | None] = []
+    def _read_piece(self, ids: list[str], room: int) -> tuple[bytearray, list[str]]:
+        opened: list[tuple[int, int] | None] = []  # (fd, size); None: not served
         damaged: list[str] = []
-        total = 0
-        for cid in ids:
-            if total >= MAX_PIECE_STORED:
-                out.append(None)
-                continue
-            try:
-                data = self.store.get_stored(cid)
-            except KeyError:
-                data = None
-            except IntegrityError:
-                damaged.append(cid)
-                data = None
-            except StoreError as e:
-                log.error("%s", e)
-                data = None
-            if data is not None:
-                total += len(data)
-            out.append(data)
-        return out, damaged
+        try:
+            total = 0
+            for cid in ids:
+                entry = self._open_chunk(cid, damaged) if total < MAX_PIECE_STORED else None
+                opened.append(entry)
+                total += entry[1] if entry else 0
+            head = piece_head([entry[1] if entry else 0 for entry in opened])
+            buf = bytearray(room + len(head) + total)
+            buf[room : room + len(head)] = head
+            view = memoryview(buf)
+            pos = room + len(head)
+            spans: list[memoryview | None] = []
+            whole = True
+            for cid, entry in zip(ids, opened, strict=True):
+                span = None
+                if entry is not None:
+                    span = view[pos : pos + entry[1]]
+                    pos += entry[1]
+                    if not self._fill(cid, entry[0], span, damaged):
+                        span, whole = None, False
+                spans.append(span)
+        finally:
+            for entry in opened:
+                if entry is not None:
+                    os.close(entry[0])
+        if not whole:
+            # A chunk found rotten (or unreadable) as it was read: its entry goes and the rest
+            # is copied into a new buffer (rare; the store dropped it, and it is fetched again).
+            buf = piece_buffer(spans, room)
+        return buf, damaged
+
+    def _open_chunk(self, cid: str, damaged: list[str]) -> tuple[int, int] | None:
+        try:
+            fd, size = self.store.open_stored(cid)
+        except KeyError:
+            return None
+        except StoreError as e:
+            log.error("%s", e)
+            return None
+        if size > MAX_STORED:  # no chunk is this big: rotten, and not read into memory
+            os.close(fd)
+            self.store.discard_damaged(cid)
+            damaged.append(cid)
+            return None
+        return fd, size
+
+    def _fill(self, cid: str, fd: int, span: memoryview, damaged: list[str]) -> bool:
+        """Read a chunk file into `span` and check it; False when it is not the chunk (it is
+        dropped from the store and listed in `damaged`) or cannot be read."""
+        got = 0
+        try:
+            while got < len(span):
+                n = os.readv(fd, [span[got:]])
+                if n == 0:
+                    break
+                got += n
+        except OSError as e:
+            log.error("cannot read chunk %s: %s", cid[:16], e.strerror or e)
+            return False
+        try:
+            if got < len(span):
+                self.store.discard_damaged(cid)  # shorter than when it was opened
+                raise IntegrityError("cut short")
+            self.store.check_stored(cid, span)
+        except IntegrityError:
+            damaged.append(cid)
+            return False
+        return True
 
     def upload_slot(self, source: str) -> AbstractAsyncContextManager[None]:
         return self.slots.slot(source) if self.slots is not None else nullcontext()

@@ -288,8 +288,7 @@ class ChunkStore:
         try:
             return stored, decode_and_verify(cid, stored)
         except IntegrityError as e:
-            self.counters["chunks.damaged"] += 1
-            self.delete(cid)
+            self.discard_damaged(cid)
             raise IntegrityError(f"damaged chunk {cid[:16]} removed from the store: {e}") from e
 
     def get(self, cid: str) -> bytes:
@@ -308,13 +307,37 @@ class ChunkStore:
     def get_stored(self, cid: str) -> bytes:
         """The stored form (what peers are sent), verified like get() (hashed in place)."""
         stored = self._read(cid)
+        self.check_stored(cid, stored)
+        return stored
+
+    def open_stored(self, cid: str) -> tuple[int, int]:
+        """(fd, size) of a chunk's stored form, to read it into a buffer of the caller's (who
+        closes the fd and then calls check_stored). KeyError when absent, StoreError."""
+        try:
+            fd = os.open(self._chunk_path(cid), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError as e:
+            raise KeyError(cid) from e
+        except OSError as e:
+            raise StoreError(f"cannot read chunk {cid[:16]}: {e.strerror or e}") from e
+        try:
+            return fd, os.fstat(fd).st_size
+        except OSError as e:
+            os.close(fd)
+            raise StoreError(f"cannot read chunk {cid[:16]}: {e.strerror or e}") from e
+
+    def check_stored(self, cid: str, stored: bytes | bytearray | memoryview) -> None:
+        """Verify a stored form read from the store; a damaged one is deleted (so that it is
+        fetched again), counted, and IntegrityError raised."""
         try:
             verify_stored(cid, stored)
         except IntegrityError as e:
-            self.counters["chunks.damaged"] += 1
-            self.delete(cid)
+            self.discard_damaged(cid)
             raise IntegrityError(f"damaged chunk {cid[:16]} removed from the store: {e}") from e
-        return stored
+
+    def discard_damaged(self, cid: str) -> None:
+        """A chunk read back wrong: counted and deleted, so that it is fetched again."""
+        self.counters["chunks.damaged"] += 1
+        self.delete(cid)
 
     def delete(self, cid: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -21,7 +21,7 @@ from meshd.crypto import Keyring
 from meshd.net.guard import GuardLimits
 from meshd.net.peer_auth import AUTH_HEADER, PeerGate, make_token
 from meshd.net.peer_http import STREAM_PATH, PeerClient, PeerServer, PeerTraffic, create_peer_app
-from meshd.release.peer import PeerProtocolError, add_peer_routes
+from meshd.release.peer import PeerProtocolError, add_peer_routes, piece_buffer
 from meshd.release.peer_client import PeerFetcher
 from meshd.release.serve import UploadSlots
 from meshd.wire import Codec
@@ -304,8 +304,8 @@ async def test_uploads_beyond_a_sources_slots_get_503() -> None:
         def bitmap(self, rid: str) -> bytes | None:
             return None
 
-        async def read_stored(self, ids: list[str]) -> list[bytes | None]:
-            return [None] * len(ids)
+        async def read_piece(self, ids: list[str], room: int) -> bytearray:
+            return piece_buffer([None] * len(ids), room)
 
         async def upload_permit(self, nbytes: int) -> None:
             await paced.wait()  # the upload cap holds every answer back

@@ -37,7 +37,9 @@ from meshd.release.peer import (
     MAX_CHUNKS_REQUEST,
     PeerProtocolError,
     add_peer_routes,
+    decode_piece,
     encode_piece,
+    piece_buffer,
 )
 from meshd.release.peer_client import PeerFetcher
 from meshd.release.serve import PeerUploads
@@ -399,17 +401,13 @@ async def test_far_site_gets_about_one_copy_over_the_site_link(mesh: Mesh, tmp_p
 class LyingServer(PeerUploads):
     """Serves chunks with one byte flipped (a peer with bad bytes, or an attacker)."""
 
-    async def read_stored(self, ids: list[str]) -> list[bytes | None]:
-        out = await super().read_stored(ids)
-        bad: list[bytes | None] = []
-        for s in out:
-            if s is None:
-                bad.append(None)
-            else:
-                b = bytearray(s)
-                b[-1] ^= 0xFF
-                bad.append(bytes(b))
-        return bad
+    async def read_piece(self, ids: list[str], room: int) -> bytearray:
+        body = await super().read_piece(ids, room)
+        entries = decode_piece(memoryview(body)[room:], len(ids))
+        for entry in entries:
+            if entry is not None:
+                entry[-1] ^= 0xFF
+        return body
 
 
 async def test_peer_serving_wrong_bytes_is_banned_and_chunks_refetched(mesh: Mesh, tmp_path: Path) -> None:
@@ -529,8 +527,8 @@ async def test_untrusted_and_unsigned_manifests_are_refused(mesh: Mesh, tmp_path
         def bitmap(self, rid: str) -> bytes | None:
             return None
 
-        async def read_stored(self, ids: list[str]) -> list[bytes | None]:
-            return [None] * len(ids)
+        async def read_piece(self, ids: list[str], room: int) -> bytearray:
+            return piece_buffer([None] * len(ids), room)
 
         async def upload_permit(self, nbytes: int) -> None:
             return None
