@@ -182,14 +182,26 @@ async def _upload(
         return _refuse(backend, 503, "serve.drops.busy")
 
 
-async def _reply(backend: PeerBackend, body: bytes, to: str) -> web.Response:
-    return await _send(backend, backend.codec.seal(body, to))  # good for the requester only
+async def _reply(request: web.Request, body: bytes) -> web.StreamResponse:
+    backend = request.app[RELEASE_BACKEND]
+    return await _send(request, backend.codec.seal(body, requester(request)))  # for the requester only
 
 
-async def _send(backend: PeerBackend, sealed: bytes | bytearray) -> web.Response:
+async def _send(request: web.Request, sealed: bytes | bytearray) -> web.StreamResponse:
+    """Send a sealed answer now, in the upload slot it was made in: the slot ends when its
+    bytes are in the kernel, so what the slots bound is the memory of answers being sent."""
+    backend = request.app[RELEASE_BACKEND]
     await backend.upload_permit(len(sealed))
     backend.count_sent(len(sealed))
-    return web.Response(body=sealed, content_type=OCTETS)
+    resp = web.StreamResponse(headers={"Content-Type": OCTETS})
+    resp.content_length = len(sealed)
+    try:
+        await resp.prepare(request)
+        await resp.write(sealed)
+        await resp.write_eof()
+    except ConnectionError:  # the requester went away mid-answer (it asks elsewhere)
+        _count(backend, "serve.aborted")
+    return resp
 
 
 async def _serve_by_release(
@@ -204,7 +216,7 @@ async def _serve_by_release(
     if body is None:
         return _refuse(backend, 404, "serve.not_found")
     _count(backend, f"serve.{what}")
-    return await _upload(request, lambda: _reply(backend, body, requester(request)))
+    return await _upload(request, lambda: _reply(request, body))
 
 
 @gated(0, _count_refusal)
@@ -244,7 +256,7 @@ async def _post_chunks(request: web.Request, raw: bytes) -> web.StreamResponse:
         _count(backend, "serve.pieces")
         # Sealed where the files were read into, without a second lz4 attempt: stored forms are
         # lz4 already where that pays, and a piece is megabytes (each copy of it costs).
-        return await _send(backend, codec.seal_in_place(body, requester(request)))
+        return await _send(request, codec.seal_in_place(body, requester(request)))
 
     return await _upload(request, piece)
 

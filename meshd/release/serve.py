@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager, nullcontext
 from typing import Protocol
 
 from aiohttp import web
@@ -107,6 +107,11 @@ class UploadSlots:
                 self._sems.pop(source, None)
 
 
+ALL_SOURCES = "*"
+UPLOADS_AT_ONCE = 8  # pieces being read, sealed and sent at once, whoever asks
+UPLOADS_QUEUED = 256  # more wait their turn; beyond that a requester is told busy (503)
+
+
 class Holdings(Protocol):
     """The releases this node holds, as the server needs them."""
 
@@ -142,8 +147,13 @@ class PeerUploads:
         self.store = store
         self.transfer = transfer
         self.upload_bucket = TokenBucket(upload_rate)
-        # Only a paced node queues uploads; unpaced, an answer goes out as fast as it is read.
+        # Only a paced node bounds uploads per requester; unpaced, an answer goes out as fast
+        # as it is read.
         self.slots = (slots or UploadSlots()) if upload_rate else None
+        # Every node bounds its uploads in flight: a piece is megabytes from its read until its
+        # last byte is in the kernel, and 31 requesters at once each got one (BitTorrent's
+        # upload slots, Syncthing's bound on incoming requests).
+        self.gate = UploadSlots(running=UPLOADS_AT_ONCE, waiting=UPLOADS_QUEUED)
         self._on_damaged = on_damaged
 
     def set_upload_rate(self, rate: float | None) -> None:
@@ -245,8 +255,11 @@ class PeerUploads:
             return False
         return True
 
-    def upload_slot(self, source: str) -> AbstractAsyncContextManager[None]:
-        return self.slots.slot(source) if self.slots is not None else nullcontext()
+    @asynccontextmanager
+    async def upload_slot(self, source: str) -> AsyncIterator[None]:
+        per_source = self.slots.slot(source) if self.slots is not None else nullcontext()
+        async with per_source, self.gate.slot(ALL_SOURCES):
+            yield
 
     async def upload_permit(self, nbytes: int) -> None:
         await self.upload_bucket.take(nbytes)

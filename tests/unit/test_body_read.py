@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 from aiohttp import StreamReader
 
-from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded
+from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded, read_bounded_into
 
 
 def reader(parts: list[bytes], *, eof: bool = True) -> StreamReader:
@@ -41,3 +41,21 @@ async def test_bounds_still_hold() -> None:
         await read_bounded(reader([b"abc"]), 5, 10)
     with pytest.raises(BodyTooLarge):
         await read_bounded(reader([]), 11, 10)
+
+
+async def test_read_into_fills_one_buffer_of_the_announced_length() -> None:
+    got = await read_bounded_into(reader([b"ab", b"cd", b"e"]), 5, 10)
+    assert isinstance(got, bytearray)
+    assert got == b"abcde"
+    assert await read_bounded_into(reader([b"ab", b"c"]), None, 10) == b"abc"  # no length: joined
+
+
+async def test_read_into_refuses_like_read_bounded() -> None:
+    with pytest.raises(BodyTooLarge):
+        await read_bounded_into(reader([b"x" * 11]), 11, 10)  # announced over the limit
+    with pytest.raises(BodyTooLarge):
+        await read_bounded_into(reader([b"abc", b"def"]), 5, 10)  # more than it announced
+    with pytest.raises(BodyTruncated):
+        await read_bounded_into(reader([b"abc"]), 5, 10)
+    with pytest.raises(BodyTooLarge):
+        await read_bounded_into(reader([b"x" * 11]), None, 10)

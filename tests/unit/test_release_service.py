@@ -38,9 +38,9 @@ from meshd.release.announce import (
 )
 from meshd.release.config import DistConfig
 from meshd.release.manifest import Manifest
-from meshd.release.peer import PeerProtocolError, decode_piece, encode_piece
+from meshd.release.peer import PeerProtocolError, UploadBusy, decode_piece, encode_piece
 from meshd.release.publish import publish_tree
-from meshd.release.serve import TokenBucket
+from meshd.release.serve import MAX_STORED, TokenBucket, UploadSlots
 from meshd.release.service import ReleaseService
 from meshd.release.store import ChunkStore
 from meshd.units import parse_rate, parse_size
@@ -247,6 +247,51 @@ async def test_served_manifests_and_bitmaps(tmp_path: Path) -> None:
     assert [bytes(e) if e is not None else None for e in decode_piece(memoryview(body)[7:], len(asked))] == [
         svc.store.get_stored(c) for c in ids
     ] + [None]
+
+
+async def test_a_piece_is_read_into_one_buffer_leaving_out_what_is_rotten_or_gone(tmp_path: Path) -> None:
+    svc = make_service(tmp_path / "me")
+    m = make_release(tmp_path, "1.0", store=svc.store)
+    ids = list(m.unique_chunks())[:4]
+    good = svc.store.get_stored(ids[0])
+    rotten = svc.store.path_for(ids[1])
+    raw = bytearray(rotten.read_bytes())
+    raw[len(raw) // 2] ^= 0x55
+    rotten.write_bytes(raw)
+    svc.store.path_for(ids[2]).write_bytes(bytes(MAX_STORED + 1))  # no chunk is that big
+    svc.store.delete(ids[3])
+    body = await svc.server.read_piece(ids, 9)
+    entries = decode_piece(memoryview(body)[9:], len(ids))
+    assert entries[0] is not None
+    assert bytes(entries[0]) == good
+    assert entries[1:] == [None, None, None]
+    assert not svc.store.has(ids[1])  # dropped: fetched again
+    assert not svc.store.has(ids[2])
+    assert svc.store.counters["chunks.damaged"] == 2
+    assert svc.counters["store.damaged"] == 2
+
+
+async def test_uploads_in_flight_are_bounded_whoever_asks(tmp_path: Path) -> None:
+    server = make_service(tmp_path / "me").server
+    server.gate = UploadSlots(running=2, waiting=1)
+    release = asyncio.Event()
+    entered: list[str] = []
+
+    async def upload(src: str) -> None:
+        async with server.upload_slot(src):
+            entered.append(src)
+            await release.wait()
+
+    tasks = [asyncio.create_task(upload(f"198.18.0.{i}")) for i in (1, 2, 3)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert entered == ["198.18.0.1", "198.18.0.2"]  # three sources, two at once; one waits
+    with pytest.raises(UploadBusy):
+        async with server.upload_slot("198.18.0.4"):
+            pass
+    release.set()
+    await asyncio.gather(*tasks)
+    assert entered == ["198.18.0.1", "198.18.0.2", "198.18.0.3"]
 
 
 def test_collect_metrics_names(tmp_path: Path) -> None:

@@ -469,6 +469,35 @@ def test_open_view_opens_what_seal_makes(keys: list[bytes] | None) -> None:
         assert view == body + bytes(5000)
 
 
+def test_open_view_of_a_bytearray_decrypts_where_it_lies() -> None:
+    body = os.urandom(300_000)
+    sealed = bytearray(_codec([KEY_A]).seal(body, compress=False))
+    view = _codec([KEY_A]).open_view(sealed)
+    assert view == body
+    assert view.obj is sealed  # no second buffer: the body is a view of what was received
+
+
+def test_open_view_of_a_tampered_bytearray_refuses_and_leaves_it_alone() -> None:
+    sealed = bytearray(_codec([KEY_A]).seal(os.urandom(50_000), compress=False))
+    sealed[-1] ^= 1
+    before = bytes(sealed)
+    with pytest.raises(AuthError):
+        _codec([KEY_A]).open_view(sealed)
+    assert sealed == before  # the MAC is checked before anything is decrypted
+
+
+@pytest.mark.parametrize("keys", [[KEY_A], None])
+def test_seal_in_place_seals_what_follows_the_room_left_for_the_header(keys: list[bytes] | None) -> None:
+    body = os.urandom(70_000)
+    codec = _codec(keys, node_id="aa" * 8)
+    buf = bytearray(codec.overhead) + body
+    sealed = codec.seal_in_place(buf, "bb" * 8)
+    assert sealed is buf
+    assert bytes(_codec(keys, node_id="bb" * 8).open_view(bytes(sealed))) == body
+    with pytest.raises(ValueError, match="smaller than the envelope's header"):
+        codec.seal_in_place(bytearray(codec.overhead - 1))
+
+
 def test_open_view_refuses_like_open() -> None:
     good = _codec([KEY_A]).seal(os.urandom(10_000), compress=False)
     tampered = bytearray(good)
