@@ -24,6 +24,7 @@ a body over a bound is a 413 (server) or a counted drop (client), never a crash.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import struct
@@ -51,6 +52,10 @@ MAX_CHUNKS_REQUEST = 256 * 1024  # sealed id list: 1024 x ~70 bytes of JSON + en
 MAX_PIECE_STORED = 16 * 1024 * 1024  # the server stops filling a piece beyond this
 MAX_MANIFEST = 64 * 1024 * 1024
 STORED_OVERHEAD = 5  # header byte + lz4 size prefix
+# An answer being sent holds an upload slot; one not gone within this long is dropped with its
+# connection (a requester that stops reading). 10 s + 2 MiB at 64 KiB/s: 42 s for a piece.
+SEND_MIN_S = 10.0
+SEND_FLOOR_RATE = 64 * 1024
 OCTETS = "application/octet-stream"
 _HEX_RE = re.compile(r"^[0-9a-f]{16,64}$")
 _U32 = struct.Struct("<I")
@@ -196,12 +201,23 @@ async def _send(request: web.Request, sealed: bytes | bytearray) -> web.StreamRe
     resp = web.StreamResponse(headers={"Content-Type": OCTETS})
     resp.content_length = len(sealed)
     try:
-        await resp.prepare(request)
-        await resp.write(sealed)
-        await resp.write_eof()
+        async with asyncio.timeout(send_deadline(len(sealed))):
+            await resp.prepare(request)
+            await resp.write(sealed)
+            await resp.write_eof()
     except ConnectionError:  # the requester went away mid-answer (it asks elsewhere)
         _count(backend, "serve.aborted")
+    except TimeoutError:
+        # A requester that stops reading would hold its slot for good: its connection goes.
+        _count(backend, "serve.drops.send_timeout")
+        if request.transport is not None:
+            request.transport.abort()
     return resp
+
+
+def send_deadline(nbytes: int) -> float:
+    """How long an answer may take to leave: SEND_MIN_S, plus its bytes at SEND_FLOOR_RATE."""
+    return SEND_MIN_S + nbytes / SEND_FLOOR_RATE
 
 
 async def _serve_by_release(

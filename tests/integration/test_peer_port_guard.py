@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 
 from meshd.core.counters import Counters
@@ -21,6 +22,7 @@ from meshd.crypto import Keyring
 from meshd.net.guard import GuardLimits
 from meshd.net.peer_auth import AUTH_HEADER, PeerGate, make_token
 from meshd.net.peer_http import STREAM_PATH, PeerClient, PeerServer, PeerTraffic, create_peer_app
+from meshd.release import peer as release_peer
 from meshd.release.peer import PeerProtocolError, add_peer_routes, piece_buffer
 from meshd.release.peer_client import PeerFetcher
 from meshd.release.serve import UploadSlots
@@ -336,4 +338,58 @@ async def test_uploads_beyond_a_sources_slots_get_503() -> None:
         assert backend.slots.held("127.0.0.1") == 0
     finally:
         await fetcher.close()
+        await server.stop()
+
+
+async def test_an_answer_its_requester_stops_reading_is_dropped_at_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A requester that asks for a piece and stops reading would hold an upload slot for good:
+    at the send deadline its connection goes, the slot is free and the drop counted."""
+    monkeypatch.setattr(release_peer, "SEND_MIN_S", 0.5)
+    monkeypatch.setattr(release_peer, "SEND_FLOOR_RATE", 1e12)
+    codec = Codec("t", Keyring([KEY]))
+    slots = UploadSlots(running=1, waiting=1)
+
+    class Big:
+        def __init__(self) -> None:
+            self.codec = codec
+            self.counters = Counters()
+
+        def manifest_document(self, rid: str) -> bytes | None:
+            return None
+
+        def bitmap(self, rid: str) -> bytes | None:
+            return None
+
+        async def read_piece(self, ids: list[str], room: int) -> bytearray:
+            return bytearray(room + 64 * 1024 * 1024)  # more than the socket buffers hold
+
+        async def upload_permit(self, nbytes: int) -> None:
+            return None
+
+        def count_sent(self, nbytes: int) -> None:
+            return None
+
+        def upload_slot(self, source: str) -> contextlib.AbstractAsyncContextManager[None]:
+            return slots.slot(source)
+
+    backend = Big()
+    app = create_peer_app(Echo(), PeerGate(codec))
+    add_peer_routes(app, backend)
+    server = PeerServer(app)
+    await server.start("127.0.0.1", 0)
+    assert server.bound is not None
+    url = f"http://127.0.0.1:{server.bound[1]}{release_peer.CHUNKS_PATH}"
+    body = codec.seal(b'{"ids": ["' + b"ab" * 32 + b'"]}')
+    headers = {AUTH_HEADER: make_token(codec, "POST", release_peer.CHUNKS_PATH, len(body))}
+    try:
+        async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as resp:
+            assert resp.status == 200
+            await asyncio.sleep(2.0)  # not reading: aiohttp pauses the socket when its buffer fills
+            assert backend.counters["serve.drops.send_timeout"] == 1
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()  # the connection was cut: the answer never completes
+        assert slots.held("127.0.0.1") == 0
+    finally:
         await server.stop()
