@@ -44,12 +44,13 @@ def _read_json(path: Path) -> Any:
 
 
 def load_results(results: Path) -> dict[str, dict[str, Any]]:
-    """bench name -> raw document, for every *.json with a "bench" key (the sim's are apart)."""
+    """file stem -> raw document, for every *.json with a "bench" key (the sim's are apart). A
+    partial rerun of a benchmark (distribution-scale.json) sits beside its full run."""
     docs: dict[str, dict[str, Any]] = {}
     for path in sorted(results.glob("*.json")):
         doc = _read_json(path)
         if isinstance(doc, dict) and isinstance(doc.get("bench"), str):
-            docs[doc["bench"]] = doc
+            docs[path.stem] = doc
     return docs
 
 
@@ -94,7 +95,8 @@ def distribution_headlines(doc: dict[str, Any]) -> list[str]:
         )
         out.append(
             f"- **Distribution, {where}** ({c['size_bytes'] / 1e6:.0f} MB, origin uplink {c['origin_rate']}, "
-            f"meshd `{c['meshd_profile']}`, time until the last client has it): {figures}."
+            f"meshd `{c['meshd_profile']}`, time until the last client has it, meshd at commit "
+            f"{doc['env'].get('commit') or '?'}): {figures}."
         )
     return out
 
@@ -393,7 +395,13 @@ def render(results: Path, plots: bool = True) -> str:
         "## Headlines",
         "",
     ]
-    heads = [h for name, fn in HEADLINES.items() if name in docs for h in fn(docs[name])]
+    heads = [
+        h
+        for name, fn in HEADLINES.items()
+        for _, doc in sorted(docs.items())
+        if doc["bench"] == name
+        for h in fn(doc)
+    ]
     lines += heads or ["(no raw-runs JSON yet: run the benchmarks)"]
     lines.append("")
     if plots:

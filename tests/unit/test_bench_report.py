@@ -205,6 +205,22 @@ def test_report_reads_every_json_and_the_simulator_runs(tmp_path: Path) -> None:
     assert "| 500 ms (10 / -) |" in md  # the aggregated query: time (messages to the asker / sites)
 
 
+def test_a_partial_rerun_beside_the_full_run_has_headlines_of_its_own(tmp_path: Path) -> None:
+    full = _distribution_doc()
+    full["env"] = {**full["env"], "commit": "aaaaaaa"}
+    rerun = _distribution_doc()
+    rerun["env"] = {**rerun["env"], "commit": "bbbbbbb"}
+    (tmp_path / "distribution.json").write_text(json.dumps(full))
+    (tmp_path / "distribution-scale.json").write_text(json.dumps(rerun))
+    md = report.render(tmp_path, plots=False)
+    heads = md.split("## Headlines")[1].split("## ")[0]
+    # Both runs, each naming the commit it measured; neither replaces the other.
+    assert heads.count("**Distribution, 1 site, 8 clients**") == 2
+    assert "meshd at commit aaaaaaa" in heads
+    assert "meshd at commit bbbbbbb" in heads
+    assert sorted(report.load_results(tmp_path)) == ["distribution", "distribution-scale"]
+
+
 def test_plots_are_written(tmp_path: Path) -> None:
     (tmp_path / "distribution.json").write_text(json.dumps(_distribution_doc()))
     (tmp_path / "simulator.json").write_text(json.dumps([_sim(100), _sim(1000)]))
