@@ -184,60 +184,63 @@ class PeerUploads:
         return buf
 
     def _read_piece(self, ids: list[str], room: int) -> tuple[bytearray, list[str]]:
-        opened: list[tuple[int, int] | None] = []  # (fd, size); None: not served
+        # Sizes first (no file held open: a piece may name 1,024 chunks), then one buffer, then
+        # each file read into its place.
+        sizes: list[int] = []  # 0: not served
         damaged: list[str] = []
-        try:
-            total = 0
-            for cid in ids:
-                entry = self._open_chunk(cid, damaged) if total < MAX_PIECE_STORED else None
-                opened.append(entry)
-                total += entry[1] if entry else 0
-            head = piece_head([entry[1] if entry else 0 for entry in opened])
-            buf = bytearray(room + len(head) + total)
-            buf[room : room + len(head)] = head
-            view = memoryview(buf)
-            pos = room + len(head)
-            spans: list[memoryview | None] = []
-            whole = True
-            for cid, entry in zip(ids, opened, strict=True):
-                span = None
-                if entry is not None:
-                    span = view[pos : pos + entry[1]]
-                    pos += entry[1]
-                    if not self._fill(cid, entry[0], span, damaged):
-                        span, whole = None, False
-                spans.append(span)
-        finally:
-            for entry in opened:
-                if entry is not None:
-                    os.close(entry[0])
+        total = 0
+        for cid in ids:
+            size = self._size_of(cid, damaged) if total < MAX_PIECE_STORED else 0
+            sizes.append(size)
+            total += size
+        head = piece_head(sizes)
+        buf = bytearray(room + len(head) + total)
+        buf[room : room + len(head)] = head
+        view = memoryview(buf)
+        pos = room + len(head)
+        spans: list[memoryview | None] = []
+        whole = True
+        for cid, size in zip(ids, sizes, strict=True):
+            span = None
+            if size:
+                span = view[pos : pos + size]
+                pos += size
+                if not self._fill(cid, span, damaged):
+                    span, whole = None, False
+            spans.append(span)
         if not whole:
-            # A chunk found rotten (or unreadable) as it was read: its entry goes and the rest
-            # is copied into a new buffer (rare; the store dropped it, and it is fetched again).
+            # A chunk gone, rotten or unreadable when read: its entry goes and the rest is
+            # copied into a new buffer (rare; a rotten one is dropped and fetched again).
             buf = piece_buffer(spans, room)
         return buf, damaged
 
-    def _open_chunk(self, cid: str, damaged: list[str]) -> tuple[int, int] | None:
+    def _size_of(self, cid: str, damaged: list[str]) -> int:
         try:
-            fd, size = self.store.open_stored(cid)
+            size = self.store.stored_size(cid)
         except KeyError:
-            return None
+            return 0
         except StoreError as e:
             log.error("%s", e)
-            return None
-        if size > MAX_STORED:  # no chunk is this big: rotten, and not read into memory
-            os.close(fd)
+            return 0
+        if size > MAX_STORED or size == 0:  # no chunk is this big (or empty): rotten, not read
             self.store.discard_damaged(cid)
             damaged.append(cid)
-            return None
-        return fd, size
+            return 0
+        return size
 
-    def _fill(self, cid: str, fd: int, span: memoryview, damaged: list[str]) -> bool:
-        """Read a chunk file into `span` and check it; False when it is not the chunk (it is
-        dropped from the store and listed in `damaged`) or cannot be read."""
+    def _fill(self, cid: str, span: memoryview, damaged: list[str]) -> bool:
+        """Read a chunk file into `span` and check it; False when it is gone, is not the chunk
+        (then it is dropped from the store and listed in `damaged`) or cannot be read."""
+        try:
+            fd, size = self.store.open_stored(cid)
+        except KeyError:  # collected since its size was read
+            return False
+        except StoreError as e:
+            log.error("%s", e)
+            return False
         got = 0
         try:
-            while got < len(span):
+            while size == len(span) and got < size:
                 n = os.readv(fd, [span[got:]])
                 if n == 0:
                     break
@@ -245,10 +248,12 @@ class PeerUploads:
         except OSError as e:
             log.error("cannot read chunk %s: %s", cid[:16], e.strerror or e)
             return False
+        finally:
+            os.close(fd)
         try:
-            if got < len(span):
-                self.store.discard_damaged(cid)  # shorter than when it was opened
-                raise IntegrityError("cut short")
+            if got != len(span):
+                self.store.discard_damaged(cid)  # not the size it had a moment ago
+                raise IntegrityError("changed size")
             self.store.check_stored(cid, span)
         except IntegrityError:
             damaged.append(cid)

@@ -310,6 +310,15 @@ class ChunkStore:
         self.check_stored(cid, stored)
         return stored
 
+    def stored_size(self, cid: str) -> int:
+        """Bytes of a chunk's stored form on disk. KeyError when absent, StoreError."""
+        try:
+            return os.stat(self._chunk_path(cid)).st_size
+        except FileNotFoundError as e:
+            raise KeyError(cid) from e
+        except OSError as e:
+            raise StoreError(f"cannot read chunk {cid[:16]}: {e.strerror or e}") from e
+
     def open_stored(self, cid: str) -> tuple[int, int]:
         """(fd, size) of a chunk's stored form, to read it into a buffer of the caller's (who
         closes the fd and then calls check_stored). KeyError when absent, StoreError."""

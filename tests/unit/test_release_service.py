@@ -271,6 +271,25 @@ async def test_a_piece_is_read_into_one_buffer_leaving_out_what_is_rotten_or_gon
     assert svc.counters["store.damaged"] == 2
 
 
+async def test_a_chunk_collected_between_its_size_and_its_read_is_left_out(tmp_path: Path) -> None:
+    svc = make_service(tmp_path / "me")
+    m = make_release(tmp_path, "1.0", store=svc.store)
+    ids = list(m.unique_chunks())[:3]
+    want = [svc.store.get_stored(c) for c in ids]
+    opened = svc.store.open_stored
+
+    def gone_at_open(cid: str) -> tuple[int, int]:
+        if cid == ids[1]:
+            svc.store.delete(cid)  # the collector ran between the two passes
+        return opened(cid)
+
+    svc.store.open_stored = gone_at_open  # type: ignore[method-assign]
+    body = await svc.server.read_piece(ids, 5)
+    entries = decode_piece(memoryview(body)[5:], len(ids))
+    assert [bytes(e) if e is not None else None for e in entries] == [want[0], None, want[2]]
+    assert svc.store.counters["chunks.damaged"] == 0  # gone is not rotten
+
+
 async def test_uploads_in_flight_are_bounded_whoever_asks(tmp_path: Path) -> None:
     server = make_service(tmp_path / "me").server
     server.gate = UploadSlots(running=2, waiting=1)
