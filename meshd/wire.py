@@ -391,8 +391,8 @@ class Codec:
 
     def open_view(self, data: bytes | bytearray, max_size: int = DEFAULT_MAX_SIZE) -> memoryview:
         """open() for large bodies: the body as a view, with the same checks and errors
-        (AuthError / DecodeError / ReplayError). A bytearray is decrypted where it lies (its
-        contents are garbage after a failure); bytes into one new buffer."""
+        (AuthError / DecodeError / ReplayError). A bytearray is decrypted where it lies (one
+        that does not authenticate is left as it was); bytes into one new buffer."""
         keyring = self.keyring
         n = len(data)
         if keyring is None or n < HEADER_SIZE + _BOX_OVERHEAD or data[0] != VERSION:
