@@ -22,7 +22,7 @@ ReplayError: an envelope seen before, stale for its sender, or meant for another
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NamedTuple
 
 import lz4.block
@@ -349,17 +349,6 @@ class Codec:
         return body
 
     # --- large bodies (release pieces): one copy each way instead of four or five ------------
-
-    def seal_parts(self, parts: Sequence[bytes | memoryview], to: str = "") -> bytearray:
-        """The envelope seal(b"".join(parts), to, compress=False) makes, built in one buffer and
-        encrypted in place: each part is copied once."""
-        room = self.overhead
-        buf = bytearray(room + sum(len(p) for p in parts))
-        pos = room
-        for part in parts:
-            buf[pos : pos + len(part)] = part
-            pos += len(part)
-        return self.seal_in_place(buf, to)
 
     def seal_in_place(self, buf: bytearray, to: str = "") -> bytearray:
         """Seal buf[overhead:] where it lies, the envelope seal(that, to, compress=False) makes:

@@ -74,14 +74,9 @@ def piece_head(lengths: Sequence[int]) -> bytes:
     return b"".join([PIECE_MAGIC, _U32.pack(len(lengths)), *(_U32.pack(n) for n in lengths)])
 
 
-def piece_parts(stored: Sequence[bytes | memoryview | None]) -> list[bytes | memoryview]:
-    """A piece as the parts to send back to back: its header and table, then the stored forms
-    (sealed with Codec.seal_parts, they are copied once, not joined first)."""
-    return [piece_head([len(s) if s else 0 for s in stored]), *(s for s in stored if s)]
-
-
 def encode_piece(stored: Sequence[bytes | memoryview | None]) -> bytes:
-    return b"".join(piece_parts(stored))
+    head = piece_head([len(s) if s else 0 for s in stored])
+    return b"".join([head, *(s for s in stored if s)])
 
 
 def piece_buffer(stored: Sequence[bytes | memoryview | None], room: int) -> bytearray:

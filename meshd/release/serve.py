@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, nullcontext
@@ -229,34 +228,17 @@ class PeerUploads:
         return size
 
     def _fill(self, cid: str, span: memoryview, damaged: list[str]) -> bool:
-        """Read a chunk file into `span` and check it; False when it is gone, is not the chunk
-        (then it is dropped from the store and listed in `damaged`) or cannot be read."""
+        """Read a chunk into `span`; False when it is gone, is not the chunk (then the store
+        dropped it, and it is listed in `damaged`) or cannot be read."""
         try:
-            fd, size = self.store.open_stored(cid)
+            self.store.read_stored_into(cid, span)
         except KeyError:  # collected since its size was read
+            return False
+        except IntegrityError:
+            damaged.append(cid)
             return False
         except StoreError as e:
             log.error("%s", e)
-            return False
-        got = 0
-        try:
-            while size == len(span) and got < size:
-                n = os.readv(fd, [span[got:]])
-                if n == 0:
-                    break
-                got += n
-        except OSError as e:
-            log.error("cannot read chunk %s: %s", cid[:16], e.strerror or e)
-            return False
-        finally:
-            os.close(fd)
-        try:
-            if got != len(span):
-                self.store.discard_damaged(cid)  # not the size it had a moment ago
-                raise IntegrityError("changed size")
-            self.store.check_stored(cid, span)
-        except IntegrityError:
-            damaged.append(cid)
             return False
         return True
 

@@ -319,20 +319,24 @@ class ChunkStore:
         except OSError as e:
             raise StoreError(f"cannot read chunk {cid[:16]}: {e.strerror or e}") from e
 
-    def open_stored(self, cid: str) -> tuple[int, int]:
-        """(fd, size) of a chunk's stored form, to read it into a buffer of the caller's (who
-        closes the fd and then calls check_stored). KeyError when absent, StoreError."""
+    def read_stored_into(self, cid: str, span: memoryview) -> None:
+        """Read a chunk's stored form into `span` (its size, from stored_size) and verify it
+        there. KeyError when absent; IntegrityError when it is not the chunk or no longer that
+        size (it is dropped and counted, like a damaged one); StoreError when unreadable."""
+        got = 0
         try:
-            fd = os.open(self._chunk_path(cid), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            with open(self._chunk_path(cid), "rb", buffering=0) as f:
+                if os.fstat(f.fileno()).st_size == len(span):
+                    while got < len(span) and (n := f.readinto(span[got:])):
+                        got += n
         except FileNotFoundError as e:
             raise KeyError(cid) from e
         except OSError as e:
             raise StoreError(f"cannot read chunk {cid[:16]}: {e.strerror or e}") from e
-        try:
-            return fd, os.fstat(fd).st_size
-        except OSError as e:
-            os.close(fd)
-            raise StoreError(f"cannot read chunk {cid[:16]}: {e.strerror or e}") from e
+        if got != len(span):
+            self.discard_damaged(cid)
+            raise IntegrityError(f"chunk {cid[:16]} is not the size it had a moment ago")
+        self.check_stored(cid, span)
 
     def check_stored(self, cid: str, stored: bytes | bytearray | memoryview) -> None:
         """Verify a stored form read from the store; a damaged one is deleted (so that it is

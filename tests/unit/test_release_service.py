@@ -276,14 +276,14 @@ async def test_a_chunk_collected_between_its_size_and_its_read_is_left_out(tmp_p
     m = make_release(tmp_path, "1.0", store=svc.store)
     ids = list(m.unique_chunks())[:3]
     want = [svc.store.get_stored(c) for c in ids]
-    opened = svc.store.open_stored
+    read_into = svc.store.read_stored_into
 
-    def gone_at_open(cid: str) -> tuple[int, int]:
+    def gone_at_read(cid: str, span: memoryview) -> None:
         if cid == ids[1]:
             svc.store.delete(cid)  # the collector ran between the two passes
-        return opened(cid)
+        read_into(cid, span)
 
-    svc.store.open_stored = gone_at_open  # type: ignore[method-assign]
+    svc.store.read_stored_into = gone_at_read  # type: ignore[method-assign]
     body = await svc.server.read_piece(ids, 5)
     entries = decode_piece(memoryview(body)[5:], len(ids))
     assert [bytes(e) if e is not None else None for e in entries] == [want[0], None, want[2]]

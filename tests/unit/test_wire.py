@@ -441,22 +441,23 @@ def test_variant_shares_clock_guard_and_identity() -> None:
         receiver.open(packet)
 
 
-# --- large bodies: seal_parts / open_view (release pieces) --------------------------------------
+# --- large bodies: seal_in_place / open_view (release pieces) --------------------------------------
 
 
 @pytest.mark.parametrize("keys", [[KEY_A], None])
-def test_seal_parts_is_the_uncompressed_envelope_of_the_joined_parts(keys: list[bytes] | None) -> None:
+def test_seal_in_place_is_the_uncompressed_envelope_of_its_body(keys: list[bytes] | None) -> None:
     # Same layout as seal(compress=False): with a fixed nonce and stamp, byte for byte.
-    parts: list[bytes | memoryview] = [b"MDP1", os.urandom(3000), memoryview(b"\x00" * 5000)[100:], b""]
-    joined = b"".join(parts)
+    body = b"MDP1" + os.urandom(3000) + bytes(4900)
 
     def twin() -> wire.Codec:
         clock = SenderClock(lambda: 5_000_000)
         return _codec(keys, node_id="aa" * 8, nonce_fn=lambda: b"\x07" * 24, clock=clock)
 
-    assert bytes(twin().seal_parts(parts, "bb" * 8)) == twin().seal(joined, "bb" * 8, compress=False)
+    sealer = twin()
+    sealed = bytes(sealer.seal_in_place(bytearray(sealer.overhead) + body, "bb" * 8))
+    assert sealed == twin().seal(body, "bb" * 8, compress=False)
     receiver = _codec(keys, node_id="bb" * 8)
-    assert receiver.open(bytes(twin().seal_parts(parts, "bb" * 8))) == joined
+    assert receiver.open(sealed) == body
 
 
 @pytest.mark.parametrize("keys", [[KEY_A], None])
