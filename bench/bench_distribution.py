@@ -24,6 +24,8 @@ Clocks, the same for the three (the result file says it again next to the figure
            stop:  the last client's releases/rel/current/<file> exists (the atomic switch that
                   ends activation), polled every 50 ms; afterwards each client must list the
                   release as active in /v1/releases and hold it byte for byte.
+Storage: every run of every system writes its host data to a fresh ext4 of its own (a loop
+device with direct I/O, made by mkfs and mounted for that run only; see fresh_fs).
 Origin egress: tx bytes of the origin's eth0 between start and stop (all traffic). With S > 1,
 also the bytes that crossed the thin link into the other sites (router side, tx).
 
@@ -40,6 +42,7 @@ Usage: bench/bench_distribution.py [--config 1x8 --config 1x16 ...] [--runs 5] [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -50,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -172,6 +176,9 @@ SCRAPED = (
     "meshd_dist_serve_pieces_total",  # summed over the hosts: the pieces they all asked for
     "meshd_dist_fetch_timeouts_total",
     "meshd_dist_fetch_errors_total",
+    "meshd_transfer_received_bytes_total",  # over a release's size: chunks fetched twice or more
+    "meshd_dist_serve_drops_busy_total",
+    "meshd_dist_fetch_short_total",
 )
 
 
@@ -605,6 +612,7 @@ def main() -> int:
             "meshd_profile": args.profile,
             "runs": args.runs,
             "clocks": {s: CLOCKS[s] for s in systems},
+            "storage": "host data on a fresh ext4 per run (loop device, direct I/O)",
         },
         "configs": [],
     }
@@ -631,6 +639,48 @@ def main() -> int:
     return 0
 
 
+# Host data on a file system of its own, made fresh for every run of every system. The VM's
+# root file system charged file creation several times what a new ext4 does (thousands of
+# files created and deleted there by earlier runs and sessions): meshd creates a file per
+# chunk (about 21,000 a run at 32 hosts), aria2c one per host, so the root file system's
+# history weighed on one side only, and differently from run to run. Measured on the same
+# code (1x32, meshd): 25-33 CPU-s on the root file system, 20-21 on a fresh ext4.
+FS_SIZE = "16G"  # sparse: blocks are taken as written (a 64-host run writes about 6 GB)
+FS_INODES = "262144"  # a 64-host meshd run makes about 45,000 files and folders
+
+
+@contextlib.contextmanager
+def fresh_fs(mountpoint: Path) -> Iterator[Path]:
+    """A new ext4 (loop device, direct I/O: its writes reach the disk, not a second page cache)
+    mounted at `mountpoint` for one run; unmounted and deleted after. Inode tables and journal
+    are written by mkfs, not lazily by a kernel thread during the run."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    image = mountpoint.parent / f"{mountpoint.name}.img"
+    image.unlink(missing_ok=True)
+    loop = ""
+    try:
+        subprocess.run(["truncate", "-s", FS_SIZE, str(image)], check=True, timeout=30)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-N", FS_INODES, "-E", "lazy_itable_init=0,lazy_journal_init=0",
+             str(image)],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        loop = subprocess.run(
+            ["losetup", "--find", "--show", "--direct-io=on", str(image)],
+            check=True, capture_output=True, text=True, timeout=30,
+        ).stdout.strip()  # fmt: skip
+        subprocess.run(["mount", loop, str(mountpoint)], check=True, capture_output=True, timeout=30)
+        try:
+            yield mountpoint
+        finally:
+            # -l: a process of the run that is still dying must not keep the image mounted.
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True, timeout=60)
+    finally:
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False, capture_output=True, timeout=30)
+        image.unlink(missing_ok=True)
+
+
 def run_config(
     lm: ModuleType, config: Config, systems: list[str], args: argparse.Namespace, src: Path, digest: str,
     size: int,
@@ -655,9 +705,12 @@ def run_config(
                 print(f"{config.name} run {i + 1}/{args.runs} {name}: {size / 1e6:.0f} MB to "
                       f"{len(topo.clients)} hosts ...", flush=True)  # fmt: skip
                 try:
-                    r = fns[name]()
+                    with fresh_fs(lab.workdir / "fs") as lab.hosts_root:
+                        r = fns[name]()
                 except Exception as e:  # one failure must not hide the rest; it is counted
                     r = {"error": str(e)}
+                finally:
+                    lab.hosts_root = lab.workdir
                 runs[name].append(r)
                 shown = {k: v for k, v in r.items() if k != "per_host_s"}
                 print(f"  {shown}", flush=True)
@@ -696,7 +749,8 @@ def render(doc: dict[str, Any]) -> str:
         f"Release {c['size_bytes'] / 1e6:.0f} MB of incompressible data; origin uplink {c['origin_rate']} "
         f"(tc tbf on its eth0); in multi-site configs each other site sits behind a {c['site_rate']} "
         f"link (tc tbf both ways). meshd profile `{c['meshd_profile']}`. Each cell: median (min-max) "
-        f"over {c['runs']} run(s), n = runs that finished.",
+        f"over {c['runs']} run(s), n = runs that finished. "
+        f"Storage: {c.get('storage', 'host data on the machine root file system')}.",
         "",
         "Clocks:",
         "",

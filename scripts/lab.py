@@ -103,6 +103,9 @@ class Lab:
         self.prefix = prefix
         self.workdir = workdir or Path("/tmp") / f"meshd-lab-{prefix.strip('-')}"
         self.state_file = self.workdir / "state.json"
+        # Where host dirs live: the workdir, or a file system of their own that a benchmark
+        # mounts (bench/bench_distribution.py: a fresh one per run).
+        self.hosts_root = self.workdir
         self.sites = 0
         self.hosts_per_site = 0
         self.site_rate: str | None = None
@@ -365,7 +368,7 @@ class Lab:
 
     def host_dir(self, host: Host | str) -> Path:
         h = host if isinstance(host, Host) else self.host(host)
-        d = self.workdir / h.name
+        d = self.hosts_root / h.name
         d.mkdir(parents=True, exist_ok=True)
         return d
 
