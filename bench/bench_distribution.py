@@ -2,7 +2,7 @@
 """Release distribution, side by side in the lab: meshd vs a central HTTP server vs BitTorrent.
 
 Topologies (scripts/lab.py, prefix `mdb-`), one per `--config SxH` (repeatable; default 1x8,
-1x16 and 2x8): S sites of H client hosts each, plus the origin host in site 1. The origin's
+1x16, 2x8 and 1x32): S sites of H client hosts each, plus the origin host in site 1. The origin's
 uplink (its eth0 egress) is limited by tc tbf (`--rate`, default 100mbit). With S > 1 the link
 between the sites is thin: each other site's router link is limited both ways (`--site-rate`,
 default 20mbit). The same incompressible release (`--size-mb`, default 40 MB) goes to every
@@ -49,6 +49,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -398,6 +399,10 @@ def run_meshd(
     origin, clients = topo.origin, topo.clients
     hosts = [origin, *clients]
     seed = f"{origin.ip}:{lm.MESHD_PORT}"
+    # The daemons' logs outlive the run's file system: the last meshd run's, for a slow run.
+    logs = lab.workdir / "meshd-logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
     procs = []
     try:
         for h in hosts:
@@ -407,6 +412,7 @@ def run_meshd(
                     cluster="bench-dist",
                     mdns=False,
                     fresh=True,
+                    log=logs / f"{h.name}.log",
                     joins=[] if h is origin else [seed],
                     profile=profile,
                     extra=["--trust-publisher", f"{pub_key}.pub", "--log-level", "info"],
@@ -581,6 +587,8 @@ def summarize_runs(runs: list[dict[str, Any]], size: int) -> dict[str, Any]:
 
 
 def main() -> int:
+    # SIGTERM (timeout, kill) unwinds like Ctrl-C: every run's processes, mount and image go.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--config", type=parse_config, action="append",
@@ -655,7 +663,14 @@ def fresh_fs(mountpoint: Path) -> Iterator[Path]:
     mounted at `mountpoint` for one run; unmounted and deleted after. Inode tables and journal
     are written by mkfs, not lazily by a kernel thread during the run."""
     mountpoint.mkdir(parents=True, exist_ok=True)
+    # One left mounted by a bench that was killed: the new one must not stack on it.
+    while os.path.ismount(mountpoint):
+        if subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True).returncode:
+            break
     image = mountpoint.parent / f"{mountpoint.name}.img"
+    stale = subprocess.run(["losetup", "-j", str(image)], check=False, capture_output=True, text=True).stdout
+    for line in stale.splitlines():  # loop devices still on that image (ours only)
+        subprocess.run(["losetup", "-d", line.split(":")[0]], check=False, capture_output=True)
     image.unlink(missing_ok=True)
     loop = ""
     try:

@@ -205,6 +205,16 @@ def test_report_reads_every_json_and_the_simulator_runs(tmp_path: Path) -> None:
     assert "| 500 ms (10 / -) |" in md  # the aggregated query: time (messages to the asker / sites)
 
 
+def test_the_table_and_the_headline_say_where_the_host_data_lived(tmp_path: Path) -> None:
+    doc = _distribution_doc()  # an older result file: no storage recorded, the root file system
+    assert "Storage: host data on the machine root file system." in render_distribution(doc)
+    doc["conditions"]["storage"] = "host data on a fresh ext4 per run (loop device, direct I/O)"
+    assert "Storage: host data on a fresh ext4 per run (loop device, direct I/O)." in render_distribution(doc)
+    (tmp_path / "distribution.json").write_text(json.dumps(doc))
+    heads = report.render(tmp_path, plots=False).split("## Headlines")[1].split("## ")[0]
+    assert "meshd `lan`, host data on a fresh ext4 per run" in heads
+
+
 def test_a_partial_rerun_beside_the_full_run_has_headlines_of_its_own(tmp_path: Path) -> None:
     full = _distribution_doc()
     full["env"] = {**full["env"], "commit": "aaaaaaa"}
