@@ -95,7 +95,7 @@ def distribution_headlines(doc: dict[str, Any]) -> list[str]:
         )
         out.append(
             f"- **Distribution, {where}** ({c['size_bytes'] / 1e6:.0f} MB, origin uplink {c['origin_rate']}, "
-            f"meshd `{c['meshd_profile']}`, {c.get('storage', 'host data on the root file system')}, "
+            f"meshd `{c['meshd_profile']}`, {c.get('storage', 'host data on the machine root file system')}, "
             "time until the last client has it, meshd at commit "
             f"{doc['env'].get('commit') or '?'}): {figures}."
         )
