@@ -3,12 +3,14 @@
 Members are the core's own `MemberView`; `FakeAgent` is the daemon as the API sees it (the
 `meshd.api.agent.Agent` protocol, plus `run_query` for the query routes); `FakeHost` is the
 daemon as mDNS discovery sees it (`meshd.discovery.DiscoveryHost`); `StandInCore` and
-`SentDatagrams` are the membership core and the UDP socket as the runtime sees them.
+`SentDatagrams` are the membership core and the UDP socket as the runtime sees them;
+`FakeReleases` is the release service as the peer routes see it (`meshd.release.peer.PeerBackend`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,12 +18,15 @@ from typing import Any
 
 from meshd.core.aggregate import SiteResult
 from meshd.core.config import LOCAL
+from meshd.core.counters import Counters
 from meshd.core.effects import MembershipEffect, SendDatagram
 from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.node import MemberView
 from meshd.core.query import QueryAnswer, QueryResult
 from meshd.errors import StateError
 from meshd.metrics import Exposition, TransferStats
+from meshd.release.peer import piece_buffer
+from meshd.release.serve import UploadSlots
 from meshd.release.store import DiskFullError, PutResult
 from meshd.wire import Codec
 
@@ -311,3 +316,31 @@ def put_many_through(put: Callable[[str, bytes], int]) -> Callable[[Sequence[tup
         return res
 
     return put_many
+
+
+class FakeReleases:
+    """The release service as the peer routes see it: nothing held, no pacing, and its own upload
+    slots when given (none: every answer goes at once). Tests override what they exercise."""
+
+    def __init__(self, codec: Codec, slots: UploadSlots | None = None) -> None:
+        self.codec = codec
+        self.counters = Counters()
+        self.slots = slots
+
+    def manifest_document(self, rid: str) -> bytes | None:
+        return None
+
+    def bitmap(self, rid: str) -> bytes | None:
+        return None
+
+    async def read_piece(self, ids: list[str], room: int) -> bytearray:
+        return piece_buffer([None] * len(ids), room)
+
+    async def upload_permit(self, nbytes: int) -> None:
+        return None
+
+    def count_sent(self, nbytes: int) -> None:
+        return None
+
+    def upload_slot(self, source: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.slots.slot(source) if self.slots is not None else contextlib.nullcontext()

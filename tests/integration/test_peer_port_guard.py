@@ -23,10 +23,11 @@ from meshd.net.guard import GuardLimits
 from meshd.net.peer_auth import AUTH_HEADER, PeerGate, make_token
 from meshd.net.peer_http import STREAM_PATH, PeerClient, PeerServer, PeerTraffic, create_peer_app
 from meshd.release import peer as release_peer
-from meshd.release.peer import PeerProtocolError, add_peer_routes, piece_buffer
+from meshd.release.peer import PeerProtocolError, add_peer_routes
 from meshd.release.peer_client import PeerFetcher
 from meshd.release.serve import UploadSlots
 from meshd.wire import Codec
+from tests.fakes import FakeReleases
 
 pytestmark = pytest.mark.integration
 
@@ -289,56 +290,48 @@ def test_the_guard_works_on_uvloop_as_the_daemon_runs_it() -> None:
         runner.run(scenario())
 
 
+@contextlib.asynccontextmanager
+async def serving(backend: FakeReleases) -> AsyncIterator[str]:
+    """The peer routes over `backend` on a loopback port; yields host:port."""
+    app = create_peer_app(Echo(), PeerGate(backend.codec))
+    add_peer_routes(app, backend)
+    server = PeerServer(app)
+    await server.start("127.0.0.1", 0)
+    assert server.bound is not None
+    try:
+        yield f"127.0.0.1:{server.bound[1]}"
+    finally:
+        await server.stop()
+
+
 async def test_uploads_beyond_a_sources_slots_get_503() -> None:
     """With an upload rate, one peer's queued uploads are bounded: the excess is a counted 503."""
     codec = Codec("t", Keyring([KEY]))
     paced = asyncio.Event()
 
-    class Paced:
-        def __init__(self) -> None:
-            self.codec = codec
-            self.counters = Counters()
-            self.slots = UploadSlots(running=1, waiting=1)
-
+    class Paced(FakeReleases):
         def manifest_document(self, rid: str) -> bytes | None:
             return b"{}"
-
-        def bitmap(self, rid: str) -> bytes | None:
-            return None
-
-        async def read_piece(self, ids: list[str], room: int) -> bytearray:
-            return piece_buffer([None] * len(ids), room)
 
         async def upload_permit(self, nbytes: int) -> None:
             await paced.wait()  # the upload cap holds every answer back
 
-        def count_sent(self, nbytes: int) -> None:
-            return None
-
-        def upload_slot(self, source: str) -> contextlib.AbstractAsyncContextManager[None]:
-            return self.slots.slot(source)
-
-    backend = Paced()
-    app = create_peer_app(Echo(), PeerGate(codec))
-    add_peer_routes(app, backend)
-    server = PeerServer(app)
-    await server.start("127.0.0.1", 0)
-    assert server.bound is not None
+    slots = UploadSlots(running=1, waiting=1)
+    backend = Paced(codec, slots)
     fetcher = PeerFetcher(codec, Counters())
-    addr = f"127.0.0.1:{server.bound[1]}"
-    try:
-        rid = "ab" * 32
-        running = [asyncio.create_task(fetcher.manifest(addr, rid, timeout=5.0)) for _ in range(2)]
-        await asyncio.sleep(0.2)
-        with pytest.raises(PeerProtocolError, match="503"):
-            await fetcher.manifest(addr, rid, timeout=5.0)
-        assert backend.counters["serve.drops.busy"] == 1
-        paced.set()
-        assert await asyncio.gather(*running) == [b"{}", b"{}"]
-        assert backend.slots.held("127.0.0.1") == 0
-    finally:
-        await fetcher.close()
-        await server.stop()
+    async with serving(backend) as addr:
+        try:
+            rid = "ab" * 32
+            running = [asyncio.create_task(fetcher.manifest(addr, rid, timeout=5.0)) for _ in range(2)]
+            await asyncio.sleep(0.2)
+            with pytest.raises(PeerProtocolError, match="503"):
+                await fetcher.manifest(addr, rid, timeout=5.0)
+            assert backend.counters["serve.drops.busy"] == 1
+            paced.set()
+            assert await asyncio.gather(*running) == [b"{}", b"{}"]
+            assert slots.held("127.0.0.1") == 0
+        finally:
+            await fetcher.close()
 
 
 async def test_an_answer_its_requester_stops_reading_is_dropped_at_its_deadline(
@@ -349,41 +342,17 @@ async def test_an_answer_its_requester_stops_reading_is_dropped_at_its_deadline(
     monkeypatch.setattr(release_peer, "SEND_MIN_S", 0.5)
     monkeypatch.setattr(release_peer, "SEND_FLOOR_RATE", 1e12)
     codec = Codec("t", Keyring([KEY]))
-    slots = UploadSlots(running=1, waiting=1)
 
-    class Big:
-        def __init__(self) -> None:
-            self.codec = codec
-            self.counters = Counters()
-
-        def manifest_document(self, rid: str) -> bytes | None:
-            return None
-
-        def bitmap(self, rid: str) -> bytes | None:
-            return None
-
+    class Big(FakeReleases):
         async def read_piece(self, ids: list[str], room: int) -> bytearray:
             return bytearray(room + 64 * 1024 * 1024)  # more than the socket buffers hold
 
-        async def upload_permit(self, nbytes: int) -> None:
-            return None
-
-        def count_sent(self, nbytes: int) -> None:
-            return None
-
-        def upload_slot(self, source: str) -> contextlib.AbstractAsyncContextManager[None]:
-            return slots.slot(source)
-
-    backend = Big()
-    app = create_peer_app(Echo(), PeerGate(codec))
-    add_peer_routes(app, backend)
-    server = PeerServer(app)
-    await server.start("127.0.0.1", 0)
-    assert server.bound is not None
-    url = f"http://127.0.0.1:{server.bound[1]}{release_peer.CHUNKS_PATH}"
+    slots = UploadSlots(running=1, waiting=1)
+    backend = Big(codec, slots)
     body = codec.seal(b'{"ids": ["' + b"ab" * 32 + b'"]}')
     headers = {AUTH_HEADER: make_token(codec, "POST", release_peer.CHUNKS_PATH, len(body))}
-    try:
+    async with serving(backend) as addr:
+        url = f"http://{addr}{release_peer.CHUNKS_PATH}"
         async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as resp:
             assert resp.status == 200
             await asyncio.sleep(2.0)  # not reading: aiohttp pauses the socket when its buffer fills
@@ -391,5 +360,3 @@ async def test_an_answer_its_requester_stops_reading_is_dropped_at_its_deadline(
             with pytest.raises(aiohttp.ClientPayloadError):
                 await resp.read()  # the connection was cut: the answer never completes
         assert slots.held("127.0.0.1") == 0
-    finally:
-        await server.stop()

@@ -8,7 +8,6 @@ every other node on the next loop turn, the way gossip would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import time
@@ -39,14 +38,13 @@ from meshd.release.peer import (
     add_peer_routes,
     decode_piece,
     encode_piece,
-    piece_buffer,
 )
 from meshd.release.peer_client import PeerFetcher
 from meshd.release.serve import PeerUploads
 from meshd.release.service import ReleaseService
 from meshd.replay import ReplayGuard, SenderClock
 from meshd.wire import Codec
-from tests.fakes import member
+from tests.fakes import FakeReleases, member
 
 pytestmark = pytest.mark.integration
 
@@ -517,30 +515,12 @@ async def test_untrusted_and_unsigned_manifests_are_refused(mesh: Mesh, tmp_path
     tree = chunk_tree(write_file(tmp_path / "u" / "f", blob))
     unsigned = Manifest.build("app", "7.0", tree, created=0)
 
-    class Fake:
-        codec = Codec(CLUSTER, Keyring([KEY]), node_id="fake")
-        counters = Counters()
-
+    class Fake(FakeReleases):
         def manifest_document(self, rid: str) -> bytes | None:
             return unsigned.to_bytes()
 
-        def bitmap(self, rid: str) -> bytes | None:
-            return None
-
-        async def read_piece(self, ids: list[str], room: int) -> bytearray:
-            return piece_buffer([None] * len(ids), room)
-
-        async def upload_permit(self, nbytes: int) -> None:
-            return None
-
-        def count_sent(self, nbytes: int) -> None:
-            return None
-
-        def upload_slot(self, source: str) -> contextlib.nullcontext[None]:
-            return contextlib.nullcontext()
-
     app = web.Application()
-    add_peer_routes(app, Fake())
+    add_peer_routes(app, Fake(Codec(CLUSTER, Keyring([KEY]), node_id="fake")))
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
