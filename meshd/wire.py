@@ -5,6 +5,7 @@ Layers, outside in:
     envelope  = version u8 (=1) | key id [4] (zeros = not encrypted) | box
     box       = nonce [24] | XSalsa20-Poly1305(inner)        (encrypted)
               = inner                                         (insecure)
+    (version 3: nonce [12] | AES-256-GCM(inner) | tag [16]; release pieces only, when asked)
     inner     = flags u8 (bit0 = lz4) | cluster len u8 | cluster [len] | stamp
                 | sender [8] | receiver [8] | payload
     stamp     = u64 LE: the sender's SenderClock (strictly increasing; meshd/replay.py)
@@ -31,10 +32,16 @@ import nacl.exceptions
 
 from meshd.core.messages import Message
 from meshd.crypto import (
+    AEAD_MAC_SIZE,
+    AEAD_NONCE_SIZE,
     KEY_ID_SIZE,
     SECRETBOX_MAC_SIZE,
     SECRETBOX_NONCE_SIZE,
     Keyring,
+    aes_gcm_available,
+    aes_gcm_open_in_place,
+    aes_gcm_seal_in_place,
+    aes_piece_key,
     key_id,
     secretbox_open,
     secretbox_open_in_place,
@@ -46,12 +53,14 @@ from meshd.errors import AuthError, DecodeError, ReplayError
 from meshd.replay import SENDER_ID_SIZE, ReplayGuard, SenderClock, sender_id
 
 __all__ = [
+    "AES_TAIL",
     "COMPRESS_MIN",
     "DEFAULT_MAX_SIZE",
     "HEADER_SIZE",
     "MAX_CLUSTER_NAME",
     "MAX_DATAGRAM",
     "VERSION",
+    "VERSION_AES",
     "Codec",
     "Opened",
     "compound",
@@ -62,6 +71,8 @@ __all__ = [
 ]
 
 VERSION = 2  # 2: stamp, sender and receiver in the inner header (replay protection)
+VERSION_AES = 3  # version 2's inner envelope sealed with AES-256-GCM: release pieces, when asked
+AES_TAIL = AEAD_MAC_SIZE  # room a version 3 envelope needs after its body, for the tag
 HEADER_SIZE = 1 + KEY_ID_SIZE
 MAX_DATAGRAM = 65507  # largest UDP payload over IPv4; the shell's receive buffer
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024  # largest body (after decompression) of a TCP frame
@@ -76,6 +87,9 @@ _ANY = bytes(SENDER_ID_SIZE)
 _STAMP_SIZE = 8
 _REPLAY_FIELDS = _STAMP_SIZE + 2 * SENDER_ID_SIZE
 _BOX_OVERHEAD = SECRETBOX_NONCE_SIZE + SECRETBOX_MAC_SIZE
+# A version 3 envelope starts this far into the room seal_in_place is given, so that its inner
+# envelope lies where version 2's does (the tag goes after it, in AES_TAIL bytes).
+_AES_SKIP = _BOX_OVERHEAD - AEAD_NONCE_SIZE
 
 _encoder = msgspec.msgpack.Encoder()
 _body_decoder = msgspec.msgpack.Decoder(list[Message])
@@ -160,6 +174,7 @@ class Codec:
     """
 
     __slots__ = (
+        "_aes",
         "_cluster",
         "_compress",
         "_hdr_key",
@@ -203,6 +218,7 @@ class Codec:
         self._prefix_lz4 = bytes((FLAG_LZ4, len(name))) + name
         self._hdr_key: bytes | None = None  # primary key the cached header belongs to
         self._header = bytes((VERSION,)) + _NO_KEY
+        self._aes = keyring is not None and aes_gcm_available()
         # lz4 is used only when it shrinks the payload, so it never adds to this bound.
         self.overhead: int = (
             HEADER_SIZE
@@ -226,6 +242,12 @@ class Codec:
     @property
     def secure(self) -> bool:
         return self.keyring is not None
+
+    @property
+    def aes(self) -> bool:
+        """Whether this codec seals and opens version 3 (AES-256-GCM) envelopes: encrypted, and
+        this CPU runs libsodium's AES-GCM."""
+        return self._aes
 
     def body_budget(self, packet_size: int) -> int:
         """Largest body that always fits in a packet of `packet_size` bytes."""
@@ -350,12 +372,19 @@ class Codec:
 
     # --- large bodies (release pieces): one copy each way instead of four or five ------------
 
-    def seal_in_place(self, buf: bytearray, to: str = "") -> bytearray:
+    def seal_in_place(self, buf: bytearray, to: str = "", *, aes: bool = False) -> bytearray | memoryview:
         """Seal buf[overhead:] where it lies, the envelope seal(that, to, compress=False) makes:
         the first `overhead` bytes are room for the envelope's header, left there by whoever
-        filled the body (a served piece is read from its files straight into place)."""
-        if len(buf) < self.overhead:
+        filled the body (a served piece is read from its files straight into place).
+
+        aes=True (the requester asked for AES-256-GCM): the caller left AES_TAIL bytes of room
+        after the body too. The answer is then a version 3 envelope when self.aes (a view that
+        starts inside the front room), else version 2's with that tail room cut off."""
+        if len(buf) < self.overhead + (AES_TAIL if aes else 0):
             raise ValueError("buffer smaller than the envelope's header")
+        if aes and not self._aes:  # asked for, but insecure or no AES-GCM here: version 2
+            del buf[len(buf) - AES_TAIL :]
+            aes = False
         stamp = self.clock.stamp().to_bytes(_STAMP_SIZE, "little")
         ids = self._sender + (sender_id(to) if to else _ANY)
         head = self._prefix_plain + stamp + ids
@@ -369,31 +398,37 @@ class Codec:
         if key is not self._hdr_key:
             self._header = bytes((VERSION,)) + key_id(key)
             self._hdr_key = key
-        nonce = self._nonce_fn()
         box_at = HEADER_SIZE + SECRETBOX_NONCE_SIZE
         pos = box_at + SECRETBOX_MAC_SIZE
+        buf[pos : pos + len(head)] = head
+        if aes:
+            nonce = self._nonce_fn()[:AEAD_NONCE_SIZE]
+            buf[_AES_SKIP] = VERSION_AES
+            buf[_AES_SKIP + 1 : _AES_SKIP + HEADER_SIZE] = self._header[1:]
+            buf[_AES_SKIP + HEADER_SIZE : pos] = nonce
+            aes_gcm_seal_in_place(buf, pos, nonce, aes_piece_key(key))
+            return memoryview(buf)[_AES_SKIP:]
+        nonce = self._nonce_fn()
         buf[:HEADER_SIZE] = self._header
         buf[HEADER_SIZE:box_at] = nonce
-        buf[pos : pos + len(head)] = head
         secretbox_seal_in_place(buf, box_at, nonce, key)
         return buf
 
     def open_view(self, data: bytes | bytearray, max_size: int = DEFAULT_MAX_SIZE) -> memoryview:
         """open() for large bodies: the body as a view, with the same checks and errors
-        (AuthError / DecodeError / ReplayError). A bytearray is decrypted where it lies (one
-        that does not authenticate is left as it was); bytes into one new buffer."""
+        (AuthError / DecodeError / ReplayError), of a version 2 or (if self.aes) 3 envelope. A
+        bytearray is decrypted where it lies (a version 2 one that does not authenticate is left
+        as it was); bytes into one new buffer."""
         keyring = self.keyring
         n = len(data)
-        if keyring is None or n < HEADER_SIZE + _BOX_OVERHEAD or data[0] != VERSION:
+        version = data[0] if n else 0
+        if version == VERSION_AES and self._aes:
+            return self._open_aes(data, max_size)
+        if keyring is None or n < HEADER_SIZE + _BOX_OVERHEAD or version != VERSION:
             return memoryview(self.open(bytes(data), max_size))  # insecure or malformed: the plain path
         if n > max_size + self.overhead:
             raise DecodeError("envelope too large")
-        kid = bytes(data[1:HEADER_SIZE])
-        if kid == _NO_KEY:
-            raise AuthError("unencrypted packet but this node requires encryption")
-        key = keyring.by_id(kid)
-        if key is None:
-            raise AuthError(f"unknown key id {kid.hex()}")
+        key = self._key_of(data)
         nonce_end = HEADER_SIZE + SECRETBOX_NONCE_SIZE
         nonce = bytes(data[HEADER_SIZE:nonce_end])
         inner: memoryview | bytearray | None
@@ -403,6 +438,35 @@ class Codec:
             inner = secretbox_open_view(memoryview(data)[nonce_end:], nonce, key)
         if inner is None:
             raise AuthError("envelope does not authenticate")
+        return self._inner_body(inner, max_size)
+
+    def _open_aes(self, data: bytes | bytearray, max_size: int) -> memoryview:
+        n = len(data)
+        if n < HEADER_SIZE + AEAD_NONCE_SIZE + AEAD_MAC_SIZE:
+            raise DecodeError("truncated envelope")
+        if n > max_size + self.overhead:
+            raise DecodeError("envelope too large")
+        key = aes_piece_key(self._key_of(data))
+        at = HEADER_SIZE + AEAD_NONCE_SIZE
+        nonce = bytes(data[HEADER_SIZE:at])
+        buf = data if isinstance(data, bytearray) else bytearray(data)
+        inner = aes_gcm_open_in_place(buf, at, nonce, key)
+        if inner is None:
+            raise AuthError("envelope does not authenticate")
+        return self._inner_body(inner, max_size)
+
+    def _key_of(self, data: bytes | bytearray) -> bytes:
+        """The installed key an encrypted envelope names (AuthError when none)."""
+        assert self.keyring is not None
+        kid = bytes(data[1:HEADER_SIZE])
+        if kid == _NO_KEY:
+            raise AuthError("unencrypted packet but this node requires encryption")
+        key = self.keyring.by_id(kid)
+        if key is None:
+            raise AuthError(f"unknown key id {kid.hex()}")
+        return key
+
+    def _inner_body(self, inner: memoryview | bytearray, max_size: int) -> memoryview:
         # The header fields are checked on a copy of them: _check_inner reads them as bytes.
         end, compressed, _, _, _ = self._check_inner(bytes(inner[: self.overhead + MAX_CLUSTER_NAME]))
         if compressed:

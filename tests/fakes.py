@@ -333,8 +333,8 @@ class FakeReleases:
     def bitmap(self, rid: str) -> bytes | None:
         return None
 
-    async def read_piece(self, ids: list[str], room: int) -> bytearray:
-        return piece_buffer([None] * len(ids), room)
+    async def read_piece(self, ids: list[str], room: int, tail: int = 0) -> bytearray:
+        return piece_buffer([None] * len(ids), room, tail)
 
     async def upload_permit(self, nbytes: int) -> None:
         return None

@@ -8,6 +8,8 @@ Routes, added to the node's peer app (the TCP twin of the gossip port):
     GET  /peer/v1/manifests/<release id or a prefix of >= 16 hex>   -> sealed(manifest document)
     GET  /peer/v1/bitmaps/<release id>                               -> sealed(have-bitmap)
     POST /peer/v1/chunks   sealed(orjson {"ids": [chunk id, ...]})   -> sealed(piece)
+                           (+ "cipher": "aes256gcm": the piece in a version 3 envelope, if
+                           this node can; a node that cannot, or predates it, answers in 2)
 
 Authentication is the cluster keyring (wire.Codec): every body both ways is a sealed envelope,
 and every request carries a sealed token stating method, path and body length in the
@@ -39,7 +41,7 @@ from meshd.core.counters import Counters
 from meshd.errors import AuthError, DecodeError
 from meshd.net.peer_auth import PEER_GATE, PeerGate, Refused, gated, requester
 from meshd.release.chunker import MAX_SIZE, is_chunk_id
-from meshd.wire import Codec
+from meshd.wire import AES_TAIL, Codec
 
 log = logging.getLogger("meshd.release.peer")
 
@@ -52,6 +54,7 @@ MAX_CHUNKS_REQUEST = 256 * 1024  # sealed id list: 1024 x ~70 bytes of JSON + en
 MAX_PIECE_STORED = 16 * 1024 * 1024  # the server stops filling a piece beyond this
 MAX_MANIFEST = 64 * 1024 * 1024
 STORED_OVERHEAD = 5  # header byte + lz4 size prefix
+CIPHER_AES = "aes256gcm"  # what a requester asks its pieces in, when its codec can open them
 # An answer being sent holds an upload slot; one not gone within this long is dropped with its
 # connection (a requester that stops reading). 10 s + 2 MiB at 64 KiB/s: 42 s for a piece.
 SEND_MIN_S = 10.0
@@ -79,9 +82,10 @@ def encode_piece(stored: Sequence[bytes | memoryview | None]) -> bytes:
     return b"".join([head, *(s for s in stored if s)])
 
 
-def piece_buffer(stored: Sequence[bytes | memoryview | None], room: int) -> bytearray:
-    """encode_piece after `room` bytes left for the envelope's header (Codec.seal_in_place)."""
-    return bytearray(room) + encode_piece(stored)
+def piece_buffer(stored: Sequence[bytes | memoryview | None], room: int, tail: int = 0) -> bytearray:
+    """encode_piece after `room` bytes left for the envelope's header and before `tail` bytes
+    left for its tag (Codec.seal_in_place)."""
+    return bytearray(room) + encode_piece(stored) + bytes(tail)
 
 
 def decode_piece(body: bytes | memoryview, expected: int) -> list[memoryview | None]:
@@ -128,8 +132,9 @@ class PeerBackend(Protocol):
 
     def manifest_document(self, rid: str) -> bytes | None: ...
     def bitmap(self, rid: str) -> bytes | None: ...
-    async def read_piece(self, ids: list[str], room: int) -> bytearray:
-        """The piece answering `ids`, after `room` bytes left for the envelope's header."""
+    async def read_piece(self, ids: list[str], room: int, tail: int = 0) -> bytearray:
+        """The piece answering `ids`, after `room` bytes left for the envelope's header and
+        before `tail` bytes left for its tag."""
         ...
 
     async def upload_permit(self, nbytes: int) -> None: ...
@@ -187,7 +192,7 @@ async def _reply(request: web.Request, body: bytes) -> web.StreamResponse:
     return await _send(request, backend.codec.seal(body, requester(request)))  # for the requester only
 
 
-async def _send(request: web.Request, sealed: bytes | bytearray) -> web.StreamResponse:
+async def _send(request: web.Request, sealed: bytes | bytearray | memoryview) -> web.StreamResponse:
     """Send a sealed answer now, in the upload slot it was made in: the slot ends when its
     bytes are in the kernel, so what the slots bound is the memory of answers being sent."""
     backend = request.app[RELEASE_BACKEND]
@@ -256,6 +261,7 @@ async def _post_chunks(request: web.Request, raw: bytes) -> web.StreamResponse:
         return _refuse(backend, 400, "serve.drops.decode")
     if not isinstance(ids, list):
         return _refuse(backend, 400, "serve.drops.decode")
+    aes = doc.get("cipher") == CIPHER_AES and backend.codec.aes  # another value: version 2
     if len(ids) > MAX_IDS:
         return _refuse(backend, 413, "serve.drops.too_big")
     if not all(is_chunk_id(i) for i in ids):
@@ -263,11 +269,11 @@ async def _post_chunks(request: web.Request, raw: bytes) -> web.StreamResponse:
 
     async def piece() -> web.StreamResponse:
         codec = backend.codec
-        body = await backend.read_piece(ids, codec.overhead)
+        body = await backend.read_piece(ids, codec.overhead, AES_TAIL if aes else 0)
         _count(backend, "serve.pieces")
         # Sealed where the files were read into, without a second lz4 attempt: stored forms are
         # lz4 already where that pays, and a piece is megabytes (each copy of it costs).
-        return await _send(request, codec.seal_in_place(body, requester(request)))
+        return await _send(request, codec.seal_in_place(body, requester(request), aes=aes))
 
     return await _upload(request, piece)
 

@@ -174,15 +174,16 @@ class PeerUploads:
         full = self.holdings.full_release_id(rid)
         return self.holdings.have_bitmap(full) if full else None
 
-    async def read_piece(self, ids: list[str], room: int) -> bytearray:
+    async def read_piece(self, ids: list[str], room: int, tail: int = 0) -> bytearray:
         """The piece answering `ids`, read from the chunk files straight into one buffer after
-        `room` bytes left for the envelope's header (a worker thread reads and hashes)."""
-        buf, damaged = await asyncio.to_thread(self._read_piece, ids, room)
+        `room` bytes left for the envelope's header and before `tail` for its tag (a worker
+        thread reads and hashes)."""
+        buf, damaged = await asyncio.to_thread(self._read_piece, ids, room, tail)
         if damaged:
             self._on_damaged(damaged)
         return buf
 
-    def _read_piece(self, ids: list[str], room: int) -> tuple[bytearray, list[str]]:
+    def _read_piece(self, ids: list[str], room: int, tail: int) -> tuple[bytearray, list[str]]:
         # Sizes first (no file held open: a piece may name 1,024 chunks), then one buffer, then
         # each file read into its place.
         sizes: list[int] = []  # 0: not served
@@ -193,7 +194,7 @@ class PeerUploads:
             sizes.append(size)
             total += size
         head = piece_head(sizes)
-        buf = bytearray(room + len(head) + total)
+        buf = bytearray(room + len(head) + total + tail)
         buf[room : room + len(head)] = head
         view = memoryview(buf)
         pos = room + len(head)
@@ -210,7 +211,7 @@ class PeerUploads:
         if not whole:
             # A chunk gone, rotten or unreadable when read: its entry goes and the rest is
             # copied into a new buffer (rare; a rotten one is dropped and fetched again).
-            buf = piece_buffer(spans, room)
+            buf = piece_buffer(spans, room, tail)
         return buf, damaged
 
     def _size_of(self, cid: str, damaged: list[str]) -> int:

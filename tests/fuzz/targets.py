@@ -165,8 +165,8 @@ class MemoryBackend:
         full = self._full(rid)
         return self.bitmaps.get(full) if full else None
 
-    async def read_piece(self, ids: list[str], room: int) -> bytearray:
-        return peer.piece_buffer([self.stored.get(i) for i in ids], room)
+    async def read_piece(self, ids: list[str], room: int, tail: int = 0) -> bytearray:
+        return peer.piece_buffer([self.stored.get(i) for i in ids], room, tail)
 
     def upload_slot(self, source: str) -> contextlib.AbstractAsyncContextManager[None]:
         return contextlib.nullcontext()

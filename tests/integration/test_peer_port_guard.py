@@ -344,8 +344,8 @@ async def test_an_answer_its_requester_stops_reading_is_dropped_at_its_deadline(
     codec = Codec("t", Keyring([KEY]))
 
     class Big(FakeReleases):
-        async def read_piece(self, ids: list[str], room: int) -> bytearray:
-            return bytearray(room + 64 * 1024 * 1024)  # more than the socket buffers hold
+        async def read_piece(self, ids: list[str], room: int, tail: int = 0) -> bytearray:
+            return bytearray(room + 64 * 1024 * 1024 + tail)  # more than the socket buffers hold
 
     slots = UploadSlots(running=1, waiting=1)
     backend = Big(codec, slots)

@@ -25,14 +25,15 @@ from meshd.core.counters import Counters
 from meshd.core.messages import MemberState
 from meshd.core.node import MemberView
 from meshd.core.swarm import SwarmConfig, make_bitmap
-from meshd.crypto import Keyring, PublisherKey, generate_publisher_keypair
+from meshd.crypto import Keyring, PublisherKey, aes_gcm_available, generate_publisher_keypair
 from meshd.net.peer_auth import AUTH_HEADER, make_token
 from meshd.release.announce import Announce, parse_announcements
-from meshd.release.chunker import chunk_tree
+from meshd.release.chunker import chunk_tree, verify_stored
 from meshd.release.config import DistConfig
 from meshd.release.manifest import Manifest
 from meshd.release.peer import (
     CHUNKS_PATH,
+    CIPHER_AES,
     MAX_CHUNKS_REQUEST,
     PeerProtocolError,
     add_peer_routes,
@@ -43,7 +44,7 @@ from meshd.release.peer_client import PeerFetcher
 from meshd.release.serve import PeerUploads
 from meshd.release.service import ReleaseService
 from meshd.replay import ReplayGuard, SenderClock
-from meshd.wire import Codec
+from meshd.wire import VERSION, VERSION_AES, Codec
 from tests.fakes import FakeReleases, member
 
 pytestmark = pytest.mark.integration
@@ -375,6 +376,65 @@ async def test_a_recorded_chunk_request_is_served_once_and_only_where_it_was_sen
     assert n0.service.counters["serve.drops.auth"] == 200
 
 
+needs_aes = pytest.mark.skipif(
+    not aes_gcm_available(), reason="this CPU has no AES instructions: libsodium's AES-256-GCM is off"
+)
+
+
+@needs_aes
+async def test_a_piece_comes_in_the_cipher_its_requester_asked_for(mesh: Mesh, tmp_path: Path) -> None:
+    n0 = await mesh.add("n0")
+    rid = await publish(n0, write_file(tmp_path / "src" / "app.bin", data_blob(3, 1_000_000)), "1.0")
+    ids = Manifest.from_bytes(n0.service.manifest_bytes(rid)).unique_chunks()[:6]
+    asker = Codec(CLUSTER, Keyring([KEY]), node_id="n1")
+
+    async def ask(sess: aiohttp.ClientSession, doc: dict[str, Any]) -> bytearray:
+        body = asker.seal(orjson.dumps(doc), "n0")
+        headers = {AUTH_HEADER: make_token(asker, "POST", CHUNKS_PATH, len(body), to="n0")}
+        async with sess.post(f"http://{n0.addr}{CHUNKS_PATH}", data=body, headers=headers) as resp:
+            assert resp.status == 200
+            return bytearray(await resp.read())
+
+    async with aiohttp.ClientSession() as sess:
+        answers = {
+            "asked": await ask(sess, {"ids": ids, "cipher": CIPHER_AES}),
+            "not asked (a node from before)": await ask(sess, {"ids": ids}),
+            "asked for one it does not know": await ask(sess, {"ids": ids, "cipher": "rot13"}),
+        }
+        n0.service.codec._aes = False  # a server without AES instructions
+        answers["asked a server that cannot"] = await ask(sess, {"ids": ids, "cipher": CIPHER_AES})
+    versions = {what: sealed[0] for what, sealed in answers.items()}
+    assert versions == {
+        "asked": VERSION_AES,
+        "not asked (a node from before)": VERSION,
+        "asked for one it does not know": VERSION,
+        "asked a server that cannot": VERSION,
+    }
+    for sealed in answers.values():
+        stored = decode_piece(asker.open_view(sealed), len(ids))
+        for cid, form in zip(ids, stored, strict=True):
+            assert form is not None
+            verify_stored(cid, form)
+
+
+@needs_aes
+async def test_nodes_with_and_without_aes_fetch_from_each_other(mesh: Mesh, tmp_path: Path) -> None:
+    n0 = await mesh.add("n0")
+    old = await mesh.add("old")
+    new = await mesh.add("new")
+    n0.service.codec._aes = old.service.codec._aes = False  # they ask for and answer version 2
+    blob = data_blob(4, 4_000_000)
+    rid = await publish(n0, write_file(tmp_path / "src" / "app.bin", blob), "1.0")
+    for n in (old, new):
+        await wait_for(lambda n=n: n.state_of(rid) == "active", what=f"{n.name} active")  # type: ignore[misc]
+        assert n.release_file("app", "app.bin").read_bytes() == blob
+    assert old.service.transfer.received_bytes > 0
+    assert new.service.transfer.received_bytes > 0
+    assert not any(
+        n.service.counters[k] for n in (old, new) for k in ("fetch.drops.auth", "fetch.drops.decode")
+    )
+
+
 async def test_far_site_gets_about_one_copy_over_the_site_link(mesh: Mesh, tmp_path: Path) -> None:
     hq = await mesh.add("hq", site="hq")
     hq2 = await mesh.add("hq2", site="hq")
@@ -399,9 +459,9 @@ async def test_far_site_gets_about_one_copy_over_the_site_link(mesh: Mesh, tmp_p
 class LyingServer(PeerUploads):
     """Serves chunks with one byte flipped (a peer with bad bytes, or an attacker)."""
 
-    async def read_piece(self, ids: list[str], room: int) -> bytearray:
-        body = await super().read_piece(ids, room)
-        entries = decode_piece(memoryview(body)[room:], len(ids))
+    async def read_piece(self, ids: list[str], room: int, tail: int = 0) -> bytearray:
+        body = await super().read_piece(ids, room, tail)
+        entries = decode_piece(memoryview(body)[room : len(body) - tail], len(ids))
         for entry in entries:
             if entry is not None:
                 entry[-1] ^= 0xFF

@@ -9,11 +9,13 @@ import typing
 
 import lz4.block
 import msgspec
+import nacl.bindings
+import nacl.exceptions
 import pytest
 
 from meshd import wire
 from meshd.core import messages as m
-from meshd.crypto import Keyring, key_id
+from meshd.crypto import Keyring, aes_gcm_available, aes_piece_key, key_id
 from meshd.errors import AuthError, DecodeError, ReplayError
 from meshd.replay import ReplayGuard, SenderClock
 
@@ -523,3 +525,86 @@ def test_open_view_refuses_like_open() -> None:
         opener.open_view(once)
     with pytest.raises(ReplayError):
         _codec([KEY_A], node_id="cc" * 8).open_view(once)  # meant for another node
+
+
+# --- version 3: release pieces in AES-256-GCM, for a requester that asks --------------------------
+
+needs_aes = pytest.mark.skipif(
+    not aes_gcm_available(), reason="this CPU has no AES instructions: libsodium's AES-256-GCM is off"
+)
+
+
+def _aes_piece(codec: wire.Codec, body: bytes, to: str = "bb" * 8) -> bytearray:
+    buf = bytearray(codec.overhead) + body + bytearray(wire.AES_TAIL)
+    return bytearray(codec.seal_in_place(buf, to, aes=True))
+
+
+@needs_aes
+def test_an_aes_piece_is_a_version_3_envelope_that_opens_where_it_lies() -> None:
+    body = b"MDP1" + os.urandom(200_000)
+    sealer = _codec([KEY_A], node_id="aa" * 8)
+    assert sealer.aes
+    sealed = _aes_piece(sealer, body)
+    assert sealed[0] == wire.VERSION_AES
+    assert sealed[1 : wire.HEADER_SIZE] == key_id(KEY_A)
+    # 12 bytes shorter than version 2's envelope of the same body: a 12-byte nonce, not 24.
+    assert len(sealed) == len(sealer.seal(body, "bb" * 8, compress=False)) - 12
+    view = _codec([KEY_A], node_id="bb" * 8).open_view(sealed)
+    assert view == body
+    assert view.obj is sealed  # no second buffer
+    assert _codec([KEY_A], node_id="bb" * 8).open_view(bytes(_aes_piece(sealer, body))) == body
+
+
+@needs_aes
+def test_an_aes_piece_is_sealed_under_a_key_derived_from_the_cluster_key() -> None:
+    sealed = bytes(_aes_piece(_codec([KEY_A]), b"x" * 1000))
+    nonce, box = sealed[5:17], sealed[17:]
+    assert aes_piece_key(KEY_A) != KEY_A
+    with pytest.raises(nacl.exceptions.CryptoError):  # one key is never used by two ciphers
+        nacl.bindings.crypto_aead_aes256gcm_decrypt(box, None, nonce, KEY_A)
+    inner = nacl.bindings.crypto_aead_aes256gcm_decrypt(box, None, nonce, aes_piece_key(KEY_A))
+    assert inner.endswith(b"x" * 1000)
+
+
+@needs_aes
+def test_an_aes_piece_is_refused_like_any_envelope() -> None:
+    good = bytes(_aes_piece(_codec([KEY_A], node_id="aa" * 8), os.urandom(10_000)))
+    opener = functools.partial(_codec, node_id="bb" * 8)
+    for at in (20, len(good) // 2, len(good) - 1):  # ciphertext, tag
+        tampered = bytearray(good)
+        tampered[at] ^= 1
+        with pytest.raises(AuthError):
+            opener([KEY_A]).open_view(tampered)
+    with pytest.raises(AuthError):
+        opener([KEY_B]).open_view(good)  # unknown key id
+    with pytest.raises(AuthError):
+        opener([KEY_A], cluster="other").open_view(good)
+    with pytest.raises(ReplayError):
+        _codec([KEY_A], node_id="cc" * 8).open_view(good)  # meant for another node
+    with pytest.raises(DecodeError):
+        opener([KEY_A]).open_view(good, max_size=1000)
+    with pytest.raises(DecodeError):
+        opener([KEY_A]).open_view(good[:32])  # shorter than header, nonce and tag
+    guard = ReplayGuard()
+    assert opener([KEY_A], guard=guard).open_view(good)
+    with pytest.raises(ReplayError):
+        opener([KEY_A], guard=guard).open_view(good)
+    with pytest.raises(DecodeError, match="unknown envelope version"):
+        opener([KEY_A]).open(good)  # gossip and small bodies stay version 2
+
+
+def test_a_codec_without_aes_answers_in_version_2_and_refuses_version_3() -> None:
+    body = os.urandom(5000)
+    old = _codec([KEY_A], node_id="aa" * 8)
+    old._aes = False  # a CPU without AES instructions (or a node from before version 3)
+    sealed = _aes_piece(old, body)
+    assert sealed[0] == wire.VERSION
+    assert _codec([KEY_A], node_id="bb" * 8).open_view(sealed) == body  # the tail room cut off
+    insecure = _aes_piece(_codec(None), body)
+    assert _codec(None).open_view(insecure) == body
+    if aes_gcm_available():
+        v3 = _aes_piece(_codec([KEY_A]), body)
+        with pytest.raises(DecodeError, match="unknown envelope version"):
+            old.open_view(v3)
+    with pytest.raises(ValueError, match="smaller than the envelope's header"):
+        old.seal_in_place(bytearray(old.overhead + wire.AES_TAIL - 1), aes=True)
