@@ -27,7 +27,7 @@ from meshd.errors import StateError
 from meshd.metrics import Exposition, TransferStats
 from meshd.release.peer import piece_buffer
 from meshd.release.serve import UploadSlots
-from meshd.release.store import DiskFullError, PutResult
+from meshd.release.store import ChunkStore, DiskFullError, PutResult
 from meshd.wire import Codec
 
 
@@ -344,3 +344,14 @@ class FakeReleases:
 
     def upload_slot(self, source: str) -> contextlib.AbstractAsyncContextManager[None]:
         return self.slots.slot(source) if self.slots is not None else contextlib.nullcontext()
+
+
+def rot_chunk(store: ChunkStore, cid: str) -> None:
+    """Bit rot: flip bits of the middle byte of a chunk's stored form, wherever it lies (a
+    file of its own or a pack)."""
+    path, offset, length = store.locate(cid)
+    with open(path, "r+b") as f:
+        f.seek(offset + length // 2)
+        byte = f.read(1)
+        f.seek(offset + length // 2)
+        f.write(bytes([byte[0] ^ 0x55]))

@@ -48,7 +48,7 @@ def assert_never_back(mesh: Mesh, published: list[str], nodes: Iterable[str]) ->
 
 def stored_size(node: TNode, rid: str) -> int:
     m = node.service._manifests[rid]
-    return sum(node.service.store.path_for(c).stat().st_size for c in m.chunks)
+    return sum(node.service.store.stored_size(c) for c in m.chunks)
 
 
 def tree(tmp: Path, label: str, seed: int) -> Path:

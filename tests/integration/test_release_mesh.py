@@ -45,7 +45,7 @@ from meshd.release.serve import PeerUploads
 from meshd.release.service import ReleaseService
 from meshd.replay import ReplayGuard, SenderClock
 from meshd.wire import VERSION, VERSION_AES, Codec
-from tests.fakes import FakeReleases, member
+from tests.fakes import FakeReleases, member, rot_chunk
 
 pytestmark = pytest.mark.integration
 
@@ -490,10 +490,7 @@ async def test_bit_rot_in_a_peer_store_is_dropped_and_repaired(mesh: Mesh, tmp_p
     n1 = await mesh.add("n1", site="near")
     await wait_for(lambda: n1.state_of(rid) == "active")
     victim = next(iter(n0.service._manifests[rid].chunks))
-    path = n1.service.store.path_for(victim)
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0x55
-    path.write_bytes(bytes(raw))
+    rot_chunk(n1.service.store, victim)
     n2 = await mesh.add("n2", site="near")
     await wait_for(lambda: n2.state_of(rid) == "active")
     assert n2.release_file("app", "f.bin").read_bytes() == blob
@@ -659,7 +656,7 @@ async def test_resume_after_restart_mid_download(mesh: Mesh, tmp_path: Path) -> 
     assert row["have_chunks"] >= have_on_disk
     await wait_for(lambda: n1b.state_of(rid) == "active")
     assert n1b.release_file("app", "f.bin").read_bytes() == blob
-    stored_total = sum(n0.service.store.path_for(c).stat().st_size for c in n0.service._manifests[rid].chunks)
+    stored_total = sum(n0.service.store.stored_size(c) for c in n0.service._manifests[rid].chunks)
     assert first_run + n1b.service.transfer.received_bytes <= stored_total * 1.15
     assert n1b.service.transfer.received_bytes < stored_total
 

@@ -42,6 +42,8 @@ from typing import Any
 
 import pytest
 
+from meshd.release.store import ChunkStore
+
 CLUSTER = "lab-chaos"
 NAME = "app"
 VERSIONS = ("1.0", "2.0", "3.0")  # publish order; the last one must win everywhere
@@ -257,28 +259,30 @@ class Chaos:
         self.note(f"published {NAME} {version} on {name} in {time.monotonic() - t:.1f}s ({doc['size']} B)")
 
     def flip_bit(self) -> None:
-        """Flip one bit in a chunk file of some node's store that another node also holds."""
+        """Flip one bit in a chunk (a file of its own or in a pack) of some node's store that
+        another node also holds."""
         names = list(self.nodes)
         self.rng.shuffle(names)
+        held = {name: ChunkStore.scan(n.data) for name, n in self.nodes.items()}
         for name in names:
-            chunks = sorted((self.nodes[name].data / "chunks").glob("??/*"))
+            chunks = sorted(held[name])
             self.rng.shuffle(chunks)
-            for path in chunks[:50]:
-                rel = path.relative_to(self.nodes[name].data)
-                if not any((n.data / rel).is_file() for other, n in self.nodes.items() if other != name):
+            for cid in chunks[:50]:
+                if not any(cid in held[other] for other in names if other != name):
                     continue
+                path, offset, length = held[name][cid]
+                if not length:
+                    continue
+                at = offset + self.rng.randrange(length)
                 try:
                     with path.open("r+b") as f:
-                        data = bytearray(f.read())
-                        if not data:
-                            continue
-                        at = self.rng.randrange(len(data))
-                        data[at] ^= 1 << self.rng.randrange(8)
-                        f.seek(0)
-                        f.write(data)
-                except OSError:
+                        f.seek(at)
+                        byte = f.read(1)
+                        f.seek(at)
+                        f.write(bytes([byte[0] ^ (1 << self.rng.randrange(8))]))
+                except (OSError, IndexError):
                     continue  # removed meanwhile (gc, repair)
-                self.note(f"bit flip in {name} chunk {path.parent.name}{path.name[:10]}.. at byte {at}")
+                self.note(f"bit flip in {name} chunk {cid[:12]}.. at byte {at - offset} of {path.name}")
                 return
         self.note("bit flip skipped: no chunk held by two nodes yet")
 

@@ -26,6 +26,7 @@ from tests.activation import (
     version_files,
     write_tree,
 )
+from tests.fakes import rot_chunk
 
 
 @pytest.fixture
@@ -112,8 +113,7 @@ def test_missing_chunk_is_a_clear_error_and_leaves_nothing(env: Env) -> None:
 def test_damaged_chunk_raises_integrity_and_is_dropped(env: Env) -> None:
     m = env.publish("1.0", version_files(1))
     cid = m.files[0].chunks[0]
-    p = env.store.path_for(cid)
-    p.write_bytes(p.read_bytes()[:-1] + b"?")
+    rot_chunk(env.store, cid)
     with pytest.raises(IntegrityError):
         env.releases().activate(m)
     assert not env.store.has(cid)  # so the node fetches it again

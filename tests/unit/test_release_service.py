@@ -45,7 +45,7 @@ from meshd.release.service import ReleaseService
 from meshd.release.store import ChunkStore
 from meshd.units import parse_rate, parse_size
 from meshd.wire import Codec
-from tests.fakes import Midpoint, member
+from tests.fakes import Midpoint, member, rot_chunk
 from tests.metrics_text import sample
 
 CLUSTER = "dtest"
@@ -254,11 +254,11 @@ async def test_a_piece_is_read_into_one_buffer_leaving_out_what_is_rotten_or_gon
     m = make_release(tmp_path, "1.0", store=svc.store)
     ids = list(m.unique_chunks())[:4]
     good = svc.store.get_stored(ids[0])
-    rotten = svc.store.path_for(ids[1])
-    raw = bytearray(rotten.read_bytes())
-    raw[len(raw) // 2] ^= 0x55
-    rotten.write_bytes(raw)
-    svc.store.path_for(ids[2]).write_bytes(bytes(MAX_STORED + 1))  # no chunk is that big
+    rot_chunk(svc.store, ids[1])
+    svc.store.delete(ids[2])
+    big = svc.store.path_for(ids[2])
+    big.parent.mkdir(exist_ok=True)
+    big.write_bytes(bytes(MAX_STORED + 1))  # no chunk is that big
     svc.store.delete(ids[3])
     body = await svc.server.read_piece(ids, 9)
     entries = decode_piece(memoryview(body)[9:], len(ids))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import itertools
 import os
 import random
 from pathlib import Path
@@ -194,58 +192,59 @@ def stored_pairs() -> list[tuple[str, bytes]]:
     return [(chunk_id(c), encode_chunk(c)) for c in CHUNKS]
 
 
-class Barriers:
-    """A fake syncfs: counts calls and what the chunk tree held at each."""
-
-    def __init__(self, root: Path, fail_at: int | None = None) -> None:
-        self.root = root
-        self.seen: list[list[str]] = []
-        self.fail_at = fail_at
-
-    def __call__(self, fd: int) -> int:
-        self.seen.append(tree_files(self.root))
-        if self.fail_at is not None and len(self.seen) == self.fail_at:
-            ctypes.set_errno(errno.EIO)  # what the caller reads, as after a real failed syscall
-            return -1
-        return 0
+def packs(store: ChunkStore) -> list[str]:
+    return sorted(p.name for p in store.pack_dir.iterdir())
 
 
-def test_put_many_stores_a_piece_with_two_barriers_and_no_fsync(
+def test_put_many_stores_a_piece_in_one_pack_with_one_data_barrier(
     store: ChunkStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pairs = stored_pairs()
-    first = store.put_data(CHUNKS[0])  # already held: counted as stored, not rewritten
+    first = store.put_data(CHUNKS[0])  # already held: counted as stored, not written again
     wrong = chunk_id(b"something else")
-    barriers = Barriers(store.chunk_dir)
-    monkeypatch.setattr(store_mod, "_SYNCFS", barriers)
+    at_barrier: list[list[str]] = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+    fsyncs = [0]
 
-    def no_fsync(fd: int) -> None:
-        raise AssertionError("per-chunk fsync")
+    def fdatasync(fd: int) -> None:
+        at_barrier.append(packs(store))
+        real_fdatasync(fd)
 
-    monkeypatch.setattr(store_mod.os, "fsync", no_fsync)
-    res = store.put_many([*pairs, (wrong, encode_chunk(CHUNKS[1]))])
+    def fsync(fd: int) -> None:
+        fsyncs[0] += 1
+        real_fsync(fd)
+
+    monkeypatch.setattr(store_mod.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(store_mod.os, "fsync", fsync)
+    res = store.put_many([*pairs, (wrong, encode_chunk(CHUNKS[1])), pairs[2]])
+    monkeypatch.undo()
     assert res.error is None
     assert res.bad == [wrong]
-    assert sorted(res.stored) == sorted(cid for cid, _ in pairs)
-    assert len(barriers.seen) == 2  # for 5 new chunks, not 10 fsyncs
-    # Barrier 1: the new chunks' bytes, still under temp names (only the old chunk is named).
-    named = [f for f in barriers.seen[0] if "/.tmp-" not in f]
-    assert named == [f"{first[:2]}/{first[2:]}"]
-    assert sum("/.tmp-" in f for f in barriers.seen[0]) == 5
-    # Barrier 2: every chunk under its name, no temp left.
-    assert all("/.tmp-" not in f for f in barriers.seen[1])
-    monkeypatch.undo()
-    for cid, c in zip((cid for cid, _ in pairs), CHUNKS, strict=True):
+    assert res.stored == [cid for cid, _ in pairs] + [pairs[2][0]]  # in the order asked
+    # One barrier for the bytes, under a temp name; then one for the folder (the new name).
+    assert len(at_barrier) == 1
+    assert [n.startswith(store_mod.TEMP_PREFIX) for n in at_barrier[0]] == [True]
+    assert fsyncs[0] == 1
+    (pack,) = packs(store)
+    assert pack.endswith(".pack")
+    assert store.locate(pairs[1][0])[0] == store.pack_dir / pack
+    assert store.locate(first)[0] == store.path_for(first)  # not written twice
+    for (cid, stored), c in zip(pairs, CHUNKS, strict=True):
         assert store.get(cid) == c
+        assert store.get_stored(cid) == stored
+        span = memoryview(bytearray(store.stored_size(cid)))
+        store.read_stored_into(cid, span)
+        assert span == stored
     assert not store.has(wrong)
     assert store.counters["chunks.rejected"] == 1
+    assert list(store.ids()) == sorted(cid for cid, _ in pairs)
+    assert store.size_bytes() == sum(len(stored) for _, stored in pairs)
 
 
-def test_put_many_full_disk_keeps_the_chunks_before_it(
+def test_put_many_full_disk_stores_none_of_the_piece_and_leaves_no_temp(
     store: ChunkStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pairs = stored_pairs()
-    monkeypatch.setattr(store_mod, "_SYNCFS", Barriers(store.chunk_dir))
     real_write = os.write
     writes = [0]
 
@@ -259,40 +258,76 @@ def test_put_many_full_disk_keeps_the_chunks_before_it(
     res = store.put_many(pairs)
     monkeypatch.undo()
     assert isinstance(res.error, DiskFullError)
-    assert res.stored == [cid for cid, _ in pairs[:2]]
-    files = tree_files(store.chunk_dir)
-    assert files == sorted(f"{cid[:2]}/{cid[2:]}" for cid in res.stored)  # no temp file left
+    assert "disk full" in str(res.error)
+    assert res.stored == []
+    assert not any(store.has(cid) for cid, _ in pairs)
+    assert packs(store) == []
 
 
 def test_put_many_failed_barrier_names_nothing(store: ChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_mod, "_SYNCFS", Barriers(store.chunk_dir, fail_at=1))
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store_mod.os, "fdatasync", broken)
     res = store.put_many(stored_pairs())
     monkeypatch.undo()
     assert isinstance(res.error, StoreError)
     assert not isinstance(res.error, DiskFullError)
     assert res.stored == []
-    assert tree_files(store.chunk_dir) == []  # bytes not known durable: no chunk, no temp
+    assert packs(store) == []  # bytes not known durable: no pack, no temp
 
 
-def test_put_many_without_syncfs_fsyncs_each_chunk(
-    store: ChunkStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(store_mod, "_SYNCFS", None)
-    synced = [0]
-    real_fsync = os.fsync
-
-    def count(fd: int) -> None:
-        synced[0] += 1
-        real_fsync(fd)
-
-    monkeypatch.setattr(store_mod.os, "fsync", count)
+def test_packs_are_found_again_after_a_restart_and_a_broken_one_is_removed(tmp_path: Path) -> None:
+    a = ChunkStore(tmp_path)
     pairs = stored_pairs()
-    res = store.put_many(pairs)
-    monkeypatch.undo()
-    assert res.error is None
-    assert len(res.stored) == len(pairs)
-    assert synced[0] >= len(pairs)  # each temp file, then each folder
-    assert all(store.get(cid) for cid, _ in pairs)
+    assert a.put_many(pairs[:3]).stored == [cid for cid, _ in pairs[:3]]
+    assert a.put_many(pairs[3:]).error is None
+    first, second = packs(a)
+    (a.pack_dir / "00000000000000ff.pack").write_bytes(b"not a pack at all")
+    cut = (a.pack_dir / second).read_bytes()
+    (a.pack_dir / "0000000000000100.pack").write_bytes(cut[:-10])  # shorter than its header says
+    b = ChunkStore(tmp_path)
+    assert all(b.get(cid) == c for (cid, _), c in zip(pairs, CHUNKS, strict=True))
+    assert packs(b) == [first, second]  # the two broken ones removed, and counted
+    assert b.counters["packs.damaged"] == 2
+    b.put_many([(chunk_id(NOISE), encode_chunk(NOISE))])
+    assert packs(b)[-1] == "0000000000000101.pack"  # numbered after every pack seen
+
+
+def test_a_pack_goes_with_its_last_chunk(store: ChunkStore) -> None:
+    pairs = stored_pairs()
+    store.put_many(pairs[:3])
+    store.put_many(pairs[3:])
+    first, second = packs(store)
+    store.delete(pairs[0][0])
+    store.delete(pairs[1][0])
+    assert packs(store) == [first, second]
+    assert store.get(pairs[2][0]) == CHUNKS[2]
+    store.delete(pairs[2][0])
+    assert packs(store) == [second]
+    assert store.gc(keep={pairs[4][0]}) == 2
+    assert packs(store) == [second]
+    assert store.gc(keep=set()) == 1
+    assert packs(store) == []
+    assert list(store.ids()) == []
+
+
+def test_bit_rot_in_a_pack_drops_that_chunk_only(store: ChunkStore) -> None:
+    pairs = stored_pairs()
+    store.put_many(pairs)
+    victim = pairs[3][0]
+    path, offset, length = store.locate(victim)
+    data = bytearray(path.read_bytes())
+    data[offset + length // 2] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="damaged"):
+        store.get(victim)
+    assert not store.has(victim)
+    assert store.counters["chunks.damaged"] == 1
+    assert all(store.get(cid) == c for (cid, _), c in zip(pairs, CHUNKS, strict=True) if cid != victim)
+    assert store.put_many([pairs[3]]).stored == [victim]  # fetched again: a pack of its own
+    assert store.get(victim) == CHUNKS[3]
+    assert len(packs(store)) == 2
 
 
 def test_get_view_is_get_without_copying_a_raw_chunk(store: ChunkStore) -> None:
@@ -311,14 +346,12 @@ def test_get_view_is_get_without_copying_a_raw_chunk(store: ChunkStore) -> None:
     assert not store.has(raw)  # dropped, to be fetched again, as get() does
 
 
-def test_a_stale_temp_name_is_skipped(store: ChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stale_temp_name_is_skipped(store: ChunkStore) -> None:
     cid = chunk_id(NOISE)
-    folder = store.chunk_dir / cid[:2]
-    folder.mkdir(parents=True)
-    stale = folder / f"{store_mod.TEMP_PREFIX}{os.getpid()}-7"
+    stale = store.pack_dir / f"{store_mod.TEMP_PREFIX}{os.getpid()}-{0:016x}"
     stale.write_bytes(b"left by a crashed process with our pid")
-    monkeypatch.setattr(store_mod, "_temp_names", itertools.count(7))
     assert store.put_many([(cid, encode_chunk(NOISE))]).stored == [cid]
     assert store.get(cid) == NOISE
     assert stale.read_bytes().startswith(b"left")  # not overwritten; clean_temp removes it
     assert store.clean_temp() == 1
+    assert store.get(cid) == NOISE
