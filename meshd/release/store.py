@@ -36,9 +36,10 @@ import os
 import struct
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from meshd.core.counters import Counters
 from meshd.errors import IntegrityError, MeshError
@@ -53,12 +54,15 @@ from meshd.release.chunker import (
 )
 from meshd.release.chunker import chunk_id as hash_chunk
 
+T = TypeVar("T")
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 TEMP_PREFIX = ".tmp-"
 PACK_DIR = "packs"
 PACK_SUFFIX = ".pack"
 PACK_MAGIC = b"MDK1"
 _PACK_ENTRY = struct.Struct("<32sI")  # chunk id (binary), stored length
 _PACK_MAX_ENTRIES = 65536  # a piece names at most 1,024; a header claiming more is not ours
+_PACK_MIN_LIVE = 0.5  # gc rewrites a pack whose live chunks are less than this share of it
 log = logging.getLogger("meshd.release")
 
 
@@ -83,6 +87,15 @@ def _store_error(e: OSError, what: str, folder: Path) -> StoreError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(f"disk full: cannot store {what} in {folder} ({e.strerror})")
     return StoreError(f"cannot store {what} in {folder}: {e.strerror or e}")
+
+
+@dataclass
+class _PackUse:
+    """A pack's live chunks and bytes, against the stored bytes it holds."""
+
+    chunks: int = 0
+    live: int = 0
+    size: int = 0
 
 
 @dataclass
@@ -137,7 +150,7 @@ class ChunkStore:
         # Packed chunks: id -> (pack path, offset, stored length); live chunks per pack. Worker
         # threads store, read and delete at once: changes are made under the lock.
         self._packed: dict[str, tuple[str, int, int]] = {}
-        self._live: dict[str, int] = {}
+        self._live: dict[str, _PackUse] = {}
         self._lock = threading.Lock()
         self._next_pack = 0
         try:
@@ -257,28 +270,65 @@ class ChunkStore:
         self._index_pack(final, [(cid, len(stored)) for cid, stored in items], len(head))
 
     def _index_pack(self, path: str, entries: list[tuple[str, int]], at: int) -> None:
+        emptied: list[str] = []
         with self._lock:
-            live = 0
+            use = self._live.setdefault(path, _PackUse())
             for cid, length in entries:
                 old = self._packed.get(cid)
-                if old is not None:  # held twice (a restart found both): the newer pack's copy
-                    self._forget(cid, old)
+                if old is not None:  # held twice (a restart found both, gc moved it): the new copy
+                    emptied.extend(p for p in [self._forget(cid, old)] if p is not None and p != path)
                 self._packed[cid] = (path, at, length)
                 at += length
-                live += 1
-            if live:
-                self._live[path] = self._live.get(path, 0) + live
+                use.chunks += 1
+                use.live += length
+                use.size += length
+        for p in emptied:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
 
     def _forget(self, cid: str, loc: tuple[str, int, int]) -> str | None:
         """Drop `cid` from its pack's index (under the lock); the pack's path when it has no
         live chunk left (the caller removes it)."""
         del self._packed[cid]
-        left = self._live.get(loc[0], 1) - 1
-        if left > 0:
-            self._live[loc[0]] = left
+        use = self._live.get(loc[0])
+        if use is None:
             return None
-        self._live.pop(loc[0], None)
+        use.chunks -= 1
+        use.live -= loc[2]
+        if use.chunks > 0:
+            return None
+        del self._live[loc[0]]
         return loc[0]
+
+    def _compact(self) -> int:
+        """Rewrite the packs gc left mostly dead (a retired release's chunks gone, the ones a
+        later release shares kept): their live chunks into a new pack, read and verified, then
+        the old pack goes. Returns how many packs were rewritten."""
+        with self._lock:
+            sparse = {p for p, u in self._live.items() if u.live < u.size * _PACK_MIN_LIVE}
+            moving: dict[str, list[str]] = {p: [] for p in sparse}
+            for cid, loc in self._packed.items():
+                if loc[0] in sparse:
+                    moving[loc[0]].append(cid)
+        done = 0
+        for path, ids in sorted(moving.items()):
+            items: list[tuple[str, bytes | memoryview]] = []
+            for cid in ids:
+                try:
+                    items.append((cid, self.get_stored(cid)))
+                except (KeyError, IntegrityError, StoreError):
+                    continue  # gone meanwhile, or damaged (dropped and counted): not moved
+            try:
+                if items:
+                    self._write_pack(items)  # points them at the new pack; the old one empties
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            except OSError as e:
+                log.warning("chunk pack %s not compacted: %s", path, e.strerror or e)
+                continue
+            done += 1
+        return done
 
     def _load_packs(self) -> None:
         """Index the packs on disk (at startup); a pack whose header is not one is removed."""
@@ -328,21 +378,32 @@ class ChunkStore:
         if not path.is_file():
             atomic_write(path, stored, fsync=self.fsync, what=f"chunk {cid[:16]}")
 
+    def _reading(self, cid: str, read: Callable[[int, int, int], T]) -> T:
+        """read(fd, offset, length) on the file holding `cid` (its own: offset 0 and its size;
+        or its pack). KeyError when absent, StoreError when unreadable. A pack rewritten by gc
+        meanwhile: the chunk is read where it is now."""
+        for _ in range(3):
+            loc = self._packed.get(cid)
+            try:
+                fd = os.open(loc[0] if loc else self._chunk_path(cid), _READ_FLAGS)
+            except FileNotFoundError as e:
+                if loc is None or self._packed.get(cid) == loc:
+                    raise KeyError(cid) from e
+                continue
+            except OSError as e:
+                raise StoreError(f"cannot read chunk {cid[:16]}: {e.strerror or e}") from e
+            try:
+                offset, length = (loc[1], loc[2]) if loc else (0, os.fstat(fd).st_size)
+                return read(fd, offset, length)
+            except OSError as e:
+                raise StoreError(f"cannot read chunk {cid[:16]}: {e.strerror or e}") from e
+            finally:
+                os.close(fd)
+        raise KeyError(cid)
+
     def _read(self, cid: str) -> bytes:
-        loc = self._packed.get(cid)
-        try:
-            if loc is not None:
-                fd = os.open(loc[0], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                try:
-                    return os.pread(fd, loc[2], loc[1])  # short if the pack was cut: fails to verify
-                finally:
-                    os.close(fd)
-            with open(self._chunk_path(cid), "rb", buffering=0) as f:
-                return f.read()
-        except FileNotFoundError as e:
-            raise KeyError(cid) from e
-        except OSError as e:
-            raise StoreError(f"cannot read chunk {cid[:16]}: {e.strerror or e}") from e
+        # Short if the file was cut: then it fails to verify.
+        return self._reading(cid, lambda fd, offset, length: os.pread(fd, length, offset))
 
     def _verified(self, cid: str) -> tuple[bytes, bytes]:
         stored = self._read(cid)
@@ -387,26 +448,15 @@ class ChunkStore:
         """Read a chunk's stored form into `span` (its size, from stored_size) and verify it
         there. KeyError when absent; IntegrityError when it is not the chunk or no longer that
         size (it is dropped and counted, like a damaged one); StoreError when unreadable."""
-        got = 0
-        loc = self._packed.get(cid)
-        try:
-            if loc is not None:
-                if loc[2] == len(span):
-                    fd = os.open(loc[0], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                    try:
-                        while got < len(span) and (n := os.preadv(fd, [span[got:]], loc[1] + got)):
-                            got += n
-                    finally:
-                        os.close(fd)
-            else:
-                with open(self._chunk_path(cid), "rb", buffering=0) as f:
-                    if os.fstat(f.fileno()).st_size == len(span):
-                        while got < len(span) and (n := f.readinto(span[got:])):
-                            got += n
-        except FileNotFoundError as e:
-            raise KeyError(cid) from e
-        except OSError as e:
-            raise StoreError(f"cannot read chunk {cid[:16]}: {e.strerror or e}") from e
+
+        def fill(fd: int, offset: int, length: int) -> int:
+            got = 0
+            if length == len(span):
+                while got < length and (n := os.preadv(fd, [span[got:]], offset + got)):
+                    got += n
+            return got
+
+        got = self._reading(cid, fill)
         if got != len(span):
             self.discard_damaged(cid)
             raise IntegrityError(f"chunk {cid[:16]} is not the size it had a moment ago")
@@ -460,6 +510,7 @@ class ChunkStore:
                 removed += 1
         # The fan-out folders stay (256 at most): removing an empty one raced with a put in
         # another thread between its mkdir and its temp file (ENOENT, a failed chunk).
+        self._compact()
         return removed
 
     def clean_temp(self) -> int:

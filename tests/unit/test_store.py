@@ -294,22 +294,53 @@ def test_packs_are_found_again_after_a_restart_and_a_broken_one_is_removed(tmp_p
     assert packs(b)[-1] == "0000000000000101.pack"  # numbered after every pack seen
 
 
-def test_a_pack_goes_with_its_last_chunk(store: ChunkStore) -> None:
+def test_a_pack_goes_with_its_last_chunk_and_gc_rewrites_a_mostly_dead_one(store: ChunkStore) -> None:
     pairs = stored_pairs()
     store.put_many(pairs[:3])
     store.put_many(pairs[3:])
     first, second = packs(store)
     store.delete(pairs[0][0])
     store.delete(pairs[1][0])
-    assert packs(store) == [first, second]
+    assert packs(store) == [first, second]  # one live chunk left in it
     assert store.get(pairs[2][0]) == CHUNKS[2]
     store.delete(pairs[2][0])
     assert packs(store) == [second]
+    # A release retired: gc drops two chunks of three; the one a later release shares is
+    # rewritten into a pack of its own and the mostly dead pack goes.
     assert store.gc(keep={pairs[4][0]}) == 2
-    assert packs(store) == [second]
+    (third,) = packs(store)
+    assert third > second
+    assert store.locate(pairs[4][0])[0].name == third
+    assert store.get(pairs[4][0]) == CHUNKS[4]
+    assert store.size_bytes() == len(pairs[4][1])
     assert store.gc(keep=set()) == 1
     assert packs(store) == []
     assert list(store.ids()) == []
+
+
+def test_a_chunk_read_while_gc_rewrites_its_pack_is_read_where_it_went(
+    store: ChunkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pairs = stored_pairs()
+    store.put_many(pairs)
+    for cid, _ in pairs[1:]:
+        store.delete(cid)
+    old = store.locate(pairs[0][0])[0]
+    real_open = os.open
+    raced: list[int] = []
+
+    def racing_open(path: str, flags: int, mode: int = 0o777) -> int:
+        if path == str(old) and not raced:
+            raced.append(0)
+            raced[0] = store._compact()  # the rewrite lands between the lookup and the open
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(store_mod.os, "open", racing_open)
+    assert store.get(pairs[0][0]) == CHUNKS[0]
+    monkeypatch.undo()
+    assert raced == [1]
+    assert not old.exists()
+    assert store.locate(pairs[0][0])[0] != old
 
 
 def test_bit_rot_in_a_pack_drops_that_chunk_only(store: ChunkStore) -> None:
