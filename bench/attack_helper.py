@@ -93,14 +93,13 @@ def seal_chunks(args: argparse.Namespace) -> None:
     import aiohttp
 
     from meshd.core.counters import Counters
-    from meshd.release.chunker import MAX_SIZE, is_chunk_id
+    from meshd.release.chunker import MAX_SIZE
     from meshd.release.peer_client import PeerFetcher
+    from meshd.release.store import ChunkStore
 
-    ids = sorted(
-        p.parent.name + p.name
-        for p in Path(args.data_dir).glob("**/chunks/??/*")
-        if is_chunk_id(p.parent.name + p.name)
-    )
+    # Chunks in files of their own or in packs, of every store under the folder.
+    stores = {p.parent for p in Path(args.data_dir).glob("**/chunks") if p.is_dir()}
+    ids = sorted({cid for root in stores for cid in ChunkStore.scan(root)})
     if not ids:
         raise RuntimeError(f"no chunks in {args.data_dir}")
     seen: list[dict[str, Any]] = []
