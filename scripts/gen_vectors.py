@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
 from meshd import wire  # noqa: E402
 from meshd.core import digest  # noqa: E402
 from meshd.core import messages as m  # noqa: E402
-from meshd.crypto import Keyring, key_id  # noqa: E402
+from meshd.crypto import Keyring, aes_gcm_available, key_id  # noqa: E402
 from meshd.errors import AuthError, DecodeError, ReplayError  # noqa: E402
 from meshd.replay import ReplayGuard, SenderClock  # noqa: E402
 
@@ -476,6 +476,38 @@ def build() -> dict[str, Any]:
             "invalid": invalid,
         },
         "digest.json": digest_vectors(),
+        "pieces.json": piece_vectors(big_body),
+    }
+
+
+def piece_vectors(body: bytes) -> dict[str, Any]:
+    """Version 3 (PROTOCOL.md 2.5): a release piece sealed in AES-256-GCM for a requester that
+    asked. Needs a CPU with AES instructions (libsodium's AES-GCM) to build."""
+    if not aes_gcm_available():
+        raise SystemExit("the version 3 vector needs libsodium's AES-256-GCM (a CPU with AES instructions)")
+    keys = [KEY_B, KEY_A]
+    sender = _codec("plant-2", keys, False, NONCE_2)
+    buf = bytearray(sender.overhead) + body + bytearray(wire.AES_TAIL)
+    sealed = bytes(sender.seal_in_place(buf, NODE_B, aes=True))
+    return {
+        "description": (
+            "seal_in_place(body, to=receiver, aes=True) by the sender at the stamp, with the "
+            "keyring (primary first); the AES-GCM nonce is the first 12 bytes of nonce"
+        ),
+        "pieces": [
+            {
+                "name": "aes256gcm",
+                "cluster": "plant-2",
+                "keys": [k.hex() for k in keys],
+                "primary_key_id": key_id(keys[0]).hex(),
+                "nonce": NONCE_2.hex(),
+                "sender_node_id": NODE_A,
+                "stamp": STAMP,
+                "receiver_node_id": NODE_B,
+                "body": body.hex(),
+                "envelope": sealed.hex(),
+            }
+        ],
     }
 
 

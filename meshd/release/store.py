@@ -257,7 +257,7 @@ class ChunkStore:
                     while view:
                         view = view[os.write(fd, view) :]
                 if self.fsync:
-                    os.fdatasync(fd)
+                    getattr(os, "fdatasync", os.fsync)(fd)  # (macOS has no fdatasync)
             finally:
                 os.close(fd)
             os.replace(tmp, final)
