@@ -649,14 +649,11 @@ def main() -> int:
 
 # Host data on a file system of its own, made fresh for every run of every system. The VM's
 # root file system charged file creation several times what a new ext4 does (thousands of
-# files created and deleted there by earlier runs and sessions): meshd creates a file per
-# chunk (about 21,000 a run at 32 hosts), aria2c one per host, so the root file system's
-# history weighed on one side only, and differently from run to run. Measured on the same
-# code (1x32, meshd): 25-33 CPU-s on the root file system, 20-23 on a fresh ext4 in the hour
-# after; an hour later fresh images gave 26-36 again (the images are files on the root file
-# system: the isolation is not complete; issue 11, part 6).
+# files created and deleted there by earlier runs and sessions), and meshd's store created a
+# file per chunk until issue 11, part 7 (packs: one file per piece), so the root file system's
+# history weighed on one side only, and differently from run to run.
 FS_SIZE = "16G"  # sparse: blocks are taken as written (a 64-host run writes about 6 GB)
-FS_INODES = "262144"  # a 64-host meshd run makes about 45,000 files and folders
+FS_INODES = "262144"  # a 64-host run of the per-chunk store made about 45,000 files and folders
 
 
 @contextlib.contextmanager
