@@ -273,12 +273,13 @@ class ChunkStore:
         emptied: list[str] = []
         with self._lock:
             use = self._live.setdefault(path, _PackUse())
-            for cid, length in entries:
+            for cid, offset, length in _spans(entries, at):
                 old = self._packed.get(cid)
                 if old is not None:  # held twice (a restart found both, gc moved it): the new copy
-                    emptied.extend(p for p in [self._forget(cid, old)] if p is not None and p != path)
-                self._packed[cid] = (path, at, length)
-                at += length
+                    gone = self._forget(cid, old)
+                    if gone is not None and gone != path:
+                        emptied.append(gone)
+                self._packed[cid] = (path, offset, length)
                 use.chunks += 1
                 use.live += length
                 use.size += length
@@ -351,17 +352,13 @@ class ChunkStore:
         store or changing anything (tools and tests looking at a running node's store)."""
         chunk_dir = Path(data_dir) / "chunks"
         found: dict[str, tuple[Path, int, int]] = {}
-        for sub in sorted(chunk_dir.glob("??")):
-            for f in sorted(sub.iterdir()):
-                if is_chunk_id(sub.name + f.name):
-                    with contextlib.suppress(OSError):
-                        found[sub.name + f.name] = (f, 0, f.stat().st_size)
+        for cid, f in _chunk_files(chunk_dir):
+            with contextlib.suppress(OSError):
+                found[cid] = (f, 0, f.stat().st_size)
         for path, _, head in _packs_in(chunk_dir / PACK_DIR):
             if not isinstance(head, Exception):
-                entries, at = head
-                for cid, length in entries:
-                    found[cid] = (Path(path), at, length)
-                    at += length
+                for cid, offset, length in _spans(*head):
+                    found[cid] = (Path(path), offset, length)
         return found
 
     def put_data(self, data: bytes) -> str:
@@ -491,15 +488,7 @@ class ChunkStore:
 
     def ids(self) -> Iterator[str]:
         """Every chunk held, in id order (packed or in a file of its own)."""
-        found = set(self._packed)
-        for sub in self.chunk_dir.iterdir():
-            if not (sub.is_dir() and len(sub.name) == 2):
-                continue
-            for f in sub.iterdir():
-                cid = sub.name + f.name
-                if len(f.name) == ID_LEN - 2 and is_chunk_id(cid):
-                    found.add(cid)
-        yield from sorted(found)
+        yield from sorted(set(self._packed).union(cid for cid, _ in _chunk_files(self.chunk_dir)))
 
     def gc(self, keep: set[str]) -> int:
         """Delete every chunk not in `keep`; returns how many were removed."""
@@ -605,3 +594,23 @@ def _read_pack_head(path: str) -> tuple[list[tuple[str, int]], int]:
     if at + sum(n for _, n in entries) > size:
         raise ValueError("shorter than its header says")
     return entries, at
+
+
+def _chunk_files(chunk_dir: Path) -> Iterator[tuple[str, Path]]:
+    """(id, path) of every chunk stored in a file of its own under `chunk_dir` (none if absent)."""
+    if not chunk_dir.is_dir():
+        return
+    for sub in chunk_dir.iterdir():
+        if not (sub.is_dir() and len(sub.name) == 2):
+            continue
+        for f in sub.iterdir():
+            cid = sub.name + f.name
+            if len(f.name) == ID_LEN - 2 and is_chunk_id(cid):
+                yield cid, f
+
+
+def _spans(entries: list[tuple[str, int]], at: int) -> Iterator[tuple[str, int, int]]:
+    """(id, offset, length) of a pack's chunks, from its header's entries and where they start."""
+    for cid, length in entries:
+        yield cid, at, length
+        at += length

@@ -286,8 +286,11 @@ def test_packs_are_found_again_after_a_restart_and_a_broken_one_is_removed(tmp_p
     (a.pack_dir / "00000000000000ff.pack").write_bytes(b"not a pack at all")
     cut = (a.pack_dir / second).read_bytes()
     (a.pack_dir / "0000000000000100.pack").write_bytes(cut[:-10])  # shorter than its header says
+    seen = ChunkStore.scan(tmp_path)  # read-only: the broken packs are still there after it
+    assert len(packs(a)) == 4
     b = ChunkStore(tmp_path)
     assert all(b.get(cid) == c for (cid, _), c in zip(pairs, CHUNKS, strict=True))
+    assert seen == {cid: b.locate(cid) for cid, _ in pairs}
     assert packs(b) == [first, second]  # the two broken ones removed, and counted
     assert b.counters["packs.damaged"] == 2
     b.put_many([(chunk_id(NOISE), encode_chunk(NOISE))])
