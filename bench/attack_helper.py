@@ -93,13 +93,14 @@ def seal_chunks(args: argparse.Namespace) -> None:
     import aiohttp
 
     from meshd.core.counters import Counters
+    from meshd.release.assembly import held_places
     from meshd.release.chunker import MAX_SIZE
     from meshd.release.peer_client import PeerFetcher
     from meshd.release.store import ChunkStore
 
-    # Chunks in files of their own or in packs, of every store under the folder.
+    # Chunks in files of their own, in packs or in release files, of every store under the folder.
     stores = {p.parent for p in Path(args.data_dir).glob("**/chunks") if p.is_dir()}
-    ids = sorted({cid for root in stores for cid in ChunkStore.scan(root)})
+    ids = sorted({cid for root in stores for cid in (*ChunkStore.scan(root), *held_places(root))})
     if not ids:
         raise RuntimeError(f"no chunks in {args.data_dir}")
     seen: list[dict[str, Any]] = []

@@ -27,7 +27,7 @@ from meshd.errors import StateError
 from meshd.metrics import Exposition, TransferStats
 from meshd.release.peer import piece_buffer
 from meshd.release.serve import UploadSlots
-from meshd.release.store import ChunkStore, DiskFullError, PutResult
+from meshd.release.store import ChunkStore, DiskFullError, Place, PutResult
 from meshd.wire import Codec
 
 
@@ -316,6 +316,19 @@ def put_many_through(put: Callable[[str, bytes], int]) -> Callable[[Sequence[tup
         return res
 
     return put_many
+
+
+def put_placed_through(
+    put: Callable[[str, bytes], int],
+) -> Callable[[Sequence[tuple[str, memoryview]], Place], PutResult]:
+    """ChunkStore.put_placed made of a (patched) put: the chunks a fetch would write into the
+    release being assembled go through it too (and into the store, not their places)."""
+    many = put_many_through(put)
+
+    def put_placed(items: Sequence[tuple[str, memoryview]], place: Place) -> PutResult:
+        return many([(cid, bytes(stored)) for cid, stored in items])
+
+    return put_placed
 
 
 class FakeReleases:

@@ -37,6 +37,7 @@ from pathlib import Path
 import orjson
 
 from meshd.errors import DecodeError, IntegrityError, MeshError
+from meshd.release.assembly import Assembly
 from meshd.release.manifest import NAME_RE, Manifest
 from meshd.release.store import ChunkStore, StoreError, atomic_write, fsync_dir
 
@@ -196,11 +197,14 @@ class Releases:
         seqs = [(self._meta(name, v) or {}).get("seq", 0) for v in self.installed(name)]
         return max([s for s in seqs if isinstance(s, int)], default=0) + 1
 
-    def materialise(self, manifest: Manifest) -> Path:
-        """Build <name>/<version>/ from the store (once); returns its path.
+    def materialise(self, manifest: Manifest, assembly: Assembly | None = None) -> Path:
+        """Build <name>/<version>/ from the store (once); returns its path. With the `assembly`
+        a fetch filled in place, that is finished and renamed instead (see release/assembly.py),
+        and the store then reads the release's chunks from their installed places.
 
         KeyError-free: a missing chunk gives ActivationError; a damaged one IntegrityError (the
-        store has dropped it, fetch it again). Nothing is left behind on failure.
+        store has dropped it, fetch it again). Nothing is left behind on failure, but for an
+        assembly, which is kept for the next try.
         """
         try:
             manifest.check()
@@ -218,6 +222,8 @@ class Releases:
                 )
             return final
         base.mkdir(parents=True, exist_ok=True)
+        if assembly is not None:
+            return self._install_assembly(manifest, assembly, final)
         tmp = base / f"{TEMP_PREFIX}{manifest.version}-{secrets.token_hex(4)}"
         try:
             tmp.mkdir()
@@ -237,6 +243,37 @@ class Releases:
                 raise error(f"cannot materialise {manifest.name} {manifest.version}: {why}") from e
             raise
         return final
+
+    def _install_assembly(self, manifest: Manifest, assembly: Assembly, final: Path) -> Path:
+        base = final.parent
+        try:
+            assembly.complete(lambda cid: self._chunk_of(manifest, cid))
+            self._write_meta(manifest.name, manifest.version, manifest.release_id, 0)
+            assembly.close()
+            try:
+                os.rename(assembly.folder, final)
+            except BaseException:
+                assembly.closed = False  # still where it was: a later try goes on with it
+                raise
+            if self.fsync:
+                fsync_dir(base)
+        except OSError as e:
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            error = ActivationDiskFull if full else ActivationError
+            why = "disk full" if full else (e.strerror or str(e))
+            raise error(f"cannot materialise {manifest.name} {manifest.version}: {why}") from e
+        # Every chunk of the release is read from its installed place from now on (those it
+        # shares with an older version too: that one may be retired).
+        self.store.lend(assembly.places(final))
+        return final
+
+    def _chunk_of(self, manifest: Manifest, cid: str) -> bytes | memoryview:
+        try:
+            return self.store.get_view(cid)
+        except KeyError as e:
+            raise ActivationError(
+                f"cannot materialise {manifest.name} {manifest.version}: chunk {cid[:16]} is not in the store"
+            ) from e
 
     def _build(self, manifest: Manifest, tmp: Path) -> None:
         dirs = {tmp}
@@ -297,10 +334,10 @@ class Releases:
     def _pending_path(self, name: str) -> Path:
         return self.base(name) / META / PENDING
 
-    def activate(self, manifest: Manifest) -> ActivationResult:
+    def activate(self, manifest: Manifest, assembly: Assembly | None = None) -> ActivationResult:
         """Materialise, switch current, run the hook (roll back on failure), retire old versions."""
         name, version = manifest.name, manifest.version
-        path = self.materialise(manifest)
+        path = self.materialise(manifest, assembly)
         previous = self.current(name)
         if previous == version:
             return ActivationResult(name, version, path, previous, False, [], self.referenced_chunks())
@@ -389,6 +426,7 @@ class Releases:
         for version in doomed:
             rid = self.release_id(name, version)
             trash = base / f"{TRASH_PREFIX}{version}-{secrets.token_hex(4)}"
+            self.store.forget_lent(str(base / version) + os.sep)  # its files go
             os.rename(base / version, trash)
             (base / META / f"{version}.json").unlink(missing_ok=True)
             shutil.rmtree(trash, ignore_errors=True)

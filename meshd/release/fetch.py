@@ -39,6 +39,8 @@ from meshd.core.swarm import (
 from meshd.errors import IntegrityError
 from meshd.metrics import Histograms, TransferStats
 from meshd.release.announce import RID_PREFIX, Member
+from meshd.release.assembly import Assembly
+from meshd.release.chunker import FLAG_RAW, HEADER_SIZE
 from meshd.release.manifest import Manifest
 from meshd.release.peer import PeerProtocolError
 from meshd.release.peer_client import PeerFetcher
@@ -90,6 +92,7 @@ class ReleaseFetch:
     news: dict[str, Member] = field(default_factory=dict)  # members changed since the last flush
     flush: asyncio.TimerHandle | None = None  # the pass that judges `news`
     unscheduled: bool = False  # peers updated without a scheduling pass since (see _pump)
+    assembly: Assembly | None = None  # where raw chunks are written (release/assembly.py)
 
     @property
     def rid(self) -> str:
@@ -155,6 +158,7 @@ class FetchDriver:
         on_progress: Callable[[], None],
         on_disk_full: Callable[[ReleaseFetch], None] | None = None,
         histograms: Histograms | None = None,
+        assembly_for: Callable[[Manifest], Assembly | None] | None = None,
     ) -> None:
         self.name = name
         self.site = site
@@ -170,6 +174,7 @@ class FetchDriver:
         self._on_complete = on_complete
         self._on_progress = on_progress
         self._on_disk_full = on_disk_full
+        self._assembly_for = assembly_for
         self.fetches: dict[str, ReleaseFetch] = {}
         self.closed = False
 
@@ -194,6 +199,7 @@ class FetchDriver:
             cfg,
         )
         fetch = ReleaseFetch(manifest, swarm, dict(manifest.chunks), self.now(), last_progress=self.now())
+        fetch.assembly = self._assembly_for(manifest) if self._assembly_for is not None else None
         self.fetches[rid] = fetch
         fetch.tick = asyncio.get_running_loop().call_later(TICK, self._on_tick, fetch)
         # Same-site peers first: the swarm schedules on every update, and the first requests
@@ -553,7 +559,7 @@ class FetchDriver:
         self.transfer.received(fetch.rid, source, got)
         self._count("fetch.bytes.same_site" if mem.site == self.site else "fetch.bytes.other_site", got)
         pairs = list(zip(req.chunks, stored, strict=True))
-        received, bad, err, full = await asyncio.to_thread(self._store_piece, pairs)
+        received, bad, err, full = await asyncio.to_thread(self._store_piece, pairs, fetch.assembly)
         self.histograms.chunk_fetch.labels(source=source).observe(self.now() - started)
         if err:
             fetch.error = err
@@ -579,11 +585,32 @@ class FetchDriver:
             self._on_disk_full(fetch)
 
     def _store_piece(
-        self, pairs: list[tuple[str, memoryview | None]]
+        self, pairs: list[tuple[str, memoryview | None]], assembly: Assembly | None = None
     ) -> tuple[list[str], int, str | None, bool]:
-        """Verify and store (thread), one durability barrier per piece (ChunkStore.put_many).
+        """Verify and store (thread): raw chunks written into the release being assembled
+        (ChunkStore.put_placed; made durable with the whole release, see release/assembly.py),
+        the others in a pack, one barrier per piece (put_many).
         (stored ids, bad hashes, store error, the disk is full)."""
-        res = self.store.put_many([(cid, stored) for cid, stored in pairs if stored is not None])
+        placed: list[tuple[str, memoryview]] = []
+        packed: list[tuple[str, bytes | memoryview]] = []
+        for cid, stored in pairs:
+            if stored is None:
+                continue
+            if (
+                assembly is not None
+                and len(stored) > HEADER_SIZE
+                and stored[0] == FLAG_RAW
+                and assembly.fits(cid, len(stored) - HEADER_SIZE)
+            ):
+                placed.append((cid, stored))
+            else:
+                packed.append((cid, stored))
+        res = self.store.put_many(packed)
+        if assembly is not None and placed:
+            more = self.store.put_placed(placed, assembly.place)
+            res.stored += more.stored
+            res.bad += more.bad
+            res.error = res.error or more.error
         err: str | None = None
         full = False
         if res.error is not None:

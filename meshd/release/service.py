@@ -55,6 +55,7 @@ from meshd.release.announce import (
     format_bitmaps,
     progress_interval,
 )
+from meshd.release.assembly import PART_PREFIX, Assembly, part_folder
 from meshd.release.config import DistConfig
 from meshd.release.fetch import FetchDriver, ReleaseFetch
 from meshd.release.intake import ManifestIntake
@@ -130,6 +131,7 @@ class ReleaseService:
         self.fetcher = PeerFetcher(self.codec, self.counters)
         self.policy = AdoptionPolicy(site, self.tags)
         self._members: dict[str, Member] = {}
+        self._assemblies: dict[str, Assembly] = {}  # release id -> its files being fetched in place
         self.driver = FetchDriver(
             name=name,
             site=site,
@@ -145,6 +147,7 @@ class ReleaseService:
             on_progress=self._announce,
             on_disk_full=lambda fetch: self.space.stalled(fetch),
             histograms=self.histograms,
+            assembly_for=self._assembly_for,
         )
         self.space = SpaceGate(
             data_dir,
@@ -258,8 +261,71 @@ class ReleaseService:
                 log.warning("dropping stored manifest %s: %s", rid[:16], e)
                 self.store.delete_manifest(rid)
                 continue
+            self._lend_held(manifest)
             found.append((manifest, self.store.missing(manifest.unique_chunks())))
-        return self._drop_superseded(found)
+        kept = self._drop_superseded(found)
+        self._drop_stray_assemblies({m.release_id for m, _ in kept})
+        return kept
+
+    def _lend_held(self, manifest: Manifest) -> None:
+        """At startup: the store reads the chunks of an installed release from its files, and
+        those of one assembled before a restart from the places that still hold them (thread)."""
+        rid, name = manifest.release_id, manifest.name
+        try:
+            base = self.releases_dir.base(name)
+            if self.releases_dir.release_id(name, manifest.version) == rid:
+                self.store.lend(Assembly(base / manifest.version, manifest).places())
+                return
+            folder = part_folder(base, rid)
+            if not folder.is_dir():
+                return
+            asm = Assembly(folder, manifest, fsync=self.config.fsync)
+        except (ActivationError, IntegrityError) as e:
+            log.warning("%s %s: not read from its files: %s", name, manifest.version, e)
+            return
+        self.store.lend(asm.resume())
+        self._assemblies[rid] = asm
+        log.info(
+            "resuming %s %s in place: %d of %d chunks written",
+            name,
+            manifest.version,
+            len(asm.written),
+            len(manifest.chunks),
+        )
+
+    def _drop_stray_assemblies(self, keep: set[str]) -> None:
+        """Assemblies of releases no longer held (dropped, superseded, installed) go (thread)."""
+        for rid in [r for r in self._assemblies if r not in keep]:
+            self._drop_assembly(rid)
+        for name in self.releases_dir.names():
+            for p in self.releases_dir.base(name).iterdir():
+                if p.name.startswith(PART_PREFIX) and p.name[len(PART_PREFIX) :] not in self._assemblies:
+                    Assembly.remove(p)
+                    log.info("removed %s/%s: its release is not being fetched", name, p.name)
+
+    def _assembly_for(self, manifest: Manifest) -> Assembly | None:
+        """Where a fetch writes the raw chunks of a release this node will install (see
+        release/assembly.py); None for one it holds for others or has installed: packs."""
+        rid = manifest.release_id
+        asm = self._assemblies.get(rid)
+        if asm is not None or not self._installs_here(manifest):
+            return asm
+        try:
+            base = self.releases_dir.base(manifest.name)
+            if self.releases_dir.release_id(manifest.name, manifest.version) == rid:
+                return None
+            asm = Assembly(part_folder(base, rid), manifest, fsync=self.config.fsync)
+        except (ActivationError, IntegrityError):
+            return None
+        self._assemblies[rid] = asm
+        return asm
+
+    def _drop_assembly(self, rid: str) -> None:
+        """Delete what was assembled of a release no longer wanted; its places first (thread)."""
+        asm = self._assemblies.pop(rid, None)
+        if asm is not None:
+            self.store.forget_lent(asm.prefix)
+            asm.discard()
 
     def _drop_superseded(self, found: list[tuple[Manifest, list[str]]]) -> list[tuple[Manifest, list[str]]]:
         """Of the stored releases, an unfinished one that a newer stored release of its name
@@ -454,6 +520,7 @@ class ReleaseService:
             def forget() -> None:
                 for m in doomed:
                     self.store.delete_manifest(m.release_id)
+                    self._drop_assembly(m.release_id)
 
             await asyncio.to_thread(forget)
         return len(doomed)
@@ -533,7 +600,7 @@ class ReleaseService:
         self._activating.add(rid)
         started = self.now()
         try:
-            result = await asyncio.to_thread(self.releases_dir.activate, manifest)
+            result = await asyncio.to_thread(self.releases_dir.activate, manifest, self._assemblies.get(rid))
         except IntegrityError as e:
             # A chunk rotted between verification and materialising: the store dropped it.
             self._complete.discard(rid)
@@ -555,6 +622,8 @@ class ReleaseService:
             return
         finally:
             self._activating.discard(rid)
+        if rid in self._assemblies:
+            await asyncio.to_thread(self._drop_assembly, rid)  # renamed into place (or not needed)
         self.histograms.activation.observe(self.now() - started)
         self._count("activations")
         log.info(
@@ -583,6 +652,7 @@ class ReleaseService:
                 for rid in list(self._manifests):
                     if not self.store.has_manifest(rid) and rid not in self._fetches:
                         self._forget(rid)
+                        self._drop_assembly(rid)
                 keep: set[str] = set()
                 for m in list(self._manifests.values()):
                     keep.update(m.chunks)

@@ -13,6 +13,15 @@ indexed in memory (their headers are read at startup); a chunk deleted from a pa
 there and the pack removed with its last live chunk, so a chunk deleted and then found again in
 its pack after a restart is simply held until the next gc (every read verifies it either way).
 
+Lent chunks: a chunk a fetch wrote raw into the release being assembled (release/assembly.py),
+or that lies in an installed release's files, is not copied into the store: the store is lent
+its place, (file, offset, length) of the raw bytes, and reads it from there as the stored form
+FLAG_RAW + bytes. Every byte of a fetched release is then written once, where it is installed,
+instead of into a pack and again into the release at activation. The store never writes or
+deletes a lent file: delete() and gc() forget the place, and a read that does not verify drops
+it like a damaged chunk. Lent places are not persisted: the service lends them again at startup
+from the installed releases and the assemblies it resumes.
+
 Rules:
 - Writes are atomic: temp file (".tmp-*") in the target directory, write, fsync, rename, fsync
   the directory. A crash leaves either no chunk or a whole one; leftover temp files are removed
@@ -55,7 +64,12 @@ from meshd.release.chunker import (
 from meshd.release.chunker import chunk_id as hash_chunk
 
 T = TypeVar("T")
+# Writes raw chunks where they belong and says where: [(id, raw bytes)] -> [(id, file, offset, length)]
+Place = Callable[[list[tuple[str, memoryview]]], list[tuple[str, str, int, int]]]
+_RAW_HEAD = bytes([FLAG_RAW])
+Loc = tuple[str, int, int]  # (file, offset, length)
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_LENT_FLAGS = _READ_FLAGS | getattr(os, "O_NOFOLLOW", 0)  # a release file swapped for a link is not read
 TEMP_PREFIX = ".tmp-"
 PACK_DIR = "packs"
 PACK_SUFFIX = ".pack"
@@ -151,6 +165,9 @@ class ChunkStore:
         # threads store, read and delete at once: changes are made under the lock.
         self._packed: dict[str, tuple[str, int, int]] = {}
         self._live: dict[str, _PackUse] = {}
+        # Lent chunks: id -> its places, (file, offset, raw length), the one read first; a tuple
+        # replaced whole under the lock, so a reader never sees it change under it.
+        self._lent: dict[str, tuple[Loc, ...]] = {}
         self._lock = threading.Lock()
         self._next_pack = 0
         try:
@@ -172,11 +189,12 @@ class ChunkStore:
         return f"{self._chunk_prefix}{cid[:2]}{os.sep}{cid[2:]}"
 
     def has(self, cid: str) -> bool:
-        return cid in self._packed or os.path.isfile(self._chunk_path(cid))
+        return cid in self._packed or cid in self._lent or os.path.isfile(self._chunk_path(cid))
 
     def locate(self, cid: str) -> tuple[Path, int, int]:
-        """Where a chunk's stored form lies: (file, offset, length). KeyError when absent."""
-        loc = self._packed.get(cid)
+        """Where a chunk's stored form lies: (file, offset, length); of a lent chunk, where its
+        raw bytes lie. KeyError when absent."""
+        loc = self._packed.get(cid) or self._lent_at(cid)
         if loc is not None:
             return Path(loc[0]), loc[1], loc[2]
         path = self._chunk_path(cid)
@@ -222,7 +240,7 @@ class ChunkStore:
                 self.counters["chunks.rejected"] += 1
                 out.bad.append(cid)
                 continue
-            if cid not in held and not (cid in self._packed or os.path.isfile(path)):
+            if cid not in held and not (cid in self._packed or cid in self._lent or os.path.isfile(path)):
                 new.append((cid, stored))
             held.add(cid)
             out.stored.append(cid)
@@ -234,6 +252,61 @@ class ChunkStore:
                 fresh = {cid for cid, _ in new}
                 out.stored = [cid for cid in out.stored if cid not in fresh]
         return out
+
+    def put_placed(self, items: Sequence[tuple[str, memoryview]], place: Place) -> PutResult:
+        """put_many for raw stored forms that have a place outside the store (a release being
+        assembled): each verified, then `place` writes the raw bytes (after the header byte)
+        where they belong and says where; the store is lent those places (durable or not is
+        the place's business: release/assembly.py). A write error: none of them is lent."""
+        out = PutResult()
+        new: list[tuple[str, memoryview]] = []
+        for cid, stored in items:
+            self._chunk_path(cid)  # refuses a malformed id
+            try:
+                verify_stored(cid, stored)
+            except IntegrityError:
+                self.counters["chunks.rejected"] += 1
+                out.bad.append(cid)
+                continue
+            new.append((cid, stored[HEADER_SIZE:]))
+            out.stored.append(cid)
+        if new:
+            try:
+                places = place(new)
+            except OSError as e:
+                out.error = _store_error(e, f"a piece of {len(new)} chunks", self.root)
+                out.stored = []
+                return out
+            self.lend(places)
+            out.stored = [cid for cid, *_ in places]
+        return out
+
+    def lend(self, places: Iterable[tuple[str, str, int, int]]) -> None:
+        """Read these chunks from where they lie raw, (id, file, offset, length) each, before
+        their other places: a chunk two installed releases share has a place in each, and
+        keeps one when the older release goes."""
+        with self._lock:
+            for cid, path, offset, length in places:
+                loc = (path, offset, length)
+                self._lent[cid] = (loc, *(p for p in self._lent.get(cid, ()) if p != loc))
+
+    def forget_lent(self, prefix: str) -> int:
+        """Stop reading chunks from files under `prefix` (a release retired or dropped, before its
+        files go); returns how many places were forgotten."""
+        gone = 0
+        with self._lock:
+            for cid, places in list(self._lent.items()):
+                kept = tuple(p for p in places if not p[0].startswith(prefix))
+                gone += len(places) - len(kept)
+                if not kept:
+                    del self._lent[cid]
+                elif len(kept) != len(places):
+                    self._lent[cid] = kept
+        return gone
+
+    def _lent_at(self, cid: str) -> Loc | None:
+        places = self._lent.get(cid)
+        return places[0] if places else None
 
     def _write_pack(self, items: list[tuple[str, bytes | memoryview]]) -> None:
         head = PACK_MAGIC + struct.pack("<I", len(items))
@@ -375,32 +448,55 @@ class ChunkStore:
         if not path.is_file():
             atomic_write(path, stored, fsync=self.fsync, what=f"chunk {cid[:16]}")
 
-    def _reading(self, cid: str, read: Callable[[int, int, int], T]) -> T:
-        """read(fd, offset, length) on the file holding `cid` (its own: offset 0 and its size;
-        or its pack). KeyError when absent, StoreError when unreadable. A pack rewritten by gc
-        meanwhile: the chunk is read where it is now."""
+    def _reading(self, cid: str, read: Callable[[int, int, int, bool], T]) -> T:
+        """read(fd, offset, length, raw) on the file holding `cid`: its own (offset 0 and its
+        size), its pack, or (raw True) the file it is lent, where the bytes after the stored
+        form's header lie. KeyError when absent, StoreError when unreadable. A pack rewritten
+        by gc meanwhile: the chunk is read where it is now."""
         for _ in range(3):
             loc = self._packed.get(cid)
+            raw = loc is None and cid in self._lent
+            if raw:
+                loc = self._lent_at(cid)
             try:
-                fd = os.open(loc[0] if loc else self._chunk_path(cid), _READ_FLAGS)
-            except FileNotFoundError as e:
-                if loc is None or self._packed.get(cid) == loc:
+                fd = os.open(loc[0] if loc else self._chunk_path(cid), _LENT_FLAGS if raw else _READ_FLAGS)
+            except (FileNotFoundError, NotADirectoryError) as e:
+                if loc is None:
+                    raise KeyError(cid) from e
+                if raw and loc is not None and self._lent_at(cid) == loc:
+                    self._drop_lent(cid, loc)  # its file went (the release was removed)
+                    if cid not in self._lent:
+                        raise KeyError(cid) from e
+                    continue  # read from its next place
+                if not raw and self._packed.get(cid) == loc:
                     raise KeyError(cid) from e
                 continue
             except OSError as e:
                 raise StoreError(f"cannot read chunk {cid[:16]}: {e.strerror or e}") from e
             try:
                 offset, length = (loc[1], loc[2]) if loc else (0, os.fstat(fd).st_size)
-                return read(fd, offset, length)
+                return read(fd, offset, length, raw)
             except OSError as e:
                 raise StoreError(f"cannot read chunk {cid[:16]}: {e.strerror or e}") from e
             finally:
                 os.close(fd)
         raise KeyError(cid)
 
+    def _drop_lent(self, cid: str, loc: Loc) -> None:
+        with self._lock:
+            kept = tuple(p for p in self._lent.get(cid, ()) if p != loc)
+            if kept:
+                self._lent[cid] = kept
+            else:
+                self._lent.pop(cid, None)
+
     def _read(self, cid: str) -> bytes:
         # Short if the file was cut: then it fails to verify.
-        return self._reading(cid, lambda fd, offset, length: os.pread(fd, length, offset))
+        def read(fd: int, offset: int, length: int, raw: bool) -> bytes:
+            data = os.pread(fd, length, offset)
+            return _RAW_HEAD + data if raw else data
+
+        return self._reading(cid, read)
 
     def _verified(self, cid: str) -> tuple[bytes, bytes]:
         stored = self._read(cid)
@@ -434,6 +530,9 @@ class ChunkStore:
         loc = self._packed.get(cid)
         if loc is not None:
             return loc[2]
+        lent = self._lent_at(cid)
+        if lent is not None:
+            return lent[2] + HEADER_SIZE
         try:
             return os.stat(self._chunk_path(cid)).st_size
         except FileNotFoundError as e:
@@ -446,12 +545,16 @@ class ChunkStore:
         there. KeyError when absent; IntegrityError when it is not the chunk or no longer that
         size (it is dropped and counted, like a damaged one); StoreError when unreadable."""
 
-        def fill(fd: int, offset: int, length: int) -> int:
+        def fill(fd: int, offset: int, length: int, raw: bool) -> int:
+            into = span
+            if raw:  # the header byte is not in the file: written here, then the bytes after it
+                span[0] = FLAG_RAW
+                into = span[HEADER_SIZE:]
             got = 0
-            if length == len(span):
-                while got < length and (n := os.preadv(fd, [span[got:]], offset + got)):
+            if length == len(into):
+                while got < length and (n := os.preadv(fd, [into[got:]], offset + got)):
                     got += n
-            return got
+            return got + (HEADER_SIZE if raw else 0)
 
         got = self._reading(cid, fill)
         if got != len(span):
@@ -477,6 +580,7 @@ class ChunkStore:
         path = self._chunk_path(cid)
         empty = None
         with self._lock:
+            self._lent.pop(cid, None)  # its file is not ours: only forgotten
             loc = self._packed.get(cid)
             if loc is not None:
                 empty = self._forget(cid, loc)
@@ -487,8 +591,10 @@ class ChunkStore:
             os.unlink(path)
 
     def ids(self) -> Iterator[str]:
-        """Every chunk held, in id order (packed or in a file of its own)."""
-        yield from sorted(set(self._packed).union(cid for cid, _ in _chunk_files(self.chunk_dir)))
+        """Every chunk held, in id order (packed, lent or in a file of its own)."""
+        with self._lock:
+            held = set(self._packed).union(self._lent)
+        yield from sorted(held.union(cid for cid, _ in _chunk_files(self.chunk_dir)))
 
     def gc(self, keep: set[str]) -> int:
         """Delete every chunk not in `keep`; returns how many were removed."""
@@ -516,8 +622,14 @@ class ChunkStore:
         return removed
 
     def size_bytes(self) -> int:
-        """Bytes of the chunks held (stored forms; a pack's header and dead chunks not counted)."""
-        return sum(self.stored_size(cid) for cid in self.ids())
+        """Bytes of the chunks the store holds itself (stored forms; a pack's header, dead chunks
+        and lent chunks, which are a release's files, not counted)."""
+        total = 0
+        for cid in self.ids():
+            if cid not in self._lent or cid in self._packed:
+                with contextlib.suppress(KeyError, StoreError):
+                    total += self.stored_size(cid)
+        return total
 
     # --- manifests ---------------------------------------------------------------------------
 

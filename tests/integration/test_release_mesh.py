@@ -28,6 +28,7 @@ from meshd.core.swarm import SwarmConfig, make_bitmap
 from meshd.crypto import Keyring, PublisherKey, aes_gcm_available, generate_publisher_keypair
 from meshd.net.peer_auth import AUTH_HEADER, make_token
 from meshd.release.announce import Announce, parse_announcements
+from meshd.release.assembly import held_places
 from meshd.release.chunker import chunk_tree, verify_stored
 from meshd.release.config import DistConfig
 from meshd.release.manifest import Manifest
@@ -43,6 +44,7 @@ from meshd.release.peer import (
 from meshd.release.peer_client import PeerFetcher
 from meshd.release.serve import PeerUploads
 from meshd.release.service import ReleaseService
+from meshd.release.store import ChunkStore
 from meshd.replay import ReplayGuard, SenderClock
 from meshd.wire import VERSION, VERSION_AES, Codec
 from tests.fakes import FakeReleases, member, rot_chunk
@@ -706,3 +708,65 @@ async def test_origin_fallback_when_no_peer_has_the_chunks(mesh: Mesh, tmp_path:
     assert edge.service.transfer.origin_bytes == stored_total
     assert edge.service.transfer.received_bytes == 0
     await runner.cleanup()
+
+
+# --- each byte written once ----------------------------------------------------------------------
+
+
+async def test_a_fetched_release_is_written_once_and_served_from_where_it_is_installed(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    n0 = await mesh.add("n0")
+    blob = random.Random(21).randbytes(3_000_000)  # incompressible: every chunk comes raw
+    rid = await publish(n0, write_file(tmp_path / "s" / "f.bin", blob), "1.0")
+    n1 = await mesh.add("n1")
+    await wait_for(lambda: n1.state_of(rid) == "active")
+    installed = n1.root / "releases" / "app" / "1.0"
+    assert (installed / "f.bin").read_bytes() == blob
+    # Nothing of it in n1's store: no pack, no chunk file; no assembly left behind.
+    assert ChunkStore.scan(n1.root) == {}
+    assert not list((n1.root / "releases" / "app").glob(".part-*"))
+    chunks = n0.service._manifests[rid].chunks
+    for cid in chunks:
+        path, _, length = n1.service.store.locate(cid)
+        assert path.parent == installed
+        assert length == chunks[cid]
+    assert held_places(n1.root).keys() == chunks.keys()
+    # After a restart n1 reads its chunks from the installed file again: with the publisher
+    # gone, a new node gets the release from n1 alone.
+    await mesh.kill(n1)
+    n1b = await mesh.add("n1", root=n1.root)
+    await mesh.kill(n0)
+    n2 = await mesh.add("n2")
+    await wait_for(lambda: n2.state_of(rid) == "active")
+    assert n2.release_file("app", "f.bin").read_bytes() == blob
+    assert n1b.service.transfer.sent_bytes >= len(blob)
+
+
+async def test_an_installed_file_changed_on_disk_is_not_served(mesh: Mesh, tmp_path: Path) -> None:
+    """The store reads a release's chunks from the installed files, which are not meshd's alone:
+    a chunk whose bytes there changed (an application wrote into its folder, bit rot) does not
+    verify, is dropped and fetched again into the store, and the file is left as it is."""
+    n0 = await mesh.add("n0")
+    blob = random.Random(22).randbytes(2_000_000)
+    rid = await publish(n0, write_file(tmp_path / "s" / "f.bin", blob), "1.0")
+    n1 = await mesh.add("n1")
+    await wait_for(lambda: n1.state_of(rid) == "active")
+    target = n1.root / "releases" / "app" / "1.0" / "f.bin"
+    changed = bytearray(blob)
+    changed[1_000_000] ^= 0xFF
+    target.write_bytes(changed)
+    victim = next(cid for cid, (path, off, n) in held_places(n1.root).items() if off <= 1_000_000 < off + n)
+    await mesh.kill(n0)  # n1 is the only source
+    n2 = await mesh.add("n2")
+    await wait_for(lambda: n1.service.counters.get("store.damaged", 0) == 1, what="n1 finds the change")
+    assert not n2.release_file("app", "f.bin").exists() or n2.state_of(rid) != "active"
+    assert target.read_bytes() == bytes(changed)  # meshd never writes an installed file
+    assert n2.service.counters.get("fetch.bad_hash", 0) == 0  # the wrong bytes never left n1
+    # A publisher back with the release: n1 repairs its store, and n2 completes.
+    n0b = await mesh.add("n0", root=n0.root)
+    await wait_for(lambda: n2.state_of(rid) == "active", what="n2 active")
+    assert n2.release_file("app", "f.bin").read_bytes() == blob
+    await wait_for(lambda: n1.service.store.has(victim), what="n1 holds the chunk again")
+    n1.service.store.get(victim)
+    assert n0b.service.transfer.sent_bytes > 0

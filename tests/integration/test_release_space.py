@@ -23,7 +23,7 @@ from meshd.release.activate import ActivationDiskFull
 from meshd.release.config import DistConfig
 from meshd.release.space import space_needed
 from meshd.release.store import DiskFullError
-from tests.fakes import FakeDisk, put_many_through
+from tests.fakes import FakeDisk, put_many_through, put_placed_through
 from tests.integration.test_release_mesh import Mesh, data_blob, publish, wait_for, write_file
 
 pytestmark = pytest.mark.integration
@@ -101,6 +101,8 @@ async def test_a_fetch_stalled_by_a_full_disk_resumes_within_seconds_of_space_re
     monkeypatch.setattr(store, "put", put)
     real_many = store.put_many
     monkeypatch.setattr(store, "put_many", put_many_through(put))
+    real_placed = store.put_placed
+    monkeypatch.setattr(store, "put_placed", put_placed_through(put))
     blob = data_blob(8, 4_000_000)
     rid = await publish(n0, write_file(tmp_path / "src" / "app.bin", blob), "1.0")
     await wait_for(lambda: n1.state_of(rid) == "waiting", what="n1 stalled on a full disk")
@@ -119,6 +121,7 @@ async def test_a_fetch_stalled_by_a_full_disk_resumes_within_seconds_of_space_re
     # Space returns: chunks flow again within a poll, not after the 30 s cool-down.
     monkeypatch.setattr(store, "put", real_put)
     monkeypatch.setattr(store, "put_many", real_many)
+    monkeypatch.setattr(store, "put_placed", real_placed)
     disk.free = 1 << 40
     loop = asyncio.get_running_loop()
     back = loop.time()
@@ -167,11 +170,11 @@ async def test_no_room_to_materialise_waits_then_activates_when_space_returns(
     real = n1.service.releases_dir.materialise
     full = [True]
 
-    def materialise(manifest: Any) -> Path:
+    def materialise(manifest: Any, assembly: Any = None) -> Path:
         if full[0]:
             disk.free = 1 * MiB  # the unpacking filled the disk
             raise ActivationDiskFull(f"cannot materialise {manifest.name} {manifest.version}: disk full")
-        return real(manifest)
+        return real(manifest, assembly)
 
     n1.service.releases_dir.materialise = materialise  # type: ignore[method-assign]
     rid = await publish(n0, write_file(tmp_path / "src" / "app.bin", data_blob(8, 1_000_000)), "1.0")

@@ -42,6 +42,7 @@ from typing import Any
 
 import pytest
 
+from meshd.release.assembly import held_places
 from meshd.release.store import ChunkStore
 
 CLUSTER = "lab-chaos"
@@ -259,11 +260,11 @@ class Chaos:
         self.note(f"published {NAME} {version} on {name} in {time.monotonic() - t:.1f}s ({doc['size']} B)")
 
     def flip_bit(self) -> None:
-        """Flip one bit in a chunk (a file of its own or in a pack) of some node's store that
-        another node also holds."""
+        """Flip one bit in a chunk (a file of its own, in a pack, or in a release file the store
+        reads it from) of some node that another node also holds."""
         names = list(self.nodes)
         self.rng.shuffle(names)
-        held = {name: ChunkStore.scan(n.data) for name, n in self.nodes.items()}
+        held = {name: {**held_places(n.data), **ChunkStore.scan(n.data)} for name, n in self.nodes.items()}
         for name in names:
             chunks = sorted(held[name])
             self.rng.shuffle(chunks)

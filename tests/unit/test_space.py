@@ -27,7 +27,7 @@ from meshd.release.service import ReleaseService
 from meshd.release.space import MiB, SpaceWaits, describe, space_needed
 from meshd.release.store import ChunkStore, DiskFullError
 from meshd.wire import Codec
-from tests.fakes import FakeDisk, member, put_many_through
+from tests.fakes import FakeDisk, member, put_many_through, put_placed_through
 
 PUB = PublisherKey(bytes(range(32)))
 MARGIN = 1 * MiB
@@ -226,6 +226,8 @@ async def test_a_fetch_stalled_by_a_full_disk_resumes_at_once_when_space_returns
     monkeypatch.setattr(svc.store, "put", put)
     real_many = svc.store.put_many
     monkeypatch.setattr(svc.store, "put_many", put_many_through(put))
+    real_placed = svc.store.put_placed
+    monkeypatch.setattr(svc.store, "put_placed", put_placed_through(put))
     await svc.start()
     try:
         svc.member_update(announcing("p", m))
@@ -248,6 +250,7 @@ async def test_a_fetch_stalled_by_a_full_disk_resumes_at_once_when_space_returns
         # Space returns: the cool-down is cleared and the rest flows at once.
         monkeypatch.setattr(svc.store, "put", real_put)
         monkeypatch.setattr(svc.store, "put_many", real_many)
+        monkeypatch.setattr(svc.store, "put_placed", real_placed)
         disk.free = 1 << 40
         await svc.space.poll()
         await settle(svc)
