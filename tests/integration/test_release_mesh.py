@@ -770,3 +770,27 @@ async def test_an_installed_file_changed_on_disk_is_not_served(mesh: Mesh, tmp_p
     await wait_for(lambda: n1.service.store.has(victim), what="n1 holds the chunk again")
     n1.service.store.get(victim)
     assert n0b.service.transfer.sent_bytes > 0
+
+
+async def test_a_release_fetched_in_place_resumes_after_a_kill(mesh: Mesh, tmp_path: Path) -> None:
+    """Killed mid-fetch with half its chunks written in place and none synced: the restart
+    hashes what the folder holds, keeps what verifies and fetches only the rest."""
+    n0 = await mesh.add("n0")
+    blob = random.Random(23).randbytes(4_000_000)  # raw chunks only: all of it goes in place
+    rid = await publish(n0, write_file(tmp_path / "s" / "f.bin", blob), "1.0")
+    slow = DistConfig(fsync=False, announce_interval=0.2, download_rate=1_000_000)
+    swarm = SwarmConfig(rate_limit=1_000_000, rate_burst=0, piece_target=256 * 1024, piece_max=512 * 1024)
+    n1 = await mesh.add("n1", config=slow, swarm=swarm)
+    total = len(n0.service._manifests[rid].chunks)
+    await wait_for(lambda: 0 < (n1.row(rid) or {}).get("have_chunks", 0) < total // 2)
+    await mesh.kill(n1)
+    part = n1.root / "releases" / "app" / f".part-{rid}"
+    assert (part / "f.bin").stat().st_size == len(blob)  # sparse, at its full size
+    assert ChunkStore.scan(n1.root) == {}  # nothing went into the store itself
+    n1b = await mesh.add("n1", root=n1.root)
+    resumed = set(n1b.service._assemblies[rid].written)
+    assert 0 < len(resumed) < total
+    await wait_for(lambda: n1b.state_of(rid) == "active")
+    assert n1b.release_file("app", "f.bin").read_bytes() == blob
+    assert n1b.service.transfer.received_bytes <= len(blob) - len(resumed) * 16 * 1024
+    assert not part.exists()
