@@ -27,6 +27,7 @@ chunks missing, with what the store has as `have`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -264,7 +265,7 @@ class ReleaseService:
             self._lend_held(manifest)
             found.append((manifest, self.store.missing(manifest.unique_chunks())))
         kept = self._drop_superseded(found)
-        self._drop_stray_assemblies({m.release_id for m, _ in kept})
+        self._drop_stray_assemblies({m.release_id for m, _ in kept}, {c for m, _ in kept for c in m.chunks})
         return kept
 
     def _lend_held(self, manifest: Manifest) -> None:
@@ -293,10 +294,10 @@ class ReleaseService:
             len(manifest.chunks),
         )
 
-    def _drop_stray_assemblies(self, keep: set[str]) -> None:
+    def _drop_stray_assemblies(self, keep: set[str], needed: set[str]) -> None:
         """Assemblies of releases no longer held (dropped, superseded, installed) go (thread)."""
         for rid in [r for r in self._assemblies if r not in keep]:
-            self._drop_assembly(rid)
+            self._drop_assembly(rid, needed)
         for name in self.releases_dir.names():
             for p in self.releases_dir.base(name).iterdir():
                 if p.name.startswith(PART_PREFIX) and p.name[len(PART_PREFIX) :] not in self._assemblies:
@@ -320,12 +321,28 @@ class ReleaseService:
         self._assemblies[rid] = asm
         return asm
 
-    def _drop_assembly(self, rid: str) -> None:
-        """Delete what was assembled of a release no longer wanted; its places first (thread)."""
+    def _drop_assembly(self, rid: str, needed: set[str] | None = None) -> None:
+        """Delete what was assembled of a release no longer wanted, its places first (thread).
+        Chunks it alone holds that a release still held needs (`needed`, default: the chunks of
+        every manifest held) are copied into the store first: a newer release that supersedes
+        a half-fetched one counts the chunks they share as held."""
         asm = self._assemblies.pop(rid, None)
-        if asm is not None:
-            self.store.forget_lent(asm.prefix)
-            asm.discard()
+        if asm is None:
+            return
+        asm.close()  # a piece still being stored for it writes nothing now
+        if needed is None:
+            needed = {c for m in list(self._manifests.values()) for c in m.chunks}
+        keep: list[tuple[str, bytes | memoryview]] = []
+        for cid in sorted(asm.written & needed):
+            if self.store.only_lent_from(cid, asm.prefix):
+                with contextlib.suppress(KeyError, IntegrityError, StoreError):
+                    keep.append((cid, self.store.get_stored(cid)))  # verified where it lies
+        self.store.forget_lent(asm.prefix)  # first: a chunk lent is one put_many skips
+        if keep:
+            res = self.store.put_many(keep, verify=False)
+            if res.error is not None:
+                log.warning("%s: %d shared chunks not kept: %s", rid[:16], len(keep), res.error)
+        asm.discard()
 
     def _drop_superseded(self, found: list[tuple[Manifest, list[str]]]) -> list[tuple[Manifest, list[str]]]:
         """Of the stored releases, an unfinished one that a newer stored release of its name

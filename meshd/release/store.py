@@ -304,6 +304,13 @@ class ChunkStore:
                     self._lent[cid] = kept
         return gone
 
+    def only_lent_from(self, cid: str, prefix: str) -> bool:
+        """Whether every copy of `cid` lies in files under `prefix` (none in the store's own)."""
+        places = self._lent.get(cid, ())
+        if not places or cid in self._packed or os.path.isfile(self._chunk_path(cid)):
+            return False
+        return all(p[0].startswith(prefix) for p in places)
+
     def _lent_at(self, cid: str) -> Loc | None:
         places = self._lent.get(cid)
         return places[0] if places else None

@@ -794,3 +794,24 @@ async def test_a_release_fetched_in_place_resumes_after_a_kill(mesh: Mesh, tmp_p
     assert n1b.release_file("app", "f.bin").read_bytes() == blob
     assert n1b.service.transfer.received_bytes <= len(blob) - len(resumed) * 16 * 1024
     assert not part.exists()
+
+
+async def test_a_newer_release_keeps_the_chunks_it_shares_with_the_one_it_supersedes(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """1.0 half fetched in place when 2.0 (most of it the same bytes) supersedes it: 1.0's folder
+    goes, but the chunks 2.0 needs are kept in the store first, and 2.0 installs byte-exact."""
+    n0 = await mesh.add("n0")
+    v1 = random.Random(24).randbytes(4_000_000)
+    rid1 = await publish(n0, write_file(tmp_path / "s1" / "f.bin", v1), "1.0")
+    slow = DistConfig(fsync=False, announce_interval=0.2, download_rate=1_000_000)
+    swarm = SwarmConfig(rate_limit=1_000_000, rate_burst=0, piece_target=256 * 1024, piece_max=512 * 1024)
+    n1 = await mesh.add("n1", config=slow, swarm=swarm)
+    total = len(n0.service._manifests[rid1].chunks)
+    await wait_for(lambda: total // 4 < (n1.row(rid1) or {}).get("have_chunks", 0) < total // 2)
+    v2 = v1[:3_000_000] + random.Random(25).randbytes(1_000_000)  # the first 3 MB shared
+    rid2 = await publish(n0, write_file(tmp_path / "s2" / "f.bin", v2), "2.0")
+    await wait_for(lambda: n1.state_of(rid2) == "active", what="n1 installs 2.0")
+    assert n1.release_file("app", "f.bin").read_bytes() == v2
+    assert not list((n1.root / "releases" / "app").glob(".part-*"))
+    assert n1.service.counters.get("activations.failed", 0) == 0
