@@ -165,7 +165,8 @@ class Assembly:
             for fd in fds.values():
                 if fd is not None:
                     os.close(fd)
-        self._made.update(no for no, fd in fds.items() if fd is not None)
+        # Files found are not marked made: the first write opens each at its size again (a file
+        # a crash left short or long ends exactly as the manifest says).
         self.written.update(cid for cid, *_ in out)
         return out
 

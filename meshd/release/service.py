@@ -639,8 +639,6 @@ class ReleaseService:
             return
         finally:
             self._activating.discard(rid)
-        if rid in self._assemblies:
-            await asyncio.to_thread(self._drop_assembly, rid)  # renamed into place (or not needed)
         self.histograms.activation.observe(self.now() - started)
         self._count("activations")
         log.info(
@@ -652,6 +650,8 @@ class ReleaseService:
             extra=_fields(manifest),
         )
         self._emit(manifest, "active")
+        if rid in self._assemblies:
+            await asyncio.to_thread(self._drop_assembly, rid)  # renamed into place (or not needed)
         await self.collect_garbage()
 
     def _forget(self, rid: str) -> None:

@@ -134,6 +134,8 @@ def test_resume_counts_only_chunks_whose_every_place_verifies(env: Env) -> None:
         f.write(b"\0" * 10)
     cut = m.files[1].chunks[-1]
     os.truncate(folder / "b", len(read_tree(folder)["b"]) - 5)
+    with open(folder / "a", "ab") as f:
+        f.write(b"junk a crash left at the end")
     again = Assembly(folder, m)
     lent = again.resume()
     assert {cid for cid, *_ in lent} == set(m.chunks) - {dup, cut} == again.written
@@ -143,7 +145,8 @@ def test_resume_counts_only_chunks_whose_every_place_verifies(env: Env) -> None:
     # What is fetched again completes it.
     fresh.put_placed(raw_items(env.store, m, [dup, cut]), again.place)
     again.complete(fresh.get_view)
-    assert read_tree(folder)["a"] == DUP + DUP
+    assert read_tree(folder)["a"] == DUP + DUP  # cut back to its size
+    assert len(read_tree(folder)["b"]) == m.files[1].size
 
 
 def test_escaping_paths_are_refused(env: Env) -> None:
