@@ -224,6 +224,13 @@ async def publish(node: TNode, src: Path, version: str, key: str = "pub", **kw: 
     return str(info["id"])
 
 
+async def slow_node(mesh: Mesh, name: str) -> TNode:
+    """A node that fetches at 1 MB/s in small pieces: a test can stop it part way."""
+    slow = DistConfig(fsync=False, announce_interval=0.2, download_rate=1_000_000)
+    swarm = SwarmConfig(rate_limit=1_000_000, rate_burst=0, piece_target=256 * 1024, piece_max=512 * 1024)
+    return await mesh.add(name, config=slow, swarm=swarm)
+
+
 # --- the happy path ------------------------------------------------------------------------------
 
 
@@ -643,9 +650,7 @@ async def test_resume_after_restart_mid_download(mesh: Mesh, tmp_path: Path) -> 
     n0 = await mesh.add("n0")
     blob = data_blob(10, 4_000_000)
     rid = await publish(n0, write_file(tmp_path / "s" / "f.bin", blob), "1.0")
-    slow = DistConfig(fsync=False, announce_interval=0.2, download_rate=1_000_000)
-    swarm = SwarmConfig(rate_limit=1_000_000, rate_burst=0, piece_target=256 * 1024, piece_max=512 * 1024)
-    n1 = await mesh.add("n1", config=slow, swarm=swarm)
+    n1 = await slow_node(mesh, "n1")
     total = len(n0.service._manifests[rid].chunks)
     await wait_for(lambda: 0 < (n1.row(rid) or {}).get("have_chunks", 0) < total // 2)
     first_run = n1.service.transfer.received_bytes
@@ -778,9 +783,7 @@ async def test_a_release_fetched_in_place_resumes_after_a_kill(mesh: Mesh, tmp_p
     n0 = await mesh.add("n0")
     blob = random.Random(23).randbytes(4_000_000)  # raw chunks only: all of it goes in place
     rid = await publish(n0, write_file(tmp_path / "s" / "f.bin", blob), "1.0")
-    slow = DistConfig(fsync=False, announce_interval=0.2, download_rate=1_000_000)
-    swarm = SwarmConfig(rate_limit=1_000_000, rate_burst=0, piece_target=256 * 1024, piece_max=512 * 1024)
-    n1 = await mesh.add("n1", config=slow, swarm=swarm)
+    n1 = await slow_node(mesh, "n1")
     total = len(n0.service._manifests[rid].chunks)
     await wait_for(lambda: 0 < (n1.row(rid) or {}).get("have_chunks", 0) < total // 2)
     await mesh.kill(n1)
@@ -804,9 +807,7 @@ async def test_a_newer_release_keeps_the_chunks_it_shares_with_the_one_it_supers
     n0 = await mesh.add("n0")
     v1 = random.Random(24).randbytes(4_000_000)
     rid1 = await publish(n0, write_file(tmp_path / "s1" / "f.bin", v1), "1.0")
-    slow = DistConfig(fsync=False, announce_interval=0.2, download_rate=1_000_000)
-    swarm = SwarmConfig(rate_limit=1_000_000, rate_burst=0, piece_target=256 * 1024, piece_max=512 * 1024)
-    n1 = await mesh.add("n1", config=slow, swarm=swarm)
+    n1 = await slow_node(mesh, "n1")
     total = len(n0.service._manifests[rid1].chunks)
     await wait_for(lambda: total // 4 < (n1.row(rid1) or {}).get("have_chunks", 0) < total // 2)
     v2 = v1[:3_000_000] + random.Random(25).randbytes(1_000_000)  # the first 3 MB shared
