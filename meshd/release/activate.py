@@ -99,6 +99,14 @@ def _read_tail(
             del tail[:-keep]
 
 
+def _write_error(manifest: Manifest, e: OSError) -> ActivationError:
+    """What an OSError while materialising is: a disk to wait on when full, else a failure."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    why = "disk full" if full else (e.strerror or str(e))
+    error = ActivationDiskFull if full else ActivationError
+    return error(f"cannot materialise {manifest.name} {manifest.version}: {why}")
+
+
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
@@ -237,10 +245,7 @@ class Releases:
             if isinstance(e, (IntegrityError, ActivationError, StoreError)):
                 raise
             if isinstance(e, OSError):
-                full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-                why = "disk full" if full else (e.strerror or str(e))
-                error = ActivationDiskFull if full else ActivationError
-                raise error(f"cannot materialise {manifest.name} {manifest.version}: {why}") from e
+                raise _write_error(manifest, e) from e
             raise
         return final
 
@@ -258,10 +263,7 @@ class Releases:
             if self.fsync:
                 fsync_dir(base)
         except OSError as e:
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            error = ActivationDiskFull if full else ActivationError
-            why = "disk full" if full else (e.strerror or str(e))
-            raise error(f"cannot materialise {manifest.name} {manifest.version}: {why}") from e
+            raise _write_error(manifest, e) from e
         # Every chunk of the release is read from its installed place from now on (those it
         # shares with an older version too: that one may be retired).
         self.store.lend(assembly.places(final))
@@ -291,14 +293,7 @@ class Releases:
             fd = os.open(target, flags, 0o600)
             try:
                 for cid in entry.chunks:
-                    try:
-                        data = self.store.get_view(cid)
-                    except KeyError as e:
-                        raise ActivationError(
-                            f"cannot materialise {manifest.name} {manifest.version}: "
-                            f"chunk {cid[:16]} of {entry.path} is not in the store"
-                        ) from e
-                    view = memoryview(data)
+                    view = memoryview(self._chunk_of(manifest, cid))
                     while view:
                         view = view[os.write(fd, view) :]
                 os.fchmod(fd, entry.mode)
