@@ -286,7 +286,11 @@ class Daemon:
             state.save_keyring(self.data_dir, self.keyring)
             return
         m = ev.member
-        seen = (m.node_id, m.addr, m.state)
+        # Suspicion comes and goes with load (32 hosts fetching on 2 cores suspect a few at a
+        # time) and a suspect is still a member: only alive/dead/left are worth a write (three
+        # fsyncs) at once; the periodic write still records the suspicion.
+        kept = MemberState.ALIVE if m.state == MemberState.SUSPECT else m.state
+        seen = (m.node_id, m.addr, kept)
         if self._snapshot_seen.get(m.name) != seen:
             self._snapshot_seen[m.name] = seen
             self._snapshot_dirty.set()

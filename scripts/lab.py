@@ -94,6 +94,19 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+def lab_mac(ip: str) -> str:
+    """A lab interface's MAC, from its IPv4 address (locally administered, unicast)."""
+    return "02:00:" + ":".join(f"{int(b):02x}" for b in ip.split("."))
+
+
+def _neigh_batch(ns: str, pins: Sequence[tuple[str, str]]) -> None:
+    """Permanent neighbour entries (ip, device) in a namespace, in one `ip -batch`."""
+    lines = "".join(f"neigh replace {ip} lladdr {lab_mac(ip)} dev {dev} nud permanent\n" for ip, dev in pins)
+    proc = subprocess.run(["ip", "-n", ns, "-batch", "-"], input=lines, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LabError(f"ip -n {ns} -batch (neighbours): {proc.stderr.strip()}")
+
+
 class Lab:
     """Build, drive and tear down the lab. Every method is synchronous and needs root."""
 
@@ -215,8 +228,8 @@ class Lab:
             _run([*ip_sw, "link", "add", "br0", "type", "bridge", "stp_state", "0",
                   "forward_delay", "0", "mcast_snooping", "0"])  # fmt: skip
             # Uplink: created inside the router namespace, its peer inside the switch.
-            _run(["ip", "-n", router, "link", "add", f"s{site}", "type", "veth",
-                  "peer", "name", "uplink", "netns", sw])  # fmt: skip
+            _run(["ip", "-n", router, "link", "add", f"s{site}", "address", lab_mac(self.router_ip(site)),
+                  "type", "veth", "peer", "name", "uplink", "netns", sw])  # fmt: skip
             _run([*ip_sw, "link", "set", "dev", "uplink", "master", "br0", "up"])
             _run([*ip_sw, "link", "set", "br0", "up"])
             _run(["ip", "-n", router, "addr", "add", f"{self.router_ip(site)}/24", "dev", f"s{site}"])
@@ -226,7 +239,7 @@ class Lab:
                 self._limit(sw, "uplink", self.site_rate)
             for h in self.hosts(site):
                 self._add_ns(h.ns)
-                _run(["ip", "-n", h.ns, "link", "add", h.ifname, "type", "veth",
+                _run(["ip", "-n", h.ns, "link", "add", h.ifname, "address", lab_mac(h.ip), "type", "veth",
                       "peer", "name", f"h{h.index}", "netns", sw])  # fmt: skip
                 _run([*ip_sw, "link", "set", f"h{h.index}", "master", "br0", "up"])
                 self._sysctl(h.ns, f"net.ipv6.conf.{h.ifname}.disable_ipv6", "0" if self.ipv6 else "1")
@@ -236,7 +249,31 @@ class Lab:
                 _run(["ip", "-n", h.ns, "route", "add", "default", "via", self.router_ip(site)])
                 # mDNS leaves through the lab interface (explicit, not via the default route).
                 _run(["ip", "-n", h.ns, "route", "add", "224.0.0.251/32", "dev", h.ifname])
+        self._pin_neighbours()
         self._save()
+
+    def _pin_neighbours(self) -> None:
+        """Every lab address a namespace talks to, resolved once for good (permanent entries).
+
+        The kernel's ARP table is one for all namespaces, capped by the root namespace's
+        gc_thresh3 (1024 by default); permanent entries are not counted. 33 hosts that each talk
+        to 32 others need 1,056 learned entries: past the cap, a new neighbour fails to be made
+        and the packet is dropped (NEIGH_CREATEFAIL), so one connection in forty waited for SYN
+        retries for seconds. Real gateways each have their own table; pinned entries give the
+        lab that, without touching the machine's settings."""
+        for site in range(1, self.sites + 1):
+            hosts = self.hosts(site)
+            router = self.router_ip(site)
+            for h in hosts:
+                pins = [(o.ip, h.ifname) for o in hosts if o is not h] + [(router, h.ifname)]
+                _neigh_batch(h.ns, pins)
+            _neigh_batch(self.router_ns, [(h.ip, f"s{site}") for h in hosts])
+
+    def neighbours(self, host: Host | str) -> dict[str, str]:
+        """ip -> neighbour state (PERMANENT, REACHABLE, ...) as a host's kernel has them."""
+        h = host if isinstance(host, Host) else self.host(host)
+        out = _run(["ip", "-n", h.ns, "-j", "neigh", "show", "dev", h.ifname])
+        return {e["dst"]: ",".join(e.get("state", [])) for e in json.loads(out or "[]")}
 
     def _add_ns(self, ns: str) -> None:
         _run(["ip", "netns", "add", ns])
@@ -309,6 +346,8 @@ class Lab:
         """Reconnect a site to the router."""
         n = self._site(site)
         _run(["ip", "-n", self.router_ns, "link", "set", f"s{n}", "up"])
+        # A link taken down loses its neighbours, permanent ones too: pin them again.
+        _neigh_batch(self.router_ns, [(h.ip, f"s{n}") for h in self.hosts(n)])
         self.cut_sites.discard(n)
         self._save()
 

@@ -6,6 +6,7 @@ cluster keyring, and every refusal is a counted drop (`fetch.drops.*`), never a 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -16,7 +17,7 @@ from aiohttp import StreamReader
 
 from meshd.core.counters import Counters
 from meshd.errors import AuthError, DecodeError
-from meshd.net.body import BodyTooLarge, BodyTruncated, read_bounded, read_bounded_into
+from meshd.net.body import BodyTooLarge, BodyTruncated, ReceiveLowWater, read_bounded, read_bounded_into
 from meshd.net.peer_auth import AUTH_HEADER, make_token
 from meshd.release.chunker import MAX_SIZE
 from meshd.release.peer import (
@@ -77,8 +78,17 @@ class PeerFetcher:
     async def _read_into(
         self, resp: aiohttp.ClientResponse, limit: int, on_data: Callable[[], None] | None = None
     ) -> bytearray:
-        """_read into one writable buffer: a piece, opened where it lies."""
-        return await self._bounded(read_bounded_into, resp, limit, on_data)
+        """_read into one writable buffer: a piece, opened where it lies, its connection woken
+        per RECEIVE_LOW_WATER bytes rather than per few segments."""
+        conn = resp.connection
+        low = ReceiveLowWater.on(conn.transport if conn is not None else None)
+        if low is None:
+            return await self._bounded(read_bounded_into, resp, limit, on_data)
+        read = functools.partial(read_bounded_into, low_water=low)
+        try:
+            return await self._bounded(read, resp, limit, on_data)
+        finally:
+            low.reset()
 
     async def _bounded(
         self,

@@ -51,3 +51,40 @@ async def test_the_udp_endpoint_counts_a_malformed_address() -> None:
         assert ep.stats.send_errors == 1
     finally:
         ep.close()
+
+
+class DueOnce(StandInCore):
+    """A core with one deadline a fraction of a millisecond ahead, then none for an hour."""
+
+    def __init__(self, due: float) -> None:
+        super().__init__([])
+        self.due = due
+        self.early = 0
+
+    def handle_timer(self, now: float) -> None:
+        super().handle_timer(now)
+        if now < self.due:
+            self.early += 1
+
+    def get_timer(self) -> float:
+        return self.due if self.timer_calls == 0 else self.due + 3600.0
+
+
+def test_a_timer_the_loop_fires_early_runs_the_core_once_at_its_deadline() -> None:
+    """uvloop rounds delays to whole milliseconds on a millisecond clock: a deadline a fraction
+    of one ahead fired at once, again and again, each a pass over the core (85% of all timer
+    runs at 32 hosts). The core is called once, when its deadline has come."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def run() -> DueOnce:
+        loop = asyncio.get_running_loop()
+        core = DueOnce(loop.time() + 0.0004)
+        rt = NodeRuntime(core)  # type: ignore[arg-type]
+        rt.start()
+        await asyncio.sleep(0.05)
+        await rt.close()
+        return core
+
+    core = uvloop.run(run())
+    assert core.timer_calls == 1
+    assert core.early == 0

@@ -25,6 +25,9 @@ def test_metadata_only_updates_do_not_dirty_the_snapshot(tmp_path: Path) -> None
     assert not event("update", {"rel:app": "1.0 0123456789abcdef 3/10"})
     assert not event("update", {"rel:app": "1.0 0123456789abcdef 7/10", "relbm:0123456789abcdef": "AA=="})
     assert event("update", {}, addr="127.0.0.1:2")  # a new address: written
-    assert event("suspect", {}, state=MemberState.SUSPECT, addr="127.0.0.1:2")
+    # Suspicion, and the member clearing it, rewrite nothing at once: a busy mesh flaps.
+    assert not event("suspect", {}, state=MemberState.SUSPECT, addr="127.0.0.1:2")
+    assert not event("alive", {}, addr="127.0.0.1:2")
+    assert event("dead", {}, state=MemberState.DEAD, addr="127.0.0.1:2")
     assert event("reap", {}, state=MemberState.DEAD, addr="127.0.0.1:2")
     assert event("join", {}, addr="127.0.0.1:2")  # after a reap it is new again
