@@ -286,9 +286,9 @@ class Daemon:
             state.save_keyring(self.data_dir, self.keyring)
             return
         m = ev.member
-        # Suspicion comes and goes with load (32 hosts fetching on 2 cores suspect a few at a
-        # time) and a suspect is still a member: only alive/dead/left are worth a write (three
-        # fsyncs) at once; the periodic write still records the suspicion.
+        # Suspicion comes and goes (a busy node answers a probe late, a datagram is lost) and a
+        # suspect is still a member: only alive/dead/left are worth a write (three fsyncs) at
+        # once; the periodic write still records the suspicion.
         kept = MemberState.ALIVE if m.state == MemberState.SUSPECT else m.state
         seen = (m.node_id, m.addr, kept)
         if self._snapshot_seen.get(m.name) != seen:
