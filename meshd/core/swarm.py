@@ -28,10 +28,6 @@ Rules (each has a test in tests/unit/test_swarm.py):
 |                 | missing                               | >= endgame_after to other holders     |
 |                 |                                       | (<= endgame_copies); redundant        |
 |                 |                                       | requests are cancelled                |
-| silent tail     | nothing new to ask, more missing, and | those chunks are duplicated as in the |
-|                 | every request for a chunk has had no  | endgame: a peer that holds the last   |
-|                 | answer byte for endgame_silent        | requests and does not answer does not |
-|                 |                                       | hold the release until its deadline   |
 | timeout         | a request's deadline passes           | cancelled, chunks requeued, peer      |
 |                 |                                       | cools down (exponential backoff)      |
 | still flowing   | answer_flowing(): bytes of its answer | deadline moved to stall_timeout after |
@@ -87,17 +83,11 @@ class SwarmConfig:
     origin_delay: float = 30.0
     origin_max_requests: int = 2
     origin_enabled: bool = True
-    endgame_chunks: int = 32  # 0: no endgame at all
+    endgame_chunks: int = 32
     endgame_copies: int = 2
     # Only a request this old is duplicated: a small delta, all of it "the tail", is not
     # fetched twice when its peers answer promptly.
     endgame_after: float = 1.0
-    # A tail larger than endgame_chunks (two pieces of 17 chunks is 34) is duplicated only where
-    # its answers are silent this long: at 32 hosts, a host whose last two requests went to
-    # peers that did not answer waited 4-5 s for their deadlines with nothing else to do. A
-    # moving answer reports its bytes at least every second (fetch.PROGRESS_EVERY, 256 KiB
-    # low-water mark at 2 Mbit/s), so a slow but moving one is not fetched twice.
-    endgame_silent: float = 2.0
     rate_limit: float | None = None  # bytes per second of chunk data, None = unlimited
     rate_burst: int = 4 * MiB  # bucket size; raised to piece_max if smaller
 
@@ -184,7 +174,6 @@ class _Request:
     deadline: float
     endgame: bool
     sent: float
-    heard: float = 0.0  # when the last bytes of its answer arrived (its sending time until then)
 
 
 def make_bitmap(indices: Iterable[int], n: int) -> bytes:
@@ -425,10 +414,7 @@ class Swarm:
     def answer_flowing(self, request_id: int, now: float) -> None:
         """Bytes of the answer to `request_id` arrived at `now` (rule "still flowing")."""
         req = self._requests.get(request_id)
-        if req is None:
-            return
-        req.heard = max(req.heard, now)
-        if req.deadline < now + self.config.stall_timeout:
+        if req is not None and req.deadline < now + self.config.stall_timeout:
             req.deadline = now + self.config.stall_timeout
             self.counters["deadlines.extended"] += 1
 
@@ -483,9 +469,6 @@ class Swarm:
         if len(self._missing) <= self.config.endgame_chunks:
             after = self.config.endgame_after
             times.extend(r.sent + after for r in self._requests.values() if r.sent + after > self._now)
-        elif self.config.endgame_chunks and self._all_in_flight():
-            silent = self.config.endgame_silent
-            times.extend(r.heard + silent for r in self._requests.values() if r.heard + silent > self._now)
         return min(times) if times else None
 
     # --- views -------------------------------------------------------------------------------
@@ -638,7 +621,7 @@ class Swarm:
         rid = self._next_id
         self._next_id += 1
         deadline = self._deadline(size, now)
-        self._requests[rid] = _Request(peer.id, list(chunks), size, deadline, endgame, now, now)
+        self._requests[rid] = _Request(peer.id, list(chunks), size, deadline, endgame, now)
         peer.outstanding.add(rid)
         for idx in chunks:
             self._inflight.setdefault(idx, set()).add(rid)
@@ -800,26 +783,17 @@ class Swarm:
             self._out_events.append(SwarmEvent("origin_fallback", ORIGIN, f"{len(piece)} chunks no peer has"))
         return True
 
-    def _all_in_flight(self) -> bool:
-        """Nothing new to ask: every missing chunk has a request out."""
-        return len(self._inflight) >= len(self._missing) and all(i in self._inflight for i in self._missing)
-
     def _schedule_endgame(self, ready: list[_Peer], now: float) -> None:
         cfg = self.config
-        if not cfg.endgame_chunks or not self._all_in_flight():
-            return  # no endgame; or something still waits for a first request (or the origin)
-        if len(self._missing) <= cfg.endgame_chunks:
-            old_enough = {
-                i
-                for i in self._missing
-                if min(self._requests[r].sent for r in self._inflight[i]) + cfg.endgame_after <= now
-            }
-        else:  # the silent tail: only chunks none of whose answers is moving
-            old_enough = {
-                i
-                for i in self._missing
-                if max(self._requests[r].heard for r in self._inflight[i]) + cfg.endgame_silent <= now
-            }
+        if len(self._missing) > cfg.endgame_chunks:
+            return
+        if any(i not in self._inflight for i in self._missing):
+            return  # something is still waiting for a first request (or for the origin)
+        old_enough = {
+            i
+            for i in self._missing
+            if min(self._requests[r].sent for r in self._inflight[i]) + cfg.endgame_after <= now
+        }
         if not old_enough:
             return
         peers = sorted(ready, key=lambda p: (len(p.outstanding), p.id))

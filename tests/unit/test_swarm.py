@@ -371,57 +371,6 @@ def test_a_small_delta_answered_promptly_is_fetched_once() -> None:
     assert s.counters["bytes.peers"] == 3 * 64 * KiB
 
 
-def silent_tail(**cfg: Any) -> tuple[Swarm, list[FetchRequest]]:
-    """32 chunks in two 16-chunk requests to two of three seeds, one request each at a time:
-    nothing new to ask, and more missing than endgame_chunks (8)."""
-    s = mk(32, **{"piece_target": MiB, "max_requests_per_peer": 1, "endgame_chunks": 8, **cfg})
-    for p in ("a", "b", "c"):
-        s.peer_update(p, 0.0, complete=True)
-    reqs = s.requests_to_send()
-    assert [len(r.chunks) for r in reqs] == [16, 16]
-    return s, reqs
-
-
-def test_a_silent_tail_larger_than_the_endgame_is_asked_again_elsewhere() -> None:
-    """The last requests went to peers that do not answer: their chunks are asked of the idle
-    peer once they have been silent for endgame_silent, not at their deadline (4 s)."""
-    s, reqs = silent_tail()
-    assert s.get_timer() == pytest.approx(SwarmConfig().endgame_silent)
-    s.handle_timer(1.9)
-    assert s.requests_to_send() == []
-    s.handle_timer(SwarmConfig().endgame_silent)
-    dups = s.requests_to_send()
-    busy = {r.peer for r in reqs}
-    assert [d.peer for d in dups] == sorted({"a", "b", "c"} - busy)
-    assert all(d.endgame for d in dups)
-    assert set(chunks_of(dups)) <= set(chunks_of(reqs))
-    assert max(Counter(chunks_of(reqs + dups)).values()) <= 2
-    # The duplicate answers first: the silent request it copied is cancelled.
-    twin = next(r for r in reqs if set(r.chunks) == set(dups[0].chunks))
-    complete(s, dups[0], 2.5)
-    assert twin.request_id in s.requests_to_cancel()
-
-
-def test_a_moving_tail_is_not_fetched_twice() -> None:
-    """Answers whose bytes keep arriving (slow links) are left alone however large the tail."""
-    s, reqs = silent_tail()
-    for t in (1.0, 2.5, 3.9):
-        for r in reqs:
-            s.answer_flowing(r.request_id, t)
-        s.handle_timer(t + 0.5)
-        assert s.requests_to_send() == []
-    assert s.get_timer() == pytest.approx(3.9 + SwarmConfig().endgame_silent)
-    assert s.counters["requests.endgame"] == 0
-
-
-def test_no_endgame_of_either_kind_when_it_is_off() -> None:
-    s, _ = silent_tail(endgame_chunks=0)
-    assert s.get_timer() == pytest.approx(4.0)  # the deadlines only (4 s/MiB x 1 MiB)
-    s.handle_timer(3.0)
-    assert s.requests_to_send() == []
-    assert s.counters["requests.endgame"] == 0
-
-
 def test_no_endgame_while_much_is_missing() -> None:
     s = mk(50, **one_chunk_pieces(max_requests_per_peer=100, max_requests_total=100, endgame_chunks=8))
     s.peer_update("a", 0.0, complete=True)
