@@ -25,6 +25,7 @@ from meshd.core.messages import MemberState, QueryFilter
 from meshd.core.node import JOIN_TIMEOUT_MIN, MembershipCore
 from meshd.core.pump import pump
 from meshd.core.query import QueryAction, QueryResult
+from meshd.loop_timer import DeadlineTimer
 from meshd.metrics import Exposition
 from meshd.net.peer_http import PeerClient
 from meshd.net.udp import UDPEndpoint
@@ -36,7 +37,6 @@ QueryAnswerer = Callable[[QueryAction], Awaitable[bytes]]
 SUBSCRIBER_QUEUE = 1024
 MAX_ANSWERING = 64  # queries being answered at once; beyond that the asker gets a "busy" answer
 ASK_GRACE = 5.0  # the core finishes a query at its deadline; this only guards against a lost result
-CLOCK_STEP = 0.001  # the coarsest event-loop clock step met (uvloop: 1 ms)
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,7 @@ class NodeRuntime:
         self.errors = 0  # core exceptions caught at this boundary
         self.events_dropped = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timer = DeadlineTimer(self._on_timer)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscribers: set[Subscription] = set()
         self._listeners: list[EventListener] = []
@@ -137,9 +136,7 @@ class NodeRuntime:
 
     async def close(self) -> None:
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         for sub in list(self._subscribers):
             sub.close()
         for task in list(self._tasks):
@@ -364,16 +361,7 @@ class NodeRuntime:
             return None
 
     def _on_timer(self) -> None:
-        now = self.now()
-        if now < self._timer_at:
-            # Fired before its deadline by the loop's own clock: uvloop rounds a delay to whole
-            # milliseconds and reads a millisecond clock, so a deadline a fraction of one away
-            # fires at once and again, each time a whole pass over the core that finds nothing
-            # due (at 32 hosts, 85% of all timer runs). Wait one clock step more instead.
-            self._timer = self.loop.call_at(self._timer_at + CLOCK_STEP, self._on_timer)
-            return
-        self._timer = None
-        self._call(self.node.handle_timer, now)
+        self._call(self.node.handle_timer, self.now())
         self._flush()
 
     def _flush(self) -> None:
@@ -387,19 +375,11 @@ class NodeRuntime:
                 self.on_probe_rtt(path, seconds)
         deadline = pump(self.node, self, self._pump_failed)
         # Whatever happened, the protocol keeps ticking (a failing core: try again in a second).
-        self._arm_timer(deadline if deadline is not None else self.now() + 1.0)
+        self._timer.arm(deadline if deadline is not None else self.now() + 1.0)
 
     def _pump_failed(self, what: str, exc: Exception) -> None:
         self.errors += 1
         log.error("error in %s", what, exc_info=exc)
-
-    def _arm_timer(self, deadline: float) -> None:
-        if self._timer is not None:
-            if deadline == self._timer_at:
-                return
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = self.loop.call_at(deadline, self._on_timer)
 
     # --- effects: the EffectHandler the pump hands the core's effects to ----------------------
     # (answer_query and query_done are with the queries above)

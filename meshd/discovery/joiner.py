@@ -21,6 +21,7 @@ from meshd.core.node import MemberView
 from meshd.discovery.dialer import Dialer
 from meshd.discovery.mdns import MAX_LABEL, Discovery, valid_instance_name
 from meshd.errors import ConfigError
+from meshd.loop_timer import DeadlineTimer
 from meshd.metrics import Exposition
 
 log = logging.getLogger("meshd.discovery")
@@ -89,7 +90,7 @@ class DaemonDiscovery:
             max_services=self.config.max_offers,
         )
         self._joins: dict[str, asyncio.Task[None]] = {}  # by address
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer = DeadlineTimer(self._pump)
         self._closed = False
 
     @property
@@ -117,9 +118,7 @@ class DaemonDiscovery:
 
     async def close(self) -> None:
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         for task in list(self._joins.values()):
             task.cancel()
         await asyncio.gather(*self._joins.values(), return_exceptions=True)
@@ -150,16 +149,11 @@ class DaemonDiscovery:
         now = loop.time()
         for addr in self.dialer.take_due(now, self._alive_addrs()):
             self._joins[addr] = loop.create_task(self._join(addr))
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         deadline = self.dialer.next_deadline(now)
-        if deadline is not None:
-            self._timer = loop.call_at(deadline, self._wake)
-
-    def _wake(self) -> None:
-        self._timer = None
-        self._pump()
+        if deadline is None:
+            self._timer.cancel()
+        else:
+            self._timer.arm(deadline)
 
     async def _join(self, addr: str) -> None:
         timeout = self.config.dial_timeout

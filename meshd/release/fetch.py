@@ -17,6 +17,7 @@ one copy of a release crosses a site link and leaves a lone seed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
@@ -37,6 +38,7 @@ from meshd.core.swarm import (
     make_bitmap,
 )
 from meshd.errors import IntegrityError
+from meshd.loop_timer import DeadlineTimer
 from meshd.metrics import Histograms, TransferStats
 from meshd.release.announce import RID_PREFIX, Member
 from meshd.release.assembly import Assembly
@@ -81,8 +83,7 @@ class ReleaseFetch:
     last_progress: float = 0.0
     widened: bool = False
     tick: asyncio.TimerHandle | None = None
-    timer: asyncio.TimerHandle | None = None
-    timer_at: float = 0.0
+    timer: DeadlineTimer | None = None  # on the swarm's next deadline (made with the fetch)
     closed: bool = False
     error: str | None = None
     disk_failed: set[str] = field(default_factory=set)  # sources whose chunks found no room
@@ -458,20 +459,14 @@ class FetchDriver:
 
     def _arm(self, fetch: ReleaseFetch) -> None:
         deadline = fetch.swarm.get_timer()
+        if fetch.timer is None:
+            fetch.timer = DeadlineTimer(functools.partial(self._on_timer, fetch))
         if deadline is None:
-            if fetch.timer is not None:
-                fetch.timer.cancel()
-                fetch.timer = None
-            return
-        if fetch.timer is not None:
-            if deadline == fetch.timer_at:
-                return
             fetch.timer.cancel()
-        fetch.timer_at = deadline
-        fetch.timer = asyncio.get_running_loop().call_at(deadline, self._on_timer, fetch)
+        else:
+            fetch.timer.arm(deadline)
 
     def _on_timer(self, fetch: ReleaseFetch) -> None:
-        fetch.timer = None
         if fetch.closed:
             return
         fetch.swarm.handle_timer(self.now())

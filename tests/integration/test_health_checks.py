@@ -20,6 +20,7 @@ from meshd.health.config import parse_checks, parse_query_handlers
 from meshd.health.loop_lag import LoopLagMonitor
 from meshd.health.monitor import HealthMonitor
 from meshd.health.spec import CHECK_OUTPUT_LIMIT, CheckSpec
+from tests.local_http import serving
 
 pytestmark = pytest.mark.integration
 
@@ -129,14 +130,9 @@ async def http_base() -> AsyncIterator[str]:
     app.router.add_get("/busy", busy)
     app.router.add_get("/broken", broken)
     app.router.add_get("/slow", slow)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}"
-    release.set()
-    await runner.cleanup()
+    async with serving(app) as port:
+        yield f"http://127.0.0.1:{port}"
+        release.set()
 
 
 def free_port() -> int:

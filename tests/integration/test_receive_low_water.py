@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from meshd.net.body import RECEIVE_LOW_WATER, ReceiveLowWater, read_bounded_into
+from tests.local_http import serving
 
 pytestmark = pytest.mark.integration
 
@@ -32,28 +33,24 @@ async def test_a_real_connection_gets_its_body_whole_and_its_tail_at_once() -> N
 
     app = web.Application()
     app.router.add_get("/", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
     seen: list[int] = []
-    try:
-        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/") as resp:
-            transport = resp.connection.transport if resp.connection is not None else None
-            assert transport is not None
-            sock = transport.get_extra_info("socket")
-            low = ReceiveLowWater.on(transport)
-            assert low is not None
+    async with (
+        serving(app) as port,
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/") as resp,
+    ):
+        transport = resp.connection.transport if resp.connection is not None else None
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        low = ReceiveLowWater.on(transport)
+        assert low is not None
 
-            def watch() -> None:
-                seen.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT))
+        def watch() -> None:
+            seen.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT))
 
-            read = read_bounded_into(resp.content, resp.content_length, len(body), watch, low)
-            got = await asyncio.wait_for(read, 10)  # a held-back tail would never come
-            low.reset()
-            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
-    finally:
-        await runner.cleanup()
+        read = read_bounded_into(resp.content, resp.content_length, len(body), watch, low)
+        got = await asyncio.wait_for(read, 10)  # a held-back tail would never come
+        low.reset()
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
     assert got == body
     assert max(seen) == RECEIVE_LOW_WATER  # it was in force while the body came

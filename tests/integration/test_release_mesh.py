@@ -48,6 +48,7 @@ from meshd.release.store import ChunkStore
 from meshd.replay import ReplayGuard, SenderClock
 from meshd.wire import VERSION, VERSION_AES, Codec
 from tests.fakes import FakeReleases, member, rot_chunk
+from tests.local_http import serving
 
 pytestmark = pytest.mark.integration
 
@@ -587,16 +588,12 @@ async def test_untrusted_and_unsigned_manifests_are_refused(mesh: Mesh, tmp_path
 
     app = web.Application()
     add_peer_routes(app, Fake(Codec(CLUSTER, Keyring([KEY]), node_id="fake")))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    ann = Announce("app", "7.0", unsigned.release_id[:16], 1, len(unsigned.chunks)).text()
-    n1.service.member_update(member("fake", node_id="fake", addr=f"127.0.0.1:{port}", meta={"rel:app": ann}))
-    await wait_for(lambda: n1.service.counters.get("manifests.refused", 0) >= 2)
-    assert not n1.service.store.has_manifest(unsigned.release_id)
-    await runner.cleanup()
+    async with serving(app) as port:
+        ann = Announce("app", "7.0", unsigned.release_id[:16], 1, len(unsigned.chunks)).text()
+        fake = member("fake", node_id="fake", addr=f"127.0.0.1:{port}", meta={"rel:app": ann})
+        n1.service.member_update(fake)
+        await wait_for(lambda: n1.service.counters.get("manifests.refused", 0) >= 2)
+        assert not n1.service.store.has_manifest(unsigned.release_id)
 
 
 async def test_targeting_by_site_and_tag(mesh: Mesh, tmp_path: Path) -> None:
@@ -674,45 +671,40 @@ async def test_origin_fallback_when_no_peer_has_the_chunks(mesh: Mesh, tmp_path:
     origin_dir.mkdir()
     app = web.Application()
     app.router.add_static("/rel/", origin_dir)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    origin_url = f"http://127.0.0.1:{port}/rel/"
+    async with serving(app) as port:
+        origin_url = f"http://127.0.0.1:{port}/rel/"
 
-    pub = await mesh.add("pub", site="hq")
-    blob = data_blob(11, 1_200_000)
-    rid = await publish(
-        pub,
-        write_file(tmp_path / "s" / "f.bin", blob),
-        "3.0",
-        site="edge",
-        origins=[origin_url],
-        origin_dir=origin_dir,
-    )
-    assert (origin_dir / "manifest.json").is_file()
-    manifest = pub.service._manifests[rid]
-    for cid in manifest.chunks:
-        assert (origin_dir / "chunks" / cid[:2] / cid[2:]).is_file()
-    # The publisher holds everything; make it serve the manifest only: an empty bitmap.
-    pub.service._complete.discard(rid)
-    pub.meta["rel:app"] = Announce("app", "3.0", rid[:16], 1, len(manifest.chunks)).text()
-    pub.service.announcer.set_meta_keys = None  # keep its (false) partial announcement
+        pub = await mesh.add("pub", site="hq")
+        blob = data_blob(11, 1_200_000)
+        rid = await publish(
+            pub,
+            write_file(tmp_path / "s" / "f.bin", blob),
+            "3.0",
+            site="edge",
+            origins=[origin_url],
+            origin_dir=origin_dir,
+        )
+        assert (origin_dir / "manifest.json").is_file()
+        manifest = pub.service._manifests[rid]
+        for cid in manifest.chunks:
+            assert (origin_dir / "chunks" / cid[:2] / cid[2:]).is_file()
+        # The publisher holds everything; make it serve the manifest only: an empty bitmap.
+        pub.service._complete.discard(rid)
+        pub.meta["rel:app"] = Announce("app", "3.0", rid[:16], 1, len(manifest.chunks)).text()
+        pub.service.announcer.set_meta_keys = None  # keep its (false) partial announcement
 
-    def empty_bitmap(rid: str) -> bytes | None:
-        return make_bitmap([], len(manifest.chunks))
+        def empty_bitmap(rid: str) -> bytes | None:
+            return make_bitmap([], len(manifest.chunks))
 
-    pub.service.server.bitmap = empty_bitmap  # type: ignore[method-assign]
-    edge = await mesh.add(
-        "edge", site="edge", config=DistConfig(fsync=False, origin_delay=0.3, announce_interval=0.2)
-    )
-    await wait_for(lambda: edge.state_of(rid) == "active")
-    assert edge.release_file("app", "f.bin").read_bytes() == blob
-    stored_total = sum(len(pub.service.store.get_stored(c)) for c in manifest.chunks)
-    assert edge.service.transfer.origin_bytes == stored_total
-    assert edge.service.transfer.received_bytes == 0
-    await runner.cleanup()
+        pub.service.server.bitmap = empty_bitmap  # type: ignore[method-assign]
+        edge = await mesh.add(
+            "edge", site="edge", config=DistConfig(fsync=False, origin_delay=0.3, announce_interval=0.2)
+        )
+        await wait_for(lambda: edge.state_of(rid) == "active")
+        assert edge.release_file("app", "f.bin").read_bytes() == blob
+        stored_total = sum(len(pub.service.store.get_stored(c)) for c in manifest.chunks)
+        assert edge.service.transfer.origin_bytes == stored_total
+        assert edge.service.transfer.received_bytes == 0
 
 
 # --- each byte written once ----------------------------------------------------------------------

@@ -233,7 +233,7 @@ async def test_the_hook_dials_fifty_spoofed_names_once_and_bounded_by_a_timeout(
         for name in NAMES:
             hook._on_gone(name)
         assert hook.dialer.addresses == {}
-        assert hook._timer is None  # nothing left to wake up for
+        assert not hook._timer.pending  # nothing left to wake up for
         out = Exposition()
         hook.collect_metrics(out)
         text = out.render()

@@ -30,7 +30,7 @@ def node(name: str = "b") -> Node:
 
 
 async def test_a_core_exception_is_counted_and_what_it_queued_still_goes_out() -> None:
-    core = StandInCore([(b"hello", "127.0.0.1:9")], timer_in=0.0, fail_datagrams=True, fail_timers=1)
+    core = StandInCore([(b"hello", "127.0.0.1:9")], fail_datagrams=True, fail_timers=1)
     sent = SentDatagrams()
     rt = NodeRuntime(core, udp=sent)  # type: ignore[arg-type]
     rt.start()
