@@ -1,12 +1,14 @@
 """Pumps the sans-IO core from asyncio, the way aioquic's asyncio/protocol.py drives QUIC.
 
 Every input (datagram, inbound stream, finished outbound stream, timer, operator call) is
-handed to the node with loop.time(); then `_flush` runs meshd.core.pump, which hands each of
-the node's effects to this runtime (it is the EffectHandler): datagrams are sent, streams
-become tasks, events go to subscribers, queries this node matches go to the answerer (each a
-task, at most MAX_ANSWERING at once), finished queries resolve the `ask()` waiting for them;
-then one timer is re-armed from node.get_timer(). An exception from the core, or from carrying
-out one effect, is logged and counted, never allowed to stop the loop.
+handed to the node with time.monotonic() (the clock loop.time() reads on Linux, but fine: uvloop's
+loop.time() moves in whole milliseconds, so a LAN probe's round trip read 0); then `_flush` runs
+meshd.core.pump, which hands each of the node's effects to this runtime (it is the
+EffectHandler): datagrams are sent, streams become tasks, events go to subscribers, queries this
+node matches go to the answerer (each a task, at most MAX_ANSWERING at once), finished queries
+resolve the `ask()` waiting for them; then one timer (meshd.loop_timer) is re-armed from
+node.get_timer(). An exception from the core, or from carrying out one effect, is logged and
+counted, never allowed to stop the loop.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -132,7 +135,7 @@ class NodeRuntime:
         return self._loop
 
     def now(self) -> float:
-        return self.loop.time()
+        return time.monotonic()
 
     async def close(self) -> None:
         self._closed = True

@@ -51,3 +51,24 @@ async def test_the_udp_endpoint_counts_a_malformed_address() -> None:
         assert ep.stats.send_errors == 1
     finally:
         ep.close()
+
+
+def test_the_core_is_given_a_clock_finer_than_a_millisecond_under_uvloop() -> None:
+    """A LAN probe's round trip is well under a millisecond: on uvloop's loop.time(), which
+    moves in whole milliseconds, it read 0 (the dashboard's probe RTT said 0.0 ms)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def run() -> list[float]:
+        rt = NodeRuntime(StandInCore([]))  # type: ignore[arg-type]
+        steps = []
+        for _ in range(20):
+            t0 = rt.now()
+            while (t1 := rt.now()) - t0 < 0.0002:  # 0.2 ms of a busy wait
+                pass
+            steps.append(t1 - t0)
+        await rt.close()
+        return steps
+
+    steps = uvloop.run(run())
+    # A millisecond clock cannot show 0.2 ms: each wait would read 1 ms or more.
+    assert min(steps) < 0.001, steps
